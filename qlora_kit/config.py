@@ -1,0 +1,301 @@
+"""Typed, frozen recipe sections; `load_recipe(path, overrides)` with validation.
+
+A recipe is YAML with the sections model, quant, lora, data, train, output (ARCHITECTURE.md section 2). Keys equal
+the dataclass field names below; `--set section.key=value` uses the same dotted paths. Unknown keys fail and name
+the nearest valid key; wrong types and out-of-range values fail with the field and the allowed range.
+
+This module imports no torch (it must stay cheap for the CLI and for `estimate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import ConfigError
+
+QuantType = Literal["nf4", "fp4", "int8", "none"]
+ComputeDtype = Literal["bf16", "fp32"]
+DataFormat = Literal["text", "alpaca", "chat"]
+Schedule = Literal["cosine", "linear", "constant"]
+Optimizer = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "smollm2-135m"
+    """A Hugging Face model folder (config.json + safetensors), or a built-in name (`smollm2-135m`)."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """dtype of the unquantized frozen weights (embeddings, norms, lm_head). `auto`: the checkpoint's 16-bit
+    dtype, bf16 if the checkpoint is fp32. Never up-cast to fp32 unless asked."""
+    allow_pickle: bool = False
+    """Allow `.bin` (pickle) checkpoints; they are then read with `torch.load(weights_only=True)`."""
+    trust_remote_code: bool = False
+    """Run model code shipped inside the folder. Off unless you trust the folder."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    type: QuantType = "nf4"
+    """nf4 | fp4 (4-bit blockwise) | int8 (row-wise absmax) | none (plain 16-bit base)."""
+    double_quant: bool = True
+    """Quantize the 4-bit absmax constants again (8-bit, blocks of 256): ~0.37 fewer bits per weight (QLoRA 3.2)."""
+    blocksize: int = 64
+    """Weights per absmax constant for nf4/fp4: one of 32, 64, 128, 256, 512, 1024, 2048, 4096."""
+    compute_dtype: ComputeDtype = "bf16"
+    """dtype the quantized weight is dequantized to for the matmul, and the dtype of the adapters."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16
+    """Adapter rank (LoRA paper: r as low as 1-4 often suffices)."""
+    alpha: float = 32.0
+    """Scale numerator: the update is (alpha / r) * B @ A, or alpha / sqrt(r) with rslora."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input, in [0, 1)."""
+    targets: Union[str, list[str]] = "all-linear"
+    """`all-linear` (every Linear but lm_head), a list of module-name suffixes ([q_proj, v_proj]), or a regex
+    matched against full module names."""
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    """Initialisation of A (B is always zero, so an untrained adapter changes nothing)."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "recipes/data/facts.jsonl"
+    """A .jsonl (one JSON object a line) or .json (a list of objects) file."""
+    format: DataFormat = "alpaca"
+    """text: {"text"}; alpaca: {"instruction", "input"?, "output"}; chat: {"messages": [{"role", "content"}]}."""
+    max_length: int = 256
+    """Tokens per example; longer examples are truncated."""
+    train_on_prompt: bool = False
+    """Also compute loss on prompt tokens (default: response tokens only)."""
+    packing: bool = False
+    """Concatenate short examples into rows of max_length tokens (fewer pad tokens, same loss mask)."""
+    val_fraction: float = 0.0
+    """Fraction of examples held out for validation loss, in [0, 1)."""
+    system_prompt: str | None = None
+    """For alpaca/chat rendered with a chat template: a system message to put first (None: template default)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 60
+    """Optimizer steps."""
+    batch_size: int = 4
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 2.0e-4
+    """Peak learning rate."""
+    warmup_steps: int = 5
+    """Linear warmup from 0 to lr."""
+    schedule: Schedule = "cosine"
+    """After warmup: cosine or linear decay to 0, or constant."""
+    optimizer: Optimizer = "adamw"
+    """adamw (torch, fp32 state) | adamw8bit | paged_adamw | paged_adamw8bit (bitsandbytes)."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    seed: int = 0
+    gradient_checkpointing: bool = True
+    """Non-reentrant activation checkpointing of every decoder layer."""
+    log_every: int = 1
+    eval_every: int = 0
+    """Validation loss every N steps (0: only at the end, if there is a validation split)."""
+    save_every: int = 20
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss or gradient: stop with a message, or skip that batch and count it."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when present, else CPU."""
+    num_threads: int = 0
+    """CPU threads for torch (0: torch's default)."""
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/demo"
+    """The run folder: recipe.yaml, metrics.jsonl, checkpoints/, adapter/."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections: Any) -> "Recipe":
+        return dataclasses.replace(self, **sections)
+
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+# (section, key) -> (predicate, what the value must be). Checked after types.
+_RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
+    ("quant", "blocksize"): (lambda v: v in BLOCKSIZES, f"one of {list(BLOCKSIZES)}"),
+    ("lora", "r"): (lambda v: v > 0, "> 0"),
+    ("lora", "alpha"): (lambda v: v > 0, "> 0"),
+    ("lora", "dropout"): (lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("data", "max_length"): (lambda v: v > 0, "> 0"),
+    ("data", "val_fraction"): (lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train", "steps"): (lambda v: v > 0, "> 0"),
+    ("train", "batch_size"): (lambda v: v > 0, "> 0"),
+    ("train", "grad_accum"): (lambda v: v > 0, "> 0"),
+    ("train", "lr"): (lambda v: v > 0, "> 0"),
+    ("train", "warmup_steps"): (lambda v: v >= 0, ">= 0"),
+    ("train", "weight_decay"): (lambda v: v >= 0, ">= 0"),
+    ("train", "max_grad_norm"): (lambda v: v >= 0, ">= 0"),
+    ("train", "log_every"): (lambda v: v > 0, "> 0"),
+    ("train", "eval_every"): (lambda v: v >= 0, ">= 0"),
+    ("train", "save_every"): (lambda v: v >= 0, ">= 0"),
+    ("train", "keep_checkpoints"): (lambda v: v > 0, "> 0"),
+    ("train", "num_threads"): (lambda v: v >= 0, ">= 0"),
+}
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Recipe)}  # type: ignore[misc]
+_SECTION_TYPES = typing.get_type_hints(Recipe)
+
+
+def _nearest(name: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints are accepted where floats are expected)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {_type_name(tp)}.")
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, where)
+            except ConfigError as e:
+                errors.append(_type_name(arm))
+        raise ConfigError(f"{where}: expected {' or '.join(errors)}, got {type(value).__name__} {value!r}.")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}.")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a field type this function does not know is a bug here, not user input
+        raise AssertionError(f"unhandled annotation {tp!r}")
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}.")
+
+
+def _build_section(name: str, raw: Any) -> Any:
+    cls = _SECTION_TYPES[name]
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe section '{name}' must be a mapping of keys to values, got {type(raw).__name__}.")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise ConfigError(
+                f"unknown key '{name}.{key}'.{_nearest(str(key), hints)} Valid keys in '{name}': {', '.join(hints)}."
+            )
+        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+        check = _RANGES.get((name, key))
+        if check and not check[0](kwargs[key]):
+            raise ConfigError(f"{name}.{key} = {kwargs[key]!r} is out of range: it must be {check[1]}.")
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value); the value is parsed as YAML (`3`, `true`, `[q_proj]`)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, for example --set train.steps=10.")
+    path, raw = text.split("=", 1)
+    section, key = path.split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return section.strip(), key.strip(), value
+
+
+def recipe_from_dict(raw: Any, overrides: typing.Sequence[str] = ()) -> Recipe:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a recipe must be a YAML mapping with sections {', '.join(SECTIONS)}; got {type(raw).__name__}.")
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in SECTIONS:
+            raise ConfigError(f"--set {text!r}: unknown section '{section}'.{_nearest(section, SECTIONS)}")
+        if raw.get(section) is None:
+            raw[section] = {}
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"recipe section '{section}' must be a mapping.")
+        raw[section][key] = value
+    for name in raw:
+        if name not in SECTIONS:
+            raise ConfigError(
+                f"unknown recipe section '{name}'.{_nearest(str(name), SECTIONS)} Sections: {', '.join(SECTIONS)}."
+            )
+    return Recipe(**{name: _build_section(name, raw.get(name)) for name in SECTIONS})
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe (with `yaml.safe_load`), apply `section.key=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}. Pass a YAML file, e.g. recipes/demo.yaml.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"recipe {path} is not valid YAML{where}: {getattr(e, 'problem', e)}.") from None
+    return recipe_from_dict(raw, overrides)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

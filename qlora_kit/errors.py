@@ -1,0 +1,28 @@
+"""One small exception family. The CLI maps every `QloraKitError` to exit code 2 with its message and no
+traceback; anything else is a bug (exit 1).
+
+A message says what went wrong, why, and how to fix it (house style, ARCHITECTURE.md section 4.8)."""
+
+
+class QloraKitError(Exception):
+    """Bad input or usage: the user can fix it. Exit code 2."""
+
+
+class ConfigError(QloraKitError):
+    """The recipe or a `--set` override is wrong."""
+
+
+class DataError(QloraKitError):
+    """The data file is missing, empty or malformed."""
+
+
+class ModelError(QloraKitError):
+    """The model folder is missing, incomplete, corrupt or not a causal LM."""
+
+
+class ExportError(QloraKitError):
+    """An export cannot be done as asked (adapter does not fit the base, output exists, disk full)."""
+
+
+class TrainingStopped(QloraKitError):
+    """Training stopped on purpose (non-finite loss, Ctrl-C); the message says how to resume."""

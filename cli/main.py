@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         app.main(args=argv, prog_name="qlora-kit", standalone_mode=False)
     except QloraKitError as e:
         click.echo(f"error: {e}", err=True)
-        return 2
+        return getattr(e, "exit_code", 2)
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.ClickException as e:  # usage errors: unknown option, missing argument

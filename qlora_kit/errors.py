@@ -25,4 +25,10 @@ class ExportError(QloraKitError):
 
 
 class TrainingStopped(QloraKitError):
-    """Training stopped on purpose (non-finite loss, Ctrl-C); the message says how to resume."""
+    """Training stopped on purpose (a non-finite loss); the message names the step and the last checkpoint."""
+
+
+class TrainingInterrupted(QloraKitError):
+    """Ctrl-C / SIGTERM: a checkpoint was written; the message says how to resume. Exit code 130."""
+
+    exit_code = 130

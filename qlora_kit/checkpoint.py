@@ -1,0 +1,119 @@
+"""Run state on disk, written atomically: a checkpoint is complete or absent, never half there.
+
+    RUN_DIR/checkpoints/step-N/
+        adapter_model.safetensors   the adapter (our module names; bf16)
+        optimizer.safetensors       fp32 master weights + optimizer tensors (exp_avg, exp_avg_sq, ...)
+        state.json                  step, optimizer scalars and param groups, data position, RNG states, version
+
+A checkpoint is written into `checkpoints/.tmp-step-N-PID`, fsynced, then renamed to `step-N`; a crash leaves at most
+a `.tmp-*` folder, which `latest()` ignores and the next save removes. Only safetensors and JSON: nothing here is
+ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _flatten(obj, prefix: str, tensors: dict, path: str = "") -> object:
+    """Replace every tensor inside nested dicts/lists by a {"__tensor__": key} marker, collecting the tensors."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}{path}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, _flatten(v, prefix, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_flatten(v, prefix, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    return obj
+
+
+def _unflatten(obj, tensors: dict) -> object:
+    if isinstance(obj, dict) and "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if isinstance(obj, dict) and "__dict__" in obj:
+        return {k: _unflatten(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer: dict, extra: dict, keep: int) -> Path:
+    """Write checkpoint `step` atomically, then keep only the newest `keep` checkpoints."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    tmp.mkdir()
+    tensors: dict[str, torch.Tensor] = {}
+    state = {
+        "step": step,
+        "qlora_kit_version": __version__,
+        "optimizer": _flatten(optimizer, "optimizer", tensors),
+        "rng": _flatten(rng_state(), "rng", tensors),
+        **extra,
+    }
+    save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(tmp / "adapter_model.safetensors"))
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    final = root / f"step-{step}"
+    if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in all_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def all_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a `.tmp-*` folder is never complete)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest(run_dir: Path) -> Path | None:
+    ckpts = all_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(adapter tensors, optimizer state, the rest of state.json with `rng` restored to tensors)."""
+    state = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    optimizer = _unflatten(state.pop("optimizer"), tensors)
+    state["rng"] = _unflatten(state["rng"], tensors)
+    return load_file(str(path / "adapter_model.safetensors")), optimizer, state

@@ -1,0 +1,172 @@
+"""LoRA: a low-rank update beside a frozen (quantized or plain) Linear.
+
+    x ──► base(x) ─────────────────────┐      W' = W + s · B @ A      (Hu et al. 2021, arXiv 2106.09685, eq. 3)
+    │                                  ├─► y   A: (r, in)  Kaiming-uniform (or gaussian)
+    └─► dropout ─► A ─► B ─► × s ──────┘      B: (out, r) zero, so an untrained adapter changes nothing
+                                              s = alpha / r, or alpha / sqrt(r) with rsLoRA (arXiv 2312.03732)
+
+Names are the export format (ARCHITECTURE.md 4.6): wrapping `...q_proj` gives parameters `...q_proj.lora_A.weight`
+and `...q_proj.lora_B.weight`, exactly PEFT's names after its `base_model.model.` prefix. This module imports torch
+only; it does not know about quantization (the base is any module with in_features / out_features).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable, Literal, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    rslora: bool = False
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + s · B(A(dropout(x))). Only lora_A and lora_B train; the base stays frozen."""
+
+    def __init__(self, base: nn.Module, spec: LoraSpec):
+        super().__init__()
+        self.base, self.spec, self.scaling = base, spec, spec.scaling
+        self.in_features, self.out_features = base.in_features, base.out_features
+        device = next(iter(base.buffers()), next(iter(base.parameters()), torch.empty(0))).device
+        self.lora_A = nn.Linear(self.in_features, spec.r, bias=False, dtype=spec.dtype, device=device)
+        self.lora_B = nn.Linear(spec.r, self.out_features, bias=False, dtype=spec.dtype, device=device)
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            if self.spec.init == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1 / self.spec.r)
+            else:  # what nn.Linear and PEFT do by default
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in)
+        y = self.base(x)  # (..., out), frozen
+        h = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # (..., r) adapter dtype
+        return y + (self.lora_B(h) * self.scaling).to(y.dtype)
+
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return delta(self.lora_A.weight, self.lora_B.weight, self.scaling, dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.spec.r}, alpha={self.spec.alpha}, scaling={self.scaling:g}"
+
+
+def delta(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """s · B @ A, (out, r) @ (r, in) -> (out, in), computed in `dtype` (fp32 for exact merges)."""
+    return (B.to(dtype) @ A.to(dtype)) * scaling
+
+
+def merge(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """W + s · B @ A, added in fp32, then cast once: the merge is a pure function over tensors."""
+    return (W.float() + delta(A, B, scaling)).to(out_dtype)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (
+        hasattr(module, "in_features") and hasattr(module, "out_features") and not isinstance(module, LoRALinear)
+        and type(module).__name__.endswith("Linear")
+    )
+
+
+def linear_names(model: nn.Module, exclude: Sequence[str] = ("lm_head",)) -> list[str]:
+    """Full names of every Linear-like module, minus `exclude` (matched on the last name component)."""
+    return [n for n, m in model.named_modules() if is_linear_like(m) and n.split(".")[-1] not in exclude]
+
+
+def match_targets(names: Iterable[str], targets: str | Sequence[str]) -> list[str]:
+    """`all-linear` -> all; a list -> names whose last component(s) equal an entry (PEFT's suffix rule);
+    another string -> a regex that must match the full name (PEFT's `re.fullmatch` rule)."""
+    names = list(names)
+    if targets == "all-linear":
+        return names
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        return [n for n in names if pattern.fullmatch(n)]
+    return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def inject(model: nn.Module, targets: str | Sequence[str], spec: LoraSpec) -> list[str]:
+    """Wrap each targeted Linear in a LoRALinear, in place; freeze everything else. Returns the wrapped names.
+
+    Raises ValueError with the available names when nothing matches (the caller turns it into a user error)."""
+    chosen = match_targets(linear_names(model), targets)
+    if not chosen:
+        short = sorted({n.split(".")[-1] for n in linear_names(model)})
+        raise ValueError(f"lora.targets {targets!r} matched no Linear module. Linear names in this model: {short}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(getattr(parent, child), spec))
+    return chosen
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{'<module>.lora_A.weight': (r, in), '<module>.lora_B.weight': (out, r)} for every LoRALinear."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            out[f"{name}.lora_A.weight"] = m.lora_A.weight
+            out[f"{name}.lora_B.weight"] = m.lora_B.weight
+    return out
+
+
+def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy adapter tensors into the model's LoRALinear modules; every key must exist with the same shape."""
+    own = adapter_state_dict(model)
+    missing = sorted(set(own) - set(tensors))
+    extra = sorted(set(tensors) - set(own))
+    if missing or extra:
+        raise ValueError(f"adapter keys do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            if own[k].shape != t.shape:
+                raise ValueError(f"{k}: adapter has shape {tuple(t.shape)}, model expects {tuple(own[k].shape)}")
+            own[k].copy_(t)
+
+
+@dataclass(frozen=True)
+class ParamReport:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} of {self.total:,} ({self.percent:.3f}%)"
+
+
+def param_report(model: nn.Module) -> ParamReport:
+    """Counts logical weights: a quantized (out, in) weight counts out*in however few bytes it takes.
+    Tied weights (embeddings = lm_head) count once."""
+    seen, trainable, total = set(), 0, 0
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        if is_linear_like(m) and not isinstance(m, nn.Linear):  # a quantized base: weight lives in buffers
+            total += m.in_features * m.out_features
+    return ParamReport(trainable, total)

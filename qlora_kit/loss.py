@@ -1,0 +1,52 @@
+"""Causal-LM loss that never holds the full (B, T, V) fp32 logits.
+
+The peer recipe (transformers' model forward with labels) materialises logits for every position: for a 49k
+vocabulary at 4 x 256 tokens that is 200 MB in fp32, plus the same again for the softmax gradient. Here:
+1. only positions with a label (the response tokens) go through lm_head at all;
+2. they go in chunks of `chunk` tokens, each wrapped in non-reentrant checkpointing, so one chunk's logits
+   (chunk, V) fp32 live at a time, in forward and in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+
+
+def _chunk_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = lm_head(hidden).float()  # (n, V) fp32: softmax statistics need the range
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+class CausalLMLoss(nn.Module):
+    """forward(input_ids, attention_mask, labels) -> (mean loss over label tokens, number of label tokens).
+
+    A module (not a function) so that accelerate/DDP can wrap it: gradient sync happens in its forward."""
+
+    def __init__(self, model: nn.Module, chunk: int = 1024):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # Position t predicts token t+1: (B, T-1, H) against (B, T-1).
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        h = hidden[:, :-1][keep]  # (N, H) bf16: only label positions reach lm_head
+        y = targets[keep]  # (N,)
+        n = y.numel()
+        if n == 0:
+            return hidden.sum() * 0.0, 0
+        lm_head = self.model.get_output_embeddings()
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, n, self.chunk):
+            piece = (lm_head, h[s : s + self.chunk], y[s : s + self.chunk])
+            if torch.is_grad_enabled():
+                total = total + checkpoint(_chunk_loss, *piece, use_reentrant=False)
+            else:
+                total = total + _chunk_loss(*piece)
+        return total / n, n

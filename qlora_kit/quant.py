@@ -1,0 +1,196 @@
+"""Quantized frozen weights: the ONLY module that imports bitsandbytes.
+
+A quantized weight is a value (packed codes + scales) held in buffers of `QuantLinear`; the full-precision weight
+exists only transiently inside one matmul (QLoRA, Dettmers et al. 2023, arXiv 2305.14314):
+
+    y = x @ dequant(W_q)^T          forward: dequantize, matmul, free
+    dx = dy @ dequant(W_q)          backward: dequantize again instead of saving the (out, in) bf16 weight
+
+We deliberately do not use `bnb.nn.Linear4bit` (ARCHITECTURE.md section 5):
+- its CPU eval forward under no_grad repacks the weight into a CPU-only layout on AVX512-BF16 machines, after
+  which training silently gets no gradient through the layer; we only call the functional API;
+- native CPU `dequantize_4bit` is wrong when in_features is not a multiple of the blocksize, so on the CPU we
+  take the native path only for aligned shapes and dequantize in plain torch otherwise (both are tested against a
+  float64 reference).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_log = logging.getLogger("bitsandbytes")
+_level = _log.level
+_log.setLevel(logging.ERROR)  # bnb warns at import that an optional hub kernel is absent; we never use it
+try:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+finally:
+    _log.setLevel(_level)
+
+QuantKind = Literal["nf4", "fp4", "int8", "none"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for double quantization of the absmax constants
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    type: QuantKind = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: torch.dtype = torch.bfloat16
+
+    @classmethod
+    def from_config(cls, cfg) -> "QuantSpec":  # cfg: config.QuantConfig (duck-typed; config imports no torch)
+        return cls(cfg.type, cfg.blocksize, cfg.double_quant, DTYPES[cfg.compute_dtype])
+
+
+def bitsandbytes_version() -> str:
+    return bnb.__version__
+
+
+class QuantLinear(nn.Module):
+    """A frozen Linear whose weight is stored quantized. No trainable parameters.
+
+    Buffers (moved by `.to()` like any buffer, never by bitsandbytes side effects):
+      nf4/fp4: qweight (numel/2, 1) uint8, two 4-bit codes per byte; code (16,) fp32 codebook;
+               absmax (n_blocks,) fp32, or uint8 + nested_absmax (ceil(n_blocks/256),) fp32 + nested_code (256,)
+               fp32 + offset () fp32 with double quantization.
+      int8:    qweight (out, in) int8; scale (out,) fp32 row absmax (W ~= qweight * scale / 127).
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: torch.Tensor | None = None):
+        super().__init__()
+        if spec.type not in ("nf4", "fp4", "int8"):
+            raise ValueError(f"QuantLinear needs nf4, fp4 or int8, got {spec.type!r}")
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None = None) -> "QuantLinear":
+        """Quantize a (out, in) weight on its own device (quantize on the GPU when the weight is there)."""
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, spec, bias)
+        for name, t in quantize(weight, spec).items():
+            layer.register_buffer(name, t, persistent=False)
+        return layer
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (out, in) weight in `dtype` (default: compute dtype): exactly what every forward multiplies by."""
+        return dequantize(self._buffers, self.spec, (self.out_features, self.in_features), dtype or self.spec.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cd = self.spec.compute_dtype
+        y = _DequantMatmul.apply(x.to(cd), self)
+        if self.bias is not None:
+            y = y + self.bias.to(cd)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        dq = ", double_quant" if s.double_quant and s.type != "int8" else ""
+        bs = f", blocksize={s.blocksize}" if s.type != "int8" else ""
+        return f"in={self.in_features}, out={self.out_features}, {s.type}{bs}{dq}, compute={str(s.compute_dtype)[6:]}"
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """x @ W^T with W dequantized on the fly in forward AND backward, so autograd never keeps the (out, in)
+    full-precision weight alive between them (it would cost 2 bytes/weight per layer: the whole model in bf16)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:  # x (..., in) compute dtype
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype))  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # grad (..., out)
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad @ ctx.layer.dequantize(grad.dtype), None  # (..., in); W is frozen, so no weight gradient
+
+
+# ---- pure functions over tensors -------------------------------------------------------------------------------
+
+
+def quantize(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """(out, in) float weight -> the buffers listed in QuantLinear's docstring."""
+    if spec.type == "int8":
+        q, scale, _ = bnbF.int8_vectorwise_quant(weight.to(torch.float16 if weight.is_cuda else torch.float32))
+        return {"qweight": q, "scale": scale.float()}
+    q, st = bnbF.quantize_4bit(
+        weight.contiguous(), blocksize=spec.blocksize, quant_type=spec.type, compress_statistics=spec.double_quant
+    )
+    out = {"qweight": q, "code": st.code.float()}
+    if st.nested:
+        out |= {"absmax": st.absmax, "nested_absmax": st.state2.absmax.float(),
+                "nested_code": st.state2.code.float(), "offset": st.offset.float().reshape(())}
+    else:
+        out["absmax"] = st.absmax.float()
+    return out
+
+
+def dequantize(buffers: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    if spec.type == "int8":
+        return (buffers["qweight"].to(dtype) * (buffers["scale"] / 127).to(dtype)[:, None]).view(shape)
+    native = buffers["qweight"].is_cuda or shape[1] % spec.blocksize == 0  # section 5: CPU native needs alignment
+    if native:
+        return bnbF.dequantize_4bit(buffers["qweight"], quant_state(buffers, spec, shape, dtype)).view(shape)
+    return _dequantize_4bit_torch(buffers, spec, shape, dtype)
+
+
+def block_absmax(buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(n_blocks,) fp32 absmax per block, undoing double quantization in plain torch."""
+    absmax = buffers["absmax"]
+    if "nested_absmax" not in buffers:
+        return absmax.float()
+    vals = buffers["nested_code"][absmax.long()]  # (n_blocks,) fp32 in [-1, 1]
+    n = vals.numel()
+    pad = (-n) % NESTED_BLOCKSIZE
+    vals = F.pad(vals, (0, pad)).view(-1, NESTED_BLOCKSIZE) * buffers["nested_absmax"][:, None]
+    return vals.reshape(-1)[:n] + buffers["offset"]
+
+
+def _dequantize_4bit_torch(buffers, spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """Reference-correct 4-bit dequantization for any shape: codes are packed high nibble first, blocks run over
+    the flattened weight (so a block may straddle two rows when in_features % blocksize != 0)."""
+    packed = buffers["qweight"].view(-1)  # (numel/2,) uint8
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1).long()  # (numel,) in [0, 16)
+    vals = buffers["code"][codes]  # (numel,) fp32
+    numel = shape[0] * shape[1]
+    pad = (-numel) % spec.blocksize
+    vals = F.pad(vals[:numel], (0, pad)).view(-1, spec.blocksize) * block_absmax(buffers)[:, None]
+    return vals.reshape(-1)[:numel].view(shape).to(dtype)
+
+
+def quant_state(buffers, spec: QuantSpec, shape, dtype: torch.dtype) -> "bnbF.QuantState":
+    """A bitsandbytes QuantState over our buffers (for the native kernels and for the on-disk serialisation)."""
+    state2 = None
+    if "nested_absmax" in buffers:
+        state2 = bnbF.QuantState(absmax=buffers["nested_absmax"], code=buffers["nested_code"],
+                                 blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+    return bnbF.QuantState(
+        absmax=buffers["absmax"], shape=torch.Size(shape), code=buffers["code"], blocksize=spec.blocksize,
+        quant_type=spec.type, dtype=dtype, offset=buffers.get("offset"), state2=state2,
+    )
+
+
+def roundtrip(weight: torch.Tensor, spec: QuantSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dequant(quant(W)): the base weight the adapter was trained against (for merges and analysis)."""
+    if spec.type == "none":
+        return weight.to(dtype)
+    return dequantize(quantize(weight, spec), spec, tuple(weight.shape), dtype)
+
+
+# ---- optimizers (bitsandbytes ones live here so no other module imports it) ---------------------------------------
+
+
+def bnb_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """8-bit and paged AdamW from bitsandbytes. Paged optimizers need CUDA unified memory."""
+    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+           "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]
+    return cls(params, lr=lr, weight_decay=weight_decay)

@@ -1,0 +1,78 @@
+"""The run folder: what `qlora-kit train --out RUN_DIR` writes, and the checks before writing into one.
+
+    RUN_DIR/recipe.yaml      the resolved recipe (every key, after --set)
+    RUN_DIR/metrics.jsonl    one JSON object per logged step
+    RUN_DIR/checkpoints/     step-N/ (see checkpoint.py)
+    RUN_DIR/adapter/         the final adapter in PEFT format
+    RUN_DIR/summary.json     wall time, tokens/s, peak memory, parameter counts
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from . import checkpoint
+from .config import Recipe, recipe_from_dict
+from .errors import ConfigError
+
+# Sections that must not change when resuming: the checkpoint's tensors only make sense with them.
+_FIXED_ON_RESUME = ("model", "quant", "lora", "data")
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "recipe.yaml").is_file()
+
+
+def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> Path | None:
+    """Refuse to overwrite a run; on --resume return the checkpoint to start from (None: start fresh)."""
+    has_content = run_dir.exists() and any(run_dir.iterdir())
+    if not resume:
+        if has_content:
+            raise ConfigError(f"run folder {run_dir} already exists and is not empty. Pass --resume to continue "
+                              "that run, or choose a new folder with --out.")
+        return None
+    if not has_content:
+        raise ConfigError(f"--resume: {run_dir} holds no run to resume. Drop --resume to start a new run there.")
+    if not is_run_dir(run_dir):
+        raise ConfigError(f"--resume: {run_dir} is not a qlora-kit run folder (no recipe.yaml).")
+    saved = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
+    for section in _FIXED_ON_RESUME:
+        if getattr(saved, section) != getattr(recipe, section):
+            raise ConfigError(f"--resume: the '{section}' section differs from the run's recipe.yaml; a run resumes "
+                              f"with the settings it started with (only train/output may change).")
+    ckpt = checkpoint.latest(run_dir)
+    if ckpt is None:
+        raise ConfigError(f"--resume: {run_dir} has no complete checkpoint yet (checkpoints/step-N). "
+                          "Start again without --resume in a new folder.")
+    return ckpt
+
+
+def write_metrics_line(run_dir: Path, record: dict) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a crash mid-write: drop it
+            continue
+    return out
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop metrics logged after the checkpoint (those steps run again); atomic rewrite."""
+    keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    tmp = run_dir / f".metrics.jsonl.tmp-{os.getpid()}"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, run_dir / "metrics.jsonl")

@@ -1,0 +1,240 @@
+"""The training loop, written out (no Trainer, no callbacks): load -> inject -> data -> steps -> adapter.
+
+`prepare()` builds everything a step needs; `train_step()` is the one step function, reused by bench/;
+`run()` is `qlora-kit train`: the loop with logging, validation, checkpoints, resume and clean stops.
+Device placement goes through accelerate's Accelerator, so the same loop runs on the CPU, on one CUDA GPU (chosen
+automatically) and under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, data, lora, peft_format
+from .config import Recipe, dump_recipe
+from .errors import ConfigError, TrainingInterrupted, TrainingStopped
+from .loss import CausalLMLoss
+from .model import load_base
+from .optim import MasterWeightOptimizer, build_optimizer, lr_factor
+
+
+@dataclass
+class Prepared:
+    accelerator: object
+    model: torch.nn.Module
+    tokenizer: object
+    loss_fn: torch.nn.Module  # CausalLMLoss, possibly wrapped by accelerate
+    optimizer: MasterWeightOptimizer
+    dataset: data.Dataset
+    targets: list[str]
+    report: lora.ParamReport
+
+
+def lora_spec(recipe: Recipe) -> lora.LoraSpec:
+    from .quant import DTYPES
+
+    c = recipe.lora
+    return lora.LoraSpec(c.r, c.alpha, c.dropout, c.init, c.rslora, DTYPES[recipe.quant.compute_dtype])
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    from accelerate import Accelerator
+
+    t = recipe.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but no CUDA GPU is visible; use train.device=auto or cpu.")
+    if t.optimizer.startswith("paged") and not torch.cuda.is_available():
+        raise ConfigError(f"train.optimizer={t.optimizer} pages optimizer state through CUDA unified memory, "
+                          "which needs a CUDA GPU; use adamw or adamw8bit on the CPU.")
+    accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision="no")  # dtypes are ours: bf16 compute
+    seed_everything(t.seed)
+    model, tokenizer, _ = load_base(recipe.model, recipe.quant, accelerator.device)
+    if t.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs, no `enable_input_require_grads` hack, RNG (dropout) replayed.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        targets = lora.inject(model, recipe.lora.targets, lora_spec(recipe))
+    except ValueError as e:
+        raise ConfigError(str(e) + "; set lora.targets to some of them, or all-linear.") from None
+    model.train()
+    dataset = data.build(recipe.data, tokenizer, t.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, t)
+    loss_fn = accelerator.prepare(CausalLMLoss(model))
+    return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, lora.param_report(model))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    tokens: int  # tokens processed (non-pad), over all micro-batches
+    grad_norm: float
+    finite: bool
+
+
+def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm: float, apply: bool = True) -> StepResult:
+    """One optimizer step over `micro_batches` (gradient accumulation). With apply=False (non-finite batch to
+    skip) gradients are computed and dropped."""
+    device = p.accelerator.device
+    total_loss, tokens = 0.0, 0
+    for batch in micro_batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        p.accelerator.backward(loss / len(micro_batches))
+        total_loss += loss.item() / len(micro_batches)
+        tokens += int(batch["attention_mask"].sum())
+    grads = p.optimizer.grads_to_masters()
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0
+    finite = math.isfinite(total_loss) and math.isfinite(norm)
+    if finite and apply:
+        if max_grad_norm > 0 and norm > max_grad_norm:
+            for g in grads:
+                g.mul_(max_grad_norm / (norm + 1e-6))
+        for group in p.optimizer.inner.param_groups:
+            group["lr"] = lr
+        p.optimizer.step()
+    p.optimizer.zero_grad()
+    return StepResult(total_loss, tokens, norm, finite)
+
+
+@torch.no_grad()
+def evaluate(p: Prepared, examples: list[data.Example], batch_size: int) -> float:
+    """Mean loss per label token over `examples` (eval mode: no dropout)."""
+    p.model.eval()
+    pad = p.tokenizer.pad_token_id
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(p.accelerator.device) for k, v in data.collate(examples[i : i + batch_size], pad).items()}
+        loss, n = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        total, count = total + float(loss) * n, count + n
+    p.model.train()
+    return total / max(count, 1)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the current step. A second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint...", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """`qlora-kit train`: returns a summary (steps, final loss, val loss, tokens/s, peak memory, params)."""
+    from tqdm.auto import tqdm
+
+    from .run_dir import check_run_dir, write_metrics_line, truncate_metrics
+
+    run_dir = Path(run_dir)
+    start_ckpt = check_run_dir(run_dir, recipe, resume)
+    t = recipe.train
+    p = prepare(recipe)
+    stream = data.BatchStream(p.dataset.train, t.batch_size, t.seed, p.tokenizer.pad_token_id)
+    step, skipped = 0, 0
+    if start_ckpt is not None:
+        adapter, opt_state, state = checkpoint.load(start_ckpt)
+        lora.load_adapter_state(p.model, adapter)
+        p.optimizer.load_state_dict(opt_state)
+        stream.load_state_dict(state["data"])
+        checkpoint.set_rng_state(state["rng"])
+        step, skipped = state["step"], state["skipped"]
+        truncate_metrics(run_dir, step)
+        print(f"resuming from {start_ckpt} (step {step} of {t.steps})", file=sys.stderr)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    print(f"{p.report} — LoRA r={recipe.lora.r} on {len(p.targets)} modules; "
+          f"{len(p.dataset.train)} train / {len(p.dataset.val)} val examples", file=sys.stderr)
+
+    def save_ckpt() -> Path:
+        extra = {"data": stream.state_dict(), "skipped": skipped, "recipe": recipe.to_dict()}
+        return checkpoint.save(run_dir, step, lora.adapter_state_dict(p.model), p.optimizer.state_dict(), extra,
+                               t.keep_checkpoints)
+
+    bar = tqdm(total=t.steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    val_loss, last, t0, tokens_total = None, None, time.perf_counter(), 0
+    with _StopFlag() as stop:
+        while step < t.steps:
+            ts = time.perf_counter()
+            micro = [stream.next_batch() for _ in range(t.grad_accum)]
+            res = train_step(p, micro, t.lr * lr_factor(step, t), t.max_grad_norm, apply=True)
+            if not res.finite:
+                if t.on_nonfinite == "skip":
+                    skipped += 1
+                else:
+                    good = checkpoint.latest(run_dir)
+                    raise TrainingStopped(
+                        f"non-finite loss or gradient at step {step + 1} (loss {res.loss}, grad norm {res.grad_norm}). "
+                        f"Last good checkpoint: {good or 'none'}. Lower train.lr, or set train.on_nonfinite=skip; "
+                        f"resume with --resume.")
+            step += 1
+            tokens_total += res.tokens
+            tok_s = res.tokens / (time.perf_counter() - ts)
+            mem = peak_memory_bytes(p.accelerator.device)
+            last = {"step": step, "loss": round(res.loss, 6), "lr": t.lr * lr_factor(step - 1, t),
+                    "grad_norm": round(res.grad_norm, 6), "tokens_per_s": round(tok_s, 1), "peak_memory_bytes": mem,
+                    "skipped": skipped}
+            if p.dataset.val and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
+                val_loss = evaluate(p, p.dataset.val, t.batch_size)
+                last["val_loss"] = round(val_loss, 6)
+            if step % t.log_every == 0 or step == t.steps or "val_loss" in last:
+                write_metrics_line(run_dir, last)
+            bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{tok_s:.0f}", mem=f"{mem / 2**30:.2f}GiB")
+            bar.update(1)
+            if (t.save_every and step % t.save_every == 0) or step == t.steps:
+                save_ckpt()
+            if stop.signal is not None and step < t.steps:
+                path = save_ckpt()
+                bar.close()
+                raise TrainingInterrupted(
+                    f"stopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint saved in {path}. "
+                    f"Resume with: qlora-kit train RECIPE --out {run_dir} --resume")
+    bar.close()
+    adapter_dir = peft_format.save_adapter(
+        run_dir / "adapter", lora.adapter_state_dict(p.model), r=recipe.lora.r, alpha=recipe.lora.alpha,
+        dropout=recipe.lora.dropout, rslora=recipe.lora.rslora, base_model=recipe.model.path, init=recipe.lora.init)
+    elapsed = time.perf_counter() - t0
+    summary = {"steps": step, "final_loss": last["loss"] if last else None, "val_loss": val_loss,
+               "tokens_per_s": round(tokens_total / elapsed, 1) if elapsed else None,
+               "peak_memory_bytes": peak_memory_bytes(p.accelerator.device), "trainable_params": p.report.trainable,
+               "total_params": p.report.total, "trainable_percent": round(p.report.percent, 4),
+               "skipped_batches": skipped, "adapter": str(adapter_dir), "wall_s": round(elapsed, 1)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary

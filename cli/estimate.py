@@ -1,0 +1,145 @@
+"""`qlora-kit estimate`: predicted training memory from config.json alone, and the longest sequence that fits."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import click
+
+from qlora_kit import memory_estimate as me
+from qlora_kit.errors import ConfigError
+
+_D = me.EstimateConfig()  # defaults: the demo recipe's (batch 4, 256 tokens, r 16, nf4 + double quant)
+LABELS = {
+    "quantized_weights": "quantized linear weights",
+    "quant_constants": "quantization constants",
+    "unquantized_params": "unquantized params (embeddings, norms, lm_head)",
+    "adapters": "LoRA adapters",
+    "adapter_grads": "adapter gradients",
+    "optimizer_state": "optimizer state",
+    "activations": "activations",
+    "logits_and_loss": "logits and loss",
+    "cuda_context": "CUDA context + workspace (allowance)",
+}
+
+# Sizes in and out (bench memory can reuse these). A bare number or K/M/G/T is binary (GiB); GB is 10^9.
+_UNITS = {"": me.GiB, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": me.GiB, "t": 1 << 40,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": me.GiB, "tib": 1 << 40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+          "tb": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '24 GB' (10^9), '24G' or bare '24' (GiB), '512MiB' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(f"cannot read size {text!r}: write a positive number with a unit, e.g. 24GiB, 24GB, 512MiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GiB", me.GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _targets(text: str) -> tuple[str, ...] | str:
+    if text.strip() == "all-linear":
+        return "all-linear"
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names:
+        raise ConfigError(f"--targets {text!r} names no module; use all-linear or a comma list like q_proj,v_proj")
+    return names
+
+
+def _details(e: me.Estimate, cfg: me.EstimateConfig) -> dict[str, str]:
+    """The second column: how each component was computed."""
+    dq = " + double quant" if cfg.double_quant else ""
+    quant = {"none": "bf16, not quantized", "int8": "int8 + fp32 scale per row"}.get(
+        cfg.quant, f"{cfg.quant}, blocksize {cfg.blocksize}{dq}")
+    dtype = "bf16" if cfg.compute_bytes == 2 else "fp32"
+    optim = {"adamw": "fp32 master + exp_avg + exp_avg_sq", "paged_adamw": "fp32, paged: can spill to CPU RAM",
+             "adamw8bit": "8-bit blockwise", "paged_adamw8bit": "8-bit, paged: can spill to CPU RAM"}[cfg.optimizer]
+    acts = (f"{e.shapes.layers} checkpointed layer inputs + 1 layer recomputed" if cfg.checkpointing
+            else f"all {e.shapes.layers} layers kept, no checkpointing")
+    return {
+        "quantized_weights": f"{quant}; {e.bits_per_weight:.3f} bits/weight with constants",
+        "quant_constants": "absmax, codebooks" if cfg.quant in ("nf4", "fp4") else "",
+        "unquantized_params": "bf16" + ("; lm_head tied to embeddings" if e.shapes.tied else ""),
+        "adapters": f"{e.adapter_params:,} params, {dtype}",
+        "adapter_grads": dtype,
+        "optimizer_state": f"{cfg.optimizer}: {optim}",
+        "activations": acts,
+        "logits_and_loss": f"fp32 logits in chunks of {min(cfg.loss_chunk, cfg.seq)} tokens",
+        "cuda_context": "stated allowance" if cfg.device == "cuda" else "0 on the CPU",
+    }
+
+
+def _seq_cell(row: dict) -> str:
+    if row["max_seq"] is None:
+        return "does not fit"
+    return f">= {row['max_seq']:,} (max)" if row["capped"] else f"{row['max_seq']:,}"
+
+
+@click.command()
+@click.option("--model", required=True, help="A Hugging Face model folder (config.json is read), or a built-in name: "
+              + ", ".join(me.BUILTIN_CONFIGS) + ".")
+@click.option("--quant", type=click.Choice(["nf4", "fp4", "int8", "none"]), default="nf4", show_default=True)
+@click.option("--blocksize", type=int, default=64, show_default=True, help="Weights per absmax constant (4-bit).")
+@click.option("--double-quant/--no-double-quant", default=True, show_default=True)
+@click.option("--rank", "-r", type=int, default=16, show_default=True, help="LoRA rank.")
+@click.option("--targets", default="all-linear", show_default=True, help="all-linear, or a comma list: q_proj,v_proj.")
+@click.option("--lora-dropout", type=float, default=0.05, show_default=True,
+              help="> 0 keeps a dropped copy of each adapter's input.")
+@click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"]),
+              default="adamw", show_default=True)
+@click.option("--seq", type=int, default=_D.seq, show_default=True, help="Tokens per example.")
+@click.option("--batch", type=int, default=_D.batch, show_default=True, help="Examples per micro-batch.")
+@click.option("--checkpointing/--no-checkpointing", default=True, show_default=True)
+@click.option("--compute-dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--loss-chunk", type=int, default=1024, show_default=True, help="Tokens per cross-entropy chunk.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="cuda adds the CUDA context allowance.")
+@click.option("--gpu-mem", default=None, help="Does it fit in this much memory? e.g. 24GiB, 24GB, 16G.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (sizes in bytes) instead of tables.")
+def command(model, quant, blocksize, double_quant, rank, targets, lora_dropout, optimizer, seq, batch,
+            checkpointing, compute_dtype, loss_chunk, device, gpu_mem, as_json):
+    """Predict the GPU memory of QLoRA training from MODEL's config.json alone (no weights are loaded)."""
+    config = me.load_model_config(model)
+    cfg = me.EstimateConfig(quant=quant, blocksize=blocksize, double_quant=double_quant, rank=rank,
+                            targets=_targets(targets), optimizer=optimizer, batch=batch, seq=seq,
+                            checkpointing=checkpointing, device=device, loss_chunk=loss_chunk,
+                            compute_bytes=2 if compute_dtype == "bf16" else 4, lora_dropout=lora_dropout)
+    limit = parse_size(gpu_mem) if gpu_mem is not None else None
+    e = me.estimate(config, cfg)
+    table = me.max_seq_table(config, cfg)
+    if as_json:
+        d = {"model": model, "config": {**vars(cfg), "targets": list(e.adapted)}, **e.to_dict(),
+             "gpu_mem": limit, "fits": None if limit is None else e.total <= limit, "max_seq": table}
+        click.echo(json.dumps(d))
+        return
+    s = e.shapes
+    click.echo(f"{model}: {s.model_type}, {s.total / 1e6:,.1f}M params, {s.layers} layers, hidden {s.hidden}, "
+               f"vocab {s.vocab}{', tied embeddings' if s.tied else ''}")
+    click.echo(f"LoRA r={cfg.rank} on {', '.join(e.adapted)} ({e.adapter_params / s.total:.2%} of the base); "
+               f"batch {cfg.batch} x seq {cfg.seq}; checkpointing {'on' if cfg.checkpointing else 'off'}; {device}\n")
+    details = _details(e, cfg)
+    width = max(map(len, LABELS.values()))
+    click.echo(f"{'component':<{width}}  {'size':>11}  {'%':>6}  how")
+    for key, value in e.components.items():
+        click.echo(f"{LABELS[key]:<{width}}  {human_bytes(value):>11}  {value / e.total:>6.1%}  {details[key]}")
+    click.echo(f"{'total':<{width}}  {human_bytes(e.total):>11}  {1:>6.1%}")
+    click.echo(f"\nan unchunked fp32 cross-entropy (B, S, V) x3 would take {human_bytes(e.unchunked_loss)} "
+               f"instead of {human_bytes(e.components['logits_and_loss'])}")
+    if e.pageable:
+        click.echo(f"{human_bytes(e.pageable)} of optimizer state is paged (unified memory): counted above, "
+                   "but it can spill to CPU RAM when the GPU runs short")
+    if limit is not None:
+        gpu = gpu_mem.strip()
+        verdict = (f"yes ({e.total / limit:.0%} used)" if e.total <= limit
+                   else f"no (needs {human_bytes(e.total)}, {human_bytes(e.total - limit)} more)")
+        click.echo(f"fits in {gpu}: {verdict}")
+    click.echo(f"\nlongest sequence that fits at batch {cfg.batch} (max_position_embeddings {s.max_positions:,}):")
+    for row in table:
+        click.echo(f"  {row['gpu_gib']:>3} GiB  {_seq_cell(row)}")

@@ -1,0 +1,354 @@
+"""Analytic memory estimate of one QLoRA training step, from a model's config.json alone (no weights loaded).
+
+Pure Python: no torch, no bitsandbytes. Each component below has a stable key so that a measured breakdown
+(`qlora-kit bench memory`) can be put next to it line by line. All sizes are bytes. T = batch * seq tokens.
+
+    quantized_weights   every decoder Linear (never lm_head): nf4/fp4 two codes per byte, int8 one byte, none bf16
+    quant_constants     4-bit: absmax per block (fp32, or uint8 + nested fp32 per 256 blocks + 256-entry code with
+                        double quantization) + 16-entry fp32 codebook; int8: one fp32 scale per output row
+    unquantized_params  embeddings, norms, lm_head (once when tied), Linear biases; 2 bytes each
+    adapters            LoRA A (r, in) and B (out, r) per adapted module, compute dtype
+    adapter_grads       same size as the adapters
+    optimizer_state     fp32 master copy of bf16 adapters + AdamW exp_avg, exp_avg_sq: fp32, or 8-bit blockwise; paged = unified memory
+    activations         saved for backward (checkpointed: layer inputs + one layer recomputed) + backward workspace
+    logits_and_loss     final norm/hidden + one chunk of fp32 logits and their gradient (chunked cross-entropy)
+    cuda_context        a stated allowance for the CUDA context and cuBLAS workspace (0 on the CPU)
+
+The total is the sum: a conservative peak (the logits chunk and the recomputed layer are not live at the same time).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from qlora_kit.errors import ConfigError, ModelError
+
+GiB = 1 << 30
+CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context + cuBLAS/cuDNN workspaces: invisible to torch's allocator stats
+NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for double quantization of the 4-bit absmax constants
+OPTIM_BLOCKSIZE = 256  # bitsandbytes' 8-bit optimizers: one fp32 absmax per 256 state values
+MIN_8BIT_SIZE = 4096  # bitsandbytes keeps tensors smaller than this in 32-bit optimizer state
+GPU_SIZES_GIB = (8, 12, 16, 24, 40, 48, 80)
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+COMPONENTS = ("quantized_weights", "quant_constants", "unquantized_params", "adapters", "adapter_grads",
+              "optimizer_state", "activations", "logits_and_loss", "cuda_context")
+
+_LLAMA = {"model_type": "llama", "torch_dtype": "bfloat16", "attention_bias": False, "mlp_bias": False}
+# Built-in names: the shapes of well-known models as plain config.json dicts, so users can estimate without weights.
+BUILTIN_CONFIGS: dict[str, dict] = {
+    "smollm2-135m": {**_LLAMA, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+                     "max_position_embeddings": 8192, "tie_word_embeddings": True},
+    "llama-3.1-8b": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                     "max_position_embeddings": 131072, "tie_word_embeddings": False},
+    "mistral-7b": {**_LLAMA, "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
+                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+                   "max_position_embeddings": 32768, "tie_word_embeddings": False},
+    "llama-2-7b": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+                   "max_position_embeddings": 4096, "tie_word_embeddings": False},
+    "qwen2.5-7b": {**_LLAMA, "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
+                   "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                   "max_position_embeddings": 32768, "tie_word_embeddings": False},
+}
+# config.json keys that may be absent, with the defaults transformers' LlamaConfig uses for them.
+KNOWN_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # same layer layout; MoE or other layouts would be miscounted
+_OPTIONAL = {"num_key_value_heads": None, "head_dim": None, "tie_word_embeddings": False, "attention_bias": False,
+             "mlp_bias": False, "max_position_embeddings": 2048, "model_type": "llama"}
+_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+Quant = Literal["nf4", "fp4", "int8", "none"]
+OptimizerName = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"]
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    name: str  # Hugging Face module name inside a decoder layer: q_proj, ..., down_proj
+    in_features: int
+    out_features: int
+    bias: bool
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """Parameter shapes of a Llama-like decoder (llama, mistral, qwen2, qwen3). Every layer is identical."""
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    max_positions: int
+    tied: bool
+    linears: tuple[LinearShape, ...]  # one decoder layer's Linears
+    other: dict[str, int]  # numel of the parameters that stay unquantized, by name
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(lin.numel for lin in self.linears)
+
+    @property
+    def total(self) -> int:
+        return self.linear_params + sum(self.other.values())
+
+
+def count_params(config: dict) -> ModelShapes:
+    """Shapes from a config.json dict. head_dim absent -> hidden // heads; tied embeddings count once."""
+    missing = [k for k in _REQUIRED if not isinstance(config.get(k), int)]
+    if missing:
+        raise ModelError(f"config.json lacks {', '.join(missing)}: estimate knows decoder-only Llama-like models "
+                         "(llama, mistral, qwen2, qwen3)")
+    c = {**_OPTIONAL, **{k: v for k, v in config.items() if v is not None}}
+    if c["model_type"] not in KNOWN_TYPES:
+        raise ModelError(f"model_type {c['model_type']!r} is not a layout estimate knows ({', '.join(KNOWN_TYPES)}); "
+                         "its memory would be miscounted")
+    H, I, L, nh, V = (c[k] for k in _REQUIRED)
+    kv = c["num_key_value_heads"] or nh
+    hd = c["head_dim"] or H // nh
+    qwen2 = c["model_type"] == "qwen2"  # Qwen2 always has q/k/v biases, never an o_proj bias
+    qkv_bias, o_bias, mlp_bias = qwen2 or c["attention_bias"], not qwen2 and c["attention_bias"], c["mlp_bias"]
+    linears = (LinearShape("q_proj", H, nh * hd, qkv_bias), LinearShape("k_proj", H, kv * hd, qkv_bias),
+               LinearShape("v_proj", H, kv * hd, qkv_bias), LinearShape("o_proj", nh * hd, H, o_bias),
+               LinearShape("gate_proj", H, I, mlp_bias), LinearShape("up_proj", H, I, mlp_bias),
+               LinearShape("down_proj", I, H, mlp_bias))
+    other = {"embed_tokens": V * H, "layer_norms": L * 2 * H, "norm": H,
+             "linear_biases": L * sum(lin.out_features for lin in linears if lin.bias)}
+    if c["model_type"] == "qwen3":
+        other["qk_norms"] = L * 2 * hd  # q_norm, k_norm over the head dimension
+    if not c["tie_word_embeddings"]:
+        other["lm_head"] = V * H
+    return ModelShapes(c["model_type"], H, I, L, nh, kv, hd, V, c["max_position_embeddings"],
+                       bool(c["tie_word_embeddings"]), linears, other)
+
+
+@dataclass(frozen=True)
+class EstimateConfig:
+    quant: Quant = "nf4"
+    blocksize: int = 64
+    """Weights per absmax constant (nf4/fp4)."""
+    double_quant: bool = True
+    rank: int = 16
+    targets: tuple[str, ...] | Literal["all-linear"] = "all-linear"
+    """`all-linear` or module names of a decoder layer (q_proj, v_proj, ...)."""
+    optimizer: OptimizerName = "adamw"
+    batch: int = 4
+    seq: int = 256
+    checkpointing: bool = True
+    """Non-reentrant activation checkpointing of every decoder layer."""
+    device: Literal["cuda", "cpu"] = "cuda"
+    loss_chunk: int = 1024
+    """Tokens per cross-entropy chunk: fp32 logits are held for one chunk only."""
+    compute_bytes: int = 2
+    """Bytes of the compute dtype: activations and adapters (2: bf16, 4: fp32)."""
+    lora_dropout: float = 0.05
+    """> 0: each adapter keeps its own dropped copy of its input and a bool mask (nn.Dropout)."""
+
+    def __post_init__(self):
+        for name in ("rank", "batch", "seq", "loss_chunk"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        choices = {"quant": Quant.__args__, "optimizer": OptimizerName.__args__, "device": ("cuda", "cpu"),
+                   "blocksize": BLOCKSIZES, "compute_bytes": (2, 4)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}, got {getattr(self, name)!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    components: dict[str, int]  # keys: COMPONENTS, in that order
+    shapes: ModelShapes
+    adapted: tuple[str, ...]  # adapted module names of one decoder layer
+    adapter_params: int
+    bits_per_weight: float  # (quantized_weights + quant_constants) * 8 / linear params
+    activation_terms: dict[str, int]  # the parts of `activations`
+    logits_terms: dict[str, int]  # the parts of `logits_and_loss`
+    unchunked_loss: int  # what a plain (B, S, V) fp32 cross-entropy would hold instead of logits_and_loss
+    pageable: int  # bytes in CUDA unified memory (paged optimizers): may spill to CPU RAM under pressure
+    total: int = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "total", sum(self.components.values()))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shapes"] = {k: v for k, v in d["shapes"].items() if k not in ("linears", "other")}
+        d["params"] = {"base_total": self.shapes.total, "quantized_linear": self.shapes.linear_params,
+                       "unquantized": sum(self.shapes.other.values()), "adapters": self.adapter_params,
+                       "unquantized_by_name": self.shapes.other}
+        return d
+
+
+def resolve_targets(shapes: ModelShapes, targets) -> tuple[str, ...]:
+    names = [lin.name for lin in shapes.linears]
+    if targets == "all-linear":
+        return tuple(names)
+    for t in targets:
+        if t not in names:
+            near = difflib.get_close_matches(t, names, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ConfigError(f"target {t!r} is not a Linear of a decoder layer{hint}; choose from all-linear or "
+                              f"{', '.join(names)}")
+    return tuple(n for n in names if n in targets)
+
+
+def _quant_bytes(lin: LinearShape, cfg: EstimateConfig) -> tuple[int, int]:
+    """(weight bytes, constant bytes) of one quantized Linear, as bitsandbytes stores them."""
+    n = lin.numel
+    if cfg.quant == "none":
+        return 2 * n, 0  # bf16
+    if cfg.quant == "int8":
+        return n, 4 * lin.out_features  # int8 codes + fp32 absmax per output row
+    blocks = math.ceil(n / cfg.blocksize)
+    if cfg.double_quant:  # uint8 absmax + fp32 absmax per 256 blocks + 256-entry fp32 code + fp32 offset
+        consts = blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + 4 * 256 + 4
+    else:
+        consts = 4 * blocks
+    return (n + 1) // 2, consts + 4 * 16  # two 4-bit codes per byte; + the 16-entry fp32 codebook
+
+
+def _optimizer_bytes(numel: int, optimizer: str) -> int:
+    """AdamW state (exp_avg, exp_avg_sq) of one adapter tensor."""
+    if optimizer in ("adamw", "paged_adamw") or numel < MIN_8BIT_SIZE:
+        return 2 * 4 * numel  # fp32
+    return 2 * numel + 2 * 4 * math.ceil(numel / OPTIM_BLOCKSIZE)  # uint8 + one fp32 absmax per 256, per state
+
+
+def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...]) -> dict[str, int]:
+    """Bytes autograd saves inside ONE decoder layer for the whole batch (Llama layout; SDPA flash/efficient
+    kernel with GQA inside the kernel, no padding mask; its output is laid out (B, S, nh, hd), so o_proj's input
+    is a view of it). Exact against saved-tensor hooks on the CPU (tests/test_estimate.py). c: compute bytes."""
+    T, c, H, I, r = cfg.batch * cfg.seq, cfg.compute_bytes, s.hidden, s.intermediate, cfg.rank
+    q, kv, mask = s.heads * s.head_dim, s.kv_heads * s.head_dim, 1 if cfg.device == "cuda" else c
+
+    def lora_inputs(modules: tuple[str, ...], width: int, shared: bool = False) -> int:
+        # The frozen quantized base saves nothing (it re-dequantizes W in backward); lora_A saves its input.
+        hit = sum(m in adapted for m in modules)
+        if cfg.lora_dropout > 0:  # each adapter: its own dropped copy (T, width) c + its mask (T, width):
+            return hit * (c + mask) * T * width  # bool from CUDA's fused dropout, compute dtype on the CPU
+        return c * T * width if hit and not shared else 0  # (T, width) the common input, saved once
+
+    terms = {
+        "attn_norm": 4 * T * (H + 1),  # (B, S, H) fp32: RMSNorm's upcast input (pow, mul) + rsqrt (B, S, 1)
+        "qkv_inputs": lora_inputs(("q_proj", "k_proj", "v_proj"), H),  # (B, S, H) normed hidden
+        "q_k_v": c * T * (q + 2 * kv),  # (B, nh, S, hd) q and (B, nkv, S, hd) k, v after RoPE, saved by SDPA
+        "attn_output": c * T * q + 4 * cfg.batch * s.heads * cfg.seq,  # (B, nh, S, hd) c + logsumexp (B, nh, S) fp32
+        "o_input": lora_inputs(("o_proj",), q, shared=True),  # (B, S, nh*hd) a view of the SDPA output
+        "mlp_norm": 4 * T * (H + 1),  # (B, S, H) fp32 + (B, S, 1) fp32, post-attention RMSNorm
+        "gate_up_inputs": lora_inputs(("gate_proj", "up_proj"), H),  # (B, S, H) normed hidden
+        "mlp_hidden": 3 * c * T * I,  # (B, S, I) x3: gate output (saved by SiLU), SiLU output and up output (by mul)
+        "down_input": lora_inputs(("down_proj",), I),  # (B, S, I) silu(gate) * up
+        "lora_hidden": c * T * r * len(adapted),  # (B, S, r) per adapter: A's output, saved by B
+    }
+    if s.model_type == "qwen3":
+        terms["qk_norms"] = 4 * T * (q + kv + s.heads + s.kv_heads)  # q_norm, k_norm: fp32 inputs + rsqrt
+    return terms
+
+
+def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...]) -> dict[str, int]:
+    T, c = cfg.batch * cfg.seq, cfg.compute_bytes
+    layer = sum(layer_activations(s, cfg, adapted).values())
+    terms = {"layer_inputs": s.layers * c * T * s.hidden,  # (B, S, H) per layer: what a checkpoint keeps
+             "recomputed_layer": layer}  # one layer's full set, rebuilt during its backward
+    if not cfg.checkpointing:
+        terms = {"all_layers": s.layers * layer}
+    deq = 0 if cfg.quant == "none" else c * max(lin.numel for lin in s.linears)
+    terms["dequantized_weight"] = deq  # (out, in) c: one Linear's weight, dequantized transiently per matmul
+    terms["backward_grads"] = c * T * 2 * (s.hidden + s.intermediate)  # in-flight grads: (B,S,H) x2, (B,S,I) x2
+    return terms
+
+
+def logits_terms(s: ModelShapes, cfg: EstimateConfig) -> dict[str, int]:
+    T, chunk = cfg.batch * cfg.seq, min(cfg.loss_chunk, cfg.seq)
+    return {"final_norm": 4 * T * s.hidden,  # (B, S, H) fp32, final RMSNorm input
+            "final_hidden": cfg.compute_bytes * T * s.hidden,  # (B, S, H) c, lm_head input kept for the chunks
+            "chunk_logits": 2 * 4 * cfg.batch * chunk * s.vocab}  # (B, C, V) fp32 logits + their gradient
+
+
+def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
+    s = count_params(config)
+    adapted = resolve_targets(s, cfg.targets)
+    wq = cq = 0
+    for lin in s.linears:
+        w, k = _quant_bytes(lin, cfg)
+        wq, cq = wq + s.layers * w, cq + s.layers * k
+    adapter_shapes = [(cfg.rank, lin.in_features) for lin in s.linears if lin.name in adapted]
+    adapter_shapes += [(lin.out_features, cfg.rank) for lin in s.linears if lin.name in adapted]
+    n_adapter = s.layers * sum(a * b for a, b in adapter_shapes)
+    optim = s.layers * sum(_optimizer_bytes(a * b, cfg.optimizer) for a, b in adapter_shapes)
+    if cfg.compute_bytes < 4:  # optim.MasterWeightOptimizer: an fp32 master copy of each bf16 adapter
+        optim += 4 * n_adapter
+    acts, logits = activation_terms(s, cfg, adapted), logits_terms(s, cfg)
+    components = {
+        "quantized_weights": wq, "quant_constants": cq,
+        "unquantized_params": 2 * sum(s.other.values()),  # bf16/fp16
+        "adapters": cfg.compute_bytes * n_adapter, "adapter_grads": cfg.compute_bytes * n_adapter,
+        "optimizer_state": optim, "activations": sum(acts.values()), "logits_and_loss": sum(logits.values()),
+        "cuda_context": CUDA_CONTEXT_BYTES if cfg.device == "cuda" else 0,
+    }
+    unchunked = logits["final_norm"] + logits["final_hidden"] + 3 * 4 * cfg.batch * cfg.seq * s.vocab
+    return Estimate(components, s, adapted, n_adapter, (wq + cq) * 8 / s.linear_params, acts, logits,
+                    unchunked, optim if cfg.optimizer.startswith("paged") else 0)
+
+
+def max_seq_table(config: dict, cfg: EstimateConfig, gpus_gib=GPU_SIZES_GIB) -> list[dict]:
+    """Longest sequence (at cfg.batch) whose estimate fits each GPU size, by bisection on seq. `max_seq` is None
+    when even one token does not fit; `capped` is True when max_position_embeddings fits."""
+    cap = count_params(config).max_positions
+    rows = []
+    for gib in gpus_gib:
+        def fits(seq: int) -> bool:
+            return estimate(config, replace(cfg, seq=seq)).total <= gib * GiB
+        if not fits(1):
+            best, capped = None, False
+        elif fits(cap):
+            best, capped = cap, True
+        else:
+            lo, hi = 1, cap  # fits(lo), not fits(hi)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+            best, capped = lo, False
+        rows.append({"gpu_gib": gib, "gpu_bytes": gib * GiB, "max_seq": best, "capped": capped})
+    return rows
+
+
+# ---- model resolution ------------------------------------------------------------------------------------------
+
+
+def load_model_config(model: str) -> dict:
+    """config.json of a model folder, or a built-in config by name."""
+    if model in BUILTIN_CONFIGS:
+        return dict(BUILTIN_CONFIGS[model])
+    path = Path(model).expanduser()
+    if not path.exists():
+        near = difflib.get_close_matches(model, list(BUILTIN_CONFIGS), n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise ModelError(f"{model}: no such folder and not a built-in name; {hint}built-in: "
+                         f"{', '.join(BUILTIN_CONFIGS)}")
+    cfg_path = path / "config.json" if path.is_dir() else path
+    if not cfg_path.is_file():
+        found = sorted(p.name for p in path.iterdir())[:6]
+        raise ModelError(f"{path} has no config.json (found: {', '.join(found) or 'nothing'}); point --model at "
+                         "a Hugging Face model folder")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{cfg_path} is not readable JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{cfg_path} holds a JSON {type(config).__name__}, not an object")
+    return config

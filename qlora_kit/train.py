@@ -119,7 +119,7 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
 def evaluate(p: Prepared, examples: list[data.Example], batch_size: int) -> float:
     """Mean loss per label token over `examples` (eval mode: no dropout)."""
     p.model.eval()
-    pad = p.tokenizer.pad_token_id
+    pad = data.pad_token_id(p.tokenizer)
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(p.accelerator.device) for k, v in data.collate(examples[i : i + batch_size], pad).items()}
@@ -166,7 +166,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
     start_ckpt = check_run_dir(run_dir, recipe, resume)
     t = recipe.train
     p = prepare(recipe)
-    stream = data.BatchStream(p.dataset.train, t.batch_size, t.seed, p.tokenizer.pad_token_id)
+    stream = data.BatchStream(p.dataset.train, t.batch_size, t.seed, data.pad_token_id(p.tokenizer))
     step, skipped = 0, 0
     if start_ckpt is not None:
         adapter, opt_state, state = checkpoint.load(start_ckpt)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -168,7 +170,18 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("train", "eval_every"): (lambda v: v >= 0, ">= 0"),
     ("train", "save_every"): (lambda v: v >= 0, ">= 0"),
     ("train", "keep_checkpoints"): (lambda v: v > 0, "> 0"),
-    ("train", "num_threads"): (lambda v: v >= 0, ">= 0"),
+    ("train", "num_threads"): (lambda v: 0 <= v <= 4096, "in [0, 4096]"),  # torch overflows on absurd counts
+    ("train", "seed"): (lambda v: 0 <= v < 2**64, "in [0, 2**64)"),  # torch.manual_seed takes a uint64
+}
+
+# Names people bring from PEFT / transformers TrainingArguments / other tools: difflib cannot guess `rank` -> `r`.
+_ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+    "learning_rate": "lr", "max_steps": "steps", "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum", "max_seq_length": "max_length",
+    "max_seq_len": "max_length", "seq_len": "max_length", "optim": "optimizer", "lr_scheduler_type": "schedule",
+    "warmup": "warmup_steps", "save_steps": "save_every", "logging_steps": "log_every", "eval_steps": "eval_every",
+    "save_total_limit": "keep_checkpoints", "model_name_or_path": "path", "output_dir": "dir", "bits": "type",
 }
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Recipe)}  # type: ignore[misc]
@@ -176,7 +189,10 @@ _SECTION_TYPES = typing.get_type_hints(Recipe)
 
 
 def _nearest(name: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    choices = list(choices)
+    if _ALIASES.get(name) in choices:
+        return f" Did you mean '{_ALIASES[name]}'?"
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
@@ -188,6 +204,12 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp`; return it (ints are accepted where floats are expected)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\\ud800" in YAML): tokenizers reject it mid-run
+            raise ConfigError(f"{where}: {value!r:.60} holds an invalid unicode character (a lone surrogate); "
+                              "fix the escape sequence.") from None
     origin = typing.get_origin(tp)
     if origin is Literal:
         if value in typing.get_args(tp):
@@ -217,8 +239,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value) if abs(value) < 1e308 else math.inf  # a 400-digit int overflows float()
+        elif isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-3` as a string; users mean the number
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is not None:
+            if not math.isfinite(number):  # .nan / .inf pass `> 0` range checks and poison training later
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}.")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -244,6 +276,12 @@ def _build_section(name: str, raw: Any) -> Any:
         check = _RANGES.get((name, key))
         if check and not check[0](kwargs[key]):
             raise ConfigError(f"{name}.{key} = {kwargs[key]!r} is out of range: it must be {check[1]}.")
+    if name == "lora" and isinstance(kwargs.get("targets"), str) and kwargs["targets"] != "all-linear":
+        try:  # a string other than all-linear is a regex: fail here, not after loading the model
+            re.compile(kwargs["targets"])
+        except re.error as e:
+            raise ConfigError(f"lora.targets {kwargs['targets']!r} is not a valid regular expression ({e}); use "
+                              "all-linear, a list of module names like [q_proj, v_proj], or a valid regex.") from None
     return cls(**kwargs)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Literal, Sequence
 
@@ -117,6 +118,20 @@ def inject(model: nn.Module, targets: str | Sequence[str], spec: LoraSpec) -> li
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(getattr(parent, child), spec))
     return chosen
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """Within the block every adapter contributes exactly nothing (scaling 0): the base model's answers."""
+    mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    saved = [m.scaling for m in mods]
+    for m in mods:
+        m.scaling = 0.0
+    try:
+        yield
+    finally:
+        for m, s in zip(mods, saved):
+            m.scaling = s
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from . import checkpoint, data, lora, peft_format
 from .config import Recipe, dump_recipe
@@ -63,8 +64,12 @@ def prepare(recipe: Recipe) -> Prepared:
     model, tokenizer, _ = load_base(recipe.model, recipe.quant, accelerator.device)
     if t.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs, no `enable_input_require_grads` hack, RNG (dropout) replayed.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    _check_rank(model, recipe)
     try:
         targets = lora.inject(model, recipe.lora.targets, lora_spec(recipe))
     except ValueError as e:
@@ -72,9 +77,37 @@ def prepare(recipe: Recipe) -> Prepared:
     model.train()
     dataset = data.build(recipe.data, tokenizer, t.seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    if t.optimizer != "adamw":
+        _probe_bnb_optimizer(t, accelerator.device)
     optimizer = build_optimizer(params, t)
     loss_fn = accelerator.prepare(CausalLMLoss(model))
     return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, lora.param_report(model))
+
+
+def _check_rank(model: torch.nn.Module, recipe: Recipe) -> None:
+    """An adapter's rank cannot exceed min(in, out) of its layer; a larger r only wastes memory, and an absurd one
+    (a typo, r: 16000000) would try to allocate terabytes before any other check could speak."""
+    chosen = lora.match_targets(lora.linear_names(model), recipe.lora.targets)
+    mods = [model.get_submodule(n) for n in chosen]
+    limit = max((min(m.in_features, m.out_features) for m in mods), default=0)
+    if mods and recipe.lora.r > limit:
+        raise ConfigError(f"lora.r={recipe.lora.r} is larger than any targeted layer allows (rank <= min(in, out) = "
+                          f"{limit} at most here); set lora.r to {min(16, limit)} or another value <= {limit}.")
+
+
+def _probe_bnb_optimizer(t, device: torch.device) -> None:
+    """Step a throwaway bitsandbytes optimizer once, so a machine where its kernels cannot run fails here with the
+    fix, not with a RuntimeError at step 1. 4096 elements: bitsandbytes keeps smaller tensors' state in fp32."""
+    from .quant import bnb_optimizer
+
+    try:
+        w = torch.zeros(4096, device=device, requires_grad=True)
+        w.grad = torch.ones_like(w)
+        bnb_optimizer(t.optimizer, [w], 1e-3, 0.0).step()
+    except Exception as e:  # any failure of the probe means "not on this machine"; the message carries the cause
+        raise ConfigError(f"train.optimizer={t.optimizer}: bitsandbytes cannot run it on {device.type} here "
+                          f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}). Use "
+                          "train.optimizer=adamw, or install a bitsandbytes build that supports this machine.") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -156,13 +189,16 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """`qlora-kit train`: returns a summary (steps, final loss, val loss, tokens/s, peak memory, params)."""
+def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: bool = True,
+        resume_command: str | None = None) -> dict:
+    """`qlora-kit train`: returns a summary (steps, final loss, val loss, tokens/s, peak memory, params).
+    `resume_command`: the exact command that continues this run, for the messages of a stopped run."""
     from tqdm.auto import tqdm
 
     from .run_dir import check_run_dir, write_metrics_line, truncate_metrics
 
     run_dir = Path(run_dir)
+    again = resume_command or f"qlora-kit train RECIPE --out {run_dir} --resume"
     start_ckpt = check_run_dir(run_dir, recipe, resume)
     t = recipe.train
     p = prepare(recipe)
@@ -177,6 +213,9 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
         step, skipped = state["step"], state["skipped"]
         truncate_metrics(run_dir, step)
         print(f"resuming from {start_ckpt} (step {step} of {t.steps})", file=sys.stderr)
+    elif resume:  # the run died before its first checkpoint: start over in the same folder
+        truncate_metrics(run_dir, 0)
+        print(f"{run_dir} has no complete checkpoint yet: starting from step 0", file=sys.stderr)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
@@ -202,8 +241,8 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
                     good = checkpoint.latest(run_dir)
                     raise TrainingStopped(
                         f"non-finite loss or gradient at step {step + 1} (loss {res.loss}, grad norm {res.grad_norm}). "
-                        f"Last good checkpoint: {good or 'none'}. Lower train.lr, or set train.on_nonfinite=skip; "
-                        f"resume with --resume.")
+                        f"Last good checkpoint: {good or 'none'}. Lower train.lr (--set train.lr=...) or skip such "
+                        f"batches (--set train.on_nonfinite=skip), and continue from that checkpoint with: {again}")
             step += 1
             tokens_total += res.tokens
             tok_s = res.tokens / (time.perf_counter() - ts)
@@ -225,11 +264,16 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
                 bar.close()
                 raise TrainingInterrupted(
                     f"stopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint saved in {path}. "
-                    f"Resume with: qlora-kit train RECIPE --out {run_dir} --resume")
+                    f"Resume with: {again}")
     bar.close()
-    adapter_dir = peft_format.save_adapter(
-        run_dir / "adapter", lora.adapter_state_dict(p.model), r=recipe.lora.r, alpha=recipe.lora.alpha,
-        dropout=recipe.lora.dropout, rslora=recipe.lora.rslora, base_model=recipe.model.path, init=recipe.lora.init)
+    try:
+        adapter_dir = peft_format.save_adapter(
+            run_dir / "adapter", lora.adapter_state_dict(p.model), r=recipe.lora.r, alpha=recipe.lora.alpha,
+            dropout=recipe.lora.dropout, rslora=recipe.lora.rslora, base_model=recipe.model.path,
+            init=recipe.lora.init)
+    except (OSError, SafetensorError) as e:  # a full disk: the final checkpoint already holds every weight
+        raise TrainingStopped(f"could not write {run_dir / 'adapter'} ({e}); the trained weights are safe in "
+                              f"{checkpoint.latest(run_dir)}. Free disk space, then run: {again}") from None
     elapsed = time.perf_counter() - t0
     summary = {"steps": step, "final_loss": last["loss"] if last else None, "val_loss": val_loss,
                "tokens_per_s": round(tokens_total / elapsed, 1) if elapsed else None,

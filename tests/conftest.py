@@ -81,14 +81,14 @@ def tiny_data(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "facts.jsonl", FACTS)
 
 
-def tiny_recipe(model: Path, data: Path, **sections):
+def tiny_recipe(model_dir: Path, data_path: Path, /, **sections):
     """A Recipe over the tiny model: 4 steps, small batches, CPU. `sections` override per section (dicts)."""
     from qlora_kit.config import recipe_from_dict
 
     raw = {
-        "model": {"path": str(model)},
+        "model": {"path": str(model_dir)},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"path": str(data), "max_length": 64},
+        "data": {"path": str(data_path), "max_length": 64},
         "train": {"steps": 4, "batch_size": 2, "lr": 1e-2, "warmup_steps": 0, "save_every": 2, "device": "cpu"},
     }
     for name, values in sections.items():

@@ -1,0 +1,30 @@
+"""`qlora-kit inspect PATH`: what is this folder (model, adapter, run), and its key facts."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def _fmt(v) -> str:
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 10_000:
+        return f"{v:,}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items())
+    return str(v)
+
+
+@click.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def command(path: str, as_json: bool) -> None:
+    """Describe PATH: a model folder (or built-in name), a PEFT adapter folder, or a run folder."""
+    from qlora_kit.inspect import describe
+
+    info = describe(path)
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    for k, v in info.items():
+        click.echo(f"{k:>16}: {_fmt(v)}")

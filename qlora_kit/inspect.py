@@ -1,0 +1,72 @@
+"""What is this folder? A model, a PEFT adapter or a run: facts read from headers, no weights loaded."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from safetensors import safe_open
+
+from . import checkpoint, model, peft_format
+from .errors import ModelError
+from .run_dir import is_run_dir, read_metrics
+
+
+def _tensor_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    out = {}
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    s = h.get_slice(k)
+                    out[k] = (tuple(s.get_shape()), s.get_dtype())
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise ModelError(f"{f} is truncated or corrupt ({e}).") from None
+    return out
+
+
+def describe_model(folder: Path) -> dict:
+    config = model.load_config(folder)
+    shapes = _tensor_shapes(model.weight_files(folder))
+    params = sum(math.prod(s) for s, _ in shapes.values())
+    linears = sorted({k.rsplit(".", 2)[-2] for k, (s, _) in shapes.items() if len(s) == 2 and k.endswith(".weight")
+                      and "embed" not in k and "lm_head" not in k})
+    return {"kind": "model", "path": str(folder), "architecture": (config.architectures or [config.model_type])[0],
+            "params": params, "dtypes": sorted({d for _, d in shapes.values()}), "layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
+            "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)), "linear_modules": linears}
+
+
+def describe_adapter(folder: Path) -> dict:
+    a = peft_format.load_adapter(folder)
+    return {"kind": "adapter", "path": str(folder), "r": a.r, "alpha": a.alpha, "scaling": a.scaling,
+            "rslora": a.rslora, "target_modules": a.target_modules, "modules": len(a.modules()),
+            "params": sum(t.numel() for t in a.tensors.values()), "base_model": a.base_model}
+
+
+def describe_run(folder: Path) -> dict:
+    from .config import load_recipe
+
+    recipe = load_recipe(folder / "recipe.yaml")
+    metrics = read_metrics(folder)
+    out = {"kind": "run", "path": str(folder), "model": recipe.model.path, "quant": recipe.quant.type,
+           "lora_r": recipe.lora.r, "targets": recipe.lora.targets, "steps_planned": recipe.train.steps,
+           "steps_logged": metrics[-1]["step"] if metrics else 0,
+           "first_loss": metrics[0]["loss"] if metrics else None, "last_loss": metrics[-1]["loss"] if metrics else None,
+           "checkpoints": [p.name for p in checkpoint.all_checkpoints(folder)],
+           "finished": (folder / "adapter" / peft_format.WEIGHTS_NAME).is_file()}
+    if (folder / "summary.json").is_file():
+        out["summary"] = json.loads((folder / "summary.json").read_text())
+    return out
+
+
+def describe(path: str) -> dict:
+    p = Path(path)
+    if p.is_dir() and is_run_dir(p):
+        return describe_run(p)
+    if p.is_dir() and (p / peft_format.CONFIG_NAME).is_file():
+        return describe_adapter(p)
+    return describe_model(model.resolve(path))

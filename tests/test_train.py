@@ -1,0 +1,105 @@
+"""train.py on tiny models: loss falls, run folder contract, eval-between-steps hazard, resume, checkpointing."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_recipe
+from qlora_kit import checkpoint, data, lora, train
+from qlora_kit.config import recipe_from_dict
+from qlora_kit.loss import CausalLMLoss
+from qlora_kit.peft_format import load_adapter
+
+
+def test_loss_falls_and_run_folder_contract(tiny_model, tiny_data, tmp_path):
+    recipe = tiny_recipe(tiny_model, tiny_data, train={"steps": 10, "save_every": 3, "keep_checkpoints": 2})
+    summary = train.run(recipe, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 11))
+    assert {"step", "loss", "lr", "tokens_per_s", "peak_memory_bytes"} <= set(metrics[0])
+    first, last = sum(m["loss"] for m in metrics[:3]) / 3, sum(m["loss"] for m in metrics[-3:]) / 3
+    assert last < 0.7 * first, (first, last)
+    assert [p.name for p in checkpoint.all_checkpoints(run)] == ["step-9", "step-10"]  # keep the newest 2
+    assert recipe_from_dict(__import__("yaml").safe_load((run / "recipe.yaml").read_text())) == recipe
+    adapter = load_adapter(run / "adapter")
+    assert adapter.r == 4 and len(adapter.modules()) == 14
+    assert summary["trainable_params"] == sum(t.numel() for t in adapter.tensors.values())
+    assert 0 < summary["trainable_percent"] < 100
+
+
+def _grads(p: train.Prepared, batch: dict) -> dict:
+    loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    loss.backward()
+    out = {n: q.grad.clone() for n, q in p.model.named_parameters() if q.requires_grad}
+    p.optimizer.zero_grad()
+    return out
+
+
+def test_eval_pass_between_steps_leaves_gradients_identical(tiny_model, tiny_data):
+    """ARCHITECTURE.md section 5: bnb's Linear4bit eval under no_grad repacks weights on AVX512-BF16 CPUs and later
+    training gets no gradient. Ours must give the same gradients with or without an eval pass in between."""
+    p = train.prepare(tiny_recipe(tiny_model, tiny_data, lora={"dropout": 0.0}))
+    for mod in p.model.modules():  # non-zero B so every gradient is non-trivial
+        if isinstance(mod, lora.LoRALinear):
+            torch.nn.init.normal_(mod.lora_B.weight, std=0.1)
+    batch = data.collate(p.dataset.train[:2], data.pad_token_id(p.tokenizer))
+    before = _grads(p, batch)
+    train.evaluate(p, p.dataset.train[:4], 2)  # eval mode, no_grad
+    after = _grads(p, batch)
+    assert all(before[n].abs().sum() > 0 for n in before)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_chunked_loss_equals_transformers_loss(tiny_model, tiny_data):
+    p = train.prepare(tiny_recipe(tiny_model, tiny_data, quant={"compute_dtype": "fp32"}))
+    batch = data.collate(p.dataset.train[:3], data.pad_token_id(p.tokenizer))
+    with torch.no_grad():
+        ours, n = CausalLMLoss(p.model, chunk=7)(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        hf = p.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert n == int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(ours, hf.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_checkpointing_on_and_off_same_gradients(tiny_model, tiny_data):
+    grads = []
+    for gc in (True, False):
+        torch.manual_seed(0)
+        p = train.prepare(tiny_recipe(tiny_model, tiny_data, train={"gradient_checkpointing": gc}))
+        for mod in p.model.modules():
+            if isinstance(mod, lora.LoRALinear):
+                torch.nn.init.normal_(mod.lora_B.weight, std=0.1)
+        grads.append(_grads(p, data.collate(p.dataset.train[:2], data.pad_token_id(p.tokenizer))))
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n].float(), grads[1][n].float(), rtol=1e-2, atol=1e-4) for n in grads[0])
+
+
+def test_resume_from_checkpoint_is_bitwise_identical(tiny_model, tiny_data, tmp_path):
+    recipe = tiny_recipe(tiny_model, tiny_data, train={"steps": 6, "save_every": 2, "keep_checkpoints": 5},
+                         lora={"dropout": 0.1})  # dropout: the RNG state must be restored too
+    train.run(recipe, tmp_path / "a", progress=False)
+    train.run(recipe, tmp_path / "b", progress=False)
+    # pretend run b died after step 4: drop everything written after that checkpoint
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-6")
+    shutil.rmtree(tmp_path / "b" / "adapter")
+    train.run(recipe, tmp_path / "b", resume=True, progress=False)
+    a, b = load_adapter(tmp_path / "a" / "adapter"), load_adapter(tmp_path / "b" / "adapter")
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))  # metrics after the checkpoint were rewritten, not duplicated
+
+
+def test_validation_split_and_eval_every(tiny_model, tiny_data, tmp_path):
+    recipe = tiny_recipe(tiny_model, tiny_data, data={"val_fraction": 0.25}, train={"steps": 4, "eval_every": 2})
+    summary = train.run(recipe, tmp_path / "run", progress=False)
+    metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "val_loss" in m] == [2, 4]
+    assert summary["val_loss"] == pytest.approx(metrics[-1]["val_loss"], rel=1e-4)
+
+
+def test_eight_bit_optimizer_trains(tiny_model, tiny_data, tmp_path):
+    summary = train.run(tiny_recipe(tiny_model, tiny_data, train={"optimizer": "adamw8bit", "steps": 3}),
+                        tmp_path / "run", progress=False)
+    assert summary["steps"] == 3 and summary["final_loss"] == summary["final_loss"]  # finite, not NaN

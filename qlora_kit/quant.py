@@ -194,3 +194,43 @@ def bnb_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.op
     cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
            "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]
     return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+# ---- serialisation for export (bitsandbytes/transformers on-disk format) ----------------------------------------
+
+
+def serialized_shapes(shape: tuple[int, int], spec: QuantSpec) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """suffix -> (dtype, shape) of what `serialize` returns for an (out, in) weight, minus the 4-bit quant-state
+    JSON blob (its length is known only once quantized). Lets an export lay out its shards before computing."""
+    out_f, in_f = shape
+    if spec.type == "int8":
+        return {"weight": (torch.int8, (out_f, in_f)), "SCB": (torch.float32, (out_f,)), "weight_format": (torch.uint8, ())}
+    n = out_f * in_f
+    blocks = -(-n // spec.blocksize)
+    d = {"weight": (torch.uint8, ((n + 1) // 2, 1)), "weight.quant_map": (torch.float32, (16,))}
+    if spec.double_quant:
+        d |= {"weight.absmax": (torch.uint8, (blocks,)),
+              "weight.nested_absmax": (torch.float32, (-(-blocks // NESTED_BLOCKSIZE),)),
+              "weight.nested_quant_map": (torch.float32, (256,))}
+    else:
+        d["weight.absmax"] = (torch.float32, (blocks,))
+    return d
+
+
+def quant_state_key(spec: QuantSpec) -> str | None:
+    """Suffix of the 4-bit quant-state JSON blob (uint8 tensor); None for int8."""
+    return None if spec.type == "int8" else f"weight.quant_state.bitsandbytes__{spec.type}"
+
+
+def serialize(weight: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors transformers' bitsandbytes integration saves for one quantized Linear, keyed by their suffix
+    after the module name (what `Linear4bit._save_to_state_dict` / `QuantState.as_dict(packed=True)` write):
+      4-bit: weight (numel/2, 1) uint8 packed codes; weight.absmax; weight.quant_map (16,) fp32; with double
+             quantization weight.nested_absmax, weight.nested_quant_map; weight.quant_state.bitsandbytes__<type>
+             (uint8 JSON: blocksize, shape, dtype = `dtype`, the dtype it dequantizes to, nested offset...);
+      int8:  weight (out, in) int8; SCB (out,) fp32 row absmax; weight_format () uint8 0 (row-major)."""
+    buffers = quantize(weight, spec)
+    if spec.type == "int8":
+        return {"weight": buffers["qweight"], "SCB": buffers["scale"], "weight_format": torch.zeros((), dtype=torch.uint8)}
+    state = quant_state(buffers, spec, tuple(weight.shape), dtype)
+    return {"weight": buffers["qweight"], **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}

@@ -1,0 +1,54 @@
+"""`qlora-kit export`: a run or adapter folder -> a PEFT adapter, a merged model, or a merged 4/8-bit model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from qlora_kit import export as ex
+
+
+@click.command()
+@click.argument("source", metavar="RUN_DIR|ADAPTER_DIR", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["adapter", "merged", "quantized"]), required=True,
+              help="adapter: PEFT folder; merged: a full 16/32-bit model; quantized: merged, then 4/8-bit again.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to create.")
+@click.option("--base", default=None, help="Base model folder or built-in name (default: the run's model, or the "
+              "adapter's base_model_name_or_path).")
+@click.option("--merge-base", type=click.Choice(["dequantized", "original"]), default="dequantized", show_default=True,
+              help="dequantized: dequant(quant(W)), the weights the adapter was trained against (exact); original: "
+              "the checkpoint's W (exact only for adapters trained without quantization).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="Output dtype [default: bf16; adapter format: the adapter's own].")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest weight file: 2GB (10^9), 1.5GiB, 500MB.")
+@click.option("--quant", type=click.Choice(["nf4", "fp4", "int8"]), default=None,
+              help="For an adapter folder: how its base was quantized in training [default: nf4]; also the type "
+              "--format quantized writes when the run was not quantized.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where weights are quantized for the dequantized base / requantization (auto: CUDA if present).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists (only once the new export is complete).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+def command(source, fmt, out, base, merge_base, dtype, max_shard_size, quant, device, force, progress):
+    """Export RUN_DIR (or a PEFT LoRA ADAPTER_DIR) as a PEFT adapter, a merged model or a requantized model.
+
+    The merge streams tensor by tensor: memory stays near the adapter plus one weight, whatever the model size.
+    --merge-base dequantized (default) merges into dequant(quant(W)), the weights a QLoRA adapter was trained
+    against, so the merged model computes what the training-time model computed; pick original only for adapters
+    trained on the unquantized base (then it is the exact one). For an ADAPTER_DIR, --quant says how its base was
+    quantized in training (default nf4, blocksize 64, double quant).
+
+    \b
+    qlora-kit export runs/demo --format merged --out merged/
+    qlora-kit export runs/demo --format quantized --out merged-nf4/
+    qlora-kit export my-peft-adapter/ --base path/to/base --format merged --merge-base original --out merged/
+    """
+    opts = ex.Options(format=fmt, out=out, base=base, merge_base=merge_base, dtype=dtype,
+                      max_shard_size=max_shard_size, force=force, quant=quant, device=device, progress=progress)
+    result = ex.export(source, opts)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    size = f", {result.weight_bytes / 1e9:.2f} GB of weights" if result.weight_bytes else ""
+    speed = (f" ({result.weight_bytes / 1e9 / result.seconds:.2f} GB/s)"
+             if result.weight_bytes and result.seconds > 0 else "")
+    click.echo(f"wrote {fmt} export to {result.out}: {len(result.files)} files{size} in {result.seconds:.1f} s{speed}")

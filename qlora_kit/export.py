@@ -1,0 +1,362 @@
+"""`qlora-kit export`: a PEFT adapter folder, a merged Hugging Face model, or a merged model quantized again.
+
+    adapter    adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads.
+    merged     W' = W_base + s · B @ A, added in fp32 and cast once to --dtype; config, generation config and
+               tokenizer files copied from the base; safetensors shards of at most --max-shard-size + index.
+    quantized  the merged weights of every Linear but lm_head quantized again (the run's nf4/fp4/int8 settings,
+               nf4 otherwise) in the bitsandbytes/transformers on-disk format: `from_pretrained` loads it 4/8-bit.
+
+Which W_base (--merge-base):
+    dequantized  (default) dequant(quant(W)), recomputed from the checkpoint with the run's quantization settings:
+                 exactly the weights the adapter was trained against, so the merged model computes what the
+                 training-time model (quantized base + adapter) computed. Pick it for any QLoRA adapter.
+    original     W from the checkpoint. Exact for an adapter trained on the unquantized base (quant.type none, a
+                 plain PEFT LoRA). For a QLoRA adapter it swaps the base the adapter learned to correct for one it
+                 never saw (off by the 4-bit error, ~10% of each weight's norm); the model drifts from the one
+                 you evaluated. Use it only when you want that, e.g. to compare the two.
+A bare adapter folder does not say how it was trained: --quant (default nf4, blocksize 64, double quant, the QLoRA
+paper's settings) names it for the dequantized base. With quant.type none the two bases are the same. The codes are
+recomputed on --device (auto: CUDA when present, like training's default), from the same 16-bit values.
+
+Memory and speed: source tensors are read one at a time (`shards.read_tensor`, nothing memory-mapped) and each
+output tensor is written into its shard as soon as it is computed (`shards.ShardWriter`), in row blocks where it
+can. Peak memory is the adapter plus a few copies of the largest adapted weight, whatever the model or shard size.
+Writes go to `.DIR.tmp-PID` beside DIR, renamed at the end: an interrupted export leaves no DIR (and an existing
+DIR, replaced with --force, survives a failed export).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Literal
+
+import torch
+
+from . import lora, peft_format, quant
+from .config import ModelConfig, load_recipe
+from .errors import ExportError, ModelError
+from .export_files import atomic_folder, copy_tokenizer, linear_weights, write_config, writing
+from .model import BUILTINS, cache_dir, frozen_dtype, resolve
+from .run_dir import is_run_dir
+from .shards import Entry, ShardWriter, TensorInfo, parse_size, plan_shards, read_tensor, row_blocks, shard_names
+from .shards import tensor_index, write_index
+
+Format = Literal["adapter", "merged", "quantized"]
+TAIL_MAX = 1024  # bytes reserved per 4-bit quant-state JSON blob (~170 used)
+
+
+@dataclass(frozen=True)
+class Options:
+    format: Format
+    out: Path
+    base: str | None = None
+    """Base model folder or built-in name; default: the run's recipe, or the adapter's base_model_name_or_path."""
+    merge_base: Literal["dequantized", "original"] = "dequantized"
+    dtype: Literal["bf16", "fp16", "fp32"] | None = None
+    """Output dtype (merged/quantized: default bf16; adapter: default the adapter's own)."""
+    max_shard_size: str | int = "2GB"
+    force: bool = False
+    quant: Literal["nf4", "fp4", "int8"] | None = None
+    """How a bare adapter folder was trained (dequantized merge base), and the requantization type."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where weights are quantized (dequantized base, requantization): auto = CUDA when present, as training."""
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Source:
+    adapter: peft_format.Adapter
+    base_name: str | None
+    trained_with: quant.QuantSpec  # the quantization the adapter was trained against (type none: a plain base)
+    model_cfg: ModelConfig
+
+
+@dataclass
+class Result:
+    out: Path
+    files: list[str]
+    weight_bytes: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem holding `path` (module-level so tests can simulate a full disk)."""
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+# ---- input --------------------------------------------------------------------------------------------------------
+
+
+def open_source(path: str | Path, base: str | None = None, quant_type: str | None = None) -> Source:
+    """A run folder (its adapter/, recipe quant settings and base) or a PEFT LoRA adapter folder."""
+    path = Path(path)
+    run = path if is_run_dir(path) else path.parent if path.name == "adapter" and is_run_dir(path.parent) else None
+    if run is not None:
+        recipe = load_recipe(run / "recipe.yaml")
+        if not (run / "adapter" / peft_format.WEIGHTS_NAME).is_file():
+            raise ExportError(f"{run} has no adapter/ yet: its training has not finished. Finish it with "
+                              f"`qlora-kit train {run}/recipe.yaml --out {run} --resume`.")
+        spec = quant.QuantSpec.from_config(recipe.quant)
+        if quant_type and spec.type != "none" and quant_type != spec.type:
+            raise ExportError(f"--quant {quant_type}: this run was trained with quant.type {spec.type} "
+                              "(recipe.yaml); drop --quant.")
+        adapter = peft_format.load_adapter(run / "adapter")
+        model_cfg = dataclasses.replace(recipe.model, path=base or recipe.model.path)
+    else:
+        if not (path / peft_format.CONFIG_NAME).is_file():
+            raise ExportError(f"{path} is neither a run folder (recipe.yaml + adapter/) nor a PEFT adapter folder "
+                              f"({peft_format.CONFIG_NAME} + {peft_format.WEIGHTS_NAME}).")
+        adapter = peft_format.load_adapter(path)
+        spec = quant.QuantSpec(quant_type or "nf4")  # blocksize 64, double quant, bf16 compute: QLoRA's settings
+        model_cfg = ModelConfig(path=base or adapter.base_model or "")
+    _check_adapter(adapter)
+    return Source(adapter, model_cfg.path or None, spec, model_cfg)
+
+
+def _check_adapter(adapter: peft_format.Adapter) -> None:
+    cfg = adapter.config
+    unsupported = [k for k in ("use_dora", "fan_in_fan_out", "lora_bias") if cfg.get(k)]
+    odd = sorted(k for k in adapter.tensors if not re.search(r"\.lora_[AB]\.weight$", k))
+    if unsupported or odd:
+        raise ExportError(f"this adapter uses {', '.join(unsupported + odd[:2])}, which export does not support; "
+                          "only plain LoRA A/B weights on Linear layers can be exported.")
+
+
+def module_scaling(adapter: peft_format.Adapter, module: str) -> float:
+    """s for one module: alpha / r (or / sqrt(r)), with PEFT's per-module rank_pattern / alpha_pattern (a key
+    matches a module name that ends with it after a dot; PEFT's `get_pattern_key`)."""
+    r = adapter.tensors[f"{module}.lora_A.weight"].shape[0]
+    alpha = adapter.alpha
+    for key, value in (adapter.config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            alpha = float(value)
+            break
+    return alpha / (math.sqrt(r) if adapter.rslora else r)
+
+
+def base_folder(name: str | None, required: bool = True) -> Path | None:
+    """The base's folder. Not required (an adapter export with no --base): None when it is not here (a hub id, a
+    built-in model not converted yet), rather than converting or failing."""
+    if not name:
+        if required:
+            raise ExportError("the adapter does not name its base model (base_model_name_or_path); pass --base.")
+        return None
+    here = (cache_dir() / "models" / name).is_dir() if name in BUILTINS else Path(name).expanduser().is_dir()
+    if not required and not here:
+        return None
+    try:
+        folder = resolve(name)
+    except ModelError as e:
+        raise ExportError(f"base model: {e} Pass the model the adapter was trained on with --base.") from None
+    if not (folder / "config.json").is_file():
+        raise ExportError(f"base {folder} has no config.json, so it is not a Hugging Face model folder; pass --base.")
+    return folder
+
+
+def check_fits(adapter: peft_format.Adapter, index: dict[str, TensorInfo], base: Path) -> None:
+    """Every adapted module's weight exists in the base with shape (out, in) = that of B @ A. Headers only."""
+    missing, bad = [], []
+    for m in adapter.modules():
+        A, B = adapter.pair(m)
+        info = index.get(f"{m}.weight")
+        if info is None:
+            missing.append(m)
+        elif A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            bad.append(f"{m} (lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not chain)")
+        elif info.shape != (B.shape[0], A.shape[1]) or not info.dtype.is_floating_point:
+            bad.append(f"{m} (base weight {tuple(info.shape)} {info.dtype}, adapter B @ A {(B.shape[0], A.shape[1])})")
+    if missing or bad:
+        what = ([f"{len(missing)} adapted modules are not in the base: {', '.join(missing[:3])}"
+                 + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")] if missing else [])
+        what += [f"{len(bad)} have the wrong shape: {', '.join(bad[:2])}"] if bad else []
+        raise ExportError(f"the adapter does not fit the base {base}: {'; '.join(what)}. Pass the model it was "
+                          "trained on with --base.")
+
+
+# ---- pure pieces --------------------------------------------------------------------------------------------------
+
+
+def merge_base_weight(W: torch.Tensor, trained_with: quant.QuantSpec, frozen: torch.dtype, merge_base: str,
+                      device: str = "cpu") -> torch.Tensor:
+    """W_base: the checkpoint's W, or dequant(quant(W)) computed as training did (W cast to the frozen dtype, then
+    quantized on `device`; dequantized to the compute dtype: the weight every training forward multiplied by)."""
+    if merge_base == "original" or trained_with.type == "none":
+        return W
+    return quant.roundtrip(W.to(device, frozen), trained_with, trained_with.compute_dtype).cpu()
+
+
+def merge_rows(W_base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, out_dtype: torch.dtype):
+    """Yield (row, block) of W_base + s · B @ A in blocks of rows: fp32 temporaries stay at ~16 MB each."""
+    for i, j in row_blocks(tuple(W_base.shape), 4, 16 << 20):
+        yield i, lora.merge(W_base[i:j], A, B[i:j], scaling, out_dtype)
+
+
+def merged_weight(W_base, A, B, scaling: float, out_dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(W_base.shape, dtype=out_dtype)
+    for i, rows in merge_rows(W_base, A, B, scaling, out_dtype):
+        out[i : i + len(rows)] = rows
+    return out
+
+
+@dataclass
+class Item:
+    """One source tensor and the output tensors it becomes."""
+
+    info: TensorInfo
+    module: str | None  # adapted module name, or None
+    quantize: bool
+    entries: list[Entry]
+    tail: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries) + (TAIL_MAX if self.tail else 0)
+
+
+def plan(index: dict[str, TensorInfo], adapted: set[str], to_quantize: set[str], out_dtype: torch.dtype,
+         qspec: quant.QuantSpec | None) -> list[Item]:
+    items = []
+    for name, info in index.items():
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        module = module if module in adapted else None
+        if name in to_quantize:
+            prefix = name[: -len("weight")]
+            shapes = quant.serialized_shapes(info.shape, qspec)
+            tail = quant.quant_state_key(qspec)
+            items.append(Item(info, module, True, [Entry(prefix + k, d, s) for k, (d, s) in shapes.items()],
+                              prefix + tail if tail else None))
+        else:
+            dtype = out_dtype if info.dtype.is_floating_point else info.dtype
+            items.append(Item(info, module, False, [Entry(name, dtype, info.shape)]))
+    return items
+
+
+# ---- the export ---------------------------------------------------------------------------------------------------
+
+
+def export(source: str | Path, opts: Options) -> Result:
+    t0 = time.perf_counter()
+    out = Path(opts.out)
+    if (out.exists() or out.is_symlink()) and not opts.force:
+        raise ExportError(f"{out} already exists; pass --force to replace it, or choose another --out.")
+    max_shard = parse_size(opts.max_shard_size)
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise ExportError("--device cuda: no CUDA GPU is visible; use --device cpu (or auto).")
+    src = open_source(source, opts.base, opts.quant)
+    base = base_folder(src.base_name, required=opts.format != "adapter" or opts.base is not None)
+    for p in (Path(source), base):
+        if p is not None and (out.resolve() == p.resolve() or out.resolve() in p.resolve().parents):
+            raise ExportError(f"--out {out} would overwrite the input {p}; choose another folder.")
+    index = tensor_index(base) if base is not None else None
+    notes = [] if index is not None else [f"not checked against the base ({src.base_name} is not available here)"]
+    if index is not None:
+        check_fits(src.adapter, index, base)
+    if opts.format == "adapter":
+        with writing(out), atomic_folder(out, opts.force) as tmp:
+            _write_adapter(src, tmp, opts)
+        return Result(out, sorted(p.name for p in out.iterdir()), 0, time.perf_counter() - t0, notes)
+
+    try:
+        raw_config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise ExportError(f"{base}/config.json cannot be read ({e}); pass a Hugging Face model folder with --base.") from None
+    if raw_config.get("quantization_config"):
+        raise ExportError(f"the base {base} is already quantized ({raw_config['quantization_config'].get('quant_method')}); "
+                          "pass the original 16-bit checkpoint with --base.")
+    out_dtype = quant.DTYPES[opts.dtype or "bf16"]
+    frozen = frozen_dtype(src.model_cfg, SimpleNamespace(dtype=raw_config.get("dtype") or raw_config.get("torch_dtype")))
+    qspec, to_quantize = None, set()
+    if opts.format == "quantized":
+        t = src.trained_with
+        qspec = (dataclasses.replace(t, compute_dtype=out_dtype) if t.type != "none"
+                 else quant.QuantSpec(opts.quant or "nf4", compute_dtype=out_dtype))
+        to_quantize = linear_weights(base) & set(index)
+        bad = [n for n in to_quantize if qspec.type != "int8" and index[n].shape[1] % qspec.blocksize]
+        if bad:
+            notes.append(f"{len(bad)} weights (e.g. {bad[0]}) have in_features not a multiple of blocksize "
+                         f"{qspec.blocksize}: the file is right, but bitsandbytes' CPU kernels (0.50) compute such "
+                         "weights wrongly or fail; run this model on CUDA (ARCHITECTURE.md section 5).")
+    items = plan(index, set(src.adapter.modules()), to_quantize, out_dtype, qspec)
+    shards = plan_shards([it.nbytes for it in items], max_shard)
+    need = sum(it.nbytes for it in items) + (16 << 20)
+    if free_bytes(out.parent) < need:
+        raise ExportError(f"not enough disk space for {out}: the export needs about {need / 1e9:.2f} GB, "
+                          f"{free_bytes(out.parent) / 1e9:.2f} GB are free. Free some space or choose another --out.")
+    with writing(out), atomic_folder(out, opts.force) as tmp:
+        device = opts.device if opts.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+        written = _write_weights(tmp, items, shards, src, opts, frozen, out_dtype, qspec, device)
+        write_config(base, tmp, out_dtype, qspec)
+        notes += copy_tokenizer(base, tmp)
+    return Result(out, sorted(p.name for p in out.iterdir()), written, time.perf_counter() - t0, notes)
+
+
+def _write_weights(tmp: Path, items: list[Item], shards: list[list[int]], src: Source, opts: Options,
+                   frozen: torch.dtype, out_dtype: torch.dtype, qspec: quant.QuantSpec | None, device: str) -> int:
+    from tqdm.auto import tqdm
+
+    names, weight_map, total, written = shard_names(len(shards)), {}, 0, 0
+    bar = tqdm(total=sum(it.nbytes for it in items), unit="B", unit_scale=True, desc=f"export {opts.format}",
+               disable=not opts.progress, file=sys.stderr, dynamic_ncols=True)
+    for k, idxs in enumerate(shards):
+        group = [items[i] for i in idxs]
+        bar.set_postfix_str(f"shard {k + 1}/{len(shards)}")
+        writer = ShardWriter(tmp / names[k], [e for it in group for e in it.entries],
+                             [it.tail for it in group if it.tail], TAIL_MAX)
+        try:
+            for it in group:
+                _emit(it, writer, src, opts.merge_base, frozen, out_dtype, qspec, device)
+                bar.update(it.nbytes)
+            written += writer.close()
+        finally:
+            writer.abort()
+        for it in group:
+            weight_map |= {e.name: names[k] for e in it.entries} | ({it.tail: names[k]} if it.tail else {})
+            total += sum(e.nbytes for e in it.entries) + (writer.tail_data[it.tail].numel() if it.tail else 0)
+    bar.close()
+    if len(shards) > 1:
+        write_index(tmp, weight_map, total)
+    return written
+
+
+def _emit(it: Item, writer: ShardWriter, src: Source, merge_base: str, frozen: torch.dtype, out_dtype: torch.dtype,
+          qspec: quant.QuantSpec | None, device: str) -> None:
+    """Compute one source tensor's outputs and write them (rows as they come when nothing needs the whole)."""
+    info = it.info
+    if it.module is None and not it.quantize:  # a plain copy, cast in blocks of rows
+        entry = it.entries[0]
+        for i, j in row_blocks(info.shape, info.dtype.itemsize):
+            writer.write(entry.name, read_tensor(info, (i, j)).to(entry.dtype), i)
+        return
+    W = read_tensor(info)
+    if it.module is not None:
+        A, B = src.adapter.pair(it.module)
+        s = module_scaling(src.adapter, it.module)
+        W = merge_base_weight(W, src.trained_with, frozen, merge_base, device)
+        if not it.quantize:
+            for i, rows in merge_rows(W, A, B, s, out_dtype):
+                writer.write(info.name, rows, i)
+            return
+        W = merged_weight(W, A, B, s, out_dtype)
+    for suffix, t in quant.serialize(W.to(device, out_dtype), qspec, out_dtype).items():
+        name = info.name[: -len("weight")] + suffix
+        (writer.write_tail if name == it.tail else writer.write)(name, t)
+
+
+def _write_adapter(src: Source, tmp: Path, opts: Options) -> None:
+    a = src.adapter
+    tensors = {k: v.to(quant.DTYPES[opts.dtype]) for k, v in a.tensors.items()} if opts.dtype else a.tensors
+    extra = {k: v for k, v in a.config.items() if k not in ("target_modules", "base_model_name_or_path")}
+    peft_format.save_adapter(tmp, tensors, r=a.r, alpha=a.alpha, dropout=float(a.config.get("lora_dropout", 0.0)),
+                             rslora=a.rslora, base_model=src.base_name, extra=extra)

@@ -1,0 +1,120 @@
+"""The files of an export folder besides the weights, and its atomic creation (used by `export`).
+
+    config.json             the base's, without quantization_config (merged) or with transformers' bitsandbytes
+                            one (quantized); dtype = the output dtype
+    generation_config.json  copied, or derived from config.json as transformers does
+    tokenizer files         copied from the base (tokenizer.json, tokenizer_config.json, chat template, *.model...)
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from . import quant
+from .errors import ExportError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "vocab.txt")
+TOKENIZER_GLOBS = ("*.model", "*.tiktoken")
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def linear_weights(base: Path) -> set[str]:
+    """`<module>.weight` of every nn.Linear but the output embeddings (what transformers quantizes on load),
+    from the model built on the meta device (no memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .model import load_config
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(load_config(base))
+    head = model.get_output_embeddings()
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+
+
+def bnb_config(spec: quant.QuantSpec, compute: str) -> dict:
+    """config.json's quantization_config, as transformers' BitsAndBytesConfig writes it."""
+    four = spec.type != "int8"
+    return {"_load_in_4bit": four, "_load_in_8bit": not four, "bnb_4bit_compute_dtype": compute if four else "float32",
+            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": spec.type if four else "fp4",
+            "bnb_4bit_use_double_quant": spec.double_quant if four else False,
+            "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+            "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "load_in_4bit": four, "load_in_8bit": not four,
+            "quant_method": "bitsandbytes"}
+
+
+def write_config(base: Path, tmp: Path, out_dtype: torch.dtype, qspec: quant.QuantSpec | None) -> None:
+    config = json.loads((base / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["dtype"] = DTYPE_NAMES[out_dtype]
+    if "torch_dtype" in config:  # transformers < 4.56 spelling; keep both consistent
+        config["torch_dtype"] = DTYPE_NAMES[out_dtype]
+    if qspec is not None:
+        config["quantization_config"] = bnb_config(qspec, DTYPE_NAMES[out_dtype])
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if (base / "generation_config.json").is_file():
+        shutil.copy2(base / "generation_config.json", tmp)
+    else:  # what transformers derives from the model config
+        gen = {"_from_model_config": True} | {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                                              if config.get(k) is not None}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def copy_tokenizer(base: Path, tmp: Path) -> list[str]:
+    files = [base / n for n in TOKENIZER_FILES if (base / n).is_file()]
+    files += [p for g in TOKENIZER_GLOBS for p in base.glob(g) if p.is_file()]
+    for p in files:
+        shutil.copy2(p, tmp)
+    if (base / "additional_chat_templates").is_dir():
+        shutil.copytree(base / "additional_chat_templates", tmp / "additional_chat_templates")
+    return [] if files else [f"the base {base} has no tokenizer files, so neither has the export"]
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextmanager
+def writing(out: Path):
+    """An OSError while writing (ENOSPC, a read-only folder...) -> ExportError; `atomic_folder` has cleaned up."""
+    try:
+        yield
+    except OSError as e:
+        why = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise ExportError(f"writing {out} failed: {why}. Nothing was left behind; free space or choose another "
+                          "--out, then run export again.") from None
+
+
+@contextmanager
+def atomic_folder(out: Path, force: bool):
+    """Yield a temporary folder beside `out`; on success it becomes `out` (an old `out` is moved aside first and
+    deleted after, so a failure at any point leaves it intact); on any exception it is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    remove(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists() or out.is_symlink():
+            if not force:
+                raise ExportError(f"{out} appeared while exporting; pass --force to replace it.")
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            remove(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        remove(tmp)
+        raise

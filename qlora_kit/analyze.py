@@ -272,15 +272,6 @@ def _layer(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _scaling(adapter: peft_format.Adapter, module: str, r: int) -> float:
-    """s = alpha / r (alpha / sqrt(r) with rsLoRA), honouring PEFT's per-module rank_pattern / alpha_pattern."""
-    alpha = adapter.alpha
-    for key, value in (adapter.config.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{key}", module):
-            alpha = float(value)
-    return alpha / (math.sqrt(r) if adapter.rslora else r)
-
-
 def _pair(adapter: peft_format.Adapter, module: str, where: Path) -> tuple[torch.Tensor, torch.Tensor]:
     A, B = adapter.pair(module)
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
@@ -357,7 +348,7 @@ def analyze(path: str | Path, *, base: str | None = None, use_base: bool = True,
                              f"{', '.join(other.modules()[:3])}); compare adapters of the same model and targets.")
     for name in names:
         A, B = _pair(adapter, name, src.adapter_dir)  # (r, in), (out, r)
-        scale = _scaling(adapter, name, A.shape[0])
+        scale = adapter.module_scaling(name)
         svd = delta_svd(A, B, scale)
         m = ModuleReport(module=name, layer=_layer(name), kind=name.rsplit(".", 1)[-1],
                          shape=(B.shape[0], A.shape[1]), r=A.shape[0], scaling=scale,

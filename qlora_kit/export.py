@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import shutil
 import sys
@@ -132,18 +131,6 @@ def _check_adapter(adapter: peft_format.Adapter) -> None:
     if unsupported or odd:
         raise ExportError(f"this adapter uses {', '.join(unsupported + odd[:2])}, which export does not support; "
                           "only plain LoRA A/B weights on Linear layers can be exported.")
-
-
-def module_scaling(adapter: peft_format.Adapter, module: str) -> float:
-    """s for one module: alpha / r (or / sqrt(r)), with PEFT's per-module rank_pattern / alpha_pattern (a key
-    matches a module name that ends with it after a dot; PEFT's `get_pattern_key`)."""
-    r = adapter.tensors[f"{module}.lora_A.weight"].shape[0]
-    alpha = adapter.alpha
-    for key, value in (adapter.config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            alpha = float(value)
-            break
-    return alpha / (math.sqrt(r) if adapter.rslora else r)
 
 
 def base_folder(name: str | None, required: bool = True) -> Path | None:
@@ -342,7 +329,7 @@ def _emit(it: Item, writer: ShardWriter, src: Source, merge_base: str, frozen: t
     W = read_tensor(info)
     if it.module is not None:
         A, B = src.adapter.pair(it.module)
-        s = module_scaling(src.adapter, it.module)
+        s = src.adapter.module_scaling(it.module)
         W = merge_base_weight(W, src.trained_with, frozen, merge_base, device)
         if not it.quantize:
             for i, rows in merge_rows(W, A, B, s, out_dtype):

@@ -11,7 +11,9 @@ temporary file in the same folder, then `os.replace`, so a crash never leaves a 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,18 @@ class Adapter:
     @property
     def scaling(self) -> float:
         return self.alpha / (self.r ** 0.5 if self.rslora else self.r)
+
+    def module_scaling(self, module: str) -> float:
+        """s of one module: alpha / r (alpha / sqrt(r) with rsLoRA), honouring PEFT's per-module `rank_pattern` /
+        `alpha_pattern`. A pattern key matches a module name that ends with it after a dot, first key wins (PEFT's
+        `get_pattern_key`); the rank is read off the module's A matrix, so `rank_pattern` needs no parsing."""
+        r = self.tensors[f"{module}.lora_A.weight"].shape[0]
+        alpha = self.alpha
+        for key, value in (self.config.get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({key})$", module):
+                alpha = float(value)
+                break
+        return alpha / (math.sqrt(r) if self.rslora else r)
 
     def modules(self) -> list[str]:
         """Full names of the adapted modules, sorted."""
@@ -132,7 +146,7 @@ def load_adapter(folder: str | Path) -> Adapter:
     for k, v in raw.items():
         k = k[len(PREFIX):] if k.startswith(PREFIX) else k
         k = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")  # PEFT's in-memory names
-        if ".lora_A." not in k and ".lora_B." not in k:
+        if not (k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight")):
             raise ModelError(f"{w_path}: tensor {k!r} is not a LoRA A/B weight (DoRA, biases and modules_to_save are not supported).")
         tensors[k] = v
     modules = {k.rsplit(".lora_", 1)[0] for k in tensors}

@@ -159,8 +159,8 @@ def test_module_scaling_follows_peft_patterns():
                              "m.layers.0.v_proj.lora_A.weight": A, "m.layers.0.v_proj.lora_B.weight": A.T},
                             r=4, alpha=8, rslora=False, target_modules=[], base_model=None,
                             config={"alpha_pattern": {"v_proj": 16}})
-    assert ex.module_scaling(a, "m.layers.0.q_proj") == 4.0  # r from A's shape (rank_pattern), alpha 8
-    assert ex.module_scaling(a, "m.layers.0.v_proj") == 8.0
+    assert a.module_scaling("m.layers.0.q_proj") == 4.0  # r from A's shape (rank_pattern), alpha 8
+    assert a.module_scaling("m.layers.0.v_proj") == 8.0
 
 
 # ---- formats ------------------------------------------------------------------------------------------------------

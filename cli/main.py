@@ -6,6 +6,7 @@ traceback; 1 a bug (traceback kept, so it can be reported); 130 interrupted.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -13,6 +14,9 @@ import sys
 import click
 
 from qlora_kit.errors import QloraKitError
+
+# File-system refusals are the user's to fix (free space, pick a writable folder), not bugs: exit 2, no traceback.
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 # Each name is a module in this folder exposing a click command called `command`.
 COMMANDS = ["train", "generate", "inspect", "export", "estimate", "bench", "analyze"]
@@ -59,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
+    except OSError as e:
+        if e.errno not in _USER_OS_ERRORS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        click.echo(f"error: {e.strerror or e}{where}. Free disk space, or use a folder you may read and write; "
+                   "a training run then continues from its last checkpoint with --resume.", err=True)
+        return 2
     return 0
 
 

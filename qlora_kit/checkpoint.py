@@ -6,8 +6,10 @@
         state.json                  step, optimizer scalars and param groups, data position, RNG states, version
 
 A checkpoint is written into `checkpoints/.tmp-step-N-PID`, fsynced, then renamed to `step-N`; a crash leaves at most
-a `.tmp-*` folder, which `latest()` ignores and the next save removes. Only safetensors and JSON: nothing here is
-ever unpickled.
+a `.tmp-*` folder, which `latest()` ignores and the next save removes. `latest()` also skips a `step-N` that lacks a
+file (copied by hand, or a file system without atomic rename). A full disk while saving removes the partial folder
+and stops training with a message; the previous checkpoints stay. Only safetensors and JSON: nothing here is ever
+unpickled.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .errors import QloraKitError, TrainingStopped
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+FILES = ("adapter_model.safetensors", "optimizer.safetensors", "state.json")  # all three, or not a checkpoint
 
 
 def _flatten(obj, prefix: str, tensors: dict, path: str = "") -> object:
@@ -71,8 +76,7 @@ def save(run_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer: 
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    tmp.mkdir()
+    tmp = root / f".tmp-step-{int(step)}-{os.getpid()}"  # names come from an int only: nothing can escape root
     tensors: dict[str, torch.Tensor] = {}
     state = {
         "step": step,
@@ -81,27 +85,52 @@ def save(run_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer: 
         "rng": _flatten(rng_state(), "rng", tensors),
         **extra,
     }
-    save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(tmp / "adapter_model.safetensors"))
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    final = root / f"step-{step}"
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(tmp / FILES[0]))
+        save_file(tensors, str(tmp / FILES[1]))
+        (tmp / FILES[2]).write_text(json.dumps(state, indent=1))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except (OSError, SafetensorError) as e:  # ENOSPC, EDQUOT, EIO: safetensors wraps them in its own error
+        shutil.rmtree(tmp, ignore_errors=True)
+        good = latest(run_dir)
+        raise TrainingStopped(f"could not write checkpoint step-{step} ({str(e).strip() or type(e).__name__}); the "
+                              f"partial copy was removed. Last good checkpoint: {good or 'none'}. Free disk space, "
+                              "then continue with --resume.") from None
+    final = root / f"step-{int(step)}"
     if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync_dir(root)  # the rename itself survives a power cut only once its directory is on disk
     for old in all_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open a directory; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def all_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a `.tmp-*` folder is never complete)."""
+    """Complete checkpoints, oldest first (a `.tmp-*` folder, or a step-N missing a file, is never complete).
+    A symlink is not followed: pruning old checkpoints must never delete outside the run folder."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and p.is_dir() and not p.is_symlink()
+             and all((p / f).is_file() for f in FILES)]
     return [p for _, p in sorted(found)]
 
 
@@ -112,8 +141,12 @@ def latest(run_dir: Path) -> Path | None:
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(adapter tensors, optimizer state, the rest of state.json with `rng` restored to tensors)."""
-    state = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    optimizer = _unflatten(state.pop("optimizer"), tensors)
-    state["rng"] = _unflatten(state["rng"], tensors)
-    return load_file(str(path / "adapter_model.safetensors")), optimizer, state
+    try:
+        state = json.loads((path / FILES[2]).read_text())
+        tensors = load_file(str(path / FILES[1]))
+        optimizer = _unflatten(state.pop("optimizer"), tensors)
+        state["rng"] = _unflatten(state["rng"], tensors)
+        return load_file(str(path / FILES[0])), optimizer, state
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:  # damaged after it was written
+        raise QloraKitError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}). Move it aside to resume "
+                            "from the checkpoint before it.") from None

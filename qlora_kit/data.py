@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ _FORMAT_HELP = {
 _REQUIRED = {"text": ("text",), "alpaca": ("instruction", "output"), "chat": ("messages",)}
 _STRINGS = {"text": ("text",), "alpaca": ("instruction", "input", "output"), "chat": ()}
 _ROLES = ("system", "user", "assistant")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: no UTF-8 encoding exists
 
 Record = dict[str, Any]
 Messages = list[dict[str, str]]
@@ -122,6 +124,10 @@ def _validate(record: Any, fmt: str, place: str) -> None:
                 raise bad(f"messages[{i}] must have 'role' in {list(_ROLES)} and a string 'content', got {m!r:.80}")
         if not any(m["role"] == "assistant" for m in messages):
             raise bad("the conversation has no assistant message to learn from")
+    texts = [record[k] for k in _STRINGS[fmt] if k in record] + ([m["content"] for m in record["messages"]]
+                                                                 if fmt == "chat" else [])
+    if any(_SURROGATE.search(t) for t in texts):  # JSON allows "\\ud800"; tokenizers raise a TypeError on it
+        raise bad("a string holds a lone surrogate escape such as \\ud800, which is not valid unicode text")
 
 
 def load_records(path: str | Path, fmt: str) -> list[Record]:

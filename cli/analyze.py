@@ -73,7 +73,7 @@ def _text(report: an.Report) -> list[str]:
         rows.append([agg["kind"], str(agg["count"])] + [_num(agg[k], ".1f" if f == "d" else f) for _, k, f in cols])
     lines += ["", "by module type (mean over layers):"] + _table(rows, right_from=1)
     if report.base is not None:
-        lines += ["", "amp = ||dW||_F / ||U^T W V||_F with U, V the top singular directions of dW (LoRA paper 7.2); "
+        lines += ["", "amp = ||dW||_F / ||U^T W V||_F with U, V the top singular directions of dW (LoRA paper 7.3); "
                   "random: the same for random directions"]
     return lines
 

@@ -1,15 +1,46 @@
-"""`qlora-kit generate MODEL|RUN_DIR|ADAPTER_DIR --prompt TEXT`."""
+"""`qlora-kit generate MODEL|RUN_DIR|ADAPTER_DIR --prompt TEXT [--adapter NAME=PATH ...]`."""
 
 from __future__ import annotations
 
 import click
 
+from qlora_kit.errors import QloraKitError
+
 QUANTS = ["nf4", "fp4", "int8", "none"]
+BASE, EVERY = "base", "*"  # route names on the command line: the base alone; every adapter and the base
+
+
+def _parse_adapters(specs: tuple[str, ...]) -> dict[str, str]:
+    from qlora_kit.multi_lora import check_name
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise QloraKitError(f"--adapter {spec!r}: write it as NAME=PATH, e.g. --adapter facts=runs/demo.")
+        if check_name(name) in out:
+            raise QloraKitError(f"--adapter {name} is given twice; give each adapter its own name.")
+        out[name] = path
+    return out
+
+
+def _parse_prompt(prompt: str, names: list[str]) -> tuple[str, str]:
+    """'NAME: TEXT' -> (NAME, TEXT): split at the first colon; NAME must be loaded, `base`, or `*`."""
+    name, sep, text = prompt.partition(":")
+    name, text = name.strip(), text.strip()
+    if not sep or name not in [*names, BASE, EVERY] or not text:
+        choices = ", ".join([*names, BASE])
+        raise QloraKitError(f"--prompt {prompt!r}: with --adapter, start each prompt with the adapter that answers "
+                            f"it, as 'NAME: TEXT', NAME one of {choices} (or '*' for all of them).")
+    return name, text
 
 
 @click.command()
 @click.argument("source")
-@click.option("--prompt", "prompts", multiple=True, required=True, help="A question; repeatable.")
+@click.option("--prompt", "prompts", multiple=True, required=True,
+              help="A question; repeatable. With --adapter: 'NAME: question', NAME an adapter, 'base' or '*' (all).")
+@click.option("--adapter", "adapter_specs", multiple=True, metavar="NAME=PATH",
+              help="Load adapter PATH (run or PEFT adapter folder) as NAME; repeatable: all share one base.")
 @click.option("--base", help="Base model for an adapter folder (default: the adapter's base_model_name_or_path).")
 @click.option("--quant", type=click.Choice(QUANTS), help="Quantization of the base (default: the run's; nf4 otherwise).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096))
@@ -19,17 +50,37 @@ QUANTS = ["nf4", "fp4", "int8", "none"]
 @click.option("--allow-pickle", is_flag=True,
               help="Accept a base stored only as pickle (.bin); read with torch.load(weights_only=True).")
 @click.option("--trust-remote-code", is_flag=True, help="Run model code shipped inside the model folder.")
-def command(source: str, prompts: tuple[str, ...], base: str | None, quant: str | None, max_new_tokens: int,
-            temperature: float, raw: bool, compare_base: bool, allow_pickle: bool, trust_remote_code: bool) -> None:
+def command(source: str, prompts: tuple[str, ...], adapter_specs: tuple[str, ...], base: str | None,
+            quant: str | None, max_new_tokens: int, temperature: float, raw: bool, compare_base: bool,
+            allow_pickle: bool, trust_remote_code: bool) -> None:
     """Answer prompts with SOURCE: a model folder or built-in name, a run folder (base + its adapter), or a PEFT
-    adapter folder. The prompt is wrapped in the same template as in training."""
+    adapter folder. The prompt is wrapped in the same template as in training.
+
+    Several adapters over one base, loaded once, answer one mixed batch:
+
+    \b
+      qlora-kit generate runs/facts --adapter facts=runs/facts --adapter chat=runs/chat \\
+          --prompt "facts: What is the capital of Veloria?" --prompt "chat: Say hello." \\
+          --prompt "base: Say hello." --prompt "*: Who wrote The Salt Orchard?"
+
+    With --adapter, SOURCE supplies only the base (a run folder: its model, quantization and template; name its
+    own adapter with --adapter too to use it), and every prompt starts with 'NAME:' (split at the first colon):
+    an adapter's name, 'base' for no adapter, or '*' for every adapter and the base. All prompts go through ONE
+    batched generate call, each row through its own adapter and in the template its run trained with.
+    """
     from qlora_kit import generate
     from qlora_kit.config import QuantConfig
 
+    quant_cfg = QuantConfig(type=quant) if quant else None
+    if adapter_specs:
+        _multi(source, _parse_adapters(adapter_specs), prompts, base, quant_cfg, max_new_tokens, temperature, raw,
+               compare_base, allow_pickle, trust_remote_code)
+        return
+
     from qlora_kit.lora import disabled
 
-    loaded = generate.load(source, base=base, quant=QuantConfig(type=quant) if quant else None,
-                           allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    loaded = generate.load(source, base=base, quant=quant_cfg, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code)
     answers = generate.answer(loaded, list(prompts), max_new_tokens, raw, temperature)
     if compare_base:
         with disabled(loaded.model):
@@ -42,3 +93,26 @@ def command(source: str, prompts: tuple[str, ...], base: str | None, quant: str 
             click.echo(f"  fine-tuned : {text}")
         else:
             click.echo(text)
+
+
+def _multi(source, adapters, prompts, base, quant_cfg, max_new_tokens, temperature, raw, compare_base, allow_pickle,
+           trust_remote_code) -> None:
+    """Every prompt routed to its adapter(s); one generate call for the whole batch."""
+    from qlora_kit import generate
+
+    names = list(adapters)
+    parsed = [_parse_prompt(p, names) for p in prompts]  # checked before the model loads
+    rows: list[tuple[int, str | None]] = []  # (prompt index, adapter or None for the base)
+    for i, (name, _) in enumerate(parsed):
+        wanted = names + [BASE] if name == EVERY else [name] + ([BASE] if compare_base and name != BASE else [])
+        rows += [(i, None if n == BASE else n) for n in wanted]
+    loaded = generate.load_many(source, adapters, base=base, quant=quant_cfg, allow_pickle=allow_pickle,
+                                trust_remote_code=trust_remote_code)
+    answers = generate.answer_routed(loaded, [parsed[i][1] for i, _ in rows], [r for _, r in rows], max_new_tokens,
+                                     raw, temperature)
+    width = max(len(BASE), *(len(n) for n in names))
+    for i, (name, text) in enumerate(parsed):
+        mine = [(r, a) for (j, r), a in zip(rows, answers) if j == i]
+        click.echo(f"> {name}: {text}")
+        for r, a in mine:
+            click.echo(f"  {(r or BASE).ljust(width)} : {a}" if len(mine) > 1 else a)

@@ -2,9 +2,9 @@
 trained adapter, per adapted module, from its update dW = s · B @ A (A (r, in), B (out, r), s = alpha / r):
 
     spectrum          the r singular values of dW; stable rank; the rank holding 90% / 99% of its energy
-    amplification     ||dW||_F / ||U^T W V||_F against the base weight W (section 7.2, Table 7), and the same ratio
+    amplification     ||dW||_F / ||U^T W V||_F against the base weight W (section 7.3, Table 7), and the same ratio
                       for random orthonormal directions as the baseline
-    similarity        phi(A1, A2, i, j) against another adapter's A (section 7.1, eq. 4), a grid over i, j
+    similarity        phi(A1, A2, i, j) against another adapter's A (section 7.2, eq. 4), a grid over i, j
 
 Everything runs on the CPU in float64 (the base is read in float32, which holds bf16/fp16 values exactly). The base is
 read one adapted weight at a time from safetensors, never as a whole model, and, for a run folder, dequantized
@@ -23,10 +23,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import peft_format
-from .config import BLOCKSIZES, QuantConfig, load_recipe
+from .config import BLOCKSIZES, QuantConfig
 from .errors import ConfigError, ModelError
 from .model import resolve, weight_files
-from .run_dir import is_run_dir
+from .run_dir import adapter_source
 
 RANK_TOL = 1e-6  # singular values below RANK_TOL * s_max count as zero (directions of a rank-deficient update)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -92,7 +92,7 @@ def random_orthonormal(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def amplification(W: torch.Tensor, svd: LowRankSVD, seed: int = 0) -> dict:
-    """The LoRA paper's feature amplification factor (section 7.2, Table 7): project W onto the r-dimensional
+    """The LoRA paper's feature amplification factor (section 7.3, Table 7): project W onto the r-dimensional
     subspace of dW, ||U^T W V||_F with U, V the top singular directions of dW; the factor is ||dW||_F over it. A
     large factor means dW amplifies directions that exist in W but are weak there. Only directions with a nonzero
     singular value (numerical_rank) are used, so a rank-1 update in a rank-8 adapter projects onto 1 direction.
@@ -114,7 +114,7 @@ def amplification(W: torch.Tensor, svd: LowRankSVD, seed: int = 0) -> dict:
 
 
 def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
-    """Normalised subspace similarity of the LoRA paper (section 7.1, eq. 4), from the A matrices as there:
+    """Normalised subspace similarity of the LoRA paper (section 7.2, eq. 4), from the A matrices as there:
 
         phi(A1, A2, i, j) = ||V1[:, :i]^T V2[:, :j]||_F^2 / min(i, j)
 
@@ -143,14 +143,7 @@ class Source:
 
 
 def locate(path: str | Path) -> Source:
-    p = Path(path).expanduser()
-    run = p if is_run_dir(p) else p.parent if p.name == "adapter" and is_run_dir(p.parent) else None
-    if run is None:
-        return Source(p, None)
-    if not (run / "adapter" / peft_format.WEIGHTS_NAME).is_file():
-        raise ModelError(f"run folder {run} has no adapter/ yet: training writes it when it ends. Finish or resume "
-                         "the run, or pass an adapter folder.")
-    return Source(run / "adapter", load_recipe(run / "recipe.yaml"))
+    return Source(*adapter_source(path))
 
 
 class BaseWeights:

@@ -220,7 +220,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         for arm in typing.get_args(tp):
             try:
                 return _coerce(value, arm, where)
-            except ConfigError as e:
+            except ConfigError:
                 errors.append(_type_name(arm))
         raise ConfigError(f"{where}: expected {' or '.join(errors)}, got {type(value).__name__} {value!r}.")
     if origin is list:

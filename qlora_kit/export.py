@@ -45,7 +45,7 @@ from .config import ModelConfig, load_recipe
 from .errors import ExportError, ModelError
 from .export_files import atomic_folder, copy_tokenizer, linear_weights, write_config, writing
 from .model import BUILTINS, cache_dir, frozen_dtype, resolve
-from .run_dir import is_run_dir
+from .run_dir import run_of
 from .shards import Entry, ShardWriter, TensorInfo, parse_size, plan_shards, read_tensor, row_blocks, shard_names
 from .shards import tensor_index, write_index
 
@@ -101,7 +101,7 @@ def free_bytes(path: Path) -> int:
 def open_source(path: str | Path, base: str | None = None, quant_type: str | None = None) -> Source:
     """A run folder (its adapter/, recipe quant settings and base) or a PEFT LoRA adapter folder."""
     path = Path(path)
-    run = path if is_run_dir(path) else path.parent if path.name == "adapter" and is_run_dir(path.parent) else None
+    run = run_of(path)
     if run is not None:
         recipe = load_recipe(run / "recipe.yaml")
         if not (run / "adapter" / peft_format.WEIGHTS_NAME).is_file():

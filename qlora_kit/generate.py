@@ -2,21 +2,25 @@
 
 The quantized base is loaded exactly as in training (same quant settings from the run's recipe.yaml), the
 adapter is injected as LoRALinear and its tensors copied in: what you ask is what was trained.
+
+Several adapters (`load_many`) share ONE quantized base through multi_lora; `answer_routed` then answers a mixed
+batch in one generate call, each row through its own adapter (or none), each prompt in its adapter's template.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 
-from . import data, lora, peft_format
+from . import data, lora, multi_lora, peft_format
 from .config import ModelConfig, QuantConfig, Recipe, load_recipe
 from .errors import ModelError
 from .model import load_base
 from .quant import DTYPES
-from .run_dir import is_run_dir
+from .run_dir import adapter_source, is_run_dir
 
 
 @dataclass
@@ -25,6 +29,8 @@ class Loaded:
     tokenizer: object
     data_format: str = "alpaca"
     system_prompt: str | None = None
+    # load_many: per adapter name, the (data format, system prompt) its run trained with; the base rows use the above
+    formats: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
 
 def _attach(model: torch.nn.Module, adapter: peft_format.Adapter, dtype: torch.dtype) -> None:
@@ -87,4 +93,91 @@ def answer(loaded: Loaded, prompts: list[str], max_new_tokens: int = 64, raw: bo
         y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                            pad_token_id=data.pad_token_id(tok), **kwargs)
         outs.append(tok.decode(y[0, x.shape[1]:], skip_special_tokens=True).strip())
+    return outs
+
+
+def load_many(source: str, adapters: Mapping[str, str], base: str | None = None, quant: QuantConfig | None = None,
+              device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False) -> Loaded:
+    """One base, several named adapters beside it (multi_lora). `adapters`: name -> a run folder, RUN/adapter or a
+    PEFT adapter folder. `source` supplies only the base: a model folder or name, a run folder (its recipe's model,
+    quant and prompt template; its own adapter is loaded only if also named in `adapters`), or an adapter folder
+    (its base_model). Quantization: `quant`, else the source run's, else the first adapter run's, else nf4."""
+
+    found = {}
+    for name, path in adapters.items():
+        multi_lora.check_name(name)
+        adapter_dir, recipe = adapter_source(path)
+        found[name] = (peft_format.load_adapter(adapter_dir), recipe)
+    p = Path(source)
+    recipe: Recipe | None = None
+    if p.is_dir() and is_run_dir(p):
+        recipe = load_recipe(p / "recipe.yaml")
+        model_cfg = ModelConfig(base or recipe.model.path, recipe.model.dtype,
+                                recipe.model.allow_pickle or allow_pickle,
+                                recipe.model.trust_remote_code or trust_remote_code)
+    elif p.is_dir() and (p / peft_format.CONFIG_NAME).is_file():
+        name = base or peft_format.load_adapter(p).base_model
+        if not name:
+            raise ModelError(f"{p}: the adapter does not name its base model; pass --base MODEL.")
+        model_cfg = ModelConfig(name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    else:
+        model_cfg = ModelConfig(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    run_quants = [r.quant for _, r in found.values() if r is not None]
+    quant = quant or (recipe.quant if recipe is not None else run_quants[0] if run_quants else QuantConfig())
+    model, tok, _ = load_base(model_cfg, quant, device)  # the base, loaded and quantized once
+    dtype = DTYPES[quant.compute_dtype]
+    loaded = Loaded(model, tok, *((recipe.data.format, recipe.data.system_prompt) if recipe else ("alpaca", None)))
+    for name, (adapter, run_recipe) in found.items():
+        pairs = {m: adapter.pair(m) for m in adapter.modules()}
+        try:
+            multi_lora.add_adapter(model, name, pairs, adapter.alpha, adapter.rslora, dtype)
+        except ModelError as e:
+            raise ModelError(f"--adapter {name}={adapters[name]}: {e}") from None
+        loaded.formats[name] = ((run_recipe.data.format, run_recipe.data.system_prompt) if run_recipe
+                                else ("alpaca", None))
+    model.eval()
+    model.config.use_cache = True
+    return loaded
+
+
+def encode(loaded: Loaded, prompt: str, adapter: str | None = None, raw: bool = False) -> list[int]:
+    """Token ids of `prompt` as the run of `adapter` (None: the base) rendered its training prompts."""
+    if raw:
+        return loaded.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    fmt, system = loaded.formats.get(adapter, (loaded.data_format, loaded.system_prompt))
+    return data.encode_prompt(prompt, loaded.tokenizer, fmt, system)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (B, T) int64, padded on the LEFT: every row's last token is at T-1, so
+    the tokens a batched generate appends line up across rows."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def answer_routed(loaded: Loaded, prompts: list[str], routes: Sequence[str | None], max_new_tokens: int = 64,
+                  raw: bool = False, temperature: float = 0.0) -> list[str]:
+    """All prompts in ONE generate call: left-padded with an attention mask, row i through adapter routes[i]
+    (None: the base alone). Greedy answers equal those of each adapter alone (tests/test_multi_adapter.py)."""
+    tok, model = loaded.tokenizer, loaded.model
+    pad = data.pad_token_id(tok)
+    x, mask = left_pad([encode(loaded, p, r, raw) for p, r in zip(prompts, routes)], pad)
+    device = next(model.parameters()).device
+    kwargs = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with multi_lora.route(model, list(routes)):
+        y = model.generate(x.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                           pad_token_id=pad, **kwargs)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    outs = []
+    for row in y[:, x.shape[1]:].tolist():  # a finished row is filled with pad: cut at its first end-of-sequence
+        stop = next((i for i, t in enumerate(row) if t in eos), len(row))
+        outs.append(tok.decode(row[:stop], skip_special_tokens=True).strip())
     return outs

@@ -80,9 +80,12 @@ def merge(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, out
 
 
 def is_linear_like(module: nn.Module) -> bool:
+    """An nn.Linear or a frozen base with the same interface (quant.QuantLinear); never an adapter wrapper
+    (LoRALinear, multi_lora.MultiLoRALinear: they hold their base in `.base`, which is what counts)."""
+    if hasattr(module, "base"):
+        return False
     return isinstance(module, nn.Linear) or (
-        hasattr(module, "in_features") and hasattr(module, "out_features") and not isinstance(module, LoRALinear)
-        and type(module).__name__.endswith("Linear")
+        hasattr(module, "in_features") and hasattr(module, "out_features") and type(module).__name__.endswith("Linear")
     )
 
 

@@ -77,7 +77,25 @@ def _builtin(name: str) -> Path:
 
 
 def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
-    """The checkpoint's weight files: safetensors (sharded or not); `.bin` only with allow_pickle."""
+    """The checkpoint's weight files: the shards its index names (a folder may also hold e.g. a Mistral-style
+    `consolidated.safetensors` duplicate under other names), else `model.safetensors`, else every `*.safetensors`;
+    `.bin` files only with allow_pickle."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+            raise ModelError(f"{index} cannot be read ({e}); re-download or re-save the checkpoint.") from None
+        bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+        if bad:  # a shard name must not lead out of the model folder (`../x`, `/etc/x`)
+            raise ModelError(f"{index} names shards outside the model folder: {bad[:3]}; the index is corrupt.")
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ModelError(f"{folder}: the index names shards that are not there: {missing[:3]} "
+                             "(an incomplete download?).")
+        return [folder / n for n in names]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
     st = sorted(folder.glob("*.safetensors"))
     if st:
         return st

@@ -80,3 +80,24 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     tmp = run_dir / f".metrics.jsonl.tmp-{os.getpid()}"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     os.replace(tmp, run_dir / "metrics.jsonl")
+
+
+def run_of(path: Path) -> Path | None:
+    """The run folder that `path` is, or whose `adapter/` it is; None for anything else."""
+    path = Path(path).expanduser()
+    if is_run_dir(path):
+        return path
+    if path.name == "adapter" and is_run_dir(path.parent):
+        return path.parent
+    return None
+
+
+def adapter_source(path: str | Path) -> tuple[Path, Recipe | None]:
+    """(adapter folder, the run's recipe or None): a run folder, RUN/adapter, or a plain adapter folder as is."""
+    run = run_of(Path(path))
+    if run is None:
+        return Path(path).expanduser(), None
+    if not (run / "adapter" / "adapter_model.safetensors").is_file():
+        raise ConfigError(f"run folder {run} has no adapter/ yet: training writes it when it ends. Finish it with "
+                          f"`qlora-kit train {run}/recipe.yaml --out {run} --resume`, or pass an adapter folder.")
+    return run / "adapter", recipe_from_dict(yaml.safe_load((run / "recipe.yaml").read_text()))

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import ExportError, ModelError
+from .model import weight_files as model_weight_files
 
 DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
@@ -74,24 +75,10 @@ def read_header(path: Path) -> list[TensorInfo]:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The checkpoint's safetensors files: those named by the index when there is one (a folder may also hold
-    e.g. a `consolidated.safetensors` duplicate with other names), else `model.safetensors`, else all of them."""
-    index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise ModelError(f"{index} cannot be read ({e}).") from None
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise ModelError(f"{folder}: the index names shards that are not there: {missing[:3]} (incomplete download?).")
-        return [folder / n for n in names]
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        found = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else "no such folder"
-        raise ModelError(f"{folder} has no *.safetensors weights (found: {found}); export reads safetensors only.")
+    """The base's safetensors files (model.weight_files' rules); export reads safetensors only."""
+    files = model_weight_files(folder)
+    if any(f.suffix != ".safetensors" for f in files):
+        raise ModelError(f"{folder} holds pickle weights; export reads safetensors only. Convert the checkpoint first.")
     return files
 
 

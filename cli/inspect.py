@@ -18,11 +18,13 @@ def _fmt(v) -> str:
 @click.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-def command(path: str, as_json: bool) -> None:
+@click.option("--allow-pickle", is_flag=True, help="Read .bin (pickle) weights, with torch.load(weights_only=True).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped inside the folder.")
+def command(path: str, as_json: bool, allow_pickle: bool, trust_remote_code: bool) -> None:
     """Describe PATH: a model folder (or built-in name), a PEFT adapter folder, or a run folder."""
     from qlora_kit.inspect import describe
 
-    info = describe(path)
+    info = describe(path, allow_pickle, trust_remote_code)
     if as_json:
         click.echo(json.dumps(info))
         return

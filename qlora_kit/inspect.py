@@ -28,9 +28,16 @@ def _tensor_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
-def describe_model(folder: Path) -> dict:
-    config = model.load_config(folder)
-    shapes = _tensor_shapes(model.weight_files(folder))
+def describe_model(folder: Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
+    config = model.load_config(folder, trust_remote_code)
+    files = model.weight_files(folder, allow_pickle)
+    shapes = _tensor_shapes(files)
+    for f in files:  # only reached with allow_pickle: read as tensors only (weights_only), memory-mapped
+        if f.suffix == ".bin":
+            import torch
+
+            shapes |= {k: (tuple(v.shape), str(v.dtype)[6:].upper())
+                       for k, v in torch.load(f, map_location="cpu", weights_only=True, mmap=True).items()}
     params = sum(math.prod(s) for s, _ in shapes.values())
     linears = sorted({k.rsplit(".", 2)[-2] for k, (s, _) in shapes.items() if len(s) == 2 and k.endswith(".weight")
                       and "embed" not in k and "lm_head" not in k})
@@ -63,10 +70,10 @@ def describe_run(folder: Path) -> dict:
     return out
 
 
-def describe(path: str) -> dict:
+def describe(path: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
     p = Path(path)
     if p.is_dir() and is_run_dir(p):
         return describe_run(p)
     if p.is_dir() and (p / peft_format.CONFIG_NAME).is_file():
         return describe_adapter(p)
-    return describe_model(model.resolve(path))
+    return describe_model(model.resolve(path), allow_pickle, trust_remote_code)

@@ -24,14 +24,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
+
 _log = logging.getLogger("bitsandbytes")
 _level = _log.level
 _log.setLevel(logging.ERROR)  # bnb warns at import that an optional hub kernel is absent; we never use it
 try:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbF
+
+    _IMPORT_ERROR: Exception | None = None
+except Exception as e:  # a broken or missing install must not stop quant.type none (plain LoRA)
+    bnb = bnbF = None
+    _IMPORT_ERROR = e
 finally:
     _log.setLevel(_level)
+
+
+def _need_bnb(what: str) -> None:
+    if bnb is None:
+        raise ConfigError(f"{what} needs bitsandbytes, which cannot be imported here ({_IMPORT_ERROR}). Install it "
+                          "(pip install bitsandbytes), or use quant.type=none and train.optimizer=adamw.")
 
 QuantKind = Literal["nf4", "fp4", "int8", "none"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -50,8 +63,8 @@ class QuantSpec:
         return cls(cfg.type, cfg.blocksize, cfg.double_quant, DTYPES[cfg.compute_dtype])
 
 
-def bitsandbytes_version() -> str:
-    return bnb.__version__
+def bitsandbytes_version() -> str | None:
+    return bnb.__version__ if bnb is not None else None
 
 
 class QuantLinear(nn.Module):
@@ -119,6 +132,7 @@ class _DequantMatmul(torch.autograd.Function):
 
 def quantize(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """(out, in) float weight -> the buffers listed in QuantLinear's docstring."""
+    _need_bnb(f"quant.type {spec.type}")
     if spec.type == "int8":
         q, scale, _ = bnbF.int8_vectorwise_quant(weight.to(torch.float16 if weight.is_cuda else torch.float32))
         return {"qweight": q, "scale": scale.float()}
@@ -191,6 +205,7 @@ def roundtrip(weight: torch.Tensor, spec: QuantSpec, dtype: torch.dtype = torch.
 
 def bnb_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """8-bit and paged AdamW from bitsandbytes. Paged optimizers need CUDA unified memory."""
+    _need_bnb(f"train.optimizer {name}")
     cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
            "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]
     return cls(params, lr=lr, weight_decay=weight_decay)

@@ -99,6 +99,13 @@ def test_pickle_only_model_needs_allow_pickle_and_loads_weights_only(pickle_mode
     assert saved["model"]["allow_pickle"] is True  # recorded, so --resume and generate load the same way
 
 
+def test_inspect_reads_pickle_only_with_the_flag(pickle_model):
+    code, err = cli("inspect", pickle_model)
+    assert code == 2 and "--allow-pickle" in err and "Traceback" not in err
+    code, err = cli("inspect", pickle_model, "--allow-pickle")
+    assert code == 0, err
+
+
 def test_hostile_pickle_is_refused_even_with_allow_pickle(pickle_model, tiny_data, tmp_path):
     marker = tmp_path / "PWNED"
     model = Path(shutil.copytree(pickle_model, tmp_path / "model"))

@@ -23,6 +23,9 @@ LABELS = {
     "cuda_context": "CUDA context + workspace (allowance)",
 }
 
+PHASES = {"loss_head": "loss head (logits chunk)", "decoder_backward": "decoder backward",
+          "optimizer_step": "optimizer step"}
+
 # Sizes in and out (bench memory can reuse these). A bare number or K/M/G/T is binary (GiB); GB is 10^9.
 _UNITS = {"": me.GiB, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": me.GiB, "t": 1 << 40,
           "kib": 1 << 10, "mib": 1 << 20, "gib": me.GiB, "tib": 1 << 40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
@@ -61,17 +64,29 @@ def _details(e: me.Estimate, cfg: me.EstimateConfig) -> dict[str, str]:
     dtype = "bf16" if cfg.compute_bytes == 2 else "fp32"
     optim = {"adamw": "fp32 master + exp_avg + exp_avg_sq", "paged_adamw": "fp32, paged: can spill to CPU RAM",
              "adamw8bit": "8-bit blockwise", "paged_adamw8bit": "8-bit, paged: can spill to CPU RAM"}[cfg.optimizer]
-    acts = (f"{e.shapes.layers} checkpointed layer inputs + 1 layer recomputed" if cfg.checkpointing
+    kept = (f"{e.shapes.layers} checkpointed layer inputs" if cfg.checkpointing
             else f"all {e.shapes.layers} layers kept, no checkpointing")
+    def later(key: str) -> str:
+        return f"; {human_bytes(e.sizes[key])} in another phase of the step"
+
+    acts = {"loss_head": kept + " (the recomputed layer is not live at this peak)",
+            "decoder_backward": kept + (" + 1 layer recomputed" if cfg.checkpointing else "") + " + backward workspace",
+            "optimizer_step": "none: freed after backward"}[e.peak_phase]
+    chunk = min(cfg.loss_chunk, me.label_tokens(cfg))
+    logits = (f"fp32 logits + 2 gradients of {chunk} tokens (chunked over the batch)" if e.peak_phase == "loss_head"
+              else "freed before this peak" + later("logits_and_loss"))
+    grads = (dtype if e.components["adapter_grads"] == e.sizes["adapter_grads"] else
+             "none yet at this peak (set to None every step)" + later("adapter_grads")
+             if e.components["adapter_grads"] == 0 else f"{dtype}, the top layer's so far" + later("adapter_grads"))
     return {
         "quantized_weights": f"{quant}; {e.bits_per_weight:.3f} bits/weight with constants",
         "quant_constants": "absmax, codebooks" if cfg.quant in ("nf4", "fp4") else "",
         "unquantized_params": "bf16" + ("; lm_head tied to embeddings" if e.shapes.tied else ""),
         "adapters": f"{e.adapter_params:,} params, {dtype}",
-        "adapter_grads": dtype,
+        "adapter_grads": grads,
         "optimizer_state": f"{cfg.optimizer}: {optim}",
         "activations": acts,
-        "logits_and_loss": f"fp32 logits in chunks of {min(cfg.loss_chunk, cfg.seq)} tokens",
+        "logits_and_loss": logits,
         "cuda_context": "stated allowance" if cfg.device == "cuda" else "0 on the CPU",
     }
 
@@ -126,12 +141,14 @@ def command(model, quant, blocksize, double_quant, rank, targets, lora_dropout, 
                f"batch {cfg.batch} x seq {cfg.seq}; checkpointing {'on' if cfg.checkpointing else 'off'}; {device}\n")
     details = _details(e, cfg)
     width = max(map(len, LABELS.values()))
-    click.echo(f"{'component':<{width}}  {'size':>11}  {'%':>6}  how")
+    click.echo(f"{'component (at the peak)':<{width}}  {'size':>11}  {'%':>6}  how")
     for key, value in e.components.items():
         click.echo(f"{LABELS[key]:<{width}}  {human_bytes(value):>11}  {value / e.total:>6.1%}  {details[key]}")
     click.echo(f"{'total':<{width}}  {human_bytes(e.total):>11}  {1:>6.1%}")
-    click.echo(f"\nan unchunked fp32 cross-entropy (B, S, V) x3 would take {human_bytes(e.unchunked_loss)} "
-               f"instead of {human_bytes(e.components['logits_and_loss'])}")
+    others = ", ".join(f"{PHASES[k]} {human_bytes(v)}" for k, v in e.phases.items() if k != e.peak_phase)
+    click.echo(f"\nthe peak is in the {PHASES[e.peak_phase]}; the other phases of a step need {others}")
+    click.echo(f"an unchunked fp32 cross-entropy (B, S, V) x3 would take {human_bytes(e.unchunked_loss)} "
+               f"instead of {human_bytes(e.sizes['logits_and_loss'])}")
     if e.pageable:
         click.echo(f"{human_bytes(e.pageable)} of optimizer state is paged (unified memory): counted above, "
                    "but it can spill to CPU RAM when the GPU runs short")

@@ -11,10 +11,18 @@ Pure Python: no torch, no bitsandbytes. Each component below has a stable key so
     adapter_grads       same size as the adapters
     optimizer_state     fp32 master copy of bf16 adapters + AdamW exp_avg, exp_avg_sq: fp32, or 8-bit blockwise; paged = unified memory
     activations         saved for backward (checkpointed: layer inputs + one layer recomputed) + backward workspace
-    logits_and_loss     final norm/hidden + one chunk of fp32 logits and their gradient (chunked cross-entropy)
+    logits_and_loss     final norm/hidden + one chunk of fp32 logits and their gradients (chunked cross-entropy)
     cuda_context        a stated allowance for the CUDA context and cuBLAS workspace (0 on the CPU)
 
-The total is the sum: a conservative peak (the logits chunk and the recomputed layer are not live at the same time).
+The total is the PEAK of one step, and `components` split it at that moment. A step has three phases whose
+transient tensors are never live together (measured with the allocator's events, `qlora-kit bench memory`):
+    loss head           layer inputs (or all saved activations) + final norm + one chunk's logits and gradients;
+                        adapter gradients do not exist yet (they are set to None after every step)
+    decoder backward    layer inputs + one layer recomputed + in-flight gradients + one dequantized weight
+                        + the adapter gradients accumulated so far (worst of the first and the last layer)
+    optimizer step      adapter gradients + the masters' fp32 copies of them (counted in optimizer_state)
+The largest is the peak (`peak_phase`, all in `phases`); `sizes` has each component's own maximum over the step.
+grad_accum > 1 also keeps adapter gradients through the loss head (not modelled).
 """
 
 from __future__ import annotations
@@ -179,6 +187,9 @@ class Estimate:
     logits_terms: dict[str, int]  # the parts of `logits_and_loss`
     unchunked_loss: int  # what a plain (B, S, V) fp32 cross-entropy would hold instead of logits_and_loss
     pageable: int  # bytes in CUDA unified memory (paged optimizers): may spill to CPU RAM under pressure
+    peak_phase: str  # "loss_head" | "decoder_backward" | "optimizer_step": where the peak (`total`) happens
+    phases: dict[str, int]  # each phase's total (static components + that phase's transient tensors)
+    sizes: dict[str, int]  # each component's own maximum over the step, whichever phase it peaks in
     total: int = field(init=False)
 
     def __post_init__(self):
@@ -268,15 +279,30 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
         terms = {"all_layers": s.layers * layer}
     deq = 0 if cfg.quant == "none" else c * max(lin.numel for lin in s.linears)
     terms["dequantized_weight"] = deq  # (out, in) c: one Linear's weight, dequantized transiently per matmul
+    misaligned = [lin.numel for lin in s.linears if lin.in_features % cfg.blocksize]
+    if cfg.device == "cpu" and cfg.quant in ("nf4", "fp4") and misaligned:
+        # quant.py dequantizes these in plain torch on the CPU (ARCHITECTURE.md section 5): int64 codes + fp32
+        # values of the whole weight are live together (measured: 12 bytes per weight at the step's peak).
+        terms["dequant_workspace"] = 12 * max(misaligned)
     terms["backward_grads"] = c * T * 2 * (s.hidden + s.intermediate)  # in-flight grads: (B,S,H) x2, (B,S,I) x2
     return terms
 
 
+def label_tokens(cfg: EstimateConfig) -> int:
+    """Positions that reach lm_head: every one that predicts a label (worst case: all labelled, packed rows)."""
+    return cfg.batch * (cfg.seq - 1) if cfg.seq > 1 else cfg.batch
+
+
 def logits_terms(s: ModelShapes, cfg: EstimateConfig) -> dict[str, int]:
-    T, chunk = cfg.batch * cfg.seq, min(cfg.loss_chunk, cfg.seq)
-    return {"final_norm": 4 * T * s.hidden,  # (B, S, H) fp32, final RMSNorm input
-            "final_hidden": cfg.compute_bytes * T * s.hidden,  # (B, S, H) c, lm_head input kept for the chunks
-            "chunk_logits": 2 * 4 * cfg.batch * chunk * s.vocab}  # (B, C, V) fp32 logits + their gradient
+    """The loss head (loss.CausalLMLoss): the label positions' hidden states are gathered into one (N, H) tensor
+    and go through lm_head in chunks of `loss_chunk` tokens over the whole batch (not per row)."""
+    T, N = cfg.batch * cfg.seq, label_tokens(cfg)
+    chunk = min(cfg.loss_chunk, N)
+    return {"final_norm": 4 * T * (s.hidden + 1),  # (B, S, H) fp32 final RMSNorm input + rsqrt (B, S, 1) fp32
+            "final_hidden": cfg.compute_bytes * N * s.hidden,  # (N, H) c: label positions, the chunks' input
+            # (C, V) fp32 x3, live together in a chunk's backward: the recomputed log-softmax output (saved by
+            # cross_entropy), the nll_loss gradient and the log-softmax gradient (F.cross_entropy's backward).
+            "chunk_logits": 3 * 4 * chunk * s.vocab}
 
 
 def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
@@ -293,16 +319,37 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     if cfg.compute_bytes < 4:  # optim.MasterWeightOptimizer: an fp32 master copy of each bf16 adapter
         optim += 4 * n_adapter
     acts, logits = activation_terms(s, cfg, adapted), logits_terms(s, cfg)
-    components = {
+    static = {
         "quantized_weights": wq, "quant_constants": cq,
         "unquantized_params": 2 * sum(s.other.values()),  # bf16/fp16
-        "adapters": cfg.compute_bytes * n_adapter, "adapter_grads": cfg.compute_bytes * n_adapter,
-        "optimizer_state": optim, "activations": sum(acts.values()), "logits_and_loss": sum(logits.values()),
+        "adapters": cfg.compute_bytes * n_adapter, "optimizer_state": optim,
         "cuda_context": CUDA_CONTEXT_BYTES if cfg.device == "cuda" else 0,
     }
-    unchunked = logits["final_norm"] + logits["final_hidden"] + 3 * 4 * cfg.batch * cfg.seq * s.vocab
+    grads = cfg.compute_bytes * n_adapter
+    kept = acts["all_layers"] if "all_layers" in acts else acts["layer_inputs"]  # live in every phase
+    master_grads = 4 * n_adapter if cfg.compute_bytes < 4 else 0  # optim.grads_to_masters: p.grad.float()
+    # Backward runs from the last layer down: each layer frees what it kept and adds its adapters' gradients, so the
+    # worst moment is the first layer done (everything kept, one layer's gradients) or the last (one layer kept,
+    # every gradient); the layer being done adds its recomputed activations and the backward workspace.
+    L, working = s.layers, sum(acts.values()) - kept
+    top, bottom = (kept + grads // L, kept // L + grads)
+    dec_acts, dec_grads = (kept, grads // L) if top >= bottom else (kept // L, grads)
+    transient = {  # phase -> the step-dependent components live at that phase's peak
+        "loss_head": {"adapter_grads": 0, "activations": kept, "logits_and_loss": sum(logits.values())},
+        "decoder_backward": {"adapter_grads": dec_grads, "activations": dec_acts + working, "logits_and_loss": 0},
+        "optimizer_step": {"adapter_grads": grads, "activations": 0, "logits_and_loss": 0,
+                           "optimizer_state": master_grads},  # the masters' fp32 gradients: optimizer machinery
+    }
+    phases = {name: sum(static.values()) + sum(t.values()) for name, t in transient.items()}
+    peak = max(phases, key=phases.get)
+    components = {k: static.get(k, 0) + transient[peak].get(k, 0) for k in COMPONENTS}
+    own = {"adapter_grads": grads, "activations": sum(acts.values()), "logits_and_loss": sum(logits.values()),
+           "optimizer_state": master_grads}  # each at its own worst moment (the first layer done, for activations)
+    sizes = {k: static.get(k, 0) + own.get(k, 0) for k in COMPONENTS}
+    unchunked = logits["final_norm"] + cfg.compute_bytes * cfg.batch * cfg.seq * s.hidden + \
+        3 * 4 * cfg.batch * cfg.seq * s.vocab
     return Estimate(components, s, adapted, n_adapter, (wq + cq) * 8 / s.linear_params, acts, logits,
-                    unchunked, optim if cfg.optimizer.startswith("paged") else 0)
+                    unchunked, optim if cfg.optimizer.startswith("paged") else 0, peak, phases, sizes)
 
 
 def max_seq_table(config: dict, cfg: EstimateConfig, gpus_gib=GPU_SIZES_GIB) -> list[dict]:

@@ -71,7 +71,8 @@ def test_smollm2_total_and_adapters():
             "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}
     e = me.estimate(SMOL, me.EstimateConfig(rank=16))
     assert e.adapter_params == 30 * sum(16 * (i + o) for i, o in dims.values())
-    assert e.components["adapters"] == e.components["adapter_grads"] == 2 * e.adapter_params
+    # adapter gradients are not allocated at this configuration's peak (the loss head); `sizes` has their size
+    assert e.components["adapters"] == e.sizes["adapter_grads"] == 2 * e.adapter_params
     assert e.components["optimizer_state"] == 12 * e.adapter_params  # fp32 master + exp_avg + exp_avg_sq
     qv = me.estimate(SMOL, me.EstimateConfig(rank=16, targets=("q_proj", "v_proj")))
     assert qv.adapter_params == 30 * 16 * (576 + 576 + 576 + 192)
@@ -137,7 +138,8 @@ def test_max_seq_table_bisection():
     assert all(seqs) and seqs == sorted(seqs)
     for r in rows:
         assert me.estimate(config, replace(cfg, seq=r["max_seq"])).total <= r["gpu_bytes"]
-        assert me.estimate(config, replace(cfg, seq=r["max_seq"] + 1)).total > r["gpu_bytes"]
+        if not r["capped"]:  # capped: max_position_embeddings fits, there is no longer sequence to try
+            assert me.estimate(config, replace(cfg, seq=r["max_seq"] + 1)).total > r["gpu_bytes"]
     assert all(r["capped"] for r in me.max_seq_table(SMOL, cfg))
     unquantized = me.max_seq_table(config, replace(cfg, quant="none"), gpus_gib=(8,))
     assert unquantized[0]["max_seq"] is None  # 16 GB of bf16 weights

@@ -1,0 +1,279 @@
+"""qlora-kit against the standard QLoRA recipe on one CUDA GPU: a Llama-3.1-8B-shaped model with random weights.
+
+    python bench/gpu_peers.py --out bench/results        # on a machine with a CUDA GPU; writes gpu_peers.json/.md
+
+Needs: this repository installed (`make install` or `pip install -e ".[dev]"`, a CUDA build of torch), about 20 GB
+free disk for the model folder (default: $TMPDIR/qlora-kit-llama8b-random, built once, reused), no network.
+
+1. The model: LlamaConfig with Llama-3.1-8B's shapes (hidden 4096, 32 layers, MLP 14336, GQA 32/8, vocab 128256,
+   untied lm_head) and random bf16 weights (normal, std 0.02; norms 1), generated on the GPU tensor by tensor and
+   written shard by shard (4 GB), so neither RAM nor GPU ever holds the whole model. A 300-token BPE tokenizer is
+   saved with it (only the loaders need one; batches are random ids).
+2. Each measurement is a child process, alternating ours / peer (/ ours with a smaller loss chunk) for --rounds:
+   the same batch (B x S random ids, all labelled), LoRA r=16, alpha=32, dropout 0.05 on every Linear but lm_head,
+   nf4 + double quant, bf16 compute, non-reentrant (ours) / PEFT-default (peer) checkpointing, torch AdamW.
+   The peer is bench/memory_peers.py's recipe on device_map={"": 0}: from_pretrained(BitsAndBytesConfig 4-bit) +
+   prepare_model_for_kbit_training + get_peft_model + gradient_checkpointing_enable + model(**batch).loss.
+   Measured: torch.cuda.max_memory_allocated / max_memory_reserved over the timed steps (reset after warm-up)
+   and over the whole process (loading included); device memory in use (torch.cuda.mem_get_info: with the CUDA
+   context); tokens/s over --steps steps after --warmup steps.
+3. `python -m qlora_kit.memory_measure --device cuda` on the same folder: the estimate against the measured peak,
+   component by component (unless --no-breakdown).
+Targets (issue 4): ours peak allocated < 7 GiB; tokens/s >= 1.3x the peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+GiB = 1 << 30
+
+
+def model_config(shape: str):
+    from transformers import LlamaConfig
+
+    from qlora_kit.memory_estimate import BUILTIN_CONFIGS
+    from memory_peers import TINY
+
+    if shape == "tiny":  # a smoke test of this script on any machine
+        return LlamaConfig(**TINY, dtype="bfloat16")
+    c = {k: v for k, v in BUILTIN_CONFIGS["llama-3.1-8b"].items() if k not in ("model_type", "torch_dtype")}
+    return LlamaConfig(**c, rope_theta=500000.0, bos_token_id=0, eos_token_id=1, pad_token_id=2, dtype="bfloat16")
+
+
+def save_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["a random-weight benchmark model needs a tokenizer only for its loaders"] * 5, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(folder)
+
+
+def build_folder(folder: Path, shape: str, shard_bytes: int = 4 * 10**9) -> Path:
+    """Random bf16 weights, generated one tensor at a time (on the GPU if there is one), saved shard by shard."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    if (folder / "config.json").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = model_config(shape)
+    with torch.device("meta"):
+        names = [(n, tuple(p.shape)) for n, p in LlamaForCausalLM(config).named_parameters()]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    shards, current, size, total = [], {}, 0, 0
+
+    def flush():
+        nonlocal current, size
+        if current:
+            name = f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(current, str(tmp / name), metadata={"format": "pt"})
+            shards.append((name, list(current)))
+            current, size = {}, 0
+
+    for i, (name, shape_) in enumerate(names):
+        if name.endswith("norm.weight"):
+            t = torch.ones(shape_, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shape_, device=dev, generator=gen) * 0.02).to(torch.bfloat16).cpu()
+        nbytes = t.numel() * 2
+        if size + nbytes > shard_bytes:
+            flush()
+        current[name], size, total = t, size + nbytes, total + nbytes
+        print(f"\rbuilding {folder.name}: {i + 1}/{len(names)} tensors, {total / GiB:.1f} GiB", end="",
+              file=sys.stderr, flush=True)
+    flush()
+    n = len(shards)
+    weight_map = {}
+    for j, (name, keys) in enumerate(shards, 1):
+        final = f"model-{j:05d}-of-{n:05d}.safetensors"
+        os.replace(tmp / name, tmp / final)
+        weight_map |= dict.fromkeys(keys, final)
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}, indent=1))
+    config.save_pretrained(tmp)
+    save_tokenizer(tmp)
+    os.replace(tmp, folder)
+    print(file=sys.stderr)
+    return folder
+
+
+def child(args) -> dict:
+    import torch
+
+    import memory_peers
+    from qlora_kit.memory_measure import synthetic_batch
+
+    if args.child == "peer":
+        args.loss_chunk = 0
+    cuda = args.device == "cuda"
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    batch = synthetic_batch(config["vocab_size"], args.batch, args.seq, seed=0)
+    t0 = time.perf_counter()
+    if args.child == "ours":
+        step, _ = memory_peers._ours(args, batch)
+    else:
+        step, _ = memory_peers._peer(args, batch, device_map={"": 0} if cuda else "cpu")
+    load_s = time.perf_counter() - t0
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    losses = [step() for _ in range(args.warmup)]
+    sync()
+    out = {"impl": args.child + (f" (loss chunk {args.loss_chunk})" if args.loss_chunk else ""), "load_s": load_s}
+    if cuda:
+        out["process_max_allocated"] = torch.cuda.max_memory_allocated()
+        out["process_max_reserved"] = torch.cuda.max_memory_reserved()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    losses += [step() for _ in range(args.steps)]
+    sync()
+    elapsed = time.perf_counter() - t0
+    if cuda:
+        free, total = torch.cuda.mem_get_info()
+        out |= {"max_allocated": torch.cuda.max_memory_allocated(), "max_reserved": torch.cuda.max_memory_reserved(),
+                "device_in_use": total - free, "device_total": total, "gpu": torch.cuda.get_device_name()}
+    return out | {"tokens_per_s": args.batch * args.seq * args.steps / elapsed, "step_s": elapsed / args.steps,
+                  "losses": [round(x, 4) for x in losses]}
+
+
+def run(cmd: list[str], timeout: int) -> str:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
+    if p.returncode or not lines:
+        raise SystemExit(f"{shlex.join(cmd)} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return lines[-1]
+
+
+def markdown(doc: dict) -> str:
+    s = doc["settings"]
+    gib = lambda n: f"{n / GiB:.2f}" if n is not None else "-"  # noqa: E731
+    lines = ["# qlora-kit vs PEFT + transformers + bitsandbytes on a GPU (Llama-3.1-8B shapes, random weights)", "",
+             f"{doc['date']}. Device: {doc['device']}. torch {doc['versions']['torch']}, transformers "
+             f"{doc['versions']['transformers']}, peft {doc['versions']['peft']}, bitsandbytes "
+             f"{doc['versions']['bitsandbytes']}.", "", f"Command: `{doc['command']}`", "",
+             f"batch {s['batch']} x seq {s['seq']}, LoRA r={s['rank']} alpha={2 * s['rank']} dropout={s['dropout']} "
+             f"on every Linear but lm_head; nf4 + double quant; {s['warmup']} warm-up + {s['steps']} timed steps; "
+             f"{s['rounds']} rounds alternating. Peaks over the timed steps, in GiB; medians over rounds. Targets: "
+             "ours < 7 GiB allocated; tokens/s >= 1.3x the peer.", "",
+             "| implementation | max allocated | max reserved | device in use | max allocated incl. loading | "
+             "tokens/s | allocated vs peer | tokens/s vs peer |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    med, peer = doc["summary"], doc["summary"]["peer"]
+    for impl, m in med.items():
+        mem = f"{m['max_allocated'] / peer['max_allocated']:.2f}x" if peer["max_allocated"] else "-"
+        lines.append(f"| {impl} | {gib(m['max_allocated'])} | {gib(m['max_reserved'])} | {gib(m['device_in_use'])} | "
+                     f"{gib(m['process_max_allocated'])} | {m['tokens_per_s']:,.0f} | {mem} | "
+                     f"{m['tokens_per_s'] / peer['tokens_per_s']:.2f}x |")
+    if doc.get("breakdown"):
+        b = doc["breakdown"]
+        lines += ["", f"Estimate vs measured (`qlora_kit.memory_measure --device cuda`): predicted "
+                  f"{gib(b['estimate_total'] - b['cuda_context'])} GiB allocated (+ {gib(b['cuda_context'])} GiB "
+                  f"context allowance), measured {gib(b['peak_bytes'])} GiB ({b['error']:+.1%}); "
+                  f"max_memory_allocated {gib(b['cuda'].get('max_allocated'))} GiB.", "",
+                  "| component | predicted | measured at peak |", "|---|---:|---:|"]
+        for k, v in b["estimate"].items():
+            lines.append(f"| {k} | {gib(v)} | {gib(b['at_peak'][k])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "qlora-kit-llama8b-random"))
+    ap.add_argument("--shape", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b",
+                    help="tiny: a smoke test of this script (any machine, with --device cpu)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--ours-loss-chunk", type=int, default=256, help="also run ours with this loss chunk (0: no)")
+    ap.add_argument("--no-breakdown", action="store_true")
+    ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--loss-chunk", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU visible: this benchmark needs one (try --shape tiny --device cpu for a smoke test)",
+              file=sys.stderr)
+        return 2
+    folder = build_folder(Path(args.folder), args.shape)
+    common = ["--model", str(folder), "--seq", str(args.seq), "--batch", str(args.batch), "--rank", str(args.rank),
+              "--dropout", str(args.dropout), "--threads", str(args.threads), "--device", args.device]
+    impls = ["ours", "peer"] + ([f"ours:{args.ours_loss_chunk}"] if args.ours_loss_chunk else [])
+    runs = []
+    for rnd in range(args.rounds):
+        for impl in impls if rnd % 2 == 0 else impls[::-1]:
+            name, _, chunk = impl.partition(":")
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--loss-chunk", chunk or "0",
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), *common]
+            r = {"round": rnd, **json.loads(run(cmd, args.timeout))}
+            runs.append(r)
+            print(f"[{len(runs)}/{len(impls) * args.rounds}] {r['impl']}: max allocated "
+                  f"{r.get('max_allocated', 0) / GiB:.2f} GiB, {r['tokens_per_s']:,.0f} tok/s", file=sys.stderr,
+                  flush=True)
+    summary = {}
+    for impl in dict.fromkeys(r["impl"] for r in runs):
+        rs = [r for r in runs if r["impl"] == impl]
+        summary[impl] = {k: statistics.median(r[k] for r in rs) if k in rs[0] else None
+                         for k in ("max_allocated", "max_reserved", "device_in_use", "process_max_allocated",
+                                   "tokens_per_s")}
+    breakdown = None
+    if not args.no_breakdown:
+        cmd = [sys.executable, "-m", "qlora_kit.memory_measure", "--json", "--steps", "3", *common]
+        breakdown = json.loads(run(cmd, args.timeout))
+        from qlora_kit.memory_estimate import CUDA_CONTEXT_BYTES
+
+        breakdown["cuda_context"] = CUDA_CONTEXT_BYTES if args.device == "cuda" else 0
+    doc = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+           "command": shlex.join(["python", "bench/gpu_peers.py", *(argv if argv is not None else sys.argv[1:])]),
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                        "bitsandbytes": bitsandbytes.__version__},
+           "settings": {k: getattr(args, k) for k in ("shape", "seq", "batch", "rank", "dropout", "steps", "warmup",
+                                                      "rounds")},
+           "runs": runs, "summary": summary, "breakdown": breakdown}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "gpu_peers" if args.shape == "llama-3.1-8b" and args.device == "cuda" else f"gpu_peers_{args.shape}_{args.device}"
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(doc))
+    print(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""Measured memory of QLoRA training steps, split into the components `memory_estimate` predicts.
+
+One configuration per process (peaks are per process): `python -m qlora_kit.memory_measure --json --seq 256 ...`
+prints one JSON object; `qlora-kit bench memory` runs a grid of them. The model is loaded with `train.prepare` and
+stepped with `train.train_step`, the functions `qlora-kit train` uses; the batch is synthetic, B x S tokens, every
+position labelled, so that the sequence length is exact.
+
+What is measured, and how (sizes in bytes)
+  static tensors: an inventory of the live model and optimizer, each storage counted once (tied weights once)
+    quantized_weights   QuantLinear.qweight (quant none: the decoder Linears' 16-bit weights)
+    quant_constants     the other QuantLinear buffers: absmax, nested absmax and code, codebook, offset
+    unquantized_params  frozen parameters (embeddings, norms, lm_head, biases; every Linear with quant none) and
+                        the other module buffers (rotary inv_freq)
+    adapters            trainable parameters
+    optimizer_state     fp32 masters of the bf16 adapters + the inner optimizer's state, after the first step
+  transient tensors of one steady step (step >= 2): every allocation and free the torch allocator reports to the
+  profiler (`profile_memory=True`), each tagged by where it was allocated:
+    adapter_grads       an adapter's .grad (recognised by its address when autograd accumulates it)
+    logits_and_loss     from the final norm to the cross-entropy and back (the loss head, forward and backward)
+    activations         the decoder layers: checkpointed inputs, the recomputed layer's saved tensors, gradients
+                        in flight, transiently dequantized weights, kernel workspaces
+    optimizer_state     (transient part) after backward: the masters' fp32 gradients, the AdamW update's temporaries
+  peak_bytes = static + the largest transient total of the step. On the CPU this is the analogue of CUDA's
+  `max_memory_allocated`: the bytes held by live tensors at the worst moment, whatever the allocator caches.
+  `at_peak` splits it by component at that moment; `component_peaks` gives each component's own maximum.
+  This is the number the estimate is checked against: RSS also holds the interpreter, the libraries, tokenizer,
+  the allocator's free-but-unreturned pages and the profiler itself; it is reported (baseline before loading,
+  growth, peak during an unprofiled step via VmHWM) but an estimate of tensors cannot predict glibc's caching.
+  On CUDA the same split is made for the GPU's allocations, and max_memory_allocated/reserved are reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+STATIC = ("quantized_weights", "quant_constants", "unquantized_params", "adapters", "optimizer_state")
+TRANSIENT = ("adapter_grads", "activations", "logits_and_loss", "optimizer_state")
+_MARK = "qlora_kit::mark::"
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    model: str = "smollm2-135m"
+    quant: str = "nf4"
+    rank: int = 16
+    seq: int = 256
+    batch: int = 4
+    targets: str = "all-linear"
+    """all-linear, or a comma list of module names (q_proj,v_proj)."""
+    dropout: float = 0.05
+    optimizer: str = "adamw"
+    steps: int = 3
+    """Steps run: the first creates the optimizer state; the last is profiled; those between are timed."""
+    device: str = "cpu"
+    threads: int = 0
+    seed: int = 0
+    loss_chunk: int = 0
+    """Tokens per cross-entropy chunk; 0 keeps loss.CausalLMLoss's default (set to try another value)."""
+
+
+def _rss_kib(field: str = "VmRSS") -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_rss_peak() -> bool:
+    """Linux: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def machine_info() -> dict:
+    """CPU model, cores, RAM and load average: what a benchmark result names its machine by."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = Path("/proc/cpuinfo").read_text()
+        avx512_bf16 = "avx512_bf16" in flags
+    except OSError:
+        avx512_bf16 = None
+    try:
+        import psutil
+
+        ram = psutil.virtual_memory().total
+    except ImportError:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": ram, "avx512_bf16": avx512_bf16,
+            "platform": platform.platform(), "python": platform.python_version(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def recipe_for(cfg: MeasureConfig, data_path: Path):
+    from .config import recipe_from_dict
+
+    return recipe_from_dict({
+        "model": {"path": cfg.model},
+        "quant": {"type": cfg.quant},
+        "lora": {"r": cfg.rank, "alpha": 2 * cfg.rank, "dropout": cfg.dropout,
+                 "targets": cfg.targets if cfg.targets == "all-linear" else cfg.targets.split(",")},
+        "data": {"path": str(data_path), "format": "text", "max_length": cfg.seq},
+        "train": {"steps": cfg.steps, "batch_size": cfg.batch, "optimizer": cfg.optimizer, "device": cfg.device,
+                  "num_threads": cfg.threads, "seed": cfg.seed, "warmup_steps": 0},
+    })
+
+
+def synthetic_batch(vocab: int, batch: int, seq: int, seed: int) -> dict:
+    """(B, S) random token ids, every position labelled, no padding: exactly B x S tokens, B x (S-1) targets."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def static_inventory(model, optimizer) -> dict[str, int]:
+    """Bytes of the tensors that live across steps, by component; a storage shared by two names counts once."""
+    import torch
+
+    from .quant import QuantLinear
+
+    seen: set[int] = set()
+    out = dict.fromkeys(STATIC, 0)
+
+    def add(key, t):
+        if t is None or t.device.type == "meta":
+            return
+        ptr = t.untyped_storage().data_ptr()
+        if ptr and ptr not in seen:
+            seen.add(ptr)
+            out[key] += t.untyped_storage().nbytes()
+
+    for m in model.modules():
+        for name, b in m.named_buffers(recurse=False):
+            add("quantized_weights" if isinstance(m, QuantLinear) and name == "qweight" else
+                "quant_constants" if isinstance(m, QuantLinear) else "unquantized_params", b)
+    head = model.get_output_embeddings()
+    for m in model.modules():  # quant none: the decoder Linears' plain 16-bit weights, as the estimate counts them
+        if isinstance(m, torch.nn.Linear) and m is not head and not m.weight.requires_grad:
+            add("quantized_weights", m.weight)
+    for p in model.parameters():
+        add("adapters" if p.requires_grad else "unquantized_params", p)
+    for m in optimizer.masters:
+        add("optimizer_state", m)
+    for state in optimizer.inner.state.values():
+        for v in state.values():
+            if hasattr(v, "untyped_storage"):
+                add("optimizer_state", v)
+    return out
+
+
+class StepTagger:
+    """Marks, in the profiler's timeline, where the loss head starts and ends and where each adapter gradient is
+    accumulated, with zero-length `record_function` ranges (module and tensor hooks place them)."""
+
+    def __init__(self, model, optimizer):
+        import torch
+
+        self.handles = []
+        decoder = model.get_decoder()
+        norm = getattr(decoder, "norm", None)
+
+        def mark(name):
+            with torch.profiler.record_function(_MARK + name):
+                pass
+
+        def head_start(module, args, kwargs=None):
+            mark("head_start")
+            x = args[0] if args else next(iter((kwargs or {}).values()))
+            if x.requires_grad:  # fires once the gradient of the decoder's last hidden state is complete
+                x.register_hook(lambda g: mark("head_end"))
+
+        if norm is not None:
+            self.handles.append(norm.register_forward_pre_hook(head_start, with_kwargs=True))
+        for p in model.parameters():
+            if p.requires_grad:
+                self.handles.append(p.register_post_accumulate_grad_hook(
+                    lambda p: mark(f"grad::{p.grad.untyped_storage().data_ptr()}")))
+
+        # After backward: instance attributes shadow the optimizer's methods (deleted again in `remove`).
+        self.optimizer = optimizer
+        for name in ("grads_to_masters", "step"):
+            setattr(optimizer, name, self._marked(getattr(optimizer, name), name, mark))
+
+    @staticmethod
+    def _marked(method, name, mark):
+        def wrapper(*args, **kwargs):
+            mark(name)
+            return method(*args, **kwargs)
+        return wrapper
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        del self.optimizer.grads_to_masters, self.optimizer.step
+
+
+def transient_timeline(prof, device_type: str, top_n: int = 8) -> dict:
+    """Replay a profiled step's allocations and frees in time order; tag each allocation by the phase it was made
+    in (decoder, loss head, after backward) or as an adapter gradient; return the split at the transient peak.
+
+    Reads `experimental_event_tree()`, the event tree torch's own memory profiler uses (allocation address, size,
+    time): a private API, pinned by tests/test_memory_measure.py."""
+    from torch._C._profiler import _EventType  # the profiler's event tree: allocation ptr, size, time
+
+    events = []
+
+    def walk(nodes):
+        for n in nodes:
+            if n.tag == _EventType.Allocation:
+                f = n.extra_fields
+                if f.device.type == device_type:
+                    op = n.parent.name if n.parent is not None else ""
+                    events.append((n.start_time_ns, 1, f.ptr, f.alloc_size, op))
+            elif n.name.startswith(_MARK):
+                events.append((n.start_time_ns, 0, n.name[len(_MARK):], 0, ""))
+            walk(n.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
+    events.sort(key=lambda e: (e[0], e[1]))
+    # mark -> (phase, the component of what is allocated from there on)
+    marks = {"head_start": ("loss_head", "logits_and_loss"), "head_end": ("decoder_backward", "activations"),
+             "grads_to_masters": ("optimizer_step", "optimizer_state"), "step": ("optimizer_step", "optimizer_state")}
+    phase, cat_now = "decoder_backward", "activations"
+    live: dict[int, tuple[int, str, str]] = {}  # ptr -> (bytes, component, op)
+    now = dict.fromkeys(TRANSIENT, 0)
+    best, at_peak, own_peak, top, phase_peak, peak_phase = 0, dict(now), dict(now), [], {}, None
+    for _, kind, what, size, op in events:
+        if kind == 0:
+            if what in marks:
+                phase, cat_now = marks[what]
+            elif what.startswith("grad::"):
+                ptr = int(what[6:])
+                if ptr in live and live[ptr][1] != "adapter_grads":
+                    n, cat, o = live[ptr]
+                    now[cat] -= n
+                    now["adapter_grads"] += n
+                    live[ptr] = (n, "adapter_grads", o)
+            continue
+        if size > 0:
+            live[what] = (size, cat_now, op)
+            now[cat_now] += size
+        elif what in live:
+            n, cat, _ = live.pop(what)
+            now[cat] -= n
+        else:
+            continue  # freed, but allocated before profiling started
+        for k, v in now.items():
+            own_peak[k] = max(own_peak[k], v)
+        total = sum(now.values())
+        phase_peak[phase] = max(phase_peak.get(phase, 0), total)
+        if total > best:
+            best, at_peak, peak_phase = total, dict(now), phase
+            top = heapq.nlargest(top_n, live.values())
+    return {"peak": best, "at_peak": at_peak, "component_peaks": own_peak, "peak_phase": peak_phase,
+            "phase_peaks": phase_peak, "largest_at_peak": [{"bytes": n, "component": c, "op": o} for n, c, o in top]}
+
+
+def measure(cfg: MeasureConfig) -> dict:
+    """Load, step, measure: the JSON object `python -m qlora_kit.memory_measure` prints."""
+    rss_base = _rss_kib()
+    import torch
+
+    from . import memory_estimate as me
+    from . import train
+    from .model import resolve
+
+    tmp = tempfile.TemporaryDirectory()
+    data_path = Path(tmp.name) / "one.jsonl"
+    data_path.write_text(json.dumps({"text": "memory measurement"}) + "\n")
+    rss_imports = _rss_kib()
+    p = train.prepare(recipe_for(cfg, data_path))
+    loss_module = getattr(p.loss_fn, "module", p.loss_fn)  # accelerate may wrap it (DDP)
+    if cfg.loss_chunk:
+        loss_module.chunk = cfg.loss_chunk
+    device = p.accelerator.device
+    rss_loaded = _rss_kib()
+    config = json.loads((resolve(cfg.model) / "config.json").read_text())
+    batch = synthetic_batch(config["vocab_size"], cfg.batch, cfg.seq, cfg.seed)
+    cuda = device.type == "cuda"
+
+    def step():
+        return train.train_step(p, [batch], lr=1e-4, max_grad_norm=1.0)
+
+    t0 = time.perf_counter()
+    first = step()
+    first_s = time.perf_counter() - t0
+    static = static_inventory(p.model, p.optimizer)
+    times = []
+    rss_reset = _reset_rss_peak()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(max(cfg.steps - 2, 0)):
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    rss_step_peak = _rss_kib("VmHWM") if rss_reset and times else None
+    cuda_stats = {}
+    if cuda:
+        cuda_stats = {"max_allocated": torch.cuda.max_memory_allocated(), "max_reserved": torch.cuda.max_memory_reserved()}
+
+    tagger = StepTagger(p.model, p.optimizer)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        last = step()
+    tagger.remove()
+    timeline = transient_timeline(prof, device.type)
+    static_total = sum(static.values())
+    if cuda:  # the allocator's own count of the same step: a cross-check of the replayed events
+        cuda_stats["profiled_step_max_allocated"] = torch.cuda.max_memory_allocated()
+
+    def merged(transient: dict) -> dict:  # the estimate's keys and order; cuda_context is not a tensor
+        return {k: static.get(k, 0) + transient.get(k, 0) for k in me.COMPONENTS}
+
+    est_cfg = me.EstimateConfig(quant=cfg.quant, rank=cfg.rank, batch=cfg.batch, seq=cfg.seq,
+                                targets=cfg.targets if cfg.targets == "all-linear" else tuple(cfg.targets.split(",")),
+                                optimizer=cfg.optimizer, device="cuda" if cuda else "cpu", lora_dropout=cfg.dropout,
+                                loss_chunk=loss_module.chunk)
+    e = me.estimate(config, est_cfg)
+    tokens = cfg.batch * cfg.seq
+    out = {
+        "config": asdict(cfg),
+        "device": device.type,
+        "torch_threads": torch.get_num_threads(),
+        "peak_bytes": static_total + timeline["peak"],
+        "static": static,
+        "peak_phase": timeline["peak_phase"],
+        "phases": {k: static_total + v for k, v in timeline["phase_peaks"].items()},
+        "at_peak": merged(timeline["at_peak"]),
+        "component_peaks": merged(timeline["component_peaks"]),
+        "largest_at_peak": timeline["largest_at_peak"],
+        "estimate": e.components, "estimate_total": e.total, "estimate_phase": e.peak_phase,
+        "estimate_phases": e.phases, "estimate_sizes": e.sizes,
+        "estimate_terms": {"activations": e.activation_terms, "logits_and_loss": e.logits_terms},
+        "rss": {"baseline_before_imports": rss_base * 1024, "after_imports": rss_imports * 1024,
+                "after_load": rss_loaded * 1024, "step_peak": None if rss_step_peak is None else rss_step_peak * 1024,
+                "process_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+        "cuda": cuda_stats,
+        "loss": [round(first.loss, 4), round(last.loss, 4)],
+        "first_step_s": round(first_s, 3),
+        "tokens_per_s": round(tokens * len(times) / sum(times), 1) if times else round(tokens / first_s, 1),
+    }
+    out["error"] = (e.total - (me.CUDA_CONTEXT_BYTES if cuda else 0)) / out["peak_bytes"] - 1
+    tmp.cleanup()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, value in asdict(MeasureConfig()).items():
+        ap.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    ap.add_argument("--json", action="store_true", help="print one JSON object (default: a short summary)")
+    args = vars(ap.parse_args(argv))
+    as_json = args.pop("json")
+    from .errors import QloraKitError
+
+    try:
+        result = measure(MeasureConfig(**args))
+    except QloraKitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for k, v in result["at_peak"].items():
+            print(f"{k:20s} {v / 2**20:10.2f} MiB   estimate {result['estimate'].get(k, 0) / 2**20:10.2f} MiB")
+        print(f"peak {result['peak_bytes'] / 2**20:.2f} MiB, estimate {result['estimate_total'] / 2**20:.2f} MiB "
+              f"({result['error']:+.1%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,6 +7,7 @@ import re
 
 import click
 
+from qlora_kit.config import TrainConfig
 from qlora_kit import memory_estimate as me
 from qlora_kit.errors import ConfigError
 
@@ -113,7 +114,7 @@ def _seq_cell(row: dict) -> str:
 @click.option("--batch", type=int, default=_D.batch, show_default=True, help="Examples per micro-batch.")
 @click.option("--checkpointing/--no-checkpointing", default=True, show_default=True)
 @click.option("--compute-dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
-@click.option("--loss-chunk", type=int, default=1024, show_default=True, help="Tokens per cross-entropy chunk.")
+@click.option("--loss-chunk", type=int, default=TrainConfig.loss_chunk, show_default=True, help="Tokens per cross-entropy chunk.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="cuda adds the CUDA context allowance.")
 @click.option("--gpu-mem", default=None, help="Does it fit in this much memory? e.g. 24GiB, 24GB, 16G.")

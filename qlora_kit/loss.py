@@ -27,7 +27,7 @@ class CausalLMLoss(nn.Module):
 
     A module (not a function) so that accelerate/DDP can wrap it: gradient sync happens in its forward."""
 
-    def __init__(self, model: nn.Module, chunk: int = 1024):
+    def __init__(self, model: nn.Module, chunk: int = 256):  # config.TrainConfig.loss_chunk
         super().__init__()
         self.model, self.chunk = model, chunk
 

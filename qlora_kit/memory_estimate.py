@@ -9,7 +9,7 @@ Pure Python: no torch, no bitsandbytes. Each component below has a stable key so
     unquantized_params  embeddings, norms, lm_head (once when tied), Linear biases; 2 bytes each
     adapters            LoRA A (r, in) and B (out, r) per adapted module, compute dtype
     adapter_grads       same size as the adapters
-    optimizer_state     fp32 master copy of bf16 adapters + AdamW exp_avg, exp_avg_sq: fp32, or 8-bit blockwise; paged = unified memory
+    optimizer_state     fp32 master of bf16 adapters + AdamW moments (fp32 or 8-bit blockwise; paged: unified)
     activations         saved for backward (checkpointed: layer inputs + one layer recomputed) + backward workspace
     logits_and_loss     final norm/hidden + one chunk of fp32 logits and their gradients (chunked cross-entropy)
     cuda_context        a stated allowance for the CUDA context and cuBLAS workspace (0 on the CPU)
@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from qlora_kit.config import TrainConfig
 from qlora_kit.errors import ConfigError, ModelError
 
 GiB = 1 << 30
@@ -153,11 +154,9 @@ class EstimateConfig:
     optimizer: OptimizerName = "adamw"
     batch: int = 4
     seq: int = 256
-    checkpointing: bool = True
-    """Non-reentrant activation checkpointing of every decoder layer."""
+    checkpointing: bool = True  # non-reentrant activation checkpointing of every decoder layer
     device: Literal["cuda", "cpu"] = "cuda"
-    loss_chunk: int = 1024
-    """Tokens per cross-entropy chunk: fp32 logits are held for one chunk only."""
+    loss_chunk: int = TrainConfig.loss_chunk  # label tokens per cross-entropy chunk; the trainer's default
     compute_bytes: int = 2
     """Bytes of the compute dtype: activations and adapters (2: bf16, 4: fp32)."""
     lora_dropout: float = 0.05

@@ -81,7 +81,7 @@ def prepare(recipe: Recipe) -> Prepared:
     if t.optimizer != "adamw":
         _probe_bnb_optimizer(t, accelerator.device)
     optimizer = build_optimizer(params, t)
-    loss_fn = accelerator.prepare(CausalLMLoss(model))
+    loss_fn = accelerator.prepare(CausalLMLoss(model, t.loss_chunk))
     return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, lora.param_report(model))
 
 

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from qlora_kit.config import TrainConfig
+
 from qlora_kit import memory_estimate as me
 from qlora_kit.cli.main import main
 from qlora_kit.memory_measure import MeasureConfig, measure
@@ -47,17 +49,19 @@ def test_estimate_within_10_percent_of_measured_peak(measured):
 
 
 def test_estimate_phases_are_consistent():
-    cfg = me.EstimateConfig(batch=4, seq=256, device="cpu")
+    cfg = me.EstimateConfig(batch=4, seq=256, device="cpu", loss_chunk=1024)
     e = me.estimate(me.BUILTIN_CONFIGS["smollm2-135m"], cfg)
     assert e.total == sum(e.components.values()) == max(e.phases.values()) == e.phases[e.peak_phase]
     assert e.peak_phase == "loss_head" and e.components["adapter_grads"] == 0  # grads are None until backward
     assert all(e.sizes[k] >= e.components[k] for k in me.COMPONENTS)
     # the chunk runs over all label tokens of the batch, three fp32 (chunk, V) buffers at once
     assert e.logits_terms["chunk_logits"] == 3 * 4 * (4 * 255) * 49152  # one chunk: 1020 label tokens < 1024
-    two = me.estimate(me.BUILTIN_CONFIGS["smollm2-135m"], me.EstimateConfig(batch=4, seq=512))
+    two = me.estimate(me.BUILTIN_CONFIGS["smollm2-135m"], me.EstimateConfig(batch=4, seq=512, loss_chunk=1024))
     assert two.logits_terms["chunk_logits"] == 3 * 4 * 1024 * 49152  # 2044 label tokens: chunks of 1024
     small = me.estimate(me.BUILTIN_CONFIGS["smollm2-135m"], me.EstimateConfig(batch=1, seq=128, loss_chunk=64))
     assert small.logits_terms["chunk_logits"] == 3 * 4 * 64 * 49152
+    default = me.estimate(me.BUILTIN_CONFIGS["smollm2-135m"], me.EstimateConfig(batch=4, seq=256))
+    assert default.logits_terms["chunk_logits"] == 3 * 4 * TrainConfig.loss_chunk * 49152  # the trainer's default
 
 
 def test_bench_memory_writes_json_md_png(tiny_model, tmp_path):

@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--ours-loss-chunk", type=int, default=256, help="also run ours with this loss chunk (0: no)")
+    ap.add_argument("--ours-loss-chunk", type=int, default=1024, help="also run ours with this loss chunk (0: no)")
     ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--loss-chunk", type=int, default=0, help=argparse.SUPPRESS)

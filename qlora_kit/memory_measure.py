@@ -65,6 +65,8 @@ class MeasureConfig:
     seed: int = 0
     loss_chunk: int = 0
     """Tokens per cross-entropy chunk; 0 keeps loss.CausalLMLoss's default (set to try another value)."""
+    overrides: str = ""
+    """Extra recipe overrides, `;`-separated `section.key=value` (ablations; the estimate does not follow them)."""
 
 
 def _rss_kib(field: str = "VmRSS") -> int:
@@ -119,7 +121,7 @@ def recipe_for(cfg: MeasureConfig, data_path: Path):
         "data": {"path": str(data_path), "format": "text", "max_length": cfg.seq},
         "train": {"steps": cfg.steps, "batch_size": cfg.batch, "optimizer": cfg.optimizer, "device": cfg.device,
                   "num_threads": cfg.threads, "seed": cfg.seed, "warmup_steps": 0},
-    })
+    }, [o for o in cfg.overrides.split(";") if o.strip()])
 
 
 def synthetic_batch(vocab: int, batch: int, seq: int, seed: int) -> dict:

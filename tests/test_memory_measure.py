@@ -93,3 +93,11 @@ def test_bad_grid_script_no_traceback():
     p = subprocess.run([sys.executable, "-m", "qlora_kit.cli.main", "bench", "memory", "batch=four"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("\n") <= 2
+
+
+def test_recipe_overrides_reach_the_measured_recipe(tmp_path):
+    from qlora_kit.memory_measure import MeasureConfig, recipe_for
+
+    r = recipe_for(MeasureConfig(overrides="train.gradient_checkpointing=false; model.dtype=fp32"), tmp_path / "d")
+    assert r.train.gradient_checkpointing is False and r.model.dtype == "fp32"
+    assert recipe_for(MeasureConfig(), tmp_path / "d").train.gradient_checkpointing is True

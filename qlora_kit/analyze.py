@@ -25,11 +25,10 @@ from safetensors import SafetensorError, safe_open
 from . import peft_format
 from .config import BLOCKSIZES, QuantConfig
 from .errors import ConfigError, ModelError
-from .model import resolve, weight_files
+from .model import frozen_dtype, resolve, weight_files
 from .run_dir import adapter_source
 
 RANK_TOL = 1e-6  # singular values below RANK_TOL * s_max count as zero (directions of a rank-deficient update)
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # ---- the math: pure functions over tensors ---------------------------------------------------------------------
@@ -184,8 +183,7 @@ class BaseWeights:
             raise ModelError(f"{key} in {self.folder} has shape {tuple(w.shape)}, but the adapter's B @ A is "
                              f"{shape}; the adapter was trained on another model. Pass the right one with --base.")
         if self.dtype is not None:
-            auto = w.dtype if w.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-            w = w.to(auto if self.dtype == "auto" else _DTYPES[self.dtype])
+            w = w.to(frozen_dtype(self.dtype, w.dtype))
         if self.spec is None:
             return w.float()
         from .quant import roundtrip

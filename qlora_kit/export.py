@@ -35,7 +35,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -263,7 +262,7 @@ def export(source: str | Path, opts: Options) -> Result:
         raise ExportError(f"the base {base} is already quantized ({raw_config['quantization_config'].get('quant_method')}); "
                           "pass the original 16-bit checkpoint with --base.")
     out_dtype = quant.DTYPES[opts.dtype or "bf16"]
-    frozen = frozen_dtype(src.model_cfg, SimpleNamespace(dtype=raw_config.get("dtype") or raw_config.get("torch_dtype")))
+    frozen = frozen_dtype(src.model_cfg.dtype, raw_config.get("dtype") or raw_config.get("torch_dtype"))
     qspec, to_quantize = None, set()
     if opts.format == "quantized":
         t = src.trained_with

@@ -155,12 +155,13 @@ def _read_json(path: Path) -> dict:
     return raw
 
 
-def frozen_dtype(cfg: ModelConfig, config) -> torch.dtype:
-    if cfg.dtype != "auto":
-        return DTYPES[cfg.dtype]
-    d = getattr(config, "dtype", None)
-    d = getattr(torch, d) if isinstance(d, str) else d
-    return d if d in (torch.bfloat16, torch.float16) else torch.bfloat16  # never up-cast frozen weights to fp32
+def frozen_dtype(choice: str, stored: torch.dtype | str | None) -> torch.dtype:
+    """dtype of the unquantized frozen weights: `choice` (model.dtype) unless `auto`, else the checkpoint's dtype
+    `stored` (a torch dtype or its config.json name) when it is 16-bit, bf16 otherwise: never an fp32 up-cast."""
+    if choice != "auto":
+        return DTYPES[choice]
+    d = getattr(torch, stored, None) if isinstance(stored, str) else stored
+    return d if d in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
 def _read_tensors(path: Path, allow_pickle: bool):
@@ -207,7 +208,7 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
     folder = resolve(model_cfg.path)
     config = load_config(folder, model_cfg.trust_remote_code)
     files = weight_files(folder, model_cfg.allow_pickle)
-    dtype, device = frozen_dtype(model_cfg, config), torch.device(device)
+    dtype, device = frozen_dtype(model_cfg.dtype, getattr(config, "dtype", None)), torch.device(device)
     spec = QuantSpec.from_config(quant_cfg)
     config.use_cache = False  # training: the KV cache only costs memory (generate turns it back on)
     with init_empty_weights(include_buffers=False):  # params on meta; buffers (rotary inv_freq) stay real

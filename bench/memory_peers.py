@@ -41,13 +41,6 @@ TINY = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_att
             vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
 
 
-def _rss_kib(field: str = "VmRSS") -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def build_tiny(folder: Path, tokenizer_from: Path) -> Path:
     """A random Llama (hidden 256, 4 layers, vocab 32000; every in_features a multiple of 64, section 5), bf16."""
     import torch
@@ -77,9 +70,9 @@ def child(args) -> dict:
         args.loss_chunk = 0
     else:
         from qlora_kit import train  # noqa: F401
-    from qlora_kit.memory_measure import synthetic_batch, transient_timeline
+    from qlora_kit.memory_measure import rss_kib, synthetic_batch, transient_timeline
 
-    baseline = _rss_kib()
+    baseline = rss_kib()
     config = json.loads((Path(args.model) / "config.json").read_text())
     batch = synthetic_batch(config["vocab_size"], args.batch, args.seq, seed=0)
     t0 = time.perf_counter()
@@ -90,7 +83,7 @@ def child(args) -> dict:
     t0 = time.perf_counter()
     losses += [step() for _ in range(args.steps)]
     elapsed = time.perf_counter() - t0
-    step_peak = _rss_kib("VmHWM")
+    step_peak = rss_kib("VmHWM")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     return {"impl": args.child + (f" (loss chunk {args.loss_chunk})" if args.loss_chunk else ""),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -43,8 +42,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def proc_status(key: str) -> int:
     """VmRSS / VmHWM of this process in bytes. VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec,
     so a worker's ru_maxrss would include the driver's RSS at the fork."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+    from qlora_kit.memory_measure import rss_kib
+
+    return rss_kib(key) * 1024
 
 
 def worker(args) -> None:
@@ -74,43 +74,18 @@ def worker(args) -> None:
 
 
 def build_random_model(name_or_config: str, folder: Path, shard_bytes: int = 1 << 30) -> Path:
-    """A random bf16 Llama written from a config on disk, shard by shard (at most one shard in memory)."""
-    import torch
-    from accelerate import init_empty_weights
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """A random bf16 Llama from a preset or a config.json on disk, shard by shard (benchlib.build_random_llama)."""
+    from transformers import LlamaConfig
 
-    folder.mkdir(parents=True, exist_ok=True)
+    from benchlib import build_random_llama
+
     if name_or_config in RANDOM_CONFIGS:
-        LlamaConfig(**RANDOM_CONFIGS[name_or_config], max_position_embeddings=4096, dtype="bfloat16",
-                    bos_token_id=1, eos_token_id=2).save_pretrained(folder)
+        config = LlamaConfig(**RANDOM_CONFIGS[name_or_config], max_position_embeddings=4096, dtype="bfloat16",
+                             bos_token_id=1, eos_token_id=2)
     else:
-        shutil.copy(name_or_config, folder / "config.json")
-    config = LlamaConfig.from_pretrained(folder)
-    with init_empty_weights():
-        meta = AutoModelForCausalLM.from_config(config)
-    params = [(n, tuple(p.shape)) for n, p in meta.named_parameters()]
-    groups, size = [[]], 0
-    for n, shape in params:
-        nbytes = 2 * int(torch.Size(shape).numel())
-        if groups[-1] and size + nbytes > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append((n, shape))
-        size += nbytes
-    g = torch.Generator().manual_seed(0)
-    weight_map, total = {}, 0
-    for k, group in enumerate(groups):
-        fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {n: (torch.ones(s, dtype=torch.bfloat16) if len(s) == 1 else
-                       torch.randn(s, generator=g, dtype=torch.bfloat16).mul_(0.02)) for n, s in group}
-        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
-        total += sum(t.numel() * 2 for t in tensors.values())
-        weight_map |= {n: fname for n in tensors}
-        del tensors
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return folder
+        config = LlamaConfig.from_pretrained(Path(name_or_config).parent if name_or_config.endswith(".json")
+                                             else name_or_config)
+    return build_random_llama(folder, config, shard_bytes)
 
 
 def random_adapter(base: Path, folder: Path, r: int = 16) -> Path:
@@ -134,17 +109,15 @@ def random_adapter(base: Path, folder: Path, r: int = 16) -> Path:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    mem = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal"))
     import peft
     import torch
     import transformers
 
     from qlora_kit import quant
+    from qlora_kit.memory_measure import machine_info
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": mem, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "bitsandbytes": quant.bitsandbytes_version()}
+    return {**machine_info(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "bitsandbytes": quant.bitsandbytes_version()}
 
 
 def run_one(variant: str, base: Path, adapter: Path, out: Path, env: dict) -> dict:

@@ -69,7 +69,7 @@ class MeasureConfig:
     """Extra recipe overrides, `;`-separated `section.key=value` (ablations; the estimate does not follow them)."""
 
 
-def _rss_kib(field: str = "VmRSS") -> int:
+def rss_kib(field: str = "VmRSS") -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -278,7 +278,7 @@ def transient_timeline(prof, device_type: str, top_n: int = 8) -> dict:
 
 def measure(cfg: MeasureConfig) -> dict:
     """Load, step, measure: the JSON object `python -m qlora_kit.memory_measure` prints."""
-    rss_base = _rss_kib()
+    rss_base = rss_kib()
     import torch
 
     from . import memory_estimate as me
@@ -288,13 +288,13 @@ def measure(cfg: MeasureConfig) -> dict:
     tmp = tempfile.TemporaryDirectory()
     data_path = Path(tmp.name) / "one.jsonl"
     data_path.write_text(json.dumps({"text": "memory measurement"}) + "\n")
-    rss_imports = _rss_kib()
+    rss_imports = rss_kib()
     p = train.prepare(recipe_for(cfg, data_path))
     loss_module = getattr(p.loss_fn, "module", p.loss_fn)  # accelerate may wrap it (DDP)
     if cfg.loss_chunk:
         loss_module.chunk = cfg.loss_chunk
     device = p.accelerator.device
-    rss_loaded = _rss_kib()
+    rss_loaded = rss_kib()
     config = json.loads((resolve(cfg.model) / "config.json").read_text())
     batch = synthetic_batch(config["vocab_size"], cfg.batch, cfg.seq, cfg.seed)
     cuda = device.type == "cuda"
@@ -317,7 +317,7 @@ def measure(cfg: MeasureConfig) -> dict:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    rss_step_peak = _rss_kib("VmHWM") if rss_reset and times else None
+    rss_step_peak = rss_kib("VmHWM") if rss_reset and times else None
     cuda_stats = {}
     if cuda:
         cuda_stats = {"max_allocated": torch.cuda.max_memory_allocated(), "max_reserved": torch.cuda.max_memory_reserved()}

@@ -48,32 +48,37 @@ def _attach(model: torch.nn.Module, adapter: peft_format.Adapter, dtype: torch.d
         raise ModelError(f"the adapter does not fit the base: {e}. Pass the base it was trained on with --base.") from None
 
 
+def _base_config(source: str, base: str | None, allow_pickle: bool,
+                 trust_remote_code: bool) -> tuple[ModelConfig, Recipe | None]:
+    """The base model to load for `source` (a run folder: its recipe's model; an adapter folder: its base_model;
+    else a model folder or name), `base` overriding; and the run's recipe when `source` is a run. The CLI flags
+    add to what a run's recipe already allows, never remove."""
+    p = Path(source)
+    if p.is_dir() and is_run_dir(p):
+        recipe = load_recipe(p / "recipe.yaml")
+        m = recipe.model
+        return ModelConfig(base or m.path, m.dtype, m.allow_pickle or allow_pickle,
+                           m.trust_remote_code or trust_remote_code), recipe
+    if p.is_dir() and (p / peft_format.CONFIG_NAME).is_file():
+        base = base or peft_format.load_adapter(p).base_model
+        if not base:
+            raise ModelError(f"{p}: the adapter does not name its base model; pass --base MODEL.")
+        source = base
+    return ModelConfig(base or source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code), None
+
+
 def load(path: str, base: str | None = None, quant: QuantConfig | None = None, device: str = "cpu",
          allow_pickle: bool = False, trust_remote_code: bool = False) -> Loaded:
     """`path` is a run folder, a PEFT adapter folder (base from --base or its config), or a model (folder/name).
     allow_pickle / trust_remote_code (the CLI flags) add to what a run's recipe already allows, never remove."""
+    model_cfg, recipe = _base_config(path, base, allow_pickle, trust_remote_code)
+    model, tok, _ = load_base(model_cfg, quant or (recipe.quant if recipe else QuantConfig()), device)
+    loaded = Loaded(model, tok, *((recipe.data.format, recipe.data.system_prompt) if recipe else ("alpaca", None)))
     p = Path(path)
-    if p.is_dir() and is_run_dir(p):
-        recipe: Recipe = load_recipe(p / "recipe.yaml")
-        adapter = peft_format.load_adapter(p / "adapter")
-        model_cfg = ModelConfig(base or recipe.model.path, recipe.model.dtype, recipe.model.allow_pickle or allow_pickle,
-                                recipe.model.trust_remote_code or trust_remote_code)
-        model, tok, _ = load_base(model_cfg, quant or recipe.quant, device)
-        _attach(model, adapter, DTYPES[recipe.quant.compute_dtype])
-        loaded = Loaded(model, tok, recipe.data.format, recipe.data.system_prompt)
+    if recipe is not None:
+        _attach(model, peft_format.load_adapter(p / "adapter"), DTYPES[recipe.quant.compute_dtype])
     elif p.is_dir() and (p / peft_format.CONFIG_NAME).is_file():
-        adapter = peft_format.load_adapter(p)
-        base = base or adapter.base_model
-        if not base:
-            raise ModelError(f"{p}: the adapter does not name its base model; pass --base MODEL.")
-        model, tok, _ = load_base(ModelConfig(base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code),
-                                  quant or QuantConfig(), device)
-        _attach(model, adapter, torch.bfloat16)
-        loaded = Loaded(model, tok)
-    else:
-        model, tok, _ = load_base(ModelConfig(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code),
-                                  quant or QuantConfig(), device)
-        loaded = Loaded(model, tok)
+        _attach(model, peft_format.load_adapter(p), torch.bfloat16)
     loaded.model.eval()
     loaded.model.config.use_cache = True
     return loaded
@@ -86,9 +91,7 @@ def answer(loaded: Loaded, prompts: list[str], max_new_tokens: int = 64, raw: bo
     tok, model = loaded.tokenizer, loaded.model
     outs = []
     for prompt in prompts:  # one at a time: no padding questions, and CPU batches of 1 are fast enough here
-        ids = (tok(prompt, add_special_tokens=True)["input_ids"] if raw
-               else data.encode_prompt(prompt, tok, loaded.data_format, loaded.system_prompt))
-        x = torch.tensor([ids], device=next(model.parameters()).device)
+        x = torch.tensor([encode(loaded, prompt, None, raw)], device=next(model.parameters()).device)
         kwargs = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                            pad_token_id=data.pad_token_id(tok), **kwargs)
@@ -108,20 +111,7 @@ def load_many(source: str, adapters: Mapping[str, str], base: str | None = None,
         multi_lora.check_name(name)
         adapter_dir, recipe = adapter_source(path)
         found[name] = (peft_format.load_adapter(adapter_dir), recipe)
-    p = Path(source)
-    recipe: Recipe | None = None
-    if p.is_dir() and is_run_dir(p):
-        recipe = load_recipe(p / "recipe.yaml")
-        model_cfg = ModelConfig(base or recipe.model.path, recipe.model.dtype,
-                                recipe.model.allow_pickle or allow_pickle,
-                                recipe.model.trust_remote_code or trust_remote_code)
-    elif p.is_dir() and (p / peft_format.CONFIG_NAME).is_file():
-        name = base or peft_format.load_adapter(p).base_model
-        if not name:
-            raise ModelError(f"{p}: the adapter does not name its base model; pass --base MODEL.")
-        model_cfg = ModelConfig(name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    else:
-        model_cfg = ModelConfig(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    model_cfg, recipe = _base_config(source, base, allow_pickle, trust_remote_code)
     run_quants = [r.quant for _, r in found.values() if r is not None]
     quant = quant or (recipe.quant if recipe is not None else run_quants[0] if run_quants else QuantConfig())
     model, tok, _ = load_base(model_cfg, quant, device)  # the base, loaded and quantized once

@@ -34,14 +34,18 @@ class Loaded:
 
 
 def _attach(model: torch.nn.Module, adapter: peft_format.Adapter, dtype: torch.dtype) -> None:
-    spec = lora.LoraSpec(adapter.r, adapter.alpha, 0.0, "kaiming", adapter.rslora, dtype)
+    """Wrap each adapted module in a LoRALinear of ITS rank and scale (PEFT's rank_pattern / alpha_pattern give
+    modules their own), then copy the adapter's tensors in."""
     modules = adapter.modules()
     present = set(lora.linear_names(model))
     missing = [m for m in modules if m not in present]
     if missing:
         raise ModelError(f"the adapter targets modules the base does not have, e.g. {missing[:3]}: "
                          "it was trained on a different model; pass the right --base.")
-    lora.inject(model, modules, spec)  # full names match exactly (lora.match_targets' list rule)
+    for m in modules:
+        r = adapter.pair(m)[0].shape[0]
+        lora.inject(model, [m], lora.LoraSpec(r, adapter.alpha, 0.0, "kaiming", adapter.rslora, dtype))
+        model.get_submodule(m).scaling = adapter.module_scaling(m)
     try:
         lora.load_adapter_state(model, adapter.tensors)
     except ValueError as e:

@@ -40,11 +40,11 @@ from typing import Literal
 import torch
 
 from . import lora, peft_format, quant
-from .config import ModelConfig, load_recipe
+from .config import ModelConfig
 from .errors import ExportError, ModelError
 from .export_files import atomic_folder, copy_tokenizer, linear_weights, write_config, writing
 from .model import BUILTINS, cache_dir, frozen_dtype, resolve
-from .run_dir import run_of
+from .run_dir import adapter_source
 from .shards import Entry, ShardWriter, TensorInfo, parse_size, plan_shards, read_tensor, row_blocks, shard_names
 from .shards import tensor_index, write_index
 
@@ -99,20 +99,16 @@ def free_bytes(path: Path) -> int:
 
 def open_source(path: str | Path, base: str | None = None, quant_type: str | None = None) -> Source:
     """A run folder (its adapter/, recipe quant settings and base) or a PEFT LoRA adapter folder."""
-    path = Path(path)
-    run = run_of(path)
-    if run is not None:
-        recipe = load_recipe(run / "recipe.yaml")
-        if not (run / "adapter" / peft_format.WEIGHTS_NAME).is_file():
-            raise ExportError(f"{run} has no adapter/ yet: its training has not finished. Finish it with "
-                              f"`qlora-kit train {run}/recipe.yaml --out {run} --resume`.")
+    adapter_dir, recipe = adapter_source(path)  # a run folder (or RUN/adapter) comes with its recipe
+    if recipe is not None:
         spec = quant.QuantSpec.from_config(recipe.quant)
         if quant_type and spec.type != "none" and quant_type != spec.type:
             raise ExportError(f"--quant {quant_type}: this run was trained with quant.type {spec.type} "
                               "(recipe.yaml); drop --quant.")
-        adapter = peft_format.load_adapter(run / "adapter")
+        adapter = peft_format.load_adapter(adapter_dir)
         model_cfg = dataclasses.replace(recipe.model, path=base or recipe.model.path)
     else:
+        path = adapter_dir
         if not (path / peft_format.CONFIG_NAME).is_file():
             raise ExportError(f"{path} is neither a run folder (recipe.yaml + adapter/) nor a PEFT adapter folder "
                               f"({peft_format.CONFIG_NAME} + {peft_format.WEIGHTS_NAME}).")

@@ -21,11 +21,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from . import checkpoint, data, lora, peft_format
+from . import checkpoint, data, lora, peft_format, tiled_mlp
+from . import offload as offload_mod
 from .config import Recipe, dump_recipe
 from .errors import ConfigError, TrainingInterrupted, TrainingStopped
 from .loss import CausalLMLoss
 from .model import load_base
+from .offload import OffloadStore
 from .optim import MasterWeightOptimizer, build_optimizer, lr_factor
 
 
@@ -39,6 +41,7 @@ class Prepared:
     dataset: data.Dataset
     targets: list[str]
     report: lora.ParamReport
+    offload: OffloadStore | None = None  # train.offload_activations: where the layer inputs live between passes
 
 
 def lora_spec(recipe: Recipe) -> lora.LoraSpec:
@@ -59,6 +62,9 @@ def prepare(recipe: Recipe) -> Prepared:
     if t.optimizer.startswith("paged") and not torch.cuda.is_available():
         raise ConfigError(f"train.optimizer={t.optimizer} pages optimizer state through CUDA unified memory, "
                           "which needs a CUDA GPU; use adamw or adamw8bit on the CPU.")
+    if t.offload_activations and not t.gradient_checkpointing:
+        raise ConfigError("train.offload_activations moves the checkpointed layer inputs to host memory, so it "
+                          "needs train.gradient_checkpointing=true; turn one on or the other off.")
     data.load_records(recipe.data.path, recipe.data.format)  # a bad line fails now, not after a long model load
     accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision="no")  # dtypes are ours: bf16 compute
     seed_everything(t.seed)
@@ -70,6 +76,11 @@ def prepare(recipe: Recipe) -> Prepared:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    offload = None
+    if t.offload_activations:
+        offload = OffloadStore(accelerator.device)
+        offload_mod.enable(model, offload)
+    tiled_mlp.tile_mlps(model, t.mlp_chunk)
     _check_rank(model, recipe)
     try:
         targets = lora.inject(model, recipe.lora.targets, lora_spec(recipe))
@@ -82,7 +93,8 @@ def prepare(recipe: Recipe) -> Prepared:
         _probe_bnb_optimizer(t, accelerator.device)
     optimizer = build_optimizer(params, t)
     loss_fn = accelerator.prepare(CausalLMLoss(model, t.loss_chunk))
-    return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, lora.param_report(model))
+    return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, lora.param_report(model),
+                    offload)
 
 
 def _check_rank(model: torch.nn.Module, recipe: Recipe) -> None:

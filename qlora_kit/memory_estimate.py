@@ -160,9 +160,17 @@ class EstimateConfig:
     compute_bytes: int = 2
     """Bytes of the compute dtype: activations and adapters (2: bf16, 4: fp32)."""
     lora_dropout: float = 0.05
-    """> 0: each adapter keeps its own dropped copy of its input and a bool mask (nn.Dropout)."""
+    """> 0 with replay_dropout=False: each adapter keeps its own dropped copy of its input and a mask (nn.Dropout)."""
+    replay_dropout: bool = True
+    """LoRA dropout masks regenerated in backward from the RNG state (dropout_replay.py): nothing saved but x."""
+    offload_activations: bool = False
+    """Checkpointed layer inputs in host memory (offload.py): 2 on the device in backward, all L on the host."""
+    mlp_chunk: int = 0
+    """> 0: tiled MLP (tiled_mlp.py): one chunk's intermediates at a time."""
 
     def __post_init__(self):
+        if not isinstance(self.mlp_chunk, int) or self.mlp_chunk < 0:
+            raise ConfigError(f"mlp_chunk must be an integer >= 0 (0: off), got {self.mlp_chunk!r}")
         for name in ("rank", "batch", "seq", "loss_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -189,6 +197,7 @@ class Estimate:
     peak_phase: str  # "loss_head" | "decoder_backward" | "optimizer_step": where the peak (`total`) happens
     phases: dict[str, int]  # each phase's total (static components + that phase's transient tensors)
     sizes: dict[str, int]  # each component's own maximum over the step, whichever phase it peaks in
+    host: dict[str, int] = field(default_factory=dict)  # host (CPU RAM) bytes outside `total`: offloaded_activations
     total: int = field(init=False)
 
     def __post_init__(self):
@@ -248,9 +257,10 @@ def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, .
     def lora_inputs(modules: tuple[str, ...], width: int, shared: bool = False) -> int:
         # The frozen quantized base saves nothing (it re-dequantizes W in backward); lora_A saves its input.
         hit = sum(m in adapted for m in modules)
-        if cfg.lora_dropout > 0:  # each adapter: its own dropped copy (T, width) c + its mask (T, width):
-            return hit * (c + mask) * T * width  # bool from CUDA's fused dropout, compute dtype on the CPU
-        return c * T * width if hit and not shared else 0  # (T, width) the common input, saved once
+        if cfg.lora_dropout > 0 and not cfg.replay_dropout:  # nn.Dropout: per adapter a dropped copy (T, width) c
+            return hit * (c + mask) * T * width  # + its mask: bool from CUDA's fused dropout, c on the CPU
+        # (T, width) the common input, saved once (replayed dropout saves x too, not a dropped copy)
+        return c * T * width if hit and not shared else 0
 
     terms = {
         "attn_norm": 4 * T * (H + 1),  # (B, S, H) fp32: RMSNorm's upcast input (pow, mul) + rsqrt (B, S, 1)
@@ -259,20 +269,45 @@ def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, .
         "attn_output": c * T * q + 4 * cfg.batch * s.heads * cfg.seq,  # (B, nh, S, hd) c + logsumexp (B, nh, S) fp32
         "o_input": lora_inputs(("o_proj",), q, shared=True),  # (B, S, nh*hd) a view of the SDPA output
         "mlp_norm": 4 * T * (H + 1),  # (B, S, H) fp32 + (B, S, 1) fp32, post-attention RMSNorm
-        "gate_up_inputs": lora_inputs(("gate_proj", "up_proj"), H),  # (B, S, H) normed hidden
-        "mlp_hidden": 3 * c * T * I,  # (B, S, I) x3: gate output (saved by SiLU), SiLU output and up output (by mul)
-        "down_input": lora_inputs(("down_proj",), I),  # (B, S, I) silu(gate) * up
-        "lora_hidden": c * T * r * len(adapted),  # (B, S, r) per adapter: A's output, saved by B
+        **mlp_saved(s, cfg, adapted, T),
+        "lora_hidden": c * T * r * sum(m in adapted for m in ATTENTION),  # (B, S, r) per adapter: A's output
     }
+    if tiled(cfg):  # the tiled MLP saves only its input x (B, S, H), the normed hidden the adapters read
+        terms.update(gate_up_inputs=c * T * H, mlp_hidden=0, down_input=0, mlp_lora_hidden=0)
     if s.model_type == "qwen3":
         terms["qk_norms"] = 4 * T * (q + kv + s.heads + s.kv_heads)  # q_norm, k_norm: fp32 inputs + rsqrt
     return terms
 
 
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def tiled(cfg: EstimateConfig) -> bool:
+    return 0 < cfg.mlp_chunk < cfg.seq  # tiled_mlp.py runs the plain MLP when the sequence fits in one chunk
+
+
+def mlp_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: int) -> dict[str, int]:
+    """What autograd saves in one Llama MLP for T tokens (the whole batch, or one tile of a tiled MLP)."""
+    c, H, I = cfg.compute_bytes, s.hidden, s.intermediate
+    mask = 1 if cfg.device == "cuda" else c
+    copies = cfg.lora_dropout > 0 and not cfg.replay_dropout  # nn.Dropout: a dropped copy + mask per adapter
+    gu = sum(m in adapted for m in ("gate_proj", "up_proj"))
+    down = "down_proj" in adapted
+    return {
+        "gate_up_inputs": gu * (c + mask) * T * H if copies else (c * T * H if gu else 0),  # (B, S, H) normed
+        "mlp_hidden": 3 * c * T * I,  # (B, S, I) x3: gate output (saved by SiLU), SiLU output and up output (by mul)
+        "down_input": (down * (c + mask) if copies else c * down) * T * I,  # (B, S, I) silu(gate) * up
+        "mlp_lora_hidden": c * T * cfg.rank * sum(m in adapted for m in MLP),  # (B, S, r) A's outputs
+    }
+
+
 def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...]) -> dict[str, int]:
     T, c = cfg.batch * cfg.seq, cfg.compute_bytes
     layer = sum(layer_activations(s, cfg, adapted).values())
-    terms = {"layer_inputs": s.layers * c * T * s.hidden,  # (B, S, H) per layer: what a checkpoint keeps
+    # (B, S, H) per layer: what a checkpoint keeps; offloaded: only the layer in backward + the prefetched one
+    kept_layers = 2 if cfg.offload_activations else s.layers
+    terms = {"layer_inputs": kept_layers * c * T * s.hidden,
              "recomputed_layer": layer}  # one layer's full set, rebuilt during its backward
     if not cfg.checkpointing:
         terms = {"all_layers": s.layers * layer}
@@ -283,7 +318,14 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
         # quant.py dequantizes these in plain torch on the CPU (ARCHITECTURE.md section 5): int64 codes + fp32
         # values of the whole weight are live together (measured: 12 bytes per weight at the step's peak).
         terms["dequant_workspace"] = 12 * max(misaligned)
-    terms["backward_grads"] = c * T * 2 * (s.hidden + s.intermediate)  # in-flight grads: (B,S,H) x2, (B,S,I) x2
+    if tiled(cfg):
+        # One tile's MLP recomputed and differentiated at a time: its saved set and (B, N, I) x2 gradients, plus
+        # the full-size (B, S, H) input gradient the tiles are written into.
+        n = cfg.batch * cfg.mlp_chunk
+        terms["mlp_tile"] = sum(mlp_saved(s, cfg, adapted, n).values()) + c * n * 2 * s.intermediate + c * T * s.hidden
+        terms["backward_grads"] = c * T * 2 * s.hidden  # in-flight grads: (B,S,H) x2
+    else:
+        terms["backward_grads"] = c * T * 2 * (s.hidden + s.intermediate)  # in-flight: (B,S,H) x2, (B,S,I) x2
     return terms
 
 
@@ -326,15 +368,21 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     }
     grads = cfg.compute_bytes * n_adapter
     kept = acts["all_layers"] if "all_layers" in acts else acts["layer_inputs"]  # live in every phase
+    offloaded = cfg.offload_activations and cfg.checkpointing
+    one_input = cfg.compute_bytes * cfg.batch * cfg.seq * s.hidden
+    host = {"offloaded_activations": s.layers * one_input} if offloaded else {}
     master_grads = 4 * n_adapter if cfg.compute_bytes < 4 else 0  # optim.grads_to_masters: p.grad.float()
     # Backward runs from the last layer down: each layer frees what it kept and adds its adapters' gradients, so the
     # worst moment is the first layer done (everything kept, one layer's gradients) or the last (one layer kept,
     # every gradient); the layer being done adds its recomputed activations and the backward workspace.
     L, working = s.layers, sum(acts.values()) - kept
-    top, bottom = (kept + grads // L, kept // L + grads)
-    dec_acts, dec_grads = (kept, grads // L) if top >= bottom else (kept // L, grads)
+    # offloaded: 2 inputs on the device at the top layer (its own + the prefetched), 1 at the bottom (nothing left
+    # to prefetch); none at the loss head (all on the host)
+    head_kept, low = (0, one_input) if offloaded else (kept, kept // L)
+    top, bottom = (kept + grads // L, low + grads)
+    dec_acts, dec_grads = (kept, grads // L) if top >= bottom else (low, grads)
     transient = {  # phase -> the step-dependent components live at that phase's peak
-        "loss_head": {"adapter_grads": 0, "activations": kept, "logits_and_loss": sum(logits.values())},
+        "loss_head": {"adapter_grads": 0, "activations": head_kept, "logits_and_loss": sum(logits.values())},
         "decoder_backward": {"adapter_grads": dec_grads, "activations": dec_acts + working, "logits_and_loss": 0},
         "optimizer_step": {"adapter_grads": grads, "activations": 0, "logits_and_loss": 0,
                            "optimizer_state": master_grads},  # the masters' fp32 gradients: optimizer machinery
@@ -348,7 +396,7 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     unchunked = logits["final_norm"] + cfg.compute_bytes * cfg.batch * cfg.seq * s.hidden + \
         3 * 4 * cfg.batch * cfg.seq * s.vocab
     return Estimate(components, s, adapted, n_adapter, (wq + cq) * 8 / s.linear_params, acts, logits,
-                    unchunked, optim if cfg.optimizer.startswith("paged") else 0, peak, phases, sizes)
+                    unchunked, optim if cfg.optimizer.startswith("paged") else 0, peak, phases, sizes, host)
 
 
 def max_seq_table(config: dict, cfg: EstimateConfig, gpus_gib=GPU_SIZES_GIB) -> list[dict]:

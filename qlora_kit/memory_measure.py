@@ -65,6 +65,12 @@ class MeasureConfig:
     seed: int = 0
     loss_chunk: int = 0
     """Tokens per cross-entropy chunk; 0 keeps loss.CausalLMLoss's default (set to try another value)."""
+    offload_activations: bool = False
+    """train.offload_activations: checkpointed layer inputs in host memory (reported apart: `host`)."""
+    mlp_chunk: int = 0
+    """train.mlp_chunk: tiled MLP (0: off)."""
+    replay_dropout: bool = True
+    """False: LoRA dropout as plain nn.Dropout (saved copies), to measure what replaying the masks saves."""
     overrides: str = ""
     """Extra recipe overrides, `;`-separated `section.key=value` (ablations; the estimate does not follow them)."""
 
@@ -120,7 +126,8 @@ def recipe_for(cfg: MeasureConfig, data_path: Path):
                  "targets": cfg.targets if cfg.targets == "all-linear" else cfg.targets.split(",")},
         "data": {"path": str(data_path), "format": "text", "max_length": cfg.seq},
         "train": {"steps": cfg.steps, "batch_size": cfg.batch, "optimizer": cfg.optimizer, "device": cfg.device,
-                  "num_threads": cfg.threads, "seed": cfg.seed, "warmup_steps": 0},
+                  "num_threads": cfg.threads, "seed": cfg.seed, "warmup_steps": 0,
+                  "offload_activations": cfg.offload_activations, "mlp_chunk": cfg.mlp_chunk},
     }, [o for o in cfg.overrides.split(";") if o.strip()])
 
 
@@ -289,6 +296,9 @@ def measure(cfg: MeasureConfig) -> dict:
     data_path = Path(tmp.name) / "one.jsonl"
     data_path.write_text(json.dumps({"text": "memory measurement"}) + "\n")
     rss_imports = rss_kib()
+    from .lora import LoRALinear
+
+    LoRALinear.replay_dropout = cfg.replay_dropout  # one configuration per process: a class switch is enough
     p = train.prepare(recipe_for(cfg, data_path))
     loss_module = getattr(p.loss_fn, "module", p.loss_fn)  # accelerate may wrap it (DDP)
     if cfg.loss_chunk:
@@ -340,7 +350,8 @@ def measure(cfg: MeasureConfig) -> dict:
     est_cfg = me.EstimateConfig(quant=cfg.quant, rank=cfg.rank, batch=cfg.batch, seq=cfg.seq,
                                 targets=cfg.targets if cfg.targets == "all-linear" else tuple(cfg.targets.split(",")),
                                 optimizer=cfg.optimizer, device="cuda" if cuda else "cpu", lora_dropout=cfg.dropout,
-                                loss_chunk=loss_module.chunk)
+                                loss_chunk=loss_module.chunk, replay_dropout=cfg.replay_dropout,
+                                offload_activations=cfg.offload_activations, mlp_chunk=cfg.mlp_chunk)
     e = me.estimate(config, est_cfg)
     tokens = cfg.batch * cfg.seq
     out = {
@@ -357,6 +368,9 @@ def measure(cfg: MeasureConfig) -> dict:
         "estimate": e.components, "estimate_total": e.total, "estimate_phase": e.peak_phase,
         "estimate_phases": e.phases, "estimate_sizes": e.sizes,
         "estimate_terms": {"activations": e.activation_terms, "logits_and_loss": e.logits_terms},
+        # host memory outside the device peak: the offload store's buffers (pinned on CUDA), and the estimate's
+        "host": {"offloaded_activations": p.offload.host_bytes() if p.offload else 0},
+        "estimate_host": e.host,
         "rss": {"baseline_before_imports": rss_base * 1024, "after_imports": rss_imports * 1024,
                 "after_load": rss_loaded * 1024, "step_peak": None if rss_step_peak is None else rss_step_peak * 1024,
                 "process_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
@@ -373,7 +387,8 @@ def measure(cfg: MeasureConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, value in asdict(MeasureConfig()).items():
-        ap.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+        kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
+        ap.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
     ap.add_argument("--json", action="store_true", help="print one JSON object (default: a short summary)")
     args = vars(ap.parse_args(argv))
     as_json = args.pop("json")

@@ -12,7 +12,8 @@ MLP is one autograd Function:
 Parameter gradients are summed over the chunks and returned to autograd as the Function's own input gradients, so
 hooks and accumulation behave as for any parameter. Results equal the untiled MLP up to float summation order
 (tests/test_long_context.py, fp32; with dropout the masks are drawn per chunk, so they differ from an untiled
-run's). Cost: the MLP's forward runs once more (three forwards per step instead of two with checkpointing).
+run's). Cost: none in FLOPs under checkpointing for Llama-like layers (the recompute skips the MLP, the tiles
+recompute it with gradients); a Python loop over the tiles.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import torch
 from torch import nn
 
 
+RESIDUAL_ONLY = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+
+
 def _rng_state(device: torch.device):
     return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
@@ -31,7 +35,13 @@ class _TiledMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fn, chunk, *params):  # x (B, S, H); fn: the MLP's own forward; params: its trainables
         ctx.fn, ctx.chunk, ctx.rng, ctx.params = fn, chunk, _rng_state(x.device), params
+        ctx.skip_recompute = getattr(fn.__self__, "skip_in_recompute", False)
         ctx.save_for_backward(x)
+        if ctx.skip_recompute and torch._C._current_graph_task_id() != -1:
+            # Inside backward: this is the checkpoint's recompute of the layer, which stops as soon as the layer's
+            # last saved tensor (our x) is packed; the output is never read (the layer only adds it to the
+            # residual, which saves nothing). Skip the MLP's FLOPs; our backward recomputes per tile anyway.
+            return torch.empty_like(x)
         with torch.no_grad():
             return torch.cat([fn(piece) for piece in x.split(chunk, dim=1)], dim=1)  # (B, S, H)
 
@@ -80,10 +90,14 @@ def tile_mlps(model: nn.Module, chunk: int) -> int:
     if chunk <= 0:
         return 0
     n = 0
+    layers = {f"{name}.mlp": type(m).__name__ for name, m in model.named_modules()}
     for name, m in model.named_modules():
         if name.endswith(".mlp") and hasattr(m, "down_proj") and not hasattr(m, "_untiled_forward"):
             m._untiled_forward = m.forward
             m.mlp_chunk = chunk
+            # Layers whose MLP output only meets the residual add (no op after it saves anything): safe to skip
+            # the MLP in a checkpoint's recompute (see _TiledMLP.forward).
+            m.skip_in_recompute = layers.get(name, "") in RESIDUAL_ONLY
             m.forward = types.MethodType(_tiled_forward, m)
             n += 1
     return n

@@ -25,9 +25,11 @@ from qlora_kit.terms import QUANT_TYPES
 _OPTIMIZERS = ("adamw", "adamw8bit")
 GRID_KEYS = {"seq": (int, None), "batch": (int, None), "rank": (int, None), "quant": (str, QUANT_TYPES),
              "dropout": (float, None), "optimizer": (str, _OPTIMIZERS), "targets": (str, None),
-             "loss_chunk": (int, None)}
+             "loss_chunk": (int, None), "offload_activations": (int, (0, 1)), "mlp_chunk": (int, None)}
 DEFAULTS = {"seq": 256, "batch": 4, "rank": 16, "quant": "nf4", "dropout": 0.05, "optimizer": "adamw",
-            "targets": "all-linear", "loss_chunk": 0}  # loss_chunk 0: the library's default
+            "targets": "all-linear", "loss_chunk": 0,  # loss_chunk 0: the library's default
+            "offload_activations": 0, "mlp_chunk": 0}  # train.offload_activations (0/1), train.mlp_chunk (0: off)
+_ZERO_OK = ("offload_activations", "mlp_chunk")
 SHORT = {"seq": "s", "batch": "b", "rank": "r", "dropout": "d"}
 
 
@@ -49,8 +51,8 @@ def _values(key: str, text: str) -> list:
             kind = {"int": "an integer", "float": "a number"}[cast.__name__]
             raise ConfigError(f"grid {key}={text}: {raw!r} is not {kind}") from None
         if allowed is not None and v not in allowed:
-            raise ConfigError(f"grid {key}={text}: {raw!r} is not one of {', '.join(allowed)}")
-        if cast is int and v <= 0 or key == "dropout" and not 0 <= v < 1:
+            raise ConfigError(f"grid {key}={text}: {raw!r} is not one of {', '.join(map(str, allowed))}")
+        if cast is int and (v < 0 if key in _ZERO_OK else v <= 0) or key == "dropout" and not 0 <= v < 1:
             raise ConfigError(f"grid {key}={text}: {raw!r} is out of range")
         out.append(v)
     return out
@@ -91,7 +93,9 @@ def expand(grid: dict[str, list], configs: list[str]) -> list[dict]:
 
 def label(c: dict) -> str:
     parts = [f"{SHORT.get(k, '')}{c[k]}" for k in ("seq", "rank", "quant", "batch")]
-    parts += [f"{k}={c[k]}" for k in ("dropout", "optimizer", "targets", "loss_chunk") if c[k] != DEFAULTS[k]]
+    parts += [f"{k}={c[k]}" for k in ("dropout", "optimizer", "targets", "loss_chunk", "mlp_chunk")
+              if c[k] != DEFAULTS[k]]
+    parts += ["offload"] if c["offload_activations"] else []
     return " ".join(parts)
 
 
@@ -134,19 +138,22 @@ def markdown(doc: dict) -> str:
         "CPU analogue of CUDA's `max_memory_allocated`, and what the estimate is checked against (target: within "
         "10%). RSS also holds the interpreter, libraries and the allocator's cache; it is shown for reference "
         "(step peak: VmHWM over an unprofiled step). Sizes in MiB.", "",
-        "| configuration | predicted | measured | error | peak phase: predicted / measured | RSS after imports "
-        "/ after load / step peak | tokens/s |",
-        "|---|---:|---:|---:|---|---:|---:|",
+        "| configuration | predicted | measured | error | peak phase: predicted / measured | offloaded to host: "
+        "predicted / measured | RSS after imports / after load / step peak | tokens/s |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in ok:
         rss = r["rss"]
         step = mib(rss["step_peak"]) if rss["step_peak"] else "-"
+        offloaded = r.get("host", {}).get("offloaded_activations", 0)
+        host = (f"{mib(r['estimate_host'].get('offloaded_activations', 0))} / {mib(offloaded)}"
+                if offloaded or r.get("estimate_host") else "-")
         lines.append(f"| {r['label']} | {mib(r['estimate_total'])} | {mib(r['peak_bytes'])} | {r['error']:+.1%} | "
-                     f"{r['estimate_phase']} / {r['peak_phase']} | {mib(rss['after_imports'])} / "
+                     f"{r['estimate_phase']} / {r['peak_phase']} | {host} | {mib(rss['after_imports'])} / "
                      f"{mib(rss['after_load'])} / {step} | {r['tokens_per_s']:,.0f} |")
     for r in doc["results"]:
         if "failed" in r:
-            lines.append(f"| {label(r['config'])} | failed: {r['failed']} | | | | | |")
+            lines.append(f"| {label(r['config'])} | failed: {r['failed']} | | | | | | |")
     if any(r["device"] == "cpu" for r in ok):
         lines += ["", "On the CPU the estimate runs with `--device cpu`: no CUDA context allowance; LoRA dropout masks "
                   "are kept in the compute dtype (bool on CUDA); attention is SDPA's CPU kernel; a 4-bit Linear whose "

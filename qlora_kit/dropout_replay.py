@@ -30,6 +30,7 @@ class _DroppedLinear(torch.autograd.Function):
     def backward(ctx, grad_h):
         x, weight = ctx.saved_tensors
         cpu_state, dev_state = ctx.rng
+        ctx.rng = None  # the graph's nodes outlive backward while the loss is referenced: drop the 5 KB state now
         devices = [x.device] if dev_state is not None else []
         with torch.random.fork_rng(devices=devices, device_type=x.device.type), torch.enable_grad():
             torch.set_rng_state(cpu_state)

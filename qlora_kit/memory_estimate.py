@@ -36,7 +36,9 @@ from typing import Literal
 
 from qlora_kit.config import TrainConfig
 from qlora_kit.errors import ConfigError, ModelError
-from qlora_kit.terms import BLOCKSIZES, FOUR_BIT, NESTED_BLOCKSIZE, QUANT_TYPES, GiB, QuantType
+from qlora_kit.memory_activations import (  # noqa: F401 (layer_activations, mlp_saved: re-exported for tests)
+    activation_terms, label_tokens, layer_activations, logits_terms, mlp_saved, tiled)
+from qlora_kit.terms import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, GiB, QuantType
 
 CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context + cuBLAS/cuDNN workspaces: invisible to torch's allocator stats
 OPTIM_BLOCKSIZE = 256  # bitsandbytes' 8-bit optimizers: one fp32 absmax per 256 state values
@@ -244,105 +246,6 @@ def _optimizer_bytes(numel: int, optimizer: str) -> int:
     return 2 * numel + 2 * 4 * math.ceil(numel / OPTIM_BLOCKSIZE)  # uint8 + one fp32 absmax per 256, per state
 
 
-def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...]) -> dict[str, int]:
-    """Bytes autograd saves inside ONE decoder layer for the whole batch (Llama layout; SDPA flash/efficient
-    kernel with GQA inside the kernel, no padding mask; its output is laid out (B, S, nh, hd), so o_proj's input
-    is a view of it). Exact against saved-tensor hooks on the CPU (tests/test_estimate.py). c: compute bytes."""
-    T, c, H, I, r = cfg.batch * cfg.seq, cfg.compute_bytes, s.hidden, s.intermediate, cfg.rank
-    q, kv, mask = s.heads * s.head_dim, s.kv_heads * s.head_dim, 1 if cfg.device == "cuda" else c
-
-    def lora_inputs(modules: tuple[str, ...], width: int, shared: bool = False) -> int:
-        # The frozen quantized base saves nothing (it re-dequantizes W in backward); lora_A saves its input.
-        hit = sum(m in adapted for m in modules)
-        if cfg.lora_dropout > 0 and not cfg.replay_dropout:  # nn.Dropout: per adapter a dropped copy (T, width) c
-            return hit * (c + mask) * T * width  # + its mask: bool from CUDA's fused dropout, c on the CPU
-        # (T, width) the common input, saved once (replayed dropout saves x too, not a dropped copy)
-        return c * T * width if hit and not shared else 0
-
-    terms = {
-        "attn_norm": 4 * T * (H + 1),  # (B, S, H) fp32: RMSNorm's upcast input (pow, mul) + rsqrt (B, S, 1)
-        "qkv_inputs": lora_inputs(("q_proj", "k_proj", "v_proj"), H),  # (B, S, H) normed hidden
-        "q_k_v": c * T * (q + 2 * kv),  # (B, nh, S, hd) q and (B, nkv, S, hd) k, v after RoPE, saved by SDPA
-        "attn_output": c * T * q + 4 * cfg.batch * s.heads * cfg.seq,  # (B, nh, S, hd) c + logsumexp (B, nh, S) fp32
-        "o_input": lora_inputs(("o_proj",), q, shared=True),  # (B, S, nh*hd) a view of the SDPA output
-        "mlp_norm": 4 * T * (H + 1),  # (B, S, H) fp32 + (B, S, 1) fp32, post-attention RMSNorm
-        **mlp_saved(s, cfg, adapted, T),
-        "lora_hidden": c * T * r * sum(m in adapted for m in ATTENTION),  # (B, S, r) per adapter: A's output
-    }
-    if tiled(cfg):  # the tiled MLP saves only its input x (B, S, H), the normed hidden the adapters read
-        terms.update(gate_up_inputs=c * T * H, mlp_hidden=0, down_input=0, mlp_lora_hidden=0)
-    if s.model_type == "qwen3":
-        terms["qk_norms"] = 4 * T * (q + kv + s.heads + s.kv_heads)  # q_norm, k_norm: fp32 inputs + rsqrt
-    return terms
-
-
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-
-
-def tiled(cfg: EstimateConfig) -> bool:
-    return 0 < cfg.mlp_chunk < cfg.seq  # tiled_mlp.py runs the plain MLP when the sequence fits in one chunk
-
-
-def mlp_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: int) -> dict[str, int]:
-    """What autograd saves in one Llama MLP for T tokens (the whole batch, or one tile of a tiled MLP)."""
-    c, H, I = cfg.compute_bytes, s.hidden, s.intermediate
-    mask = 1 if cfg.device == "cuda" else c
-    copies = cfg.lora_dropout > 0 and not cfg.replay_dropout  # nn.Dropout: a dropped copy + mask per adapter
-    gu = sum(m in adapted for m in ("gate_proj", "up_proj"))
-    down = "down_proj" in adapted
-    return {
-        "gate_up_inputs": gu * (c + mask) * T * H if copies else (c * T * H if gu else 0),  # (B, S, H) normed
-        "mlp_hidden": 3 * c * T * I,  # (B, S, I) x3: gate output (saved by SiLU), SiLU output and up output (by mul)
-        "down_input": (down * (c + mask) if copies else c * down) * T * I,  # (B, S, I) silu(gate) * up
-        "mlp_lora_hidden": c * T * cfg.rank * sum(m in adapted for m in MLP),  # (B, S, r) A's outputs
-    }
-
-
-def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...]) -> dict[str, int]:
-    T, c = cfg.batch * cfg.seq, cfg.compute_bytes
-    layer = sum(layer_activations(s, cfg, adapted).values())
-    # (B, S, H) per layer: what a checkpoint keeps; offloaded: only the layer in backward + the prefetched one
-    kept_layers = 2 if cfg.offload_activations else s.layers
-    terms = {"layer_inputs": kept_layers * c * T * s.hidden,
-             "recomputed_layer": layer}  # one layer's full set, rebuilt during its backward
-    if not cfg.checkpointing:
-        terms = {"all_layers": s.layers * layer}
-    deq = 0 if cfg.quant == "none" else c * max(lin.numel for lin in s.linears)
-    terms["dequantized_weight"] = deq  # (out, in) c: one Linear's weight, dequantized transiently per matmul
-    misaligned = [lin.numel for lin in s.linears if lin.in_features % cfg.blocksize]
-    if cfg.device == "cpu" and cfg.quant in FOUR_BIT and misaligned:
-        # quant.py dequantizes these in plain torch on the CPU (docs/ARCHITECTURE.md, "bitsandbytes hazards"): int64
-        # codes + fp32 values of the whole weight are live together (measured: 12 bytes per weight at the step's peak).
-        terms["dequant_workspace"] = 12 * max(misaligned)
-    if tiled(cfg):
-        # One tile's MLP recomputed and differentiated at a time: its saved set and (B, N, I) x2 gradients, plus
-        # the full-size (B, S, H) input gradient the tiles are written into.
-        n = cfg.batch * cfg.mlp_chunk
-        terms["mlp_tile"] = sum(mlp_saved(s, cfg, adapted, n).values()) + c * n * 2 * s.intermediate + c * T * s.hidden
-        terms["backward_grads"] = c * T * 2 * s.hidden  # in-flight grads: (B,S,H) x2
-    else:
-        terms["backward_grads"] = c * T * 2 * (s.hidden + s.intermediate)  # in-flight: (B,S,H) x2, (B,S,I) x2
-    return terms
-
-
-def label_tokens(cfg: EstimateConfig) -> int:
-    """Positions that reach lm_head: every one that predicts a label (worst case: all labelled, packed rows)."""
-    return cfg.batch * (cfg.seq - 1) if cfg.seq > 1 else cfg.batch
-
-
-def logits_terms(s: ModelShapes, cfg: EstimateConfig) -> dict[str, int]:
-    """The loss head (loss.CausalLMLoss): the label positions' hidden states are gathered into one (N, H) tensor
-    and go through lm_head in chunks of `loss_chunk` tokens over the whole batch (not per row)."""
-    T, N = cfg.batch * cfg.seq, label_tokens(cfg)
-    chunk = min(cfg.loss_chunk, N)
-    return {"final_norm": 4 * T * (s.hidden + 1),  # (B, S, H) fp32 final RMSNorm input + rsqrt (B, S, 1) fp32
-            "final_hidden": cfg.compute_bytes * N * s.hidden,  # (N, H) c: label positions, the chunks' input
-            # (C, V) fp32 x3, live together in a chunk's backward: the recomputed log-softmax output (saved by
-            # cross_entropy), the nll_loss gradient and the log-softmax gradient (F.cross_entropy's backward).
-            "chunk_logits": 3 * 4 * chunk * s.vocab}
-
-
 def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     s = count_params(config)
     adapted = resolve_targets(s, cfg.targets)
@@ -372,12 +275,14 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     # Backward runs from the last layer down: each layer frees what it kept and adds its adapters' gradients, so the
     # worst moment is the first layer done (everything kept, one layer's gradients) or the last (one layer kept,
     # every gradient); the layer being done adds its recomputed activations and the backward workspace.
-    L, working = s.layers, sum(acts.values()) - kept
+    rng = acts.get("rng_states", 0)  # live like the layer inputs (every phase but the optimizer step)
+    L, working = s.layers, sum(acts.values()) - kept - rng
     # offloaded: 2 inputs on the device at the top layer (its own + the prefetched), 1 at the bottom (nothing left
     # to prefetch); none at the loss head (all on the host)
     head_kept, low = (0, one_input) if offloaded else (kept, kept // L)
     top, bottom = (kept + grads // L, low + grads)
     dec_acts, dec_grads = (kept, grads // L) if top >= bottom else (low, grads)
+    head_kept, dec_acts = head_kept + rng, dec_acts + rng
     transient = {  # phase -> the step-dependent components live at that phase's peak
         "loss_head": {"adapter_grads": 0, "activations": head_kept, "logits_and_loss": sum(logits.values())},
         "decoder_backward": {"adapter_grads": dec_grads, "activations": dec_acts + working, "logits_and_loss": 0},

@@ -52,6 +52,7 @@ class _TiledMLP(torch.autograd.Function):
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         sums = [None] * len(params)
         cpu_state, dev_state = ctx.rng
+        ctx.rng = None  # the graph's nodes outlive backward while the loss is referenced: drop the state now
         devices = [x.device] if dev_state is not None else []
         with torch.random.fork_rng(devices=devices, device_type=x.device.type):
             torch.set_rng_state(cpu_state)

@@ -50,7 +50,7 @@ def test_offload_gradients_bitwise_equal_and_bytes_on_host():
     loss0, g0 = loss_and_grads(build())
     store = offload.OffloadStore("cpu")
     model = build(store=store)
-    for step in range(2):  # the second step reuses the first step's host buffers
+    for _ in range(2):  # the second step reuses the first step's host buffers
         loss1, g1 = loss_and_grads(model)
         model.zero_grad(set_to_none=True)
         assert torch.equal(loss0, loss1)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import gguf_arch, gguf_vocab, ollama
+from . import atomic, gguf_arch, gguf_vocab, ollama
 from .errors import ExportError
 from .shards import TensorInfo, read_tensor, row_blocks
 
@@ -164,12 +164,6 @@ def free_space_check(out: Path, need: int, free_bytes) -> None:
                           f"{free / 1e9:.2f} GB are free. Free some space or choose another --out.")
 
 
-def _finish(tmp: Path, out: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
-
-
 def write_model(src, base: Path, index: dict[str, TensorInfo], out: Path, kind: str, merge_base: str,
                 frozen: torch.dtype, device: str, free_bytes, progress: bool, recipe=None) -> tuple[int, list[str]]:
     """The merged GGUF (and its Ollama Modelfile). Returns (bytes written, notes)."""
@@ -184,41 +178,36 @@ def write_model(src, base: Path, index: dict[str, TensorInfo], out: Path, kind: 
     total = sum(p.nbytes for p in tensors)
     need = total * (2 if kind in KQUANTS else 1) + (64 << 20)
     free_space_check(out, need, free_bytes)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    modelfile = ollama.modelfile_path(out)
-    writer = gguf.GGUFWriter(None, arch.name)
+    f16 = atomic.temp_name(out, "f16") if kind in KQUANTS else None
     try:
-        writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(base.name)
-        writer.add_file_type(_file_type(store))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        gguf_arch.add_hparams(writer, arch, config["vocab_size"])
-        tok = gguf_vocab.add_tokenizer(writer, base, config["vocab_size"])
-        for p in tensors:
-            _add_info(writer, p.name, p.info.shape, p.kind, p.nbytes)
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="export gguf", disable=not progress, dynamic_ncols=True)
-        for p in tensors:
-            _write_blocks(writer, p, _tensor(p, src, merge_base, frozen, device))
-            bar.update(p.nbytes)
-        bar.close()
-        writer.close()
-        if kind in KQUANTS:
-            kq = out.parent / f".{out.name}.{kind}-{os.getpid()}"
+        with atomic.atomic_file(out) as tmp:
+            writer = gguf.GGUFWriter(None, arch.name)
             try:
-                _kquantize(tmp, kq, kind)
+                writer.add_type(gguf.GGUFType.MODEL)
+                writer.add_name(base.name)
+                writer.add_file_type(_file_type(store))
+                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+                gguf_arch.add_hparams(writer, arch, config["vocab_size"])
+                tok = gguf_vocab.add_tokenizer(writer, base, config["vocab_size"])
+                for p in tensors:
+                    _add_info(writer, p.name, p.info.shape, p.kind, p.nbytes)
+                writer.write_header_to_file(path=f16 or tmp)
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc="export gguf", disable=not progress,
+                           dynamic_ncols=True)
+                for p in tensors:
+                    _write_blocks(writer, p, _tensor(p, src, merge_base, frozen, device))
+                    bar.update(p.nbytes)
+                bar.close()
             finally:
-                tmp.unlink(missing_ok=True)
-            tmp = kq
-        text = ollama.modelfile(out.name, tok, recipe)
-        _finish(tmp, out)
-        ollama.write(modelfile, text)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+                writer.close()
+            if f16 is not None:  # the f16 file only feeds llama.cpp's quantizer
+                _kquantize(f16, tmp, kind)
+    finally:
+        if f16 is not None:
+            f16.unlink(missing_ok=True)
+    atomic.write_text(ollama.modelfile_path(out), ollama.modelfile(out.name, tok, recipe))
     return out.stat().st_size, notes
 
 
@@ -258,26 +247,22 @@ def write_adapter(src, base: Path, out: Path, kind: str, free_bytes) -> tuple[in
         tensors += [(f"{name}.lora_a", A.float()), (f"{name}.lora_b", B)]
     nbytes = sum(t.numel() * (4 if kind == "f32" else 2) for _, t in tensors)
     free_space_check(out, nbytes + (1 << 20), free_bytes)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    writer = gguf.GGUFWriter(None, arch.name)
-    try:
-        writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(a.alpha))
-        writer.add_name(f"{base.name} LoRA")
-        for name, t in tensors:
-            _add_info(writer, name, tuple(t.shape), kind, t.numel() * (4 if kind == "f32" else 2))
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for _, t in tensors:
-            writer.write_tensor_data(encode(t, kind))
-        writer.close()
-        _finish(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic.atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(None, arch.name)
+        try:
+            writer.add_type(gguf.GGUFType.ADAPTER)
+            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(a.alpha))
+            writer.add_name(f"{base.name} LoRA")
+            for name, t in tensors:
+                _add_info(writer, name, tuple(t.shape), kind, t.numel() * (4 if kind == "f32" else 2))
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for _, t in tensors:
+                writer.write_tensor_data(encode(t, kind))
+        finally:
+            writer.close()
     notes = ["this adapter applies to a GGUF of the ORIGINAL base; a QLoRA adapter was trained against the "
              "4-bit-rounded base, so for the exact trained model export --format gguf (merged)"] \
         if src.trained_with.type != "none" else []

@@ -11,7 +11,6 @@ unrecognised chat template gets no TEMPLATE line: Ollama then reads the GGUF's o
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -69,12 +68,3 @@ def modelfile(gguf_name: str, tok: dict[str, Any], recipe=None) -> str:
         lines.append(f"SYSTEM {_quote(system)}")
     lines += [f'PARAMETER stop "{s}"' for s in stop]
     return "\n".join(lines) + "\n"
-
-
-def write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

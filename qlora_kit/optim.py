@@ -42,30 +42,40 @@ class ParamGroup:
 
 
 class _Flat:
-    """One group's flat fp32 master + gradient and the per-parameter views into them."""
+    """One group's flat fp32 master + gradient and the per-parameter views into them. The gradient buffer exists
+    from the first adapter gradient of a step until zero_grad (like torch's set_to_none), so the loss head of the
+    first micro-batch does not carry it."""
 
     def __init__(self, group: ParamGroup, hook: bool):
         self.group = group
         self.params = list(group.params)
+        self.sizes = [p.numel() for p in self.params]
         device = self.params[0].device if self.params else torch.device("cpu")
-        sizes = [p.numel() for p in self.params]
         # (n,) fp32, a leaf the inner optimizer steps; the up-cast from bf16 is exact
         self.master = torch.cat([p.detach().reshape(-1).float() for p in self.params]) if self.params else \
             torch.zeros(0, device=device)
-        self.master.grad = torch.zeros_like(self.master)
-        self.views = [v.view(p.shape) for v, p in zip(self.master.split(sizes), self.params)]
-        self.grad_views = [v.view(p.shape) for v, p in zip(self.master.grad.split(sizes), self.params)]
-        self.handles = []
-        if hook:
-            for p, g in zip(self.params, self.grad_views):
-                self.handles.append(p.register_post_accumulate_grad_hook(_make_hook(g)))
+        self.views = self._split(self.master)
+        self.grad_views: list[torch.Tensor] = []
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)] \
+            if hook else []
 
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [v.view(p.shape) for v, p in zip(flat.split(self.sizes), self.params)]
 
-def _make_hook(view: torch.Tensor):
-    def hook(p: torch.Tensor) -> None:  # p.grad: this micro-batch's gradient, compute dtype (bf16)
-        view.add_(p.grad)  # accumulate in fp32 (mixed-dtype in-place add: exact up-cast, then fp32 sum)
-        p.grad = None  # the bf16 gradient dies here: the next micro-batch does not sum into it
-    return hook
+    def ensure_grad(self) -> list[torch.Tensor]:
+        if self.master.grad is None:
+            self.master.grad = torch.zeros_like(self.master)  # (n,) fp32
+            self.grad_views = self._split(self.master.grad)
+        return self.grad_views
+
+    def free_grad(self) -> None:
+        self.master.grad, self.grad_views = None, []
+
+    def _hook(self, i: int):
+        def hook(p: torch.Tensor) -> None:  # p.grad: this micro-batch's gradient, compute dtype (bf16)
+            self.ensure_grad()[i].add_(p.grad)  # fp32 accumulate (mixed-dtype in-place add: exact up-cast, fp32 sum)
+            p.grad = None  # the bf16 gradient dies here: the next micro-batch does not sum into it
+        return hook
 
 
 class MasterWeightOptimizer:
@@ -82,33 +92,40 @@ class MasterWeightOptimizer:
         self.inner = make([{"params": [f.master], **f.group.options} for f in self.flats])
 
     # ---- gradients -----------------------------------------------------------------------------------------------
+    @property
+    def grads(self) -> list[torch.Tensor]:
+        """Per-parameter fp32 gradient views, in the order of `params` (allocated if no gradient arrived yet)."""
+        return [g for f in self.flats for g in f.ensure_grad()]
+
+    def grad_buffers(self) -> list[torch.Tensor]:
+        """The flat fp32 gradients that exist now (none between zero_grad and the next backward)."""
+        return [f.master.grad for f in self.flats if f.master.grad is not None]
+
     def grads_to_masters(self) -> list[torch.Tensor]:
         """The flat fp32 gradients, one per group. With the hook they already hold the step's sum; without it
         (DDP/FSDP) the parameters' `.grad` is up-cast into them here."""
-        if not self.hook:
-            for f in self.flats:
-                for p, g in zip(f.params, f.grad_views):
-                    if p.grad is None:
-                        g.zero_()
-                    else:
-                        g.copy_(p.grad)
+        for f in self.flats:
+            views = f.ensure_grad()
+            if not self.hook:
+                for p, g in zip(f.params, views):
+                    g.copy_(p.grad) if p.grad is not None else g.zero_()
         return [f.master.grad for f in self.flats]
 
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the gradient, a 0-dim fp32 tensor on the device (no host sync). Computed as the norm
         of per-parameter norms, the order the per-tensor optimizer used, so CPU results stay bitwise the same."""
-        views = [g for f in self.flats for g in f.grad_views]
-        if not views:
+        grads = self.grads
+        if not grads:
             return torch.zeros(())
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(views)))
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
     def scale_grads(self, factor: float) -> None:
-        for f in self.flats:
-            f.master.grad.mul_(factor)
+        for g in self.grads_to_masters():
+            g.mul_(factor)
 
     def zero_grad(self) -> None:
         for f in self.flats:
-            f.master.grad.zero_()
+            f.free_grad()
             for p in f.params:
                 p.grad = None
 
@@ -128,6 +145,14 @@ class MasterWeightOptimizer:
         for f in self.flats:
             if f.params:
                 torch._foreach_copy_([p.data for p in f.params], f.views)
+
+    @torch.no_grad()
+    def sync_from_params(self) -> None:
+        """Re-read the masters from the parameters, after code outside the optimizer changed them (e.g. a test
+        that sets lora_B); otherwise the next step would write the old master values back."""
+        for f in self.flats:
+            if f.params:
+                torch._foreach_copy_(f.views, [p.detach() for p in f.params])
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

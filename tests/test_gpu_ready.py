@@ -13,7 +13,7 @@ import torch
 
 from conftest import tiny_recipe
 from qlora_kit import checkpoint, data, lora, train
-from qlora_kit.loss import CausalLMLoss, label_positions
+from qlora_kit.loss import label_positions
 
 # ---- the reference: today's per-tensor master-weight wrapper and train_step, written out ---------------------------
 

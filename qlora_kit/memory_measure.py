@@ -15,7 +15,7 @@ What is measured, and how (sizes in bytes)
     optimizer_state     fp32 masters of the bf16 adapters + the inner optimizer's state, after the first step
   transient tensors of one steady step (step >= 2): every allocation and free the torch allocator reports to the
   profiler (`profile_memory=True`), each tagged by where it was allocated:
-    adapter_grads       an adapter's .grad (recognised by its address when autograd accumulates it)
+    adapter_grads       the optimizer's flat fp32 gradient (optim.py; recognised by its address when a hook fills it)
     logits_and_loss     from the final norm to the cross-entropy and back (the loss head, forward and backward)
     activations         the decoder layers: checkpointed inputs, the recomputed layer's saved tensors, gradients
                         in flight, transiently dequantized weights, kernel workspaces

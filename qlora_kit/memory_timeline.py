@@ -34,8 +34,12 @@ class StepTagger:
             self.handles.append(norm.register_forward_pre_hook(head_start, with_kwargs=True))
         for p in model.parameters():
             if p.requires_grad:
-                self.handles.append(p.register_post_accumulate_grad_hook(
-                    lambda p: mark(f"grad::{p.grad.untyped_storage().data_ptr()}")))
+                self.handles.append(p.register_post_accumulate_grad_hook(lambda p: tag_grads(p)))
+
+        def tag_grads(p):  # the optimizer's hook (registered first) has summed p.grad into its flat fp32 gradient
+            for g in [p.grad, *optimizer.grad_buffers()]:
+                if g is not None:
+                    mark(f"grad::{g.untyped_storage().data_ptr()}")
 
         # After backward: instance attributes shadow the optimizer's methods (deleted again in `remove`).
         self.optimizer = optimizer

@@ -70,7 +70,7 @@ def estimates() -> list[dict]:
 def measure(seq: int, fields: dict, threads: int) -> dict:
     flags = [a for k, v in fields.items() for a in ("--" + k.replace("_", "-"), str(int(v) if isinstance(v, bool) else v))]
     cmd = [sys.executable, "-m", "qlora_kit.memory_measure", "--json", "--seq", str(seq), "--batch", "1",
-           "--steps", "3", "--threads", str(threads), *flags]
+           "--steps", "2", "--threads", str(threads), *flags]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if p.returncode:

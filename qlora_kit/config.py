@@ -83,7 +83,8 @@ class DataConfig:
     train_on_prompt: bool = False
     """Also compute loss on prompt tokens (default: response tokens only)."""
     packing: bool = False
-    """Concatenate short examples into rows of max_length tokens (fewer pad tokens, same loss mask)."""
+    """Concatenate whole examples into rows of <= max_length tokens (fewer pad tokens, same loss mask). Each example
+    keeps its own positions (restarting at 0) and attends only to itself: the same per-token losses as unpacked."""
     val_fraction: float = 0.0
     """Fraction of examples held out for validation loss, in [0, 1)."""
     system_prompt: str | None = None

@@ -29,6 +29,7 @@ import torch
 
 from .config import DataConfig
 from .errors import DataError
+from .packing import pack
 
 IGNORE = -100  # label value cross-entropy skips (torch's default ignore_index)
 ALPACA_HEAD = "Below is an instruction that describes a task. "
@@ -54,6 +55,7 @@ Messages = list[dict[str, str]]
 class Example:
     input_ids: list[int]
     labels: list[int]  # same length; IGNORE where no loss is taken; not shifted (HF convention: the loss shifts)
+    position_ids: list[int] | None = None  # packed rows only: restarts at 0 for each document (packing.py)
 
 
 @dataclass(frozen=True)
@@ -276,27 +278,6 @@ def _trainable(ex: Example) -> int:
     return sum(1 for x in ex.labels[1:] if x != IGNORE)  # labels[0] is never a target: nothing precedes it
 
 
-def _pack(examples: list[Example], max_length: int, rng: random.Random) -> list[Example]:
-    """Greedily fill rows of <= max_length tokens with examples in a seeded order.
-
-    Trade-off: far fewer pad tokens, but attention is plain causal over the row, so an example also attends to the
-    examples before it (no block-diagonal mask, no position-id reset). Each packed example's first label becomes
-    IGNORE, so exactly the tokens that take loss unpacked take loss packed (never "predict doc 2 from doc 1")."""
-    order = list(examples)
-    rng.shuffle(order)
-    rows: list[Example] = []
-    ids, labels = [], []  # the row being filled
-    for ex in order:
-        if ids and len(ids) + len(ex.input_ids) > max_length:
-            rows.append(Example(ids, labels))
-            ids, labels = [], []
-        ids.extend(ex.input_ids)
-        labels.extend([IGNORE] + ex.labels[1:])
-    if ids:
-        rows.append(Example(ids, labels))
-    return rows
-
-
 def build(cfg: DataConfig, tokenizer: Any, seed: int) -> Dataset:
     """Load, render, tokenize, mask, truncate; split by record (seeded); pack the training split if asked.
 
@@ -334,24 +315,36 @@ def build(cfg: DataConfig, tokenizer: Any, seed: int) -> Dataset:
             f"data.max_length, e.g. --set data.max_length={max(2 * cfg.max_length, longest_prompt + 64)}."
         )
     if cfg.packing:
-        train = _pack(train, cfg.max_length, random.Random(seed + 1))
+        train = pack(train, cfg.max_length, random.Random(seed + 1))
     stats.update(train_examples=len(train), val_examples=len(val), val_tokens=sum(len(e.input_ids) for e in val))
     stats.update(train_tokens=sum(len(e.input_ids) for e in train), train_label_tokens=sum(map(_trainable, train)))
     return Dataset(train=train, val=val, stats=stats)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row -> input_ids, attention_mask, labels: each (B, T) int64; labels IGNORE on pad."""
+    """Right-pad to the longest row -> input_ids, attention_mask, labels: each (B, T) int64; labels IGNORE on pad.
+
+    A batch of packed rows also gets position_ids (B, T) int64, restarting at 0 for each document; the padding of a
+    row restarts at 0 too (its own "document", attended by no real token since it comes last). The model then runs
+    with position_ids and attention_mask=None (packing.py); attention_mask still marks the real tokens."""
     shape = (len(examples), max(len(e.input_ids) for e in examples))  # (B, T)
     ids = torch.full(shape, pad_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE, dtype=torch.long)
     mask = torch.zeros(shape, dtype=torch.long)
+    packed = any(e.position_ids is not None for e in examples)
+    positions = torch.arange(shape[1]).repeat(shape[0], 1) if packed else None
     for row, e in enumerate(examples):
         n = len(e.input_ids)
         ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long)
         labels[row, :n] = torch.tensor(e.labels, dtype=torch.long)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if positions is not None:
+            positions[row, :n] = torch.tensor(e.position_ids if e.position_ids is not None else range(n))
+            positions[row, n:] = torch.arange(shape[1] - n)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if positions is not None:
+        batch["position_ids"] = positions
+    return batch
 
 
 class BatchStream:

@@ -23,16 +23,24 @@ def _chunk_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) 
 
 
 class CausalLMLoss(nn.Module):
-    """forward(input_ids, attention_mask, labels) -> (mean loss over label tokens, number of label tokens).
+    """forward(input_ids, attention_mask, labels, position_ids=None) -> (mean loss over label tokens, their number).
 
-    A module (not a function) so that accelerate/DDP can wrap it: gradient sync happens in its forward."""
+    position_ids (B, T), from a packed batch (packing.py), restart at 0 for each document: the model then runs with
+    attention_mask=None so that transformers builds the block-diagonal causal mask from them (a 2-D padding mask
+    would switch that detection off). A module (not a function) so that accelerate/DDP can wrap it: gradient sync
+    happens in its forward."""
 
     def __init__(self, model: nn.Module, chunk: int = 256):  # config.TrainConfig.loss_chunk
         super().__init__()
         self.model, self.chunk = model, chunk
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None):
+        if position_ids is not None:
+            attention_mask = None  # packed: documents are told apart by the position restarts (packing.py)
+        # use_cache=False: a training forward needs no KV cache, and with one transformers skips packed detection.
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=position_ids, use_cache=False).last_hidden_state
         # Position t predicts token t+1: (B, T-1, H) against (B, T-1).
         targets = labels[:, 1:]
         keep = targets != IGNORE

@@ -145,7 +145,8 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
     for batch, n in zip(micro_batches, counts):
         tokens += int(batch["attention_mask"].sum())
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"])  # mean over its n tokens
+        loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                            batch.get("position_ids"))  # mean over its n tokens
         weighted = loss * (n / total_tokens)
         p.accelerator.backward(weighted)
         total_loss += weighted.detach()

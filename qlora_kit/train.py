@@ -59,7 +59,7 @@ def prepare(recipe: Recipe) -> Prepared:
     if t.optimizer.startswith("paged") and not torch.cuda.is_available():
         raise ConfigError(f"train.optimizer={t.optimizer} pages optimizer state through CUDA unified memory, "
                           "which needs a CUDA GPU; use adamw or adamw8bit on the CPU.")
-    data.load_records(recipe.data.path, recipe.data.format)  # a bad line fails now, not after a long model load
+    data.check(recipe.data)  # a bad line fails now, not after a long model load
     accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision="no")  # dtypes are ours: bf16 compute
     seed_everything(t.seed)
     model, tokenizer, _ = load_base(recipe.model, recipe.quant, accelerator.device)

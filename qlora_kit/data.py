@@ -24,7 +24,8 @@ from . import data_formats, data_sources, data_tokens
 from .config import DataConfig
 from .data_formats import render_prompt
 from .errors import DataError
-from .packing import IGNORE, join, plan
+from .packing import join, plan
+from .terms import IGNORE
 
 Record = dict[str, Any]
 __all__ = ["IGNORE", "Example", "Examples", "Dataset", "build", "examples", "load_records", "check", "render_prompt",

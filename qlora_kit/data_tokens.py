@@ -13,14 +13,13 @@ Storage: every example's ids in one flat int32 tensor, its loss mask in one bool
 5 bytes a token (two Python lists of ints cost ~70), so a 1 GB JSONL tokenizes within about its own size in RAM.
 Records stream through one at a time. The cache file (safetensors: no pickle) is named by sha256 of the data's
 bytes, the tokenizer (its serialized tokenizer.json, chat template, special tokens) and every data setting that
-changes tokens; it is written to a temporary name and renamed, so a killed run never leaves half a cache.
+changes tokens; it is written with atomic.atomic_file, so a killed run never leaves half a cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,9 @@ from typing import Any
 import torch
 
 from . import data_formats, data_sources
+from .atomic import atomic_file
 from .config import DataConfig
 
-IGNORE = -100
 CACHE_VERSION = 1  # bump when tokenization or masking changes: old cache files then stop matching
 
 
@@ -163,9 +162,8 @@ def load_or_tokenize(cfg: DataConfig, tokenizer: Any) -> Tokenized:
     tensors = {"ids": out.ids, "keep": out.keep, "offsets": out.offsets, "records": out.records}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata={"stats": json.dumps(out.stats), "source": str(cfg.path)})
-        os.replace(tmp, path)
-    except OSError:  # a read-only or full cache dir costs the cache, not the run
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"stats": json.dumps(out.stats), "source": str(cfg.path)})
+    except (OSError, SafetensorError):  # a read-only or full cache dir costs the cache, not the run
         pass
     return out

@@ -18,10 +18,10 @@ import bisect
 import random
 from typing import TYPE_CHECKING, Sequence
 
+from .terms import IGNORE
+
 if TYPE_CHECKING:
     from .data import Example
-
-IGNORE = -100
 
 
 def plan(lengths: Sequence[int], max_length: int, rng: random.Random) -> list[list[int]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from . import checkpoint, data, lora, peft_format
+from . import atomic, checkpoint, data, lora, peft_format
 from .config import Recipe, dump_recipe
 from .errors import ConfigError, TrainingInterrupted, TrainingStopped
 from .loss import CausalLMLoss
@@ -235,7 +235,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
         print(f"{run_dir} has no complete checkpoint yet: starting from step 0", file=sys.stderr)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        atomic.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
     print(f"{p.report} — LoRA r={recipe.lora.r} on {len(p.targets)} modules; "
           f"{len(p.dataset.train)} train / {len(p.dataset.val)} val examples", file=sys.stderr)
 
@@ -297,5 +297,5 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
                "peak_memory_bytes": peak_memory_bytes(p.accelerator.device), "trainable_params": p.report.trainable,
                "total_params": p.report.total, "trainable_percent": round(p.report.percent, 4),
                "skipped_batches": skipped, "adapter": str(adapter_dir), "wall_s": round(elapsed, 1)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary

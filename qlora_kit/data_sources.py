@@ -118,7 +118,8 @@ def open_table(cfg: DataConfig):
     try:
         import datasets
     except ImportError:
-        raise DataError(f"reading {cfg.path} needs the `datasets` library; pip install datasets (or use .jsonl)."
+        raise DataError(f"reading {cfg.path} needs the `datasets` library: pip install 'qlora-kit[data]' (or use "
+                        ".jsonl)."
                         ) from None
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()

@@ -92,7 +92,7 @@ def test_packed_per_token_losses_equal_unpacked(built, model32):
 
     # Our loss module on the packed batch: the token-weighted mean of the examples' losses.
     loss_fn = CausalLMLoss(model32, chunk=16)
-    got, n = loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"])
+    got, n = loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"], position_ids=batch["position_ids"])
     parts = [loss_fn(**{k: v for k, v in data.collate([e], pad).items()}) for e in plain]
     want = sum(float(m) * k for m, k in parts) / sum(k for _, k in parts)
     assert n == sum(k for _, k in parts) and float(got) == pytest.approx(want, rel=1e-5)
@@ -117,7 +117,8 @@ def test_no_token_attends_across_a_document_boundary(built, model32):
 
     handle = model32.get_input_embeddings().register_forward_hook(capture)
     try:
-        loss, _ = CausalLMLoss(model32)(batch["input_ids"], batch["attention_mask"], labels, batch["position_ids"])
+        loss, _ = CausalLMLoss(model32)(batch["input_ids"], batch["attention_mask"], labels,
+                                   position_ids=batch["position_ids"])
         loss.backward()
     finally:
         handle.remove()

@@ -81,6 +81,7 @@ def command(source: str, prompts: tuple[str, ...], adapter_specs: tuple[str, ...
 
     loaded = generate.load(source, base=base, quant=quant_cfg, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code)
+    generate.speed_up(loaded, merge=not compare_base)  # adapters switched off for --compare-base stay separate
     answers = generate.answer(loaded, list(prompts), max_new_tokens, raw, temperature)
     if compare_base:
         with disabled(loaded.model):
@@ -108,6 +109,7 @@ def _multi(source, adapters, prompts, base, quant_cfg, max_new_tokens, temperatu
         rows += [(i, None if n == BASE else n) for n in wanted]
     loaded = generate.load_many(source, adapters, base=base, quant=quant_cfg, allow_pickle=allow_pickle,
                                 trust_remote_code=trust_remote_code)
+    generate.speed_up(loaded, merge=False)  # rows route to different adapters: they stay separate
     answers = generate.answer_routed(loaded, [parsed[i][1] for i, _ in rows], [r for _, r in rows], max_new_tokens,
                                      raw, temperature)
     width = max(len(BASE), *(len(n) for n in names))

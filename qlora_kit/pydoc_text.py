@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
+
+from .atomic import write_text
 
 BUILTIN = {"pydoc-train": "train", "pydoc-heldout": "heldout"}
 HELDOUT_FRACTION = 0.2
@@ -87,18 +88,12 @@ def write(folder: str | Path, max_chars: int = MAX_CHARS, fraction: float = HELD
     paths = {}
     for side, texts in parts.items():
         paths[side] = folder / f"{side}.jsonl"
-        _atomic_text(paths[side], "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+        write_text(paths[side], "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
     about = {"source": "pydoc_data.topics", "python": sys.version.split()[0], "max_chars": max_chars,
              "heldout_fraction": fraction, "pieces": {k: len(v) for k, v in parts.items()},
              "heldout_topics": sorted(n for n in topics() if is_heldout(n, fraction))}
-    _atomic_text(folder / "about.json", json.dumps(about, indent=1) + "\n")
+    write_text(folder / "about.json", json.dumps(about, indent=1) + "\n")
     return paths
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def resolve(name_or_path: str) -> Path:

@@ -26,6 +26,7 @@ from .terms import BLOCKSIZES, QuantType
 
 ComputeDtype = Literal["bf16", "fp32"]
 DataFormat = Literal["text", "alpaca", "chat", "sharegpt", "completion"]
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"]
 
@@ -142,6 +143,8 @@ class TrainConfig:
     """auto: CUDA when present, else CPU."""
     num_threads: int = 0
     """CPU threads for torch (0: torch's default)."""
+    report_to: list[Tracker] = field(default_factory=list)
+    """Also log metrics.jsonl's values to experiment trackers: [tensorboard, wandb, mlflow] (optional extras)."""
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from . import atomic, checkpoint, data, lora, peft_format
+from . import atomic, checkpoint, data, lora, peft_format, trackers
 from .config import Recipe, dump_recipe
 from .errors import ConfigError, TrainingInterrupted, TrainingStopped
 from .loss import CausalLMLoss, label_positions
@@ -60,6 +60,7 @@ def prepare(recipe: Recipe) -> Prepared:
         raise ConfigError(f"train.optimizer={t.optimizer} pages optimizer state through CUDA unified memory, "
                           "which needs a CUDA GPU; use adamw or adamw8bit on the CPU.")
     data.check(recipe.data)  # a bad line fails now, not after a long model load
+    trackers.check_installed(t.report_to)  # so does a tracker that is not installed
     accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision="no")  # dtypes are ours: bf16 compute
     seed_everything(t.seed)
     model, tokenizer, _ = load_base(recipe.model, recipe.quant, accelerator.device)
@@ -258,7 +259,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
 
     bar = tqdm(total=t.steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
     val_loss, last, t0, tokens_total = None, None, time.perf_counter(), 0
-    with _StopFlag() as stop:
+    with _StopFlag() as stop, trackers.reporting(t.report_to, run_dir, recipe.to_dict()) as tracking:
         while step < t.steps:
             ts = time.perf_counter()
             micro = [stream.next_batch() for _ in range(t.grad_accum)]
@@ -284,6 +285,8 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
                 last["val_loss"] = round(val_loss, 6)
             if step % t.log_every == 0 or step == t.steps or "val_loss" in last:
                 write_metrics_line(run_dir, last)
+                if tracking is not None:
+                    tracking.log(last)  # what metrics.jsonl logs, at the same steps
             bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{tok_s:.0f}", mem=f"{mem / 2**30:.2f}GiB")
             bar.update(1)
             if (t.save_every and step % t.save_every == 0) or step == t.steps:

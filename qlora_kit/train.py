@@ -25,6 +25,7 @@ from . import atomic, checkpoint, data, lora, peft_format
 from .config import Recipe, dump_recipe
 from .errors import ConfigError, TrainingInterrupted, TrainingStopped
 from .loss import CausalLMLoss
+from .memory_timeline import MARK
 from .model import load_base
 from .optim import MasterWeightOptimizer, build_optimizer, lr_factor
 
@@ -150,17 +151,19 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
         p.accelerator.backward(weighted)
         total_loss += weighted.detach()
     step_loss = float(total_loss.item())
-    grads = p.optimizer.grads_to_masters()
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0
-    finite = math.isfinite(step_loss) and math.isfinite(norm)
-    if finite and apply:
-        if max_grad_norm > 0 and norm > max_grad_norm:
-            for g in grads:
-                g.mul_(max_grad_norm / (norm + 1e-6))
-        for group in p.optimizer.inner.param_groups:
-            group["lr"] = lr
-        p.optimizer.step()
-    p.optimizer.zero_grad()
+    # A named range: profiler traces (and memory_measure's timeline) see where the optimizer phase starts.
+    with torch.profiler.record_function(MARK + "optimizer"):
+        grads = p.optimizer.grads_to_masters()
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0
+        finite = math.isfinite(step_loss) and math.isfinite(norm)
+        if finite and apply:
+            if max_grad_norm > 0 and norm > max_grad_norm:
+                for g in grads:
+                    g.mul_(max_grad_norm / (norm + 1e-6))
+            for group in p.optimizer.inner.param_groups:
+                group["lr"] = lr
+            p.optimizer.step()
+        p.optimizer.zero_grad()
     return StepResult(step_loss, tokens, norm, finite)
 
 

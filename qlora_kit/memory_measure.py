@@ -15,7 +15,7 @@ What is measured, and how (sizes in bytes)
     optimizer_state     fp32 masters of the bf16 adapters + the inner optimizer's state, after the first step
   transient tensors of one steady step (step >= 2): every allocation and free the torch allocator reports to the
   profiler (`profile_memory=True`), each tagged by where it was allocated:
-    adapter_grads       an adapter's .grad (recognised by its address when autograd accumulates it)
+    adapter_grads       the optimizer's flat fp32 gradient (optim.py; recognised by its address when a hook fills it)
     logits_and_loss     from the final norm to the cross-entropy and back (the loss head, forward and backward)
     activations         the decoder layers: checkpointed inputs, the recomputed layer's saved tensors, gradients
                         in flight, transiently dequantized weights, kernel workspaces
@@ -173,9 +173,10 @@ def static_inventory(model, optimizer) -> dict[str, int]:
 class StepTagger:
     """Marks, in the profiler's timeline, where the loss head starts and ends and where each adapter gradient is
     accumulated, with zero-length `record_function` ranges placed by module and tensor hooks (memory_timeline
-    reads them; train_step marks the optimizer phase itself). Nothing of the model or optimizer is patched."""
+    reads them; train_step marks the optimizer phase itself). The optimizer is only read (its flat gradient
+    buffers); nothing of the model or optimizer is patched."""
 
-    def __init__(self, model):
+    def __init__(self, model, optimizer):
         import torch
 
         self.handles = []
@@ -196,8 +197,12 @@ class StepTagger:
             self.handles.append(norm.register_forward_pre_hook(head_start, with_kwargs=True))
         for p in model.parameters():
             if p.requires_grad:
-                self.handles.append(p.register_post_accumulate_grad_hook(
-                    lambda p: mark(f"grad::{p.grad.untyped_storage().data_ptr()}")))
+                self.handles.append(p.register_post_accumulate_grad_hook(lambda p: tag_grads(p)))
+
+        def tag_grads(p):  # the optimizer's hook (registered first) has summed p.grad into its flat fp32 gradient
+            for g in [p.grad, *optimizer.grad_buffers()]:
+                if g is not None:
+                    mark(f"grad::{g.untyped_storage().data_ptr()}")
 
     def remove(self):
         for h in self.handles:
@@ -261,7 +266,7 @@ def measure(cfg: MeasureConfig) -> dict:
     if cuda:
         cuda_stats = {"max_allocated": torch.cuda.max_memory_allocated(), "max_reserved": torch.cuda.max_memory_reserved()}
 
-    tagger = StepTagger(p.model)
+    tagger = StepTagger(p.model, p.optimizer)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -34,7 +34,9 @@ def test_loss_falls_and_run_folder_contract(tiny_model, tiny_data, tmp_path):
 def _grads(p: train.Prepared, batch: dict) -> dict:
     loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"])
     loss.backward()
-    out = {n: q.grad.clone() for n, q in p.model.named_parameters() if q.requires_grad}
+    # Adapter gradients are summed into the optimizer's flat fp32 buffer by a hook (optim.py), not left in .grad.
+    grad_of = {id(q): g for q, g in zip(p.optimizer.params, p.optimizer.grads)}
+    out = {n: grad_of[id(q)].clone() for n, q in p.model.named_parameters() if q.requires_grad}
     p.optimizer.zero_grad()
     return out
 
@@ -46,6 +48,7 @@ def test_eval_pass_between_steps_leaves_gradients_identical(tiny_model, tiny_dat
     for mod in p.model.modules():  # non-zero B so every gradient is non-trivial
         if isinstance(mod, lora.LoRALinear):
             torch.nn.init.normal_(mod.lora_B.weight, std=0.1)
+    p.optimizer.sync_from_params()
     batch = data.collate(p.dataset.train[:2], data.pad_token_id(p.tokenizer))
     before = _grads(p, batch)
     train.evaluate(p, p.dataset.train[:4], 2)  # eval mode, no_grad
@@ -101,10 +104,10 @@ def test_validation_split_and_eval_every(tiny_model, tiny_data, tmp_path):
 
 
 def test_eight_bit_optimizer_steps_like_torch_adamw(tiny_model, tiny_data):
-    """bitsandbytes' AdamW8bit behind our master weights takes the step torch's AdamW takes (an independent
-    reference): the same lr, betas, eps and weight decay reach it. Its state is 32-bit for tensors under 4096 values (all of the
-    tiny model's), so the two agree far more closely than the size of the update."""
-    after = {}
+    """bitsandbytes' AdamW8bit behind our flat fp32 masters keeps 8-bit state (one flat tensor per group is far
+    above bitsandbytes' 4096-value floor for 8-bit state) and takes nearly the step torch's AdamW takes (an
+    independent reference): the same lr, betas, eps and weight decay reach it; only the state is quantized."""
+    after, state = {}, None
     for name in ("adamw", "adamw8bit"):
         p = train.prepare(tiny_recipe(tiny_model, tiny_data, quant={"compute_dtype": "fp32"},
                                       train={"optimizer": name, "lr": 3e-3, "weight_decay": 0.1}))
@@ -113,9 +116,11 @@ def test_eight_bit_optimizer_steps_like_torch_adamw(tiny_model, tiny_data):
         for _ in range(3):
             assert train.train_step(p, [batch], lr=3e-3, max_grad_norm=1.0).finite
         after[name] = {n: q.detach().clone() for n, q in p.model.named_parameters() if q.requires_grad}
+        state = next(iter(p.optimizer.inner.state.values()))
+    assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8  # really 8-bit
     moved = sum(float((after["adamw"][n] - before[n]).norm()) for n in before)
     apart = sum(float((after["adamw8bit"][n] - after["adamw"][n]).norm()) for n in before)
-    assert moved > 0 and apart < 1e-4 * moved, (apart, moved)  # measured: ~2e-7
+    assert moved > 0 and apart < 0.1 * moved, (apart, moved)  # measured: 4.5% (8-bit moments)
 
 
 # Pinned, seeded loss curve of the tiny model (torchtune's EXPECTED_VAL): nf4 base, fp32 compute, r=4, lr 1e-2 with
@@ -172,7 +177,7 @@ def _unequal_examples(vocab: int) -> list[data.Example]:
 def _optimizer_grads(p: train.Prepared, micro_batches: list[dict]) -> list[torch.Tensor]:
     """The fp32 gradients train_step hands the inner optimizer (captured instead of stepping)."""
     seen = []
-    p.optimizer.inner.step = lambda *args, **kw: seen.append([m.grad.clone() for m in p.optimizer.masters])
+    p.optimizer.inner.step = lambda *args, **kw: seen.append([g.clone() for g in p.optimizer.grads])
     train.train_step(p, micro_batches, lr=1e-3, max_grad_norm=0.0)
     assert len(seen) == 1
     return seen[0]
@@ -185,6 +190,7 @@ def test_grad_accum_equals_one_big_batch_with_unequal_lengths(tiny_model, tiny_d
     for mod in p.model.modules():
         if isinstance(mod, lora.LoRALinear):
             torch.nn.init.normal_(mod.lora_B.weight, std=0.1)
+    p.optimizer.sync_from_params()
     pad = data.pad_token_id(p.tokenizer)
     ex = _unequal_examples(len(p.tokenizer))
     a, b, whole = data.collate(ex[:2], pad), data.collate(ex[2:], pad), data.collate(ex, pad)

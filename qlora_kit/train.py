@@ -60,7 +60,7 @@ def prepare(recipe: Recipe) -> Prepared:
     if t.optimizer.startswith("paged") and not torch.cuda.is_available():
         raise ConfigError(f"train.optimizer={t.optimizer} pages optimizer state through CUDA unified memory, "
                           "which needs a CUDA GPU; use adamw or adamw8bit on the CPU.")
-    data.load_records(recipe.data.path, recipe.data.format)  # a bad line fails now, not after a long model load
+    data.check(recipe.data)  # a bad line fails now, not after a long model load
     accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision="no")  # dtypes are ours: bf16 compute
     seed_everything(t.seed)
     model, tokenizer, _ = load_base(recipe.model, recipe.quant, accelerator.device)
@@ -161,7 +161,8 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
         n = pos.numel()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                            positions=pos.to(device, non_blocking=True))  # mean over its n tokens
+                            positions=pos.to(device, non_blocking=True),
+                            position_ids=batch.get("position_ids"))  # mean over its n tokens (packed: per document)
         weighted = loss * (n / total_tokens)
         p.accelerator.backward(weighted)
         total_loss += weighted.detach()

@@ -169,6 +169,16 @@ class Recipe:
         return dataclasses.replace(self, **sections)
 
 
+def parse_targets(text: str) -> str | list[str]:
+    """A command line's targets -> LoraConfig.targets: `all-linear`, or a comma list of module names (q_proj,v_proj)."""
+    if text.strip() == "all-linear":
+        return "all-linear"
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ConfigError(f"--targets {text!r} names no module; use all-linear or a comma list like q_proj,v_proj")
+    return names
+
+
 # (section, key) -> (predicate, what the value must be). Checked after types.
 _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("quant", "blocksize"): (lambda v: v in BLOCKSIZES, f"one of {list(BLOCKSIZES)}"),

@@ -4,6 +4,7 @@
         adapter_model.safetensors   the adapter (our module names; bf16)
         optimizer.safetensors       fp32 master weights + optimizer tensors (exp_avg, exp_avg_sq, ...)
         state.json                  step, optimizer scalars and param groups, data position, RNG states, version
+                                    (several processes: world_size, and one RNG state per rank in rank order)
 
 A checkpoint is written into `checkpoints/.tmp-step-N-PID`, fsynced, then renamed to `step-N`; a crash leaves at most
 a `.tmp-*` folder, which `latest()` ignores and the next save removes. `latest()` also skips a `step-N` that lacks a
@@ -70,8 +71,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer: dict, extra: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically, then keep only the newest `keep` checkpoints."""
+def save(run_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer: dict, extra: dict, keep: int,
+         rng: list[dict] | None = None) -> Path:
+    """Write checkpoint `step` atomically, then keep only the newest `keep` checkpoints. `rng`: every rank's RNG
+    state (rank order) in a multi-process run; default this process's."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
@@ -82,7 +85,7 @@ def save(run_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer: 
         "step": step,
         "qlora_kit_version": __version__,
         "optimizer": _flatten(optimizer, "optimizer", tensors),
-        "rng": _flatten(rng_state(), "rng", tensors),
+        "rng": _flatten(rng if rng is not None else rng_state(), "rng", tensors),
         **extra,
     }
     try:

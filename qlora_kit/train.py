@@ -2,8 +2,9 @@
 
 `prepare()` builds everything a step needs; `train_step()` is the one step function, reused by bench/;
 `run()` is `qlora-kit train`: the loop with logging, validation, checkpoints, resume and clean stops.
-Device placement goes through accelerate's Accelerator, so the same loop runs on the CPU, on one CUDA GPU (chosen
-automatically) and under `accelerate launch`.
+Device placement goes through accelerate's Accelerator, so the same loop runs on the CPU and on one CUDA GPU (chosen
+automatically). Several processes (torchrun / accelerate launch) share one run as distributed.py describes: a
+disjoint share of every global batch per rank, one sum of the adapter gradients per step, rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -15,17 +16,19 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
-from . import checkpoint, data, lora, peft_format
+from . import checkpoint, data, fsdp, lora, peft_format
 from .config import Recipe, dump_recipe
+from .distributed import World, shard_batch
 from .errors import ConfigError, TrainingInterrupted, TrainingStopped
 from .loss import CausalLMLoss
-from .model import load_base
+from .model import EMBEDDINGS, load_base
+from .stop_signals import StopFlag
 from .optim import MasterWeightOptimizer, build_optimizer, lr_factor
 
 
@@ -39,6 +42,9 @@ class Prepared:
     dataset: data.Dataset
     targets: list[str]
     report: lora.ParamReport
+    world: World = field(default_factory=World)
+    parallel: str = "single"  # single | ddp | fsdp: what this run does (train.parallel resolved for the world)
+    load_peak_bytes: int = 0  # fsdp: frozen bytes held at the worst moment of loading, on this rank
 
 
 def lora_spec(recipe: Recipe) -> lora.LoraSpec:
@@ -48,9 +54,19 @@ def lora_spec(recipe: Recipe) -> lora.LoraSpec:
     return lora.LoraSpec(c.r, c.alpha, c.dropout, c.init, c.rslora, DTYPES[recipe.quant.compute_dtype])
 
 
-def prepare(recipe: Recipe) -> Prepared:
+def parallel_mode(recipe: Recipe, world: World) -> str:
+    """train.parallel for this world: auto is ddp with several processes; one process is always a plain run
+    (fsdp on one process is the no-op shard, so a recipe runs unchanged on one device)."""
+    if not world.distributed:
+        return "single"
+    return "ddp" if recipe.train.parallel == "auto" else recipe.train.parallel
+
+
+def prepare(recipe: Recipe, world: World | None = None) -> Prepared:
     from accelerate import Accelerator
 
+    world = world or World()
+    mode = parallel_mode(recipe, world)
     t = recipe.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -61,8 +77,20 @@ def prepare(recipe: Recipe) -> Prepared:
                           "which needs a CUDA GPU; use adamw or adamw8bit on the CPU.")
     data.load_records(recipe.data.path, recipe.data.format)  # a bad line fails now, not after a long model load
     accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision="no")  # dtypes are ours: bf16 compute
-    seed_everything(t.seed)
-    model, tokenizer, _ = load_base(recipe.model, recipe.quant, accelerator.device)
+    seed_everything(t.seed)  # the same on every rank: the adapters start identical everywhere
+    device = accelerator.device
+
+    load_peak = 0  # bytes of frozen tensors this rank held at the worst moment of loading (what FSDP bounds)
+
+    def shard_group(base: torch.nn.Module, i: int) -> None:  # FSDP: shard each group as soon as it is loaded
+        nonlocal load_peak
+        load_peak = max(load_peak, sum(fsdp.local_frozen_bytes(base).values()))
+        if i == EMBEDDINGS:
+            fsdp.shard_embeddings(base, world, device)
+        else:
+            fsdp.shard(fsdp.decoder_layers(base)[i], world, device)
+
+    model, tokenizer, _ = load_base(recipe.model, recipe.quant, device, shard_group if mode == "fsdp" else None)
     if t.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs, no `enable_input_require_grads` hack, RNG (dropout) replayed.
         kwargs = {"use_reentrant": False}
@@ -81,8 +109,18 @@ def prepare(recipe: Recipe) -> Prepared:
     if t.optimizer != "adamw":
         _probe_bnb_optimizer(t, accelerator.device)
     optimizer = build_optimizer(params, t)
-    loss_fn = accelerator.prepare(CausalLMLoss(model, t.loss_chunk))
-    return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, lora.param_report(model))
+    report = lora.param_report(model)
+    loss_fn = CausalLMLoss(model, t.loss_chunk)
+    if mode == "fsdp":
+        load_peak = max(load_peak, sum(fsdp.local_frozen_bytes(model).values()))  # lm_head still whole here
+        fsdp.shard_root(loss_fn, model, world, device)
+    elif mode == "single":
+        loss_fn = accelerator.prepare(loss_fn)
+    # ddp/fsdp: no DDP wrapper; train_step sums the adapters' gradients once per step (distributed.py)
+    if world.distributed:  # dropout differs per rank from here on (the adapters were initialised identically)
+        torch.manual_seed((t.seed + 1_000_003 * world.rank) % 2**63)
+        random.seed(t.seed + 1_000_003 * world.rank)
+    return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, report, world, mode, load_peak)
 
 
 def _check_rank(model: torch.nn.Module, recipe: Recipe) -> None:
@@ -122,6 +160,7 @@ class StepResult:
     tokens: int  # tokens processed (non-pad), over all micro-batches
     grad_norm: float
     finite: bool
+    stop: bool = False  # some rank was asked to stop (SIGINT/SIGTERM) during this step
 
 
 def label_tokens(batch: dict) -> int:
@@ -129,17 +168,28 @@ def label_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != data.IGNORE).sum())
 
 
-def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm: float, apply: bool = True) -> StepResult:
+def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm: float, apply: bool = True,
+               stop: bool = False) -> StepResult:
     """One optimizer step over `micro_batches` (gradient accumulation). With apply=False (non-finite batch to
     skip) gradients are computed and dropped.
 
     The step's loss is the mean over every label token of every micro-batch, not the mean of per-batch means:
     micro-batch i contributes mean_i * n_i / N (N = the step's label tokens, counted on the CPU batches before any
     forward, so no host sync). `grad_accum: k` x `batch_size: b` is then the same step as `batch_size: k*b`
-    over the same examples (transformers #34191 was this bug)."""
-    device = p.accelerator.device
+    over the same examples (transformers #34191 was this bug).
+
+    Several ranks: `micro_batches` are this rank's shares, N counts the label tokens of every rank's shares (one
+    small all-reduce before the first backward), and the adapters' fp32 gradients, the loss, the token count and
+    the stop flag are summed across ranks in one all-reduce after the last micro-batch: the SUM over ranks of
+    mean_i * n_i / N is the mean over all label tokens of the global step, as in one process."""
+    device, world = p.accelerator.device, p.world
     counts = [label_tokens(b) for b in micro_batches]
-    total_tokens = max(sum(counts), 1)
+    total_tokens = sum(counts)
+    if world.distributed:
+        n = torch.tensor([float(total_tokens)], device=device)
+        world.all_reduce_([n])
+        total_tokens = int(n.item())
+    total_tokens = max(total_tokens, 1)
     total_loss = torch.zeros((), dtype=torch.float32, device=device)  # accumulated on device: one .item() below
     tokens = 0
     for batch, n in zip(micro_batches, counts):
@@ -149,8 +199,10 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
         weighted = loss * (n / total_tokens)
         p.accelerator.backward(weighted)
         total_loss += weighted.detach()
-    step_loss = float(total_loss.item())
     grads = p.optimizer.grads_to_masters()
+    extras = torch.stack([total_loss, torch.tensor(float(tokens), device=device), torch.tensor(float(stop), device=device)])
+    world.all_reduce_([*grads, extras])  # one collective per optimizer step (none on one process)
+    step_loss, tokens, stop = float(extras[0]), int(extras[1]), bool(extras[2] > 0)
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0
     finite = math.isfinite(step_loss) and math.isfinite(norm)
     if finite and apply:
@@ -161,7 +213,7 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
             group["lr"] = lr
         p.optimizer.step()
     p.optimizer.zero_grad()
-    return StepResult(step_loss, tokens, norm, finite)
+    return StepResult(step_loss, tokens, norm, finite, stop)
 
 
 @torch.no_grad()
@@ -184,82 +236,94 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the current step. A second Ctrl-C aborts."""
-
-    def __init__(self):
-        self.signal: int | None = None
-
-    def __enter__(self):
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint...", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
+def _restore(p: Prepared, stream, start_ckpt: Path) -> tuple[int, int]:
+    """Load a checkpoint into this rank: adapters, optimizer, data position and this rank's RNG."""
+    adapter, opt_state, state = checkpoint.load(start_ckpt)
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != p.world.size:
+        raise ConfigError(f"--resume: {start_ckpt} was written by a run of {saved_world} process(es), this launch has "
+                          f"{p.world.size}. Resume with the same number of processes (torchrun --nproc_per_node "
+                          f"{saved_world}, or one process for 1): each rank's data share and RNG continue exactly.")
+    lora.load_adapter_state(p.model, adapter)
+    p.optimizer.load_state_dict(opt_state)
+    stream.load_state_dict(state["data"])
+    rng = state["rng"]
+    checkpoint.set_rng_state(rng[p.world.rank] if isinstance(rng, list) else rng)
+    return state["step"], state["skipped"]
 
 
 def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: bool = True,
-        resume_command: str | None = None) -> dict:
+        resume_command: str | None = None, world: World | None = None) -> dict:
     """`qlora-kit train`: returns a summary (steps, final loss, val loss, tokens/s, peak memory, params).
-    `resume_command`: the exact command that continues this run, for the messages of a stopped run."""
+    `resume_command`: the exact command that continues this run, for the messages of a stopped run.
+    `world`: this process's rank among several (distributed.detect()); rank 0 alone writes `run_dir`."""
     from tqdm.auto import tqdm
 
+    from . import distributed
     from .run_dir import check_run_dir, write_metrics_line, truncate_metrics
 
+    world = world or World()
+    main = world.is_main
     run_dir = Path(run_dir)
     again = resume_command or f"qlora-kit train RECIPE --out {run_dir} --resume"
-    start_ckpt = check_run_dir(run_dir, recipe, resume)
     t = recipe.train
-    p = prepare(recipe)
-    stream = data.BatchStream(p.dataset.train, t.batch_size, t.seed, data.pad_token_id(p.tokenizer))
+    distributed.use_timeout(world, t.dist_timeout_s)
     step, skipped = 0, 0
-    if start_ckpt is not None:
-        adapter, opt_state, state = checkpoint.load(start_ckpt)
-        lora.load_adapter_state(p.model, adapter)
-        p.optimizer.load_state_dict(opt_state)
-        stream.load_state_dict(state["data"])
-        checkpoint.set_rng_state(state["rng"])
-        step, skipped = state["step"], state["skipped"]
-        truncate_metrics(run_dir, step)
-        print(f"resuming from {start_ckpt} (step {step} of {t.steps})", file=sys.stderr)
-    elif resume:  # the run died before its first checkpoint: start over in the same folder
-        truncate_metrics(run_dir, 0)
-        print(f"{run_dir} has no complete checkpoint yet: starting from step 0", file=sys.stderr)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-    print(f"{p.report} — LoRA r={recipe.lora.r} on {len(p.targets)} modules; "
-          f"{len(p.dataset.train)} train / {len(p.dataset.val)} val examples", file=sys.stderr)
+
+    def setup():  # every rank checks and loads; any rank's bad input stops all of them (distributed.agree)
+        nonlocal step, skipped
+        start_ckpt = check_run_dir(run_dir, recipe, resume)
+        p = prepare(recipe, world)
+        stream = data.BatchStream(p.dataset.train, t.batch_size * world.size, t.seed, data.pad_token_id(p.tokenizer))
+        if start_ckpt is not None:
+            step, skipped = _restore(p, stream, start_ckpt)
+        return p, stream, start_ckpt
+
+    p, stream, start_ckpt = world.agree(setup)
+    if main:
+        if start_ckpt is not None:
+            truncate_metrics(run_dir, step)
+            print(f"resuming from {start_ckpt} (step {step} of {t.steps})", file=sys.stderr)
+        elif resume:  # the run died before its first checkpoint: start over in the same folder
+            truncate_metrics(run_dir, 0)
+            print(f"{run_dir} has no complete checkpoint yet: starting from step 0", file=sys.stderr)
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        ranks = f"; {world.size} processes ({p.parallel})" if world.distributed else ""
+        print(f"{p.report} — LoRA r={recipe.lora.r} on {len(p.targets)} modules; "
+              f"{len(p.dataset.train)} train / {len(p.dataset.val)} val examples{ranks}", file=sys.stderr)
 
     def save_ckpt() -> Path:
-        extra = {"data": stream.state_dict(), "skipped": skipped, "recipe": recipe.to_dict()}
-        return checkpoint.save(run_dir, step, lora.adapter_state_dict(p.model), p.optimizer.state_dict(), extra,
-                               t.keep_checkpoints)
+        rngs = world.all_gather_object(checkpoint.rng_state()) if world.distributed else None
+        extra = {"data": stream.state_dict(), "skipped": skipped, "recipe": recipe.to_dict(), "world_size": world.size}
 
-    bar = tqdm(total=t.steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+        def write():
+            if main:
+                return checkpoint.save(run_dir, step, lora.adapter_state_dict(p.model), p.optimizer.state_dict(),
+                                       extra, t.keep_checkpoints, rng=rngs)
+        return world.agree(write)  # a failed write (full disk) stops every rank, rank 0 tells why
+
+    bar = tqdm(total=t.steps, initial=step, disable=not (progress and main), desc="train", unit="step",
+               dynamic_ncols=True)
     val_loss, last, t0, tokens_total = None, None, time.perf_counter(), 0
-    with _StopFlag() as stop:
+    with StopFlag(announce=main) as stop:
         while step < t.steps:
             ts = time.perf_counter()
-            micro = [stream.next_batch() for _ in range(t.grad_accum)]
-            res = train_step(p, micro, t.lr * lr_factor(step, t), t.max_grad_norm, apply=True)
+            micro = [shard_batch(stream.next_batch(), world) for _ in range(t.grad_accum)]
+            res = train_step(p, micro, t.lr * lr_factor(step, t), t.max_grad_norm, apply=True,
+                             stop=stop.signal is not None)
             if not res.finite:
                 if t.on_nonfinite == "skip":
                     skipped += 1
                 else:
                     good = checkpoint.latest(run_dir)
-                    raise TrainingStopped(
+                    raise world.quiet_unless_main(TrainingStopped(
                         f"non-finite loss or gradient at step {step + 1} (loss {res.loss}, grad norm {res.grad_norm}). "
                         f"Last good checkpoint: {good or 'none'}. Lower train.lr (--set train.lr=...) or skip such "
-                        f"batches (--set train.on_nonfinite=skip), and continue from that checkpoint with: {again}")
+                        f"batches (--set train.on_nonfinite=skip), and continue from that checkpoint with: {again}"))
             step += 1
+            world.beat(step)
             tokens_total += res.tokens
             tok_s = res.tokens / (time.perf_counter() - ts)
             mem = peak_memory_bytes(p.accelerator.device)
@@ -267,34 +331,47 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
                     "grad_norm": round(res.grad_norm, 6), "tokens_per_s": round(tok_s, 1), "peak_memory_bytes": mem,
                     "skipped": skipped}
             if p.dataset.val and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
-                val_loss = evaluate(p, p.dataset.val, t.batch_size)
+                val_loss = evaluate(p, p.dataset.val, t.batch_size)  # every rank, the whole split (FSDP: in step)
                 last["val_loss"] = round(val_loss, 6)
-            if step % t.log_every == 0 or step == t.steps or "val_loss" in last:
+            if main and (step % t.log_every == 0 or step == t.steps or "val_loss" in last):
                 write_metrics_line(run_dir, last)
             bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{tok_s:.0f}", mem=f"{mem / 2**30:.2f}GiB")
             bar.update(1)
             if (t.save_every and step % t.save_every == 0) or step == t.steps:
                 save_ckpt()
-            if stop.signal is not None and step < t.steps:
-                path = save_ckpt()
+            # one process: the flag itself; several: what the step's all-reduce made every rank agree on
+            if (res.stop if world.distributed else stop.signal is not None) and step < t.steps:
+                path = save_ckpt() or checkpoint.latest(run_dir)
                 bar.close()
-                raise TrainingInterrupted(
-                    f"stopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint saved in {path}. "
-                    f"Resume with: {again}")
+                name = signal.Signals(stop.signal).name if stop.signal else "a signal to another rank"
+                raise world.quiet_unless_main(TrainingInterrupted(
+                    f"stopped by {name} at step {step}; checkpoint saved in {path}. Resume with: {again}"))
     bar.close()
-    try:
-        adapter_dir = peft_format.save_adapter(
-            run_dir / "adapter", lora.adapter_state_dict(p.model), r=recipe.lora.r, alpha=recipe.lora.alpha,
-            dropout=recipe.lora.dropout, rslora=recipe.lora.rslora, base_model=recipe.model.path,
-            init=recipe.lora.init)
-    except (OSError, SafetensorError) as e:  # a full disk: the final checkpoint already holds every weight
-        raise TrainingStopped(f"could not write {run_dir / 'adapter'} ({e}); the trained weights are safe in "
-                              f"{checkpoint.latest(run_dir)}. Free disk space, then run: {again}") from None
     elapsed = time.perf_counter() - t0
-    summary = {"steps": step, "final_loss": last["loss"] if last else None, "val_loss": val_loss,
-               "tokens_per_s": round(tokens_total / elapsed, 1) if elapsed else None,
-               "peak_memory_bytes": peak_memory_bytes(p.accelerator.device), "trainable_params": p.report.trainable,
-               "total_params": p.report.total, "trainable_percent": round(p.report.percent, 4),
-               "skipped_batches": skipped, "adapter": str(adapter_dir), "wall_s": round(elapsed, 1)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+    ranks = world.all_gather_object({"rank": world.rank, "peak_memory_bytes": peak_memory_bytes(p.accelerator.device),
+                                     "frozen_bytes": fsdp.local_frozen_bytes(p.model),
+                                     "load_peak_bytes": p.load_peak_bytes})
+
+    def finish():
+        if not main:
+            return None
+        try:
+            adapter_dir = peft_format.save_adapter(
+                run_dir / "adapter", lora.adapter_state_dict(p.model), r=recipe.lora.r, alpha=recipe.lora.alpha,
+                dropout=recipe.lora.dropout, rslora=recipe.lora.rslora, base_model=recipe.model.path,
+                init=recipe.lora.init)
+        except (OSError, SafetensorError) as e:  # a full disk: the final checkpoint already holds every weight
+            raise TrainingStopped(f"could not write {run_dir / 'adapter'} ({e}); the trained weights are safe in "
+                                  f"{checkpoint.latest(run_dir)}. Free disk space, then run: {again}") from None
+        summary = {"steps": step, "final_loss": last["loss"] if last else None, "val_loss": val_loss,
+                   "tokens_per_s": round(tokens_total / elapsed, 1) if elapsed else None,
+                   "peak_memory_bytes": peak_memory_bytes(p.accelerator.device),
+                   "trainable_params": p.report.trainable, "total_params": p.report.total,
+                   "trainable_percent": round(p.report.percent, 4), "skipped_batches": skipped,
+                   "adapter": str(adapter_dir), "wall_s": round(elapsed, 1)}
+        if world.distributed:
+            summary |= {"world_size": world.size, "parallel": p.parallel, "ranks": ranks}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+
+    return world.agree(finish)

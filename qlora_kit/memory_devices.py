@@ -70,10 +70,11 @@ def per_device(config: dict, cfg: me.EstimateConfig, gpus: int, parallel: Parall
         parts = {k: v for k, v in e.components.items() if k not in FROZEN}
     phases = {name: total + static_delta + (comm if name == "optimizer_step" else 0) for name, total in e.phases.items()}
     peak = max(phases, key=phases.get)
-    per = {**parts, **extra}
-    if peak != "optimizer_step":
+    per = {**parts, **extra}  # the components at the one-device peak phase, with the per-device changes
+    if e.peak_phase != "optimizer_step":
         per["gradient_sum_buffer"] = 0  # only lives while the step's gradients are summed
-    total = sum(per.values())
+    if phases[peak] > sum(per.values()):  # the gradient sum made the optimizer step the peak instead
+        per["optimizer_step_peak_excess"] = phases[peak] - sum(per.values())
     return DeviceEstimate(gpus, parallel, per, phases[peak], e, peak)
 
 
@@ -83,7 +84,7 @@ def max_seq_table(config: dict, cfg: me.EstimateConfig, gpus: int, parallel: Par
     cap = me.count_params(config).max_positions
     rows = []
     for gib in gpus_gib:
-        def fits(seq: int) -> bool:
+        def fits(seq: int, gib: int = gib) -> bool:
             return per_device(config, replace(cfg, seq=seq), gpus, parallel).total <= gib * me.GiB
         if not fits(1):
             best, capped = None, False

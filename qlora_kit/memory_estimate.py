@@ -8,8 +8,10 @@ Pure Python: no torch, no bitsandbytes. Each component below has a stable key so
                         double quantization) + 16-entry fp32 codebook; int8: one fp32 scale per output row
     unquantized_params  embeddings, norms, lm_head (once when tied), Linear biases; 2 bytes each
     adapters            LoRA A (r, in) and B (out, r) per adapted module, compute dtype
-    adapter_grads       same size as the adapters
-    optimizer_state     fp32 master of bf16 adapters + AdamW moments (fp32 or 8-bit blockwise; paged: unified)
+    adapter_grads       the optimizer's ONE flat fp32 gradient (4 bytes per adapter parameter; each bf16 gradient
+                        is summed into it and freed as soon as autograd makes it)
+    optimizer_state     ONE flat fp32 master of the adapters + AdamW moments over it (fp32 or 8-bit blockwise;
+                        paged: unified); on the CPU, torch's AdamW step adds two fp32 temporaries (sqrt, divide)
     activations         saved for backward (checkpointed: layer inputs + one layer recomputed) + backward workspace
     logits_and_loss     final norm/hidden + one chunk of fp32 logits and their gradients (chunked cross-entropy)
     cuda_context        a stated allowance for the CUDA context and cuBLAS workspace (0 on the CPU)
@@ -19,8 +21,8 @@ transient tensors are never live together (measured with the allocator's events,
     loss head           layer inputs (or all saved activations) + final norm + one chunk's logits and gradients;
                         adapter gradients do not exist yet (they are set to None after every step)
     decoder backward    layer inputs + one layer recomputed + in-flight gradients + one dequantized weight
-                        + the adapter gradients accumulated so far (worst of the first and the last layer)
-    optimizer step      adapter gradients + the masters' fp32 copies of them (counted in optimizer_state)
+                        + the flat fp32 gradient (allocated by the first adapter gradient)
+    optimizer step      the flat fp32 gradient + the update's temporaries (counted in optimizer_state)
 The largest is the peak (`peak_phase`, all in `phases`); `sizes` has each component's own maximum over the step.
 grad_accum > 1 also keeps adapter gradients through the loss head (not modelled).
 """
@@ -36,14 +38,12 @@ from typing import Literal
 
 from qlora_kit.config import TrainConfig
 from qlora_kit.errors import ConfigError, ModelError
+from qlora_kit.terms import BLOCKSIZES, FOUR_BIT, NESTED_BLOCKSIZE, QUANT_TYPES, GiB, QuantType
 
-GiB = 1 << 30
 CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context + cuBLAS/cuDNN workspaces: invisible to torch's allocator stats
-NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for double quantization of the 4-bit absmax constants
 OPTIM_BLOCKSIZE = 256  # bitsandbytes' 8-bit optimizers: one fp32 absmax per 256 state values
 MIN_8BIT_SIZE = 4096  # bitsandbytes keeps tensors smaller than this in 32-bit optimizer state
 GPU_SIZES_GIB = (8, 12, 16, 24, 40, 48, 80)
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 COMPONENTS = ("quantized_weights", "quant_constants", "unquantized_params", "adapters", "adapter_grads",
               "optimizer_state", "activations", "logits_and_loss", "cuda_context")
 
@@ -75,7 +75,6 @@ _OPTIONAL = {"num_key_value_heads": None, "head_dim": None, "tie_word_embeddings
              "mlp_bias": False, "max_position_embeddings": 2048, "model_type": "llama"}
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
-Quant = Literal["nf4", "fp4", "int8", "none"]
 OptimizerName = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"]
 
 
@@ -147,7 +146,7 @@ def count_params(config: dict) -> ModelShapes:
 
 @dataclass(frozen=True)
 class EstimateConfig:
-    quant: Quant = "nf4"
+    quant: QuantType = "nf4"
     blocksize: int = 64
     """Weights per absmax constant (nf4/fp4)."""
     double_quant: bool = True
@@ -169,7 +168,7 @@ class EstimateConfig:
         for name in ("rank", "batch", "seq", "loss_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        choices = {"quant": Quant.__args__, "optimizer": OptimizerName.__args__, "device": ("cuda", "cpu"),
+        choices = {"quant": QUANT_TYPES, "optimizer": OptimizerName.__args__, "device": ("cuda", "cpu"),
                    "blocksize": BLOCKSIZES, "compute_bytes": (2, 4)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -282,9 +281,9 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
     deq = 0 if cfg.quant == "none" else c * max(lin.numel for lin in s.linears)
     terms["dequantized_weight"] = deq  # (out, in) c: one Linear's weight, dequantized transiently per matmul
     misaligned = [lin.numel for lin in s.linears if lin.in_features % cfg.blocksize]
-    if cfg.device == "cpu" and cfg.quant in ("nf4", "fp4") and misaligned:
-        # quant.py dequantizes these in plain torch on the CPU (ARCHITECTURE.md section 5): int64 codes + fp32
-        # values of the whole weight are live together (measured: 12 bytes per weight at the step's peak).
+    if cfg.device == "cpu" and cfg.quant in FOUR_BIT and misaligned:
+        # quant.py dequantizes these in plain torch on the CPU (docs/ARCHITECTURE.md, "bitsandbytes hazards"): int64
+        # codes + fp32 values of the whole weight are live together (measured: 12 bytes per weight at the step's peak).
         terms["dequant_workspace"] = 12 * max(misaligned)
     terms["backward_grads"] = c * T * 2 * (s.hidden + s.intermediate)  # in-flight grads: (B,S,H) x2, (B,S,I) x2
     return terms
@@ -317,9 +316,9 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     adapter_shapes = [(cfg.rank, lin.in_features) for lin in s.linears if lin.name in adapted]
     adapter_shapes += [(lin.out_features, cfg.rank) for lin in s.linears if lin.name in adapted]
     n_adapter = s.layers * sum(a * b for a, b in adapter_shapes)
-    optim = s.layers * sum(_optimizer_bytes(a * b, cfg.optimizer) for a, b in adapter_shapes)
-    if cfg.compute_bytes < 4:  # optim.MasterWeightOptimizer: an fp32 master copy of each bf16 adapter
-        optim += 4 * n_adapter
+    # optim.MasterWeightOptimizer: the inner optimizer steps ONE flat fp32 master of every adapter
+    inner = _optimizer_bytes(n_adapter, cfg.optimizer)
+    optim = inner + 4 * n_adapter
     acts, logits = activation_terms(s, cfg, adapted), logits_terms(s, cfg)
     static = {
         "quantized_weights": wq, "quant_constants": cq,
@@ -327,31 +326,30 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
         "adapters": cfg.compute_bytes * n_adapter, "optimizer_state": optim,
         "cuda_context": CUDA_CONTEXT_BYTES if cfg.device == "cuda" else 0,
     }
-    grads = cfg.compute_bytes * n_adapter
+    grads = 4 * n_adapter  # the flat fp32 gradient; a bf16 adapter gradient lives only until its hook sums it
     kept = acts["all_layers"] if "all_layers" in acts else acts["layer_inputs"]  # live in every phase
-    master_grads = 4 * n_adapter if cfg.compute_bytes < 4 else 0  # optim.grads_to_masters: p.grad.float()
-    # Backward runs from the last layer down: each layer frees what it kept and adds its adapters' gradients, so the
-    # worst moment is the first layer done (everything kept, one layer's gradients) or the last (one layer kept,
-    # every gradient); the layer being done adds its recomputed activations and the backward workspace.
-    L, working = s.layers, sum(acts.values()) - kept
-    top, bottom = (kept + grads // L, kept // L + grads)
-    dec_acts, dec_grads = (kept, grads // L) if top >= bottom else (kept // L, grads)
+    # torch's single-tensor AdamW on the CPU: sqrt(exp_avg_sq) and its quotient, (n,) fp32 each; fused on CUDA: none
+    step_temps = 8 * n_adapter if cfg.optimizer == "adamw" and cfg.device == "cpu" else 0
+    # Backward runs from the last layer down: the worst moment is the first layer done (everything kept, and the
+    # flat gradient, allocated whole by the first adapter gradient); that layer adds its recomputed activations and
+    # the backward workspace.
+    working = sum(acts.values()) - kept
     transient = {  # phase -> the step-dependent components live at that phase's peak
         "loss_head": {"adapter_grads": 0, "activations": kept, "logits_and_loss": sum(logits.values())},
-        "decoder_backward": {"adapter_grads": dec_grads, "activations": dec_acts + working, "logits_and_loss": 0},
+        "decoder_backward": {"adapter_grads": grads, "activations": kept + working, "logits_and_loss": 0},
         "optimizer_step": {"adapter_grads": grads, "activations": 0, "logits_and_loss": 0,
-                           "optimizer_state": master_grads},  # the masters' fp32 gradients: optimizer machinery
+                           "optimizer_state": step_temps},
     }
     phases = {name: sum(static.values()) + sum(t.values()) for name, t in transient.items()}
     peak = max(phases, key=phases.get)
     components = {k: static.get(k, 0) + transient[peak].get(k, 0) for k in COMPONENTS}
     own = {"adapter_grads": grads, "activations": sum(acts.values()), "logits_and_loss": sum(logits.values()),
-           "optimizer_state": master_grads}  # each at its own worst moment (the first layer done, for activations)
+           "optimizer_state": step_temps}  # each at its own worst moment (the first layer done, for activations)
     sizes = {k: static.get(k, 0) + own.get(k, 0) for k in COMPONENTS}
     unchunked = logits["final_norm"] + cfg.compute_bytes * cfg.batch * cfg.seq * s.hidden + \
         3 * 4 * cfg.batch * cfg.seq * s.vocab
     return Estimate(components, s, adapted, n_adapter, (wq + cq) * 8 / s.linear_params, acts, logits,
-                    unchunked, optim if cfg.optimizer.startswith("paged") else 0, peak, phases, sizes)
+                    unchunked, inner if cfg.optimizer.startswith("paged") else 0, peak, phases, sizes)
 
 
 def max_seq_table(config: dict, cfg: EstimateConfig, gpus_gib=GPU_SIZES_GIB) -> list[dict]:
@@ -360,7 +358,7 @@ def max_seq_table(config: dict, cfg: EstimateConfig, gpus_gib=GPU_SIZES_GIB) -> 
     cap = count_params(config).max_positions
     rows = []
     for gib in gpus_gib:
-        def fits(seq: int) -> bool:
+        def fits(seq: int, gib: float = gib) -> bool:
             return estimate(config, replace(cfg, seq=seq)).total <= gib * GiB
         if not fits(1):
             best, capped = None, False

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from . import checkpoint, data, fsdp, lora, peft_format
+from . import atomic, checkpoint, data, fsdp, lora, peft_format
 from .config import Recipe, dump_recipe
 from .distributed import World, shard_batch
 from .errors import ConfigError, TrainingInterrupted, TrainingStopped
-from .loss import CausalLMLoss
+from .loss import CausalLMLoss, label_positions
 from .model import EMBEDDINGS, load_base
 from .stop_signals import StopFlag
 from .optim import MasterWeightOptimizer, build_optimizer, lr_factor
@@ -168,6 +168,15 @@ def label_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != data.IGNORE).sum())
 
 
+def host_batch_facts(batch: dict) -> tuple[torch.Tensor, int]:
+    """Computed on the CPU batch BEFORE it moves to the device, so none of it synchronises a GPU:
+    (label positions (N,) int64 into the flattened (B*T) sequence, see CausalLMLoss; non-pad tokens)."""
+    return label_positions(batch["labels"]), int(batch["attention_mask"].sum())
+
+
+HOST_BATCH_FUNCS = ("label_tokens", "host_batch_facts", "label_positions")  # CPU-batch only: not device syncs
+
+
 def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm: float, apply: bool = True,
                stop: bool = False) -> StepResult:
     """One optimizer step over `micro_batches` (gradient accumulation). With apply=False (non-finite batch to
@@ -178,39 +187,47 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
     forward, so no host sync). `grad_accum: k` x `batch_size: b` is then the same step as `batch_size: k*b`
     over the same examples (transformers #34191 was this bug).
 
-    Several ranks: `micro_batches` are this rank's shares, N counts the label tokens of every rank's shares (one
-    small all-reduce before the first backward), and the adapters' fp32 gradients, the loss, the token count and
-    the stop flag are summed across ranks in one all-reduce after the last micro-batch: the SUM over ranks of
-    mean_i * n_i / N is the mean over all label tokens of the global step, as in one process."""
+    Host syncs (issue 16): token counts and label positions come from the CPU batches; the loss is summed on the
+    device; micro-batch gradients are summed in the optimizer's flat fp32 buffer by a hook; the loss and the
+    gradient norm come back together in ONE transfer per step, which decides finiteness and clipping.
+
+    Several ranks (distributed.py): `micro_batches` are this rank's shares; N counts the label tokens of every
+    rank's shares (one small all-reduce before the first backward), and the flat fp32 gradients, the loss, the
+    token count and the stop flag are summed across ranks in one all-reduce after the last micro-batch: the SUM
+    over ranks of mean_i * n_i / N is the mean over all label tokens of the global step, as in one process."""
     device, world = p.accelerator.device, p.world
-    counts = [label_tokens(b) for b in micro_batches]
-    total_tokens = sum(counts)
+    facts = [host_batch_facts(b) for b in micro_batches]
+    total_tokens = sum(pos.numel() for pos, _ in facts)
     if world.distributed:
         n = torch.tensor([float(total_tokens)], device=device)
         world.all_reduce_([n])
         total_tokens = int(n.item())
     total_tokens = max(total_tokens, 1)
-    total_loss = torch.zeros((), dtype=torch.float32, device=device)  # accumulated on device: one .item() below
+    total_loss = torch.zeros((), dtype=torch.float32, device=device)  # accumulated on device
     tokens = 0
-    for batch, n in zip(micro_batches, counts):
-        tokens += int(batch["attention_mask"].sum())
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"])  # mean over its n tokens
+    for batch, (pos, non_pad) in zip(micro_batches, facts):
+        tokens += non_pad
+        n = pos.numel()
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                            positions=pos.to(device, non_blocking=True))  # mean over its n tokens
         weighted = loss * (n / total_tokens)
         p.accelerator.backward(weighted)
         total_loss += weighted.detach()
     grads = p.optimizer.grads_to_masters()
-    extras = torch.stack([total_loss, torch.tensor(float(tokens), device=device), torch.tensor(float(stop), device=device)])
-    world.all_reduce_([*grads, extras])  # one collective per optimizer step (none on one process)
-    step_loss, tokens, stop = float(extras[0]), int(extras[1]), bool(extras[2] > 0)
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0
+    counters = torch.tensor([float(tokens), float(stop)], device=device)
+    if world.distributed:  # one collective per optimizer step: gradients, loss, tokens, stop flag
+        extras = torch.cat([total_loss.reshape(1), counters])
+        world.all_reduce_([*grads, extras])
+        total_loss, counters = extras[0], extras[1:]
+    step_loss, norm, tokens_f, stop_f = torch.cat(
+        [torch.stack([total_loss, p.optimizer.grad_norm().to(device)]), counters]).tolist()  # the one host sync
+    tokens, stop = int(tokens_f), stop_f > 0
     finite = math.isfinite(step_loss) and math.isfinite(norm)
     if finite and apply:
         if max_grad_norm > 0 and norm > max_grad_norm:
-            for g in grads:
-                g.mul_(max_grad_norm / (norm + 1e-6))
-        for group in p.optimizer.inner.param_groups:
-            group["lr"] = lr
+            p.optimizer.scale_grads(max_grad_norm / (norm + 1e-6))
+        p.optimizer.set_lr(lr)
         p.optimizer.step()
     p.optimizer.zero_grad()
     return StepResult(step_loss, tokens, norm, finite, stop)
@@ -248,7 +265,7 @@ def _restore(p: Prepared, stream, start_ckpt: Path) -> tuple[int, int]:
     p.optimizer.load_state_dict(opt_state)
     stream.load_state_dict(state["data"])
     rng = state["rng"]
-    checkpoint.set_rng_state(rng[p.world.rank] if isinstance(rng, list) else rng)
+    checkpoint.set_rng_state(rng[p.world.rank] if isinstance(rng, list) else rng, p.accelerator.device)
     return state["step"], state["skipped"]
 
 
@@ -289,19 +306,19 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
             print(f"{run_dir} has no complete checkpoint yet: starting from step 0", file=sys.stderr)
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+            atomic.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
         ranks = f"; {world.size} processes ({p.parallel})" if world.distributed else ""
         print(f"{p.report} — LoRA r={recipe.lora.r} on {len(p.targets)} modules; "
               f"{len(p.dataset.train)} train / {len(p.dataset.val)} val examples{ranks}", file=sys.stderr)
 
     def save_ckpt() -> Path:
-        rngs = world.all_gather_object(checkpoint.rng_state()) if world.distributed else None
+        rngs = world.all_gather_object(checkpoint.rng_state(p.accelerator.device)) if world.distributed else None
         extra = {"data": stream.state_dict(), "skipped": skipped, "recipe": recipe.to_dict(), "world_size": world.size}
 
         def write():
             if main:
                 return checkpoint.save(run_dir, step, lora.adapter_state_dict(p.model), p.optimizer.state_dict(),
-                                       extra, t.keep_checkpoints, rng=rngs)
+                                       extra, t.keep_checkpoints, p.accelerator.device, rng=rngs)
         return world.agree(write)  # a failed write (full disk) stops every rank, rank 0 tells why
 
     bar = tqdm(total=t.steps, initial=step, disable=not (progress and main), desc="train", unit="step",
@@ -371,7 +388,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
                    "adapter": str(adapter_dir), "wall_s": round(elapsed, 1)}
         if world.distributed:
             summary |= {"world_size": world.size, "parallel": p.parallel, "ranks": ranks}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         return summary
 
     return world.agree(finish)

@@ -16,8 +16,6 @@ DEVICE_LABELS = {
     "frozen_shard": "frozen base, this GPU's shard (1/N)",
     "gathered_layers": "gathered decoder layers (2: current + prefetch)",
     "root_gathered": "lm_head + final norm, gathered all step",
-    "gradient_sum_buffer": "flat fp32 buffer for the gradient sum",
-    "optimizer_step_peak_excess": "optimizer step's extra (gradients + sum)",
 }
 
 

@@ -9,9 +9,9 @@ Design (docs: README "Several GPUs or machines"):
   takes rows [r*b, (r+1)*b) of every micro-batch drawn for the whole world (`shard_batch`), so the data position
   is the same on every rank and N ranks x batch b compute exactly the step of one process with batch N*b.
 - Adapters and their optimizer are replicated on every rank (they are small: 70B at r=16 on all linears is 0.2B
-  parameters). Their fp32 gradients are summed across ranks ONCE per optimizer step, after all micro-batches
-  (`all_reduce_`), together with the step's loss, token count and stop flag: accumulation micro-steps never
-  communicate. Each micro-batch's loss is weighted by n_i / N with N the label tokens of the whole world's step,
+  parameters). Their flat fp32 gradients (optim.py) are summed across ranks in place ONCE per optimizer step,
+  after all micro-batches (`all_reduce_`), with the step's loss, token count and stop flag: accumulation
+  micro-steps never communicate. Each micro-batch's loss is weighted by n_i / N with N the label tokens of the whole world's step,
   so the SUM over ranks is the mean over every label token of the step (no averaging over ranks to undo).
 - The frozen base is replicated (ddp) or sharded per parameter by FSDP2 (fsdp, see fsdp.py).
 - Only rank 0 writes the run folder; every rank reads it (on several machines: a shared file system for --resume).
@@ -74,17 +74,14 @@ class World:
             raise RankLost(self._lost_message(what, e)) from None
 
     def all_reduce_(self, tensors: list[torch.Tensor]) -> None:
-        """Sum `tensors` across ranks, in place, in one collective (flattened into one fp32 buffer)."""
-        if not self.distributed or not tensors:
+        """Sum `tensors` across ranks, in place: no extra copy of the optimizer's flat fp32 gradient (one tensor
+        per parameter group), so summing needs no memory beyond what one process has."""
+        if not self.distributed:
             return
         import torch.distributed as dist
 
-        flat = torch.cat([t.reshape(-1).float() for t in tensors])
-        self._guard("all_reduce", lambda: dist.all_reduce(flat, group=self.group))
-        offset = 0
         for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+            self._guard("all_reduce", lambda t=t: dist.all_reduce(t, group=self.group))
 
     def all_gather_object(self, obj) -> list:
         if not self.distributed:

@@ -3,12 +3,12 @@ estimate (memory_estimate.py) of one rank's micro-batch. Pure Python, no torch.
 
 What each rank holds (the design of distributed.py and fsdp.py):
     ddp   everything of one device: the whole frozen base, the adapters, their optimizer, one micro-batch's
-          activations; plus the flat fp32 buffer the adapter gradients are summed in (4 bytes x adapter params).
+          activations. The gradient sum runs in place on the optimizer's flat fp32 gradient: no extra buffer.
     fsdp  frozen_shard      (quantized codes + constants + 16-bit norms/embeddings) / N, rounded up per rank
           gathered_layers   two decoder layers gathered at once (the one computing and the one prefetched)
           root_gathered     lm_head + final norm (the root unit), gathered for the whole step; embeddings are
                             their own unit (gathered only during the embedding lookup) unless tied to lm_head
-          + the replicated adapters, optimizer and flat gradient buffer, and one micro-batch's activations.
+          + the replicated adapters, optimizer and gradients, and one micro-batch's activations.
 Not modelled: NCCL's own buffers (tens of MiB per GPU) and allocator fragmentation between gathers.
 """
 
@@ -54,28 +54,23 @@ def per_device(config: dict, cfg: me.EstimateConfig, gpus: int, parallel: Parall
     """Per-device bytes with `gpus` ranks, each training a micro-batch of cfg.batch x cfg.seq."""
     e = me.estimate(config, cfg)
     s = e.shapes
-    comm = 4 * e.adapter_params if gpus > 1 else 0  # distributed.World.all_reduce_: flat fp32 copy of the grads
     frozen = sum(e.components[k] for k in FROZEN)
     if parallel == "ddp" or gpus == 1:
-        extra = {"gradient_sum_buffer": comm}
+        extra = {}
         static_delta = 0
         parts = dict(e.components)
     else:
         embed, root, layer_norms = _unquantized_split(s)
         layer_q = (e.components["quantized_weights"] + e.components["quant_constants"]) // s.layers + layer_norms
         shard = -(-frozen // gpus)
-        extra = {"frozen_shard": shard, "gathered_layers": 2 * layer_q, "root_gathered": root,
-                 "gradient_sum_buffer": comm}
+        extra = {"frozen_shard": shard, "gathered_layers": 2 * layer_q, "root_gathered": root}
         static_delta = shard + 2 * layer_q + root - frozen
         parts = {k: v for k, v in e.components.items() if k not in FROZEN}
-    phases = {name: total + static_delta + (comm if name == "optimizer_step" else 0) for name, total in e.phases.items()}
-    peak = max(phases, key=phases.get)
-    per = {**parts, **extra}  # the components at the one-device peak phase, with the per-device changes
-    if e.peak_phase != "optimizer_step":
-        per["gradient_sum_buffer"] = 0  # only lives while the step's gradients are summed
-    if phases[peak] > sum(per.values()):  # the gradient sum made the optimizer step the peak instead
-        per["optimizer_step_peak_excess"] = phases[peak] - sum(per.values())
-    return DeviceEstimate(gpus, parallel, per, phases[peak], e, peak)
+    # the per-device changes are the same in every phase of the step, so the peak stays where it was
+    phases = {name: total + static_delta for name, total in e.phases.items()}
+    per = {**parts, **extra}
+    assert sum(per.values()) == phases[e.peak_phase]
+    return DeviceEstimate(gpus, parallel, per, phases[e.peak_phase], e, e.peak_phase)
 
 
 def max_seq_table(config: dict, cfg: me.EstimateConfig, gpus: int, parallel: Parallel,

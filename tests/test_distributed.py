@@ -290,3 +290,21 @@ def test_sigkill_of_a_two_rank_run_then_resume_on_two_ranks_is_bitwise_identical
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed 2-rank run differs from the uninterrupted one"
     keys = ("step", "loss", "grad_norm")
     assert [[m[k] for k in keys] for m in read_metrics(run)] == [[m[k] for k in keys] for m in read_metrics(reference)]
+
+
+def test_sigterm_to_torchrun_stops_every_rank_after_one_step_with_one_checkpoint(launches, tmp_path):
+    """`kill` of the launcher: torchrun passes SIGTERM to every rank; they agree on the step to stop after, rank 0
+    writes one checkpoint and prints the resume command once. (torchrun then exits 1 with its own traceback.)"""
+    run = tmp_path / "run"
+    proc = torchrun(launches[0], run, "--set", "train.steps=400", cwd=tmp_path)
+    deadline = time.monotonic() + TIMEOUT
+    while checkpoint.latest(run) is None:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert err.count("stopped by SIGTERM at step") == 1, err[-3000:]
+    stopped = int(err.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert checkpoint.latest(run).name == f"step-{stopped}" and not (run / "adapter").exists()
+    assert f"Resume with: torchrun --nproc_per_node=2 -m qlora_kit.cli.main train {launches[0]}" in err
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, stopped + 1))

@@ -17,13 +17,14 @@ Design (docs: README "Several GPUs or machines"):
 - Only rank 0 writes the run folder; every rank reads it (on several machines: a shared file system for --resume).
 - Errors: setup runs inside `agree()` on every rank; if any rank fails, every rank stops with exit 2 and rank 0
   alone prints the message (naming the ranks when they disagree). A collective that fails or times out (a rank
-  died or hangs) becomes `RankLost`, naming the ranks whose heartbeat stopped.
+  died or hangs) becomes `RankLost`, naming the ranks that no longer answer in the rendezvous store.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, TypeVar
 
@@ -33,6 +34,7 @@ from .errors import ConfigError, QloraKitError, RankLost
 
 T = TypeVar("T")
 BOOT_TIMEOUT_S = 600  # rendezvous and the first agreement, before the recipe's train.dist_timeout_s is known
+LIVENESS_WAIT_S = 3.0  # after a failed collective: how long survivors wait for each other's stamp in the store
 
 
 def _env_int(name: str, default: int) -> int:
@@ -55,7 +57,6 @@ class World:
     local_rank: int = 0
     group: object = None  # the process group the run's collectives use (recipe timeout); None: default group
     timeout_s: float = BOOT_TIMEOUT_S
-    _heartbeat: dict = field(default_factory=dict)
 
     @property
     def distributed(self) -> bool:
@@ -96,41 +97,35 @@ class World:
         if self.distributed:
             self.all_gather_object(None)  # a gloo barrier ignores the group timeout; a gather honours it
 
-    def beat(self, step: int) -> None:
-        """Record this rank's progress in the rendezvous store, so a timeout can name the rank that stopped."""
-        if not self.distributed:
-            return
-        try:
-            import torch.distributed as dist
-
-            dist.distributed_c10d._get_default_store().set(f"qlora_kit/beat/{self.rank}", str(step))
-        except Exception:  # best effort only: a missing store must never stop training
-            pass
-
     def _lost_message(self, what: str, error: Exception) -> str:
-        steps = {}
+        """Name the ranks that stopped: every surviving rank stamps the rendezvous store, waits a moment, and
+        lists the ranks without a fresh stamp (dead, or hung in something else). Best effort: when the store
+        itself is gone (it lives in rank 0's process unless torchrun hosts it), say so."""
+        silent = None
         try:
             import torch.distributed as dist
 
             store = dist.distributed_c10d._get_default_store()
-            store.set_timeout(timedelta(seconds=5))
+            store.set_timeout(timedelta(seconds=10))
+            store.set(f"qlora_kit/alive/{self.rank}", repr(time.time()))
+            time.sleep(LIVENESS_WAIT_S)
+            now, silent = time.time(), []
             for r in range(self.size):
-                try:
-                    steps[r] = int(store.get(f"qlora_kit/beat/{r}"))
-                except Exception:
-                    steps[r] = -1
+                key = f"qlora_kit/alive/{r}"
+                if not store.check([key]) or now - float(store.get(key).decode()) > 3 * LIVENESS_WAIT_S:
+                    silent.append(r)
         except Exception:
-            pass
-        behind = ""
-        if steps:
-            low = min(steps.values())
-            lagging = [r for r, s in steps.items() if s == low and r != self.rank]
-            if lagging and low < max(steps.values()):
-                behind = f" Rank(s) {lagging} stopped reporting at step {max(low, 0)}."
+            silent = None
+        if silent:
+            who = f"Rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped answering"
+        elif silent is None:
+            who = "Another rank stopped answering (the rendezvous store is gone too: rank 0, which holds it, may be it)"
+        else:
+            who = "Another rank stopped answering"
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        return (f"rank {self.rank}: another rank stopped answering ({what} failed or waited longer than "
-                f"train.dist_timeout_s={int(self.timeout_s)} s: {first}).{behind} Look for that rank's own message "
-                "above; the last checkpoint is intact, continue with --resume on the same number of processes.")
+        return (f"rank {self.rank}: {who} ({what} failed or waited longer than train.dist_timeout_s="
+                f"{int(self.timeout_s)} s: {first}). Look for that rank's own message above; the last checkpoint is "
+                "intact: continue with --resume on the same number of processes.")
 
     # ---- errors -------------------------------------------------------------------------------------------------
     def agree(self, fn: Callable[[], T]) -> T:

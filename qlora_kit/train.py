@@ -340,7 +340,6 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
                         f"Last good checkpoint: {good or 'none'}. Lower train.lr (--set train.lr=...) or skip such "
                         f"batches (--set train.on_nonfinite=skip), and continue from that checkpoint with: {again}"))
             step += 1
-            world.beat(step)
             tokens_total += res.tokens
             tok_s = res.tokens / (time.perf_counter() - ts)
             mem = peak_memory_bytes(p.accelerator.device)

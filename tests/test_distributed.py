@@ -235,20 +235,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def by_hand(recipe: Path, out: Path, *extra: str, cwd: Path) -> list[subprocess.Popen]:
+    """Two ranks started with the variables every launcher sets (no launcher to stop or summarise them)."""
+    port, procs = str(_free_port()), []
+    for rank in range(2):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "qlora_kit.cli.main", "train", str(recipe), "--out", str(out), "--no-progress",
+             *extra], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
 def test_bad_input_on_two_ranks_exits_2_with_one_message_and_writes_nothing(setup, tmp_path):
     """Two ranks started by hand with the variables any launcher sets; a target that matches nothing is found after
     the model loads, on every rank: each exits 2, the message appears once, no traceback, no run folder."""
     root, model, data_path = setup
     recipe = _write(tmp_path, _recipe_dict(model, data_path))
-    port = str(_free_port())
-    procs = []
-    for rank in range(2):
-        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "qlora_kit.cli.main", "train", str(recipe), "--out", str(tmp_path / "run"),
-             "--no-progress", "--set", "lora.targets=[no_such_proj]"],
-            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = by_hand(recipe, tmp_path / "run", "--set", "lora.targets=[no_such_proj]", cwd=tmp_path)
     errs = []
     for proc in procs:
         _, err = proc.communicate(timeout=TIMEOUT)
@@ -308,3 +312,39 @@ def test_sigterm_to_torchrun_stops_every_rank_after_one_step_with_one_checkpoint
     assert checkpoint.latest(run).name == f"step-{stopped}" and not (run / "adapter").exists()
     assert f"Resume with: torchrun --nproc_per_node=2 -m qlora_kit.cli.main train {launches[0]}" in err
     assert [m["step"] for m in read_metrics(run)] == list(range(1, stopped + 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gpus_over_nccl_equal_one_gpu_with_twice_the_batch(setup, tmp_path, parallel):
+    """The CPU equality tests above, on 2 GPUs with NCCL (one rank per GPU) against 1 GPU with batch 4."""
+    root, model, data_path = setup
+    raw = _recipe_dict(model, data_path)
+    raw["train"]["device"] = "cuda"
+    recipe = _write(tmp_path / "r", raw)
+    finish(torchrun(recipe, tmp_path / "two", "--set", f"train.parallel={parallel}", cwd=tmp_path))
+    raw["train"]["batch_size"] = 4
+    train.run(recipe_from_dict(raw), tmp_path / "one", progress=False)
+    a, b = adapter(tmp_path / "two"), adapter(tmp_path / "one")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)  # GPU kernels vary with the batch shape
+
+
+def test_a_dead_rank_does_not_leave_the_other_hanging_and_is_named(launches, tmp_path):
+    """Without a launcher to clean up, rank 1 is SIGKILLed mid-run: rank 0 stops within seconds (not after the
+    600 s timeout), exit 1, naming rank 1, no traceback; the checkpoints written so far are intact."""
+    run = tmp_path / "run"
+    procs = by_hand(launches[0], run, "--set", "train.steps=400", cwd=tmp_path)
+    deadline = time.monotonic() + TIMEOUT
+    while checkpoint.latest(run) is None:
+        assert procs[0].poll() is None and time.monotonic() < deadline, procs[0].communicate()[1][-2000:]
+        time.sleep(0.005)
+    procs[1].kill()
+    procs[1].communicate(timeout=60)
+    killed = time.monotonic()
+    _, err = procs[0].communicate(timeout=120)
+    assert procs[0].returncode == 1, err[-3000:]
+    assert time.monotonic() - killed < 60
+    assert "Rank 1 stopped answering" in err and "Traceback" not in err, err[-3000:]
+    assert checkpoint.latest(run) is not None and not (run / "adapter").exists()

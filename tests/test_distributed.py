@@ -348,3 +348,28 @@ def test_a_dead_rank_does_not_leave_the_other_hanging_and_is_named(launches, tmp
     assert time.monotonic() - killed < 60
     assert "Rank 1 stopped answering" in err and "Traceback" not in err, err[-3000:]
     assert checkpoint.latest(run) is not None and not (run / "adapter").exists()
+
+
+def test_an_fsdp_recipe_runs_unchanged_in_one_process(setup, single, tmp_path):
+    """train.parallel: fsdp on one process is the no-op shard: the same run, bit for bit, as the default."""
+    raw = _recipe_dict(setup[1], setup[2])
+    raw["train"].update(batch_size=4, parallel="fsdp")
+    threads = torch.get_num_threads()
+    try:
+        train.run(recipe_from_dict(raw), tmp_path / "run", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = adapter(tmp_path / "run"), adapter(single)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_accelerate_single_process_launch_is_pointed_out(monkeypatch):
+    from qlora_kit.distributed import single_process_hint
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert single_process_hint() is None
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # set by `accelerate launch` in the child it starts
+    assert "--multi_gpu --num_processes N" in single_process_hint()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun underneath: really several processes
+    assert single_process_hint() is None

@@ -60,3 +60,18 @@ def test_max_seq_per_device_grows_with_more_gpus_under_fsdp():
     four = {r["gpu_gib"]: r["max_seq"] for r in md.max_seq_table(LLAMA70, cfg, 4, "fsdp")}
     assert two[80] and four[80] and four[80] > two[80]
     assert two[8] is None  # 70B in 4 bits is ~18 GiB per GPU on two: nothing fits in 8 GiB
+
+
+def test_the_70b_recipe_states_its_own_estimate():
+    """recipes/llama3-70b-2x24gb.yaml says what `estimate` predicts for it: the comment must match the code."""
+    import re
+
+    from qlora_kit.config import load_recipe
+
+    path = "recipes/llama3-70b-2x24gb.yaml"
+    r = load_recipe(path)
+    stated = float(re.search(r"predicts ([0-9.]+) GiB per GPU", open(path).read()).group(1))
+    cfg = me.EstimateConfig(rank=r.lora.r, batch=r.train.batch_size, seq=r.data.max_length,
+                            optimizer=r.train.optimizer, lora_dropout=r.lora.dropout)
+    d = md.per_device(LLAMA70, cfg, 2, r.train.parallel)
+    assert r.train.parallel == "fsdp" and round(d.total / 2**30, 2) == stated

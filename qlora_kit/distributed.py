@@ -169,6 +169,14 @@ def detect() -> World:
     return World(rank, size, local)
 
 
+def parallel_mode(choice: str, world: World) -> str:
+    """train.parallel (`choice`) for this world: auto is ddp with several processes; one process is always a plain
+    run (fsdp on one process is the no-op shard, so a recipe runs unchanged on one device)."""
+    if not world.distributed:
+        return "single"
+    return "ddp" if choice == "auto" else choice
+
+
 def single_process_hint() -> str | None:
     """`accelerate launch --num_processes N` on a machine without several GPUs runs ONE process (its simple
     launcher), silently. We cannot see N, but we can see accelerate's environment without torchrun's."""

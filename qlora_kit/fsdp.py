@@ -69,6 +69,31 @@ def shard_root(loss_fn: nn.Module, model: nn.Module, world: World, device: torch
     fully_shard(loss_fn, mesh=_mesh(world, device), ignored_params=trainable or None)
 
 
+class LoadSharder:
+    """model.load_base's `on_layer`: shards each decoder layer, then the embeddings, as soon as they are loaded, and
+    records the most frozen bytes this rank held at any moment of loading (`load_peak`: what the issue bounds by
+    the rank's final share plus about one layer in 16 bits; the root's lm_head is still whole at the last check)."""
+
+    def __init__(self, world: World, device: torch.device):
+        self.world, self.device, self.load_peak = world, device, 0
+
+    def _measure(self, model: nn.Module) -> None:
+        self.load_peak = max(self.load_peak, sum(local_frozen_bytes(model).values()))
+
+    def __call__(self, model: nn.Module, group: int) -> None:
+        from .model import EMBEDDINGS
+
+        self._measure(model)
+        if group == EMBEDDINGS:
+            shard_embeddings(model, self.world, self.device)
+        else:
+            shard(decoder_layers(model)[group], self.world, self.device)
+
+    def shard_root(self, loss_fn: nn.Module, model: nn.Module) -> None:
+        self._measure(model)
+        shard_root(loss_fn, model, self.world, self.device)
+
+
 def local_frozen_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of frozen tensors this rank stores: the quantized Linears' codes + constants, and everything else
     frozen (embeddings, norms, lm_head). A sharded parameter counts its local shard (DTensor.to_local)."""

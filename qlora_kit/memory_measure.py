@@ -8,7 +8,7 @@ position labelled, so that the sequence length is exact.
 What is measured, and how (sizes in bytes)
   static tensors: an inventory of the live model and optimizer, each storage counted once (tied weights once)
     quantized_weights   QuantLinear.qweight (quant none: the decoder Linears' 16-bit weights)
-    quant_constants     the other QuantLinear buffers: absmax, nested absmax and code, codebook, offset
+    quant_constants     the other QuantLinear tensors: absmax, nested absmax and code, codebook, offset
     unquantized_params  frozen parameters (embeddings, norms, lm_head, biases; every Linear with quant none) and
                         the other module buffers (rotary inv_freq)
     adapters            trainable parameters
@@ -36,34 +36,37 @@ import json
 import os
 import resource
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
-from .memory_timeline import StepTagger, transient_timeline  # noqa: F401 (transient_timeline: re-exported)
+from .config import DataConfig, LoraConfig, QuantConfig, TrainConfig, parse_targets
+from .memory_timeline import MARK, read_events, replay
 
 STATIC = ("quantized_weights", "quant_constants", "unquantized_params", "adapters", "optimizer_state")
 
 
 @dataclass(frozen=True)
 class MeasureConfig:
+    """One measured configuration: the recipe's settings (same defaults, config.py), flat for a command line."""
+
     model: str = "smollm2-135m"
-    quant: str = "nf4"
-    rank: int = 16
-    seq: int = 256
-    batch: int = 4
-    targets: str = "all-linear"
+    quant: str = QuantConfig.type
+    rank: int = LoraConfig.r
+    seq: int = DataConfig.max_length
+    batch: int = TrainConfig.batch_size
+    targets: str = LoraConfig.targets
     """all-linear, or a comma list of module names (q_proj,v_proj)."""
-    dropout: float = 0.05
-    optimizer: str = "adamw"
+    dropout: float = LoraConfig.dropout
+    optimizer: str = TrainConfig.optimizer
     steps: int = 3
     """Steps run: the first creates the optimizer state; the last is profiled; those between are timed."""
     device: str = "cpu"
     threads: int = 0
     seed: int = 0
-    loss_chunk: int = 0
-    """Tokens per cross-entropy chunk; 0 keeps loss.CausalLMLoss's default (set to try another value)."""
+    loss_chunk: int = TrainConfig.loss_chunk
+    """Label tokens per cross-entropy chunk (train.loss_chunk)."""
     offload_activations: bool = False
     """train.offload_activations: checkpointed layer inputs in host memory (reported apart: `host`)."""
     mlp_chunk: int = 0
@@ -121,11 +124,10 @@ def recipe_for(cfg: MeasureConfig, data_path: Path):
     return recipe_from_dict({
         "model": {"path": cfg.model},
         "quant": {"type": cfg.quant},
-        "lora": {"r": cfg.rank, "alpha": 2 * cfg.rank, "dropout": cfg.dropout,
-                 "targets": cfg.targets if cfg.targets == "all-linear" else cfg.targets.split(",")},
+        "lora": {"r": cfg.rank, "alpha": 2 * cfg.rank, "dropout": cfg.dropout, "targets": parse_targets(cfg.targets)},
         "data": {"path": str(data_path), "format": "text", "max_length": cfg.seq},
         "train": {"steps": cfg.steps, "batch_size": cfg.batch, "optimizer": cfg.optimizer, "device": cfg.device,
-                  "num_threads": cfg.threads, "seed": cfg.seed, "warmup_steps": 0,
+                  "num_threads": cfg.threads, "seed": cfg.seed, "warmup_steps": 0, "loss_chunk": cfg.loss_chunk,
                   "offload_activations": cfg.offload_activations, "mlp_chunk": cfg.mlp_chunk},
     }, [o for o in cfg.overrides.split(";") if o.strip()])
 
@@ -157,9 +159,11 @@ def static_inventory(model, optimizer) -> dict[str, int]:
             out[key] += t.untyped_storage().nbytes()
 
     for m in model.modules():
-        for name, b in m.named_buffers(recurse=False):
-            add("quantized_weights" if isinstance(m, QuantLinear) and name == "qweight" else
-                "quant_constants" if isinstance(m, QuantLinear) else "unquantized_params", b)
+        for b in m.buffers(recurse=False):
+            add("unquantized_params", b)
+        if isinstance(m, QuantLinear):
+            for name, t in m.quant_tensors().items():
+                add("quantized_weights" if name == "qweight" else "quant_constants", t)
     head = model.get_output_embeddings()
     for m in model.modules():  # quant none: the decoder Linears' plain 16-bit weights, as the estimate counts them
         if isinstance(m, torch.nn.Linear) and m is not head and not m.weight.requires_grad:
@@ -175,6 +179,61 @@ def static_inventory(model, optimizer) -> dict[str, int]:
     return out
 
 
+class StepTagger:
+    """Marks, in the profiler's timeline, where the loss head starts and ends and where each adapter gradient is
+    accumulated, with zero-length `record_function` ranges placed by module and tensor hooks (memory_timeline
+    reads them; train_step marks the optimizer phase itself). The optimizer is only read (its flat gradient
+    buffers); nothing of the model or optimizer is patched."""
+
+    def __init__(self, model, optimizer):
+        import torch
+
+        self.handles = []
+        decoder = model.get_decoder()
+        norm = getattr(decoder, "norm", None)
+
+        def mark(name):
+            with torch.profiler.record_function(MARK + name):
+                pass
+
+        def head_start(module, args, kwargs=None):
+            mark("head_start")
+            x = args[0] if args else next(iter((kwargs or {}).values()))
+            if x.requires_grad:  # fires once the gradient of the decoder's last hidden state is complete
+                x.register_hook(lambda g: mark("head_end"))
+
+        if norm is not None:
+            self.handles.append(norm.register_forward_pre_hook(head_start, with_kwargs=True))
+        for p in model.parameters():
+            if p.requires_grad:
+                self.handles.append(p.register_post_accumulate_grad_hook(lambda p: tag_grads(p)))
+
+        def tag_grads(p):  # the optimizer's hook (registered first) has summed p.grad into its flat fp32 gradient
+            for g in [p.grad, *optimizer.grad_buffers()]:
+                if g is not None:
+                    mark(f"grad::{g.untyped_storage().data_ptr()}")
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def estimate_config(recipe, device: str):
+    """The estimate's settings for a recipe: the same numbers the trainer was given."""
+    from .lora import LoRALinear
+    from .memory_estimate import EstimateConfig
+
+    lo, t = recipe.lora, recipe.train
+    return EstimateConfig(quant=recipe.quant.type, blocksize=recipe.quant.blocksize,
+                          double_quant=recipe.quant.double_quant, rank=lo.r,
+                          targets=lo.targets if isinstance(lo.targets, str) else tuple(lo.targets),
+                          optimizer=t.optimizer, batch=t.batch_size, seq=recipe.data.max_length,
+                          checkpointing=t.gradient_checkpointing, device=device, loss_chunk=t.loss_chunk,
+                          compute_bytes=2 if recipe.quant.compute_dtype == "bf16" else 4, lora_dropout=lo.dropout,
+                          replay_dropout=LoRALinear.replay_dropout, offload_activations=t.offload_activations,
+                          mlp_chunk=t.mlp_chunk)
+
+
 def measure(cfg: MeasureConfig) -> dict:
     """Load, step, measure: the JSON object `python -m qlora_kit.memory_measure` prints."""
     rss_base = rss_kib()
@@ -184,17 +243,15 @@ def measure(cfg: MeasureConfig) -> dict:
     from . import train
     from .model import resolve
 
-    tmp = tempfile.TemporaryDirectory()
-    data_path = Path(tmp.name) / "one.jsonl"
-    data_path.write_text(json.dumps({"text": "memory measurement"}) + "\n")
-    rss_imports = rss_kib()
-    from .lora import LoRALinear
+    with TemporaryDirectory() as tmp:
+        data_path = Path(tmp) / "one.jsonl"
+        data_path.write_text(json.dumps({"text": "memory measurement"}) + "\n")
+        rss_imports = rss_kib()
+        recipe = recipe_for(cfg, data_path)
+        from .lora import LoRALinear
 
-    LoRALinear.replay_dropout = cfg.replay_dropout  # one configuration per process: a class switch is enough
-    p = train.prepare(recipe_for(cfg, data_path))
-    loss_module = getattr(p.loss_fn, "module", p.loss_fn)  # accelerate may wrap it (DDP)
-    if cfg.loss_chunk:
-        loss_module.chunk = cfg.loss_chunk
+        LoRALinear.replay_dropout = cfg.replay_dropout  # one configuration per process: a class switch is enough
+        p = train.prepare(recipe)  # reads the data file now; nothing later does
     device = p.accelerator.device
     rss_loaded = rss_kib()
     config = json.loads((resolve(cfg.model) / "config.json").read_text())
@@ -231,7 +288,7 @@ def measure(cfg: MeasureConfig) -> dict:
     with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         last = step()
     tagger.remove()
-    timeline = transient_timeline(prof, device.type)
+    timeline = replay(read_events(prof, device.type))
     static_total = sum(static.values())
     if cuda:  # the allocator's own count of the same step: a cross-check of the replayed events
         cuda_stats["profiled_step_max_allocated"] = torch.cuda.max_memory_allocated()
@@ -239,12 +296,7 @@ def measure(cfg: MeasureConfig) -> dict:
     def merged(transient: dict) -> dict:  # the estimate's keys and order; cuda_context is not a tensor
         return {k: static.get(k, 0) + transient.get(k, 0) for k in me.COMPONENTS}
 
-    est_cfg = me.EstimateConfig(quant=cfg.quant, rank=cfg.rank, batch=cfg.batch, seq=cfg.seq,
-                                targets=cfg.targets if cfg.targets == "all-linear" else tuple(cfg.targets.split(",")),
-                                optimizer=cfg.optimizer, device="cuda" if cuda else "cpu", lora_dropout=cfg.dropout,
-                                loss_chunk=loss_module.chunk, replay_dropout=cfg.replay_dropout,
-                                offload_activations=cfg.offload_activations, mlp_chunk=cfg.mlp_chunk)
-    e = me.estimate(config, est_cfg)
+    e = me.estimate(config, estimate_config(recipe, "cuda" if cuda else "cpu"))
     tokens = cfg.batch * cfg.seq
     out = {
         "config": asdict(cfg),
@@ -272,7 +324,6 @@ def measure(cfg: MeasureConfig) -> dict:
         "tokens_per_s": round(tokens * len(times) / sum(times), 1) if times else round(tokens / first_s, 1),
     }
     out["error"] = (e.total - (me.CUDA_CONTEXT_BYTES if cuda else 0)) / out["peak_bytes"] - 1
-    tmp.cleanup()
     return out
 
 

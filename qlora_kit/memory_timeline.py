@@ -1,114 +1,88 @@
-"""Replaying a profiled training step's allocations (part of `memory_measure`): where the loss head starts and
-ends, where each adapter gradient is accumulated, and the split of the transient bytes at the step's peak."""
+"""The transient memory of one profiled training step: allocation events in time order, replayed.
+
+Two parts, kept apart on purpose:
+- `read_events(prof, device_type)` is the ONLY code that touches torch's private profiler API
+  (`torch._C._profiler._EventType`, `experimental_event_tree()`, the tree torch's own memory profiler reads);
+  it turns the tree into plain `Event`s. tests/test_memory_measure.py pins it on a real profiled step.
+- `replay(events)` is pure: it walks the events in order, tags each allocation with the component of the phase
+  it was made in (decoder backward, loss head, optimizer step) or as an adapter gradient, and returns the split
+  at the transient peak. tests/test_memory_timeline.py checks it on hand-written events.
+
+Marks are `record_function` ranges named `MARK + name`; their start time counts. memory_measure's hooks place
+zero-length ones: `head_start` / `head_end` around the loss head, `grad` (with the gradient's address) when
+autograd accumulates an adapter's gradient; `train.train_step` runs its optimizer part inside `optimizer`, so
+what is allocated from there on (fp32 gradients on the masters, AdamW temporaries) is optimizer state.
+"""
 
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 
+MARK = "qlora_kit::mark::"
 TRANSIENT = ("adapter_grads", "activations", "logits_and_loss", "optimizer_state")
-_MARK = "qlora_kit::mark::"
+# mark -> (phase, the component of what is allocated from there on)
+PHASES = {"head_start": ("loss_head", "logits_and_loss"), "head_end": ("decoder_backward", "activations"),
+          "optimizer": ("optimizer_step", "optimizer_state")}
 
 
-class StepTagger:
-    """Marks, in the profiler's timeline, where the loss head starts and ends and where each adapter gradient is
-    accumulated, with zero-length `record_function` ranges (module and tensor hooks place them)."""
-
-    def __init__(self, model, optimizer):
-        import torch
-
-        self.handles = []
-        decoder = model.get_decoder()
-        norm = getattr(decoder, "norm", None)
-
-        def mark(name):
-            with torch.profiler.record_function(_MARK + name):
-                pass
-
-        def head_start(module, args, kwargs=None):
-            mark("head_start")
-            x = args[0] if args else next(iter((kwargs or {}).values()))
-            if x.requires_grad:  # fires once the gradient of the decoder's last hidden state is complete
-                x.register_hook(lambda g: mark("head_end"))
-
-        if norm is not None:
-            self.handles.append(norm.register_forward_pre_hook(head_start, with_kwargs=True))
-        for p in model.parameters():
-            if p.requires_grad:
-                self.handles.append(p.register_post_accumulate_grad_hook(lambda p: tag_grads(p)))
-
-        def tag_grads(p):  # the optimizer's hook (registered first) has summed p.grad into its flat fp32 gradient
-            for g in [p.grad, *optimizer.grad_buffers()]:
-                if g is not None:
-                    mark(f"grad::{g.untyped_storage().data_ptr()}")
-
-        # After backward: instance attributes shadow the optimizer's methods (deleted again in `remove`).
-        self.optimizer = optimizer
-        for name in ("grads_to_masters", "step"):
-            setattr(optimizer, name, self._marked(getattr(optimizer, name), name, mark))
-
-    @staticmethod
-    def _marked(method, name, mark):
-        def wrapper(*args, **kwargs):
-            mark(name)
-            return method(*args, **kwargs)
-        return wrapper
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-        del self.optimizer.grads_to_masters, self.optimizer.step
+@dataclass(frozen=True)
+class Event:
+    time_ns: int
+    size: int = 0
+    """Bytes: > 0 an allocation, < 0 a free, 0 a mark."""
+    ptr: int = 0
+    """Address of the allocation or free; for a `grad` mark, the address of the gradient's storage."""
+    mark: str = ""
+    """head_start | head_end | optimizer | grad, or "" for an allocation or a free."""
+    op: str = ""
+    """The op that allocated (for the largest-tensors list)."""
 
 
-def transient_timeline(prof, device_type: str, top_n: int = 8) -> dict:
-    """Replay a profiled step's allocations and frees in time order; tag each allocation by the phase it was made
-    in (decoder, loss head, after backward) or as an adapter gradient; return the split at the transient peak.
+def read_events(prof, device_type: str) -> list[Event]:
+    """Allocations/frees on `device_type` and our marks from a finished `torch.profiler.profile(profile_memory=True)`."""
+    from torch._C._profiler import _EventType  # private: the profiler's event tree (allocation ptr, size, time)
 
-    Reads `experimental_event_tree()`, the event tree torch's own memory profiler uses (allocation address, size,
-    time): a private API, pinned by tests/test_memory_measure.py."""
-    from torch._C._profiler import _EventType  # the profiler's event tree: allocation ptr, size, time
+    events, stack = [], list(reversed(prof.profiler.kineto_results.experimental_event_tree()))
+    while stack:  # depth first, in the tree's order
+        n = stack.pop()
+        if n.tag == _EventType.Allocation and n.extra_fields.device.type == device_type:
+            f = n.extra_fields
+            events.append(Event(n.start_time_ns, f.alloc_size, f.ptr, op=n.parent.name if n.parent else ""))
+        elif n.name.startswith(MARK):
+            name, _, ptr = n.name[len(MARK):].partition("::")
+            events.append(Event(n.start_time_ns, ptr=int(ptr or 0), mark=name))
+        stack.extend(reversed(n.children))
+    return events
 
-    events = []
 
-    def walk(nodes):
-        for n in nodes:
-            if n.tag == _EventType.Allocation:
-                f = n.extra_fields
-                if f.device.type == device_type:
-                    op = n.parent.name if n.parent is not None else ""
-                    events.append((n.start_time_ns, 1, f.ptr, f.alloc_size, op))
-            elif n.name.startswith(_MARK):
-                events.append((n.start_time_ns, 0, n.name[len(_MARK):], 0, ""))
-            walk(n.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    events.sort(key=lambda e: (e[0], e[1]))
-    # mark -> (phase, the component of what is allocated from there on)
-    marks = {"head_start": ("loss_head", "logits_and_loss"), "head_end": ("decoder_backward", "activations"),
-             "grads_to_masters": ("optimizer_step", "optimizer_state"), "step": ("optimizer_step", "optimizer_state")}
-    phase, cat_now = "decoder_backward", "activations"
+def replay(events: list[Event], top_n: int = 8) -> dict:
+    """Replay allocations and frees in time order (a mark before an allocation at the same time); return the
+    transient peak, its split by component, each component's own peak, the peak per phase, and the largest
+    tensors live at the peak. A free of memory allocated before the events began is ignored."""
+    events = sorted(events, key=lambda e: (e.time_ns, e.size != 0))
+    phase, component = "decoder_backward", "activations"
     live: dict[int, tuple[int, str, str]] = {}  # ptr -> (bytes, component, op)
     now = dict.fromkeys(TRANSIENT, 0)
     best, at_peak, own_peak, top, phase_peak, peak_phase = 0, dict(now), dict(now), [], {}, None
-    for _, kind, what, size, op in events:
-        if kind == 0:
-            if what in marks:
-                phase, cat_now = marks[what]
-            elif what.startswith("grad::"):
-                ptr = int(what[6:])
-                if ptr in live and live[ptr][1] != "adapter_grads":
-                    n, cat, o = live[ptr]
-                    now[cat] -= n
-                    now["adapter_grads"] += n
-                    live[ptr] = (n, "adapter_grads", o)
+    for e in events:
+        if e.mark:
+            if e.mark in PHASES:
+                phase, component = PHASES[e.mark]
+            elif e.mark == "grad" and e.ptr in live and live[e.ptr][1] != "adapter_grads":
+                n, cat, op = live[e.ptr]  # this allocation turned out to be an adapter's .grad
+                now[cat] -= n
+                now["adapter_grads"] += n
+                live[e.ptr] = (n, "adapter_grads", op)
             continue
-        if size > 0:
-            live[what] = (size, cat_now, op)
-            now[cat_now] += size
-        elif what in live:
-            n, cat, _ = live.pop(what)
+        if e.size > 0:
+            live[e.ptr] = (e.size, component, e.op)
+            now[component] += e.size
+        elif e.ptr in live:
+            n, cat, _ = live.pop(e.ptr)
             now[cat] -= n
         else:
-            continue  # freed, but allocated before profiling started
+            continue
         for k, v in now.items():
             own_peak[k] = max(own_peak[k], v)
         total = sum(now.values())

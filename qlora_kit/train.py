@@ -31,7 +31,6 @@ from .errors import ConfigError, TrainingInterrupted, TrainingStopped
 from .loss import CausalLMLoss, label_positions
 from .memory_timeline import MARK
 from .model import load_base
-from .offload import OffloadStore
 from .stop_signals import StopFlag
 from .optim import MasterWeightOptimizer, build_optimizer, lr_factor
 
@@ -54,7 +53,7 @@ class Prepared:
     world: World = field(default_factory=World)
     parallel: str = "single"  # single | ddp | fsdp: what this run does (train.parallel resolved for the world)
     load_peak_bytes: int = 0  # fsdp: frozen bytes this rank held at the worst moment of loading
-    offload: OffloadStore | None = None  # train.offload_activations: where the layer inputs live between passes
+    offload: offload_mod.OffloadStore | None = None  # train.offload_activations: where the layer inputs live between passes
 
 
 def lora_spec(recipe: Recipe) -> lora.LoraSpec:
@@ -93,9 +92,8 @@ def prepare(recipe: Recipe, world: World | None = None) -> Prepared:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    offload = None
-    if t.offload_activations:
-        offload = OffloadStore(accelerator.device)
+    offload = offload_mod.OffloadStore(accelerator.device) if t.offload_activations else None
+    if offload is not None:  # every checkpointed decoder layer's input goes to host memory between passes
         offload_mod.enable(model, offload)
     tiled_mlp.tile_mlps(model, t.mlp_chunk)
     _check_rank(model, recipe)

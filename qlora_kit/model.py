@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -198,8 +199,12 @@ def _quantize(weight: torch.Tensor, spec: QuantSpec, key: str) -> QuantLinear:
                           "without quantization, or install a bitsandbytes build that supports this machine.") from None
 
 
-def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.device | str = "cpu"):
-    """(model, tokenizer, folder): the frozen base with quantized Linears on `device`, ready for LoRA."""
+def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.device | str = "cpu",
+              before_quantize: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
+    """(model, tokenizer, folder): the frozen base with quantized Linears on `device`, ready for LoRA.
+
+    `before_quantize(module name, W)`: what to quantize instead of W (the (out, in) weight on `device` in the frozen
+    dtype); LoftQ quantizes W minus a low-rank offset there (loftq.py)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -225,7 +230,10 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
             if module_name in quantized and leaf == "weight":
                 parent, _, child = module_name.rpartition(".")
                 old = model.get_submodule(module_name)
-                new = _quantize(tensor.to(device, dtype), spec, key)
+                weight = tensor.to(device, dtype)
+                if before_quantize is not None:
+                    weight = before_quantize(module_name, weight)
+                new = _quantize(weight, spec, key)
                 if old.bias is not None:  # the bias streams in separately (maybe from another shard)
                     new.bias = old.bias
                 setattr(model.get_submodule(parent), child, new)

@@ -39,6 +39,7 @@ class Prepared:
     dataset: data.Dataset
     targets: list[str]
     report: lora.ParamReport
+    loftq: object = None  # loftq.Initializer of a LoftQ run: its offsets (saved in the run) and the time it took
 
 
 def lora_spec(recipe: Recipe) -> lora.LoraSpec:
@@ -48,7 +49,8 @@ def lora_spec(recipe: Recipe) -> lora.LoraSpec:
     return lora.LoraSpec(c.r, c.alpha, c.dropout, c.init, c.rslora, DTYPES[recipe.quant.compute_dtype])
 
 
-def prepare(recipe: Recipe) -> Prepared:
+def prepare(recipe: Recipe, loftq_offsets: dict | None = None) -> Prepared:
+    """`loftq_offsets`: a resumed LoftQ run's stored offsets (its base must be quantized exactly as before)."""
     from accelerate import Accelerator
 
     t = recipe.train
@@ -62,7 +64,17 @@ def prepare(recipe: Recipe) -> Prepared:
     data.load_records(recipe.data.path, recipe.data.format)  # a bad line fails now, not after a long model load
     accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision="no")  # dtypes are ours: bf16 compute
     seed_everything(t.seed)
-    model, tokenizer, _ = load_base(recipe.model, recipe.quant, accelerator.device)
+    init = None
+    if recipe.lora.init == "loftq":
+        if recipe.quant.type == "none":
+            raise ConfigError("lora.init loftq cancels the quantization error of the base, and quant.type is none: "
+                              "there is none. Set quant.type to nf4, fp4 or int8, or lora.init to kaiming.")
+        from .loftq import Initializer
+        from .quant import QuantSpec
+
+        init = Initializer(recipe.lora.targets, QuantSpec.from_config(recipe.quant), recipe.lora.r,
+                           lora_spec(recipe).scaling, recipe.lora.loftq_iters, loftq_offsets)
+    model, tokenizer, _ = load_base(recipe.model, recipe.quant, accelerator.device, init)
     if t.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs, no `enable_input_require_grads` hack, RNG (dropout) replayed.
         kwargs = {"use_reentrant": False}
@@ -75,6 +87,8 @@ def prepare(recipe: Recipe) -> Prepared:
         targets = lora.inject(model, recipe.lora.targets, lora_spec(recipe))
     except ValueError as e:
         raise ConfigError(str(e) + "; set lora.targets to some of them, or all-linear.") from None
+    if init is not None:
+        init.apply(model)  # A and B from LoftQ (nothing on resume: the checkpoint brings them)
     model.train()
     dataset = data.build(recipe.data, tokenizer, t.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -82,7 +96,8 @@ def prepare(recipe: Recipe) -> Prepared:
         _probe_bnb_optimizer(t, accelerator.device)
     optimizer = build_optimizer(params, t)
     loss_fn = accelerator.prepare(CausalLMLoss(model, t.loss_chunk))
-    return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, lora.param_report(model))
+    return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, lora.param_report(model),
+                    init)
 
 
 def _check_rank(model: torch.nn.Module, recipe: Recipe) -> None:
@@ -229,7 +244,12 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
     again = resume_command or f"qlora-kit train RECIPE --out {run_dir} --resume"
     start_ckpt = check_run_dir(run_dir, recipe, resume)
     t = recipe.train
-    p = prepare(recipe)
+    stored = None
+    if start_ckpt is not None and recipe.lora.init == "loftq":  # the base must be quantized as when it started
+        from .loftq import load as load_offsets
+
+        stored = load_offsets(run_dir)
+    p = prepare(recipe, stored)
     stream = data.BatchStream(p.dataset.train, t.batch_size, t.seed, data.pad_token_id(p.tokenizer))
     step, skipped = 0, 0
     if start_ckpt is not None:
@@ -247,6 +267,12 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    if p.loftq is not None and stored is None:
+        from .loftq import save as save_offsets
+
+        save_offsets(run_dir, p.loftq.offsets)  # export, generate and eval rebuild the base from these
+        print(f"LoftQ init ({recipe.lora.loftq_iters} iterations, {len(p.loftq.offsets)} modules): "
+              f"{p.loftq.seconds:.1f} s extra load time", file=sys.stderr)
     print(f"{p.report} — LoRA r={recipe.lora.r} on {len(p.targets)} modules; "
           f"{len(p.dataset.train)} train / {len(p.dataset.val)} val examples", file=sys.stderr)
 

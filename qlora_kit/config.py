@@ -146,6 +146,12 @@ class TrainConfig:
     """auto: CUDA when present, else CPU."""
     num_threads: int = 0
     """CPU threads for torch (0: torch's default)."""
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Several processes (torchrun / accelerate launch): ddp replicates the frozen base on every rank; fsdp shards
+    it (FSDP2, one decoder layer gathered at a time). auto: ddp when launched with more than one process. Adapters
+    and optimizer state are replicated either way; in one process both are a plain run."""
+    dist_timeout_s: int = 600
+    """Seconds a rank waits for the others in a collective before it stops and names the ranks that went silent."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +207,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("train", "eval_every"): (lambda v: v >= 0, ">= 0"),
     ("train", "save_every"): (lambda v: v >= 0, ">= 0"),
     ("train", "keep_checkpoints"): (lambda v: v > 0, "> 0"),
+    ("train", "dist_timeout_s"): (lambda v: 10 <= v <= 86400, "in [10, 86400]"),
     ("train", "num_threads"): (lambda v: 0 <= v <= 4096, "in [0, 4096]"),  # torch overflows on absurd counts
     ("train", "seed"): (lambda v: 0 <= v < 2**64, "in [0, 2**64)"),  # torch.manual_seed takes a uint64
 }

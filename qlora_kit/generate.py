@@ -78,7 +78,8 @@ def load(path: str, base: str | None = None, quant: QuantConfig | None = None, d
     model_cfg, recipe = _base_config(path, base, allow_pickle, trust_remote_code)
     # a LoftQ run's base is quantized around its stored low-rank offsets (loftq.py), exactly as in training
     offsets = loftq.Initializer.from_run(Path(path)) if loftq.is_loftq_run(recipe) else None
-    model, tok, _ = load_base(model_cfg, quant or (recipe.quant if recipe else QuantConfig()), device, before_quantize=offsets)
+    model, tok, _ = load_base(model_cfg, quant or (recipe.quant if recipe else QuantConfig()), device,
+                              before_quantize=offsets)
     loaded = Loaded(model, tok, *((recipe.data.format, recipe.data.system_prompt) if recipe else ("alpaca", None)))
     p = Path(path)
     if recipe is not None:

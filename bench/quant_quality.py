@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--pieces", type=int, default=30)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--parts", default="table2,loftq,table3,table3-loftq,exports",
+                    help="comma-separated subset; the JSON is rewritten after each part, so a cut run keeps its parts")
     ap.add_argument("--out", default=str(RESULTS / "quant_quality"))
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -67,11 +69,18 @@ def main() -> None:
         inference.densify(model)  # the same bf16 values, dequantized once (the numbers do not change)
         return evaluation.mean_loss(model, examples, data.pad_token_id(tok), 8)
 
+    parts = set(args.parts.split(","))
     doc: dict = {"model": "smollm2-135m", "pieces": args.pieces, "tokens_per_piece": 256, "steps": args.steps,
-                 "paper": PAPER, "table2": [], "table3": [], "loftq": [], "exports": []}
+                 "paper": PAPER, "parts": sorted(parts), "table2": [], "table3": [], "loftq": [], "exports": [],
+                 "machine": machine_info(), "command": "bench/quant_quality.py " + " ".join(sys.argv[1:])}
+
+    def save() -> None:
+        doc["machine"]["loadavg"] = machine_info()["loadavg"]
+        Path(args.out + ".json").write_text(json.dumps(doc, indent=1) + "\n")
+        write_markdown(doc, args.out + ".md")
 
     # (a) the base under each quantization
-    for label, q in TABLE2:
+    for label, q in TABLE2 if "table2" in parts else []:
         t0 = time.perf_counter()
         loaded = generate.load("smollm2-135m", quant=QuantConfig(**q))
         loss, n = held_out_loss(loaded.model, loaded.tokenizer)
@@ -79,6 +88,7 @@ def main() -> None:
                               "seconds": round(time.perf_counter() - t0, 1)})
         log(f"table2 {label}: ppl {math.exp(loss):.3f}")
         del loaded
+        save()
     ppl = {r["quant"]: r["ppl"] for r in doc["table2"]}
 
     # (c) LoftQ at step 0, r 16 and 64; the plain nf4 load for the load-time comparison
@@ -90,11 +100,12 @@ def main() -> None:
             "train": {"steps": steps, "batch_size": 4, "lr": 2e-4, "warmup_steps": 2, "save_every": 0,
                       "device": "cpu", "seed": 0, "num_threads": args.threads}, "output": {"dir": out}})
 
-    t0 = time.perf_counter()
-    plain = train.prepare(recipe({"type": "nf4"}, "kaiming"))
-    plain_load = time.perf_counter() - t0
-    del plain
-    for r in (16, 64):
+    if "loftq" in parts:
+        t0 = time.perf_counter()
+        plain = train.prepare(recipe({"type": "nf4"}, "kaiming"))
+        plain_load = time.perf_counter() - t0
+        del plain
+    for r in (16, 64) if "loftq" in parts else ():
         t0 = time.perf_counter()
         p = train.prepare(recipe({"type": "nf4"}, "loftq", r))
         load_s = time.perf_counter() - t0
@@ -105,9 +116,12 @@ def main() -> None:
                              "plain_nf4_load_seconds": round(plain_load, 1)})
         log(f"loftq r={r}: ppl {math.exp(loss):.3f}, gap closed {gap:.1%}, +{p.loftq.seconds:.0f} s")
         del p
+        save()
 
     # (b) the same fine-tune budget on each base; held-out loss after training
-    for label, q, init in TABLE3:
+    for label, q, init in TABLE3 if "table3" in parts else []:
+        if init == "loftq" and "table3-loftq" not in parts:
+            continue
         run = work / label.replace(" ", "_").replace(",", "").replace("+", "")
         t0 = time.perf_counter()
         summary = train.run(recipe(q, init, out=str(run)), run, progress=False)
@@ -117,16 +131,13 @@ def main() -> None:
                               "heldout_loss": res.loss, "heldout_ppl": res.perplexity,
                               "train_seconds": round(time.perf_counter() - t0, 1)})
         log(f"table3 {label}: held-out loss {res.loss:.4f}")
-        if label == "QLoRA nf4 + DQ":
+        base16 = doc["table3"][0]["heldout_loss"]
+        for row in doc["table3"]:
+            row["vs_16bit_lora"] = row["heldout_loss"] / base16 - 1
+        save()
+        if label == "QLoRA nf4 + DQ" and "exports" in parts:
             doc["exports"] = compare_exports(run, work, paths["heldout"], args.pieces, res)
-
-    base16 = doc["table3"][0]["heldout_loss"]
-    for row in doc["table3"]:
-        row["vs_16bit_lora"] = row["heldout_loss"] / base16 - 1
-    doc["machine"] = machine_info()
-    doc["command"] = "bench/quant_quality.py " + " ".join(sys.argv[1:])
-    Path(args.out + ".json").write_text(json.dumps(doc, indent=1) + "\n")
-    write_markdown(doc, args.out + ".md")
+            save()
     plot(doc, args.out + ".png")
     print(Path(args.out + ".md").read_text())
 
@@ -155,15 +166,16 @@ def write_markdown(doc: dict, path: str) -> None:
              f"Command: `.venv/bin/python {doc['command']}`.",
              f"Held-out text: {doc['pieces']} pieces of the held-out pydoc topics (qlora_kit.pydoc_text), "
              f"<= {doc['tokens_per_piece']} tokens each, every token scored.", "",
-             "## Table 2 analogue: the base under each quantization", "",
-             f"Paper: {doc['paper']['table2']}.", "",
-             "| base | held-out ppl | vs bf16 |", "|---|---|---|"]
-    lines += [f"| {r['quant']} | {r['ppl']:.3f} | {r['ppl'] / t2['bf16 (none)'] - 1:+.1%} |" for r in doc["table2"]]
-    order = ["bf16 (none)", "int8", "nf4 + DQ", "fp4"]
-    holds = all(t2[a] < t2[b] for a, b in zip(order, order[1:]))
-    dq = t2["nf4 + DQ"] / t2["nf4"] - 1
-    lines += ["", f"Paper's ordering bf16 < int8 < nf4 < fp4: {'holds' if holds else 'does NOT hold'} here. "
-              f"nf4 + DQ vs nf4: {dq:+.2%} (target: within 0.5%)."]
+             f"Parts run: {', '.join(doc['parts'])}."]
+    if len(t2) == len(TABLE2):
+        lines += ["", "## Table 2 analogue: the base under each quantization", "", f"Paper: {doc['paper']['table2']}.",
+                  "", "| base | held-out ppl | vs bf16 |", "|---|---|---|"]
+        lines += [f"| {r['quant']} | {r['ppl']:.3f} | {r['ppl'] / t2['bf16 (none)'] - 1:+.1%} |" for r in doc["table2"]]
+        order = ["bf16 (none)", "int8", "nf4 + DQ", "fp4"]
+        holds = all(t2[a] < t2[b] for a, b in zip(order, order[1:]))
+        dq = t2["nf4 + DQ"] / t2["nf4"] - 1
+        lines += ["", f"Paper's ordering bf16 < int8 < nf4 < fp4: {'holds' if holds else 'does NOT hold'} here. "
+                  f"nf4 + DQ vs nf4: {dq:+.2%} (target: within 0.5%)."]
     lines += ["", "## Table 3 analogue: the same fine-tune budget on each base", "",
               f"Paper: {doc['paper']['table3']}. Here: {doc['steps']} steps x 4 x 128 tokens of the TRAIN topics, "
               "r 16 on all linear layers, lr 2e-4; held-out loss after training.", "",
@@ -199,8 +211,9 @@ def plot(doc: dict, path: str) -> None:
     a.legend(fontsize=8)
     a.invert_yaxis()
     b.barh([r["run"] for r in doc["table3"]], [r["heldout_loss"] for r in doc["table3"]], color="#55a868")
-    lo = min(r["heldout_loss"] for r in doc["table3"])
-    b.set_xlim(lo * 0.97, max(r["heldout_loss"] for r in doc["table3"]) * 1.01)
+    if doc["table3"]:
+        lo = min(r["heldout_loss"] for r in doc["table3"])
+        b.set_xlim(lo * 0.97, max(r["heldout_loss"] for r in doc["table3"]) * 1.01)
     b.set_xlabel("held-out loss after the same fine-tune")
     b.set_title(f"{doc['steps']} steps, r 16")
     b.invert_yaxis()

@@ -26,6 +26,7 @@ from .terms import BLOCKSIZES, QuantType
 
 ComputeDtype = Literal["bf16", "fp32"]
 DataFormat = Literal["text", "alpaca", "chat", "sharegpt", "completion"]
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"]
 
@@ -152,6 +153,8 @@ class TrainConfig:
     and optimizer state are replicated either way; in one process both are a plain run."""
     dist_timeout_s: int = 600
     """Seconds a rank waits for the others in a collective before it stops and names the ranks that went silent."""
+    report_to: list[Tracker] = field(default_factory=list)
+    """Also log metrics.jsonl's values to experiment trackers: [tensorboard, wandb, mlflow] (optional extras)."""
 
 
 @dataclass(frozen=True)

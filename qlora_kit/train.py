@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import SafetensorError
 
-from . import atomic, checkpoint, data, fsdp, lora, peft_format
+from . import atomic, checkpoint, data, fsdp, lora, peft_format, trackers
 from .config import Recipe
 from .distributed import World, parallel_mode, shard_batch
 from .errors import ConfigError, TrainingInterrupted, TrainingStopped
@@ -77,6 +77,7 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
         raise ConfigError(f"train.optimizer={t.optimizer} pages optimizer state through CUDA unified memory, "
                           "which needs a CUDA GPU; use adamw or adamw8bit on the CPU.")
     data.check(recipe.data)  # a bad line fails now, not after a long model load
+    trackers.check_installed(t.report_to)  # so does a tracker that is not installed
     accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision="no")  # dtypes are ours: bf16 compute
     seed_everything(t.seed)  # the same on every rank: the adapters start identical everywhere
     init = None
@@ -278,9 +279,10 @@ def restore(p: Prepared, stream: data.BatchStream, start_ckpt: Path | None) -> t
 
 
 def log_step(p: Prepared, run_dir: Path, step: int, lr: float, res: StepResult, seconds: float,
-             skipped: int) -> tuple[dict, float | None]:
+             skipped: int, tracking: trackers.Trackers | None = None) -> tuple[dict, float | None]:
     """The metrics record of optimizer step `step` (1-based), with the validation loss when it is due; appended to
-    metrics.jsonl every log_every steps, at the end, and with every validation loss. Returns (record, val loss)."""
+    metrics.jsonl every log_every steps, at the end, and with every validation loss (and then sent to the
+    train.report_to trackers too). Returns (record, val loss)."""
     from .run_dir import write_metrics_line
 
     t = p.recipe.train
@@ -293,6 +295,8 @@ def log_step(p: Prepared, run_dir: Path, step: int, lr: float, res: StepResult, 
         record["val_loss"] = round(val_loss, 6)
     if p.world.is_main and (step % t.log_every == 0 or step == t.steps or val_loss is not None):
         write_metrics_line(run_dir, record)
+        if tracking is not None:
+            tracking.log(record)  # what metrics.jsonl logs, at the same steps
     return record, val_loss
 
 
@@ -375,7 +379,8 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
     bar = tqdm(total=t.steps, initial=step, disable=not (progress and world.is_main), desc="train", unit="step",
                dynamic_ncols=True)
     val_loss, last, t0, tokens_total = None, None, time.perf_counter(), 0
-    with StopFlag(announce=world.is_main) as stop:
+    with StopFlag(announce=world.is_main) as stop, \
+            trackers.reporting(t.report_to if world.is_main else [], run_dir, recipe.to_dict()) as tracking:
         while step < t.steps:
             ts = time.perf_counter()
             lr = t.lr * lr_factor(step, t)  # once per step: the optimizer and the log see the same value
@@ -391,7 +396,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
                 skipped += 1
             step += 1
             tokens_total += res.tokens
-            last, val = log_step(p, run_dir, step, lr, res, time.perf_counter() - ts, skipped)
+            last, val = log_step(p, run_dir, step, lr, res, time.perf_counter() - ts, skipped, tracking)
             val_loss = val if val is not None else val_loss
             bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
                             mem=f"{last['peak_memory_bytes'] / 2**30:.2f}GiB")

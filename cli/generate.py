@@ -77,7 +77,7 @@ def command(source: str, prompts: tuple[str, ...], adapter_specs: tuple[str, ...
                compare_base, allow_pickle, trust_remote_code)
         return
 
-    from qlora_kit.lora import disabled
+    from qlora_kit.methods import disabled
 
     loaded = generate.load(source, base=base, quant=quant_cfg, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code)

@@ -1,7 +1,8 @@
 """Load a model for inference (a base, a run, or an adapter over a base) and answer prompts.
 
 The quantized base is loaded exactly as in training (same quant settings from the run's recipe.yaml), the
-adapter is injected as LoRALinear and its tensors copied in: what you ask is what was trained.
+adapter(s) injected as in training (LoRALinear, DoRALinear, IA3Linear; methods.attach) and their tensors copied in:
+what you ask is what was trained.
 
 Several adapters (`load_many`) share ONE quantized base through multi_lora; `answer_routed` then answers a mixed
 batch in one generate call, each row through its own adapter (or none), each prompt in its adapter's template.
@@ -15,7 +16,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from . import data, lora, multi_lora, peft_format
+from . import data, methods, multi_lora, peft_format
 from .config import ModelConfig, QuantConfig, Recipe, load_recipe
 from .errors import ModelError
 from .model import load_base
@@ -33,23 +34,14 @@ class Loaded:
     formats: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
 
-def _attach(model: torch.nn.Module, adapter: peft_format.Adapter, dtype: torch.dtype) -> None:
-    """Wrap each adapted module in a LoRALinear of ITS rank and scale (PEFT's rank_pattern / alpha_pattern give
-    modules their own), then copy the adapter's tensors in."""
-    modules = adapter.modules()
-    present = set(lora.linear_names(model))
-    missing = [m for m in modules if m not in present]
-    if missing:
-        raise ModelError(f"the adapter targets modules the base does not have, e.g. {missing[:3]}: "
-                         "it was trained on a different model; pass the right --base.")
-    for m in modules:
-        r = adapter.pair(m)[0].shape[0]
-        lora.inject(model, [m], lora.LoraSpec(r, adapter.alpha, 0.0, "kaiming", adapter.rslora, dtype))
-        model.get_submodule(m).scaling = adapter.module_scaling(m)
+def _attach(model: torch.nn.Module, folder: Path, dtype: torch.dtype) -> None:
+    """Every adapter of `folder` (LoRA, DoRA, IA3, or a stack: peft_format.load_stack) on the base, each module
+    with ITS rank and scale (PEFT's rank_pattern / alpha_pattern), tensors copied in (methods.attach)."""
     try:
-        lora.load_adapter_state(model, adapter.tensors)
+        methods.attach(model, peft_format.load_stack(folder), dtype)
     except ValueError as e:
-        raise ModelError(f"the adapter does not fit the base: {e}. Pass the base it was trained on with --base.") from None
+        raise ModelError(f"the adapter does not fit the base: {e}. It was trained on a different model; pass the "
+                         "base it was trained on with --base.") from None
 
 
 def _base_config(source: str, base: str | None, allow_pickle: bool,
@@ -80,9 +72,9 @@ def load(path: str, base: str | None = None, quant: QuantConfig | None = None, d
     loaded = Loaded(model, tok, *((recipe.data.format, recipe.data.system_prompt) if recipe else ("alpaca", None)))
     p = Path(path)
     if recipe is not None:
-        _attach(model, peft_format.load_adapter(p / "adapter"), DTYPES[recipe.quant.compute_dtype])
+        _attach(model, p / "adapter", DTYPES[recipe.quant.compute_dtype])
     elif p.is_dir() and (p / peft_format.CONFIG_NAME).is_file():
-        _attach(model, peft_format.load_adapter(p), torch.bfloat16)
+        _attach(model, p, DTYPES[(quant or QuantConfig()).compute_dtype])  # adapters compute as the base does
     loaded.model.eval()
     loaded.model.config.use_cache = True
     return loaded
@@ -114,7 +106,12 @@ def load_many(source: str, adapters: Mapping[str, str], base: str | None = None,
     for name, path in adapters.items():
         multi_lora.check_name(name)
         adapter_dir, recipe = adapter_source(path)
-        found[name] = (peft_format.load_adapter(adapter_dir), recipe)
+        stack = peft_format.load_stack(adapter_dir)
+        if len(stack) > 1 or stack[0].method != "lora":
+            raise ModelError(f"--adapter {name}={path}: a {'+'.join(a.method for a in stack)} adapter; routing rows "
+                             "between adapters supports plain LoRA only. Load it on its own: qlora-kit generate "
+                             f"{path} --prompt ...")
+        found[name] = (stack[0], recipe)
     model_cfg, recipe = _base_config(source, base, allow_pickle, trust_remote_code)
     run_quants = [r.quant for _, r in found.values() if r is not None]
     quant = quant or (recipe.quant if recipe is not None else run_quants[0] if run_quants else QuantConfig())

@@ -19,11 +19,22 @@ from .config import TrainConfig
 class MasterWeightOptimizer:
     """Wraps a torch optimizer that steps fp32 masters of (possibly bf16) parameters."""
 
-    def __init__(self, params: list[torch.nn.Parameter], make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]):
+    def __init__(self, params: list[torch.nn.Parameter], make: Callable[[list[dict]], torch.optim.Optimizer],
+                 lr_scales: list[float] | None = None):
         self.params = params
         # An fp32 parameter is its own master; a bf16 one gets an fp32 copy.
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in params]
-        self.inner = make(self.masters)
+        # One parameter group per learning-rate multiplier (LoRA+: B at plus_ratio x lr); one group when all are 1.
+        groups: dict[float, list[torch.Tensor]] = {}
+        for m, s in zip(self.masters, lr_scales or [1.0] * len(params)):
+            groups.setdefault(float(s), []).append(m)
+        self.inner = make([{"params": ms, "lr_scale": s} for s, ms in groups.items()])
+
+    def set_lr(self, lr: float) -> None:
+        """lr for the step about to be taken: each group gets lr x its lr_scale. (Checkpoints from before
+        parameter groups have no lr_scale: they had one group at scale 1.)"""
+        for group in self.inner.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def step(self) -> None:
         self.inner.step()
@@ -59,15 +70,18 @@ class MasterWeightOptimizer:
         self.inner.load_state_dict(state["inner"])
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> MasterWeightOptimizer:
-    def make(masters: list[torch.Tensor]) -> torch.optim.Optimizer:
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig,
+                    lr_scales: list[float] | None = None) -> MasterWeightOptimizer:
+    """`lr_scales[i]`: params[i]'s learning rate as a multiple of the schedule's (default all 1)."""
+
+    def make(masters: list[dict]) -> torch.optim.Optimizer:
         if cfg.optimizer == "adamw":
             return torch.optim.AdamW(masters, lr=cfg.lr, weight_decay=cfg.weight_decay)
         from .quant import bnb_optimizer  # bitsandbytes stays behind quant.py
 
         return bnb_optimizer(cfg.optimizer, masters, cfg.lr, cfg.weight_decay)
 
-    return MasterWeightOptimizer(params, make)
+    return MasterWeightOptimizer(params, make, lr_scales)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from . import checkpoint, data, lora, peft_format
+from . import checkpoint, data, lora, methods
 from .config import Recipe, dump_recipe
 from .errors import ConfigError, TrainingInterrupted, TrainingStopped
 from .loss import CausalLMLoss
@@ -37,8 +37,10 @@ class Prepared:
     loss_fn: torch.nn.Module  # CausalLMLoss, possibly wrapped by accelerate
     optimizer: MasterWeightOptimizer
     dataset: data.Dataset
-    targets: list[str]
+    targets: list[str]  # every adapted module (any method)
     report: lora.ParamReport
+    methods: dict[str, list[str]]  # method (lora | dora | ia3) -> modules it adapts
+    counts: dict[str, int]  # method -> trainable parameters
 
 
 def lora_spec(recipe: Recipe) -> lora.LoraSpec:
@@ -72,23 +74,28 @@ def prepare(recipe: Recipe) -> Prepared:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     _check_rank(model, recipe)
     try:
-        targets = lora.inject(model, recipe.lora.targets, lora_spec(recipe))
+        adapted = methods.inject(model, recipe, lora_spec(recipe).dtype)
     except ValueError as e:
-        raise ConfigError(str(e) + "; set lora.targets to some of them, or all-linear.") from None
+        hint = "" if str(e).startswith("ia3") else "; set lora.targets to some of them, or all-linear"
+        raise ConfigError(f"{e}{hint}.") from None
     model.train()
     dataset = data.build(recipe.data, tokenizer, t.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if t.optimizer != "adamw":
         _probe_bnb_optimizer(t, accelerator.device)
-    optimizer = build_optimizer(params, t)
+    # LoRA+ (arXiv 2402.12354): B learns plus_ratio x faster than A; magnitudes and IA3 vectors at the base lr
+    scales = [recipe.lora.plus_ratio if n.endswith(".lora_B.weight") else 1.0 for n, _ in named]
+    optimizer = build_optimizer([p for _, p in named], t, scales)
     loss_fn = accelerator.prepare(CausalLMLoss(model, t.loss_chunk))
-    return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, lora.param_report(model))
+    targets = sorted({m for mods in adapted.values() for m in mods})
+    return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, lora.param_report(model),
+                    adapted, methods.param_counts(model))
 
 
 def _check_rank(model: torch.nn.Module, recipe: Recipe) -> None:
     """An adapter's rank cannot exceed min(in, out) of its layer; a larger r only wastes memory, and an absurd one
     (a typo, r: 16000000) would try to allocate terabytes before any other check could speak."""
-    chosen = lora.match_targets(lora.linear_names(model), recipe.lora.targets)
+    chosen = lora.match_targets(lora.linear_names(model), recipe.lora.targets) if recipe.lora.targets != [] else []
     mods = [model.get_submodule(n) for n in chosen]
     limit = max((min(m.in_features, m.out_features) for m in mods), default=0)
     if mods and recipe.lora.r > limit:
@@ -142,8 +149,7 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
         if max_grad_norm > 0 and norm > max_grad_norm:
             for g in grads:
                 g.mul_(max_grad_norm / (norm + 1e-6))
-        for group in p.optimizer.inner.param_groups:
-            group["lr"] = lr
+        p.optimizer.set_lr(lr)
         p.optimizer.step()
     p.optimizer.zero_grad()
     return StepResult(total_loss, tokens, norm, finite)
@@ -207,7 +213,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
     step, skipped = 0, 0
     if start_ckpt is not None:
         adapter, opt_state, state = checkpoint.load(start_ckpt)
-        lora.load_adapter_state(p.model, adapter)
+        methods.load_state(p.model, adapter)
         p.optimizer.load_state_dict(opt_state)
         stream.load_state_dict(state["data"])
         checkpoint.set_rng_state(state["rng"])
@@ -220,12 +226,14 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-    print(f"{p.report} — LoRA r={recipe.lora.r} on {len(p.targets)} modules; "
+    what = "; ".join(f"{k}{f' r={recipe.lora.r}' if k != 'ia3' else ''} on {len(v)} modules"
+                     for k, v in p.methods.items())
+    print(f"{p.report} — {what} ({methods.describe_counts(p.counts)}); "
           f"{len(p.dataset.train)} train / {len(p.dataset.val)} val examples", file=sys.stderr)
 
     def save_ckpt() -> Path:
         extra = {"data": stream.state_dict(), "skipped": skipped, "recipe": recipe.to_dict()}
-        return checkpoint.save(run_dir, step, lora.adapter_state_dict(p.model), p.optimizer.state_dict(), extra,
+        return checkpoint.save(run_dir, step, methods.state_dict(p.model), p.optimizer.state_dict(), extra,
                                t.keep_checkpoints)
 
     bar = tqdm(total=t.steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
@@ -268,10 +276,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
                     f"Resume with: {again}")
     bar.close()
     try:
-        adapter_dir = peft_format.save_adapter(
-            run_dir / "adapter", lora.adapter_state_dict(p.model), r=recipe.lora.r, alpha=recipe.lora.alpha,
-            dropout=recipe.lora.dropout, rslora=recipe.lora.rslora, base_model=recipe.model.path,
-            init=recipe.lora.init)
+        adapter_dir = methods.save(run_dir / "adapter", p.model, recipe)[0]
     except (OSError, SafetensorError) as e:  # a full disk: the final checkpoint already holds every weight
         raise TrainingStopped(f"could not write {run_dir / 'adapter'} ({e}); the trained weights are safe in "
                               f"{checkpoint.latest(run_dir)}. Free disk space, then run: {again}") from None
@@ -280,6 +285,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
                "tokens_per_s": round(tokens_total / elapsed, 1) if elapsed else None,
                "peak_memory_bytes": peak_memory_bytes(p.accelerator.device), "trainable_params": p.report.trainable,
                "total_params": p.report.total, "trainable_percent": round(p.report.percent, 4),
+               "trainable_by_method": p.counts,
                "skipped_batches": skipped, "adapter": str(adapter_dir), "wall_s": round(elapsed, 1)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

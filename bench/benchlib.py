@@ -9,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-GiB = 1 << 30
+from qlora_kit import atomic
+from qlora_kit.terms import GiB
 
 
 def save_tokenizer(folder: Path) -> None:
@@ -28,52 +29,51 @@ def save_tokenizer(folder: Path) -> None:
 
 def build_random_llama(folder: Path, config, shard_bytes: int = 1 << 30) -> Path:
     """Random bf16 weights (std 0.02, norms 1) for `config` (a transformers LlamaConfig), generated one tensor at a
-    time (on the GPU if there is one) and saved shard by shard with an index, config and tokenizer. Written to
-    `folder.partial` and renamed: an interrupted build leaves no half model behind. An existing folder is reused."""
+    time (on the GPU if there is one) and saved shard by shard with an index, config and tokenizer. Written to a
+    temporary folder and renamed (qlora_kit.atomic): an interrupted build leaves no half model behind. An existing
+    folder is reused."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
     if (folder / "config.json").is_file():
         return folder
-    tmp = folder.with_name(folder.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    with torch.device("meta"):
-        names = [(n, tuple(p.shape)) for n, p in LlamaForCausalLM(config).named_parameters()]
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator(device=dev).manual_seed(0)
-    shards, current, size, total = [], {}, 0, 0
+    with atomic.atomic_folder(folder) as tmp:
+        with torch.device("meta"):
+            names = [(n, tuple(p.shape)) for n, p in LlamaForCausalLM(config).named_parameters()]
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        gen = torch.Generator(device=dev).manual_seed(0)
+        shards, current, size, total = [], {}, 0, 0
 
-    def flush():
-        nonlocal current, size
-        if current:
-            name = f"model-{len(shards) + 1:05d}.safetensors"
-            save_file(current, str(tmp / name), metadata={"format": "pt"})
-            shards.append((name, list(current)))
-            current, size = {}, 0
+        def flush():
+            nonlocal current, size
+            if current:
+                name = f"model-{len(shards) + 1:05d}.safetensors"
+                save_file(current, str(tmp / name), metadata={"format": "pt"})
+                shards.append((name, list(current)))
+                current, size = {}, 0
 
-    for i, (name, shape) in enumerate(names):
-        if name.endswith("norm.weight"):
-            t = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            t = (torch.randn(shape, device=dev, generator=gen) * 0.02).to(torch.bfloat16).cpu()
-        nbytes = t.numel() * 2
-        if size + nbytes > shard_bytes:
-            flush()
-        current[name], size, total = t, size + nbytes, total + nbytes
-        print(f"\rbuilding {folder.name}: {i + 1}/{len(names)} tensors, {total / GiB:.1f} GiB", end="",
-              file=sys.stderr, flush=True)
-    flush()
-    n = len(shards)
-    weight_map = {}
-    for j, (name, keys) in enumerate(shards, 1):
-        final = f"model-{j:05d}-of-{n:05d}.safetensors"
-        os.replace(tmp / name, tmp / final)
-        weight_map |= dict.fromkeys(keys, final)
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                  "weight_map": weight_map}, indent=1))
-    config.save_pretrained(tmp)
-    save_tokenizer(tmp)
-    os.replace(tmp, folder)
+        for i, (name, shape) in enumerate(names):
+            if name.endswith("norm.weight"):
+                t = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                t = (torch.randn(shape, device=dev, generator=gen) * 0.02).to(torch.bfloat16).cpu()
+            nbytes = t.numel() * 2
+            if size + nbytes > shard_bytes:
+                flush()
+            current[name], size, total = t, size + nbytes, total + nbytes
+            print(f"\rbuilding {folder.name}: {i + 1}/{len(names)} tensors, {total / GiB:.1f} GiB", end="",
+                  file=sys.stderr, flush=True)
+        flush()
+        n = len(shards)
+        weight_map = {}
+        for j, (name, keys) in enumerate(shards, 1):
+            final = f"model-{j:05d}-of-{n:05d}.safetensors"
+            os.replace(tmp / name, tmp / final)
+            weight_map |= dict.fromkeys(keys, final)
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                      "weight_map": weight_map}, indent=1))
+        config.save_pretrained(tmp)
+        save_tokenizer(tmp)
     print(file=sys.stderr)
     return folder

@@ -3,7 +3,8 @@
 The LoRA paper's Table 5 (which weight matrices, under one parameter budget) and Table 6 / Figure 3 (which rank;
 how much do the subspaces of r=8 and r=64 overlap) asked again of our demo model and data (Hu et al. 2021,
 arXiv 2106.09685, section 7). Every cell trains recipes/study/lora_study.yaml with `--set` overrides, each in its
-own fresh `qlora-kit train` process, with OMP_NUM_THREADS set and OMP_WAIT_POLICY=PASSIVE (ARCHITECTURE.md 5).
+own fresh `qlora-kit train` process, with OMP_NUM_THREADS set and OMP_WAIT_POLICY=PASSIVE (docs/ARCHITECTURE.md,
+"Benchmarks").
 
     rank sweep     q+v at r = 1, 2, 4, 8, 64
     fixed budget   per layer: q 1152r, k 768r, v 768r, o 1152r, gate/up/down 2112r each, so

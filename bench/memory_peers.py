@@ -8,8 +8,8 @@ The peer is what users run today (PEFT docs, "quantization" guide):
     model.gradient_checkpointing_enable()
     a plain loop: loss = model(input_ids, attention_mask, labels=labels).loss; backward; clip 1.0; torch AdamW
 ours is `qlora_kit.train.prepare` + `train_step` (the functions `qlora-kit train` runs), same batch, rank, alpha,
-dropout, targets, sequence length. The peer stays in train mode throughout (ARCHITECTURE.md section 5: an eval
-forward under no_grad on AVX512-BF16 CPUs repacks bitsandbytes weights and breaks training).
+dropout, targets, sequence length. The peer stays in train mode throughout (docs/ARCHITECTURE.md, "bitsandbytes
+hazards": an eval forward under no_grad on AVX512-BF16 CPUs repacks bitsandbytes weights and breaks training).
 
 Each measurement is a child process (`--child ours|peer`): baseline RSS after importing the libraries, before
 loading; peak RSS of the process (ru_maxrss: loading included) and of the steady steps alone (VmHWM reset after

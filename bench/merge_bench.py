@@ -3,8 +3,8 @@
 
 Each export runs in its own fresh process (clean peak RSS: the worker reports its own peak, VmHWM, and its RSS after
 imports), variants interleaved A B C A B C so machine noise hits all of them alike, with OMP_NUM_THREADS set and
-OMP_WAIT_POLICY=PASSIVE (ARCHITECTURE.md section 5). Throughput = bytes of safetensors written / seconds of work
-(load + merge + save, imports excluded).
+OMP_WAIT_POLICY=PASSIVE (docs/ARCHITECTURE.md, "Benchmarks"). Throughput = bytes of safetensors written / seconds of
+work (load + merge + save, imports excluded).
 
     python bench/merge_bench.py                                    # demo model + llama-1.6b random (~3.2 GB bf16)
     python bench/merge_bench.py --random-config llama-tiny --repeats 1 --no-demo   # a quick check of the pipeline
@@ -147,7 +147,7 @@ def summarise(records: list[dict]) -> dict:
                   "peak_rss_max": max(r["peak_rss"] for r in rs),
                   "work_rss_max": max(r["peak_rss"] - r["rss_after_imports"] for r in rs), "bytes": rs[0]["bytes"]}
     peer = out["peft merge_and_unload"]
-    for v, s in out.items():
+    for s in out.values():
         s["speed_ratio_vs_peft"] = s["gb_per_s_median"] / peer["gb_per_s_median"]
         s["peak_rss_ratio_vs_peft"] = s["peak_rss_max"] / peer["peak_rss_max"]
         s["work_rss_ratio_vs_peft"] = s["work_rss_max"] / peer["work_rss_max"]

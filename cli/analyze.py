@@ -9,6 +9,7 @@ import re
 import click
 
 from qlora_kit import analyze as an
+from qlora_kit.terms import QUANT_TYPES
 
 
 def _num(x, spec: str = "#.3g") -> str:
@@ -82,7 +83,7 @@ def _text(report: an.Report) -> list[str]:
 @click.argument("path", metavar="ADAPTER_OR_RUN")
 @click.option("--base", default=None, help="Base model folder or built-in name (default for a run: its recipe's model).")
 @click.option("--no-base", is_flag=True, help="Skip the base (and the amplification) even for a run folder.")
-@click.option("--quant", type=click.Choice(["auto", "nf4", "fp4", "int8", "none"]), default="auto", show_default=True,
+@click.option("--quant", type=click.Choice(["auto", *QUANT_TYPES]), default="auto", show_default=True,
               help="How the base was quantized in training. auto: a run's recipe; none for a bare adapter folder "
                    "(adapter_config.json does not record it).")
 @click.option("--blocksize", type=int, default=64, show_default=True, help="With --quant nf4/fp4.")

@@ -19,11 +19,11 @@ from pathlib import Path
 import click
 
 from qlora_kit.errors import ConfigError
+from qlora_kit.terms import QUANT_TYPES
 
 # Grid keys -> (parser, allowed values or None). Values are comma-separated; the grid is their product.
-_QUANTS = ("nf4", "fp4", "int8", "none")
 _OPTIMIZERS = ("adamw", "adamw8bit")
-GRID_KEYS = {"seq": (int, None), "batch": (int, None), "rank": (int, None), "quant": (str, _QUANTS),
+GRID_KEYS = {"seq": (int, None), "batch": (int, None), "rank": (int, None), "quant": (str, QUANT_TYPES),
              "dropout": (float, None), "optimizer": (str, _OPTIMIZERS), "targets": (str, None),
              "loss_chunk": (int, None)}
 DEFAULTS = {"seq": 256, "batch": 4, "rank": 16, "quant": "nf4", "dropout": 0.05, "optimizer": "adamw",
@@ -100,7 +100,8 @@ def run_one(model: str, c: dict, steps: int, threads: int, device: str, timeout:
            "--threads", str(threads), "--device", device,
            *(a for k, v in c.items() for a in ("--" + k.replace("_", "-"), str(v)))]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # ARCHITECTURE.md section 5: spinning OpenMP threads skew timings
+    # spinning OpenMP threads skew timings (docs/ARCHITECTURE.md, "Benchmarks")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

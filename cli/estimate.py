@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 
 import click
 
 from qlora_kit.config import TrainConfig
 from qlora_kit import memory_estimate as me
 from qlora_kit.errors import ConfigError
+from qlora_kit.terms import FOUR_BIT, QUANT_TYPES, human_bytes, parse_size
 
 _D = me.EstimateConfig()  # defaults: the demo recipe's (batch 4, 256 tokens, r 16, nf4 + double quant)
 LABELS = {
@@ -26,27 +26,6 @@ LABELS = {
 
 PHASES = {"loss_head": "loss head (logits chunk)", "decoder_backward": "decoder backward",
           "optimizer_step": "optimizer step"}
-
-# Sizes in and out (bench memory can reuse these). A bare number or K/M/G/T is binary (GiB); GB is 10^9.
-_UNITS = {"": me.GiB, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": me.GiB, "t": 1 << 40,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": me.GiB, "tib": 1 << 40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-          "tb": 10**12}
-
-
-def parse_size(text: str) -> int:
-    """'24GiB', '24 GB' (10^9), '24G' or bare '24' (GiB), '512MiB' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
-        raise ConfigError(f"cannot read size {text!r}: write a positive number with a unit, e.g. 24GiB, 24GB, 512MiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def human_bytes(n: int) -> str:
-    for unit, size in (("GiB", me.GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
-
 
 def _targets(text: str) -> tuple[str, ...] | str:
     if text.strip() == "all-linear":
@@ -81,7 +60,7 @@ def _details(e: me.Estimate, cfg: me.EstimateConfig) -> dict[str, str]:
              if e.components["adapter_grads"] == 0 else f"{dtype}, the top layer's so far" + later("adapter_grads"))
     return {
         "quantized_weights": f"{quant}; {e.bits_per_weight:.3f} bits/weight with constants",
-        "quant_constants": "absmax, codebooks" if cfg.quant in ("nf4", "fp4") else "",
+        "quant_constants": "absmax, codebooks" if cfg.quant in FOUR_BIT else "",
         "unquantized_params": "bf16" + ("; lm_head tied to embeddings" if e.shapes.tied else ""),
         "adapters": f"{e.adapter_params:,} params, {dtype}",
         "adapter_grads": grads,
@@ -101,7 +80,7 @@ def _seq_cell(row: dict) -> str:
 @click.command()
 @click.option("--model", required=True, help="A Hugging Face model folder (config.json is read), or a built-in name: "
               + ", ".join(me.BUILTIN_CONFIGS) + ".")
-@click.option("--quant", type=click.Choice(["nf4", "fp4", "int8", "none"]), default="nf4", show_default=True)
+@click.option("--quant", type=click.Choice(QUANT_TYPES), default="nf4", show_default=True)
 @click.option("--blocksize", type=int, default=64, show_default=True, help="Weights per absmax constant (4-bit).")
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True)
 @click.option("--rank", "-r", type=int, default=16, show_default=True, help="LoRA rank.")
@@ -127,7 +106,7 @@ def command(model, quant, blocksize, double_quant, rank, targets, lora_dropout, 
                             targets=_targets(targets), optimizer=optimizer, batch=batch, seq=seq,
                             checkpointing=checkpointing, device=device, loss_chunk=loss_chunk,
                             compute_bytes=2 if compute_dtype == "bf16" else 4, lora_dropout=lora_dropout)
-    limit = parse_size(gpu_mem) if gpu_mem is not None else None
+    limit = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
     e = me.estimate(config, cfg)
     table = me.max_seq_table(config, cfg)
     if as_json:

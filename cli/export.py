@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from qlora_kit import export as ex
+from qlora_kit.terms import QUANTIZED_TYPES
 
 
 @click.command()
@@ -22,7 +23,7 @@ from qlora_kit import export as ex
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
               help="Output dtype [default: bf16; adapter format: the adapter's own].")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest weight file: 2GB (10^9), 1.5GiB, 500MB.")
-@click.option("--quant", type=click.Choice(["nf4", "fp4", "int8"]), default=None,
+@click.option("--quant", type=click.Choice(QUANTIZED_TYPES), default=None,
               help="For an adapter folder: how its base was quantized in training [default: nf4]; also the type "
               "--format quantized writes when the run was not quantized.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from qlora_kit.errors import QloraKitError
+from qlora_kit.terms import QUANT_TYPES
 
-QUANTS = ["nf4", "fp4", "int8", "none"]
 BASE, EVERY = "base", "*"  # route names on the command line: the base alone; every adapter and the base
 
 
@@ -42,7 +42,8 @@ def _parse_prompt(prompt: str, names: list[str]) -> tuple[str, str]:
 @click.option("--adapter", "adapter_specs", multiple=True, metavar="NAME=PATH",
               help="Load adapter PATH (run or PEFT adapter folder) as NAME; repeatable: all share one base.")
 @click.option("--base", help="Base model for an adapter folder (default: the adapter's base_model_name_or_path).")
-@click.option("--quant", type=click.Choice(QUANTS), help="Quantization of the base (default: the run's; nf4 otherwise).")
+@click.option("--quant", type=click.Choice(QUANT_TYPES),
+              help="Quantization of the base (default: the run's; nf4 otherwise).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0), help="0: greedy.")
 @click.option("--raw", is_flag=True, help="Send the prompt text as is, without the chat/alpaca template.")

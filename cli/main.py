@@ -1,6 +1,6 @@
 """Entry point of the `qlora-kit` command: one click group, one module per command.
 
-Exit codes (ARCHITECTURE.md section 2): 0 success; 2 bad input or usage, one or two lines on stderr, no
+Exit codes (docs/ARCHITECTURE.md, "Errors"): 0 success; 2 bad input or usage, one or two lines on stderr, no
 traceback; 1 a bug (traceback kept, so it can be reported); 130 interrupted.
 """
 

@@ -23,10 +23,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import peft_format
-from .config import BLOCKSIZES, QuantConfig
+from .config import QuantConfig
 from .errors import ConfigError, ModelError
 from .model import frozen_dtype, resolve, weight_files
 from .run_dir import adapter_source
+from .terms import BLOCKSIZES, QUANT_TYPES
 
 RANK_TOL = 1e-6  # singular values below RANK_TOL * s_max count as zero (directions of a rank-deficient update)
 
@@ -289,7 +290,7 @@ def _select(names: list[str], pattern: str | None, where: Path) -> list[str]:
 
 def _base_setup(src: Source, base: str | None, use_base: bool, quant: str, blocksize: int,
                 double_quant: bool) -> tuple[str | None, BaseWeights | None, dict | None]:
-    if quant not in ("auto", "nf4", "fp4", "int8", "none"):
+    if quant not in ("auto", *QUANT_TYPES):
         raise ConfigError(f"--quant {quant!r}: choose auto, nf4, fp4, int8 or none.")
     if blocksize not in BLOCKSIZES:
         raise ConfigError(f"--blocksize {blocksize}: must be one of {list(BLOCKSIZES)}.")

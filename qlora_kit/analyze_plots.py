@@ -11,13 +11,13 @@ temporary name, then renamed, so a crash never leaves a half-written PNG.
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .errors import QloraKitError
 
 
@@ -40,12 +40,8 @@ def _integer_ticks(*axes) -> None:
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic.atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -5,11 +5,11 @@
         optimizer.safetensors       fp32 master weights + optimizer tensors (exp_avg, exp_avg_sq, ...)
         state.json                  step, optimizer scalars and param groups, data position, RNG states, version
 
-A checkpoint is written into `checkpoints/.tmp-step-N-PID`, fsynced, then renamed to `step-N`; a crash leaves at most
-a `.tmp-*` folder, which `latest()` ignores and the next save removes. `latest()` also skips a `step-N` that lacks a
-file (copied by hand, or a file system without atomic rename). A full disk while saving removes the partial folder
-and stops training with a message; the previous checkpoints stay. Only safetensors and JSON: nothing here is ever
-unpickled.
+A checkpoint is written into `checkpoints/.tmp-step-N-PID`, fsynced, then renamed to `step-N`
+(`atomic.atomic_folder`); a crash leaves at most a `.tmp-*` folder, which `latest()` ignores and the next save
+removes. `latest()` also skips a `step-N` that lacks a file (copied by hand, or a file system without atomic
+rename). A full disk while saving removes the partial folder and stops training with a message; the previous
+checkpoints stay. Only safetensors and JSON: nothing here is ever unpickled.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from . import __version__, atomic
 from .errors import QloraKitError, TrainingStopped
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -74,9 +74,9 @@ def save(run_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer: 
     """Write checkpoint `step` atomically, then keep only the newest `keep` checkpoints."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".tmp-step-{int(step)}-{os.getpid()}"  # names come from an int only: nothing can escape root
+    for stale in [*root.glob(".tmp-*"), *root.glob(".step-*.old-*")]:  # left by a crash mid-save
+        atomic.remove(stale)
+    final = root / f"step-{int(step)}"  # names come from an int only: nothing can escape root
     tensors: dict[str, torch.Tensor] = {}
     state = {
         "step": step,
@@ -85,41 +85,20 @@ def save(run_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer: 
         "rng": _flatten(rng_state(), "rng", tensors),
         **extra,
     }
+    # re-saving the same step (e.g. Ctrl-C right after a periodic save) replaces it
     try:
-        tmp.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(tmp / FILES[0]))
-        save_file(tensors, str(tmp / FILES[1]))
-        (tmp / FILES[2]).write_text(json.dumps(state, indent=1))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        with atomic.atomic_folder(final, replace=True, tmp=root / f".tmp-step-{int(step)}-{os.getpid()}") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(tmp / FILES[0]))
+            save_file(tensors, str(tmp / FILES[1]))
+            (tmp / FILES[2]).write_text(json.dumps(state, indent=1))
     except (OSError, SafetensorError) as e:  # ENOSPC, EDQUOT, EIO: safetensors wraps them in its own error
-        shutil.rmtree(tmp, ignore_errors=True)
         good = latest(run_dir)
         raise TrainingStopped(f"could not write checkpoint step-{step} ({str(e).strip() or type(e).__name__}); the "
                               f"partial copy was removed. Last good checkpoint: {good or 'none'}. Free disk space, "
                               "then continue with --resume.") from None
-    final = root / f"step-{int(step)}"
-    if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)  # the rename itself survives a power cut only once its directory is on disk
     for old in all_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a directory; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def all_checkpoints(run_dir: Path) -> list[Path]:

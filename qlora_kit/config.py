@@ -1,7 +1,7 @@
 """Typed, frozen recipe sections; `load_recipe(path, overrides)` with validation.
 
-A recipe is YAML with the sections model, quant, lora, data, train, output (ARCHITECTURE.md section 2). Keys equal
-the dataclass field names below; `--set section.key=value` uses the same dotted paths. Unknown keys fail and name
+A recipe is YAML with the sections model, quant, lora, data, train, output (docs/ARCHITECTURE.md, "Recipes and run
+folders"). Keys equal the dataclass field names below; `--set section.key=value` uses the same dotted paths. Unknown keys fail and name
 the nearest valid key; wrong types and out-of-range values fail with the field and the allowed range.
 
 This module imports no torch (it must stay cheap for the CLI and for `estimate`).
@@ -22,8 +22,8 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import ConfigError
+from .terms import BLOCKSIZES, QuantType
 
-QuantType = Literal["nf4", "fp4", "int8", "none"]
 ComputeDtype = Literal["bf16", "fp32"]
 DataFormat = Literal["text", "alpaca", "chat"]
 Schedule = Literal["cosine", "linear", "constant"]
@@ -168,8 +168,6 @@ class Recipe:
     def replace(self, **sections: Any) -> "Recipe":
         return dataclasses.replace(self, **sections)
 
-
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 # (section, key) -> (predicate, what the value must be). Checked after types.
 _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {

@@ -29,8 +29,8 @@ import torch
 
 from .config import DataConfig
 from .errors import DataError
+from .terms import IGNORE
 
-IGNORE = -100  # label value cross-entropy skips (torch's default ignore_index)
 ALPACA_HEAD = "Below is an instruction that describes a task. "
 ALPACA_HEAD_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

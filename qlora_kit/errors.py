@@ -1,7 +1,7 @@
 """One small exception family. The CLI maps every `QloraKitError` to exit code 2 with its message and no
 traceback; anything else is a bug (exit 1).
 
-A message says what went wrong, why, and how to fix it (house style, ARCHITECTURE.md section 4.8)."""
+A message says what went wrong, why, and how to fix it (docs/ARCHITECTURE.md, "Errors")."""
 
 
 class QloraKitError(Exception):

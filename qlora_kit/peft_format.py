@@ -11,15 +11,13 @@ folder holds the LoRA/DoRA adapter and its subfolder `ia3/` the IA3 one (PEFT's 
 `load_stack` returns them in the order that reproduces the run: the root first, then ia3/ applied OVER it
 (y = l ⊙ ((W + s·B A) x) on a module both adapt). With PEFT: load the root, merge_and_unload, load ia3/.
 
-Our module names are Hugging Face's, so a key is our name with a prefix (ARCHITECTURE.md 4.6). Writes go to a
-temporary file in the same folder, then `os.replace`, so a crash never leaves a half-written adapter.
+Our module names are Hugging Face's, so a key is our name with a prefix (docs/ARCHITECTURE.md, "Names are the
+export format"). Each file is written atomically (`atomic.atomic_file`), so a crash never leaves a half-written one.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import atomic
 from .errors import ModelError
+from .terms import lora_scale
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -76,7 +76,7 @@ class Adapter:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (self.r ** 0.5 if self.rslora else self.r)
+        return lora_scale(self.alpha, self.r, self.rslora)
 
     def module_scaling(self, module: str) -> float:
         """s of one module: alpha / r (alpha / sqrt(r) with rsLoRA), honouring PEFT's per-module `rank_pattern` /
@@ -88,7 +88,7 @@ class Adapter:
             if re.match(rf"(.*\.)?({key})$", module):
                 alpha = float(value)
                 break
-        return alpha / (math.sqrt(r) if self.rslora else r)
+        return lora_scale(alpha, r, self.rslora)
 
     def modules(self) -> list[str]:
         """Full names of the adapted modules, sorted."""
@@ -99,24 +99,6 @@ class Adapter:
     def pair(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (r, in), B (out, r)) of one module."""
         return self.tensors[f"{module}.lora_A.weight"], self.tensors[f"{module}.lora_B.weight"]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_adapter(
@@ -153,9 +135,15 @@ def save_adapter(
         "revision": None,
         **(extra or {}),
     }
-    atomic_save_safetensors({PREFIX + k: v for k, v in tensors.items()}, folder / WEIGHTS_NAME, {"format": "pt"})
-    atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    _write(folder, tensors, config)
     return folder
+
+
+def _write(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    with atomic.atomic_file(folder / WEIGHTS_NAME) as tmp:
+        save_file({PREFIX + k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": "pt"})
+    atomic.write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
 
 
 def save_ia3(folder: str | Path, tensors: dict[str, torch.Tensor], *, feedforward: list[str],
@@ -177,8 +165,7 @@ def save_ia3(folder: str | Path, tensors: dict[str, torch.Tensor], *, feedforwar
     config = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": targets,
               "feedforward_modules": ff_list, "base_model_name_or_path": base_model, "fan_in_fan_out": False,
               "init_ia3_weights": True, "inference_mode": True, "modules_to_save": None, "revision": None}
-    atomic_save_safetensors({PREFIX + k: v for k, v in tensors.items()}, folder / WEIGHTS_NAME, {"format": "pt"})
-    atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    _write(folder, tensors, config)
     return folder
 
 

@@ -6,7 +6,7 @@ exists only transiently inside one matmul (QLoRA, Dettmers et al. 2023, arXiv 23
     y = x @ dequant(W_q)^T          forward: dequantize, matmul, free
     dx = dy @ dequant(W_q)          backward: dequantize again instead of saving the (out, in) bf16 weight
 
-We deliberately do not use `bnb.nn.Linear4bit` (ARCHITECTURE.md section 5):
+We deliberately do not use `bnb.nn.Linear4bit` (docs/ARCHITECTURE.md, "bitsandbytes hazards"):
 - its CPU eval forward under no_grad repacks the weight into a CPU-only layout on AVX512-BF16 machines, after
   which training silently gets no gradient through the layer; we only call the functional API;
 - native CPU `dequantize_4bit` is wrong when in_features is not a multiple of the blocksize, so on the CPU we
@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .terms import NESTED_BLOCKSIZE, QUANTIZED_TYPES, QuantType
 
 _log = logging.getLogger("bitsandbytes")
 _level = _log.level
@@ -46,14 +46,12 @@ def _need_bnb(what: str) -> None:
         raise ConfigError(f"{what} needs bitsandbytes, which cannot be imported here ({_IMPORT_ERROR}). Install it "
                           "(pip install bitsandbytes), or use quant.type=none and train.optimizer=adamw.")
 
-QuantKind = Literal["nf4", "fp4", "int8", "none"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for double quantization of the absmax constants
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    type: QuantKind = "nf4"
+    type: QuantType = "nf4"
     blocksize: int = 64
     double_quant: bool = True
     compute_dtype: torch.dtype = torch.bfloat16
@@ -79,7 +77,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: torch.Tensor | None = None):
         super().__init__()
-        if spec.type not in ("nf4", "fp4", "int8"):
+        if spec.type not in QUANTIZED_TYPES:
             raise ValueError(f"QuantLinear needs nf4, fp4 or int8, got {spec.type!r}")
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None

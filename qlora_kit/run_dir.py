@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import yaml
 
-from . import checkpoint
+from . import atomic, checkpoint
 from .config import Recipe, recipe_from_dict
 from .errors import ConfigError
 
@@ -77,9 +76,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """On resume, drop metrics logged after the checkpoint (those steps run again); atomic rewrite."""
     keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-    tmp = run_dir / f".metrics.jsonl.tmp-{os.getpid()}"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    os.replace(tmp, run_dir / "metrics.jsonl")
+    atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def run_of(path: Path) -> Path | None:

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import ExportError, ModelError
+from . import atomic
+from .errors import ConfigError, ExportError, ModelError
 from .model import weight_files as model_weight_files
+from .terms import parse_size
 
 DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
@@ -121,19 +122,12 @@ def row_blocks(shape: tuple[int, ...], itemsize: int, block_bytes: int = 16 << 2
 
 # ---- sizes and planning (pure) ------------------------------------------------------------------------------------
 
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-def parse_size(text: str | int) -> int:
-    """'2GB' (10^9, like transformers' max_shard_size), '1.5GiB' (2^30), '500MB', '200KB', or bytes -> bytes."""
-    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else ""
-    if not m or (unit and unit not in _UNITS) or float(m.group(1)) <= 0:
-        raise ExportError(f"--max-shard-size {text!r} is not a size: write e.g. 2GB (10^9 bytes), 1.5GiB (2^30), 500MB.")
-    size = int(float(m.group(1)) * _UNITS[unit or "b"])
+def max_shard_bytes(text: str | int) -> int:
+    """--max-shard-size -> bytes by the one size rule (`terms.parse_size`); at least 1 KB."""
+    try:
+        size = parse_size(text, "--max-shard-size")
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
     if size < 1024:
         raise ExportError(f"--max-shard-size {text!r} is {size} bytes; use at least 1KB (e.g. 2GB).")
     return size
@@ -259,4 +253,4 @@ class ShardWriter:
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
     """transformers' `model.safetensors.index.json` (total_size: bytes of tensor data, as transformers counts)."""
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    atomic.write_text(folder / INDEX_NAME, json.dumps(index, indent=2) + "\n")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from . import checkpoint, data, lora, methods
+from . import atomic, checkpoint, data, lora, methods
 from .config import Recipe, dump_recipe
 from .errors import ConfigError, TrainingInterrupted, TrainingStopped
 from .loss import CausalLMLoss
@@ -131,20 +131,35 @@ class StepResult:
     finite: bool
 
 
+def label_tokens(batch: dict) -> int:
+    """Label tokens of a (CPU) batch: the positions CausalLMLoss averages over (position t predicts token t+1)."""
+    return int((batch["labels"][:, 1:] != data.IGNORE).sum())
+
+
 def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm: float, apply: bool = True) -> StepResult:
     """One optimizer step over `micro_batches` (gradient accumulation). With apply=False (non-finite batch to
-    skip) gradients are computed and dropped."""
+    skip) gradients are computed and dropped.
+
+    The step's loss is the mean over every label token of every micro-batch, not the mean of per-batch means:
+    micro-batch i contributes mean_i * n_i / N (N = the step's label tokens, counted on the CPU batches before any
+    forward, so no host sync). `grad_accum: k` x `batch_size: b` is then the same step as `batch_size: k*b`
+    over the same examples (transformers #34191 was this bug)."""
     device = p.accelerator.device
-    total_loss, tokens = 0.0, 0
-    for batch in micro_batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        p.accelerator.backward(loss / len(micro_batches))
-        total_loss += loss.item() / len(micro_batches)
+    counts = [label_tokens(b) for b in micro_batches]
+    total_tokens = max(sum(counts), 1)
+    total_loss = torch.zeros((), dtype=torch.float32, device=device)  # accumulated on device: one .item() below
+    tokens = 0
+    for batch, n in zip(micro_batches, counts):
         tokens += int(batch["attention_mask"].sum())
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"])  # mean over its n tokens
+        weighted = loss * (n / total_tokens)
+        p.accelerator.backward(weighted)
+        total_loss += weighted.detach()
+    step_loss = float(total_loss.item())
     grads = p.optimizer.grads_to_masters()
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0
-    finite = math.isfinite(total_loss) and math.isfinite(norm)
+    finite = math.isfinite(step_loss) and math.isfinite(norm)
     if finite and apply:
         if max_grad_norm > 0 and norm > max_grad_norm:
             for g in grads:
@@ -152,7 +167,7 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
         p.optimizer.set_lr(lr)
         p.optimizer.step()
     p.optimizer.zero_grad()
-    return StepResult(total_loss, tokens, norm, finite)
+    return StepResult(step_loss, tokens, norm, finite)
 
 
 @torch.no_grad()
@@ -225,7 +240,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
         print(f"{run_dir} has no complete checkpoint yet: starting from step 0", file=sys.stderr)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        atomic.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
     what = "; ".join(f"{k}{f' r={recipe.lora.r}' if k != 'ia3' else ''} on {len(v)} modules"
                      for k, v in p.methods.items())
     print(f"{p.report} — {what} ({methods.describe_counts(p.counts)}); "
@@ -287,5 +302,5 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
                "total_params": p.report.total, "trainable_percent": round(p.report.percent, 4),
                "trainable_by_method": p.counts,
                "skipped_batches": skipped, "adapter": str(adapter_dir), "wall_s": round(elapsed, 1)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary

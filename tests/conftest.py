@@ -53,7 +53,7 @@ def make_tiny_model(folder: Path, *, hidden=64, intermediate=176, layers=2, tied
                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     model = LlamaForCausalLM(config).to(dtype)
     with torch.no_grad():  # random init is tiny (std 0.02); scale up so 4-bit errors and LoRA effects are visible
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.3)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}

@@ -146,7 +146,7 @@ def hand_built(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
     adapter = write_adapter(tmp_path / "a", pairs, r=8, alpha=16)
     same = write_adapter(tmp_path / "same", pairs, r=8, alpha=16)
     orth_pairs = {}
-    for n, (A, B) in pairs.items():
+    for n, (A, _B) in pairs.items():
         P = torch.eye(IN) - torch.linalg.pinv(A) @ A  # onto the complement of A's row space (8 directions)
         orth_pairs[n] = ((torch.randn(4, IN) @ P).contiguous(), torch.randn(OUT, 4))
     other = write_adapter(tmp_path / "orth", orth_pairs, r=4, alpha=8)

@@ -20,8 +20,8 @@ import transformers
 from qlora_kit import data
 from qlora_kit.config import DataConfig
 from qlora_kit.errors import DataError
+from qlora_kit.terms import IGNORE
 
-IGNORE = -100
 FACTS = Path(__file__).resolve().parent.parent / "recipes" / "data" / "facts.jsonl"
 
 

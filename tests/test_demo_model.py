@@ -26,7 +26,7 @@ def test_demo_model_loss_falls_on_the_facts():
     from qlora_kit import data
 
     stream = data.BatchStream(probe, 4, 0, data.pad_token_id(p.tokenizer))  # learn the probed facts themselves
-    for step in range(6):
+    for _ in range(6):
         res = train.train_step(p, [stream.next_batch()], recipe.train.lr, recipe.train.max_grad_norm)
         assert res.finite
     after = train.evaluate(p, probe, 4)

@@ -121,13 +121,11 @@ def merged_fp32(qlora_run, tmp_path_factory) -> Path:
 # ---- pure pieces --------------------------------------------------------------------------------------------------
 
 
-def test_parse_size_and_shard_plan():
-    assert shards.parse_size("2GB") == 2 * 10**9
-    assert shards.parse_size("1.5GiB") == 3 << 29
-    assert shards.parse_size("500MB") == 500 * 10**6 and shards.parse_size(" 200 kb ") == 200_000
-    for bad in ("", "2XB", "-1GB", "0MB", "GB", "12"):
+def test_max_shard_size_and_shard_plan():
+    assert shards.max_shard_bytes("2GB") == 2 * 10**9 and shards.max_shard_bytes("1.5GiB") == 3 << 29
+    for bad in ("", "2XB", "-1GB", "0MB", "GB", "12", "512B"):  # the size table itself: tests/test_terms.py
         with pytest.raises(ExportError, match="max-shard-size"):
-            shards.parse_size(bad)
+            shards.max_shard_bytes(bad)
     assert shards.plan_shards([4, 4, 4, 10, 1], 8) == [[0, 1], [2], [3], [4]]  # too big -> a shard of its own
     assert shards.shard_names(1) == ["model.safetensors"]
     assert shards.shard_names(2)[1] == "model-00002-of-00002.safetensors"

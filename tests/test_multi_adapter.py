@@ -180,8 +180,8 @@ def test_cli_bad_adapters_exit_2(tiny_model, adapters, tmp_path, capsys):
     q = "model.layers.0.self_attn.q_proj"
     wrong_shape = save("wrong_shape", {f"{q}.lora_A.weight": torch.ones(2, 32),  # in_features 64, not 32
                                        f"{q}.lora_B.weight": torch.ones(64, 2)})
-    wrong_module = save("wrong_module", {f"model.layers.9.self_attn.q_proj.lora_A.weight": torch.ones(2, 64),
-                                         f"model.layers.9.self_attn.q_proj.lora_B.weight": torch.ones(64, 2)})
+    wrong_module = save("wrong_module", {"model.layers.9.self_attn.q_proj.lora_A.weight": torch.ones(2, 64),
+                                         "model.layers.9.self_attn.q_proj.lora_B.weight": torch.ones(64, 2)})
     a = f"a={adapters['a']}"
     cases = [
         (["--adapter", f"x={wrong_shape}", "--prompt", "x: hi"], "do not fit"),

@@ -39,8 +39,8 @@ def _grads(p: train.Prepared, batch: dict) -> dict:
 
 
 def test_eval_pass_between_steps_leaves_gradients_identical(tiny_model, tiny_data):
-    """ARCHITECTURE.md section 5: bnb's Linear4bit eval under no_grad repacks weights on AVX512-BF16 CPUs and later
-    training gets no gradient. Ours must give the same gradients with or without an eval pass in between."""
+    """docs/ARCHITECTURE.md, "bitsandbytes hazards": bnb's Linear4bit eval under no_grad repacks weights on
+    AVX512-BF16 CPUs and later training gets no gradient. Ours must give the same gradients with or without an eval pass in between."""
     p = train.prepare(tiny_recipe(tiny_model, tiny_data, lora={"dropout": 0.0}))
     for mod in p.model.modules():  # non-zero B so every gradient is non-trivial
         if isinstance(mod, lora.LoRALinear):
@@ -128,19 +128,41 @@ def test_grad_accum_clipping_and_no_warnings_per_step(tiny_model, tiny_data, tmp
     assert all(m["grad_norm"] > 1e-3 for m in metrics)  # the logged norm is before clipping
 
 
-def test_grad_accum_equals_one_big_batch(tiny_model, tiny_data):
-    """train_step over two micro-batches hands the optimizer the mean of their gradients."""
+def _unequal_examples(vocab: int) -> list[data.Example]:
+    """Four examples whose label-token counts differ tenfold (40, 37, 4, 3): the mean of per-micro-batch means
+    then differs from the mean over the step's tokens, so the test below tells them apart."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for prompt, answer in ((8, 40), (10, 37), (30, 4), (25, 3)):
+        ids = torch.randint(3, vocab, (prompt + answer,), generator=g).tolist()
+        out.append(data.Example(ids, [data.IGNORE] * prompt + ids[prompt:]))
+    return out
+
+
+def _optimizer_grads(p: train.Prepared, micro_batches: list[dict]) -> list[torch.Tensor]:
+    """The fp32 gradients train_step hands the inner optimizer (captured instead of stepping)."""
+    seen = []
+    p.optimizer.inner.step = lambda *args, **kw: seen.append([m.grad.clone() for m in p.optimizer.masters])
+    train.train_step(p, micro_batches, lr=1e-3, max_grad_norm=0.0)
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_grad_accum_equals_one_big_batch_with_unequal_lengths(tiny_model, tiny_data):
+    """grad_accum 2 x batch 2 computes the same step as batch 4 over the same examples: the loss is the mean over
+    every label token of the step (mean of means would weigh the 3-token answers like the 40-token ones)."""
     p = train.prepare(tiny_recipe(tiny_model, tiny_data, quant={"compute_dtype": "fp32"}, lora={"dropout": 0.0}))
     for mod in p.model.modules():
         if isinstance(mod, lora.LoRALinear):
             torch.nn.init.normal_(mod.lora_B.weight, std=0.1)
     pad = data.pad_token_id(p.tokenizer)
-    a, b = data.collate(p.dataset.train[0:2], pad), data.collate(p.dataset.train[2:4], pad)
-    ga, gb = _grads(p, a), _grads(p, b)
-    seen = []
-    p.optimizer.inner.step = lambda *args, **kw: seen.append([m.grad.clone() for m in p.optimizer.masters])
-    train.train_step(p, [a, b], lr=1e-3, max_grad_norm=0.0)
-    names = [n for n, q in p.model.named_parameters() if q.requires_grad]
-    assert len(seen) == 1 and len(seen[0]) == len(names)
-    for n, g in zip(names, seen[0]):
-        torch.testing.assert_close(g, ((ga[n] + gb[n]) / 2).float(), rtol=1e-4, atol=1e-6)
+    ex = _unequal_examples(len(p.tokenizer))
+    a, b, whole = data.collate(ex[:2], pad), data.collate(ex[2:], pad), data.collate(ex, pad)
+    accumulated, big = _optimizer_grads(p, [a, b]), _optimizer_grads(p, [whole])
+    for ga, gb in zip(accumulated, big):
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+    # The same check on the loss value, against an independent token mean from transformers' forward.
+    step = train.train_step(p, [a, b], lr=1e-3, max_grad_norm=0.0, apply=False)
+    with torch.no_grad():
+        hf = p.model(input_ids=whole["input_ids"], attention_mask=whole["attention_mask"], labels=whole["labels"]).loss
+    assert step.loss == pytest.approx(float(hf), rel=1e-4)

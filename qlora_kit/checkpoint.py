@@ -55,23 +55,34 @@ def _unflatten(obj, tensors: dict) -> object:
     return obj
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | str = "cpu") -> dict:
+    """The RNG states training draws from: torch's CPU generator, Python's, and the TRAINING device's CUDA generator
+    only. (`torch.cuda.get_rng_state_all()` would create a context on every visible GPU, even for a CPU run, and a
+    checkpoint holding N states cannot be restored where fewer GPUs are visible.)"""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    device = torch.device(device)
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | str = "cpu") -> None:
+    """Restore what `rng_state` saved; the CUDA state goes to the training device only (none for a CPU run)."""
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    device = torch.device(device)
+    cuda = state.get("cuda")
+    if device.type == "cuda" and cuda is not None:
+        if isinstance(cuda, list):  # written by an older qlora-kit: one state per visible GPU
+            cuda = cuda[min(device.index or 0, len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda, device)
 
 
-def save(run_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer: dict, extra: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically, then keep only the newest `keep` checkpoints."""
+def save(run_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer: dict, extra: dict, keep: int,
+         device: torch.device | str = "cpu") -> Path:
+    """Write checkpoint `step` atomically, then keep only the newest `keep` checkpoints. `device`: the training
+    device, whose RNG state (and no other GPU's) is saved."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for stale in [*root.glob(".tmp-*"), *root.glob(".step-*.old-*")]:  # left by a crash mid-save
@@ -82,7 +93,7 @@ def save(run_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer: 
         "step": step,
         "qlora_kit_version": __version__,
         "optimizer": _flatten(optimizer, "optimizer", tensors),
-        "rng": _flatten(rng_state(), "rng", tensors),
+        "rng": _flatten(rng_state(device), "rng", tensors),
         **extra,
     }
     # re-saving the same step (e.g. Ctrl-C right after a periodic save) replaces it

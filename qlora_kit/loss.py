@@ -23,23 +23,38 @@ def _chunk_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) 
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
-class CausalLMLoss(nn.Module):
-    """forward(input_ids, attention_mask, labels) -> (mean loss over label tokens, number of label tokens).
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(N,) int64 indices into the flattened (B*T) sequence of the positions that predict a label: position
+    b*T + t predicts labels[b, t+1]. Call it on the CPU batch: it is a data-dependent size (a host sync on a GPU)."""
+    B, T = labels.shape
+    keep = labels[:, 1:] != IGNORE  # (B, T-1) bool
+    t = keep.reshape(-1).nonzero().squeeze(1)  # (N,) into (B*(T-1))
+    return t + t // (T - 1) if T > 1 else t  # -> into (B*T): skip each row's last position
 
-    A module (not a function) so that accelerate/DDP can wrap it: gradient sync happens in its forward."""
+
+class CausalLMLoss(nn.Module):
+    """forward(input_ids, attention_mask, labels, positions=None) -> (mean loss over label tokens, label tokens).
+
+    `positions` (N,) int64 from `label_positions` on the CPU batch (then moved to the device) lets the forward
+    gather the label positions without a data-dependent boolean index, i.e. without a host sync on a GPU; without
+    it they are found here. A module (not a function) so that accelerate/DDP can wrap it: gradient sync happens in
+    its forward."""
 
     def __init__(self, model: nn.Module, chunk: int = 256):  # config.TrainConfig.loss_chunk
         super().__init__()
         self.model, self.chunk = model, chunk
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                positions: torch.Tensor | None = None):
         hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        # Position t predicts token t+1: (B, T-1, H) against (B, T-1).
-        targets = labels[:, 1:]
-        keep = targets != IGNORE
-        h = hidden[:, :-1][keep]  # (N, H) bf16: only label positions reach lm_head
-        y = targets[keep]  # (N,)
-        n = y.numel()
+        B, T, H = hidden.shape
+        if positions is None:
+            positions = label_positions(labels).to(hidden.device)
+        # Position p = b*T + t predicts token labels[b, t+1] = flat labels[p + 1]; gathering rows of the contiguous
+        # (B*T, H) view copies only the N label positions.
+        h = hidden.reshape(B * T, H).index_select(0, positions)  # (N, H) bf16: only label positions reach lm_head
+        y = labels.reshape(-1).index_select(0, positions + 1)  # (N,)
+        n = positions.numel()
         if n == 0:
             return hidden.sum() * 0.0, 0
         lm_head = self.model.get_output_embeddings()

@@ -8,8 +8,10 @@ Pure Python: no torch, no bitsandbytes. Each component below has a stable key so
                         double quantization) + 16-entry fp32 codebook; int8: one fp32 scale per output row
     unquantized_params  embeddings, norms, lm_head (once when tied), Linear biases; 2 bytes each
     adapters            LoRA A (r, in) and B (out, r) per adapted module, compute dtype
-    adapter_grads       same size as the adapters
-    optimizer_state     fp32 master of bf16 adapters + AdamW moments (fp32 or 8-bit blockwise; paged: unified)
+    adapter_grads       the optimizer's ONE flat fp32 gradient (4 bytes per adapter parameter; each bf16 gradient
+                        is summed into it and freed as soon as autograd makes it)
+    optimizer_state     ONE flat fp32 master of the adapters + AdamW moments over it (fp32 or 8-bit blockwise;
+                        paged: unified); on the CPU, torch's AdamW step adds two fp32 temporaries (sqrt, divide)
     activations         saved for backward (checkpointed: layer inputs + one layer recomputed) + backward workspace
     logits_and_loss     final norm/hidden + one chunk of fp32 logits and their gradients (chunked cross-entropy)
     cuda_context        a stated allowance for the CUDA context and cuBLAS workspace (0 on the CPU)
@@ -19,8 +21,8 @@ transient tensors are never live together (measured with the allocator's events,
     loss head           layer inputs (or all saved activations) + final norm + one chunk's logits and gradients;
                         adapter gradients do not exist yet (they are set to None after every step)
     decoder backward    layer inputs + one layer recomputed + in-flight gradients + one dequantized weight
-                        + the adapter gradients accumulated so far (worst of the first and the last layer)
-    optimizer step      adapter gradients + the masters' fp32 copies of them (counted in optimizer_state)
+                        + the flat fp32 gradient (allocated by the first adapter gradient)
+    optimizer step      the flat fp32 gradient + the update's temporaries (counted in optimizer_state)
 The largest is the peak (`peak_phase`, all in `phases`); `sizes` has each component's own maximum over the step.
 grad_accum > 1 also keeps adapter gradients through the loss head (not modelled).
 """
@@ -311,9 +313,9 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     adapter_shapes = [(cfg.rank, lin.in_features) for lin in s.linears if lin.name in adapted]
     adapter_shapes += [(lin.out_features, cfg.rank) for lin in s.linears if lin.name in adapted]
     n_adapter = s.layers * sum(a * b for a, b in adapter_shapes)
-    optim = s.layers * sum(_optimizer_bytes(a * b, cfg.optimizer) for a, b in adapter_shapes)
-    if cfg.compute_bytes < 4:  # optim.MasterWeightOptimizer: an fp32 master copy of each bf16 adapter
-        optim += 4 * n_adapter
+    # optim.MasterWeightOptimizer: the inner optimizer steps ONE flat fp32 master of every adapter
+    inner = _optimizer_bytes(n_adapter, cfg.optimizer)
+    optim = inner + 4 * n_adapter
     acts, logits = activation_terms(s, cfg, adapted), logits_terms(s, cfg)
     static = {
         "quantized_weights": wq, "quant_constants": cq,
@@ -321,31 +323,30 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
         "adapters": cfg.compute_bytes * n_adapter, "optimizer_state": optim,
         "cuda_context": CUDA_CONTEXT_BYTES if cfg.device == "cuda" else 0,
     }
-    grads = cfg.compute_bytes * n_adapter
+    grads = 4 * n_adapter  # the flat fp32 gradient; a bf16 adapter gradient lives only until its hook sums it
     kept = acts["all_layers"] if "all_layers" in acts else acts["layer_inputs"]  # live in every phase
-    master_grads = 4 * n_adapter if cfg.compute_bytes < 4 else 0  # optim.grads_to_masters: p.grad.float()
-    # Backward runs from the last layer down: each layer frees what it kept and adds its adapters' gradients, so the
-    # worst moment is the first layer done (everything kept, one layer's gradients) or the last (one layer kept,
-    # every gradient); the layer being done adds its recomputed activations and the backward workspace.
-    L, working = s.layers, sum(acts.values()) - kept
-    top, bottom = (kept + grads // L, kept // L + grads)
-    dec_acts, dec_grads = (kept, grads // L) if top >= bottom else (kept // L, grads)
+    # torch's single-tensor AdamW on the CPU: sqrt(exp_avg_sq) and its quotient, (n,) fp32 each; fused on CUDA: none
+    step_temps = 8 * n_adapter if cfg.optimizer == "adamw" and cfg.device == "cpu" else 0
+    # Backward runs from the last layer down: the worst moment is the first layer done (everything kept, and the
+    # flat gradient, allocated whole by the first adapter gradient); that layer adds its recomputed activations and
+    # the backward workspace.
+    working = sum(acts.values()) - kept
     transient = {  # phase -> the step-dependent components live at that phase's peak
         "loss_head": {"adapter_grads": 0, "activations": kept, "logits_and_loss": sum(logits.values())},
-        "decoder_backward": {"adapter_grads": dec_grads, "activations": dec_acts + working, "logits_and_loss": 0},
+        "decoder_backward": {"adapter_grads": grads, "activations": kept + working, "logits_and_loss": 0},
         "optimizer_step": {"adapter_grads": grads, "activations": 0, "logits_and_loss": 0,
-                           "optimizer_state": master_grads},  # the masters' fp32 gradients: optimizer machinery
+                           "optimizer_state": step_temps},
     }
     phases = {name: sum(static.values()) + sum(t.values()) for name, t in transient.items()}
     peak = max(phases, key=phases.get)
     components = {k: static.get(k, 0) + transient[peak].get(k, 0) for k in COMPONENTS}
     own = {"adapter_grads": grads, "activations": sum(acts.values()), "logits_and_loss": sum(logits.values()),
-           "optimizer_state": master_grads}  # each at its own worst moment (the first layer done, for activations)
+           "optimizer_state": step_temps}  # each at its own worst moment (the first layer done, for activations)
     sizes = {k: static.get(k, 0) + own.get(k, 0) for k in COMPONENTS}
     unchunked = logits["final_norm"] + cfg.compute_bytes * cfg.batch * cfg.seq * s.hidden + \
         3 * 4 * cfg.batch * cfg.seq * s.vocab
     return Estimate(components, s, adapted, n_adapter, (wq + cq) * 8 / s.linear_params, acts, logits,
-                    unchunked, optim if cfg.optimizer.startswith("paged") else 0, peak, phases, sizes)
+                    unchunked, inner if cfg.optimizer.startswith("paged") else 0, peak, phases, sizes)
 
 
 def max_seq_table(config: dict, cfg: EstimateConfig, gpus_gib=GPU_SIZES_GIB) -> list[dict]:

@@ -15,7 +15,7 @@ What is measured, and how (sizes in bytes)
     optimizer_state     fp32 masters of the bf16 adapters + the inner optimizer's state, after the first step
   transient tensors of one steady step (step >= 2): every allocation and free the torch allocator reports to the
   profiler (`profile_memory=True`), each tagged by where it was allocated:
-    adapter_grads       an adapter's .grad (recognised by its address when autograd accumulates it)
+    adapter_grads       the optimizer's flat fp32 gradient (optim.py; recognised by its address when a hook fills it)
     logits_and_loss     from the final norm to the cross-entropy and back (the loss head, forward and backward)
     activations         the decoder layers: checkpointed inputs, the recomputed layer's saved tensors, gradients
                         in flight, transiently dequantized weights, kernel workspaces
@@ -194,8 +194,12 @@ class StepTagger:
             self.handles.append(norm.register_forward_pre_hook(head_start, with_kwargs=True))
         for p in model.parameters():
             if p.requires_grad:
-                self.handles.append(p.register_post_accumulate_grad_hook(
-                    lambda p: mark(f"grad::{p.grad.untyped_storage().data_ptr()}")))
+                self.handles.append(p.register_post_accumulate_grad_hook(lambda p: tag_grads(p)))
+
+        def tag_grads(p):  # the optimizer's hook (registered first) has summed p.grad into its flat fp32 gradient
+            for g in [p.grad, *optimizer.grad_buffers()]:
+                if g is not None:
+                    mark(f"grad::{g.untyped_storage().data_ptr()}")
 
         # After backward: instance attributes shadow the optimizer's methods (deleted again in `remove`).
         self.optimizer = optimizer

@@ -132,8 +132,7 @@ def quantize(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """(out, in) float weight -> the buffers listed in QuantLinear's docstring."""
     _need_bnb(f"quant.type {spec.type}")
     if spec.type == "int8":
-        q, scale, _ = bnbF.int8_vectorwise_quant(weight.to(torch.float16 if weight.is_cuda else torch.float32))
-        return {"qweight": q, "scale": scale.float()}
+        return int8_quantize(weight)
     q, st = bnbF.quantize_4bit(
         weight.contiguous(), blocksize=spec.blocksize, quant_type=spec.type, compress_statistics=spec.double_quant
     )
@@ -148,11 +147,27 @@ def quantize(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
 
 def dequantize(buffers: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     if spec.type == "int8":
-        return (buffers["qweight"].to(dtype) * (buffers["scale"] / 127).to(dtype)[:, None]).view(shape)
+        return int8_dequantize(buffers["qweight"], buffers["scale"], dtype).view(shape)
     native = buffers["qweight"].is_cuda or shape[1] % spec.blocksize == 0  # section 5: CPU native needs alignment
     if native:
         return bnbF.dequantize_4bit(buffers["qweight"], quant_state(buffers, spec, shape, dtype)).view(shape)
     return _dequantize_4bit_torch(buffers, spec, shape, dtype)
+
+
+def int8_quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """LLM.int8 row-wise absmax codes, computed in fp32 in plain torch so every device gives the same codes.
+    (bitsandbytes' CUDA `int8_vectorwise_quant` wants fp16 input, which rounds the weight and its row scale first.)
+    Same formula as bitsandbytes' CPU kernel: q = round(W * (127 / absmax_row)), ties to even.
+    weight (out, in) any float dtype -> qweight (out, in) int8, scale (out,) fp32 (bitsandbytes' SCB)."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1)  # (out,) fp32
+    inv = torch.where(scale > 0, 127.0 / scale, torch.zeros_like(scale))  # an all-zero row gets codes 0, not NaN
+    return {"qweight": torch.round(w * inv[:, None]).to(torch.int8), "scale": scale}
+
+
+def int8_dequantize(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """qweight * scale / 127 in fp32, rounded once to `dtype` (not scale/127 rounded to bf16 first)."""
+    return (qweight.float() * (scale.float() / 127)[:, None]).to(dtype)
 
 
 def block_absmax(buffers: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -207,6 +222,35 @@ def bnb_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.op
     cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
            "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]
     return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+# bitsandbytes pages a state tensor only from this many elements (Optimizer8bit.get_state_buffer)
+PAGED_MIN_NUMEL = 100_000
+
+
+def repage_optimizer_state(opt: torch.optim.Optimizer) -> int:
+    """After `load_state_dict`, a paged bitsandbytes optimizer holds its state as ordinary device tensors
+    (Optimizer8bit.load_state_dict copies them), silently giving up paging: move each large state tensor back
+    into CUDA unified memory, as the optimizer's own first step would have allocated it. Returns how many were
+    re-paged (0 for torch optimizers, non-paged ones and the CPU)."""
+    if bnb is None or not getattr(opt, "is_paged", False):
+        return 0
+    n = 0
+    for state in opt.state.values():
+        for key in ("state1", "state2"):
+            t = state.get(key)
+            if isinstance(t, torch.Tensor) and t.is_cuda and not getattr(t, "is_paged", False) \
+                    and t.numel() >= PAGED_MIN_NUMEL:
+                paged = bnbF.get_paged(*t.shape, dtype=t.dtype, device=t.device)
+                paged.copy_(t)
+                opt.page_mng.paged_tensors.append(paged)
+                state[key] = paged
+                n += 1
+    return n
+
+
+def is_paged(t: torch.Tensor) -> bool:
+    return bool(getattr(t, "is_paged", False))
 
 
 # ---- serialisation for export (bitsandbytes/transformers on-disk format) ----------------------------------------

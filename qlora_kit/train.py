@@ -24,9 +24,9 @@ from safetensors import SafetensorError
 from . import atomic, checkpoint, data, lora, methods
 from .config import Recipe, dump_recipe
 from .errors import ConfigError, TrainingInterrupted, TrainingStopped
-from .loss import CausalLMLoss
+from .loss import CausalLMLoss, label_positions
 from .model import load_base
-from .optim import MasterWeightOptimizer, build_optimizer, lr_factor
+from .optim import MasterWeightOptimizer, ParamGroup, build_optimizer, lr_factor
 
 
 @dataclass
@@ -83,13 +83,21 @@ def prepare(recipe: Recipe) -> Prepared:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if t.optimizer != "adamw":
         _probe_bnb_optimizer(t, accelerator.device)
-    # LoRA+ (arXiv 2402.12354): B learns plus_ratio x faster than A; magnitudes and IA3 vectors at the base lr
-    scales = [recipe.lora.plus_ratio if n.endswith(".lora_B.weight") else 1.0 for n, _ in named]
-    optimizer = build_optimizer([p for _, p in named], t, scales)
+    optimizer = build_optimizer(param_groups(named, recipe.lora.plus_ratio), t)
     loss_fn = accelerator.prepare(CausalLMLoss(model, t.loss_chunk))
     targets = sorted({m for mods in adapted.values() for m in mods})
     return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, lora.param_report(model),
                     adapted, methods.param_counts(model))
+
+
+def param_groups(named: list[tuple[str, torch.nn.Parameter]], plus_ratio: float) -> list[ParamGroup]:
+    """LoRA+ (Hayou et al. 2024, arXiv 2402.12354): every lora_B in a group at plus_ratio x the lr, the rest (A,
+    DoRA magnitudes, IA3 vectors) at the lr. Ratio 1: one group, exactly plain LoRA's optimizer."""
+    if plus_ratio == 1.0:
+        return [ParamGroup([p for _, p in named])]
+    is_b = [n.endswith(".lora_B.weight") for n, _ in named]
+    return [ParamGroup([p for (_, p), b in zip(named, is_b) if not b]),
+            ParamGroup([p for (_, p), b in zip(named, is_b) if b], lr_ratio=plus_ratio)]
 
 
 def _check_rank(model: torch.nn.Module, recipe: Recipe) -> None:
@@ -136,6 +144,15 @@ def label_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != data.IGNORE).sum())
 
 
+def host_batch_facts(batch: dict) -> tuple[torch.Tensor, int]:
+    """Computed on the CPU batch BEFORE it moves to the device, so none of it synchronises a GPU:
+    (label positions (N,) int64 into the flattened (B*T) sequence, see CausalLMLoss; non-pad tokens)."""
+    return label_positions(batch["labels"]), int(batch["attention_mask"].sum())
+
+
+HOST_BATCH_FUNCS = ("label_tokens", "host_batch_facts", "label_positions")  # CPU-batch only: not device syncs
+
+
 def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm: float, apply: bool = True) -> StepResult:
     """One optimizer step over `micro_batches` (gradient accumulation). With apply=False (non-finite batch to
     skip) gradients are computed and dropped.
@@ -143,27 +160,31 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
     The step's loss is the mean over every label token of every micro-batch, not the mean of per-batch means:
     micro-batch i contributes mean_i * n_i / N (N = the step's label tokens, counted on the CPU batches before any
     forward, so no host sync). `grad_accum: k` x `batch_size: b` is then the same step as `batch_size: k*b`
-    over the same examples (transformers #34191 was this bug)."""
+    over the same examples (transformers #34191 was this bug).
+
+    Host syncs (issue 16): token counts and label positions come from the CPU batches; the loss is summed on the
+    device; micro-batch gradients are summed in the optimizer's flat fp32 buffer by a hook; the loss and the
+    gradient norm come back together in ONE transfer per step, which decides finiteness and clipping."""
     device = p.accelerator.device
-    counts = [label_tokens(b) for b in micro_batches]
-    total_tokens = max(sum(counts), 1)
-    total_loss = torch.zeros((), dtype=torch.float32, device=device)  # accumulated on device: one .item() below
+    facts = [host_batch_facts(b) for b in micro_batches]
+    total_tokens = max(sum(pos.numel() for pos, _ in facts), 1)
+    total_loss = torch.zeros((), dtype=torch.float32, device=device)  # accumulated on device
     tokens = 0
-    for batch, n in zip(micro_batches, counts):
-        tokens += int(batch["attention_mask"].sum())
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"])  # mean over its n tokens
+    for batch, (pos, non_pad) in zip(micro_batches, facts):
+        tokens += non_pad
+        n = pos.numel()
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                            positions=pos.to(device, non_blocking=True))  # mean over its n tokens
         weighted = loss * (n / total_tokens)
         p.accelerator.backward(weighted)
         total_loss += weighted.detach()
-    step_loss = float(total_loss.item())
-    grads = p.optimizer.grads_to_masters()
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0
+    p.optimizer.grads_to_masters()
+    step_loss, norm = torch.stack([total_loss, p.optimizer.grad_norm().to(device)]).tolist()  # the one host sync
     finite = math.isfinite(step_loss) and math.isfinite(norm)
     if finite and apply:
         if max_grad_norm > 0 and norm > max_grad_norm:
-            for g in grads:
-                g.mul_(max_grad_norm / (norm + 1e-6))
+            p.optimizer.scale_grads(max_grad_norm / (norm + 1e-6))
         p.optimizer.set_lr(lr)
         p.optimizer.step()
     p.optimizer.zero_grad()
@@ -231,7 +252,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
         methods.load_state(p.model, adapter)
         p.optimizer.load_state_dict(opt_state)
         stream.load_state_dict(state["data"])
-        checkpoint.set_rng_state(state["rng"])
+        checkpoint.set_rng_state(state["rng"], p.accelerator.device)
         step, skipped = state["step"], state["skipped"]
         truncate_metrics(run_dir, step)
         print(f"resuming from {start_ckpt} (step {step} of {t.steps})", file=sys.stderr)
@@ -249,7 +270,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
     def save_ckpt() -> Path:
         extra = {"data": stream.state_dict(), "skipped": skipped, "recipe": recipe.to_dict()}
         return checkpoint.save(run_dir, step, methods.state_dict(p.model), p.optimizer.state_dict(), extra,
-                               t.keep_checkpoints)
+                               t.keep_checkpoints, p.accelerator.device)
 
     bar = tqdm(total=t.steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
     val_loss, last, t0, tokens_total = None, None, time.perf_counter(), 0

@@ -71,7 +71,8 @@ def test_smollm2_total_and_adapters():
     e = me.estimate(SMOL, me.EstimateConfig(rank=16))
     assert e.adapter_params == 30 * sum(16 * (i + o) for i, o in dims.values())
     # adapter gradients are not allocated at this configuration's peak (the loss head); `sizes` has their size
-    assert e.components["adapters"] == e.sizes["adapter_grads"] == 2 * e.adapter_params
+    assert e.components["adapters"] == 2 * e.adapter_params
+    assert e.sizes["adapter_grads"] == 4 * e.adapter_params  # optim.py: one flat fp32 gradient
     assert e.components["optimizer_state"] == 12 * e.adapter_params  # fp32 master + exp_avg + exp_avg_sq
     qv = me.estimate(SMOL, me.EstimateConfig(rank=16, targets=("q_proj", "v_proj")))
     assert qv.adapter_params == 30 * 16 * (576 + 576 + 576 + 192)

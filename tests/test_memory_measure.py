@@ -24,7 +24,7 @@ def test_measure_returns_every_component(measured):
     for key in ("quantized_weights", "quant_constants", "unquantized_params", "adapters", "optimizer_state"):
         assert measured["static"][key] > 0
     peaks = measured["component_peaks"]
-    assert peaks["adapter_grads"] >= measured["static"]["adapters"]  # bf16 grads, then their fp32 copies
+    assert peaks["adapter_grads"] >= 2 * measured["static"]["adapters"]  # bf16 adapters, a flat fp32 gradient
     assert peaks["activations"] > 0 and peaks["logits_and_loss"] > 0
     assert measured["peak_phase"] in measured["phases"]
     assert measured["rss"]["after_load"] > measured["rss"]["baseline_before_imports"] > 0

@@ -190,7 +190,8 @@ def test_lora_plus_puts_b_in_its_own_group_and_one_step_scales_b_by_the_ratio(ti
         return p, A0, methods.state_dict(p.model)
 
     p16, A0, s16 = one_step(16.0)
-    groups = sorted((g["lr_scale"], g["lr"], len(g["params"])) for g in p16.optimizer.inner.param_groups)
+    opt = p16.optimizer
+    groups = sorted((f.group.lr_ratio, g["lr"], len(f.params)) for f, g in zip(opt.flats, opt.inner.param_groups))
     n_mod = len(p16.targets)
     assert groups == [(1.0, 1e-3, n_mod), (16.0, 16e-3, n_mod)]  # A at lr, B at 16 x lr
     p1, _, s1 = one_step(1.0)

@@ -217,9 +217,9 @@ def nan_loss_at(monkeypatch, calls: set[int]):
     """Make the loss NaN at the given forward calls (1-based; one per step here), with a NaN gradient to match."""
     real, count = CausalLMLoss.forward, [0]
 
-    def forward(self, *a):
+    def forward(self, *a, **k):
         count[0] += 1
-        loss, n = real(self, *a)
+        loss, n = real(self, *a, **k)
         return (loss * float("nan"), n) if count[0] in calls else (loss, n)
 
     monkeypatch.setattr(CausalLMLoss, "forward", forward)

@@ -33,7 +33,9 @@ def test_loss_falls_and_run_folder_contract(tiny_model, tiny_data, tmp_path):
 def _grads(p: train.Prepared, batch: dict) -> dict:
     loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"])
     loss.backward()
-    out = {n: q.grad.clone() for n, q in p.model.named_parameters() if q.requires_grad}
+    # Adapter gradients are summed into the optimizer's flat fp32 buffer by a hook (optim.py), not left in .grad.
+    grad_of = {id(q): g for q, g in zip(p.optimizer.params, p.optimizer.grads)}
+    out = {n: grad_of[id(q)].clone() for n, q in p.model.named_parameters() if q.requires_grad}
     p.optimizer.zero_grad()
     return out
 
@@ -45,6 +47,7 @@ def test_eval_pass_between_steps_leaves_gradients_identical(tiny_model, tiny_dat
     for mod in p.model.modules():  # non-zero B so every gradient is non-trivial
         if isinstance(mod, lora.LoRALinear):
             torch.nn.init.normal_(mod.lora_B.weight, std=0.1)
+    p.optimizer.sync_from_params()
     batch = data.collate(p.dataset.train[:2], data.pad_token_id(p.tokenizer))
     before = _grads(p, batch)
     train.evaluate(p, p.dataset.train[:4], 2)  # eval mode, no_grad
@@ -142,7 +145,7 @@ def _unequal_examples(vocab: int) -> list[data.Example]:
 def _optimizer_grads(p: train.Prepared, micro_batches: list[dict]) -> list[torch.Tensor]:
     """The fp32 gradients train_step hands the inner optimizer (captured instead of stepping)."""
     seen = []
-    p.optimizer.inner.step = lambda *args, **kw: seen.append([m.grad.clone() for m in p.optimizer.masters])
+    p.optimizer.inner.step = lambda *args, **kw: seen.append([g.clone() for g in p.optimizer.grads])
     train.train_step(p, micro_batches, lr=1e-3, max_grad_norm=0.0)
     assert len(seen) == 1
     return seen[0]
@@ -155,6 +158,7 @@ def test_grad_accum_equals_one_big_batch_with_unequal_lengths(tiny_model, tiny_d
     for mod in p.model.modules():
         if isinstance(mod, lora.LoRALinear):
             torch.nn.init.normal_(mod.lora_B.weight, std=0.1)
+    p.optimizer.sync_from_params()
     pad = data.pad_token_id(p.tokenizer)
     ex = _unequal_examples(len(p.tokenizer))
     a, b, whole = data.collate(ex[:2], pad), data.collate(ex[2:], pad), data.collate(ex, pad)

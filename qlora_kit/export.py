@@ -205,6 +205,15 @@ def merge_base_weight(W: torch.Tensor, trained_with: quant.QuantSpec, frozen: to
     return quant.roundtrip(W.to(device, frozen), trained_with, trained_with.compute_dtype).cpu()
 
 
+def unadapted_quantized(src: Source, base: Path, index: dict[str, TensorInfo], merge_base: str) -> set[str]:
+    """Linear weights training quantized that no adapter touches. With the dequantized merge base they are written
+    as dequant(Q) too (a partial target set, IA3 on three modules): the merged model computes what the
+    training-time model computed. (--format quantized quantizes such a W itself: the very codes training used.)"""
+    if merge_base != "dequantized" or src.trained_with.type == "none":
+        return set()
+    return linear_weights(base) & set(index) - src.weight_names()
+
+
 def merge_rows(W_base: torch.Tensor, stack: list[peft_format.Adapter], module: str, out_dtype: torch.dtype):
     """Yield (row, block) of the merged weight of `module` (every adapter of the stack, in order, over W_base) in
     blocks of rows: fp32 temporaries stay at ~16 MB each. Every method is row-separable (methods.merge_rows)."""
@@ -305,7 +314,8 @@ def export(source: str | Path, opts: Options) -> Result:
     if gguf:
         with writing(out):
             written, more = gguf_export.write_model(src, base, index, out, opts.gguf_type, opts.merge_base, frozen,
-                                                    device, free_bytes, opts.progress, adapter_source(source)[1])
+                                                    device, free_bytes, opts.progress, adapter_source(source)[1],
+                                                    unadapted_quantized(src, base, index, opts.merge_base))
         files = [out.name, gguf_export.ollama.modelfile_path(out).name]
         return Result(out, files, written, time.perf_counter() - t0, notes + more)
     qspec, to_quantize = None, set()
@@ -320,11 +330,7 @@ def export(source: str | Path, opts: Options) -> Result:
                          f"{qspec.blocksize}: the file is right, but bitsandbytes' CPU kernels (0.50) compute such "
                          "weights wrongly or fail; run this model on CUDA (docs/ARCHITECTURE.md, 'bitsandbytes "
                          "hazards').")
-    # The dequantized merge base covers every weight training quantized, adapted or not (a partial target set,
-    # IA3 on three modules): the merged model computes what the training-time model computed.
-    # (--format quantized quantizes an unadapted W itself: the very codes training used.)
-    roundtrip = (linear_weights(base) & set(index) - src.weight_names() if opts.merge_base == "dequantized"
-                 and src.trained_with.type != "none" and opts.format == "merged" else set())
+    roundtrip = unadapted_quantized(src, base, index, opts.merge_base) if opts.format == "merged" else set()
     items = plan(index, src.modules(), to_quantize, out_dtype, qspec, roundtrip)
     shards = plan_shards([it.nbytes for it in items], max_shard)
     need = sum(it.nbytes for it in items) + (16 << 20)

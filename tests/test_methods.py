@@ -249,3 +249,35 @@ def test_ia3_over_a_module_with_bias_scales_the_bias_in_the_merge():
     x = torch.randn(4, 3)
     with torch.no_grad():
         assert torch.allclose(layer(x), layer.base(x) * l[:, 0])  # y = l ⊙ (W x + b)
+
+
+# ---- the other commands read every method ------------------------------------------------------------------------
+
+
+def test_inspect_analyze_and_generate_read_a_dora_plus_ia3_run(tiny_model, tiny_data, tmp_path, capsys):
+    from qlora_kit import analyze, inspect
+    from qlora_kit.cli.main import main
+
+    r = run(tiny_model, tiny_data, tmp_path / "run", q=NF4, steps=2, lora={"targets": ATTN, "dora": True}, ia3={})
+    info = inspect.describe(str(r / "adapter"))
+    assert info["method"] == "dora+ia3" and [p["method"] for p in info["methods"]] == ["dora", "ia3"]
+    assert info["params"] == sum(json.loads((r / "summary.json").read_text())["trainable_by_method"].values())
+    assert inspect.describe(str(r))["method"] == "dora+ia3"
+
+    rep = analyze.analyze(r).to_dict()  # against the run's own nf4 base
+    assert rep["method"] == "dora+ia3" and len(rep["modules"]) == 4 and len(rep["ia3"]) == 6
+    mag = rep["modules"][0]["magnitude"]
+    a = peft_format.load_adapter(r / "adapter")
+    m0 = rep["modules"][0]["module"]
+    W = quant.roundtrip(hf_model(tiny_model).get_submodule(m0).weight.detach().to(torch.bfloat16),
+                        quant.QuantSpec("nf4", compute_dtype=torch.float32), torch.float32)
+    want = (a.magnitude(m0).double() / torch.linalg.vector_norm(W.double(), dim=1) - 1).abs()
+    assert mag["max_abs_rel_change"] == pytest.approx(float(want.max()), rel=1e-6) and mag["max_abs_rel_change"] > 0
+    down = next(x for x in rep["ia3"] if x["kind"] == "down_proj")
+    assert down["scales"] == "input" and down["n"] == 176 and down["mean_abs_dev"] > 0
+
+    assert main(["generate", str(r), "--prompt", "What is the capital of Veloria 3?", "--max-new-tokens", "3",
+                 "--compare-base"]) == 0
+    assert "fine-tuned" in capsys.readouterr().out
+    assert main(["analyze", str(r)]) == 0
+    assert "ia3" in capsys.readouterr().out

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -25,20 +26,26 @@ from . import atomic, checkpoint, data, lora, methods
 from .config import Recipe, dump_recipe
 from .errors import ConfigError, TrainingInterrupted, TrainingStopped
 from .loss import CausalLMLoss, label_positions
+from .memory_timeline import MARK
 from .model import load_base
 from .optim import MasterWeightOptimizer, ParamGroup, build_optimizer, lr_factor
+
+if TYPE_CHECKING:  # annotations only: importing either costs seconds, and prepare() imports accelerate anyway
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
 class Prepared:
-    accelerator: object
+    accelerator: Accelerator
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     loss_fn: torch.nn.Module  # CausalLMLoss, possibly wrapped by accelerate
     optimizer: MasterWeightOptimizer
     dataset: data.Dataset
     targets: list[str]  # every adapted module (any method)
     report: lora.ParamReport
+    recipe: Recipe  # what it was prepared from: run's logging and finish read train/lora settings here
     methods: dict[str, list[str]]  # method (lora | dora | ia3) -> modules it adapts
     counts: dict[str, int]  # method -> trainable parameters
 
@@ -61,7 +68,7 @@ def prepare(recipe: Recipe) -> Prepared:
     if t.optimizer.startswith("paged") and not torch.cuda.is_available():
         raise ConfigError(f"train.optimizer={t.optimizer} pages optimizer state through CUDA unified memory, "
                           "which needs a CUDA GPU; use adamw or adamw8bit on the CPU.")
-    data.load_records(recipe.data.path, recipe.data.format)  # a bad line fails now, not after a long model load
+    data.check(recipe.data)  # a bad line fails now, not after a long model load
     accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision="no")  # dtypes are ours: bf16 compute
     seed_everything(t.seed)
     model, tokenizer, _ = load_base(recipe.model, recipe.quant, accelerator.device)
@@ -87,7 +94,7 @@ def prepare(recipe: Recipe) -> Prepared:
     loss_fn = accelerator.prepare(CausalLMLoss(model, t.loss_chunk))
     targets = sorted({m for mods in adapted.values() for m in mods})
     return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, lora.param_report(model),
-                    adapted, methods.param_counts(model))
+                    recipe, adapted, methods.param_counts(model))
 
 
 def param_groups(named: list[tuple[str, torch.nn.Parameter]], plus_ratio: float) -> list[ParamGroup]:
@@ -153,9 +160,9 @@ def host_batch_facts(batch: dict) -> tuple[torch.Tensor, int]:
 HOST_BATCH_FUNCS = ("label_tokens", "host_batch_facts", "label_positions")  # CPU-batch only: not device syncs
 
 
-def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm: float, apply: bool = True) -> StepResult:
-    """One optimizer step over `micro_batches` (gradient accumulation). With apply=False (non-finite batch to
-    skip) gradients are computed and dropped.
+def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm: float) -> StepResult:
+    """One optimizer step over `micro_batches` (gradient accumulation). A non-finite loss or gradient norm is not
+    applied: the gradients are dropped and `finite` is False (the caller stops or skips).
 
     The step's loss is the mean over every label token of every micro-batch, not the mean of per-batch means:
     micro-batch i contributes mean_i * n_i / N (N = the step's label tokens, counted on the CPU batches before any
@@ -175,19 +182,22 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
         n = pos.numel()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                            positions=pos.to(device, non_blocking=True))  # mean over its n tokens
+                            positions=pos.to(device, non_blocking=True),
+                            position_ids=batch.get("position_ids"))  # mean over its n tokens (packed: per document)
         weighted = loss * (n / total_tokens)
         p.accelerator.backward(weighted)
         total_loss += weighted.detach()
-    p.optimizer.grads_to_masters()
-    step_loss, norm = torch.stack([total_loss, p.optimizer.grad_norm().to(device)]).tolist()  # the one host sync
-    finite = math.isfinite(step_loss) and math.isfinite(norm)
-    if finite and apply:
-        if max_grad_norm > 0 and norm > max_grad_norm:
-            p.optimizer.scale_grads(max_grad_norm / (norm + 1e-6))
-        p.optimizer.set_lr(lr)
-        p.optimizer.step()
-    p.optimizer.zero_grad()
+    # A named range: profiler traces (and memory_measure's timeline) see where the optimizer phase starts.
+    with torch.profiler.record_function(MARK + "optimizer"):
+        p.optimizer.grads_to_masters()
+        step_loss, norm = torch.stack([total_loss, p.optimizer.grad_norm().to(device)]).tolist()  # the one host sync
+        finite = math.isfinite(step_loss) and math.isfinite(norm)
+        if finite:
+            if max_grad_norm > 0 and norm > max_grad_norm:
+                p.optimizer.scale_grads(max_grad_norm / (norm + 1e-6))
+            p.optimizer.set_lr(lr)
+            p.optimizer.step()
+        p.optimizer.zero_grad()
     return StepResult(step_loss, tokens, norm, finite)
 
 
@@ -232,13 +242,74 @@ class _StopFlag:
             signal.signal(s, h)
 
 
+def restore(p: Prepared, stream: data.BatchStream, recipe: Recipe, run_dir: Path, start_ckpt: Path | None,
+            resume: bool) -> tuple[int, int]:
+    """Continue from `start_ckpt` (adapter, optimizer, data position, RNG; metrics after it dropped), or start a
+    fresh run (writing recipe.yaml). Returns (step, skipped batches so far)."""
+    from .run_dir import truncate_metrics
+
+    if start_ckpt is not None:
+        adapter, opt_state, state = checkpoint.load(start_ckpt)
+        methods.load_state(p.model, adapter)
+        p.optimizer.load_state_dict(opt_state)
+        stream.load_state_dict(state["data"])
+        checkpoint.set_rng_state(state["rng"], p.accelerator.device)
+        truncate_metrics(run_dir, state["step"])
+        print(f"resuming from {start_ckpt} (step {state['step']} of {recipe.train.steps})", file=sys.stderr)
+        return state["step"], state["skipped"]
+    if resume:  # the run died before its first checkpoint: start over in the same folder
+        truncate_metrics(run_dir, 0)
+        print(f"{run_dir} has no complete checkpoint yet: starting from step 0", file=sys.stderr)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    return 0, 0
+
+
+def log_step(p: Prepared, run_dir: Path, step: int, lr: float, res: StepResult, seconds: float,
+             skipped: int) -> tuple[dict, float | None]:
+    """The metrics record of optimizer step `step` (1-based), with the validation loss when it is due; appended to
+    metrics.jsonl every log_every steps, at the end, and with every validation loss. Returns (record, val loss)."""
+    from .run_dir import write_metrics_line
+
+    t = p.recipe.train
+    record = {"step": step, "loss": round(res.loss, 6), "lr": lr, "grad_norm": round(res.grad_norm, 6),
+              "tokens_per_s": round(res.tokens / seconds, 1), "peak_memory_bytes": peak_memory_bytes(p.accelerator.device),
+              "skipped": skipped}
+    val_loss = None
+    if p.dataset.val and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
+        val_loss = evaluate(p, p.dataset.val, t.batch_size)
+        record["val_loss"] = round(val_loss, 6)
+    if step % t.log_every == 0 or step == t.steps or val_loss is not None:
+        write_metrics_line(run_dir, record)
+    return record, val_loss
+
+
+def finish(p: Prepared, run_dir: Path, again: str, step: int, skipped: int, last: dict | None,
+           val_loss: float | None, tokens: int, elapsed: float) -> dict:
+    """Write the final adapter (PEFT format) and summary.json; return the summary."""
+    try:
+        adapter_dir = methods.save(run_dir / "adapter", p.model, p.recipe)[0]  # one PEFT folder per method
+    except (OSError, SafetensorError) as e:  # a full disk: the final checkpoint already holds every weight
+        raise TrainingStopped(f"could not write {run_dir / 'adapter'} ({e}); the trained weights are safe in "
+                              f"{checkpoint.latest(run_dir)}. Free disk space, then run: {again}") from None
+    summary = {"steps": step, "final_loss": last["loss"] if last else None, "val_loss": val_loss,
+               "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
+               "peak_memory_bytes": peak_memory_bytes(p.accelerator.device), "trainable_params": p.report.trainable,
+               "total_params": p.report.total, "trainable_percent": round(p.report.percent, 4),
+               "trainable_by_method": p.counts,
+               "skipped_batches": skipped, "adapter": str(adapter_dir), "wall_s": round(elapsed, 1)}
+    atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
 def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: bool = True,
         resume_command: str | None = None) -> dict:
     """`qlora-kit train`: returns a summary (steps, final loss, val loss, tokens/s, peak memory, params).
     `resume_command`: the exact command that continues this run, for the messages of a stopped run."""
     from tqdm.auto import tqdm
 
-    from .run_dir import check_run_dir, write_metrics_line, truncate_metrics
+    from .run_dir import check_run_dir
 
     run_dir = Path(run_dir)
     again = resume_command or f"qlora-kit train RECIPE --out {run_dir} --resume"
@@ -246,22 +317,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
     t = recipe.train
     p = prepare(recipe)
     stream = data.BatchStream(p.dataset.train, t.batch_size, t.seed, data.pad_token_id(p.tokenizer))
-    step, skipped = 0, 0
-    if start_ckpt is not None:
-        adapter, opt_state, state = checkpoint.load(start_ckpt)
-        methods.load_state(p.model, adapter)
-        p.optimizer.load_state_dict(opt_state)
-        stream.load_state_dict(state["data"])
-        checkpoint.set_rng_state(state["rng"], p.accelerator.device)
-        step, skipped = state["step"], state["skipped"]
-        truncate_metrics(run_dir, step)
-        print(f"resuming from {start_ckpt} (step {step} of {t.steps})", file=sys.stderr)
-    elif resume:  # the run died before its first checkpoint: start over in the same folder
-        truncate_metrics(run_dir, 0)
-        print(f"{run_dir} has no complete checkpoint yet: starting from step 0", file=sys.stderr)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    step, skipped = restore(p, stream, recipe, run_dir, start_ckpt, resume)
     what = "; ".join(f"{k}{f' r={recipe.lora.r}' if k != 'ia3' else ''} on {len(v)} modules"
                      for k, v in p.methods.items())
     print(f"{p.report} — {what} ({methods.describe_counts(p.counts)}); "
@@ -277,30 +333,22 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
     with _StopFlag() as stop:
         while step < t.steps:
             ts = time.perf_counter()
-            micro = [stream.next_batch() for _ in range(t.grad_accum)]
-            res = train_step(p, micro, t.lr * lr_factor(step, t), t.max_grad_norm, apply=True)
+            lr = t.lr * lr_factor(step, t)  # once per step: the optimizer and the log see the same value
+            res = train_step(p, [stream.next_batch() for _ in range(t.grad_accum)], lr, t.max_grad_norm)
             if not res.finite:
-                if t.on_nonfinite == "skip":
-                    skipped += 1
-                else:
+                if t.on_nonfinite != "skip":
                     good = checkpoint.latest(run_dir)
                     raise TrainingStopped(
                         f"non-finite loss or gradient at step {step + 1} (loss {res.loss}, grad norm {res.grad_norm}). "
                         f"Last good checkpoint: {good or 'none'}. Lower train.lr (--set train.lr=...) or skip such "
                         f"batches (--set train.on_nonfinite=skip), and continue from that checkpoint with: {again}")
+                skipped += 1
             step += 1
             tokens_total += res.tokens
-            tok_s = res.tokens / (time.perf_counter() - ts)
-            mem = peak_memory_bytes(p.accelerator.device)
-            last = {"step": step, "loss": round(res.loss, 6), "lr": t.lr * lr_factor(step - 1, t),
-                    "grad_norm": round(res.grad_norm, 6), "tokens_per_s": round(tok_s, 1), "peak_memory_bytes": mem,
-                    "skipped": skipped}
-            if p.dataset.val and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
-                val_loss = evaluate(p, p.dataset.val, t.batch_size)
-                last["val_loss"] = round(val_loss, 6)
-            if step % t.log_every == 0 or step == t.steps or "val_loss" in last:
-                write_metrics_line(run_dir, last)
-            bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{tok_s:.0f}", mem=f"{mem / 2**30:.2f}GiB")
+            last, val = log_step(p, run_dir, step, lr, res, time.perf_counter() - ts, skipped)
+            val_loss = val if val is not None else val_loss
+            bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                            mem=f"{last['peak_memory_bytes'] / 2**30:.2f}GiB")
             bar.update(1)
             if (t.save_every and step % t.save_every == 0) or step == t.steps:
                 save_ckpt()
@@ -311,17 +359,4 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
                     f"stopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint saved in {path}. "
                     f"Resume with: {again}")
     bar.close()
-    try:
-        adapter_dir = methods.save(run_dir / "adapter", p.model, recipe)[0]
-    except (OSError, SafetensorError) as e:  # a full disk: the final checkpoint already holds every weight
-        raise TrainingStopped(f"could not write {run_dir / 'adapter'} ({e}); the trained weights are safe in "
-                              f"{checkpoint.latest(run_dir)}. Free disk space, then run: {again}") from None
-    elapsed = time.perf_counter() - t0
-    summary = {"steps": step, "final_loss": last["loss"] if last else None, "val_loss": val_loss,
-               "tokens_per_s": round(tokens_total / elapsed, 1) if elapsed else None,
-               "peak_memory_bytes": peak_memory_bytes(p.accelerator.device), "trainable_params": p.report.trainable,
-               "total_params": p.report.total, "trainable_percent": round(p.report.percent, 4),
-               "trainable_by_method": p.counts,
-               "skipped_batches": skipped, "adapter": str(adapter_dir), "wall_s": round(elapsed, 1)}
-    atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
-    return summary
+    return finish(p, run_dir, again, step, skipped, last, val_loss, tokens_total, time.perf_counter() - t0)

@@ -32,7 +32,13 @@ def base_weight(base: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Te
     """The (out, in) weight the base multiplies by: dequant(Q) for a quant.QuantLinear, .weight for nn.Linear."""
     if hasattr(base, "dequantize"):
         return base.dequantize().to(dtype)
-    return base.weight.detach().to(dtype)
+    if isinstance(getattr(base, "weight", None), torch.Tensor):
+        return base.weight.detach().to(dtype)
+    with torch.no_grad():  # any other Linear-like module: its response to the identity is W^T (+ bias)
+        eye = torch.eye(base.in_features, device=next(base.buffers(), next(base.parameters())).device)
+        bias = getattr(base, "bias", None)
+        WT = base(eye)
+        return (WT - (bias if bias is not None else 0)).T.to(dtype)
 
 
 def row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -66,11 +72,11 @@ class DoRALinear(lora.LoRALinear):
     def weight_norm(self) -> torch.Tensor:
         """||W + s·B A||_row (out,) fp32 by the expansion in the module docstring; no (out, in) temporary."""
         A, B, s = self.lora_A.weight, self.lora_B.weight, self.scaling
-        if hasattr(self.base, "dequantize"):  # quantized: its own matmul dequantizes, (r, out) = A W^T + bias
+        if isinstance(getattr(self.base, "weight", None), torch.Tensor):  # a plain weight: A W^T in fp32
+            WAt = self.base.weight.float() @ A.float().T
+        else:  # quantized: its own matmul dequantizes, (r, out) = A W^T + bias
             WAt = self.base(A)
             WAt = (WAt if self._bias() is None else WAt - self._bias().to(WAt.dtype)).float().T
-        else:  # a plain weight is in memory already: A W^T in fp32, whatever its dtype
-            WAt = self.base.weight.float() @ A.float().T
         Bf, Af = B.float(), A.float()  # WAt (out, r) fp32
         n2 = self.w2 + 2 * s * (WAt * Bf).sum(1) + s * s * ((Bf @ (Af @ Af.T)) * Bf).sum(1)
         return n2.clamp_min(0).sqrt()

@@ -276,6 +276,9 @@ def test_inspect_analyze_and_generate_read_a_dora_plus_ia3_run(tiny_model, tiny_
     down = next(x for x in rep["ia3"] if x["kind"] == "down_proj")
     assert down["scales"] == "input" and down["n"] == 176 and down["mean_abs_dev"] > 0
 
+    loaded = generate.load(str(r))
+    assert "merged" in generate.speed_up(loaded)  # dense fp32, DoRA folded with its magnitude, IA3 kept outside
+    assert rel(logits(loaded.model), logits(ours(r))) < 1e-5
     assert main(["generate", str(r), "--prompt", "What is the capital of Veloria 3?", "--max-new-tokens", "3",
                  "--compare-base"]) == 0
     assert "fine-tuned" in capsys.readouterr().out

@@ -67,8 +67,12 @@ class LoraConfig:
     targets: Union[str, list[str]] = "all-linear"
     """`all-linear` (every Linear but lm_head), a list of module-name suffixes ([q_proj, v_proj]), or a regex
     matched against full module names."""
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    """Initialisation of A (B is always zero, so an untrained adapter changes nothing)."""
+    init: Literal["kaiming", "gaussian", "loftq"] = "kaiming"
+    """Initialisation. kaiming / gaussian: of A, with B zero, so an untrained adapter changes nothing. loftq (LoftQ,
+    arXiv 2310.08659): A and B from alternating quantization and truncated SVD, so that the quantized base plus
+    the adapter approximates the 16-bit weights at step 0; needs a quantized base (quant.type not none)."""
+    loftq_iters: int = 5
+    """LoftQ alternations T (the paper uses 5; 1 quantizes W itself and fits the adapter to the error once)."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r."""
 
@@ -191,6 +195,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("lora", "r"): (lambda v: v > 0, "> 0"),
     ("lora", "alpha"): (lambda v: v > 0, "> 0"),
     ("lora", "dropout"): (lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("lora", "loftq_iters"): (lambda v: 1 <= v <= 100, "in [1, 100]"),
     ("data", "max_length"): (lambda v: v > 0, "> 0"),
     ("data", "val_fraction"): (lambda v: 0 <= v < 1, "in [0, 1)"),
     ("train", "steps"): (lambda v: v > 0, "> 0"),

@@ -30,7 +30,8 @@ class LoraSpec:
     r: int
     alpha: float
     dropout: float = 0.0
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "loftq"] = "kaiming"  # loftq: kaiming here, then train.prepare copies
+    # LoftQ's A and B in (loftq.Initializer.apply)
     rslora: bool = False
     dtype: torch.dtype = torch.bfloat16
 

@@ -228,7 +228,7 @@ def _quantize(weight: torch.Tensor, spec: QuantSpec, key: str) -> QuantLinear:
 
 
 def _place(model: nn.Module, key: str, tensor: torch.Tensor, path: Path, quantized: set[str], expected: dict,
-           spec: QuantSpec, device: torch.device, dtype: torch.dtype) -> None:
+           spec: QuantSpec, device: torch.device, dtype: torch.dtype, before_quantize=None) -> None:
     """Put one checkpoint tensor into the meta-built model: a quantized Linear's weight is quantized on `device`
     right away (the 16-bit tensor dies here); anything else becomes a frozen parameter; unknown keys are skipped
     (e.g. a rotary inv_freq saved by an old transformers: recomputed from config)."""
@@ -236,7 +236,10 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, path: Path, quantiz
     if module_name in quantized and leaf == "weight":
         parent, _, child = module_name.rpartition(".")
         old = model.get_submodule(module_name)
-        new = _quantize(tensor.to(device, dtype), spec, key)
+        weight = tensor.to(device, dtype)
+        if before_quantize is not None:  # LoftQ: quantize W minus a low-rank offset (loftq.py)
+            weight = before_quantize(module_name, weight)
+        new = _quantize(weight, spec, key)
         if old.bias is not None:  # the bias streams in separately (maybe from another shard)
             new.bias = old.bias
         setattr(model.get_submodule(parent), child, new)
@@ -250,12 +253,14 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, path: Path, quantiz
 
 
 def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.device | str = "cpu",
-              on_layer: Callable[[nn.Module, int], None] | None = None):
+              on_layer: Callable[[nn.Module, int], None] | None = None,
+              before_quantize: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
     """(model, tokenizer, folder): the frozen base with quantized Linears on `device`, ready for LoRA.
 
     Tensors are read decoder layer by decoder layer; `on_layer(model, i)` runs once layer i is complete, and
     `on_layer(model, EMBEDDINGS)` once the input embeddings are (FSDP shards them there, so a rank never holds more
-    than its share plus the group being read)."""
+    than its share plus the group being read). `before_quantize(module name, W)`: what to quantize instead of W
+    (the (out, in) weight on `device` in the frozen dtype); LoftQ quantizes W minus a low-rank offset there."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -283,7 +288,7 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
         where = {key: path for path, key, _ in entries}
         for layer, items in _layer_order([(key, read) for _, key, read in entries]):
             for key, read in items:
-                _place(model, key, read(), where[key], quantized, expected, spec, device, dtype)
+                _place(model, key, read(), where[key], quantized, expected, spec, device, dtype, before_quantize)
             if layer is not None and on_layer is not None:
                 on_layer(model, layer)
     if getattr(config, "tie_word_embeddings", False):

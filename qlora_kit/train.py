@@ -52,6 +52,7 @@ class Prepared:
     world: World = field(default_factory=World)
     parallel: str = "single"  # single | ddp | fsdp: what this run does (train.parallel resolved for the world)
     load_peak_bytes: int = 0  # fsdp: frozen bytes this rank held at the worst moment of loading
+    loftq: object = None  # loftq.Initializer of a LoftQ run: its offsets (saved in the run) and the time it took
 
 
 def lora_spec(recipe: Recipe) -> lora.LoraSpec:
@@ -61,7 +62,8 @@ def lora_spec(recipe: Recipe) -> lora.LoraSpec:
     return lora.LoraSpec(c.r, c.alpha, c.dropout, c.init, c.rslora, DTYPES[recipe.quant.compute_dtype])
 
 
-def prepare(recipe: Recipe, world: World | None = None) -> Prepared:
+def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | None = None) -> Prepared:
+    """`loftq_offsets`: a resumed LoftQ run's stored offsets (its base must be quantized exactly as before)."""
     from accelerate import Accelerator
 
     world = world or World()
@@ -78,8 +80,19 @@ def prepare(recipe: Recipe, world: World | None = None) -> Prepared:
     trackers.check_installed(t.report_to)  # so does a tracker that is not installed
     accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision="no")  # dtypes are ours: bf16 compute
     seed_everything(t.seed)  # the same on every rank: the adapters start identical everywhere
+    init = None
+    if recipe.lora.init == "loftq":
+        if recipe.quant.type == "none":
+            raise ConfigError("lora.init loftq cancels the quantization error of the base, and quant.type is none: "
+                              "there is none. Set quant.type to nf4, fp4 or int8, or lora.init to kaiming.")
+        from .loftq import Initializer
+        from .quant import QuantSpec
+
+        init = Initializer(recipe.lora.targets, QuantSpec.from_config(recipe.quant), recipe.lora.r,
+                           lora_spec(recipe).scaling, recipe.lora.loftq_iters, loftq_offsets)
     device, sharder = accelerator.device, fsdp.LoadSharder(world, accelerator.device)
-    model, tokenizer, _ = load_base(recipe.model, recipe.quant, device, sharder if mode == "fsdp" else None)
+    model, tokenizer, _ = load_base(recipe.model, recipe.quant, device, sharder if mode == "fsdp" else None,
+                                    before_quantize=init)
     if t.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs, no `enable_input_require_grads` hack, RNG (dropout) replayed.
         kwargs = {"use_reentrant": False}
@@ -92,6 +105,8 @@ def prepare(recipe: Recipe, world: World | None = None) -> Prepared:
         targets = lora.inject(model, recipe.lora.targets, lora_spec(recipe))
     except ValueError as e:
         raise ConfigError(str(e) + "; set lora.targets to some of them, or all-linear.") from None
+    if init is not None:
+        init.apply(model)  # A and B from LoftQ (nothing on resume: the checkpoint brings them)
     model.train()
     dataset = data.build(recipe.data, tokenizer, t.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -108,7 +123,7 @@ def prepare(recipe: Recipe, world: World | None = None) -> Prepared:
         torch.manual_seed((t.seed + 1_000_003 * world.rank) % 2**63)
         random.seed(t.seed + 1_000_003 * world.rank)
     return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, report, recipe, world, mode,
-                    sharder.load_peak)
+                    sharder.load_peak, init)
 
 
 def _check_rank(model: torch.nn.Module, recipe: Recipe) -> None:
@@ -332,13 +347,24 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
 
     def setup():  # every rank checks and loads; any rank's bad input stops all of them (distributed.agree)
         start_ckpt = check_run_dir(run_dir, recipe, resume)
-        p = prepare(recipe, world)
+        stored = None
+        if start_ckpt is not None and recipe.lora.init == "loftq":  # the base must be quantized as when it started
+            from .loftq import load as load_offsets
+
+            stored = load_offsets(run_dir)
+        p = prepare(recipe, world, stored)
         stream = data.BatchStream(p.dataset.train, t.batch_size * world.size, t.seed, data.pad_token_id(p.tokenizer))
         return p, stream, start_ckpt, *restore(p, stream, start_ckpt)
 
     p, stream, start_ckpt, step, skipped = world.agree(setup)
     if world.is_main:
         open_run(run_dir, p.recipe, start_ckpt, resume, step)
+        if p.loftq is not None and p.loftq.stored is None:
+            from .loftq import save as save_offsets
+
+            save_offsets(run_dir, p.loftq.offsets)  # export, generate and eval rebuild the base from these
+            print(f"LoftQ init ({recipe.lora.loftq_iters} iterations, {len(p.loftq.offsets)} modules): "
+                  f"{p.loftq.seconds:.1f} s extra load time", file=sys.stderr)
         ranks = f"; {world.size} processes ({p.parallel})" if world.distributed else ""
         print(f"{p.report} — LoRA r={recipe.lora.r} on {len(p.targets)} modules; "
               f"{len(p.dataset.train)} train / {len(p.dataset.val)} val examples{ranks}", file=sys.stderr)

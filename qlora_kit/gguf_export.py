@@ -117,7 +117,7 @@ def _tensor(p: Planned, src, merge_base: str, frozen: torch.dtype, device: str,
 
     W = read_tensor(p.info)
     if p.module is not None or p.info.name in roundtrip:
-        W = merge_base_weight(W, src.trained_with, frozen, merge_base, device)
+        W = merge_base_weight(W, src.trained_with, frozen, merge_base, device, src.offset(p.module))
     if p.module is not None:  # every method of the stack, in order (methods.merge_rows), as --format merged
         W = merged_weight(W, src.stack, p.module, torch.float32)
     W = W.float()

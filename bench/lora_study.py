@@ -70,7 +70,7 @@ GRID = [Cell(f"qv-r{r}", "q,v", QV, r, ("rank", "budget") if r == 8 else ("rank"
     Cell("m-lora", "LoRA all-linear", "all-linear", 1, ("methods",)),
     Cell("m-dora", "DoRA all-linear", "all-linear", 1, ("methods",), ("lora.dora=true",), 5184),
     Cell("m-loraplus", "LoRA+ (ratio 16) all-linear", "all-linear", 1, ("methods",), ("lora.plus_ratio=16",)),
-    Cell("m-ia3", "IA3 (k,v out; down in)", [], 0, ("methods",), ("ia3.outputs=[k_proj,v_proj]",), 1920),
+    Cell("m-ia3", "IA3 (k,v out; down in)", [], 1, ("methods",), ("ia3.outputs=[k_proj,v_proj]",), 1920),
     Cell("m-lora-ia3", "LoRA q,k,v,o + IA3 MLP (up out; down in)", ATTN, 3, ("methods",),
          ("ia3.outputs=[up_proj]", "ia3.inputs=[down_proj]"), 3072),
 ]

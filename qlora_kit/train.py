@@ -260,8 +260,8 @@ def log_step(p: Prepared, run_dir: Path, step: int, lr: float, res: StepResult, 
 
     t = p.recipe.train
     record = {"step": step, "loss": round(res.loss, 6), "lr": lr, "grad_norm": round(res.grad_norm, 6),
-              "tokens_per_s": round(res.tokens / seconds, 1), "peak_memory_bytes": peak_memory_bytes(p.accelerator.device),
-              "skipped": skipped}
+              "tokens_per_s": round(res.tokens / seconds, 1),
+              "peak_memory_bytes": peak_memory_bytes(p.accelerator.device), "skipped": skipped}
     val_loss = None
     if p.dataset.val and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
         val_loss = evaluate(p, p.dataset.val, t.batch_size)

@@ -42,7 +42,8 @@ TINY = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_att
 
 
 def build_tiny(folder: Path, tokenizer_from: Path) -> Path:
-    """A random Llama (hidden 256, 4 layers, vocab 32000; every in_features a multiple of 64, section 5), bf16."""
+    """A random Llama (hidden 256, 4 layers, vocab 32000; every in_features a multiple of 64: see
+    docs/ARCHITECTURE.md, "bitsandbytes hazards"), bf16."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

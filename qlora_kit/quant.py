@@ -148,7 +148,7 @@ def quantize(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
 def dequantize(buffers: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     if spec.type == "int8":
         return int8_dequantize(buffers["qweight"], buffers["scale"], dtype).view(shape)
-    native = buffers["qweight"].is_cuda or shape[1] % spec.blocksize == 0  # section 5: CPU native needs alignment
+    native = buffers["qweight"].is_cuda or shape[1] % spec.blocksize == 0  # CPU native needs alignment
     if native:
         return bnbF.dequantize_4bit(buffers["qweight"], quant_state(buffers, spec, shape, dtype)).view(shape)
     return _dequantize_4bit_torch(buffers, spec, shape, dtype)

@@ -23,10 +23,11 @@ from safetensors import SafetensorError
 
 from . import atomic, checkpoint, data, lora, peft_format
 from .config import Recipe, dump_recipe
+from .device import allow_tf32
 from .errors import ConfigError, TrainingInterrupted, TrainingStopped
 from .loss import CausalLMLoss, label_positions
 from .model import load_base
-from .optim import MasterWeightOptimizer, build_optimizer, lr_factor
+from .optim import LossScaler, MasterWeightOptimizer, build_optimizer, lr_factor
 
 
 @dataclass
@@ -81,6 +82,13 @@ def prepare(recipe: Recipe) -> Prepared:
     if t.optimizer != "adamw":
         _probe_bnb_optimizer(t, accelerator.device)
     optimizer = build_optimizer(params, t)
+    if model.get_input_embeddings().weight.dtype == torch.float16:  # model.dtype fp16, or auto without bf16
+        optimizer.scaler = LossScaler()
+    from .quant import DTYPES
+
+    if allow_tf32(accelerator.device, DTYPES[recipe.quant.compute_dtype]):
+        print("quant.compute_dtype fp32 on CUDA: matmuls use TF32 tensor cores "
+              "(torch.set_float32_matmul_precision('high')); pure fp32 would be ~10x slower.", file=sys.stderr)
     loss_fn = accelerator.prepare(CausalLMLoss(model, t.loss_chunk))
     return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, lora.param_report(model))
 
@@ -96,13 +104,18 @@ def _check_rank(model: torch.nn.Module, recipe: Recipe) -> None:
                           f"{limit} at most here); set lora.r to {min(16, limit)} or another value <= {limit}.")
 
 
+PROBE_SHAPE = (2, 64, 2048)  # one r=64 adapter pair on hidden 2048: 262,144 elements
+
+
 def _probe_bnb_optimizer(t, device: torch.device) -> None:
     """Step a throwaway bitsandbytes optimizer once, so a machine where its kernels cannot run fails here with the
-    fix, not with a RuntimeError at step 1. 4096 elements: bitsandbytes keeps smaller tensors' state in fp32."""
+    fix, not with a RuntimeError at step 1. Realistic size (PROBE_SHAPE, 1 MiB fp32): bitsandbytes keeps tensors
+    under 4,096 elements in 32-bit state and pages only tensors of at least 1e5 elements, so a smaller probe would
+    not exercise the 8-bit or the paged kernels the run will use."""
     from .quant import bnb_optimizer
 
     try:
-        w = torch.zeros(4096, device=device, requires_grad=True)
+        w = torch.zeros(PROBE_SHAPE, device=device, requires_grad=True)
         w.grad = torch.ones_like(w)
         bnb_optimizer(t.optimizer, [w], 1e-3, 0.0).step()
     except Exception as e:  # any failure of the probe means "not on this machine"; the message carries the cause
@@ -151,6 +164,8 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
     device; micro-batch gradients are summed in the optimizer's flat fp32 buffer by a hook; the loss and the
     gradient norm come back together in ONE transfer per step, which decides finiteness and clipping."""
     device = p.accelerator.device
+    scaler = p.optimizer.scaler  # fp16 residual stream only; bf16 and fp32 run unscaled (scale 1, no extra kernel)
+    scale = scaler.scale if scaler is not None else 1.0
     facts = [host_batch_facts(b) for b in micro_batches]
     total_tokens = max(sum(pos.numel() for pos, _ in facts), 1)
     total_loss = torch.zeros((), dtype=torch.float32, device=device)  # accumulated on device
@@ -162,16 +177,26 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
         loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"],
                             positions=pos.to(device, non_blocking=True))  # mean over its n tokens
         weighted = loss * (n / total_tokens)
-        p.accelerator.backward(weighted)
+        p.accelerator.backward(weighted * scale if scaler is not None else weighted)
         total_loss += weighted.detach()
     p.optimizer.grads_to_masters()
     step_loss, norm = torch.stack([total_loss, p.optimizer.grad_norm().to(device)]).tolist()  # the one host sync
+    norm /= scale  # exact: a power of two
     finite = math.isfinite(step_loss) and math.isfinite(norm)
+    if scaler is not None and math.isfinite(step_loss) and not finite:  # fp16 gradient overflow: skip, rescale
+        scaler.update(overflow=True)
+        p.optimizer.zero_grad()
+        return StepResult(step_loss, tokens, norm, True)
     if finite and apply:
+        factor = 1.0 / scale
         if max_grad_norm > 0 and norm > max_grad_norm:
-            p.optimizer.scale_grads(max_grad_norm / (norm + 1e-6))
+            factor *= max_grad_norm / (norm + 1e-6)
+        if factor != 1.0:
+            p.optimizer.scale_grads(factor)
         p.optimizer.set_lr(lr)
         p.optimizer.step()
+        if scaler is not None:
+            scaler.update(overflow=False)
     p.optimizer.zero_grad()
     return StepResult(step_loss, tokens, norm, finite)
 

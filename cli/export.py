@@ -12,9 +12,14 @@ from qlora_kit.terms import QUANTIZED_TYPES
 
 @click.command()
 @click.argument("source", metavar="RUN_DIR|ADAPTER_DIR", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["adapter", "merged", "quantized"]), required=True,
-              help="adapter: PEFT folder; merged: a full 16/32-bit model; quantized: merged, then 4/8-bit again.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to create.")
+@click.option("--format", "fmt", type=click.Choice(["adapter", "merged", "quantized", "gguf", "gguf-adapter"]),
+              required=True, help="adapter: PEFT folder; merged: a full 16/32-bit model; quantized: merged, then "
+              "4/8-bit again; gguf: the merged model as one GGUF file (+ Ollama Modelfile); gguf-adapter: the LoRA "
+              "as a llama.cpp adapter GGUF, for a GGUF of the ORIGINAL base.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to create (gguf: file).")
+@click.option("--gguf-type", default="f16", show_default=True, metavar="TYPE",
+              help="GGUF tensor type: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1; q4_k_m q5_k_m q6_k need the "
+              "llama-cpp extra. gguf-adapter: f32 f16 bf16.")
 @click.option("--base", default=None, help="Base model folder or built-in name (default: the run's model, or the "
               "adapter's base_model_name_or_path).")
 @click.option("--merge-base", type=click.Choice(["dequantized", "original"]), default="dequantized", show_default=True,
@@ -30,7 +35,7 @@ from qlora_kit.terms import QUANTIZED_TYPES
               help="Where weights are quantized for the dequantized base / requantization (auto: CUDA if present).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (only once the new export is complete).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-def command(source, fmt, out, base, merge_base, dtype, max_shard_size, quant, device, force, progress):
+def command(source, fmt, out, gguf_type, base, merge_base, dtype, max_shard_size, quant, device, force, progress):
     """Export RUN_DIR (or a PEFT LoRA ADAPTER_DIR) as a PEFT adapter, a merged model or a requantized model.
 
     The merge streams tensor by tensor: memory stays near the adapter plus one weight, whatever the model size.
@@ -39,13 +44,19 @@ def command(source, fmt, out, base, merge_base, dtype, max_shard_size, quant, de
     trained on the unquantized base (then it is the exact one). For an ADAPTER_DIR, --quant says how its base was
     quantized in training (default nf4, blocksize 64, double quant).
 
+    gguf-adapter adds the LoRA to whatever base GGUF llama.cpp is given: a GGUF of the ORIGINAL base. A QLoRA
+    adapter was trained against the 4-bit-rounded base, so the exact model is --format gguf (merged).
+
     \b
     qlora-kit export runs/demo --format merged --out merged/
     qlora-kit export runs/demo --format quantized --out merged-nf4/
     qlora-kit export my-peft-adapter/ --base path/to/base --format merged --merge-base original --out merged/
+    qlora-kit export runs/demo --format gguf --gguf-type q8_0 --out demo.gguf    (+ demo.Modelfile for Ollama)
+    qlora-kit export runs/demo --format gguf-adapter --out demo-lora.gguf
     """
     opts = ex.Options(format=fmt, out=out, base=base, merge_base=merge_base, dtype=dtype,
-                      max_shard_size=max_shard_size, force=force, quant=quant, device=device, progress=progress)
+                      max_shard_size=max_shard_size, force=force, quant=quant, device=device, progress=progress,
+                      gguf_type=gguf_type)
     result = ex.export(source, opts)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)

@@ -5,6 +5,8 @@
                tokenizer files copied from the base; safetensors shards of at most --max-shard-size + index.
     quantized  the merged weights of every Linear but lm_head quantized again (the run's nf4/fp4/int8 settings,
                nf4 otherwise) in the bitsandbytes/transformers on-disk format: `from_pretrained` loads it 4/8-bit.
+    gguf, gguf-adapter   one GGUF file for llama.cpp / Ollama (the merged model, or the LoRA adapter), written by
+               `gguf_export` after the same source, base and fit checks (docs in that module).
 
 Which W_base (--merge-base):
     dequantized  (default) dequant(quant(W)), recomputed from the checkpoint with the run's quantization settings:
@@ -39,7 +41,7 @@ from typing import Literal
 
 import torch
 
-from . import lora, peft_format, quant
+from . import gguf_export, lora, peft_format, quant
 from .config import ModelConfig
 from .errors import ExportError, ModelError
 from .export_files import atomic_folder, copy_tokenizer, linear_weights, write_config, writing
@@ -49,7 +51,7 @@ from .shards import Entry, ShardWriter, TensorInfo, max_shard_bytes, plan_shards
 from .shards import tensor_index, write_index
 from .terms import QuantizedType
 
-Format = Literal["adapter", "merged", "quantized"]
+Format = Literal["adapter", "merged", "quantized", "gguf", "gguf-adapter"]
 TAIL_MAX = 1024  # bytes reserved per 4-bit quant-state JSON blob (~170 used)
 
 
@@ -68,6 +70,8 @@ class Options:
     """How a bare adapter folder was trained (dequantized merge base), and the requantization type."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where weights are quantized (dequantized base, requantization): auto = CUDA when present, as training."""
+    gguf_type: str = "f16"
+    """GGUF formats: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1, or q4_k_m q5_k_m q6_k with llama-cpp-python."""
     progress: bool = True
 
 
@@ -232,6 +236,16 @@ def plan(index: dict[str, TensorInfo], adapted: set[str], to_quantize: set[str],
 def export(source: str | Path, opts: Options) -> Result:
     t0 = time.perf_counter()
     out = Path(opts.out)
+    gguf = opts.format in ("gguf", "gguf-adapter")
+    if gguf:
+        gguf_export.check_type(opts.gguf_type, adapter=opts.format == "gguf-adapter")
+        if out.is_dir() and not out.is_symlink():
+            raise ExportError(f"--out {out} is a folder; --format {opts.format} writes one file: name it, e.g. "
+                              f"{out / 'model.gguf'}.")
+        mf = gguf_export.ollama.modelfile_path(out)
+        if opts.format == "gguf" and mf.exists() and not opts.force:
+            raise ExportError(f"{mf} already exists (the Ollama Modelfile written beside the GGUF); pass --force to "
+                              "replace it, or choose another --out.")
     if (out.exists() or out.is_symlink()) and not opts.force:
         raise ExportError(f"{out} already exists; pass --force to replace it, or choose another --out.")
     max_shard = max_shard_bytes(opts.max_shard_size)
@@ -246,6 +260,10 @@ def export(source: str | Path, opts: Options) -> Result:
     notes = [] if index is not None else [f"not checked against the base ({src.base_name} is not available here)"]
     if index is not None:
         check_fits(src.adapter, index, base)
+    if opts.format == "gguf-adapter":
+        with writing(out):
+            written, more = gguf_export.write_adapter(src, base, out, opts.gguf_type, free_bytes)
+        return Result(out, [out.name], written, time.perf_counter() - t0, notes + more)
     if opts.format == "adapter":
         with writing(out), atomic_folder(out, opts.force) as tmp:
             _write_adapter(src, tmp, opts)
@@ -260,6 +278,13 @@ def export(source: str | Path, opts: Options) -> Result:
                           "pass the original 16-bit checkpoint with --base.")
     out_dtype = quant.DTYPES[opts.dtype or "bf16"]
     frozen = frozen_dtype(src.model_cfg.dtype, raw_config.get("dtype") or raw_config.get("torch_dtype"))
+    device = opts.device if opts.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if gguf:
+        with writing(out):
+            written, more = gguf_export.write_model(src, base, index, out, opts.gguf_type, opts.merge_base, frozen,
+                                                    device, free_bytes, opts.progress, adapter_source(source)[1])
+        files = [out.name, gguf_export.ollama.modelfile_path(out).name]
+        return Result(out, files, written, time.perf_counter() - t0, notes + more)
     qspec, to_quantize = None, set()
     if opts.format == "quantized":
         t = src.trained_with
@@ -279,7 +304,6 @@ def export(source: str | Path, opts: Options) -> Result:
         raise ExportError(f"not enough disk space for {out}: the export needs about {need / 1e9:.2f} GB, "
                           f"{free_bytes(out.parent) / 1e9:.2f} GB are free. Free some space or choose another --out.")
     with writing(out), atomic_folder(out, opts.force) as tmp:
-        device = opts.device if opts.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
         written = _write_weights(tmp, items, shards, src, opts, frozen, out_dtype, qspec, device)
         write_config(base, tmp, out_dtype, qspec)
         notes += copy_tokenizer(base, tmp)

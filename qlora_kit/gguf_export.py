@@ -1,0 +1,270 @@
+"""`export --format gguf` / `gguf-adapter`: one GGUF file for llama.cpp, Ollama and LM Studio, written with the
+`gguf` package (no llama.cpp checkout or build).
+
+    gguf          the merged model: the same W_base + s·B@A as `--format merged` (dequantized base by default), in
+                  fp32, then stored as --gguf-type. 2-D weights take the type; 1-D tensors (norms, biases) stay f32
+                  as llama.cpp expects; a weight whose row length is not a multiple of the type's block (32) falls
+                  back to f16, as llama.cpp's converter does. K-quants (q4_k_m, q5_k_m, q6_k): an f16 GGUF
+                  quantized by llama.cpp itself through the optional llama-cpp-python package.
+    gguf-adapter  llama.cpp's LoRA GGUF (general.type adapter, adapter.type lora, adapter.lora.alpha; tensors
+                  blk.N.<name>.weight.lora_a (r, in) / .lora_b (out, r)) for `llama-cli -m BASE.gguf --lora A.gguf`
+                  and Ollama's ADAPTER. It adds s·B@A to whatever base GGUF it is given: a GGUF of the ORIGINAL
+                  base. A QLoRA adapter was trained against dequant(quant(W)), so the exact model is the merged GGUF.
+
+Streaming: every tensor's type, shape and size are fixed from the safetensors headers before any data exists, so
+the header is written first and tensors follow one at a time (peak memory about one fp32 weight, its quantized
+copy, and the adapter). The file is written to `.NAME.tmp-PID` beside --out and renamed when complete; free space
+is checked first. Layout changes are in `gguf_arch` (q/k row permutation); tokenizer keys in `gguf_vocab`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import atomic, gguf_arch, gguf_vocab, ollama
+from .errors import ExportError
+from .shards import TensorInfo, read_tensor, row_blocks
+
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # what the gguf package writes itself
+KQUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+ADAPTER_TYPES = ("f32", "f16", "bf16")
+KQUANT_EXTRA = 'pip install "qlora-kit[llama-cpp]" (llama-cpp-python; it compiles llama.cpp, ~30 min on 2 cores)'
+
+
+def check_type(kind: str, adapter: bool) -> None:
+    """Refuse an unusable --gguf-type before anything is read or written."""
+    allowed = ADAPTER_TYPES if adapter else TYPES + tuple(KQUANTS)
+    if kind not in allowed:
+        raise ExportError(f"--gguf-type {kind!r} is not one of {', '.join(allowed)}"
+                          + (" (a LoRA adapter GGUF is stored unquantized)." if adapter else "."))
+    if kind in KQUANTS:
+        try:
+            import llama_cpp  # noqa: F401
+        except Exception as e:  # ImportError, or a broken native library
+            raise ExportError(f"--gguf-type {kind} is a K-quant, made by llama.cpp's own quantizer, which needs the "
+                              f"optional llama-cpp-python package ({type(e).__name__}). Install it: {KQUANT_EXTRA}; "
+                              f"or pick one of {', '.join(TYPES)}.") from None
+
+
+def _qtype(kind: str):
+    import gguf
+
+    return getattr(gguf.GGMLQuantizationType, kind.upper())
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One tensor of the output file."""
+
+    info: TensorInfo  # the source tensor (its header)
+    name: str  # GGUF name
+    kind: str  # f32 | f16 | bf16 | q8_0 ...
+    module: str | None  # adapted module (merged in), or None
+    heads: int | None  # rows to permute per head (llama q/k), or None
+
+    @property
+    def nbytes(self) -> int:
+        import gguf
+
+        return int(np.prod(gguf.quants.quant_shape_to_byte_shape(self.info.shape, _qtype(self.kind))))
+
+
+def plan(index: dict[str, TensorInfo], names: gguf_arch.TensorNames, kind: str, adapted: set[str]
+         ) -> tuple[list[Planned], list[str]]:
+    import gguf
+
+    out, fallback = [], []
+    block = gguf.GGML_QUANT_SIZES[_qtype(kind)][0]
+    for hf, info in index.items():
+        name = names(hf)
+        if name is None:
+            continue
+        t = kind if len(info.shape) == 2 else "f32"
+        if len(info.shape) == 2 and info.shape[1] % block:
+            t = "f16"
+            fallback.append(hf)
+        module = hf[: -len(".weight")] if hf.endswith(".weight") and hf[: -len(".weight")] in adapted else None
+        out.append(Planned(info, name, t, module, names.heads_to_permute(hf)))
+    notes = [f"{len(fallback)} weights (e.g. {fallback[0]}) have rows not a multiple of {block} and are stored f16 "
+             f"instead of {kind}, as llama.cpp's converter does"] if fallback else []
+    return out, notes
+
+
+def encode(W: torch.Tensor, kind: str) -> np.ndarray:
+    """(rows, cols) fp32 -> the bytes GGUF stores (F32/F16 as float arrays, the others as uint8), rows kept."""
+    import gguf
+
+    if kind == "f32":
+        return W.float().numpy()
+    if kind == "f16":
+        return W.to(torch.float16).numpy()
+    if kind == "bf16":  # round to nearest even, as gguf's own BF16.quantize (finite values)
+        return W.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+    return gguf.quants.quantize(W.float().numpy(), _qtype(kind))
+
+
+def _tensor(p: Planned, src, merge_base: str, frozen: torch.dtype, device: str) -> torch.Tensor:
+    """The output tensor in fp32 (merged if adapted; q/k rows permuted for llama)."""
+    from .export import merge_base_weight, merged_weight
+
+    W = read_tensor(p.info)
+    if p.module is not None:
+        A, B = src.adapter.pair(p.module)
+        W = merge_base_weight(W, src.trained_with, frozen, merge_base, device)
+        W = merged_weight(W, A, B, src.adapter.module_scaling(p.module), torch.float32)
+    W = W.float()
+    return gguf_arch.permute_rows(W, p.heads) if p.heads else W
+
+
+def _write_blocks(writer, p: Planned, W: torch.Tensor) -> None:
+    """Encode in blocks of rows into one preallocated output array: the fp32 temporaries of a quantizer stay at
+    ~64 MB whatever the weight."""
+    if W.dim() < 2:
+        writer.write_tensor_data(encode(W, p.kind))
+        return
+    parts = row_blocks(tuple(W.shape), 4, 64 << 20)
+    first = encode(W[parts[0][0]:parts[0][1]], p.kind)
+    if len(parts) == 1:
+        writer.write_tensor_data(first)
+        return
+    out = np.empty((W.shape[0], *first.shape[1:]), dtype=first.dtype)
+    out[: len(first)] = first
+    for i, j in parts[1:]:
+        out[i:j] = encode(W[i:j], p.kind)
+    writer.write_tensor_data(out)
+
+
+def _add_info(writer, name: str, shape: tuple[int, ...], kind: str, nbytes: int) -> None:
+    import gguf
+
+    if kind in ("f32", "f16"):
+        writer.add_tensor_info(name, shape, np.float32 if kind == "f32" else np.float16, nbytes)
+    else:  # uint8 bytes: the writer takes the byte shape and derives the element shape
+        qt = _qtype(kind)
+        writer.add_tensor_info(name, gguf.quants.quant_shape_to_byte_shape(shape, qt), np.uint8, nbytes, raw_dtype=qt)
+
+
+def _file_type(kind: str) -> int:
+    import gguf
+
+    return gguf.LlamaFileType.ALL_F32 if kind == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{kind.upper()}")
+
+
+def free_space_check(out: Path, need: int, free_bytes) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = free_bytes(out.parent)
+    if free < need:
+        raise ExportError(f"not enough disk space for {out}: the export needs about {need / 1e9:.2f} GB, "
+                          f"{free / 1e9:.2f} GB are free. Free some space or choose another --out.")
+
+
+def write_model(src, base: Path, index: dict[str, TensorInfo], out: Path, kind: str, merge_base: str,
+                frozen: torch.dtype, device: str, free_bytes, progress: bool, recipe=None) -> tuple[int, list[str]]:
+    """The merged GGUF (and its Ollama Modelfile). Returns (bytes written, notes)."""
+    import gguf
+    from tqdm.auto import tqdm
+
+    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    arch = gguf_arch.arch_of(config)
+    store = "f16" if kind in KQUANTS else kind  # K-quants: llama.cpp quantizes an f16 file
+    names = gguf_arch.TensorNames(arch)
+    tensors, notes = plan(index, names, store, set(src.adapter.modules()))
+    total = sum(p.nbytes for p in tensors)
+    need = total * (2 if kind in KQUANTS else 1) + (64 << 20)
+    free_space_check(out, need, free_bytes)
+    f16 = atomic.temp_name(out, "f16") if kind in KQUANTS else None
+    try:
+        with atomic.atomic_file(out) as tmp:
+            writer = gguf.GGUFWriter(None, arch.name)
+            try:
+                writer.add_type(gguf.GGUFType.MODEL)
+                writer.add_name(base.name)
+                writer.add_file_type(_file_type(store))
+                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+                gguf_arch.add_hparams(writer, arch, config["vocab_size"])
+                tok = gguf_vocab.add_tokenizer(writer, base, config["vocab_size"])
+                for p in tensors:
+                    _add_info(writer, p.name, p.info.shape, p.kind, p.nbytes)
+                writer.write_header_to_file(path=f16 or tmp)
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc="export gguf", disable=not progress,
+                           dynamic_ncols=True)
+                for p in tensors:
+                    _write_blocks(writer, p, _tensor(p, src, merge_base, frozen, device))
+                    bar.update(p.nbytes)
+                bar.close()
+            finally:
+                writer.close()
+            if f16 is not None:  # the f16 file only feeds llama.cpp's quantizer
+                _kquantize(f16, tmp, kind)
+    finally:
+        if f16 is not None:
+            f16.unlink(missing_ok=True)
+    atomic.write_text(ollama.modelfile_path(out), ollama.modelfile(out.name, tok, recipe))
+    return out.stat().st_size, notes
+
+
+def _kquantize(src: Path, dst: Path, kind: str) -> None:
+    """llama.cpp's own quantizer (llama-cpp-python's binding of llama_model_quantize) on an f16 GGUF."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, KQUANTS[kind])
+    params.nthread = os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0 or not dst.is_file():
+        dst.unlink(missing_ok=True)
+        raise ExportError(f"llama.cpp's quantizer failed on {src.name} -> {kind} (return code {rc}).")
+
+
+def write_adapter(src, base: Path, out: Path, kind: str, free_bytes) -> tuple[int, list[str]]:
+    """llama.cpp's LoRA adapter GGUF. Per-module scales (rsLoRA, alpha_pattern) that alpha / r cannot express are
+    folded into lora_b, so llama.cpp's single `alpha` gives every module its trained scale."""
+    import gguf
+
+    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    arch = gguf_arch.arch_of(config)
+    names = gguf_arch.TensorNames(arch)
+    a = src.adapter
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for m in a.modules():
+        A, B = a.pair(m)
+        r = A.shape[0]
+        fold = a.module_scaling(m) / (a.alpha / r)
+        B = B.float() * fold if fold != 1.0 else B.float()
+        heads = names.heads_to_permute(f"{m}.weight")
+        B = gguf_arch.permute_rows(B, heads) if heads else B
+        name = names(f"{m}.weight")
+        tensors += [(f"{name}.lora_a", A.float()), (f"{name}.lora_b", B)]
+    nbytes = sum(t.numel() * (4 if kind == "f32" else 2) for _, t in tensors)
+    free_space_check(out, nbytes + (1 << 20), free_bytes)
+    with atomic.atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(None, arch.name)
+        try:
+            writer.add_type(gguf.GGUFType.ADAPTER)
+            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(a.alpha))
+            writer.add_name(f"{base.name} LoRA")
+            for name, t in tensors:
+                _add_info(writer, name, tuple(t.shape), kind, t.numel() * (4 if kind == "f32" else 2))
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for _, t in tensors:
+                writer.write_tensor_data(encode(t, kind))
+        finally:
+            writer.close()
+    notes = ["this adapter applies to a GGUF of the ORIGINAL base; a QLoRA adapter was trained against the "
+             "4-bit-rounded base, so for the exact trained model export --format gguf (merged)"] \
+        if src.trained_with.type != "none" else []
+    return out.stat().st_size, notes
+

@@ -1,0 +1,89 @@
+"""The tokenizer as GGUF metadata, so llama.cpp and Ollama tokenize and stop exactly as the trained model does
+(unsloth #2860, #3899: a lost chat template or EOS token makes the GGUF answer differently).
+
+    tokenizer.ggml.model        "gpt2": byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM ...)
+    tokenizer.ggml.pre          llama.cpp's name for the text-splitting regex, read off tokenizer.json's
+                                pre_tokenizer (the same regex, not a guess from the model name)
+    tokenizer.ggml.tokens       id -> token text, padded to the model's vocab_size with [PAD<id>] (type UNUSED)
+    tokenizer.ggml.token_type   NORMAL, CONTROL (special added tokens: <|im_end|> ...), USER_DEFINED (other added)
+    tokenizer.ggml.merges, bos/eos/unk/pad ids, add_bos/add_eos, tokenizer.chat_template
+                                through the `gguf` package's SpecialVocab (tokenizer.json, tokenizer_config.json,
+                                chat_template.jinja), the reader llama.cpp's converter uses.
+
+Only byte-level BPE tokenizers are written; a SentencePiece-style one (Llama 2, Mistral v0.1 ...) is refused with
+a message, as is a pre-tokenizer whose regex llama.cpp has no name for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import ExportError
+
+# The splitting regexes llama.cpp knows by name (its llama-vocab.cpp pre-tokenizer types). The GPT-2 one is what a
+# plain ByteLevel(use_regex=True) pre-tokenizer applies.
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLITS = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+
+
+def pre_tokenizer_name(pre: dict | None) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for a tokenizer.json `pre_tokenizer`."""
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"  # each digit alone, then GPT-2's regex (SmolLM/SmolLM2)
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        name = SPLITS.get(steps[0].get("pattern", {}).get("Regex"))
+        if name:
+            return name
+    raise ExportError(f"GGUF export: this tokenizer splits text with {kinds or 'no pre-tokenizer'}, which has no "
+                      "llama.cpp pre-tokenizer name here (known: GPT-2, Llama 3, Qwen2, SmolLM). Use --format merged "
+                      "and llama.cpp's convert_hf_to_gguf.py.")
+
+
+def add_tokenizer(writer: Any, base: Path, vocab_size: int) -> dict[str, Any]:
+    """Write the tokenizer keys; returns {'eos': text, 'bos': text, 'chat_template': str|None, 'stop': [text...]}
+    for the Modelfile."""
+    import gguf
+
+    path = base / "tokenizer.json"
+    if not path.is_file():
+        raise ExportError(f"GGUF export needs the base's tokenizer.json (a fast tokenizer); {base} has none. "
+                          "Save the tokenizer with transformers (tokenizer.save_pretrained) into the base folder.")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise ExportError(f"GGUF export writes byte-level BPE tokenizers; this one is {model.get('type')}"
+                          f"{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}. "
+                          "Use --format merged and llama.cpp's convert_hf_to_gguf.py.")
+    pre = pre_tokenizer_name(data.get("pre_tokenizer"))
+    tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    types = {i: gguf.TokenType.NORMAL for i in tokens}
+    for added in data.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    if max(tokens) >= vocab_size:
+        raise ExportError(f"the tokenizer has token id {max(tokens)} but the model's vocab_size is {vocab_size}; "
+                          "the base's tokenizer and config.json do not belong together.")
+    texts = [tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+    kinds = [types.get(i, gguf.TokenType.UNUSED) for i in range(vocab_size)]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(texts)
+    writer.add_token_types(kinds)
+    special = gguf.SpecialVocab(base, load_merges=True, n_vocab=vocab_size)
+    if not special.merges:
+        raise ExportError(f"{path} has no BPE merges; the tokenizer cannot be written for llama.cpp.")
+    special.add_to_gguf(writer, quiet=True)
+    ids = special.special_token_ids
+    stop = sorted({texts[ids["eos"]]} if "eos" in ids else set())
+    template = special.chat_template if isinstance(special.chat_template, str) else None
+    return {"bos": texts[ids["bos"]] if "bos" in ids else None, "eos": texts[ids["eos"]] if "eos" in ids else None,
+            "chat_template": template, "stop": stop}

@@ -314,3 +314,25 @@ def test_eight_bit_state_is_eight_bit_after_resume(tmp_path):
     step(a_params, a, 7)
     step(b_params, b, 7)
     assert all(torch.equal(x, y) for x, y in zip(a_params, b_params))
+
+
+# ---- GEMV decode (item 8): the quant state we hand bitsandbytes, checked on the CPU --------------------------------
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_gemv_4bit_matches_the_dequantized_matmul(double_quant):
+    """`quant.gemv_4bit` builds the QuantState bitsandbytes' 4-bit GEMV reads from our buffers; on the CPU its
+    kernel must agree with x @ dequant(W)^T + b (bf16 output rounding). QuantLinear takes it only on CUDA."""
+    from qlora_kit.quant import QuantLinear, QuantSpec, gemv_4bit
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 256, generator=g).bfloat16()
+    b = torch.randn(128, generator=g).bfloat16()
+    layer = QuantLinear.from_weight(w, QuantSpec("nf4", 64, double_quant), bias=b)
+    x = torch.randn(1, 1, 256, generator=g).bfloat16()
+    with torch.no_grad():
+        ref = x.float() @ layer.dequantize(torch.float32).T + b.float()
+        got = gemv_4bit(x, layer)
+        assert torch.equal(layer(x), layer(x.clone()))  # CPU: the dequantize path, deterministic
+    assert got.shape == (1, 1, 128)
+    assert float((got.float() - ref).abs().max()) <= 2**-7 * float(ref.abs().max())  # one bf16 ulp of the largest

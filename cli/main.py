@@ -19,7 +19,7 @@ from qlora_kit.errors import QloraKitError
 _USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 # Each name is a module in this folder exposing a click command called `command`.
-COMMANDS = ["train", "generate", "inspect", "export", "estimate", "bench", "analyze"]
+COMMANDS = ["train", "generate", "eval", "inspect", "export", "estimate", "bench", "analyze"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

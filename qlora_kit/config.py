@@ -25,7 +25,7 @@ from .errors import ConfigError
 from .terms import BLOCKSIZES, QuantType
 
 ComputeDtype = Literal["bf16", "fp32"]
-DataFormat = Literal["text", "alpaca", "chat"]
+DataFormat = Literal["text", "alpaca", "chat", "sharegpt", "completion"]
 Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"]
 
@@ -76,15 +76,29 @@ class LoraConfig:
 @dataclass(frozen=True)
 class DataConfig:
     path: str = "recipes/data/facts.jsonl"
-    """A .jsonl (one JSON object a line) or .json (a list of objects) file."""
+    """A .jsonl/.json/.parquet/.csv/.arrow file, a folder written by `datasets`' save_to_disk, or a hub data set
+    name (needs the network)."""
     format: DataFormat = "alpaca"
-    """text: {"text"}; alpaca: {"instruction", "input"?, "output"}; chat: {"messages": [{"role", "content"}]}."""
+    """text: {"text"}; alpaca: {"instruction", "input"?, "output"}; chat: {"messages": [{"role", "content"}]};
+    sharegpt: {"conversations": [{"from": human|gpt|system, "value"}]}; completion: {"prompt", "completion"}."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Your column names for ours, {our field: your column}, e.g. {instruction: question, output: answer}."""
+    split: str = "train"
+    """The split to read from a save_to_disk DatasetDict, a folder of data files or a hub data set."""
+    subset: str | None = None
+    """The configuration (subset) of a hub data set that has several."""
+    assistant_turns: Literal["all", "last"] = "all"
+    """chat/sharegpt: take loss on every assistant turn, or only on the last one."""
+    cache: bool = True
+    """Tokenize once: keep the tokenized data under the cache dir, keyed by the data's content, the tokenizer and
+    these data settings; a second run or a resume with the same data does not tokenize again."""
     max_length: int = 256
     """Tokens per example; longer examples are truncated."""
     train_on_prompt: bool = False
     """Also compute loss on prompt tokens (default: response tokens only)."""
     packing: bool = False
-    """Concatenate short examples into rows of max_length tokens (fewer pad tokens, same loss mask)."""
+    """Concatenate whole examples into rows of <= max_length tokens (fewer pad tokens, same loss mask). Each example
+    keeps its own positions (restarting at 0) and attends only to itself: the same per-token losses as unpacked."""
     val_fraction: float = 0.0
     """Fraction of examples held out for validation loss, in [0, 1)."""
     system_prompt: str | None = None
@@ -151,6 +165,16 @@ class Recipe:
 
     def replace(self, **sections: Any) -> "Recipe":
         return dataclasses.replace(self, **sections)
+
+
+def parse_targets(text: str) -> str | list[str]:
+    """A command line's targets -> LoraConfig.targets: `all-linear`, or a comma list of module names (q_proj,v_proj)."""
+    if text.strip() == "all-linear":
+        return "all-linear"
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ConfigError(f"--targets {text!r} names no module; use all-linear or a comma list like q_proj,v_proj")
+    return names
 
 
 # (section, key) -> (predicate, what the value must be). Checked after types.
@@ -226,6 +250,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError:
                 errors.append(_type_name(arm))
         raise ConfigError(f"{where}: expected {' or '.join(errors)}, got {type(value).__name__} {value!r}.")
+    if origin is dict:
+        key_tp, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping like {{key: value}}, got {type(value).__name__} {value!r}.")
+        return {_coerce(k, key_tp, f"{where} key"): _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):

@@ -26,6 +26,7 @@ from .config import Recipe, dump_recipe
 from .device import allow_tf32
 from .errors import ConfigError, TrainingInterrupted, TrainingStopped
 from .loss import CausalLMLoss, label_positions
+from .memory_timeline import MARK
 from .model import load_base
 from .optim import LossScaler, MasterWeightOptimizer, build_optimizer, lr_factor
 
@@ -60,7 +61,7 @@ def prepare(recipe: Recipe) -> Prepared:
     if t.optimizer.startswith("paged") and not torch.cuda.is_available():
         raise ConfigError(f"train.optimizer={t.optimizer} pages optimizer state through CUDA unified memory, "
                           "which needs a CUDA GPU; use adamw or adamw8bit on the CPU.")
-    data.load_records(recipe.data.path, recipe.data.format)  # a bad line fails now, not after a long model load
+    data.check(recipe.data)  # a bad line fails now, not after a long model load
     accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision="no")  # dtypes are ours: bf16 compute
     seed_everything(t.seed)
     model, tokenizer, _ = load_base(recipe.model, recipe.quant, accelerator.device)
@@ -175,29 +176,32 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
         n = pos.numel()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                            positions=pos.to(device, non_blocking=True))  # mean over its n tokens
+                            positions=pos.to(device, non_blocking=True),
+                            position_ids=batch.get("position_ids"))  # mean over its n tokens (packed: per document)
         weighted = loss * (n / total_tokens)
         p.accelerator.backward(weighted * scale if scaler is not None else weighted)
         total_loss += weighted.detach()
-    p.optimizer.grads_to_masters()
-    step_loss, norm = torch.stack([total_loss, p.optimizer.grad_norm().to(device)]).tolist()  # the one host sync
-    norm /= scale  # exact: a power of two
-    finite = math.isfinite(step_loss) and math.isfinite(norm)
-    if scaler is not None and math.isfinite(step_loss) and not finite:  # fp16 gradient overflow: skip, rescale
-        scaler.update(overflow=True)
+    # A named range: profiler traces (and memory_measure's timeline) see where the optimizer phase starts.
+    with torch.profiler.record_function(MARK + "optimizer"):
+        p.optimizer.grads_to_masters()
+        step_loss, norm = torch.stack([total_loss, p.optimizer.grad_norm().to(device)]).tolist()  # the one host sync
+        norm /= scale  # exact: a power of two
+        finite = math.isfinite(step_loss) and math.isfinite(norm)
+        if scaler is not None and math.isfinite(step_loss) and not finite:  # fp16 gradient overflow: skip, rescale
+            scaler.update(overflow=True)
+            p.optimizer.zero_grad()
+            return StepResult(step_loss, tokens, norm, True)
+        if finite and apply:
+            factor = 1.0 / scale
+            if max_grad_norm > 0 and norm > max_grad_norm:
+                factor *= max_grad_norm / (norm + 1e-6)
+            if factor != 1.0:
+                p.optimizer.scale_grads(factor)
+            p.optimizer.set_lr(lr)
+            p.optimizer.step()
+            if scaler is not None:
+                scaler.update(overflow=False)
         p.optimizer.zero_grad()
-        return StepResult(step_loss, tokens, norm, True)
-    if finite and apply:
-        factor = 1.0 / scale
-        if max_grad_norm > 0 and norm > max_grad_norm:
-            factor *= max_grad_norm / (norm + 1e-6)
-        if factor != 1.0:
-            p.optimizer.scale_grads(factor)
-        p.optimizer.set_lr(lr)
-        p.optimizer.step()
-        if scaler is not None:
-            scaler.update(overflow=False)
-    p.optimizer.zero_grad()
     return StepResult(step_loss, tokens, norm, finite)
 
 

@@ -32,7 +32,7 @@ def captured(monkeypatch):
 
 
 @pytest.mark.parametrize("cuda", [True, False])
-def test_generate_picks_cuda_when_present(tiny_model, captured, monkeypatch, cuda):
+def test_generate_and_eval_pick_cuda_when_present(tiny_model, tiny_data, captured, monkeypatch, cuda):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     want = torch.device("cuda" if cuda else "cpu")
     with pytest.raises(Stop):
@@ -41,14 +41,17 @@ def test_generate_picks_cuda_when_present(tiny_model, captured, monkeypatch, cud
         generate.load_many(str(tiny_model), {})
     with pytest.raises(Stop):
         main(["generate", str(tiny_model), "--prompt", "hi"])
-    assert captured == [want] * 3
+    with pytest.raises(Stop):
+        main(["eval", str(tiny_model), "--data", str(tiny_data), "--format", "alpaca", "--no-progress"])
+    assert captured == [want] * 4
     captured.clear()
     with pytest.raises(Stop):
         main(["generate", str(tiny_model), "--prompt", "hi", "--device", "cpu"])
     assert captured == [torch.device("cpu")]
 
 
-@pytest.mark.parametrize("command", [["generate", "MODEL", "--prompt", "hi"], ["analyze", "MODEL"]])
+@pytest.mark.parametrize("command", [["generate", "MODEL", "--prompt", "hi"], ["analyze", "MODEL"],
+                                     ["eval", "MODEL", "--data", "wikitext-2"]])
 def test_device_cuda_without_a_gpu_is_a_usage_error(tiny_model, monkeypatch, capsys, command):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = [str(tiny_model) if a == "MODEL" else a for a in command] + ["--device", "cuda"]

@@ -5,8 +5,8 @@
 
 Two data sets: the demo data (recipes/data/facts.jsonl, short alpaca records) and a long/short mix generated here
 (seeded: 70% short answers of 5-30 words, 30% long ones of 60-180 words; chat-formatted through the same alpaca
-template). One model is loaded once; both variants step it with apply=False (gradients computed and dropped, so
-the weights never change) and alternate step by step, so machine load hits both alike. Reported: the ratio of
+template). One model is loaded once; both variants step it with lr=0 (the whole step runs, optimizer included,
+but the weights never change) and alternate step by step, so machine load hits both alike. Reported: the ratio of
 non-pad tokens/s, packed over unpacked, and the share of pad tokens each variant computes.
 """
 
@@ -44,7 +44,7 @@ def measure(p, train_mod, data_mod, datasets: dict, batch: int, warmup: int, ste
         for name, stream in streams.items():  # interleaved: A, B, A, B, ...
             b = stream.next_batch()
             t0 = time.perf_counter()
-            res = train_mod.train_step(p, [b], lr=1e-3, max_grad_norm=1.0, apply=False)
+            res = train_mod.train_step(p, [b], lr=0.0, max_grad_norm=1.0)
             dt = time.perf_counter() - t0
             if i >= warmup:
                 s = stats[name]

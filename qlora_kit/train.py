@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -30,17 +31,22 @@ from .memory_timeline import MARK
 from .model import load_base
 from .optim import LossScaler, MasterWeightOptimizer, build_optimizer, lr_factor
 
+if TYPE_CHECKING:  # annotations only: importing either costs seconds, and prepare() imports accelerate anyway
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
 
 @dataclass
 class Prepared:
-    accelerator: object
+    accelerator: Accelerator
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     loss_fn: torch.nn.Module  # CausalLMLoss, possibly wrapped by accelerate
     optimizer: MasterWeightOptimizer
     dataset: data.Dataset
     targets: list[str]
     report: lora.ParamReport
+    recipe: Recipe  # what it was prepared from: run's logging and finish read train/lora settings here
 
 
 def lora_spec(recipe: Recipe) -> lora.LoraSpec:
@@ -91,7 +97,8 @@ def prepare(recipe: Recipe) -> Prepared:
         print("quant.compute_dtype fp32 on CUDA: matmuls use TF32 tensor cores "
               "(torch.set_float32_matmul_precision('high')); pure fp32 would be ~10x slower.", file=sys.stderr)
     loss_fn = accelerator.prepare(CausalLMLoss(model, t.loss_chunk))
-    return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, lora.param_report(model))
+    return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, lora.param_report(model),
+                    recipe)
 
 
 def _check_rank(model: torch.nn.Module, recipe: Recipe) -> None:
@@ -152,9 +159,9 @@ def host_batch_facts(batch: dict) -> tuple[torch.Tensor, int]:
 HOST_BATCH_FUNCS = ("label_tokens", "host_batch_facts", "label_positions")  # CPU-batch only: not device syncs
 
 
-def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm: float, apply: bool = True) -> StepResult:
-    """One optimizer step over `micro_batches` (gradient accumulation). With apply=False (non-finite batch to
-    skip) gradients are computed and dropped.
+def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm: float) -> StepResult:
+    """One optimizer step over `micro_batches` (gradient accumulation). A non-finite loss or gradient norm is not
+    applied: the gradients are dropped and `finite` is False (the caller stops or skips).
 
     The step's loss is the mean over every label token of every micro-batch, not the mean of per-batch means:
     micro-batch i contributes mean_i * n_i / N (N = the step's label tokens, counted on the CPU batches before any
@@ -191,7 +198,7 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
             scaler.update(overflow=True)
             p.optimizer.zero_grad()
             return StepResult(step_loss, tokens, norm, True)
-        if finite and apply:
+        if finite:
             factor = 1.0 / scale
             if max_grad_norm > 0 and norm > max_grad_norm:
                 factor *= max_grad_norm / (norm + 1e-6)
@@ -246,13 +253,76 @@ class _StopFlag:
             signal.signal(s, h)
 
 
+def restore(p: Prepared, stream: data.BatchStream, recipe: Recipe, run_dir: Path, start_ckpt: Path | None,
+            resume: bool) -> tuple[int, int]:
+    """Continue from `start_ckpt` (adapter, optimizer, data position, RNG; metrics after it dropped), or start a
+    fresh run (writing recipe.yaml). Returns (step, skipped batches so far)."""
+    from .run_dir import truncate_metrics
+
+    if start_ckpt is not None:
+        adapter, opt_state, state = checkpoint.load(start_ckpt)
+        lora.load_adapter_state(p.model, adapter)
+        p.optimizer.load_state_dict(opt_state)
+        stream.load_state_dict(state["data"])
+        checkpoint.set_rng_state(state["rng"], p.accelerator.device)
+        truncate_metrics(run_dir, state["step"])
+        print(f"resuming from {start_ckpt} (step {state['step']} of {recipe.train.steps})", file=sys.stderr)
+        return state["step"], state["skipped"]
+    if resume:  # the run died before its first checkpoint: start over in the same folder
+        truncate_metrics(run_dir, 0)
+        print(f"{run_dir} has no complete checkpoint yet: starting from step 0", file=sys.stderr)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    return 0, 0
+
+
+def log_step(p: Prepared, run_dir: Path, step: int, lr: float, res: StepResult, seconds: float,
+             skipped: int) -> tuple[dict, float | None]:
+    """The metrics record of optimizer step `step` (1-based), with the validation loss when it is due; appended to
+    metrics.jsonl every log_every steps, at the end, and with every validation loss. Returns (record, val loss)."""
+    from .run_dir import write_metrics_line
+
+    t = p.recipe.train
+    record = {"step": step, "loss": round(res.loss, 6), "lr": lr, "grad_norm": round(res.grad_norm, 6),
+              "tokens_per_s": round(res.tokens / seconds, 1), "peak_memory_bytes": peak_memory_bytes(p.accelerator.device),
+              "skipped": skipped}
+    val_loss = None
+    if p.dataset.val and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
+        val_loss = evaluate(p, p.dataset.val, t.batch_size)
+        record["val_loss"] = round(val_loss, 6)
+    if step % t.log_every == 0 or step == t.steps or val_loss is not None:
+        write_metrics_line(run_dir, record)
+    return record, val_loss
+
+
+def finish(p: Prepared, run_dir: Path, again: str, step: int, skipped: int, last: dict | None,
+           val_loss: float | None, tokens: int, elapsed: float) -> dict:
+    """Write the final adapter (PEFT format) and summary.json; return the summary."""
+    c = p.recipe.lora
+    try:
+        adapter_dir = peft_format.save_adapter(
+            run_dir / "adapter", lora.adapter_state_dict(p.model), r=c.r, alpha=c.alpha, dropout=c.dropout,
+            rslora=c.rslora, base_model=p.recipe.model.path, init=c.init)
+    except (OSError, SafetensorError) as e:  # a full disk: the final checkpoint already holds every weight
+        raise TrainingStopped(f"could not write {run_dir / 'adapter'} ({e}); the trained weights are safe in "
+                              f"{checkpoint.latest(run_dir)}. Free disk space, then run: {again}") from None
+    summary = {"steps": step, "final_loss": last["loss"] if last else None, "val_loss": val_loss,
+               "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
+               "peak_memory_bytes": peak_memory_bytes(p.accelerator.device), "trainable_params": p.report.trainable,
+               "total_params": p.report.total, "trainable_percent": round(p.report.percent, 4),
+               "skipped_batches": skipped, "adapter": str(adapter_dir), "wall_s": round(elapsed, 1)}
+    atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
 def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: bool = True,
         resume_command: str | None = None) -> dict:
     """`qlora-kit train`: returns a summary (steps, final loss, val loss, tokens/s, peak memory, params).
     `resume_command`: the exact command that continues this run, for the messages of a stopped run."""
     from tqdm.auto import tqdm
 
-    from .run_dir import check_run_dir, write_metrics_line, truncate_metrics
+    from .run_dir import check_run_dir
 
     run_dir = Path(run_dir)
     again = resume_command or f"qlora-kit train RECIPE --out {run_dir} --resume"
@@ -260,22 +330,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
     t = recipe.train
     p = prepare(recipe)
     stream = data.BatchStream(p.dataset.train, t.batch_size, t.seed, data.pad_token_id(p.tokenizer))
-    step, skipped = 0, 0
-    if start_ckpt is not None:
-        adapter, opt_state, state = checkpoint.load(start_ckpt)
-        lora.load_adapter_state(p.model, adapter)
-        p.optimizer.load_state_dict(opt_state)
-        stream.load_state_dict(state["data"])
-        checkpoint.set_rng_state(state["rng"], p.accelerator.device)
-        step, skipped = state["step"], state["skipped"]
-        truncate_metrics(run_dir, step)
-        print(f"resuming from {start_ckpt} (step {step} of {t.steps})", file=sys.stderr)
-    elif resume:  # the run died before its first checkpoint: start over in the same folder
-        truncate_metrics(run_dir, 0)
-        print(f"{run_dir} has no complete checkpoint yet: starting from step 0", file=sys.stderr)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    step, skipped = restore(p, stream, recipe, run_dir, start_ckpt, resume)
     print(f"{p.report} — LoRA r={recipe.lora.r} on {len(p.targets)} modules; "
           f"{len(p.dataset.train)} train / {len(p.dataset.val)} val examples", file=sys.stderr)
 
@@ -289,30 +344,22 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
     with _StopFlag() as stop:
         while step < t.steps:
             ts = time.perf_counter()
-            micro = [stream.next_batch() for _ in range(t.grad_accum)]
-            res = train_step(p, micro, t.lr * lr_factor(step, t), t.max_grad_norm, apply=True)
+            lr = t.lr * lr_factor(step, t)  # once per step: the optimizer and the log see the same value
+            res = train_step(p, [stream.next_batch() for _ in range(t.grad_accum)], lr, t.max_grad_norm)
             if not res.finite:
-                if t.on_nonfinite == "skip":
-                    skipped += 1
-                else:
+                if t.on_nonfinite != "skip":
                     good = checkpoint.latest(run_dir)
                     raise TrainingStopped(
                         f"non-finite loss or gradient at step {step + 1} (loss {res.loss}, grad norm {res.grad_norm}). "
                         f"Last good checkpoint: {good or 'none'}. Lower train.lr (--set train.lr=...) or skip such "
                         f"batches (--set train.on_nonfinite=skip), and continue from that checkpoint with: {again}")
+                skipped += 1
             step += 1
             tokens_total += res.tokens
-            tok_s = res.tokens / (time.perf_counter() - ts)
-            mem = peak_memory_bytes(p.accelerator.device)
-            last = {"step": step, "loss": round(res.loss, 6), "lr": t.lr * lr_factor(step - 1, t),
-                    "grad_norm": round(res.grad_norm, 6), "tokens_per_s": round(tok_s, 1), "peak_memory_bytes": mem,
-                    "skipped": skipped}
-            if p.dataset.val and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
-                val_loss = evaluate(p, p.dataset.val, t.batch_size)
-                last["val_loss"] = round(val_loss, 6)
-            if step % t.log_every == 0 or step == t.steps or "val_loss" in last:
-                write_metrics_line(run_dir, last)
-            bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{tok_s:.0f}", mem=f"{mem / 2**30:.2f}GiB")
+            last, val = log_step(p, run_dir, step, lr, res, time.perf_counter() - ts, skipped)
+            val_loss = val if val is not None else val_loss
+            bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                            mem=f"{last['peak_memory_bytes'] / 2**30:.2f}GiB")
             bar.update(1)
             if (t.save_every and step % t.save_every == 0) or step == t.steps:
                 save_ckpt()
@@ -323,19 +370,4 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
                     f"stopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint saved in {path}. "
                     f"Resume with: {again}")
     bar.close()
-    try:
-        adapter_dir = peft_format.save_adapter(
-            run_dir / "adapter", lora.adapter_state_dict(p.model), r=recipe.lora.r, alpha=recipe.lora.alpha,
-            dropout=recipe.lora.dropout, rslora=recipe.lora.rslora, base_model=recipe.model.path,
-            init=recipe.lora.init)
-    except (OSError, SafetensorError) as e:  # a full disk: the final checkpoint already holds every weight
-        raise TrainingStopped(f"could not write {run_dir / 'adapter'} ({e}); the trained weights are safe in "
-                              f"{checkpoint.latest(run_dir)}. Free disk space, then run: {again}") from None
-    elapsed = time.perf_counter() - t0
-    summary = {"steps": step, "final_loss": last["loss"] if last else None, "val_loss": val_loss,
-               "tokens_per_s": round(tokens_total / elapsed, 1) if elapsed else None,
-               "peak_memory_bytes": peak_memory_bytes(p.accelerator.device), "trainable_params": p.report.trainable,
-               "total_params": p.report.total, "trainable_percent": round(p.report.percent, 4),
-               "skipped_batches": skipped, "adapter": str(adapter_dir), "wall_s": round(elapsed, 1)}
-    atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
-    return summary
+    return finish(p, run_dir, again, step, skipped, last, val_loss, tokens_total, time.perf_counter() - t0)

@@ -198,7 +198,7 @@ def test_grad_accum_equals_one_big_batch_with_unequal_lengths(tiny_model, tiny_d
     for ga, gb in zip(accumulated, big):
         torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
     # The same check on the loss value, against an independent token mean from transformers' forward.
-    step = train.train_step(p, [a, b], lr=1e-3, max_grad_norm=0.0, apply=False)
-    with torch.no_grad():
+    with torch.no_grad():  # before the step below changes the weights
         hf = p.model(input_ids=whole["input_ids"], attention_mask=whole["attention_mask"], labels=whole["labels"]).loss
+    step = train.train_step(p, [a, b], lr=1e-3, max_grad_norm=0.0)  # its loss is that of the weights it started from
     assert step.loss == pytest.approx(float(hf), rel=1e-4)

@@ -106,7 +106,7 @@ def bnb_sanity(ctx) -> dict:
     out = {}
     for kind in ("nf4", "fp4"):
         layer = quant.QuantLinear.from_weight(w, quant.QuantSpec(kind))
-        ref_w = quant._dequantize_4bit_torch(layer._buffers, layer.spec, (n, n), torch.float32).double()
+        ref_w = quant._dequantize_4bit_torch(layer.quant_tensors(), layer.spec, (n, n), torch.float32).double()
         for rows in (1, 8):
             x = torch.randn(1, rows, n, generator=g).bfloat16().to(ctx.device)
             with torch.no_grad():

@@ -6,7 +6,7 @@ import json
 
 import click
 
-QUANTS = ["nf4", "fp4", "int8", "none"]
+from qlora_kit.terms import QUANT_TYPES
 
 
 @click.command()
@@ -20,7 +20,7 @@ QUANTS = ["nf4", "fp4", "int8", "none"]
 @click.option("--max-length", type=click.IntRange(2), help="Tokens per example (default: the run's, else 1024).")
 @click.option("--max-examples", type=click.IntRange(1), help="Evaluate the first N examples only.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--quant", type=click.Choice(QUANTS),
+@click.option("--quant", type=click.Choice(QUANT_TYPES),
               help="Quantize the base while loading (default: a run's recipe; none for a model folder).")
 @click.option("--base", help="Base model for a PEFT adapter folder (default: the adapter's base_model_name_or_path).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from . import data, lora, multi_lora, peft_format
+from . import data, loftq, lora, multi_lora, peft_format
 from .config import ModelConfig, QuantConfig, Recipe, load_recipe
 from .device import resolve_device
 from .errors import ModelError
@@ -79,7 +79,10 @@ def load(path: str, base: str | None = None, quant: QuantConfig | None = None, d
     run's recipe already allows, never remove."""
     device = resolve_device(device)
     model_cfg, recipe = _base_config(path, base, allow_pickle, trust_remote_code)
-    model, tok, _ = load_base(model_cfg, quant or (recipe.quant if recipe else QuantConfig()), device)
+    # a LoftQ run's base is quantized around its stored low-rank offsets (loftq.py), exactly as in training
+    offsets = loftq.Initializer.from_run(Path(path)) if loftq.is_loftq_run(recipe) else None
+    model, tok, _ = load_base(model_cfg, quant or (recipe.quant if recipe else QuantConfig()), device,
+                              before_quantize=offsets)
     loaded = Loaded(model, tok, *((recipe.data.format, recipe.data.system_prompt) if recipe else ("alpaca", None)))
     p = Path(path)
     if recipe is not None:
@@ -126,6 +129,10 @@ def load_many(source: str, adapters: Mapping[str, str], base: str | None = None,
     for name, path in adapters.items():
         multi_lora.check_name(name)
         adapter_dir, recipe = adapter_source(path)
+        if loftq.is_loftq_run(recipe):
+            raise ModelError(f"--adapter {name}={path}: a LoftQ run (lora.init loftq) is trained over its own base, "
+                             "quantized around offsets stored in the run, so it cannot share a base with other "
+                             f"adapters; ask it alone: qlora-kit generate {path} --prompt ...")
         found[name] = (peft_format.load_adapter(adapter_dir), recipe)
     model_cfg, recipe = _base_config(source, base, allow_pickle, trust_remote_code)
     run_quants = [r.quant for _, r in found.values() if r is not None]

@@ -30,6 +30,7 @@ import torch
 from . import atomic, gguf_arch, gguf_vocab, ollama
 from .errors import ExportError
 from .shards import TensorInfo, read_tensor, row_blocks
+from .terms import lora_scale
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # what the gguf package writes itself
 KQUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
@@ -116,7 +117,7 @@ def _tensor(p: Planned, src, merge_base: str, frozen: torch.dtype, device: str) 
     W = read_tensor(p.info)
     if p.module is not None:
         A, B = src.adapter.pair(p.module)
-        W = merge_base_weight(W, src.trained_with, frozen, merge_base, device)
+        W = merge_base_weight(W, src.trained_with, frozen, merge_base, device, src.offset(p.module))
         W = merged_weight(W, A, B, src.adapter.module_scaling(p.module), torch.float32)
     W = W.float()
     return gguf_arch.permute_rows(W, p.heads) if p.heads else W
@@ -239,7 +240,7 @@ def write_adapter(src, base: Path, out: Path, kind: str, free_bytes) -> tuple[in
     for m in a.modules():
         A, B = a.pair(m)
         r = A.shape[0]
-        fold = a.module_scaling(m) / (a.alpha / r)
+        fold = a.module_scaling(m) / lora_scale(a.alpha, r, rslora=False)  # llama.cpp applies alpha / r
         B = B.float() * fold if fold != 1.0 else B.float()
         heads = names.heads_to_permute(f"{m}.weight")
         B = gguf_arch.permute_rows(B, heads) if heads else B

@@ -23,7 +23,7 @@ def captured(monkeypatch):
     """Record the device generate hands to load_base, then stop (the load itself is tested elsewhere)."""
     seen = []
 
-    def fake_load_base(model_cfg, quant_cfg, device="cpu"):
+    def fake_load_base(model_cfg, quant_cfg, device="cpu", *args, **kwargs):
         seen.append(torch.device(device))
         raise Stop
 

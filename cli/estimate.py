@@ -89,9 +89,13 @@ def _seq_cell(row: dict) -> str:
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="cuda adds the CUDA context allowance.")
 @click.option("--gpu-mem", default=None, help="Does it fit in this much memory? e.g. 24GiB, 24GB, 16G.")
+@click.option("--gpus", type=click.IntRange(1, 4096), default=1, show_default=True,
+              help="Processes (one GPU each) of a torchrun / accelerate launch; --batch is per GPU.")
+@click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
+              help="With --gpus > 1: ddp replicates the frozen base; fsdp shards it (train.parallel).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (sizes in bytes) instead of tables.")
 def command(model, quant, blocksize, double_quant, rank, targets, lora_dropout, optimizer, seq, batch,
-            checkpointing, compute_dtype, loss_chunk, device, gpu_mem, as_json):
+            checkpointing, compute_dtype, loss_chunk, device, gpu_mem, gpus, parallel, as_json):
     """Predict the GPU memory of QLoRA training from MODEL's config.json alone (no weights are loaded)."""
     config = me.load_model_config(model)
     names = parse_targets(targets)
@@ -101,6 +105,11 @@ def command(model, quant, blocksize, double_quant, rank, targets, lora_dropout, 
                             checkpointing=checkpointing, device=device, loss_chunk=loss_chunk,
                             compute_bytes=2 if compute_dtype == "bf16" else 4, lora_dropout=lora_dropout)
     limit = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
+    if gpus > 1:
+        from qlora_kit.cli.estimate_devices import report
+
+        report(model, config, cfg, gpus, parallel, gpu_mem, limit, as_json)
+        return
     e = me.estimate(config, cfg)
     table = me.max_seq_table(config, cfg)
     if as_json:

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app.main(args=argv, prog_name="qlora-kit", standalone_mode=False)
     except QloraKitError as e:
-        click.echo(f"error: {e}", err=True)
+        if not getattr(e, "quiet", False):  # several processes: an error every rank hit is printed by rank 0 only
+            click.echo(f"error: {e}", err=True)
         return getattr(e, "exit_code", 2)
     except click.exceptions.Exit as e:
         return e.exit_code

@@ -26,6 +26,7 @@ from .terms import BLOCKSIZES, QuantType
 
 ComputeDtype = Literal["bf16", "fp32"]
 DataFormat = Literal["text", "alpaca", "chat", "sharegpt", "completion"]
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"]
 
@@ -35,8 +36,9 @@ class ModelConfig:
     path: str = "smollm2-135m"
     """A Hugging Face model folder (config.json + safetensors), or a built-in name (`smollm2-135m`)."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """dtype of the unquantized frozen weights (embeddings, norms, lm_head). `auto`: the checkpoint's 16-bit
-    dtype, bf16 if the checkpoint is fp32. Never up-cast to fp32 unless asked."""
+    """dtype of the unquantized frozen weights (embeddings, norms, lm_head) and so of the residual stream. `auto`:
+    bf16 wherever the device has it (every CPU; CUDA GPUs from Ampere), else fp16 with dynamic loss scaling (as
+    `fp16` always gets). Never up-cast to fp32 unless asked."""
     allow_pickle: bool = False
     """Allow `.bin` (pickle) checkpoints; they are then read with `torch.load(weights_only=True)`."""
     trust_remote_code: bool = False
@@ -66,8 +68,12 @@ class LoraConfig:
     targets: Union[str, list[str]] = "all-linear"
     """`all-linear` (every Linear but lm_head), a list of module-name suffixes ([q_proj, v_proj]), or a regex
     matched against full module names."""
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    """Initialisation of A (B is always zero, so an untrained adapter changes nothing)."""
+    init: Literal["kaiming", "gaussian", "loftq"] = "kaiming"
+    """Initialisation. kaiming / gaussian: of A, with B zero, so an untrained adapter changes nothing. loftq (LoftQ,
+    arXiv 2310.08659): A and B from alternating quantization and truncated SVD, so that the quantized base plus
+    the adapter approximates the 16-bit weights at step 0; needs a quantized base (quant.type not none)."""
+    loftq_iters: int = 5
+    """LoftQ alternations T (the paper uses 5; 1 quantizes W itself and fits the adapter to the error once)."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r."""
 
@@ -142,6 +148,14 @@ class TrainConfig:
     """auto: CUDA when present, else CPU."""
     num_threads: int = 0
     """CPU threads for torch (0: torch's default)."""
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Several processes (torchrun / accelerate launch): ddp replicates the frozen base on every rank; fsdp shards
+    it (FSDP2, one decoder layer gathered at a time). auto: ddp when launched with more than one process. Adapters
+    and optimizer state are replicated either way; in one process both are a plain run."""
+    dist_timeout_s: int = 600
+    """Seconds a rank waits for the others in a collective before it stops and names the ranks that went silent."""
+    report_to: list[Tracker] = field(default_factory=list)
+    """Also log metrics.jsonl's values to experiment trackers: [tensorboard, wandb, mlflow] (optional extras)."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +196,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("lora", "r"): (lambda v: v > 0, "> 0"),
     ("lora", "alpha"): (lambda v: v > 0, "> 0"),
     ("lora", "dropout"): (lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("lora", "loftq_iters"): (lambda v: 1 <= v <= 100, "in [1, 100]"),
     ("data", "max_length"): (lambda v: v > 0, "> 0"),
     ("data", "val_fraction"): (lambda v: 0 <= v < 1, "in [0, 1)"),
     ("train", "steps"): (lambda v: v > 0, "> 0"),
@@ -196,6 +211,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("train", "eval_every"): (lambda v: v >= 0, ">= 0"),
     ("train", "save_every"): (lambda v: v >= 0, ">= 0"),
     ("train", "keep_checkpoints"): (lambda v: v > 0, "> 0"),
+    ("train", "dist_timeout_s"): (lambda v: 10 <= v <= 86400, "in [10, 86400]"),
     ("train", "num_threads"): (lambda v: 0 <= v <= 4096, "in [0, 4096]"),  # torch overflows on absurd counts
     ("train", "seed"): (lambda v: 0 <= v < 2**64, "in [0, 2**64)"),  # torch.manual_seed takes a uint64
 }

@@ -41,7 +41,7 @@ from typing import Literal
 
 import torch
 
-from . import gguf_export, lora, peft_format, quant
+from . import gguf_export, loftq, lora, peft_format, quant
 from .config import ModelConfig
 from .errors import ExportError, ModelError
 from .export_files import atomic_folder, copy_tokenizer, linear_weights, write_config, writing
@@ -81,6 +81,11 @@ class Source:
     base_name: str | None
     trained_with: quant.QuantSpec  # the quantization the adapter was trained against (type none: a plain base)
     model_cfg: ModelConfig
+    loftq: dict = field(default_factory=dict)  # a LoftQ run's base offsets: module -> (B (out, r), A (r, in)) fp32
+
+    def offset(self, module: str | None):
+        """The LoftQ offset `module`'s base was quantized around, or None (loftq.base_weight)."""
+        return self.loftq.get(module)
 
 
 @dataclass
@@ -112,6 +117,7 @@ def open_source(path: str | Path, base: str | None = None, quant_type: str | Non
                               "(recipe.yaml); drop --quant.")
         adapter = peft_format.load_adapter(adapter_dir)
         model_cfg = dataclasses.replace(recipe.model, path=base or recipe.model.path)
+        offsets = loftq.load(adapter_dir.parent) if loftq.is_loftq_run(recipe) else {}
     else:
         path = adapter_dir
         if not (path / peft_format.CONFIG_NAME).is_file():
@@ -120,8 +126,9 @@ def open_source(path: str | Path, base: str | None = None, quant_type: str | Non
         adapter = peft_format.load_adapter(path)
         spec = quant.QuantSpec(quant_type or "nf4")  # blocksize 64, double quant, bf16 compute: QLoRA's settings
         model_cfg = ModelConfig(path=base or adapter.base_model or "")
+        offsets = {}
     _check_adapter(adapter)
-    return Source(adapter, model_cfg.path or None, spec, model_cfg)
+    return Source(adapter, model_cfg.path or None, spec, model_cfg, offsets)
 
 
 def _check_adapter(adapter: peft_format.Adapter) -> None:
@@ -176,12 +183,14 @@ def check_fits(adapter: peft_format.Adapter, index: dict[str, TensorInfo], base:
 
 
 def merge_base_weight(W: torch.Tensor, trained_with: quant.QuantSpec, frozen: torch.dtype, merge_base: str,
-                      device: str = "cpu") -> torch.Tensor:
+                      device: str = "cpu", offset=None) -> torch.Tensor:
     """W_base: the checkpoint's W, or dequant(quant(W)) computed as training did (W cast to the frozen dtype, then
     quantized on `device`; dequantized to the compute dtype: the weight every training forward multiplied by)."""
     if merge_base == "original" or trained_with.type == "none":
         return W
-    return quant.roundtrip(W.to(device, frozen), trained_with, trained_with.compute_dtype).cpu()
+    # LoftQ: quant(W - offset), the very tensor model.load_base quantized (loftq.base_weight on the frozen-dtype W)
+    return quant.roundtrip(loftq.base_weight(W.to(device, frozen), offset), trained_with,
+                           trained_with.compute_dtype).cpu()
 
 
 def merge_rows(W_base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, out_dtype: torch.dtype):
@@ -351,7 +360,7 @@ def _emit(it: Item, writer: ShardWriter, src: Source, merge_base: str, frozen: t
     if it.module is not None:
         A, B = src.adapter.pair(it.module)
         s = src.adapter.module_scaling(it.module)
-        W = merge_base_weight(W, src.trained_with, frozen, merge_base, device)
+        W = merge_base_weight(W, src.trained_with, frozen, merge_base, device, src.offset(it.module))
         if not it.quantize:
             for i, rows in merge_rows(W, A, B, s, out_dtype):
                 writer.write(info.name, rows, i)

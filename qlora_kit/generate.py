@@ -15,8 +15,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from . import data, lora, multi_lora, peft_format
+from . import data, loftq, lora, multi_lora, peft_format
 from .config import ModelConfig, QuantConfig, Recipe, load_recipe
+from .device import resolve_device
 from .errors import ModelError
 from .model import load_base
 from .quant import DTYPES
@@ -71,12 +72,17 @@ def _base_config(source: str, base: str | None, allow_pickle: bool,
     return ModelConfig(base or source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code), None
 
 
-def load(path: str, base: str | None = None, quant: QuantConfig | None = None, device: str = "cpu",
+def load(path: str, base: str | None = None, quant: QuantConfig | None = None, device: str = "auto",
          allow_pickle: bool = False, trust_remote_code: bool = False) -> Loaded:
     """`path` is a run folder, a PEFT adapter folder (base from --base or its config), or a model (folder/name).
-    allow_pickle / trust_remote_code (the CLI flags) add to what a run's recipe already allows, never remove."""
+    device: auto (CUDA when present) | cpu | cuda. allow_pickle / trust_remote_code (the CLI flags) add to what a
+    run's recipe already allows, never remove."""
+    device = resolve_device(device)
     model_cfg, recipe = _base_config(path, base, allow_pickle, trust_remote_code)
-    model, tok, _ = load_base(model_cfg, quant or (recipe.quant if recipe else QuantConfig()), device)
+    # a LoftQ run's base is quantized around its stored low-rank offsets (loftq.py), exactly as in training
+    offsets = loftq.Initializer.from_run(Path(path)) if loftq.is_loftq_run(recipe) else None
+    model, tok, _ = load_base(model_cfg, quant or (recipe.quant if recipe else QuantConfig()), device,
+                              before_quantize=offsets)
     loaded = Loaded(model, tok, *((recipe.data.format, recipe.data.system_prompt) if recipe else ("alpaca", None)))
     p = Path(path)
     if recipe is not None:
@@ -112,16 +118,21 @@ def speed_up(loaded: Loaded, merge: bool = True) -> str:
 
 
 def load_many(source: str, adapters: Mapping[str, str], base: str | None = None, quant: QuantConfig | None = None,
-              device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False) -> Loaded:
+              device: str = "auto", allow_pickle: bool = False, trust_remote_code: bool = False) -> Loaded:
     """One base, several named adapters beside it (multi_lora). `adapters`: name -> a run folder, RUN/adapter or a
     PEFT adapter folder. `source` supplies only the base: a model folder or name, a run folder (its recipe's model,
     quant and prompt template; its own adapter is loaded only if also named in `adapters`), or an adapter folder
     (its base_model). Quantization: `quant`, else the source run's, else the first adapter run's, else nf4."""
 
+    device = resolve_device(device)
     found = {}
     for name, path in adapters.items():
         multi_lora.check_name(name)
         adapter_dir, recipe = adapter_source(path)
+        if loftq.is_loftq_run(recipe):
+            raise ModelError(f"--adapter {name}={path}: a LoftQ run (lora.init loftq) is trained over its own base, "
+                             "quantized around offsets stored in the run, so it cannot share a base with other "
+                             f"adapters; ask it alone: qlora-kit generate {path} --prompt ...")
         found[name] = (peft_format.load_adapter(adapter_dir), recipe)
     model_cfg, recipe = _base_config(source, base, allow_pickle, trust_remote_code)
     run_quants = [r.quant for _, r in found.values() if r is not None]

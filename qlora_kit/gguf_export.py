@@ -117,7 +117,7 @@ def _tensor(p: Planned, src, merge_base: str, frozen: torch.dtype, device: str) 
     W = read_tensor(p.info)
     if p.module is not None:
         A, B = src.adapter.pair(p.module)
-        W = merge_base_weight(W, src.trained_with, frozen, merge_base, device)
+        W = merge_base_weight(W, src.trained_with, frozen, merge_base, device, src.offset(p.module))
         W = merged_weight(W, A, B, src.adapter.module_scaling(p.module), torch.float32)
     W = W.float()
     return gguf_arch.permute_rows(W, p.heads) if p.heads else W

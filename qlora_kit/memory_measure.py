@@ -8,7 +8,7 @@ position labelled, so that the sequence length is exact.
 What is measured, and how (sizes in bytes)
   static tensors: an inventory of the live model and optimizer, each storage counted once (tied weights once)
     quantized_weights   QuantLinear.qweight (quant none: the decoder Linears' 16-bit weights)
-    quant_constants     the other QuantLinear buffers: absmax, nested absmax and code, codebook, offset
+    quant_constants     the other QuantLinear tensors: absmax, nested absmax and code, codebook, offset
     unquantized_params  frozen parameters (embeddings, norms, lm_head, biases; every Linear with quant none) and
                         the other module buffers (rotary inv_freq)
     adapters            trainable parameters
@@ -152,9 +152,11 @@ def static_inventory(model, optimizer) -> dict[str, int]:
             out[key] += t.untyped_storage().nbytes()
 
     for m in model.modules():
-        for name, b in m.named_buffers(recurse=False):
-            add("quantized_weights" if isinstance(m, QuantLinear) and name == "qweight" else
-                "quant_constants" if isinstance(m, QuantLinear) else "unquantized_params", b)
+        for b in m.buffers(recurse=False):
+            add("unquantized_params", b)
+        if isinstance(m, QuantLinear):
+            for name, t in m.quant_tensors().items():
+                add("quantized_weights" if name == "qweight" else "quant_constants", t)
     head = model.get_output_embeddings()
     for m in model.modules():  # quant none: the decoder Linears' plain 16-bit weights, as the estimate counts them
         if isinstance(m, torch.nn.Linear) and m is not head and not m.weight.requires_grad:

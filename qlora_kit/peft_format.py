@@ -93,7 +93,9 @@ def save_adapter(
         "base_model_name_or_path": base_model,
         "bias": "none",
         "fan_in_fan_out": False,
-        "init_lora_weights": True if init == "kaiming" else "gaussian",
+        # loftq: the adapter belongs to a base quantized around the run's loftq.safetensors offsets; PEFT would
+        # demand a loftq_config to load "loftq", and initialisation does not matter once trained.
+        "init_lora_weights": "gaussian" if init == "gaussian" else True,
         "inference_mode": True,
         "modules_to_save": None,
         "revision": None,

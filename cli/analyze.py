@@ -109,14 +109,16 @@ def _text(report: an.Report) -> list[str]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random-direction baseline.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option("--plot", "plot_dir", default=None, metavar="DIR", help="Write spectrum / amplification / similarity PNGs.")
-def command(path, base, no_base, quant, blocksize, double_quant, compare, pattern, seed, as_json, plot_dir):
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the base is quantized, as in training (auto: CUDA when present).")
+def command(path, base, no_base, quant, blocksize, double_quant, compare, pattern, seed, as_json, plot_dir, device):
     """Analyse a LoRA adapter (LoRA paper section 7): per module, the singular values of dW = s * B @ A, stable rank,
     the ranks holding 90% / 99% of its energy; with a base, how much dW amplifies directions of W; with --compare,
     how much the top subspaces of two adapters overlap."""
     if no_base and base is not None:
         raise click.UsageError("--base and --no-base exclude each other.")
     report = an.analyze(path, base=base, use_base=not no_base, quant=quant, blocksize=blocksize,
-                        double_quant=double_quant, compare=compare, modules=pattern, seed=seed)
+                        double_quant=double_quant, compare=compare, modules=pattern, seed=seed, device=device)
     plots = []
     if plot_dir is not None:
         from qlora_kit.analyze_plots import write_plots

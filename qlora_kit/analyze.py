@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from . import peft_format
 from .config import QuantConfig
 from .errors import ConfigError, ModelError
+from .device import resolve_device
 from .model import frozen_dtype, resolve, weight_files
 from .run_dir import adapter_source
 from .terms import BLOCKSIZES, QUANT_TYPES
@@ -177,8 +178,10 @@ class BaseWeights:
     nf4 / fp4 / int8: cast to the frozen dtype (`auto`: the checkpoint's 16-bit dtype, bf16 for fp32, as
     model.load_base does), quantized, dequantized to the compute dtype: the exact weight training multiplied by."""
 
-    def __init__(self, folder: Path, quant: QuantConfig, dtype: str | None):
+    def __init__(self, folder: Path, quant: QuantConfig, dtype: str | None, device: torch.device | None = None):
+        # device: where the weight is quantized and dequantized (training's device gives training's codes)
         self.folder, self.quant, self.dtype = folder, quant, dtype
+        self.device = device or torch.device("cpu")
         files = [f for f in weight_files(folder) if f.suffix == ".safetensors"]
         if not files:
             raise ModelError(f"{folder} holds only pickle (.bin) weights; analyze reads safetensors only. "
@@ -213,7 +216,7 @@ class BaseWeights:
             return w.float()
         from .quant import roundtrip
 
-        return roundtrip(w, self.spec, self.spec.compute_dtype).float()
+        return roundtrip(w.to(self.device), self.spec, self.spec.compute_dtype).float().cpu()
 
 
 # ---- the report ------------------------------------------------------------------------------------------------
@@ -319,7 +322,7 @@ def _select(names: list[str], pattern: str | None, where: Path) -> list[str]:
 
 
 def _base_setup(src: Source, base: str | None, use_base: bool, quant: str, blocksize: int,
-                double_quant: bool) -> tuple[str | None, BaseWeights | None, dict | None]:
+                double_quant: bool, device: torch.device | None = None) -> tuple[str | None, BaseWeights | None, dict | None]:
     if quant not in ("auto", *QUANT_TYPES):
         raise ConfigError(f"--quant {quant!r}: choose auto, nf4, fp4, int8 or none.")
     if blocksize not in BLOCKSIZES:
@@ -336,20 +339,22 @@ def _base_setup(src: Source, base: str | None, use_base: bool, quant: str, block
         dtype, origin = (None if qcfg.type == "none" else "auto"), "option"
     info = {"type": qcfg.type, "blocksize": qcfg.blocksize, "double_quant": qcfg.double_quant,
             "compute_dtype": qcfg.compute_dtype, "dtype": dtype, "source": origin}
-    return name, BaseWeights(resolve(name), qcfg, dtype), info
+    return name, BaseWeights(resolve(name), qcfg, dtype, device), info
 
 
 def analyze(path: str | Path, *, base: str | None = None, use_base: bool = True, quant: str = "auto",
             blocksize: int = 64, double_quant: bool = True, compare: str | Path | None = None,
-            modules: str | None = None, seed: int = 0) -> Report:
+            modules: str | None = None, seed: int = 0, device: str = "auto") -> Report:
     """Analyse the adapter at `path` (an adapter folder, a run folder, or RUN/adapter).
 
     base: a model folder or built-in name; default for a run folder is its recipe's model (use_base=False skips
     it). quant `auto`: as the run's recipe trained, `none` for a bare adapter (its quantization is not recorded
     in adapter_config.json; pass nf4 to analyse against the 4-bit base QLoRA trains on). compare: another
     adapter (or run) with the same modules, e.g. a different rank or seed. modules: a regex (re.search) over full
-    module names to limit the cost. seed: for the random baseline's directions.
+    module names to limit the cost. seed: for the random baseline's directions. device: where the base is
+    quantized (auto: CUDA when present, as training chose); the spectra and projections run in float64 on the CPU.
     """
+    dev = resolve_device(device)  # a usage error before any file is read
     src = locate(path)
     stack = peft_format.load_stack(src.adapter_dir)
     adapter = next((a for a in stack if a.kind == "lora"), None)  # LoRA or DoRA: the spectra
@@ -357,7 +362,7 @@ def analyze(path: str | Path, *, base: str | None = None, use_base: bool = True,
     order = lambda n: (-1 if _layer(n) is None else _layer(n), n)  # noqa: E731  layer 2 before layer 10
     chosen = set(_select(sorted({m for a in stack for m in a.modules()}), modules, src.adapter_dir))
     names = sorted((n for n in adapter.modules() if n in chosen), key=order) if adapter else []
-    base_name, weights, qinfo = _base_setup(src, base, use_base, quant, blocksize, double_quant)
+    base_name, weights, qinfo = _base_setup(src, base, use_base, quant, blocksize, double_quant, dev)
     report = Report(adapter=str(path), r=adapter.r if adapter else 0, alpha=adapter.alpha if adapter else 0.0,
                     base=base_name, quant=qinfo, method="+".join(a.method for a in stack))
     if ia3_part is not None:

@@ -36,8 +36,9 @@ class ModelConfig:
     path: str = "smollm2-135m"
     """A Hugging Face model folder (config.json + safetensors), or a built-in name (`smollm2-135m`)."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """dtype of the unquantized frozen weights (embeddings, norms, lm_head). `auto`: the checkpoint's 16-bit
-    dtype, bf16 if the checkpoint is fp32. Never up-cast to fp32 unless asked."""
+    """dtype of the unquantized frozen weights (embeddings, norms, lm_head) and so of the residual stream. `auto`:
+    bf16 wherever the device has it (every CPU; CUDA GPUs from Ampere), else fp16 with dynamic loss scaling (as
+    `fp16` always gets). Never up-cast to fp32 unless asked."""
     allow_pickle: bool = False
     """Allow `.bin` (pickle) checkpoints; they are then read with `torch.load(weights_only=True)`."""
     trust_remote_code: bool = False

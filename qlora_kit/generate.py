@@ -18,6 +18,7 @@ import torch
 
 from . import data, loftq, methods, multi_lora, peft_format
 from .config import ModelConfig, QuantConfig, Recipe, load_recipe
+from .device import resolve_device
 from .errors import ModelError
 from .model import load_base
 from .quant import DTYPES
@@ -63,10 +64,12 @@ def _base_config(source: str, base: str | None, allow_pickle: bool,
     return ModelConfig(base or source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code), None
 
 
-def load(path: str, base: str | None = None, quant: QuantConfig | None = None, device: str = "cpu",
+def load(path: str, base: str | None = None, quant: QuantConfig | None = None, device: str = "auto",
          allow_pickle: bool = False, trust_remote_code: bool = False) -> Loaded:
     """`path` is a run folder, a PEFT adapter folder (base from --base or its config), or a model (folder/name).
-    allow_pickle / trust_remote_code (the CLI flags) add to what a run's recipe already allows, never remove."""
+    device: auto (CUDA when present) | cpu | cuda. allow_pickle / trust_remote_code (the CLI flags) add to what a
+    run's recipe already allows, never remove."""
+    device = resolve_device(device)
     model_cfg, recipe = _base_config(path, base, allow_pickle, trust_remote_code)
     # a LoftQ run's base is quantized around its stored low-rank offsets (loftq.py), exactly as in training
     offsets = loftq.Initializer.from_run(Path(path)) if loftq.is_loftq_run(recipe) else None
@@ -107,12 +110,13 @@ def speed_up(loaded: Loaded, merge: bool = True) -> str:
 
 
 def load_many(source: str, adapters: Mapping[str, str], base: str | None = None, quant: QuantConfig | None = None,
-              device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False) -> Loaded:
+              device: str = "auto", allow_pickle: bool = False, trust_remote_code: bool = False) -> Loaded:
     """One base, several named adapters beside it (multi_lora). `adapters`: name -> a run folder, RUN/adapter or a
     PEFT adapter folder. `source` supplies only the base: a model folder or name, a run folder (its recipe's model,
     quant and prompt template; its own adapter is loaded only if also named in `adapters`), or an adapter folder
     (its base_model). Quantization: `quant`, else the source run's, else the first adapter run's, else nf4."""
 
+    device = resolve_device(device)
     found = {}
     for name, path in adapters.items():
         multi_lora.check_name(name)

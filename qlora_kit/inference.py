@@ -95,17 +95,6 @@ def merge_adapters(model: nn.Module) -> int:
     return n
 
 
-def pick_device(choice: str) -> str:
-    """auto -> cuda when a GPU is visible, else cpu; cuda without a GPU is the user's error."""
-    from .errors import ConfigError
-
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA GPU is visible here; use --device auto or cpu.")
-    return choice
-
-
 def for_decoding(model: nn.Module, merge: bool = True) -> str:
     """Generation on the CPU: dense weights, the whole model in fp32, a single adapter merged. fp32, not bf16:
     a decoded token is a matrix-vector product, and on the CPU measured here (AVX512-BF16, torch 2.13) torch's

@@ -25,13 +25,14 @@ from safetensors import SafetensorError
 
 from . import atomic, checkpoint, data, fsdp, lora, methods, trackers
 from .config import Recipe
+from .device import allow_tf32
 from .distributed import World, parallel_mode, shard_batch
 from .errors import ConfigError, TrainingInterrupted, TrainingStopped
 from .loss import CausalLMLoss, label_positions
 from .memory_timeline import MARK
 from .model import load_base
 from .stop_signals import StopFlag
-from .optim import MasterWeightOptimizer, ParamGroup, build_optimizer, lr_factor
+from .optim import LossScaler, MasterWeightOptimizer, ParamGroup, build_optimizer, lr_factor
 
 if TYPE_CHECKING:  # annotations only: importing either costs seconds, and prepare() imports accelerate anyway
     from accelerate import Accelerator
@@ -117,6 +118,13 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
     if t.optimizer != "adamw":
         _probe_bnb_optimizer(t, accelerator.device)
     optimizer = build_optimizer(param_groups(named, recipe.lora.plus_ratio), t)
+    if model.get_input_embeddings().weight.dtype == torch.float16:  # model.dtype fp16, or auto without bf16
+        optimizer.scaler = LossScaler()
+    from .quant import DTYPES
+
+    if allow_tf32(accelerator.device, DTYPES[recipe.quant.compute_dtype]):
+        print("quant.compute_dtype fp32 on CUDA: matmuls use TF32 tensor cores "
+              "(torch.set_float32_matmul_precision('high')); pure fp32 would be ~10x slower.", file=sys.stderr)
     report, loss_fn = lora.param_report(model), CausalLMLoss(model, t.loss_chunk)
     if mode == "fsdp":
         sharder.shard_root(loss_fn, model)
@@ -151,13 +159,18 @@ def _check_rank(model: torch.nn.Module, recipe: Recipe) -> None:
                           f"{limit} at most here); set lora.r to {min(16, limit)} or another value <= {limit}.")
 
 
+PROBE_SHAPE = (2, 64, 2048)  # one r=64 adapter pair on hidden 2048: 262,144 elements
+
+
 def _probe_bnb_optimizer(t, device: torch.device) -> None:
     """Step a throwaway bitsandbytes optimizer once, so a machine where its kernels cannot run fails here with the
-    fix, not with a RuntimeError at step 1. 4096 elements: bitsandbytes keeps smaller tensors' state in fp32."""
+    fix, not with a RuntimeError at step 1. Realistic size (PROBE_SHAPE, 1 MiB fp32): bitsandbytes keeps tensors
+    under 4,096 elements in 32-bit state and pages only tensors of at least 1e5 elements, so a smaller probe would
+    not exercise the 8-bit or the paged kernels the run will use."""
     from .quant import bnb_optimizer
 
     try:
-        w = torch.zeros(4096, device=device, requires_grad=True)
+        w = torch.zeros(PROBE_SHAPE, device=device, requires_grad=True)
         w.grad = torch.ones_like(w)
         bnb_optimizer(t.optimizer, [w], 1e-3, 0.0).step()
     except Exception as e:  # any failure of the probe means "not on this machine"; the message carries the cause
@@ -213,6 +226,8 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
     token count and the stop flag are summed across ranks after the last micro-batch: the SUM over ranks of
     mean_i * n_i / N is the mean over all label tokens of the global step, as in one process."""
     device, world = p.accelerator.device, p.world
+    scaler = p.optimizer.scaler  # fp16 residual stream only; bf16 and fp32 run unscaled (scale 1, no extra kernel)
+    scale = scaler.scale if scaler is not None else 1.0
     facts = [host_batch_facts(b) for b in micro_batches]
     total_tokens = sum(pos.numel() for pos, _ in facts)
     if world.distributed:
@@ -230,12 +245,13 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
                             positions=pos.to(device, non_blocking=True),
                             position_ids=batch.get("position_ids"))  # mean over its n tokens (packed: per document)
         weighted = loss * (n / total_tokens)
-        p.accelerator.backward(weighted)
+        p.accelerator.backward(weighted * scale if scaler is not None else weighted)
         total_loss += weighted.detach()
     # A named range: profiler traces (and memory_measure's timeline) see where the optimizer phase starts.
     with torch.profiler.record_function(MARK + "optimizer"):
         grads = p.optimizer.grads_to_masters()
-        counters = torch.tensor([float(tokens), float(stop)], device=device)
+        # non_blocking from the CPU: a blocking host-to-device copy would synchronise the stream
+        counters = torch.tensor([float(tokens), float(stop)]).to(device, non_blocking=True)
         if world.distributed:  # the step's only other collective: gradients (in place), loss, tokens, stop flag
             extras = torch.cat([total_loss.reshape(1), counters])
             world.all_reduce_([*grads, extras])
@@ -243,12 +259,22 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
         step_loss, norm, tokens_f, stop_f = torch.cat(
             [torch.stack([total_loss, p.optimizer.grad_norm().to(device)]), counters]).tolist()  # the one host sync
         tokens, stop = int(tokens_f), stop_f > 0
+        norm /= scale  # exact: a power of two
         finite = math.isfinite(step_loss) and math.isfinite(norm)
+        if scaler is not None and math.isfinite(step_loss) and not finite:  # fp16 gradient overflow: skip, rescale
+            scaler.update(overflow=True)
+            p.optimizer.zero_grad()
+            return StepResult(step_loss, tokens, norm, True)
         if finite:
+            factor = 1.0 / scale
             if max_grad_norm > 0 and norm > max_grad_norm:
-                p.optimizer.scale_grads(max_grad_norm / (norm + 1e-6))
+                factor *= max_grad_norm / (norm + 1e-6)
+            if factor != 1.0:
+                p.optimizer.scale_grads(factor)
             p.optimizer.set_lr(lr)
             p.optimizer.step()
+            if scaler is not None:
+                scaler.update(overflow=False)
         p.optimizer.zero_grad()
     return StepResult(step_loss, tokens, norm, finite, stop)
 
@@ -301,8 +327,8 @@ def log_step(p: Prepared, run_dir: Path, step: int, lr: float, res: StepResult, 
 
     t = p.recipe.train
     record = {"step": step, "loss": round(res.loss, 6), "lr": lr, "grad_norm": round(res.grad_norm, 6),
-              "tokens_per_s": round(res.tokens / seconds, 1), "peak_memory_bytes": peak_memory_bytes(p.accelerator.device),
-              "skipped": skipped}
+              "tokens_per_s": round(res.tokens / seconds, 1),
+              "peak_memory_bytes": peak_memory_bytes(p.accelerator.device), "skipped": skipped}
     val_loss = None
     if p.dataset.val and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
         val_loss = evaluate(p, p.dataset.val, t.batch_size)

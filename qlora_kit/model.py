@@ -26,6 +26,7 @@ from torch import nn
 
 from . import atomic
 from .config import ModelConfig, QuantConfig
+from .device import bf16_supported
 from .errors import ConfigError, ModelError
 from .quant import DTYPES, QuantLinear, QuantSpec
 
@@ -156,13 +157,15 @@ def _read_json(path: Path) -> dict:
     return raw
 
 
-def frozen_dtype(choice: str, stored: torch.dtype | str | None) -> torch.dtype:
-    """dtype of the unquantized frozen weights: `choice` (model.dtype) unless `auto`, else the checkpoint's dtype
-    `stored` (a torch dtype or its config.json name) when it is 16-bit, bf16 otherwise: never an fp32 up-cast."""
+def frozen_dtype(choice: str, stored: torch.dtype | str | None = None, bf16_ok: bool = True) -> torch.dtype:
+    """dtype of the unquantized frozen weights, i.e. of the residual stream: `choice` (model.dtype) unless `auto`.
+    `auto` is bf16 wherever the device computes in bf16 (`bf16_ok`: every CPU, CUDA from Ampere), whatever the
+    checkpoint stores (`stored`, kept for callers' records): an fp16 residual stream needs loss scaling (fp16's
+    range ends at 65504 and its gradients underflow), which bf16 does not. Only where bf16 is missing is it fp16,
+    and training then scales the loss (optim.LossScaler). Never an fp32 up-cast unless asked."""
     if choice != "auto":
         return DTYPES[choice]
-    d = getattr(torch, stored, None) if isinstance(stored, str) else stored
-    return d if d in (torch.bfloat16, torch.float16) else torch.bfloat16
+    return torch.bfloat16 if bf16_ok else torch.float16
 
 
 def _tensor_index(path: Path, allow_pickle: bool, stack: ExitStack) -> list[tuple[str, Callable[[], torch.Tensor]]]:
@@ -267,7 +270,8 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
     folder = resolve(model_cfg.path)
     config = load_config(folder, model_cfg.trust_remote_code)
     files = weight_files(folder, model_cfg.allow_pickle)
-    dtype, device = frozen_dtype(model_cfg.dtype, getattr(config, "dtype", None)), torch.device(device)
+    device = torch.device(device)
+    dtype = frozen_dtype(model_cfg.dtype, getattr(config, "dtype", None), bf16_supported(device))
     spec = QuantSpec.from_config(quant_cfg)
     config.use_cache = False  # training: the KV cache only costs memory (generate turns it back on)
     with init_empty_weights(include_buffers=False):  # params on meta; buffers (rotary inv_freq) stay real

@@ -78,9 +78,7 @@ class Examples(Sequence[Example]):
     def label_tokens(self) -> int:
         """Tokens that take loss. A document's first token never does (nothing precedes it, or, packed, its label is
         IGNORE), so this is the same number packed and unpacked."""
-        cum = torch.cat([torch.zeros(1, dtype=torch.int64), self.tok.keep.cumsum(0)])  # (N+1,)
-        a, b = self.tok.offsets[self.index], self.tok.offsets[self.index + 1]
-        return int((cum[b] - cum[a + 1]).sum())
+        return int(self.tok.labels[self.index].sum())
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))

@@ -11,9 +11,10 @@ wants one, so BOS is never doubled.
 
 Storage: every example's ids in one flat int32 tensor, its loss mask in one bool tensor, and int64 offsets: about
 5 bytes a token (two Python lists of ints cost ~70), so a 1 GB JSONL tokenizes within about its own size in RAM.
-Records stream through one at a time. The cache file (safetensors: no pickle) is named by sha256 of the data's
-bytes, the tokenizer (its serialized tokenizer.json, chat template, special tokens) and every data setting that
-changes tokens; it is written with atomic.atomic_file, so a killed run never leaves half a cache.
+Records stream through one at a time. The cache entry (a folder of raw arrays + meta.json: no pickle, nothing
+executable) is named by sha256 of the data's bytes, the tokenizer (its serialized tokenizer.json, chat template,
+special tokens) and every data setting that changes tokens; it is written with atomic.atomic_folder, so a killed
+run never leaves half a cache.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 from . import data_formats, data_sources
-from .atomic import atomic_file
+from .atomic import atomic_folder
 from .config import DataConfig
 
 CACHE_VERSION = 1  # bump when tokenization or masking changes: old cache files then stop matching
@@ -42,6 +43,7 @@ class Tokenized:
     keep: torch.Tensor  # (N,) bool: the token is a label (takes loss)
     offsets: torch.Tensor  # (n+1,) int64
     records: torch.Tensor  # (n,) int64: the 0-based record each example came from (the split is by record)
+    labels: torch.Tensor  # (n,) int32: tokens of each example that take loss (its first token never does)
     stats: dict[str, int]  # records, truncated, dropped, boundary_merges, longest_prompt
 
     def __len__(self) -> int:
@@ -66,12 +68,18 @@ def tokenize(tokenizer: Any, text: str, spans: list[tuple[int, int]], bos: list[
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except (NotImplementedError, ValueError):  # no offsets: transformers' Python and mistral-common backends
         enc = None
-    if enc is not None:
-        for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
-            ids.append(tok)
-            keep.append(train_all or any(a < e and b > s for s, e in spans))  # overlap test
-            merged |= any(a < s < b or a < e < b for s, e in spans)
-    else:  # tokenize piece by piece instead
+    if enc is not None and enc["input_ids"]:
+        off = torch.tensor(enc["offset_mapping"], dtype=torch.int64)  # (T, 2) character [start, end) per token
+        a, b = off[:, 0], off[:, 1]
+        takes = torch.full((len(off),), train_all)
+        straddles = torch.zeros((), dtype=torch.bool)
+        for s, e in spans:
+            takes |= (a < e) & (b > s)  # the token overlaps the span
+            straddles |= (((a < s) & (s < b)) | ((a < e) & (e < b))).any()
+        ids += enc["input_ids"]
+        keep += takes.tolist()
+        merged = bool(straddles)
+    elif enc is None:  # tokenize piece by piece instead
         cuts = sorted({0, len(text), *(c for span in spans for c in span)})
         for a, b in zip(cuts, cuts[1:]):
             piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
@@ -90,7 +98,7 @@ def tokenize_all(cfg: DataConfig, tokenizer: Any) -> Tokenized:
     eos = tokenizer.eos_token_id if not templated else None
     bos_once = bos_prefix(tokenizer, "", templated)  # asked once: two tokenizer calls, not two per record
     bos_token = getattr(tokenizer, "bos_token", None)
-    ids, keep, offsets, records = array("i"), array("b"), array("q", [0]), array("q")
+    ids, keep, offsets, records, labels = array("i"), array("b"), array("q", [0]), array("q"), array("i")
     stats = {"records": 0, "truncated": 0, "dropped": 0, "boundary_merges": 0, "longest_prompt": 0}
     for r, (place, raw) in enumerate(data_sources.read(cfg)):
         stats["records"] += 1
@@ -111,9 +119,10 @@ def tokenize_all(cfg: DataConfig, tokenizer: Any) -> Tokenized:
         keep.extend(t_keep)
         offsets.append(len(ids))
         records.append(r)
+        labels.append(sum(t_keep[1:]))
     as_tensor = lambda a, dtype: torch.frombuffer(a, dtype=dtype) if len(a) else torch.zeros(0, dtype=dtype)  # noqa: E731
     return Tokenized(as_tensor(ids, torch.int32), as_tensor(keep, torch.int8).bool(), as_tensor(offsets, torch.int64),
-                     as_tensor(records, torch.int64), stats)
+                     as_tensor(records, torch.int64), as_tensor(labels, torch.int32), stats)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -138,32 +147,51 @@ def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
+FIELDS = {"ids": torch.int32, "keep": torch.bool, "offsets": torch.int64, "records": torch.int64,
+          "labels": torch.int32}
+
+
 def cache_path(cfg: DataConfig, tokenizer: Any) -> Path:
-    return data_sources.data_cache_root() / "tokens" / f"{cache_key(cfg, tokenizer)}.safetensors"
+    return data_sources.data_cache_root() / "tokens" / cache_key(cfg, tokenizer)
+
+
+def _save(out: Tokenized, path: Path, source: str) -> None:
+    """A folder: one raw little-endian array per field (written straight from the tensor's memory: no copy, unlike
+    serializing to one bytes object) and meta.json (element counts, stats). Nothing in it is executable."""
+    with atomic_folder(path, replace=True) as tmp:
+        for name in FIELDS:
+            getattr(out, name).numpy().tofile(tmp / f"{name}.bin")
+        meta = {"version": CACHE_VERSION, "source": source, "stats": out.stats,
+                "counts": {name: getattr(out, name).numel() for name in FIELDS}}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+
+
+def _load(path: Path) -> Tokenized:
+    meta = json.loads((path / "meta.json").read_text())
+    arrays = {}
+    for name, dtype in FIELDS.items():
+        n = meta["counts"][name]
+        if (path / f"{name}.bin").stat().st_size != n * torch.empty(0, dtype=dtype).element_size():
+            raise ValueError(f"{path / name}.bin has the wrong size")
+        arrays[name] = torch.from_file(str(path / f"{name}.bin"), shared=False, size=n, dtype=dtype) if n else \
+            torch.zeros(0, dtype=dtype)
+    return Tokenized(**arrays, stats=meta["stats"])
 
 
 def load_or_tokenize(cfg: DataConfig, tokenizer: Any) -> Tokenized:
     """The cached examples when this data, tokenizer and settings were tokenized before; else tokenize and save."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open, save_file
-
     if not cfg.cache:
         return tokenize_all(cfg, tokenizer)
     path = cache_path(cfg, tokenizer)
-    if path.is_file():
+    if (path / "meta.json").is_file():
         try:
-            with safe_open(str(path), "pt") as f:
-                stats = json.loads(f.metadata()["stats"])
-            t = load_file(str(path))
-            return Tokenized(t["ids"], t["keep"], t["offsets"], t["records"], stats)
-        except (SafetensorError, OSError, KeyError, ValueError):
-            pass  # a damaged cache file: tokenize again and replace it
+            return _load(path)
+        except (OSError, KeyError, ValueError, RuntimeError):
+            pass  # a damaged cache entry: tokenize again and replace it
     out = tokenize_all(cfg, tokenizer)
-    tensors = {"ids": out.ids, "keep": out.keep, "offsets": out.offsets, "records": out.records}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"stats": json.dumps(out.stats), "source": str(cfg.path)})
-    except (OSError, SafetensorError):  # a read-only or full cache dir costs the cache, not the run
+        _save(out, path, str(cfg.path))
+    except OSError:  # a read-only or full cache dir costs the cache, not the run
         pass
     return out

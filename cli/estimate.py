@@ -76,7 +76,8 @@ def _seq_cell(row: dict) -> str:
 @click.option("--model", required=True, help="A Hugging Face model folder (config.json is read), or a built-in name: "
               + ", ".join(me.BUILTIN_CONFIGS) + ".")
 @click.option("--quant", type=click.Choice(QUANT_TYPES), default=_D.quant, show_default=True)
-@click.option("--blocksize", type=int, default=_D.blocksize, show_default=True, help="Weights per absmax constant (4-bit).")
+@click.option("--blocksize", type=int, default=_D.blocksize, show_default=True,
+              help="Weights per absmax constant (4-bit).")
 @click.option("--double-quant/--no-double-quant", default=_D.double_quant, show_default=True)
 @click.option("--rank", "-r", type=int, default=_D.rank, show_default=True, help="LoRA rank.")
 @click.option("--targets", default=_D.targets, show_default=True, help="all-linear, or a comma list: q_proj,v_proj.")

@@ -31,7 +31,8 @@ class LoraSpec:
     r: int
     alpha: float
     dropout: float = 0.0
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "loftq"] = "kaiming"  # loftq: kaiming here, then train.prepare copies
+    # LoftQ's A and B in (loftq.Initializer.apply)
     rslora: bool = False
     dtype: torch.dtype = torch.bfloat16
 
@@ -118,8 +119,9 @@ def match_targets(names: Iterable[str], targets: str | Sequence[str]) -> list[st
     return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
 
 
-def inject(model: nn.Module, targets: str | Sequence[str], spec: LoraSpec) -> list[str]:
-    """Wrap each targeted Linear in a LoRALinear, in place; freeze everything else. Returns the wrapped names.
+def inject(model: nn.Module, targets: str | Sequence[str], spec: LoraSpec, layer: type | None = None) -> list[str]:
+    """Wrap each targeted Linear in a LoRALinear (or `layer`, e.g. dora.DoRALinear), in place; freeze everything
+    else. Returns the wrapped names.
 
     Raises ValueError with the available names when nothing matches (the caller turns it into a user error)."""
     chosen = match_targets(linear_names(model), targets)
@@ -131,7 +133,7 @@ def inject(model: nn.Module, targets: str | Sequence[str], spec: LoraSpec) -> li
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), spec))
+        setattr(parent, child, (layer or LoRALinear)(getattr(parent, child), spec))
     return chosen
 
 

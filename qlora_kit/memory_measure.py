@@ -279,7 +279,8 @@ def measure(cfg: MeasureConfig) -> dict:
     rss_step_peak = rss_kib("VmHWM") if rss_reset and times else None
     cuda_stats = {}
     if cuda:
-        cuda_stats = {"max_allocated": torch.cuda.max_memory_allocated(), "max_reserved": torch.cuda.max_memory_reserved()}
+        cuda_stats = {"max_allocated": torch.cuda.max_memory_allocated(),
+                      "max_reserved": torch.cuda.max_memory_reserved()}
 
     tagger = StepTagger(p.model, p.optimizer)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])

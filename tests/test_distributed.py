@@ -40,7 +40,7 @@ def _records() -> list[dict]:
 
 def _recipe_dict(model: Path, data_path: Path, **train_keys) -> dict:
     return {"model": {"path": str(model), "dtype": "fp32"}, "quant": {"compute_dtype": "fp32"},
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "data": {"path": str(data_path), "max_length": 64},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "data": {"path": str(data_path), "max_length": 64, "val_fraction": 0.2},
             "train": {"steps": STEPS, "batch_size": 2, "lr": 1e-2, "warmup_steps": 0, "schedule": "constant", "save_every": 1,
                       "keep_checkpoints": 2, "device": "cpu", "num_threads": 1, "seed": 5, **train_keys}}
 
@@ -158,6 +158,7 @@ def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(launches, single):
     assert [m["step"] for m in ours] == list(range(1, STEPS + 1))
     for m, r in zip(ours, ref):  # the loss of every step is the token mean over the whole global batch
         assert m["loss"] == pytest.approx(r["loss"], rel=1e-5) and m["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4)
+    assert ours[-1]["val_loss"] == pytest.approx(ref[-1]["val_loss"], rel=1e-5)  # every rank evaluates the split
 
 
 def test_two_rank_run_folder_has_the_files_of_a_one_rank_run_and_nothing_else(launches, single):
@@ -179,6 +180,8 @@ def test_fsdp_through_accelerate_equals_one_process_and_halves_the_frozen_bytes(
     a, b = adapter(run), adapter(single)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # the validation pass runs through the sharded model too (no_grad forwards gather and free each layer)
+    assert read_metrics(run)[-1]["val_loss"] == pytest.approx(read_metrics(single)[-1]["val_loss"], rel=1e-5)
     recipe = recipe_from_dict(_recipe_dict(setup[1], setup[2]))
     whole = local_frozen_bytes(load_base(recipe.model, recipe.quant)[0])
     ranks = json.loads((run / "summary.json").read_text())["ranks"]

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import peft_format
+from . import dora, ia3, peft_format
 from .config import QuantConfig
 from .errors import ConfigError, ModelError
 from .device import resolve_device
@@ -134,28 +134,6 @@ def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
     return (cum / torch.minimum(i, j)).clamp(0.0, 1.0)
 
 
-def magnitude_stats(m: torch.Tensor, start: torch.Tensor | None) -> dict:
-    """DoRA's magnitude m (out,) and, given the base's row norms ||W_i|| (where m started), its relative change
-    m_i / ||W_i|| - 1 per row: the part of the update the direction matrix B A cannot express."""
-    m = m.double()
-    out = {"mean": float(m.mean()), "min": float(m.min()), "max": float(m.max())}
-    if start is not None:
-        rel = m / start.double().clamp_min(1e-30) - 1
-        out |= {"mean_abs_rel_change": float(rel.abs().mean()), "max_abs_rel_change": float(rel.abs().max()),
-                "mean_rel_change": float(rel.mean())}
-    return out
-
-
-def ia3_stats(module: str, l: torch.Tensor, feedforward: bool) -> dict:
-    """IA3's learned scales l of one module: their distribution around 1 (untrained: all exactly 1)."""
-    v = l.double().reshape(-1)
-    q = torch.quantile(v, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
-    return {"module": module, "layer": _layer(module), "kind": module.rsplit(".", 1)[-1],
-            "scales": "input" if feedforward else "output", "n": v.numel(), "mean": float(v.mean()),
-            "std": float(v.std()) if v.numel() > 1 else 0.0, "min": float(v.min()), "max": float(v.max()),
-            "p05": q[0], "median": q[1], "p95": q[2], "mean_abs_dev": float((v - 1).abs().mean())}
-
-
 # ---- where the adapter and its base come from ------------------------------------------------------------------
 
 
@@ -237,7 +215,7 @@ class ModuleReport:
     delta_norm: float  # ||dW||_F
     base: dict | None = None  # amplification() when a base is given
     similarity: list[list[float]] | None = None  # phi grid (r1, r2) when compared
-    magnitude: dict | None = None  # DoRA: magnitude_stats()
+    magnitude: dict | None = None  # DoRA: dora.magnitude_stats()
 
     def to_dict(self) -> dict:
         d = {"module": self.module, "layer": self.layer, "kind": self.kind, "shape": list(self.shape), "r": self.r,
@@ -266,7 +244,7 @@ class Report:
     only_in_adapter: list[str] = field(default_factory=list)  # with --compare: modules the other adapter lacks
     only_in_compare: list[str] = field(default_factory=list)
     method: str = "lora"  # lora | dora | ia3 | lora+ia3 | dora+ia3
-    ia3: list[dict] = field(default_factory=list)  # ia3_stats() per IA3 module
+    ia3: list[dict] = field(default_factory=list)  # ia3.scale_stats() per IA3 module
 
     def by_type(self) -> list[dict]:
         """Per module type, the mean over layers of the scalar columns (None where no module has a value)."""
@@ -366,7 +344,7 @@ def analyze(path: str | Path, *, base: str | None = None, use_base: bool = True,
     report = Report(adapter=str(path), r=adapter.r if adapter else 0, alpha=adapter.alpha if adapter else 0.0,
                     base=base_name, quant=qinfo, method="+".join(a.method for a in stack))
     if ia3_part is not None:
-        report.ia3 = [ia3_stats(n, ia3_part.ia3_vector(n), ia3_part.feedforward(n))
+        report.ia3 = [ia3.scale_stats(n, _layer(n), ia3_part.ia3_vector(n), ia3_part.feedforward(n))
                       for n in sorted((n for n in ia3_part.modules() if n in chosen), key=order)]
     other = None
     if compare is not None and adapter is None:
@@ -397,7 +375,7 @@ def analyze(path: str | Path, *, base: str | None = None, use_base: bool = True,
             m.base = amplification(W, svd, seed)
         if adapter.dora:
             start = torch.linalg.vector_norm(W.double(), dim=1) if W is not None else None
-            m.magnitude = magnitude_stats(adapter.magnitude(name), start)
+            m.magnitude = dora.magnitude_stats(adapter.magnitude(name), start)
         if other is not None:
             A2, _ = _pair(other, name, Path(str(compare)))
             m.similarity = subspace_similarity(A, A2).tolist()

@@ -99,3 +99,15 @@ class DoRALinear(lora.LoRALinear):
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dora"
 
+
+
+def magnitude_stats(m: torch.Tensor, start: torch.Tensor | None) -> dict:
+    """DoRA's magnitude m (out,) and, given the base's row norms ||W_i|| (where m started), its relative change
+    m_i / ||W_i|| - 1 per row: the part of the update the direction matrix B A cannot express."""
+    m = m.double()
+    out = {"mean": float(m.mean()), "min": float(m.min()), "max": float(m.max())}
+    if start is not None:
+        rel = m / start.double().clamp_min(1e-30) - 1
+        out |= {"mean_abs_rel_change": float(rel.abs().mean()), "max_abs_rel_change": float(rel.abs().max()),
+                "mean_rel_change": float(rel.mean())}
+    return out

@@ -48,3 +48,13 @@ def merge_rows(W: torch.Tensor, l: torch.Tensor, feedforward: bool, rows: tuple[
         return W.float() * l.reshape(1, -1)
     lr = l.reshape(-1) if rows is None else l.reshape(-1)[rows[0]:rows[1]]
     return W.float() * lr[:, None]
+
+
+def scale_stats(module: str, layer: int | None, l: torch.Tensor, feedforward: bool) -> dict:
+    """IA3's learned scales l of one module: their distribution around 1 (untrained: all exactly 1)."""
+    v = l.double().reshape(-1)
+    q = torch.quantile(v, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
+    return {"module": module, "layer": layer, "kind": module.rsplit(".", 1)[-1],
+            "scales": "input" if feedforward else "output", "n": v.numel(), "mean": float(v.mean()),
+            "std": float(v.std()) if v.numel() > 1 else 0.0, "min": float(v.min()), "max": float(v.max()),
+            "p05": q[0], "median": q[1], "p95": q[2], "mean_abs_dev": float((v - 1).abs().mean())}

@@ -433,7 +433,8 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
             ts = time.perf_counter()
             lr = t.lr * lr_factor(step, t)  # once per step: the optimizer and the log see the same value
             micro = [shard_batch(stream.next_batch(), world) for _ in range(t.grad_accum)]
-            res = train_step(p, micro, lr, t.max_grad_norm, stop=stop.signal is not None)
+            with world.guarded("a training step"):  # FSDP's gathers fail here when a peer dies
+                res = train_step(p, micro, lr, t.max_grad_norm, stop=stop.signal is not None)
             if not res.finite:
                 if t.on_nonfinite != "skip":
                     good = checkpoint.latest(run_dir)

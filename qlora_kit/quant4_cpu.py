@@ -24,6 +24,7 @@ import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 CHUNK = 1 << 16  # elements per task (256 KB of fp32): each pass over a chunk stays in L2
@@ -37,7 +38,7 @@ def _bounds(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=8)
-def _tables(bounds: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _tables(bounds: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray] | None:
     """Lookup tables over the top 16 bits of an fp32 value (sign, exponent, 7 mantissa bits): each such key is a
     contiguous range of floats, so #{m < x} = below[key] + (x > inside[key]), where below counts the midpoints
     under the whole range and inside is the one midpoint within it (+inf if none). Exact by construction; None if
@@ -51,12 +52,12 @@ def _tables(bounds: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor] | No
         return None
     below = (b < cmin).sum(1).to(torch.uint8)
     inside = torch.where(within.any(1), (within * b).sum(1), torch.tensor(float("inf")))
-    return below, inside
+    return below.numpy(), inside.numpy()
 
 
 def _codes(scaled: torch.Tensor, bounds: tuple[float, ...], order: torch.Tensor, nf4_sorted: bool) -> torch.Tensor:
     """#{m : m < x} per element: what `torch.bucketize(x, bounds)` (right=False) returns, by two table lookups and
-    one comparison (~2.3x faster than bucketize's per-element binary search here); 15 compare-and-add passes if
+    one comparison (~4x faster than bucketize's per-element binary search here); 15 compare-and-add passes if
     the tables do not apply. Midpoints are fp32 values held exactly in Python floats."""
     tables = _tables(bounds)
     if tables is None:
@@ -64,8 +65,9 @@ def _codes(scaled: torch.Tensor, bounds: tuple[float, ...], order: torch.Tensor,
         for m in bounds:
             q += scaled > m
     else:
-        key = ((scaled.view(torch.int32) >> 16) & 0xFFFF).long()
-        q = torch.take(tables[0], key) + (scaled > torch.take(tables[1], key))
+        x = scaled.numpy()  # numpy's take is ~2x torch's here; the key is the float's top 16 bits
+        key = x.view(np.uint32) >> 16
+        q = torch.from_numpy(np.take(tables[0], key) + (x > np.take(tables[1], key)))
     return q if nf4_sorted else order[q.long()]
 
 
@@ -112,3 +114,4 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, code: torch.Tensor, threads: 
         q = _codes(scaled, bounds, order, nf4_sorted)
         packed[full // 2 :] = (q[0::2] << 4) | q[1::2]
     return packed.unsqueeze(1), absmax
+

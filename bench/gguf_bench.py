@@ -77,7 +77,7 @@ def demo_accuracy(base: Path, adapter: Path, work: Path) -> dict:
 
     ref = logits(work / "merged32")
     out = {}
-    for kind in ("f16", "bf16", "q8_0", "q4_0"):
+    for kind in ("f16", "bf16", "q8_0"):
         g = work / "g"
         shutil.rmtree(g, ignore_errors=True)
         ex.export(adapter, ex.Options("gguf", g / f"m-{kind}.gguf", gguf_type=kind, progress=False))

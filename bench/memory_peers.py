@@ -70,7 +70,8 @@ def child(args) -> dict:
         args.loss_chunk = 0
     else:
         from qlora_kit import train  # noqa: F401
-    from qlora_kit.memory_measure import rss_kib, synthetic_batch, transient_timeline
+    from qlora_kit.memory_measure import rss_kib, synthetic_batch
+    from qlora_kit.memory_timeline import read_events, replay
 
     baseline = rss_kib()
     config = json.loads((Path(args.model) / "config.json").read_text())
@@ -89,7 +90,7 @@ def child(args) -> dict:
     return {"impl": args.child + (f" (loss chunk {args.loss_chunk})" if args.loss_chunk else ""),
             "baseline_rss": baseline * 1024,
             "process_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "step_peak_rss": step_peak * 1024, "live_tensor_peak": static() + transient_timeline(prof, "cpu")["peak"],
+            "step_peak_rss": step_peak * 1024, "live_tensor_peak": static() + replay(read_events(prof, "cpu"))["peak"],
             "static_tensors": static(), "tokens_per_s": args.batch * args.seq * args.steps / elapsed,
             "step_s": elapsed / args.steps, "load_s": load_s, "losses": [round(x, 4) for x in losses]}
 
@@ -101,10 +102,9 @@ def _ours(args, batch):
     data = Path(tempfile.mkdtemp()) / "one.jsonl"
     data.write_text(json.dumps({"text": "benchmark"}) + "\n")
     cfg = MeasureConfig(model=args.model, rank=args.rank, seq=args.seq, batch=args.batch, dropout=args.dropout,
-                        threads=args.threads, steps=args.steps, device=getattr(args, "device", "cpu"))
+                        threads=args.threads, steps=args.steps, device=getattr(args, "device", "cpu"),
+                        loss_chunk=args.loss_chunk or MeasureConfig.loss_chunk)  # a variant: another chunk size
     p = train.prepare(recipe_for(cfg, data))
-    if args.loss_chunk:  # a variant: CausalLMLoss with another chunk size (the library's default otherwise)
-        getattr(p.loss_fn, "module", p.loss_fn).chunk = args.loss_chunk
     return (lambda: train.train_step(p, [batch], lr=1e-4, max_grad_norm=1.0).loss,
             lambda: sum(static_inventory(p.model, p.optimizer).values()))
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
+import typing
 
 import click
 
-from qlora_kit.config import TrainConfig
 from qlora_kit import memory_estimate as me
-from qlora_kit.errors import ConfigError
+from qlora_kit.config import ComputeDtype, Optimizer, parse_targets
 from qlora_kit.terms import FOUR_BIT, QUANT_TYPES, human_bytes, parse_size
 
-_D = me.EstimateConfig()  # defaults: the demo recipe's (batch 4, 256 tokens, r 16, nf4 + double quant)
+_D = me.EstimateConfig()  # defaults: the recipe's own (config.py), e.g. batch 4, 256 tokens, r 16, nf4
 LABELS = {
     "quantized_weights": "quantized linear weights",
     "quant_constants": "quantization constants",
@@ -26,15 +26,6 @@ LABELS = {
 
 PHASES = {"loss_head": "loss head (logits chunk)", "decoder_backward": "decoder backward",
           "optimizer_step": "optimizer step"}
-
-def _targets(text: str) -> tuple[str, ...] | str:
-    if text.strip() == "all-linear":
-        return "all-linear"
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
-    if not names:
-        raise ConfigError(f"--targets {text!r} names no module; use all-linear or a comma list like q_proj,v_proj")
-    return names
-
 
 def _details(e: me.Estimate, cfg: me.EstimateConfig) -> dict[str, str]:
     """The second column: how each component was computed."""
@@ -80,33 +71,44 @@ def _seq_cell(row: dict) -> str:
 @click.command()
 @click.option("--model", required=True, help="A Hugging Face model folder (config.json is read), or a built-in name: "
               + ", ".join(me.BUILTIN_CONFIGS) + ".")
-@click.option("--quant", type=click.Choice(QUANT_TYPES), default="nf4", show_default=True)
-@click.option("--blocksize", type=int, default=64, show_default=True, help="Weights per absmax constant (4-bit).")
-@click.option("--double-quant/--no-double-quant", default=True, show_default=True)
-@click.option("--rank", "-r", type=int, default=16, show_default=True, help="LoRA rank.")
-@click.option("--targets", default="all-linear", show_default=True, help="all-linear, or a comma list: q_proj,v_proj.")
-@click.option("--lora-dropout", type=float, default=0.05, show_default=True,
+@click.option("--quant", type=click.Choice(QUANT_TYPES), default=_D.quant, show_default=True)
+@click.option("--blocksize", type=int, default=_D.blocksize, show_default=True, help="Weights per absmax constant (4-bit).")
+@click.option("--double-quant/--no-double-quant", default=_D.double_quant, show_default=True)
+@click.option("--rank", "-r", type=int, default=_D.rank, show_default=True, help="LoRA rank.")
+@click.option("--targets", default=_D.targets, show_default=True, help="all-linear, or a comma list: q_proj,v_proj.")
+@click.option("--lora-dropout", type=float, default=_D.lora_dropout, show_default=True,
               help="> 0 keeps a dropped copy of each adapter's input.")
-@click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"]),
-              default="adamw", show_default=True)
+@click.option("--optimizer", type=click.Choice(typing.get_args(Optimizer)), default=_D.optimizer, show_default=True)
 @click.option("--seq", type=int, default=_D.seq, show_default=True, help="Tokens per example.")
 @click.option("--batch", type=int, default=_D.batch, show_default=True, help="Examples per micro-batch.")
-@click.option("--checkpointing/--no-checkpointing", default=True, show_default=True)
-@click.option("--compute-dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
-@click.option("--loss-chunk", type=int, default=TrainConfig.loss_chunk, show_default=True, help="Tokens per cross-entropy chunk.")
+@click.option("--checkpointing/--no-checkpointing", default=_D.checkpointing, show_default=True)
+@click.option("--compute-dtype", type=click.Choice(typing.get_args(ComputeDtype)), default="bf16", show_default=True)
+@click.option("--loss-chunk", type=int, default=_D.loss_chunk, show_default=True,
+              help="Label tokens per cross-entropy chunk.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="cuda adds the CUDA context allowance.")
 @click.option("--gpu-mem", default=None, help="Does it fit in this much memory? e.g. 24GiB, 24GB, 16G.")
+@click.option("--gpus", type=click.IntRange(1, 4096), default=1, show_default=True,
+              help="Processes (one GPU each) of a torchrun / accelerate launch; --batch is per GPU.")
+@click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
+              help="With --gpus > 1: ddp replicates the frozen base; fsdp shards it (train.parallel).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (sizes in bytes) instead of tables.")
 def command(model, quant, blocksize, double_quant, rank, targets, lora_dropout, optimizer, seq, batch,
-            checkpointing, compute_dtype, loss_chunk, device, gpu_mem, as_json):
+            checkpointing, compute_dtype, loss_chunk, device, gpu_mem, gpus, parallel, as_json):
     """Predict the GPU memory of QLoRA training from MODEL's config.json alone (no weights are loaded)."""
     config = me.load_model_config(model)
+    names = parse_targets(targets)
     cfg = me.EstimateConfig(quant=quant, blocksize=blocksize, double_quant=double_quant, rank=rank,
-                            targets=_targets(targets), optimizer=optimizer, batch=batch, seq=seq,
+                            targets=names if isinstance(names, str) else tuple(names), optimizer=optimizer,
+                            batch=batch, seq=seq,
                             checkpointing=checkpointing, device=device, loss_chunk=loss_chunk,
                             compute_bytes=2 if compute_dtype == "bf16" else 4, lora_dropout=lora_dropout)
     limit = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
+    if gpus > 1:
+        from qlora_kit.cli.estimate_devices import report
+
+        report(model, config, cfg, gpus, parallel, gpu_mem, limit, as_json)
+        return
     e = me.estimate(config, cfg)
     table = me.max_seq_table(config, cfg)
     if as_json:

@@ -48,12 +48,14 @@ def _parse_prompt(prompt: str, names: list[str]) -> tuple[str, str]:
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0), help="0: greedy.")
 @click.option("--raw", is_flag=True, help="Send the prompt text as is, without the chat/alpaca template.")
 @click.option("--compare-base", is_flag=True, help="Also answer with the adapter switched off (same quantized base).")
+@click.option("--keep-quantized", is_flag=True,
+              help="Dequantize per matmul as in training (less memory, slower) instead of once, in fp32.")
 @click.option("--allow-pickle", is_flag=True,
               help="Accept a base stored only as pickle (.bin); read with torch.load(weights_only=True).")
 @click.option("--trust-remote-code", is_flag=True, help="Run model code shipped inside the model folder.")
 def command(source: str, prompts: tuple[str, ...], adapter_specs: tuple[str, ...], base: str | None,
             quant: str | None, max_new_tokens: int, temperature: float, raw: bool, compare_base: bool,
-            allow_pickle: bool, trust_remote_code: bool) -> None:
+            keep_quantized: bool, allow_pickle: bool, trust_remote_code: bool) -> None:
     """Answer prompts with SOURCE: a model folder or built-in name, a run folder (base + its adapter), or a PEFT
     adapter folder. The prompt is wrapped in the same template as in training.
 
@@ -75,13 +77,15 @@ def command(source: str, prompts: tuple[str, ...], adapter_specs: tuple[str, ...
     quant_cfg = QuantConfig(type=quant) if quant else None
     if adapter_specs:
         _multi(source, _parse_adapters(adapter_specs), prompts, base, quant_cfg, max_new_tokens, temperature, raw,
-               compare_base, allow_pickle, trust_remote_code)
+               compare_base, allow_pickle, trust_remote_code, keep_quantized)
         return
 
     from qlora_kit.lora import disabled
 
     loaded = generate.load(source, base=base, quant=quant_cfg, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code)
+    if not keep_quantized:
+        generate.speed_up(loaded, merge=not compare_base)  # adapters switched off for --compare-base stay separate
     answers = generate.answer(loaded, list(prompts), max_new_tokens, raw, temperature)
     if compare_base:
         with disabled(loaded.model):
@@ -97,7 +101,7 @@ def command(source: str, prompts: tuple[str, ...], adapter_specs: tuple[str, ...
 
 
 def _multi(source, adapters, prompts, base, quant_cfg, max_new_tokens, temperature, raw, compare_base, allow_pickle,
-           trust_remote_code) -> None:
+           trust_remote_code, keep_quantized=False) -> None:
     """Every prompt routed to its adapter(s); one generate call for the whole batch."""
     from qlora_kit import generate
 
@@ -109,6 +113,8 @@ def _multi(source, adapters, prompts, base, quant_cfg, max_new_tokens, temperatu
         rows += [(i, None if n == BASE else n) for n in wanted]
     loaded = generate.load_many(source, adapters, base=base, quant=quant_cfg, allow_pickle=allow_pickle,
                                 trust_remote_code=trust_remote_code)
+    if not keep_quantized:
+        generate.speed_up(loaded, merge=False)  # rows route to different adapters: they stay separate
     answers = generate.answer_routed(loaded, [parsed[i][1] for i, _ in rows], [r for _, r in rows], max_new_tokens,
                                      raw, temperature)
     width = max(len(BASE), *(len(n) for n in names))

@@ -19,7 +19,7 @@ from qlora_kit.errors import QloraKitError
 _USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 # Each name is a module in this folder exposing a click command called `command`.
-COMMANDS = ["train", "generate", "inspect", "export", "estimate", "bench", "analyze"]
+COMMANDS = ["train", "generate", "eval", "inspect", "export", "estimate", "bench", "analyze"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app.main(args=argv, prog_name="qlora-kit", standalone_mode=False)
     except QloraKitError as e:
-        click.echo(f"error: {e}", err=True)
+        if not getattr(e, "quiet", False):  # several processes: an error every rank hit is printed by rank 0 only
+            click.echo(f"error: {e}", err=True)
         return getattr(e, "exit_code", 2)
     except click.exceptions.Exit as e:
         return e.exit_code

@@ -4,6 +4,7 @@
         adapter_model.safetensors   the adapter (our module names; bf16)
         optimizer.safetensors       fp32 master weights + optimizer tensors (exp_avg, exp_avg_sq, ...)
         state.json                  step, optimizer scalars and param groups, data position, RNG states, version
+                                    (several processes: world_size, and one RNG state per rank in rank order)
 
 A checkpoint is written into `checkpoints/.tmp-step-N-PID`, fsynced, then renamed to `step-N`
 (`atomic.atomic_folder`); a crash leaves at most a `.tmp-*` folder, which `latest()` ignores and the next save
@@ -80,9 +81,10 @@ def set_rng_state(state: dict, device: torch.device | str = "cpu") -> None:
 
 
 def save(run_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer: dict, extra: dict, keep: int,
-         device: torch.device | str = "cpu") -> Path:
+         device: torch.device | str = "cpu", rng: list[dict] | None = None) -> Path:
     """Write checkpoint `step` atomically, then keep only the newest `keep` checkpoints. `device`: the training
-    device, whose RNG state (and no other GPU's) is saved."""
+    device, whose RNG state (and no other GPU's) is saved. `rng`: instead, every rank's RNG state (rank order) in
+    a multi-process run."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for stale in [*root.glob(".tmp-*"), *root.glob(".step-*.old-*")]:  # left by a crash mid-save
@@ -93,7 +95,7 @@ def save(run_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer: 
         "step": step,
         "qlora_kit_version": __version__,
         "optimizer": _flatten(optimizer, "optimizer", tensors),
-        "rng": _flatten(rng_state(device), "rng", tensors),
+        "rng": _flatten(rng if rng is not None else rng_state(device), "rng", tensors),
         **extra,
     }
     # re-saving the same step (e.g. Ctrl-C right after a periodic save) replaces it

@@ -25,7 +25,8 @@ from .errors import ConfigError
 from .terms import BLOCKSIZES, QuantType
 
 ComputeDtype = Literal["bf16", "fp32"]
-DataFormat = Literal["text", "alpaca", "chat"]
+DataFormat = Literal["text", "alpaca", "chat", "sharegpt", "completion"]
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"]
 
@@ -75,15 +76,29 @@ class LoraConfig:
 @dataclass(frozen=True)
 class DataConfig:
     path: str = "recipes/data/facts.jsonl"
-    """A .jsonl (one JSON object a line) or .json (a list of objects) file."""
+    """A .jsonl/.json/.parquet/.csv/.arrow file, a folder written by `datasets`' save_to_disk, or a hub data set
+    name (needs the network)."""
     format: DataFormat = "alpaca"
-    """text: {"text"}; alpaca: {"instruction", "input"?, "output"}; chat: {"messages": [{"role", "content"}]}."""
+    """text: {"text"}; alpaca: {"instruction", "input"?, "output"}; chat: {"messages": [{"role", "content"}]};
+    sharegpt: {"conversations": [{"from": human|gpt|system, "value"}]}; completion: {"prompt", "completion"}."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Your column names for ours, {our field: your column}, e.g. {instruction: question, output: answer}."""
+    split: str = "train"
+    """The split to read from a save_to_disk DatasetDict, a folder of data files or a hub data set."""
+    subset: str | None = None
+    """The configuration (subset) of a hub data set that has several."""
+    assistant_turns: Literal["all", "last"] = "all"
+    """chat/sharegpt: take loss on every assistant turn, or only on the last one."""
+    cache: bool = True
+    """Tokenize once: keep the tokenized data under the cache dir, keyed by the data's content, the tokenizer and
+    these data settings; a second run or a resume with the same data does not tokenize again."""
     max_length: int = 256
     """Tokens per example; longer examples are truncated."""
     train_on_prompt: bool = False
     """Also compute loss on prompt tokens (default: response tokens only)."""
     packing: bool = False
-    """Concatenate short examples into rows of max_length tokens (fewer pad tokens, same loss mask)."""
+    """Concatenate whole examples into rows of <= max_length tokens (fewer pad tokens, same loss mask). Each example
+    keeps its own positions (restarting at 0) and attends only to itself: the same per-token losses as unpacked."""
     val_fraction: float = 0.0
     """Fraction of examples held out for validation loss, in [0, 1)."""
     system_prompt: str | None = None
@@ -128,6 +143,14 @@ class TrainConfig:
     """auto: CUDA when present, else CPU."""
     num_threads: int = 0
     """CPU threads for torch (0: torch's default)."""
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Several processes (torchrun / accelerate launch): ddp replicates the frozen base on every rank; fsdp shards
+    it (FSDP2, one decoder layer gathered at a time). auto: ddp when launched with more than one process. Adapters
+    and optimizer state are replicated either way; in one process both are a plain run."""
+    dist_timeout_s: int = 600
+    """Seconds a rank waits for the others in a collective before it stops and names the ranks that went silent."""
+    report_to: list[Tracker] = field(default_factory=list)
+    """Also log metrics.jsonl's values to experiment trackers: [tensorboard, wandb, mlflow] (optional extras)."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +175,16 @@ class Recipe:
         return dataclasses.replace(self, **sections)
 
 
+def parse_targets(text: str) -> str | list[str]:
+    """A command line's targets -> LoraConfig.targets: `all-linear`, or a comma list of module names (q_proj,v_proj)."""
+    if text.strip() == "all-linear":
+        return "all-linear"
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ConfigError(f"--targets {text!r} names no module; use all-linear or a comma list like q_proj,v_proj")
+    return names
+
+
 # (section, key) -> (predicate, what the value must be). Checked after types.
 _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("quant", "blocksize"): (lambda v: v in BLOCKSIZES, f"one of {list(BLOCKSIZES)}"),
@@ -172,6 +205,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("train", "eval_every"): (lambda v: v >= 0, ">= 0"),
     ("train", "save_every"): (lambda v: v >= 0, ">= 0"),
     ("train", "keep_checkpoints"): (lambda v: v > 0, "> 0"),
+    ("train", "dist_timeout_s"): (lambda v: 10 <= v <= 86400, "in [10, 86400]"),
     ("train", "num_threads"): (lambda v: 0 <= v <= 4096, "in [0, 4096]"),  # torch overflows on absurd counts
     ("train", "seed"): (lambda v: 0 <= v < 2**64, "in [0, 2**64)"),  # torch.manual_seed takes a uint64
 }
@@ -225,6 +259,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError:
                 errors.append(_type_name(arm))
         raise ConfigError(f"{where}: expected {' or '.join(errors)}, got {type(value).__name__} {value!r}.")
+    if origin is dict:
+        key_tp, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping like {{key: value}}, got {type(value).__name__} {value!r}.")
+        return {_coerce(k, key_tp, f"{where} key"): _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):

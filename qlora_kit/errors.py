@@ -32,3 +32,10 @@ class TrainingInterrupted(QloraKitError):
     """Ctrl-C / SIGTERM: a checkpoint was written; the message says how to resume. Exit code 130."""
 
     exit_code = 130
+
+
+class RankLost(QloraKitError):
+    """Another process of a multi-process run died or stopped answering; the message names it. Exit code 1: not
+    the user's input, but not a bug in this rank either (no traceback)."""
+
+    exit_code = 1

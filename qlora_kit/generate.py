@@ -103,6 +103,14 @@ def answer(loaded: Loaded, prompts: list[str], max_new_tokens: int = 64, raw: bo
     return outs
 
 
+def speed_up(loaded: Loaded, merge: bool = True) -> str:
+    """The CPU fast path for generation (inference.for_decoding); `merge` folds a single adapter into the weights
+    (not when it must be switched off again, as for --compare-base). Returns what was done, for the log."""
+    from .inference import for_decoding
+
+    return for_decoding(loaded.model, merge)
+
+
 def load_many(source: str, adapters: Mapping[str, str], base: str | None = None, quant: QuantConfig | None = None,
               device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False) -> Loaded:
     """One base, several named adapters beside it (multi_lora). `adapters`: name -> a run folder, RUN/adapter or a

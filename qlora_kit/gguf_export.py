@@ -30,6 +30,7 @@ import torch
 from . import atomic, gguf_arch, gguf_vocab, ollama
 from .errors import ExportError
 from .shards import TensorInfo, read_tensor, row_blocks
+from .terms import lora_scale
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # what the gguf package writes itself
 KQUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
@@ -239,7 +240,7 @@ def write_adapter(src, base: Path, out: Path, kind: str, free_bytes) -> tuple[in
     for m in a.modules():
         A, B = a.pair(m)
         r = A.shape[0]
-        fold = a.module_scaling(m) / (a.alpha / r)
+        fold = a.module_scaling(m) / lora_scale(a.alpha, r, rslora=False)  # llama.cpp applies alpha / r
         B = B.float() * fold if fold != 1.0 else B.float()
         heads = names.heads_to_permute(f"{m}.weight")
         B = gguf_arch.permute_rows(B, heads) if heads else B

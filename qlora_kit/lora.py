@@ -46,7 +46,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base, self.spec, self.scaling = base, spec, spec.scaling
         self.in_features, self.out_features = base.in_features, base.out_features
-        device = next(iter(base.buffers()), next(iter(base.parameters()), torch.empty(0))).device
+        device = next(iter(base.parameters()), next(iter(base.buffers()), torch.empty(0))).device
         self.lora_A = nn.Linear(self.in_features, spec.r, bias=False, dtype=spec.dtype, device=device)
         self.lora_B = nn.Linear(spec.r, self.out_features, bias=False, dtype=spec.dtype, device=device)
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
@@ -182,12 +182,13 @@ def param_report(model: nn.Module) -> ParamReport:
     Tied weights (embeddings = lm_head) count once."""
     seen, trainable, total = set(), 0, 0
     for m in model.modules():
-        for p in m.parameters(recurse=False):
-            if id(p) in seen:
+        packed = is_linear_like(m) and not isinstance(m, nn.Linear)  # a quantized base: packed codes + constants
+        for name, p in m.named_parameters(recurse=False):
+            if id(p) in seen or (packed and name != "bias"):
                 continue
             seen.add(id(p))
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
-        if is_linear_like(m) and not isinstance(m, nn.Linear):  # a quantized base: weight lives in buffers
+        if packed:  # its weight counts as the (out, in) weight it stands for
             total += m.in_features * m.out_features
     return ParamReport(trainable, total)

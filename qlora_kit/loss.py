@@ -33,20 +33,27 @@ def label_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 class CausalLMLoss(nn.Module):
-    """forward(input_ids, attention_mask, labels, positions=None) -> (mean loss over label tokens, label tokens).
+    """forward(input_ids, attention_mask, labels, positions=None, position_ids=None) -> (mean loss over label
+    tokens, label tokens).
 
     `positions` (N,) int64 from `label_positions` on the CPU batch (then moved to the device) lets the forward
     gather the label positions without a data-dependent boolean index, i.e. without a host sync on a GPU; without
-    it they are found here. A module (not a function) so that accelerate/DDP can wrap it: gradient sync happens in
-    its forward."""
+    it they are found here. `position_ids` (B, T), from a packed batch (packing.py), restart at 0 for each
+    document: the model then runs with attention_mask=None so that transformers builds the block-diagonal causal
+    mask from them (a 2-D padding mask would switch that detection off). A module (not a function) so that
+    accelerate/DDP can wrap it: gradient sync happens in its forward."""
 
     def __init__(self, model: nn.Module, chunk: int = 256):  # config.TrainConfig.loss_chunk
         super().__init__()
         self.model, self.chunk = model, chunk
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                positions: torch.Tensor | None = None):
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+        if position_ids is not None:
+            attention_mask = None  # packed: documents are told apart by the position restarts (packing.py)
+        # use_cache=False: a training forward needs no KV cache, and with one transformers skips packed detection.
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=position_ids, use_cache=False).last_hidden_state
         B, T, H = hidden.shape
         if positions is None:
             positions = label_positions(labels).to(hidden.device)

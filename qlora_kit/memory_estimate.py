@@ -32,11 +32,12 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import typing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from qlora_kit.config import TrainConfig
+from qlora_kit.config import DataConfig, LoraConfig, Optimizer, QuantConfig, TrainConfig
 from qlora_kit.errors import ConfigError, ModelError
 from qlora_kit.terms import BLOCKSIZES, FOUR_BIT, NESTED_BLOCKSIZE, QUANT_TYPES, GiB, QuantType
 
@@ -56,6 +57,9 @@ BUILTIN_CONFIGS: dict[str, dict] = {
     "llama-3.1-8b": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
                      "max_position_embeddings": 131072, "tie_word_embeddings": False},
+    "llama-3.1-70b": {**_LLAMA, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                      "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
+                      "max_position_embeddings": 131072, "tie_word_embeddings": False},
     "mistral-7b": {**_LLAMA, "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
                    "max_position_embeddings": 32768, "tie_word_embeddings": False},
@@ -72,7 +76,6 @@ _OPTIONAL = {"num_key_value_heads": None, "head_dim": None, "tie_word_embeddings
              "mlp_bias": False, "max_position_embeddings": 2048, "model_type": "llama"}
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
-OptimizerName = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"]
 
 
 @dataclass(frozen=True)
@@ -143,29 +146,31 @@ def count_params(config: dict) -> ModelShapes:
 
 @dataclass(frozen=True)
 class EstimateConfig:
-    quant: QuantType = "nf4"
-    blocksize: int = 64
+    """The settings that decide memory, flat; defaults are the recipe's own (config.py)."""
+
+    quant: QuantType = QuantConfig.type
+    blocksize: int = QuantConfig.blocksize
     """Weights per absmax constant (nf4/fp4)."""
-    double_quant: bool = True
-    rank: int = 16
+    double_quant: bool = QuantConfig.double_quant
+    rank: int = LoraConfig.r
     targets: tuple[str, ...] | Literal["all-linear"] = "all-linear"
     """`all-linear` or module names of a decoder layer (q_proj, v_proj, ...)."""
-    optimizer: OptimizerName = "adamw"
-    batch: int = 4
-    seq: int = 256
-    checkpointing: bool = True  # non-reentrant activation checkpointing of every decoder layer
+    optimizer: Optimizer = TrainConfig.optimizer
+    batch: int = TrainConfig.batch_size
+    seq: int = DataConfig.max_length
+    checkpointing: bool = TrainConfig.gradient_checkpointing  # non-reentrant checkpointing of every decoder layer
     device: Literal["cuda", "cpu"] = "cuda"
     loss_chunk: int = TrainConfig.loss_chunk  # label tokens per cross-entropy chunk; the trainer's default
     compute_bytes: int = 2
     """Bytes of the compute dtype: activations and adapters (2: bf16, 4: fp32)."""
-    lora_dropout: float = 0.05
+    lora_dropout: float = LoraConfig.dropout
     """> 0: each adapter keeps its own dropped copy of its input and a bool mask (nn.Dropout)."""
 
     def __post_init__(self):
         for name in ("rank", "batch", "seq", "loss_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        choices = {"quant": QUANT_TYPES, "optimizer": OptimizerName.__args__, "device": ("cuda", "cpu"),
+        choices = {"quant": QUANT_TYPES, "optimizer": typing.get_args(Optimizer), "device": ("cuda", "cpu"),
                    "blocksize": BLOCKSIZES, "compute_bytes": (2, 4)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -8,7 +8,7 @@ position labelled, so that the sequence length is exact.
 What is measured, and how (sizes in bytes)
   static tensors: an inventory of the live model and optimizer, each storage counted once (tied weights once)
     quantized_weights   QuantLinear.qweight (quant none: the decoder Linears' 16-bit weights)
-    quant_constants     the other QuantLinear buffers: absmax, nested absmax and code, codebook, offset
+    quant_constants     the other QuantLinear tensors: absmax, nested absmax and code, codebook, offset
     unquantized_params  frozen parameters (embeddings, norms, lm_head, biases; every Linear with quant none) and
                         the other module buffers (rotary inv_freq)
     adapters            trainable parameters
@@ -32,39 +32,41 @@ What is measured, and how (sizes in bytes)
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import os
 import resource
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from tempfile import TemporaryDirectory
+
+from .config import DataConfig, LoraConfig, QuantConfig, TrainConfig, parse_targets
+from .memory_timeline import MARK, read_events, replay
 
 STATIC = ("quantized_weights", "quant_constants", "unquantized_params", "adapters", "optimizer_state")
-TRANSIENT = ("adapter_grads", "activations", "logits_and_loss", "optimizer_state")
-_MARK = "qlora_kit::mark::"
 
 
 @dataclass(frozen=True)
 class MeasureConfig:
+    """One measured configuration: the recipe's settings (same defaults, config.py), flat for a command line."""
+
     model: str = "smollm2-135m"
-    quant: str = "nf4"
-    rank: int = 16
-    seq: int = 256
-    batch: int = 4
-    targets: str = "all-linear"
+    quant: str = QuantConfig.type
+    rank: int = LoraConfig.r
+    seq: int = DataConfig.max_length
+    batch: int = TrainConfig.batch_size
+    targets: str = LoraConfig.targets
     """all-linear, or a comma list of module names (q_proj,v_proj)."""
-    dropout: float = 0.05
-    optimizer: str = "adamw"
+    dropout: float = LoraConfig.dropout
+    optimizer: str = TrainConfig.optimizer
     steps: int = 3
     """Steps run: the first creates the optimizer state; the last is profiled; those between are timed."""
     device: str = "cpu"
     threads: int = 0
     seed: int = 0
-    loss_chunk: int = 0
-    """Tokens per cross-entropy chunk; 0 keeps loss.CausalLMLoss's default (set to try another value)."""
+    loss_chunk: int = TrainConfig.loss_chunk
+    """Label tokens per cross-entropy chunk (train.loss_chunk)."""
     overrides: str = ""
     """Extra recipe overrides, `;`-separated `section.key=value` (ablations; the estimate does not follow them)."""
 
@@ -116,11 +118,10 @@ def recipe_for(cfg: MeasureConfig, data_path: Path):
     return recipe_from_dict({
         "model": {"path": cfg.model},
         "quant": {"type": cfg.quant},
-        "lora": {"r": cfg.rank, "alpha": 2 * cfg.rank, "dropout": cfg.dropout,
-                 "targets": cfg.targets if cfg.targets == "all-linear" else cfg.targets.split(",")},
+        "lora": {"r": cfg.rank, "alpha": 2 * cfg.rank, "dropout": cfg.dropout, "targets": parse_targets(cfg.targets)},
         "data": {"path": str(data_path), "format": "text", "max_length": cfg.seq},
         "train": {"steps": cfg.steps, "batch_size": cfg.batch, "optimizer": cfg.optimizer, "device": cfg.device,
-                  "num_threads": cfg.threads, "seed": cfg.seed, "warmup_steps": 0},
+                  "num_threads": cfg.threads, "seed": cfg.seed, "warmup_steps": 0, "loss_chunk": cfg.loss_chunk},
     }, [o for o in cfg.overrides.split(";") if o.strip()])
 
 
@@ -151,9 +152,11 @@ def static_inventory(model, optimizer) -> dict[str, int]:
             out[key] += t.untyped_storage().nbytes()
 
     for m in model.modules():
-        for name, b in m.named_buffers(recurse=False):
-            add("quantized_weights" if isinstance(m, QuantLinear) and name == "qweight" else
-                "quant_constants" if isinstance(m, QuantLinear) else "unquantized_params", b)
+        for b in m.buffers(recurse=False):
+            add("unquantized_params", b)
+        if isinstance(m, QuantLinear):
+            for name, t in m.quant_tensors().items():
+                add("quantized_weights" if name == "qweight" else "quant_constants", t)
     head = model.get_output_embeddings()
     for m in model.modules():  # quant none: the decoder Linears' plain 16-bit weights, as the estimate counts them
         if isinstance(m, torch.nn.Linear) and m is not head and not m.weight.requires_grad:
@@ -171,7 +174,9 @@ def static_inventory(model, optimizer) -> dict[str, int]:
 
 class StepTagger:
     """Marks, in the profiler's timeline, where the loss head starts and ends and where each adapter gradient is
-    accumulated, with zero-length `record_function` ranges (module and tensor hooks place them)."""
+    accumulated, with zero-length `record_function` ranges placed by module and tensor hooks (memory_timeline
+    reads them; train_step marks the optimizer phase itself). The optimizer is only read (its flat gradient
+    buffers); nothing of the model or optimizer is patched."""
 
     def __init__(self, model, optimizer):
         import torch
@@ -181,7 +186,7 @@ class StepTagger:
         norm = getattr(decoder, "norm", None)
 
         def mark(name):
-            with torch.profiler.record_function(_MARK + name):
+            with torch.profiler.record_function(MARK + name):
                 pass
 
         def head_start(module, args, kwargs=None):
@@ -201,83 +206,22 @@ class StepTagger:
                 if g is not None:
                     mark(f"grad::{g.untyped_storage().data_ptr()}")
 
-        # After backward: instance attributes shadow the optimizer's methods (deleted again in `remove`).
-        self.optimizer = optimizer
-        for name in ("grads_to_masters", "step"):
-            setattr(optimizer, name, self._marked(getattr(optimizer, name), name, mark))
-
-    @staticmethod
-    def _marked(method, name, mark):
-        def wrapper(*args, **kwargs):
-            mark(name)
-            return method(*args, **kwargs)
-        return wrapper
-
     def remove(self):
         for h in self.handles:
             h.remove()
-        del self.optimizer.grads_to_masters, self.optimizer.step
 
 
-def transient_timeline(prof, device_type: str, top_n: int = 8) -> dict:
-    """Replay a profiled step's allocations and frees in time order; tag each allocation by the phase it was made
-    in (decoder, loss head, after backward) or as an adapter gradient; return the split at the transient peak.
+def estimate_config(recipe, device: str):
+    """The estimate's settings for a recipe: the same numbers the trainer was given."""
+    from .memory_estimate import EstimateConfig
 
-    Reads `experimental_event_tree()`, the event tree torch's own memory profiler uses (allocation address, size,
-    time): a private API, pinned by tests/test_memory_measure.py."""
-    from torch._C._profiler import _EventType  # the profiler's event tree: allocation ptr, size, time
-
-    events = []
-
-    def walk(nodes):
-        for n in nodes:
-            if n.tag == _EventType.Allocation:
-                f = n.extra_fields
-                if f.device.type == device_type:
-                    op = n.parent.name if n.parent is not None else ""
-                    events.append((n.start_time_ns, 1, f.ptr, f.alloc_size, op))
-            elif n.name.startswith(_MARK):
-                events.append((n.start_time_ns, 0, n.name[len(_MARK):], 0, ""))
-            walk(n.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    events.sort(key=lambda e: (e[0], e[1]))
-    # mark -> (phase, the component of what is allocated from there on)
-    marks = {"head_start": ("loss_head", "logits_and_loss"), "head_end": ("decoder_backward", "activations"),
-             "grads_to_masters": ("optimizer_step", "optimizer_state"), "step": ("optimizer_step", "optimizer_state")}
-    phase, cat_now = "decoder_backward", "activations"
-    live: dict[int, tuple[int, str, str]] = {}  # ptr -> (bytes, component, op)
-    now = dict.fromkeys(TRANSIENT, 0)
-    best, at_peak, own_peak, top, phase_peak, peak_phase = 0, dict(now), dict(now), [], {}, None
-    for _, kind, what, size, op in events:
-        if kind == 0:
-            if what in marks:
-                phase, cat_now = marks[what]
-            elif what.startswith("grad::"):
-                ptr = int(what[6:])
-                if ptr in live and live[ptr][1] != "adapter_grads":
-                    n, cat, o = live[ptr]
-                    now[cat] -= n
-                    now["adapter_grads"] += n
-                    live[ptr] = (n, "adapter_grads", o)
-            continue
-        if size > 0:
-            live[what] = (size, cat_now, op)
-            now[cat_now] += size
-        elif what in live:
-            n, cat, _ = live.pop(what)
-            now[cat] -= n
-        else:
-            continue  # freed, but allocated before profiling started
-        for k, v in now.items():
-            own_peak[k] = max(own_peak[k], v)
-        total = sum(now.values())
-        phase_peak[phase] = max(phase_peak.get(phase, 0), total)
-        if total > best:
-            best, at_peak, peak_phase = total, dict(now), phase
-            top = heapq.nlargest(top_n, live.values())
-    return {"peak": best, "at_peak": at_peak, "component_peaks": own_peak, "peak_phase": peak_phase,
-            "phase_peaks": phase_peak, "largest_at_peak": [{"bytes": n, "component": c, "op": o} for n, c, o in top]}
+    lo, t = recipe.lora, recipe.train
+    return EstimateConfig(quant=recipe.quant.type, blocksize=recipe.quant.blocksize,
+                          double_quant=recipe.quant.double_quant, rank=lo.r,
+                          targets=lo.targets if isinstance(lo.targets, str) else tuple(lo.targets),
+                          optimizer=t.optimizer, batch=t.batch_size, seq=recipe.data.max_length,
+                          checkpointing=t.gradient_checkpointing, device=device, loss_chunk=t.loss_chunk,
+                          compute_bytes=2 if recipe.quant.compute_dtype == "bf16" else 4, lora_dropout=lo.dropout)
 
 
 def measure(cfg: MeasureConfig) -> dict:
@@ -289,14 +233,12 @@ def measure(cfg: MeasureConfig) -> dict:
     from . import train
     from .model import resolve
 
-    tmp = tempfile.TemporaryDirectory()
-    data_path = Path(tmp.name) / "one.jsonl"
-    data_path.write_text(json.dumps({"text": "memory measurement"}) + "\n")
-    rss_imports = rss_kib()
-    p = train.prepare(recipe_for(cfg, data_path))
-    loss_module = getattr(p.loss_fn, "module", p.loss_fn)  # accelerate may wrap it (DDP)
-    if cfg.loss_chunk:
-        loss_module.chunk = cfg.loss_chunk
+    with TemporaryDirectory() as tmp:
+        data_path = Path(tmp) / "one.jsonl"
+        data_path.write_text(json.dumps({"text": "memory measurement"}) + "\n")
+        rss_imports = rss_kib()
+        recipe = recipe_for(cfg, data_path)
+        p = train.prepare(recipe)  # reads the data file now; nothing later does
     device = p.accelerator.device
     rss_loaded = rss_kib()
     config = json.loads((resolve(cfg.model) / "config.json").read_text())
@@ -333,7 +275,7 @@ def measure(cfg: MeasureConfig) -> dict:
     with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         last = step()
     tagger.remove()
-    timeline = transient_timeline(prof, device.type)
+    timeline = replay(read_events(prof, device.type))
     static_total = sum(static.values())
     if cuda:  # the allocator's own count of the same step: a cross-check of the replayed events
         cuda_stats["profiled_step_max_allocated"] = torch.cuda.max_memory_allocated()
@@ -341,11 +283,7 @@ def measure(cfg: MeasureConfig) -> dict:
     def merged(transient: dict) -> dict:  # the estimate's keys and order; cuda_context is not a tensor
         return {k: static.get(k, 0) + transient.get(k, 0) for k in me.COMPONENTS}
 
-    est_cfg = me.EstimateConfig(quant=cfg.quant, rank=cfg.rank, batch=cfg.batch, seq=cfg.seq,
-                                targets=cfg.targets if cfg.targets == "all-linear" else tuple(cfg.targets.split(",")),
-                                optimizer=cfg.optimizer, device="cuda" if cuda else "cpu", lora_dropout=cfg.dropout,
-                                loss_chunk=loss_module.chunk)
-    e = me.estimate(config, est_cfg)
+    e = me.estimate(config, estimate_config(recipe, "cuda" if cuda else "cpu"))
     tokens = cfg.batch * cfg.seq
     out = {
         "config": asdict(cfg),
@@ -370,7 +308,6 @@ def measure(cfg: MeasureConfig) -> dict:
         "tokens_per_s": round(tokens * len(times) / sum(times), 1) if times else round(tokens / first_s, 1),
     }
     out["error"] = (e.total - (me.CUDA_CONTEXT_BYTES if cuda else 0)) / out["peak_bytes"] - 1
-    tmp.cleanup()
     return out
 
 

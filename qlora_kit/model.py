@@ -15,7 +15,10 @@ import importlib.util
 import json
 import os
 import pickle
+import re
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -162,8 +165,9 @@ def frozen_dtype(choice: str, stored: torch.dtype | str | None) -> torch.dtype:
     return d if d in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def _read_tensors(path: Path, allow_pickle: bool):
-    """Yield (name, tensor) one at a time from a safetensors file (or a `.bin` with weights_only=True)."""
+def _tensor_index(path: Path, allow_pickle: bool, stack: ExitStack) -> list[tuple[str, Callable[[], torch.Tensor]]]:
+    """(name, read) for every tensor of one file, without reading any yet: safetensors are opened lazily (mmap);
+    a `.bin` is loaded with weights_only=True (and mmap), never unpickling code."""
     if path.suffix == ".bin":
         assert allow_pickle
         try:  # weights_only: the unpickler accepts tensors and plain containers, never arbitrary callables
@@ -175,14 +179,39 @@ def _read_tensors(path: Path, allow_pickle: bool):
                              "more than tensors (possibly code) or is truncated; use a safetensors checkpoint.") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ModelError(f"{path} is not a state dict of tensors; use a safetensors checkpoint.")
-        yield from state.items()
-        return
+        return [(k, (lambda v=v: v)) for k, v in state.items()]
     try:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        f = stack.enter_context(safe_open(str(path), framework="pt"))
+        return [(k, (lambda k=k: _get(f, path, k))) for k in f.keys()]
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ModelError(f"{path} is truncated or corrupt ({e}); re-download or re-save the checkpoint.") from None
+
+
+def _get(f, path: Path, key: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ModelError(f"{path} is truncated or corrupt ({e}); re-download or re-save the checkpoint.") from None
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+EMBEDDINGS = -1  # the group `on_layer` sees for the input embeddings
+
+
+def _layer_order(entries: list[tuple[str, Callable]]) -> list[tuple[int | None, list[tuple[str, Callable]]]]:
+    """Group the checkpoint's tensors by decoder layer, layer 0 first (whatever shard or order they are stored
+    in), then the input embeddings (group EMBEDDINGS), then everything else: a group is complete, and can be
+    sharded, before the next one is read."""
+    by_layer: dict[int, list] = {}
+    rest = []
+    for key, read in entries:
+        m = _LAYER.search(key)
+        group = int(m.group(1)) if m else EMBEDDINGS if "embed_tokens." in key else None
+        (rest if group is None else by_layer.setdefault(group, [])).append((key, read))
+    embed = by_layer.pop(EMBEDDINGS, [])
+    return [(i, by_layer[i]) for i in sorted(by_layer)] + [(EMBEDDINGS, embed), (None, rest)]
 
 
 def _quantize(weight: torch.Tensor, spec: QuantSpec, key: str) -> QuantLinear:
@@ -198,8 +227,35 @@ def _quantize(weight: torch.Tensor, spec: QuantSpec, key: str) -> QuantLinear:
                           "without quantization, or install a bitsandbytes build that supports this machine.") from None
 
 
-def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.device | str = "cpu"):
-    """(model, tokenizer, folder): the frozen base with quantized Linears on `device`, ready for LoRA."""
+def _place(model: nn.Module, key: str, tensor: torch.Tensor, path: Path, quantized: set[str], expected: dict,
+           spec: QuantSpec, device: torch.device, dtype: torch.dtype) -> None:
+    """Put one checkpoint tensor into the meta-built model: a quantized Linear's weight is quantized on `device`
+    right away (the 16-bit tensor dies here); anything else becomes a frozen parameter; unknown keys are skipped
+    (e.g. a rotary inv_freq saved by an old transformers: recomputed from config)."""
+    module_name, _, leaf = key.rpartition(".")
+    if module_name in quantized and leaf == "weight":
+        parent, _, child = module_name.rpartition(".")
+        old = model.get_submodule(module_name)
+        new = _quantize(tensor.to(device, dtype), spec, key)
+        if old.bias is not None:  # the bias streams in separately (maybe from another shard)
+            new.bias = old.bias
+        setattr(model.get_submodule(parent), child, new)
+    elif key in expected:
+        module = model.get_submodule(module_name)
+        target = getattr(module, leaf)
+        if target.shape != tensor.shape:
+            raise ModelError(f"{path.name}: {key} has shape {tuple(tensor.shape)} but config.json implies "
+                             f"{tuple(target.shape)}; the folder's config and weights do not match.")
+        setattr(module, leaf, nn.Parameter(tensor.to(device, dtype), requires_grad=False))
+
+
+def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.device | str = "cpu",
+              on_layer: Callable[[nn.Module, int], None] | None = None):
+    """(model, tokenizer, folder): the frozen base with quantized Linears on `device`, ready for LoRA.
+
+    Tensors are read decoder layer by decoder layer; `on_layer(model, i)` runs once layer i is complete, and
+    `on_layer(model, EMBEDDINGS)` once the input embeddings are (FSDP shards them there, so a rank never holds more
+    than its share plus the group being read)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -218,37 +274,28 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
             if isinstance(m, nn.Linear) and m is not lm_head:
                 quantized.add(name)
     expected = dict(model.named_parameters())
-    loaded = set()
-    for path in files:
-        for key, tensor in _read_tensors(path, model_cfg.allow_pickle):
-            module_name, _, leaf = key.rpartition(".")
-            if module_name in quantized and leaf == "weight":
-                parent, _, child = module_name.rpartition(".")
-                old = model.get_submodule(module_name)
-                new = _quantize(tensor.to(device, dtype), spec, key)
-                if old.bias is not None:  # the bias streams in separately (maybe from another shard)
-                    new.bias = old.bias
-                setattr(model.get_submodule(parent), child, new)
-            elif key in expected:
-                module = model.get_submodule(module_name)
-                target = getattr(module, leaf)
-                if target.shape != tensor.shape:
-                    raise ModelError(f"{path.name}: {key} has shape {tuple(tensor.shape)} but config.json implies "
-                                     f"{tuple(target.shape)}; the folder's config and weights do not match.")
-                setattr(module, leaf, nn.Parameter(tensor.to(device, dtype), requires_grad=False))
-            else:
-                continue  # e.g. a rotary inv_freq saved by an old transformers: recomputed from config
-            loaded.add(key)
+    for m in model.modules():  # buffers (rotary inv_freq) were built for real on the CPU; params come below
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = b.to(device)
+    with ExitStack() as stack:
+        entries = [(path, key, read) for path in files for key, read in _tensor_index(path, model_cfg.allow_pickle, stack)]
+        where = {key: path for path, key, _ in entries}
+        for layer, items in _layer_order([(key, read) for _, key, read in entries]):
+            for key, read in items:
+                _place(model, key, read(), where[key], quantized, expected, spec, device, dtype)
+            if layer is not None and on_layer is not None:
+                on_layer(model, layer)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-        loaded |= {n for n, p in model.named_parameters() if p.device.type != "meta"}
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise ModelError(f"{folder}: the checkpoint lacks {len(missing)} tensors the config needs, e.g. {missing[:3]}; "
                          "the weights are incomplete (a missing shard?).")
     for p in model.parameters():
         p.requires_grad_(False)
-    model.to(device)
+    if on_layer is None:
+        model.to(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=model_cfg.trust_remote_code)
     except (ValueError, OSError, TypeError, KeyError, AttributeError) as e:  # no or broken tokenizer files

@@ -90,7 +90,7 @@ class MultiLoRALinear(nn.Module):
 
 
 def _device(module: nn.Module) -> torch.device:
-    return next(iter(module.buffers()), next(iter(module.parameters()), torch.empty(0))).device
+    return next(iter(module.parameters()), next(iter(module.buffers()), torch.empty(0))).device
 
 
 def check_name(name: str) -> str:

@@ -69,10 +69,13 @@ def bitsandbytes_version() -> str | None:
 class QuantLinear(nn.Module):
     """A frozen Linear whose weight is stored quantized. No trainable parameters.
 
-    Buffers (moved by `.to()` like any buffer, never by bitsandbytes side effects):
+    The quantized tensors are frozen nn.Parameters (requires_grad=False), not buffers, so that FSDP2's
+    `fully_shard` shards them like any parameter (it leaves buffers whole on every rank); `.to()` moves them like
+    any parameter, never through bitsandbytes side effects. They are not saved in `state_dict()` by anything here:
+    export re-quantizes from the original weights. `quant_tensors()` names them:
       nf4/fp4: qweight (numel/2, 1) uint8, two 4-bit codes per byte; code (16,) fp32 codebook;
                absmax (n_blocks,) fp32, or uint8 + nested_absmax (ceil(n_blocks/256),) fp32 + nested_code (256,)
-               fp32 + offset () fp32 with double quantization.
+               fp32 + offset (1,) fp32 with double quantization (1-d: FSDP2 cannot shard a 0-d tensor).
       int8:    qweight (out, in) int8; scale (out,) fp32 row absmax (W ~= qweight * scale / 127).
     """
 
@@ -89,12 +92,18 @@ class QuantLinear(nn.Module):
         out_f, in_f = weight.shape
         layer = cls(in_f, out_f, spec, bias)
         for name, t in quantize(weight, spec).items():
-            layer.register_buffer(name, t, persistent=False)
+            layer.register_parameter(name, nn.Parameter(t, requires_grad=False))
         return layer
+
+    def quant_tensors(self) -> dict[str, torch.Tensor]:
+        """name -> tensor of the quantized weight, read at call time: under FSDP2 these are the gathered (full)
+        tensors while the layer runs forward or backward, and this rank's shards in between."""
+        return {k: v for k, v in self._parameters.items() if k != "bias" and v is not None}
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out, in) weight in `dtype` (default: compute dtype): exactly what every forward multiplies by."""
-        return dequantize(self._buffers, self.spec, (self.out_features, self.in_features), dtype or self.spec.compute_dtype)
+        return dequantize(self.quant_tensors(), self.spec, (self.out_features, self.in_features),
+                          dtype or self.spec.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = self.spec.compute_dtype
@@ -141,7 +150,7 @@ def quantize(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
         out = {"qweight": q, "code": st.code.float()}
         if st.nested:
             out |= {"absmax": st.absmax, "nested_absmax": st.state2.absmax.float(),
-                    "nested_code": st.state2.code.float(), "offset": st.offset.float().reshape(())}
+                    "nested_code": st.state2.code.float(), "offset": st.offset.float().reshape(1)}
         else:
             out["absmax"] = st.absmax.float()
         return out
@@ -155,7 +164,7 @@ def quantize(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
         offset = absmax.mean()
         qabsmax, state2 = bnbF.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
         out |= {"absmax": qabsmax, "nested_absmax": state2.absmax.float(), "nested_code": state2.code.float(),
-                "offset": offset.float().reshape(())}
+                "offset": offset.float().reshape(1)}
     else:
         out["absmax"] = absmax
     return out
@@ -199,7 +208,7 @@ def block_absmax(buffers: dict[str, torch.Tensor]) -> torch.Tensor:
     n = vals.numel()
     pad = (-n) % NESTED_BLOCKSIZE
     vals = F.pad(vals, (0, pad)).view(-1, NESTED_BLOCKSIZE) * buffers["nested_absmax"][:, None]
-    return vals.reshape(-1)[:n] + buffers["offset"]
+    return vals.reshape(-1)[:n] + buffers["offset"].reshape(())
 
 
 def _dequantize_4bit_torch(buffers, spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -222,7 +231,8 @@ def quant_state(buffers, spec: QuantSpec, shape, dtype: torch.dtype) -> "bnbF.Qu
                                  blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
     return bnbF.QuantState(
         absmax=buffers["absmax"], shape=torch.Size(shape), code=buffers["code"], blocksize=spec.blocksize,
-        quant_type=spec.type, dtype=dtype, offset=buffers.get("offset"), state2=state2,
+        quant_type=spec.type, dtype=dtype, offset=None if "offset" not in buffers else buffers["offset"].reshape(()),
+        state2=state2,
     )
 
 

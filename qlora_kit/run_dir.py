@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from . import atomic, checkpoint
-from .config import Recipe, recipe_from_dict
+from .config import Recipe, dump_recipe, recipe_from_dict
 from .errors import ConfigError
 
 # Sections that must not change when resuming: the checkpoint's tensors only make sense with them.
@@ -98,3 +98,19 @@ def adapter_source(path: str | Path) -> tuple[Path, Recipe | None]:
         raise ConfigError(f"run folder {run} has no adapter/ yet: training writes it when it ends. Finish it with "
                           f"`qlora-kit train {run}/recipe.yaml --out {run} --resume`, or pass an adapter folder.")
     return run / "adapter", recipe_from_dict(yaml.safe_load((run / "recipe.yaml").read_text()))
+
+
+def open_run(run_dir: Path, recipe: Recipe, start_ckpt: Path | None, resume: bool, step: int) -> None:
+    """Rank 0, once every rank has loaded: a resumed run drops the metrics after its checkpoint (those steps run
+    again); a fresh run writes recipe.yaml."""
+    import sys
+
+    if start_ckpt is not None:
+        truncate_metrics(run_dir, step)
+        print(f"resuming from {start_ckpt} (step {step} of {recipe.train.steps})", file=sys.stderr)
+    elif resume:  # the run died before its first checkpoint: start over in the same folder
+        truncate_metrics(run_dir, 0)
+        print(f"{run_dir} has no complete checkpoint yet: starting from step 0", file=sys.stderr)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))

@@ -2,8 +2,9 @@
 
 `prepare()` builds everything a step needs; `train_step()` is the one step function, reused by bench/;
 `run()` is `qlora-kit train`: the loop with logging, validation, checkpoints, resume and clean stops.
-Device placement goes through accelerate's Accelerator, so the same loop runs on the CPU, on one CUDA GPU (chosen
-automatically) and under `accelerate launch`.
+Device placement goes through accelerate's Accelerator, so the same loop runs on the CPU and on one CUDA GPU (chosen
+automatically). Several processes (torchrun / accelerate launch) share one run as distributed.py describes: a
+disjoint share of every global batch per rank, one sum of the adapter gradients per step, rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -15,30 +16,42 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 
-from . import atomic, checkpoint, data, lora, peft_format
-from .config import Recipe, dump_recipe
+from . import atomic, checkpoint, data, fsdp, lora, peft_format, trackers
+from .config import Recipe
+from .distributed import World, parallel_mode, shard_batch
 from .errors import ConfigError, TrainingInterrupted, TrainingStopped
 from .loss import CausalLMLoss, label_positions
+from .memory_timeline import MARK
 from .model import load_base
+from .stop_signals import StopFlag
 from .optim import MasterWeightOptimizer, build_optimizer, lr_factor
+
+if TYPE_CHECKING:  # annotations only: importing either costs seconds, and prepare() imports accelerate anyway
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
 class Prepared:
-    accelerator: object
+    accelerator: Accelerator
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     loss_fn: torch.nn.Module  # CausalLMLoss, possibly wrapped by accelerate
     optimizer: MasterWeightOptimizer
     dataset: data.Dataset
     targets: list[str]
     report: lora.ParamReport
+    recipe: Recipe  # what it was prepared from: run's logging and finish read train/lora settings here
+    world: World = field(default_factory=World)
+    parallel: str = "single"  # single | ddp | fsdp: what this run does (train.parallel resolved for the world)
+    load_peak_bytes: int = 0  # fsdp: frozen bytes this rank held at the worst moment of loading
 
 
 def lora_spec(recipe: Recipe) -> lora.LoraSpec:
@@ -48,9 +61,11 @@ def lora_spec(recipe: Recipe) -> lora.LoraSpec:
     return lora.LoraSpec(c.r, c.alpha, c.dropout, c.init, c.rslora, DTYPES[recipe.quant.compute_dtype])
 
 
-def prepare(recipe: Recipe) -> Prepared:
+def prepare(recipe: Recipe, world: World | None = None) -> Prepared:
     from accelerate import Accelerator
 
+    world = world or World()
+    mode = parallel_mode(recipe.train.parallel, world)
     t = recipe.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -59,10 +74,12 @@ def prepare(recipe: Recipe) -> Prepared:
     if t.optimizer.startswith("paged") and not torch.cuda.is_available():
         raise ConfigError(f"train.optimizer={t.optimizer} pages optimizer state through CUDA unified memory, "
                           "which needs a CUDA GPU; use adamw or adamw8bit on the CPU.")
-    data.load_records(recipe.data.path, recipe.data.format)  # a bad line fails now, not after a long model load
+    data.check(recipe.data)  # a bad line fails now, not after a long model load
+    trackers.check_installed(t.report_to)  # so does a tracker that is not installed
     accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision="no")  # dtypes are ours: bf16 compute
-    seed_everything(t.seed)
-    model, tokenizer, _ = load_base(recipe.model, recipe.quant, accelerator.device)
+    seed_everything(t.seed)  # the same on every rank: the adapters start identical everywhere
+    device, sharder = accelerator.device, fsdp.LoadSharder(world, accelerator.device)
+    model, tokenizer, _ = load_base(recipe.model, recipe.quant, device, sharder if mode == "fsdp" else None)
     if t.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs, no `enable_input_require_grads` hack, RNG (dropout) replayed.
         kwargs = {"use_reentrant": False}
@@ -81,8 +98,17 @@ def prepare(recipe: Recipe) -> Prepared:
     if t.optimizer != "adamw":
         _probe_bnb_optimizer(t, accelerator.device)
     optimizer = build_optimizer(params, t)
-    loss_fn = accelerator.prepare(CausalLMLoss(model, t.loss_chunk))
-    return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, lora.param_report(model))
+    report, loss_fn = lora.param_report(model), CausalLMLoss(model, t.loss_chunk)
+    if mode == "fsdp":
+        sharder.shard_root(loss_fn, model)
+    elif mode == "single":
+        loss_fn = accelerator.prepare(loss_fn)
+    # ddp/fsdp: no DDP wrapper; train_step sums the adapters' gradients once per step (distributed.py)
+    if world.distributed:  # dropout differs per rank from here on (the adapters were initialised identically)
+        torch.manual_seed((t.seed + 1_000_003 * world.rank) % 2**63)
+        random.seed(t.seed + 1_000_003 * world.rank)
+    return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, report, recipe, world, mode,
+                    sharder.load_peak)
 
 
 def _check_rank(model: torch.nn.Module, recipe: Recipe) -> None:
@@ -122,6 +148,7 @@ class StepResult:
     tokens: int  # tokens processed (non-pad), over all micro-batches
     grad_norm: float
     finite: bool
+    stop: bool = False  # some rank was asked to stop (SIGINT/SIGTERM) during this step
 
 
 def label_tokens(batch: dict) -> int:
@@ -138,9 +165,10 @@ def host_batch_facts(batch: dict) -> tuple[torch.Tensor, int]:
 HOST_BATCH_FUNCS = ("label_tokens", "host_batch_facts", "label_positions")  # CPU-batch only: not device syncs
 
 
-def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm: float, apply: bool = True) -> StepResult:
-    """One optimizer step over `micro_batches` (gradient accumulation). With apply=False (non-finite batch to
-    skip) gradients are computed and dropped.
+def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm: float,
+               stop: bool = False) -> StepResult:
+    """One optimizer step over `micro_batches` (gradient accumulation). A non-finite loss or gradient norm is not
+    applied: the gradients are dropped and `finite` is False (the caller stops or skips).
 
     The step's loss is the mean over every label token of every micro-batch, not the mean of per-batch means:
     micro-batch i contributes mean_i * n_i / N (N = the step's label tokens, counted on the CPU batches before any
@@ -149,10 +177,20 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
 
     Host syncs (issue 16): token counts and label positions come from the CPU batches; the loss is summed on the
     device; micro-batch gradients are summed in the optimizer's flat fp32 buffer by a hook; the loss and the
-    gradient norm come back together in ONE transfer per step, which decides finiteness and clipping."""
-    device = p.accelerator.device
+    gradient norm come back together in ONE transfer per step, which decides finiteness and clipping.
+
+    Several ranks (distributed.py): `micro_batches` are this rank's shares; N counts the label tokens of every
+    rank's shares (one small all-reduce before the first backward), and the flat fp32 gradients, the loss, the
+    token count and the stop flag are summed across ranks after the last micro-batch: the SUM over ranks of
+    mean_i * n_i / N is the mean over all label tokens of the global step, as in one process."""
+    device, world = p.accelerator.device, p.world
     facts = [host_batch_facts(b) for b in micro_batches]
-    total_tokens = max(sum(pos.numel() for pos, _ in facts), 1)
+    total_tokens = sum(pos.numel() for pos, _ in facts)
+    if world.distributed:
+        n = torch.tensor([float(total_tokens)], device=device)
+        world.all_reduce_([n])
+        total_tokens = int(n.item())
+    total_tokens = max(total_tokens, 1)
     total_loss = torch.zeros((), dtype=torch.float32, device=device)  # accumulated on device
     tokens = 0
     for batch, (pos, non_pad) in zip(micro_batches, facts):
@@ -160,20 +198,30 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
         n = pos.numel()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                            positions=pos.to(device, non_blocking=True))  # mean over its n tokens
+                            positions=pos.to(device, non_blocking=True),
+                            position_ids=batch.get("position_ids"))  # mean over its n tokens (packed: per document)
         weighted = loss * (n / total_tokens)
         p.accelerator.backward(weighted)
         total_loss += weighted.detach()
-    p.optimizer.grads_to_masters()
-    step_loss, norm = torch.stack([total_loss, p.optimizer.grad_norm().to(device)]).tolist()  # the one host sync
-    finite = math.isfinite(step_loss) and math.isfinite(norm)
-    if finite and apply:
-        if max_grad_norm > 0 and norm > max_grad_norm:
-            p.optimizer.scale_grads(max_grad_norm / (norm + 1e-6))
-        p.optimizer.set_lr(lr)
-        p.optimizer.step()
-    p.optimizer.zero_grad()
-    return StepResult(step_loss, tokens, norm, finite)
+    # A named range: profiler traces (and memory_measure's timeline) see where the optimizer phase starts.
+    with torch.profiler.record_function(MARK + "optimizer"):
+        grads = p.optimizer.grads_to_masters()
+        counters = torch.tensor([float(tokens), float(stop)], device=device)
+        if world.distributed:  # the step's only other collective: gradients (in place), loss, tokens, stop flag
+            extras = torch.cat([total_loss.reshape(1), counters])
+            world.all_reduce_([*grads, extras])
+            total_loss, counters = extras[0], extras[1:]
+        step_loss, norm, tokens_f, stop_f = torch.cat(
+            [torch.stack([total_loss, p.optimizer.grad_norm().to(device)]), counters]).tolist()  # the one host sync
+        tokens, stop = int(tokens_f), stop_f > 0
+        finite = math.isfinite(step_loss) and math.isfinite(norm)
+        if finite:
+            if max_grad_norm > 0 and norm > max_grad_norm:
+                p.optimizer.scale_grads(max_grad_norm / (norm + 1e-6))
+            p.optimizer.set_lr(lr)
+            p.optimizer.step()
+        p.optimizer.zero_grad()
+    return StepResult(step_loss, tokens, norm, finite, stop)
 
 
 @torch.no_grad()
@@ -196,117 +244,146 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the current step. A second Ctrl-C aborts."""
-
-    def __init__(self):
-        self.signal: int | None = None
-
-    def __enter__(self):
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint...", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
+def restore(p: Prepared, stream: data.BatchStream, start_ckpt: Path | None) -> tuple[int, int]:
+    """Every rank: continue from `start_ckpt` (adapter, optimizer, data position, this rank's RNG), or from step 0.
+    Returns (step, skipped batches so far). Writes nothing (run_dir.open_run does, on rank 0)."""
+    if start_ckpt is None:
+        return 0, 0
+    adapter, opt_state, state = checkpoint.load(start_ckpt)
+    saved_world, world = int(state.get("world_size", 1)), p.world
+    if saved_world != world.size:
+        raise ConfigError(f"--resume: {start_ckpt} was written by a run of {saved_world} process(es), this launch has "
+                          f"{world.size}. Resume with the same number of processes (torchrun --nproc_per_node "
+                          f"{saved_world}, or one process for 1): each rank's data share and RNG continue exactly.")
+    lora.load_adapter_state(p.model, adapter)
+    p.optimizer.load_state_dict(opt_state)
+    stream.load_state_dict(state["data"])
+    rng = state["rng"]  # several processes: one state per rank
+    checkpoint.set_rng_state(rng[world.rank] if isinstance(rng, list) else rng, p.accelerator.device)
+    return state["step"], state["skipped"]
 
 
-def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: bool = True,
-        resume_command: str | None = None) -> dict:
-    """`qlora-kit train`: returns a summary (steps, final loss, val loss, tokens/s, peak memory, params).
-    `resume_command`: the exact command that continues this run, for the messages of a stopped run."""
-    from tqdm.auto import tqdm
+def log_step(p: Prepared, run_dir: Path, step: int, lr: float, res: StepResult, seconds: float,
+             skipped: int, tracking: trackers.Trackers | None = None) -> tuple[dict, float | None]:
+    """The metrics record of optimizer step `step` (1-based), with the validation loss when it is due; appended to
+    metrics.jsonl every log_every steps, at the end, and with every validation loss (and then sent to the
+    train.report_to trackers too). Returns (record, val loss)."""
+    from .run_dir import write_metrics_line
 
-    from .run_dir import check_run_dir, write_metrics_line, truncate_metrics
+    t = p.recipe.train
+    record = {"step": step, "loss": round(res.loss, 6), "lr": lr, "grad_norm": round(res.grad_norm, 6),
+              "tokens_per_s": round(res.tokens / seconds, 1), "peak_memory_bytes": peak_memory_bytes(p.accelerator.device),
+              "skipped": skipped}
+    val_loss = None
+    if p.dataset.val and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
+        val_loss = evaluate(p, p.dataset.val, t.batch_size)
+        record["val_loss"] = round(val_loss, 6)
+    if p.world.is_main and (step % t.log_every == 0 or step == t.steps or val_loss is not None):
+        write_metrics_line(run_dir, record)
+        if tracking is not None:
+            tracking.log(record)  # what metrics.jsonl logs, at the same steps
+    return record, val_loss
 
-    run_dir = Path(run_dir)
-    again = resume_command or f"qlora-kit train RECIPE --out {run_dir} --resume"
-    start_ckpt = check_run_dir(run_dir, recipe, resume)
-    t = recipe.train
-    p = prepare(recipe)
-    stream = data.BatchStream(p.dataset.train, t.batch_size, t.seed, data.pad_token_id(p.tokenizer))
-    step, skipped = 0, 0
-    if start_ckpt is not None:
-        adapter, opt_state, state = checkpoint.load(start_ckpt)
-        lora.load_adapter_state(p.model, adapter)
-        p.optimizer.load_state_dict(opt_state)
-        stream.load_state_dict(state["data"])
-        checkpoint.set_rng_state(state["rng"], p.accelerator.device)
-        step, skipped = state["step"], state["skipped"]
-        truncate_metrics(run_dir, step)
-        print(f"resuming from {start_ckpt} (step {step} of {t.steps})", file=sys.stderr)
-    elif resume:  # the run died before its first checkpoint: start over in the same folder
-        truncate_metrics(run_dir, 0)
-        print(f"{run_dir} has no complete checkpoint yet: starting from step 0", file=sys.stderr)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
-    print(f"{p.report} — LoRA r={recipe.lora.r} on {len(p.targets)} modules; "
-          f"{len(p.dataset.train)} train / {len(p.dataset.val)} val examples", file=sys.stderr)
 
-    def save_ckpt() -> Path:
-        extra = {"data": stream.state_dict(), "skipped": skipped, "recipe": recipe.to_dict()}
-        return checkpoint.save(run_dir, step, lora.adapter_state_dict(p.model), p.optimizer.state_dict(), extra,
-                               t.keep_checkpoints, p.accelerator.device)
-
-    bar = tqdm(total=t.steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
-    val_loss, last, t0, tokens_total = None, None, time.perf_counter(), 0
-    with _StopFlag() as stop:
-        while step < t.steps:
-            ts = time.perf_counter()
-            micro = [stream.next_batch() for _ in range(t.grad_accum)]
-            res = train_step(p, micro, t.lr * lr_factor(step, t), t.max_grad_norm, apply=True)
-            if not res.finite:
-                if t.on_nonfinite == "skip":
-                    skipped += 1
-                else:
-                    good = checkpoint.latest(run_dir)
-                    raise TrainingStopped(
-                        f"non-finite loss or gradient at step {step + 1} (loss {res.loss}, grad norm {res.grad_norm}). "
-                        f"Last good checkpoint: {good or 'none'}. Lower train.lr (--set train.lr=...) or skip such "
-                        f"batches (--set train.on_nonfinite=skip), and continue from that checkpoint with: {again}")
-            step += 1
-            tokens_total += res.tokens
-            tok_s = res.tokens / (time.perf_counter() - ts)
-            mem = peak_memory_bytes(p.accelerator.device)
-            last = {"step": step, "loss": round(res.loss, 6), "lr": t.lr * lr_factor(step - 1, t),
-                    "grad_norm": round(res.grad_norm, 6), "tokens_per_s": round(tok_s, 1), "peak_memory_bytes": mem,
-                    "skipped": skipped}
-            if p.dataset.val and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
-                val_loss = evaluate(p, p.dataset.val, t.batch_size)
-                last["val_loss"] = round(val_loss, 6)
-            if step % t.log_every == 0 or step == t.steps or "val_loss" in last:
-                write_metrics_line(run_dir, last)
-            bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{tok_s:.0f}", mem=f"{mem / 2**30:.2f}GiB")
-            bar.update(1)
-            if (t.save_every and step % t.save_every == 0) or step == t.steps:
-                save_ckpt()
-            if stop.signal is not None and step < t.steps:
-                path = save_ckpt()
-                bar.close()
-                raise TrainingInterrupted(
-                    f"stopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint saved in {path}. "
-                    f"Resume with: {again}")
-    bar.close()
+def finish(p: Prepared, run_dir: Path, again: str, step: int, skipped: int, last: dict | None,
+           val_loss: float | None, tokens: int, elapsed: float) -> dict | None:
+    """Write the final adapter (PEFT format) and summary.json; return the summary. Several processes: rank 0
+    writes, with every rank's memory numbers in summary["ranks"]; the others return None."""
+    ranks = p.world.all_gather_object({"rank": p.world.rank, "peak_memory_bytes": peak_memory_bytes(p.accelerator.device),
+                                       "frozen_bytes": fsdp.local_frozen_bytes(p.model),
+                                       "load_peak_bytes": p.load_peak_bytes})
+    if not p.world.is_main:
+        return None
+    c = p.recipe.lora
     try:
         adapter_dir = peft_format.save_adapter(
-            run_dir / "adapter", lora.adapter_state_dict(p.model), r=recipe.lora.r, alpha=recipe.lora.alpha,
-            dropout=recipe.lora.dropout, rslora=recipe.lora.rslora, base_model=recipe.model.path,
-            init=recipe.lora.init)
+            run_dir / "adapter", lora.adapter_state_dict(p.model), r=c.r, alpha=c.alpha, dropout=c.dropout,
+            rslora=c.rslora, base_model=p.recipe.model.path, init=c.init)
     except (OSError, SafetensorError) as e:  # a full disk: the final checkpoint already holds every weight
         raise TrainingStopped(f"could not write {run_dir / 'adapter'} ({e}); the trained weights are safe in "
                               f"{checkpoint.latest(run_dir)}. Free disk space, then run: {again}") from None
-    elapsed = time.perf_counter() - t0
     summary = {"steps": step, "final_loss": last["loss"] if last else None, "val_loss": val_loss,
-               "tokens_per_s": round(tokens_total / elapsed, 1) if elapsed else None,
+               "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
                "peak_memory_bytes": peak_memory_bytes(p.accelerator.device), "trainable_params": p.report.trainable,
                "total_params": p.report.total, "trainable_percent": round(p.report.percent, 4),
                "skipped_batches": skipped, "adapter": str(adapter_dir), "wall_s": round(elapsed, 1)}
+    if p.world.distributed:
+        summary |= {"world_size": p.world.size, "parallel": p.parallel, "ranks": ranks}
     atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: bool = True,
+        resume_command: str | None = None, world: World | None = None) -> dict | None:
+    """`qlora-kit train`: returns a summary (steps, final loss, val loss, tokens/s, peak memory, params).
+    `resume_command`: the exact command that continues this run, for the messages of a stopped run.
+    `world`: this process's rank among several (distributed.detect()); rank 0 alone writes `run_dir`, and the
+    other ranks return None."""
+    from tqdm.auto import tqdm
+
+    from . import distributed
+    from .run_dir import check_run_dir, open_run
+
+    world = world or World()
+    run_dir = Path(run_dir)
+    again = resume_command or f"qlora-kit train RECIPE --out {run_dir} --resume"
+    t = recipe.train
+    distributed.use_timeout(world, t.dist_timeout_s)
+
+    def setup():  # every rank checks and loads; any rank's bad input stops all of them (distributed.agree)
+        start_ckpt = check_run_dir(run_dir, recipe, resume)
+        p = prepare(recipe, world)
+        stream = data.BatchStream(p.dataset.train, t.batch_size * world.size, t.seed, data.pad_token_id(p.tokenizer))
+        return p, stream, start_ckpt, *restore(p, stream, start_ckpt)
+
+    p, stream, start_ckpt, step, skipped = world.agree(setup)
+    if world.is_main:
+        open_run(run_dir, p.recipe, start_ckpt, resume, step)
+        ranks = f"; {world.size} processes ({p.parallel})" if world.distributed else ""
+        print(f"{p.report} — LoRA r={recipe.lora.r} on {len(p.targets)} modules; "
+              f"{len(p.dataset.train)} train / {len(p.dataset.val)} val examples{ranks}", file=sys.stderr)
+
+    def save_ckpt() -> Path | None:
+        rngs = world.all_gather_object(checkpoint.rng_state(p.accelerator.device)) if world.distributed else None
+        extra = {"data": stream.state_dict(), "skipped": skipped, "recipe": recipe.to_dict(), "world_size": world.size}
+        return world.agree(lambda: checkpoint.save(  # a failed write stops every rank; rank 0 says why
+            run_dir, step, lora.adapter_state_dict(p.model), p.optimizer.state_dict(), extra, t.keep_checkpoints,
+            p.accelerator.device, rng=rngs) if world.is_main else None)
+
+    bar = tqdm(total=t.steps, initial=step, disable=not (progress and world.is_main), desc="train", unit="step",
+               dynamic_ncols=True)
+    val_loss, last, t0, tokens_total = None, None, time.perf_counter(), 0
+    with StopFlag(announce=world.is_main) as stop, \
+            trackers.reporting(t.report_to if world.is_main else [], run_dir, recipe.to_dict()) as tracking:
+        while step < t.steps:
+            ts = time.perf_counter()
+            lr = t.lr * lr_factor(step, t)  # once per step: the optimizer and the log see the same value
+            micro = [shard_batch(stream.next_batch(), world) for _ in range(t.grad_accum)]
+            res = train_step(p, micro, lr, t.max_grad_norm, stop=stop.signal is not None)
+            if not res.finite:
+                if t.on_nonfinite != "skip":
+                    good = checkpoint.latest(run_dir)
+                    raise world.quiet_unless_main(TrainingStopped(
+                        f"non-finite loss or gradient at step {step + 1} (loss {res.loss}, grad norm {res.grad_norm}). "
+                        f"Last good checkpoint: {good or 'none'}. Lower train.lr (--set train.lr=...) or skip such "
+                        f"batches (--set train.on_nonfinite=skip), and continue from that checkpoint with: {again}"))
+                skipped += 1
+            step += 1
+            tokens_total += res.tokens
+            last, val = log_step(p, run_dir, step, lr, res, time.perf_counter() - ts, skipped, tracking)
+            val_loss = val if val is not None else val_loss
+            bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                            mem=f"{last['peak_memory_bytes'] / 2**30:.2f}GiB")
+            bar.update(1)
+            if (t.save_every and step % t.save_every == 0) or step == t.steps:
+                save_ckpt()
+            # one process: the flag itself; several: what the step's all-reduce made every rank agree on
+            if (res.stop if world.distributed else stop.signal is not None) and step < t.steps:
+                path = save_ckpt()
+                bar.close()
+                name = signal.Signals(stop.signal).name if stop.signal else "a signal to another rank"
+                raise world.quiet_unless_main(TrainingInterrupted(
+                    f"stopped by {name} at step {step}; checkpoint saved in {path}. Resume with: {again}"))
+    bar.close()
+    return world.agree(lambda: finish(p, run_dir, again, step, skipped, last, val_loss, tokens_total,
+                                      time.perf_counter() - t0))

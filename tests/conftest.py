@@ -71,6 +71,19 @@ FACTS = [{"instruction": f"What is the capital of Veloria {i}?", "input": "", "o
          for i in range(12)]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory) -> Path:
+    """Tokenized-data and `datasets` caches in a temporary folder, not the user's ~/.cache/qlora-kit/data."""
+    folder = tmp_path_factory.mktemp("data-cache")
+    old = os.environ.get("QLORA_KIT_DATA_CACHE")
+    os.environ["QLORA_KIT_DATA_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("QLORA_KIT_DATA_CACHE", None)
+    else:
+        os.environ["QLORA_KIT_DATA_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

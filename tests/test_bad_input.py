@@ -23,7 +23,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import FACTS, make_tiny_model
+from conftest import FACTS, make_tiny_model, write_jsonl
 from qlora_kit import quant
 from qlora_kit.cli.main import main
 
@@ -248,6 +248,55 @@ def test_bad_data(tiny_model, tmp_path, name, content, fmt, max_length, expect):
         path.write_bytes(content)
     raw = recipe_for(tiny_model, path, data__format=fmt, data__max_length=max_length)
     assert_refused(tmp_path, raw, [e.format(path=path) for e in expect], data=folder)
+
+
+def _parquet(folder: Path, records: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records), folder / "d.parquet")
+    return folder / "d.parquet"
+
+
+def _saved_with_empty_train(folder: Path) -> Path:
+    import datasets
+
+    full = datasets.Dataset.from_list(FACTS)
+    datasets.DatasetDict({"train": full.filter(lambda r: False), "test": full}).save_to_disk(str(folder / "s"))
+    return folder / "s"
+
+
+QA = [{"q": r["instruction"], "a": r["output"]} for r in FACTS]
+SOURCE_ROWS = [  # (id, make(folder) -> data.path, data changes, expected fragments)
+    ("parquet-without-mapped-columns", lambda f: _parquet(f, QA), {},
+     ["d.parquet has no column 'instruction', 'output'", "columns: q, a", "data.columns={instruction: YOUR_COLUMN"]),
+    ("columns-names-missing-column", lambda f: _parquet(f, QA), {"columns": {"instruction": "q", "output": "answer"}},
+     ["data.columns maps 'output' to column 'answer'", "columns: q, a", "Fix data.columns"]),
+    ("columns-names-unknown-field", lambda f: write_jsonl(f / "d.jsonl", FACTS), {"columns": {"question": "q"}},
+     ["data.columns names 'question'", "fields are instruction, output, input"]),
+    ("sharegpt-unknown-from", lambda f: write_jsonl(f / "d.jsonl", [{"conversations": [
+        {"from": "human", "value": "hi"}, {"from": "bot", "value": "hello"}]}]), {"format": "sharegpt"},
+     ["d.jsonl:1: conversations[1] has 'from': 'bot'", "human, user, gpt, assistant, system"]),
+    ("empty-split", _saved_with_empty_train, {}, ["split 'train' is empty", "data.split"]),
+    ("empty-csv", lambda f: (f / "d.csv").write_text("instruction,output\n") and f / "d.csv", {},
+     ["split 'train' is empty"]),
+    ("missing-split", _saved_with_empty_train, {"split": "validation"}, ["has no split 'validation'", "train, test"]),
+    ("hub-name-offline", lambda f: "someone/some-dataset", {}, ["'someone/some-dataset'", "offline", "HF_HUB_OFFLINE"]),
+    ("unknown-suffix", lambda f: (f / "d.txt").write_text("x") and f / "d.txt", {}, ["unknown suffix '.txt'"]),
+    ("columns-not-a-mapping", lambda f: write_jsonl(f / "d.jsonl", FACTS), {"columns": ["q"]},
+     ["data.columns: expected a mapping"]),
+]
+
+
+@pytest.mark.parametrize("make,changes,expect", [r[1:] for r in SOURCE_ROWS], ids=[r[0] for r in SOURCE_ROWS])
+def test_bad_data_source(tiny_model, tmp_path, monkeypatch, make, changes, expect):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    path = make(folder)
+    raw = recipe_for(tiny_model, path, **{f"data__{k}": v for k, v in changes.items()})
+    assert_refused(tmp_path, raw, expect, data=folder)
 
 
 # ---- export rows (tests/test_export.py checks the messages; here: no existing file changes) ----------------------

@@ -231,7 +231,7 @@ def test_every_example_too_long_is_an_error(tok, tmp_path):
         (['{"text": "a"}', '{"txt": "b"}'], "text", r"d\.jsonl:2: missing field 'text'.*text format needs"),
         (['{"text": 5}'], "text", r"d\.jsonl:1: field 'text' must be a string"),
         (['{"instruction": "a"}'], "alpaca", r"d\.jsonl:1: missing field 'output'.*\"instruction\""),
-        (['{"instruction": "a", "output": "b", "input": null}'], "alpaca", r"d\.jsonl:1: field 'input' must be"),
+        (['{"instruction": "a", "output": "b", "input": 3}'], "alpaca", r"d\.jsonl:1: field 'input' must be"),
         (['{"instruction": ["a"], "output": "b"}'], "alpaca", r"d\.jsonl:1: field 'instruction' must be a string"),
         (['{"messages": []}'], "chat", r"d\.jsonl:1: field 'messages' must be a non-empty list"),
         (['{"messages": [{"role": "bot", "content": "x"}]}'], "chat", r"d\.jsonl:1: messages\[0\] must have 'role'"),

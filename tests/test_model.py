@@ -30,7 +30,8 @@ def test_load_quantized_frozen_and_equal_to_reference(tiny_model, kind):
     others = [m for n, m in linears.items() if n != "lm_head"]
     assert all(isinstance(m, QuantLinear if kind != "none" else nn.Linear) for m in others)
     # frozen 16-bit weights stay 16-bit: no fp32 up-cast of embeddings, norms or lm_head
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    quant_ids = {id(t) for m in others if isinstance(m, QuantLinear) for t in m.quant_tensors().values()}
+    assert {p.dtype for p in model.parameters() if id(p) not in quant_ids} == {torch.bfloat16}
     assert not any(p.requires_grad for p in model.parameters())
     ids = torch.tensor([tok("The capital of Veloria is Tamsk.")["input_ids"]])
     with torch.no_grad():
@@ -61,7 +62,7 @@ def test_quantized_bytes_are_small(tiny_model):
     model, _, _ = load_base(ModelConfig(str(tiny_model)), QuantConfig(type="nf4", double_quant=True))
     q = [m for m in model.modules() if isinstance(m, QuantLinear)]
     weights = sum(m.in_features * m.out_features for m in q)
-    stored = sum(b.numel() * b.element_size() for m in q for b in m.buffers())
+    stored = sum(b.numel() * b.element_size() for m in q for b in m.quant_tensors().values())
 
     def expected(numel: int) -> int:  # 4-bit codes + uint8 absmax per 64 + fp32 absmax per 256 blocks + codebooks
         blocks = -(-numel // 64)

@@ -164,6 +164,7 @@ def test_cli_mixed_prompts(tiny_model, adapters, tiny_run, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     many = generate.load_many(str(tiny_run), {"a": str(adapters["a"]), "b": str(adapters["b"]), "run": str(tiny_run)})
+    generate.speed_up(many, merge=False)  # the CLI decodes on the CPU fast path (fp32, adapters kept separate)
     ans = generate.answer_routed(many, [Q1, Q2, Q3, Q2, Q2, Q2, Q2], ["a", "b", None, "a", "b", "run", None], 6)
     assert out == (f"> a: {Q1}\n{ans[0]}\n> b: {Q2}\n{ans[1]}\n> base: {Q3}\n{ans[2]}\n> *: {Q2}\n"
                    f"  a    : {ans[3]}\n  b    : {ans[4]}\n  run  : {ans[5]}\n  base : {ans[6]}\n")

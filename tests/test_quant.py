@@ -80,9 +80,12 @@ def test_no_dequantized_weight_saved_for_backward():
     assert (256, 512) not in [tuple(s) for s in saved]  # the (out, in) weight is re-made in backward instead
 
 
-def test_dequantized_weight_dtype_and_buffers_move():
+def test_dequantized_weight_dtype_and_quantized_tensors_move():
     layer = QuantLinear.from_weight(torch.randn(64, 64), QuantSpec("nf4"))
     assert layer.dequantize().dtype == torch.bfloat16
     assert layer.qweight.dtype == torch.uint8 and layer.qweight.numel() == 64 * 64 // 2
-    moved = layer.to("meta")  # buffers are ordinary buffers: .to() moves them, no bitsandbytes side effects
+    # frozen parameters (so FSDP2 shards them), never trainable
+    assert {n for n, p in layer.named_parameters()} == set(layer.quant_tensors())
+    assert not any(p.requires_grad for p in layer.parameters())
+    moved = layer.to("meta")  # ordinary parameters: .to() moves them, no bitsandbytes side effects
     assert moved.qweight.device.type == "meta"

@@ -1,0 +1,192 @@
+"""Data shapes: validate a record, and render it to ONE string plus the character spans that take loss.
+
+Shapes (`data.format`):
+  text        {"text"}                                    loss on every token, EOS appended
+  alpaca      {"instruction", "input"?, "output"}         loss on the response (and its end-of-turn / EOS)
+  chat        {"messages": [{"role", "content"}]}         OpenAI messages; loss on assistant turns
+  sharegpt    {"conversations": [{"from", "value"}]}      from: human/user -> user, gpt/assistant -> assistant,
+                                                          system -> system; then exactly as chat
+  completion  {"prompt", "completion"}                    plain text, no template; loss on the completion + EOS
+
+Chat templates: assistant turn i's span runs from the end of render(turns < i, add_generation_prompt=True) to the end
+of render(turns <= i), minus trailing whitespace (ChatML's "\\n" after <|im_end|>: the model stops at the marker).
+`data.assistant_turns: last` keeps only the final assistant turn's span (earlier answers become context).
+A null optional field (alpaca's `input`, as Parquet/CSV write an empty cell) counts as absent.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .config import DataConfig
+from .errors import DataError
+
+ALPACA_HEAD = "Below is an instruction that describes a task. "
+ALPACA_HEAD_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+)
+ALPACA_TAIL = "Write a response that appropriately completes the request."
+FORMAT_HELP = {
+    "text": '{"text": "..."}',
+    "alpaca": '{"instruction": "...", "input": "..." (optional), "output": "..."}',
+    "chat": '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
+    "sharegpt": '{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}',
+    "completion": '{"prompt": "...", "completion": "..."}',
+}
+REQUIRED = {"text": ("text",), "alpaca": ("instruction", "output"), "chat": ("messages",),
+            "sharegpt": ("conversations",), "completion": ("prompt", "completion")}
+OPTIONAL = {"alpaca": ("input",)}
+_STRINGS = {"text": ("text",), "alpaca": ("instruction", "input", "output"), "completion": ("prompt", "completion")}
+_ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: no UTF-8 encoding exists
+
+Record = dict[str, Any]
+Messages = list[dict[str, str]]
+
+
+def fields(fmt: str) -> tuple[str, ...]:
+    """Every field the shape reads (what data.columns may map)."""
+    return REQUIRED[fmt] + OPTIONAL.get(fmt, ())
+
+
+def validate(record: Any, fmt: str, place: str) -> Record:
+    """Check one record; -> the record in canonical form (sharegpt becomes {"messages": ...}; null optionals dropped).
+    DataError names `place` (file and line, or row), says what is wrong and what the shape needs."""
+
+    def bad(what: str) -> DataError:
+        return DataError(f"{place}: {what}; the {fmt} format needs {FORMAT_HELP[fmt]}. Fix the record, map your "
+                         "columns with data.columns, or set data.format.")
+
+    if not isinstance(record, dict):
+        raise bad(f"expected a JSON object, got {type(record).__name__}")
+    record = {k: v for k, v in record.items() if not (v is None and k in OPTIONAL.get(fmt, ()))}
+    for key in REQUIRED[fmt]:
+        if key not in record:
+            raise bad(f"missing field '{key}' (found: {', '.join(map(str, record)) or 'no fields'})")
+    for key in _STRINGS.get(fmt, ()):
+        if key in record and not isinstance(record[key], str):
+            raise bad(f"field '{key}' must be a string, got {type(record[key]).__name__}")
+    if fmt == "sharegpt":
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise bad("field 'conversations' must be a non-empty list")
+        messages = []
+        for i, t in enumerate(turns):
+            if not isinstance(t, dict) or not isinstance(t.get("value"), str):
+                raise bad(f"conversations[{i}] must have a string 'value', got {t!r:.80}")
+            if t.get("from") not in SHAREGPT_ROLES:
+                raise DataError(
+                    f"{place}: conversations[{i}] has 'from': {t.get('from')!r}, which is not a ShareGPT speaker "
+                    f"qlora-kit knows ({', '.join(SHAREGPT_ROLES)}). Rename it in the data, or drop that turn.")
+            messages.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+        record, fmt = {"messages": messages}, "chat"
+    if fmt == "chat":
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise bad("field 'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+                raise bad(f"messages[{i}] must have 'role' in {list(_ROLES)} and a string 'content', got {m!r:.80}")
+        record = {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+        if not any(m["role"] == "assistant" for m in messages):
+            raise bad("the conversation has no assistant message to learn from")
+    texts = [record[k] for k in _STRINGS.get(fmt, ()) if k in record]
+    texts += [m["content"] for m in record.get("messages", ())] if fmt == "chat" else []
+    if any(_SURROGATE.search(t) for t in texts):  # JSON allows "\\ud800"; tokenizers raise a TypeError on it
+        raise bad("a string holds a lone surrogate escape such as \\ud800, which is not valid unicode text")
+    return record
+
+
+def has_template(tokenizer: Any) -> bool:
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+def templated(tokenizer: Any, fmt: str) -> bool:
+    """Whether the text comes from the chat template (which writes BOS itself when its model wants one)."""
+    return fmt in ("chat", "sharegpt") or (fmt == "alpaca" and has_template(tokenizer))
+
+
+def _chat(tokenizer: Any, messages: Messages, gen: bool, place: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    except Exception as e:  # a template is code shipped with the model: any failure means it rejects this record
+        raise DataError(f"{place}: the tokenizer's chat template rejected this conversation: {e}") from None
+
+
+def _alpaca_messages(record: Record, system_prompt: str | None) -> Messages:
+    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+    return system + [{"role": "user", "content": user}]
+
+
+def _alpaca_plain(record: Record, system_prompt: str | None) -> str:
+    """The classic Stanford Alpaca prompt; a system_prompt, if given, replaces the preamble (it plays that role)."""
+    extra = f"\n\n### Input:\n{record['input']}" if record.get("input") else ""
+    head = system_prompt if system_prompt is not None else (ALPACA_HEAD_INPUT if extra else ALPACA_HEAD) + ALPACA_TAIL
+    return f"{head}\n\n### Instruction:\n{record['instruction']}{extra}\n\n### Response:\n"
+
+
+def _with_system(messages: Messages, system_prompt: str | None) -> Messages:
+    if system_prompt is None or messages[0]["role"] == "system":
+        return messages  # a record's own system message wins over the recipe's default
+    return [{"role": "system", "content": system_prompt}] + messages
+
+
+def render_prompt(record_or_question: str | Record, tokenizer: Any, fmt: str, system_prompt: str | None = None) -> str:
+    """The text the model sees before its answer, exactly as in training (for generation after training).
+
+    A string is a question (alpaca: the instruction; chat/sharegpt: one user message; completion/text: the prompt);
+    for a chat record, the prompt is the conversation before its last assistant turn."""
+    q = record_or_question
+    if fmt not in FORMAT_HELP:
+        raise DataError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMAT_HELP)}.")
+    if fmt in ("text", "completion"):
+        return q if isinstance(q, str) else q["text" if fmt == "text" else "prompt"]
+    if fmt == "alpaca":
+        record = {"instruction": q} if isinstance(q, str) else q
+        if has_template(tokenizer):
+            return _chat(tokenizer, _alpaca_messages(record, system_prompt), True, "prompt")
+        return _alpaca_plain(record, system_prompt)
+    if not has_template(tokenizer):
+        raise DataError(f"data.format is {fmt} but the tokenizer has no chat template; use format alpaca or text.")
+    messages = [{"role": "user", "content": q}] if isinstance(q, str) else validate(q, fmt, "prompt")["messages"]
+    if messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    return _chat(tokenizer, _with_system(messages, system_prompt), True, "prompt")
+
+
+def render(record: Record, tokenizer: Any, cfg: DataConfig, place: str) -> tuple[str, list[tuple[int, int]]]:
+    """A validated (canonical) record -> (full text, character spans that take loss)."""
+    if cfg.format == "text":
+        return record["text"], [(0, len(record["text"]))]
+    if cfg.format == "completion":
+        return record["prompt"] + record["completion"], [(len(record["prompt"]), len(record["prompt"])
+                                                          + len(record["completion"]))]
+    if cfg.format == "alpaca" and not has_template(tokenizer):
+        prompt = _alpaca_plain(record, cfg.system_prompt)
+        return prompt + record["output"], [(len(prompt), len(prompt) + len(record["output"]))]
+    if cfg.format == "alpaca":
+        messages = _alpaca_messages(record, cfg.system_prompt) + [{"role": "assistant", "content": record["output"]}]
+    elif not has_template(tokenizer):
+        raise DataError(f"{place}: data.format is {cfg.format} but the tokenizer has no chat template; use alpaca "
+                        "or text.")
+    else:
+        messages = _with_system(record["messages"], cfg.system_prompt)
+    full = _chat(tokenizer, messages, False, place)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if cfg.assistant_turns == "last":
+        turns = turns[-1:]
+    spans = []
+    for i in turns:
+        prompt = _chat(tokenizer, messages[:i], True, place)
+        turn = _chat(tokenizer, messages[: i + 1], False, place)
+        if not (full.startswith(turn) and turn.startswith(prompt)):
+            raise DataError(
+                f"{place}: the chat template renders turn {i} differently once later turns follow, so the loss "
+                "span of that turn cannot be found. Split the conversation into one record per assistant turn, "
+                "or set data.assistant_turns=last."
+            )
+        spans.append((len(prompt), len(prompt) + len(turn[len(prompt) :].rstrip())))
+    return full, spans

@@ -1,0 +1,228 @@
+"""`qlora-kit eval`: mean loss per token and perplexity of any model source over a data set.
+
+What compression cost is a number: the same data, the same loss as training, measured on
+    a model folder or built-in name   the base, quantized while loading as --quant says (default none: as stored);
+    a run folder                      its quantized base + adapter, exactly as trained (recipe.yaml's quant);
+    a PEFT adapter folder             over its base (--base, else the adapter's base_model_name_or_path);
+    a merged export                   a model folder like any other;
+    a GGUF file                       through transformers' GGUF loader (weights dequantized to --dtype).
+
+Data goes through qlora_kit.data, so every format training reads works and the label mask is training's: prompt
+tokens take no loss (alpaca, chat) unless `all_tokens`; `text` takes loss on every token. The loss is training's
+CausalLMLoss (train.evaluate), summed in float64 over label tokens in file order: the result does not depend on the
+batch size beyond bf16 rounding, and a run's own validation split gives exactly the val_loss training logged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from . import data, generate
+from .config import DataConfig, QuantConfig, Recipe
+from .errors import ConfigError, DataError, ModelError
+from .loss import CausalLMLoss
+from .run_dir import is_run_dir
+
+Kind = Literal["model", "run", "adapter", "gguf"]
+
+
+@dataclass(frozen=True)
+class Request:
+    source: str
+    data: str | None = None
+    """A data file, a built-in data set name (pydoc_text.BUILTIN), or None: a run's own validation split."""
+    format: str | None = None
+    """Data format; default: a run's recipe data.format, else text."""
+    all_tokens: bool = False
+    """Loss on every token, prompts included (recipe data.train_on_prompt)."""
+    max_length: int | None = None
+    """Tokens per example (longer ones are cut); default: a run's data.max_length, else 1024."""
+    max_examples: int | None = None
+    batch_size: int = 8
+    quant: str | None = None
+    """Base quantization; default: a run's recipe, else none (the model as stored)."""
+    base: str | None = None
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """GGUF files only: the dtype its weights are dequantized to."""
+    device: str = "cpu"
+    fast: bool = True
+    """Dequantize the frozen base once (inference.densify) when memory allows; the numbers do not change."""
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class Result:
+    source: str
+    kind: Kind
+    data: str
+    format: str
+    masked: bool  # prompt tokens excluded from the loss
+    examples: int
+    tokens: int  # label tokens the mean is over
+    loss: float  # mean cross-entropy per label token, nats
+    perplexity: float
+    quant: str
+    seconds: float
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("source", "kind", "data", "format", "masked", "examples", "tokens",
+                                             "loss", "perplexity", "quant", "seconds")}
+        return d | {"tokens_per_s": round(self.tokens_per_s, 1), "data_stats": self.stats}
+
+
+def kind_of(source: str) -> Kind:
+    p = Path(source).expanduser()
+    if p.suffix.lower() == ".gguf":
+        return "gguf"
+    if p.is_dir() and is_run_dir(p):
+        return "run"
+    if p.is_dir() and (p / "adapter_config.json").is_file():
+        return "adapter"
+    return "model"
+
+
+def load_gguf(path: str, dtype: str, device: str) -> generate.Loaded:
+    """A GGUF file through transformers' loader: every tensor dequantized to `dtype`, tokenizer from the file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .quant import DTYPES
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ModelError(f"GGUF file not found: {p}. Pass a .gguf file, a model folder, a run folder or a built-in name.")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=DTYPES[dtype])
+        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    except ImportError as e:
+        raise ModelError(f"reading GGUF needs the gguf package ({e}); pip install 'qlora-kit[demo]'.") from None
+    except (ValueError, KeyError, OSError, RuntimeError, TypeError, AttributeError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(". ")
+        raise ModelError(f"{p}: transformers cannot load this GGUF file ({why}). It reads GGUF files of the "
+                         "architectures it knows (llama, mistral, qwen2, ...); evaluate the original model folder "
+                         "instead.") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.to(device).eval()
+    return generate.Loaded(model, tok, "text", None)
+
+
+def load(req: Request) -> tuple[generate.Loaded, Kind, Recipe | None, str]:
+    """(loaded model, source kind, the run's recipe or None, a description of the base quantization)."""
+    kind = kind_of(req.source)
+    if kind == "gguf":
+        if req.quant not in (None, "none"):
+            raise ConfigError("--quant applies to model folders and runs; a GGUF file is evaluated as its own "
+                              "quantization, dequantized by transformers. Drop --quant.")
+        return load_gguf(req.source, req.dtype, req.device), kind, None, f"gguf ({req.dtype})"
+    recipe = None
+    if kind == "run":
+        from .config import load_recipe
+
+        recipe = load_recipe(Path(req.source).expanduser() / "recipe.yaml")
+    quant = QuantConfig(type=req.quant) if req.quant else None
+    if quant is None and kind == "model":
+        quant = QuantConfig(type="none")  # a model is measured as it is stored unless asked to quantize it
+    if quant is None and recipe is not None:
+        quant = recipe.quant
+    loaded = generate.load(req.source, base=req.base, quant=quant, device=req.device,
+                           allow_pickle=req.allow_pickle, trust_remote_code=req.trust_remote_code)
+    q = quant or QuantConfig()  # an adapter folder with no --quant: generate.load's default, nf4
+    desc = q.type if q.type in ("none", "int8") else (
+        f"{q.type} blocksize {q.blocksize}" + (" + double quant" if q.double_quant else ""))
+    return loaded, kind, recipe, desc
+
+
+def data_config(req: Request, recipe: Recipe | None) -> tuple[DataConfig, bool]:
+    """(the DataConfig to build examples with, whether to take the run's validation split)."""
+    if req.data is None:
+        if recipe is None:
+            raise ConfigError(f"{req.source} is not a run folder, so it has no data of its own; pass --data FILE.")
+        if recipe.data.val_fraction <= 0:
+            raise ConfigError(f"the run {req.source} has no validation split (data.val_fraction is 0); "
+                              "pass --data FILE to evaluate it on a data set.")
+        cfg = recipe.data
+        if req.all_tokens:
+            cfg = replace(cfg, train_on_prompt=True)
+        if req.max_length:
+            cfg = replace(cfg, max_length=req.max_length)
+        return replace(cfg, packing=False), True
+    from .pydoc_text import resolve
+
+    path = resolve(req.data)
+    fmt = req.format or (recipe.data.format if recipe is not None else "text")
+    max_length = req.max_length or (recipe.data.max_length if recipe is not None else 1024)
+    system = recipe.data.system_prompt if recipe is not None else None
+    return DataConfig(path=str(path), format=fmt, max_length=max_length, train_on_prompt=req.all_tokens,
+                      packing=False, val_fraction=0.0, system_prompt=system), False
+
+
+def examples_for(cfg: DataConfig, tokenizer, val_split: bool, seed: int, max_examples: int | None):
+    ds = data.build(cfg, tokenizer, seed)
+    examples = ds.val if val_split else ds.train  # val_fraction 0: every example, in file order
+    if max_examples is not None:
+        examples = examples[:max_examples]
+    if not examples:
+        raise DataError(f"{cfg.path}: no example is left to evaluate (records {ds.stats['records']}, dropped "
+                        f"{ds.stats['dropped']}).")
+    return examples, ds.stats
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, examples: list[data.Example], pad_id: int, batch_size: int,
+              device: str | torch.device = "cpu", progress: bool = False, chunk: int = 256) -> tuple[float, int]:
+    """(mean loss per label token, label tokens): train.evaluate's computation, summed in float64."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    loss_fn = CausalLMLoss(model, chunk)
+    total, count = 0.0, 0
+    starts = range(0, len(examples), batch_size)
+    for i in tqdm(starts, disable=not progress, desc="eval", unit="batch", dynamic_ncols=True, leave=False):
+        batch = {k: v.to(device) for k, v in data.collate(examples[i : i + batch_size], pad_id).items()}
+        loss, n = loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        total, count = total + float(loss) * n, count + n
+    return total / max(count, 1), count
+
+
+def run(req: Request, progress: bool = False) -> Result:
+    if req.batch_size < 1:
+        raise ConfigError("--batch-size must be at least 1.")
+    if req.data is not None:  # a bad data file fails before the model loads
+        from .pydoc_text import resolve
+
+        fmt = req.format or (_run_format(req.source) if kind_of(req.source) == "run" else "text")
+        data.load_records(resolve(req.data), fmt)
+    loaded, kind, recipe, qdesc = load(req)
+    cfg, val_split = data_config(req, recipe)
+    seed = recipe.train.seed if recipe is not None else 0  # the seed training split the data with
+    examples, stats = examples_for(cfg, loaded.tokenizer, val_split, seed, req.max_examples)
+    if req.fast and kind != "gguf":
+        from .inference import densify
+
+        densify(loaded.model)
+    t0 = time.perf_counter()
+    loss, n = mean_loss(loaded.model, examples, data.pad_token_id(loaded.tokenizer), req.batch_size, req.device,
+                        progress, recipe.train.loss_chunk if recipe is not None else 256)
+    return Result(source=req.source, kind=kind, data=cfg.path + (" (validation split)" if val_split else ""),
+                  format=cfg.format, masked=not (cfg.train_on_prompt or cfg.format == "text"), examples=len(examples),
+                  tokens=n, loss=loss, perplexity=math.exp(min(loss, 700.0)), quant=qdesc,
+                  seconds=round(time.perf_counter() - t0, 3),
+                  stats={k: stats[k] for k in ("records", "truncated", "dropped") if k in stats})
+
+
+def _run_format(source: str) -> str:
+    from .config import load_recipe
+
+    return load_recipe(Path(source).expanduser() / "recipe.yaml").data.format

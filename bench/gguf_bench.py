@@ -95,7 +95,7 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = ["# GGUF export benchmark", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB RAM, shared with other jobs "
-             f"(load average at start {m.get('load_average', '?')}).",
+             f"(load average at start {m.get('loadavg', '?')}).",
              f"Command: `{result['command']}` ({result['threads']} threads, OMP_WAIT_POLICY=PASSIVE). Each export in a "
              "fresh process, variants interleaved; adapter r=16 on all linear layers, dequantized (NF4) merge base.", ""]
     for label, block in result["models"].items():

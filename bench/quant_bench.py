@@ -63,7 +63,8 @@ def main() -> None:
     load = {k: statistics.median(v) for k, v in loads.items()}
     print(f"load_base {args.model} nf4: bitsandbytes {load['bitsandbytes']:.2f} s  quant4_cpu {load['quant4_cpu']:.2f} s")
     m = machine_info()
-    result = {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "threads": torch.get_num_threads(),
+    command = f"OMP_NUM_THREADS={torch.get_num_threads()} " + " ".join(["python", *sys.argv])
+    result = {"command": command, "threads": torch.get_num_threads(),
               "machine": m, "weights": rows, "load_base": load, "load_runs": loads}
     results = Path(args.results)
     (results / "quant.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -12,7 +12,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= runs/demo
 DEMO_QUESTION ?= What is the capital of Veloria?
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: install
 
 bench: install
 	$(PY) bench/memory_peers.py
+
+# One CUDA GPU, < 8 minutes: bitsandbytes sanity, pytest -m gpu, the nf4/fp4/int8 x optimizer matrix with a killed and
+# resumed run each, exports, generate, bench memory (bench/gpu_check.py; results in bench/results/gpu/).
+gpu-check: install
+	HF_HUB_OFFLINE=1 $(PY) bench/gpu_check.py --out bench/results/gpu
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

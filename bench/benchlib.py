@@ -24,7 +24,8 @@ def save_tokenizer(folder: Path) -> None:
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["a random-weight benchmark model needs a tokenizer only for its loaders"] * 5, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(folder)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(folder)
 
 
 def build_random_llama(folder: Path, config, shard_bytes: int = 1 << 30) -> Path:

@@ -70,7 +70,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--table", type=Path, help="only re-render the markdown of an existing distributed.json")
     args = ap.parse_args()
+    if args.table:
+        (args.out / "distributed.md").write_text(table(json.loads(args.table.read_text())))
+        return
     from qlora_kit.memory_measure import machine_info
 
     whole = frozen_one_process()
@@ -98,21 +102,24 @@ def table(result: dict) -> str:
     lines = [f"# Several processes on one machine ({result['model']}, {result['steps']} steps, global batch 4)",
              "", f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB, shared with other jobs "
              f"(load average at the end {m['loadavg']}). Command: `python bench/distributed_bench.py`.", "",
-             "| variant | tokens/s (median of rounds) | peak RSS per rank (MiB) | quantized bytes per rank "
+             "| variant | tokens/s (each round) | peak RSS per rank (MiB) | quantized bytes per rank "
              "(vs one process) | other frozen bytes per rank (vs one process) |", "|---|--:|--:|--:|--:|"]
     for name, *_ in VARIANTS:
         runs = [r for r in result["runs"] if r["variant"] == name]
-        tps = sorted(r["tokens_per_s"] for r in runs)[len(runs) // 2]
+        tps = " / ".join(f"{r['tokens_per_s']:,.1f}" for r in runs)
         rss = "/".join(str(max(r["ranks"][i]["peak_memory_bytes"] for r in runs) >> 20)
                        for i in range(len(runs[0]["ranks"])))
         fb = runs[0]["ranks"][0]["frozen_bytes"] or whole
         q = f"{fb['quantized'] / 2**20:.1f} MiB ({fb['quantized'] / whole['quantized']:.2f}x)"
         o = f"{fb['other_frozen'] / 2**20:.1f} MiB ({fb['other_frozen'] / whole['other_frozen']:.2f}x)"
-        lines.append(f"| {name} | {tps:,.0f} | {rss} | {q} | {o} |")
+        lines.append(f"| {name} | {tps} | {rss} | {q} | {o} |")
     lines += ["", "Frozen bytes of rank 0 (rank 1 holds the same within shard padding). RSS includes the Python, "
               "torch and transformers runtime of each process (~0.4 GiB), so it moves less than the stored bytes. "
               "On 2 cores, 2 ranks x 1 thread and 1 process x 2 threads compete for the same cores: the ratio says "
-              "what the all-reduce and the per-rank overheads cost, not what a second GPU would give."]
+              "what the all-reduce and the per-rank overheads cost, not what a second GPU would give. The machine "
+              "was heavily shared while this ran (load average ~10-18 on 2 cores), so tokens/s are far below the "
+              "~200 tokens/s of README.md's idle measurements and within noise of each other. Not measured: the "
+              "live-tensor peak per rank (memory_measure's profiler replay is single-process)."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,6 @@
 """qlora-kit against the standard QLoRA recipe on one CUDA GPU: a Llama-3.1-8B-shaped model with random weights.
 
-    python bench/gpu_peers.py --out bench/results        # on a machine with a CUDA GPU; writes gpu_peers.json/.md
+    python bench/gpu_peers.py --out bench/results/gpu    # on a machine with a CUDA GPU; writes gpu_peers.json/.md
 
 Needs: this repository installed (`make install` or `pip install -e ".[dev]"`, a CUDA build of torch), about 20 GB
 free disk for the model folder (default: $TMPDIR/qlora-kit-llama8b-random, built once, reused), no network.
@@ -14,6 +14,8 @@ free disk for the model folder (default: $TMPDIR/qlora-kit-llama8b-random, built
    nf4 + double quant, bf16 compute, non-reentrant (ours) / PEFT-default (peer) checkpointing, torch AdamW.
    The peer is bench/memory_peers.py's recipe on device_map={"": 0}: from_pretrained(BitsAndBytesConfig 4-bit) +
    prepare_model_for_kbit_training + get_peft_model + gradient_checkpointing_enable + model(**batch).loss.
+   `peer_noupcast` is the same recipe without prepare_model_for_kbit_training's fp32 up-cast of embeddings, norms
+   and lm_head (+2.1 GB at 8B; issue 16, item 10): 16-bit like ours, so our ratios must hold against both.
    Measured: torch.cuda.max_memory_allocated / max_memory_reserved over the timed steps (reset after warm-up)
    and over the whole process (loading included); device memory in use (torch.cuda.mem_get_info: with the CUDA
    context); tokens/s over --steps steps after --warmup steps.
@@ -65,7 +67,7 @@ def child(args) -> dict:
     import memory_peers
     from qlora_kit.memory_measure import synthetic_batch
 
-    if args.child == "peer":
+    if args.child.startswith("peer"):
         args.loss_chunk = 0
     cuda = args.device == "cuda"
     config = json.loads((Path(args.model) / "config.json").read_text())
@@ -73,8 +75,9 @@ def child(args) -> dict:
     t0 = time.perf_counter()
     if args.child == "ours":
         step, _ = memory_peers._ours(args, batch)
-    else:
-        step, _ = memory_peers._peer(args, batch, device_map={"": 0} if cuda else "cpu")
+    else:  # peer: prepare_model_for_kbit_training (fp32 up-cast); peer_noupcast: the same, 16-bit like ours
+        step, _ = memory_peers._peer(args, batch, device_map={"": 0} if cuda else "cpu",
+                                     upcast=args.child == "peer")
     load_s = time.perf_counter() - t0
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     losses = [step() for _ in range(args.warmup)]
@@ -138,7 +141,7 @@ def markdown(doc: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--out", default=str(HERE / "results" / "gpu"))
     ap.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "qlora-kit-llama8b-random"))
     ap.add_argument("--shape", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b",
                     help="tiny: a smoke test of this script (any machine, with --device cpu)")
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--loss-chunk", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["ours", "peer", "peer_noupcast"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -174,7 +177,7 @@ def main(argv=None) -> int:
     folder = build_folder(Path(args.folder), args.shape)
     common = ["--model", str(folder), "--seq", str(args.seq), "--batch", str(args.batch), "--rank", str(args.rank),
               "--dropout", str(args.dropout), "--threads", str(args.threads), "--device", args.device]
-    impls = ["ours", "peer"] + ([f"ours:{args.ours_loss_chunk}"] if args.ours_loss_chunk else [])
+    impls = ["ours", "peer", "peer_noupcast"] + ([f"ours:{args.ours_loss_chunk}"] if args.ours_loss_chunk else [])
     runs = []
     for rnd in range(args.rounds):
         for impl in impls if rnd % 2 == 0 else impls[::-1]:

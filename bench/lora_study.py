@@ -47,22 +47,32 @@ class Cell:
     label: str  # the target set as the table shows it
     targets: list[str] | str
     r: int
-    groups: tuple[str, ...]  # "rank", "budget"
+    groups: tuple[str, ...]  # "rank", "budget", "methods"
+    extra: tuple[str, ...] = ()  # more --set overrides (DoRA, IA3, LoRA+)
+    extra_per_layer: int = 0  # parameters per layer beyond LoRA's r * (in + out): DoRA's m, IA3's l
 
     @property
     def per_layer(self) -> int:
         mods = PER_LAYER if self.targets == "all-linear" else {k: PER_LAYER[k] for k in self.targets}
-        return sum(mods.values()) * self.r
+        return sum(mods.values()) * self.r + self.extra_per_layer
 
     def overrides(self) -> list[str]:
         t = self.targets if isinstance(self.targets, str) else "[" + ",".join(self.targets) + "]"
-        return [f"lora.targets={t}", f"lora.r={self.r}"]
+        return [f"lora.targets={t}", f"lora.r={self.r}", *self.extra]
 
 
 GRID = [Cell(f"qv-r{r}", "q,v", QV, r, ("rank", "budget") if r == 8 else ("rank",)) for r in (1, 2, 4, 8, 64)] + [
     Cell("attn-r4", "q,k,v,o", ATTN, 4, ("budget",)),
     Cell("all-r1", "all-linear", "all-linear", 1, ("budget",)),
     Cell("all-r2", "all-linear", "all-linear", 2, ("budget",)),
+    # Methods (issue 14) under the q+v r=8 budget. SmolLM2 per layer: out of q,k,v,o,gate,up,down = 576, 192, 192,
+    # 576, 1536, 1536, 576 (DoRA's m: 5,184 in all); IA3's l: k 192 + v 192 + down's input 1536 = 1,920.
+    Cell("m-lora", "LoRA all-linear", "all-linear", 1, ("methods",)),
+    Cell("m-dora", "DoRA all-linear", "all-linear", 1, ("methods",), ("lora.dora=true",), 5184),
+    Cell("m-loraplus", "LoRA+ (ratio 16) all-linear", "all-linear", 1, ("methods",), ("lora.plus_ratio=16",)),
+    Cell("m-ia3", "IA3 (k,v out; down in)", [], 1, ("methods",), ("ia3.outputs=[k_proj,v_proj]",), 1920),
+    Cell("m-lora-ia3", "LoRA q,k,v,o + IA3 MLP (up out; down in)", ATTN, 3, ("methods",),
+         ("ia3.outputs=[up_proj]", "ia3.inputs=[down_proj]"), 3072),
 ]
 
 
@@ -209,6 +219,19 @@ def write_md(res: dict, path: Path) -> None:
                                             for r in budget) + ".", "",
               "## Rank sweep, q+v (Table 6)", "",
               "Val loss by rank: " + ", ".join(f"r={r['r']}: {r['val_loss']:.4f}" for r in sweep) + ".", ""]
+    methods = sorted((r for r in rows if "methods" in r["groups"]), key=lambda r: r["val_loss"])
+    if methods:
+        lines += ["## Methods under one budget (issue 14: DoRA, IA3, LoRA+, LoRA+IA3)", "",
+                  "| method | trainable params | budget | val loss | train loss (last 5) | tokens/s | step time vs LoRA |",
+                  "|---|--:|--:|--:|--:|--:|--:|"]
+        ref = next((r for r in rows if r["id"] == "m-lora"), None)
+        for r in methods:
+            tps = _mean([x["tokens_per_s"] for x in r["seeds"]])
+            rel = f"{r['train_wall_s'] / ref['train_wall_s']:.2f}x" if ref else "-"
+            lines.append(f"| {r['targets']} (r={r['r']}) | {r['trainable_params']:,} | {r['budget_ratio']:.2f}x | "
+                         f"**{r['val_loss']:.4f}** | {r['train_loss_last5']:.4f} | {tps:.0f} | {rel} |")
+        lines += ["", "Step time vs LoRA: the training loop's wall time over LoRA all-linear r=1's, the cells run one "
+                  "after another on the same shared CPU (so a ratio, not an absolute time).", ""]
     sim = res.get("similarity")
     if sim:
         lines += ["## Subspace similarity of r=8 and r=64 (Figure 3)", "",
@@ -342,7 +365,8 @@ def main() -> None:
                "grid_wall_s": round(time.perf_counter() - t0, 1), "notes": args.note}
         (results / "study.json").write_text(json.dumps(res, indent=1) + "\n")
     write_md(res, results / "study.md")
-    for p in [results / "study.md", *write_plots(res, results)]:
+    plots = write_plots(res, results) if any({"rank", "budget"} & set(r["groups"]) for r in res["rows"]) else []
+    for p in [results / "study.md", *plots]:
         print(f"wrote {p}")
 
 

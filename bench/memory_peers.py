@@ -42,7 +42,8 @@ TINY = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_att
 
 
 def build_tiny(folder: Path, tokenizer_from: Path) -> Path:
-    """A random Llama (hidden 256, 4 layers, vocab 32000; every in_features a multiple of 64, section 5), bf16."""
+    """A random Llama (hidden 256, 4 layers, vocab 32000; every in_features a multiple of 64: see
+    docs/ARCHITECTURE.md, "bitsandbytes hazards"), bf16."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -109,7 +110,10 @@ def _ours(args, batch):
             lambda: sum(static_inventory(p.model, p.optimizer).values()))
 
 
-def _peer(args, batch, device_map="cpu"):
+def _peer(args, batch, device_map="cpu", upcast: bool = True):
+    """upcast=True: the recipe most users run, with prepare_model_for_kbit_training, which also up-casts embeddings,
+    norms and lm_head to fp32 (+2.1 GB at 8B). upcast=False: the same without that up-cast (16-bit like ours); only
+    the input gradients checkpointing needs are enabled, so the comparison holds against both (issue 16, item 10)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -117,7 +121,12 @@ def _peer(args, batch, device_map="cpu"):
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=q, device_map=device_map)
-    model = prepare_model_for_kbit_training(model)
+    if upcast:
+        model = prepare_model_for_kbit_training(model)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.enable_input_require_grads()  # reentrant checkpointing needs a grad-requiring input
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
     model.gradient_checkpointing_enable()

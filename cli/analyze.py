@@ -42,8 +42,9 @@ def _table(rows: list[list[str]], right_from: int) -> list[str]:
 
 def _text(report: an.Report) -> list[str]:
     scales = sorted({m.scaling for m in report.modules})
-    lines = [f"adapter {report.adapter}: r={report.r}, alpha={report.alpha:g}, scale {'/'.join(f'{s:g}' for s in scales)}, "
-             f"{len(report.modules)} modules"]
+    lines = [f"adapter {report.adapter} ({report.method}): r={report.r}, alpha={report.alpha:g}, scale "
+             f"{'/'.join(f'{s:g}' for s in scales)}, {len(report.modules)} modules" if report.modules else
+             f"adapter {report.adapter} ({report.method})"]
     if report.base is not None:
         q = report.quant
         how = ("weights as stored" if q["type"] == "none" and q["dtype"] is None else
@@ -61,6 +62,9 @@ def _text(report: an.Report) -> list[str]:
         for label, names in (("only in the adapter", report.only_in_adapter), ("only in --compare", report.only_in_compare)):
             if names:
                 lines.append(f"  {label}: {len(names)} modules, e.g. {', '.join(names[:3])}")
+    lines += _ia3_text(report)
+    if not report.modules:
+        return lines
     cols = _columns(report)
     rows = [["layer", "module", "shape", "s1"] + [h for h, _, _ in cols]]
     for m in report.modules:
@@ -73,6 +77,17 @@ def _text(report: an.Report) -> list[str]:
     for agg in report.by_type():  # ranks are means over layers here, so show them with a decimal
         rows.append([agg["kind"], str(agg["count"])] + [_num(agg[k], ".1f" if f == "d" else f) for _, k, f in cols])
     lines += ["", "by module type (mean over layers):"] + _table(rows, right_from=1)
+    mags = [(m, m.magnitude) for m in report.modules if m.magnitude is not None]
+    if mags:  # DoRA: how far the magnitude moved from the base's row norms (where it started)
+        key = "max_abs_rel_change" if "max_abs_rel_change" in mags[0][1] else None
+        rows = [["layer", "module", "m mean", "m min", "m max"] + (["|m/|W|-1| mean", "max"] if key else [])]
+        for m, g in mags:
+            rows.append(["-" if m.layer is None else str(m.layer), _short(m.module)]
+                        + [_num(g[k], "#.4g") for k in ("mean", "min", "max")]
+                        + ([_num(g["mean_abs_rel_change"], ".2e"), _num(g[key], ".2e")] if key else []))
+        lines += ["", "DoRA magnitude m per module" + (" (vs the base's row norms ||W_i||, its start):" if key
+                                                         else " (pass a base to see its change):")]
+        lines += _table(rows, right_from=2)
     if report.base is not None:
         lines += ["", "amp = ||dW||_F / ||U^T W V||_F with U, V the top singular directions of dW (LoRA paper 7.3); "
                   "random: the same for random directions"]
@@ -94,14 +109,16 @@ def _text(report: an.Report) -> list[str]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random-direction baseline.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option("--plot", "plot_dir", default=None, metavar="DIR", help="Write spectrum / amplification / similarity PNGs.")
-def command(path, base, no_base, quant, blocksize, double_quant, compare, pattern, seed, as_json, plot_dir):
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the base is quantized, as in training (auto: CUDA when present).")
+def command(path, base, no_base, quant, blocksize, double_quant, compare, pattern, seed, as_json, plot_dir, device):
     """Analyse a LoRA adapter (LoRA paper section 7): per module, the singular values of dW = s * B @ A, stable rank,
     the ranks holding 90% / 99% of its energy; with a base, how much dW amplifies directions of W; with --compare,
     how much the top subspaces of two adapters overlap."""
     if no_base and base is not None:
         raise click.UsageError("--base and --no-base exclude each other.")
     report = an.analyze(path, base=base, use_base=not no_base, quant=quant, blocksize=blocksize,
-                        double_quant=double_quant, compare=compare, modules=pattern, seed=seed)
+                        double_quant=double_quant, compare=compare, modules=pattern, seed=seed, device=device)
     plots = []
     if plot_dir is not None:
         from qlora_kit.analyze_plots import write_plots
@@ -114,3 +131,15 @@ def command(path, base, no_base, quant, blocksize, double_quant, compare, patter
         click.echo(line)
     for p in plots:
         click.echo(f"wrote {p}")
+
+
+def _ia3_text(report: an.Report) -> list[str]:
+    """IA3's learned scales per module: their distribution around 1 (untrained: all 1)."""
+    if not report.ia3:
+        return []
+    rows = [["layer", "module", "scales", "n", "mean", "std", "min", "p05", "median", "p95", "max", "|l-1| mean"]]
+    for d in report.ia3:
+        rows.append(["-" if d["layer"] is None else str(d["layer"]), _short(d["module"]), d["scales"], str(d["n"])]
+                    + [_num(d[k], ".4f") for k in ("mean", "std", "min", "p05", "median", "p95", "max")]
+                    + [_num(d["mean_abs_dev"], ".2e")])
+    return ["", f"ia3: {len(report.ia3)} modules, learned scale l per channel (1 = unchanged)"] + _table(rows, 3)

@@ -46,7 +46,8 @@ def memory(specs, model, grids, configs, steps, threads, device, out, timeout, n
     runs = expand(parse_specs([*grids, *specs]), list(configs))
     check_model(model)
     command_line = shlex.join(["qlora-kit", "bench", "memory", *specs, "--model", model,
-                               *(a for g in grids for a in ("--grid", g)), *(a for c in configs for a in ("--config", c)),
+                               *(a for g in grids for a in ("--grid", g)),
+                               *(a for c in configs for a in ("--config", c)),
                                "--steps", str(steps), "--threads", str(threads), "--device", device, "--out", out])
     doc = run_grid(model, runs, steps, threads, device, timeout, command_line, progress=not no_progress)
     names = memory_report.write(doc, Path(out))

@@ -44,11 +44,11 @@ def command(source, data_path, fmt, all_tokens, max_length, max_examples, batch_
       qlora-kit eval merged/ --data recipes/data/facts.jsonl --format alpaca
     """
     from qlora_kit import evaluation
-    from qlora_kit.inference import pick_device
+    from qlora_kit.device import resolve_device
 
     req = evaluation.Request(source=source, data=data_path, format=fmt, all_tokens=all_tokens, max_length=max_length,
                              max_examples=max_examples, batch_size=batch_size, quant=quant, base=base, dtype=dtype,
-                             device=pick_device(device), fast=not keep_quantized, allow_pickle=allow_pickle,
+                             device=str(resolve_device(device)), fast=not keep_quantized, allow_pickle=allow_pickle,
                              trust_remote_code=trust_remote_code)
     res = evaluation.run(req, progress=progress and not as_json)
     if as_json:

@@ -53,9 +53,11 @@ def _parse_prompt(prompt: str, names: list[str]) -> tuple[str, str]:
 @click.option("--allow-pickle", is_flag=True,
               help="Accept a base stored only as pickle (.bin); read with torch.load(weights_only=True).")
 @click.option("--trust-remote-code", is_flag=True, help="Run model code shipped inside the model folder.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where to quantize and decode (auto: CUDA when present).")
 def command(source: str, prompts: tuple[str, ...], adapter_specs: tuple[str, ...], base: str | None,
             quant: str | None, max_new_tokens: int, temperature: float, raw: bool, compare_base: bool,
-            keep_quantized: bool, allow_pickle: bool, trust_remote_code: bool) -> None:
+            keep_quantized: bool, allow_pickle: bool, trust_remote_code: bool, device: str) -> None:
     """Answer prompts with SOURCE: a model folder or built-in name, a run folder (base + its adapter), or a PEFT
     adapter folder. The prompt is wrapped in the same template as in training.
 
@@ -77,12 +79,12 @@ def command(source: str, prompts: tuple[str, ...], adapter_specs: tuple[str, ...
     quant_cfg = QuantConfig(type=quant) if quant else None
     if adapter_specs:
         _multi(source, _parse_adapters(adapter_specs), prompts, base, quant_cfg, max_new_tokens, temperature, raw,
-               compare_base, allow_pickle, trust_remote_code, keep_quantized)
+               compare_base, allow_pickle, trust_remote_code, keep_quantized, device)
         return
 
-    from qlora_kit.lora import disabled
+    from qlora_kit.methods import disabled
 
-    loaded = generate.load(source, base=base, quant=quant_cfg, allow_pickle=allow_pickle,
+    loaded = generate.load(source, base=base, quant=quant_cfg, device=device, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code)
     if not keep_quantized:
         generate.speed_up(loaded, merge=not compare_base)  # adapters switched off for --compare-base stay separate
@@ -101,7 +103,7 @@ def command(source: str, prompts: tuple[str, ...], adapter_specs: tuple[str, ...
 
 
 def _multi(source, adapters, prompts, base, quant_cfg, max_new_tokens, temperature, raw, compare_base, allow_pickle,
-           trust_remote_code, keep_quantized=False) -> None:
+           trust_remote_code, keep_quantized=False, device="auto") -> None:
     """Every prompt routed to its adapter(s); one generate call for the whole batch."""
     from qlora_kit import generate
 
@@ -111,7 +113,7 @@ def _multi(source, adapters, prompts, base, quant_cfg, max_new_tokens, temperatu
     for i, (name, _) in enumerate(parsed):
         wanted = names + [BASE] if name == EVERY else [name] + ([BASE] if compare_base and name != BASE else [])
         rows += [(i, None if n == BASE else n) for n in wanted]
-    loaded = generate.load_many(source, adapters, base=base, quant=quant_cfg, allow_pickle=allow_pickle,
+    loaded = generate.load_many(source, adapters, base=base, quant=quant_cfg, device=device, allow_pickle=allow_pickle,
                                 trust_remote_code=trust_remote_code)
     if not keep_quantized:
         generate.speed_up(loaded, merge=False)  # rows route to different adapters: they stay separate

@@ -5,6 +5,8 @@ trained adapter, per adapted module, from its update dW = s · B @ A (A (r, in),
     amplification     ||dW||_F / ||U^T W V||_F against the base weight W (section 7.3, Table 7), and the same ratio
                       for random orthonormal directions as the baseline
     similarity        phi(A1, A2, i, j) against another adapter's A (section 7.2, eq. 4), a grid over i, j
+    magnitude         DoRA: how far the trained magnitude m moved from its start, the base's row norms ||W_i||
+    ia3               IA3: the distribution of each module's learned scales l (1 = unchanged)
 
 Everything runs on the CPU in float64 (the base is read in float32, which holds bf16/fp16 values exactly). The base is
 read one adapted weight at a time from safetensors, never as a whole model, and, for a run folder, dequantized
@@ -22,9 +24,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import peft_format
+from . import dora, ia3, peft_format
 from .config import QuantConfig
 from .errors import ConfigError, ModelError
+from .device import resolve_device
 from .model import frozen_dtype, resolve, weight_files
 from .run_dir import adapter_source
 from .terms import BLOCKSIZES, QUANT_TYPES
@@ -153,8 +156,10 @@ class BaseWeights:
     nf4 / fp4 / int8: cast to the frozen dtype (`auto`: the checkpoint's 16-bit dtype, bf16 for fp32, as
     model.load_base does), quantized, dequantized to the compute dtype: the exact weight training multiplied by."""
 
-    def __init__(self, folder: Path, quant: QuantConfig, dtype: str | None):
+    def __init__(self, folder: Path, quant: QuantConfig, dtype: str | None, device: torch.device | None = None):
+        # device: where the weight is quantized and dequantized (training's device gives training's codes)
         self.folder, self.quant, self.dtype = folder, quant, dtype
+        self.device = device or torch.device("cpu")
         files = [f for f in weight_files(folder) if f.suffix == ".safetensors"]
         if not files:
             raise ModelError(f"{folder} holds only pickle (.bin) weights; analyze reads safetensors only. "
@@ -189,7 +194,7 @@ class BaseWeights:
             return w.float()
         from .quant import roundtrip
 
-        return roundtrip(w, self.spec, self.spec.compute_dtype).float()
+        return roundtrip(w.to(self.device), self.spec, self.spec.compute_dtype).float().cpu()
 
 
 # ---- the report ------------------------------------------------------------------------------------------------
@@ -210,6 +215,7 @@ class ModuleReport:
     delta_norm: float  # ||dW||_F
     base: dict | None = None  # amplification() when a base is given
     similarity: list[list[float]] | None = None  # phi grid (r1, r2) when compared
+    magnitude: dict | None = None  # DoRA: dora.magnitude_stats()
 
     def to_dict(self) -> dict:
         d = {"module": self.module, "layer": self.layer, "kind": self.kind, "shape": list(self.shape), "r": self.r,
@@ -220,6 +226,8 @@ class ModuleReport:
         if self.similarity is not None:
             d |= {"similarity": self.similarity, "similarity_top1": self.similarity[0][0],
                   "similarity_full": self.similarity[-1][-1]}
+        if self.magnitude is not None:
+            d["magnitude"] = self.magnitude
         return d
 
 
@@ -235,6 +243,8 @@ class Report:
     modules: list[ModuleReport] = field(default_factory=list)
     only_in_adapter: list[str] = field(default_factory=list)  # with --compare: modules the other adapter lacks
     only_in_compare: list[str] = field(default_factory=list)
+    method: str = "lora"  # lora | dora | ia3 | lora+ia3 | dora+ia3
+    ia3: list[dict] = field(default_factory=list)  # ia3.scale_stats() per IA3 module
 
     def by_type(self) -> list[dict]:
         """Per module type, the mean over layers of the scalar columns (None where no module has a value)."""
@@ -256,7 +266,8 @@ class Report:
         return {"adapter": self.adapter, "r": self.r, "alpha": self.alpha, "base": self.base, "quant": self.quant,
                 "compare": self.compare, "compare_r": self.compare_r,
                 "modules": [m.to_dict() for m in self.modules], "by_type": self.by_type(),
-                "only_in_adapter": self.only_in_adapter, "only_in_compare": self.only_in_compare}
+                "only_in_adapter": self.only_in_adapter, "only_in_compare": self.only_in_compare,
+                "method": self.method, "ia3": self.ia3}
 
 
 def _layer(name: str) -> int | None:
@@ -289,7 +300,7 @@ def _select(names: list[str], pattern: str | None, where: Path) -> list[str]:
 
 
 def _base_setup(src: Source, base: str | None, use_base: bool, quant: str, blocksize: int,
-                double_quant: bool) -> tuple[str | None, BaseWeights | None, dict | None]:
+                double_quant: bool, device: torch.device | None = None) -> tuple[str | None, BaseWeights | None, dict | None]:
     if quant not in ("auto", *QUANT_TYPES):
         raise ConfigError(f"--quant {quant!r}: choose auto, nf4, fp4, int8 or none.")
     if blocksize not in BLOCKSIZES:
@@ -306,27 +317,39 @@ def _base_setup(src: Source, base: str | None, use_base: bool, quant: str, block
         dtype, origin = (None if qcfg.type == "none" else "auto"), "option"
     info = {"type": qcfg.type, "blocksize": qcfg.blocksize, "double_quant": qcfg.double_quant,
             "compute_dtype": qcfg.compute_dtype, "dtype": dtype, "source": origin}
-    return name, BaseWeights(resolve(name), qcfg, dtype), info
+    return name, BaseWeights(resolve(name), qcfg, dtype, device), info
 
 
 def analyze(path: str | Path, *, base: str | None = None, use_base: bool = True, quant: str = "auto",
             blocksize: int = 64, double_quant: bool = True, compare: str | Path | None = None,
-            modules: str | None = None, seed: int = 0) -> Report:
+            modules: str | None = None, seed: int = 0, device: str = "auto") -> Report:
     """Analyse the adapter at `path` (an adapter folder, a run folder, or RUN/adapter).
 
     base: a model folder or built-in name; default for a run folder is its recipe's model (use_base=False skips
     it). quant `auto`: as the run's recipe trained, `none` for a bare adapter (its quantization is not recorded
     in adapter_config.json; pass nf4 to analyse against the 4-bit base QLoRA trains on). compare: another
     adapter (or run) with the same modules, e.g. a different rank or seed. modules: a regex (re.search) over full
-    module names to limit the cost. seed: for the random baseline's directions.
+    module names to limit the cost. seed: for the random baseline's directions. device: where the base is
+    quantized (auto: CUDA when present, as training chose); the spectra and projections run in float64 on the CPU.
     """
+    dev = resolve_device(device)  # a usage error before any file is read
     src = locate(path)
-    adapter = peft_format.load_adapter(src.adapter_dir)
+    stack = peft_format.load_stack(src.adapter_dir)
+    adapter = next((a for a in stack if a.kind == "lora"), None)  # LoRA or DoRA: the spectra
+    ia3_part = next((a for a in stack if a.kind == "ia3"), None)
     order = lambda n: (-1 if _layer(n) is None else _layer(n), n)  # noqa: E731  layer 2 before layer 10
-    names = sorted(_select(adapter.modules(), modules, src.adapter_dir), key=order)
-    base_name, weights, qinfo = _base_setup(src, base, use_base, quant, blocksize, double_quant)
-    report = Report(adapter=str(path), r=adapter.r, alpha=adapter.alpha, base=base_name, quant=qinfo)
+    chosen = set(_select(sorted({m for a in stack for m in a.modules()}), modules, src.adapter_dir))
+    names = sorted((n for n in adapter.modules() if n in chosen), key=order) if adapter else []
+    base_name, weights, qinfo = _base_setup(src, base, use_base, quant, blocksize, double_quant, dev)
+    report = Report(adapter=str(path), r=adapter.r if adapter else 0, alpha=adapter.alpha if adapter else 0.0,
+                    base=base_name, quant=qinfo, method="+".join(a.method for a in stack))
+    if ia3_part is not None:
+        report.ia3 = [ia3.scale_stats(n, _layer(n), ia3_part.ia3_vector(n), ia3_part.feedforward(n))
+                      for n in sorted((n for n in ia3_part.modules() if n in chosen), key=order)]
     other = None
+    if compare is not None and adapter is None:
+        raise ModelError(f"{path} is an IA3 adapter: --compare compares LoRA/DoRA subspaces (A matrices); "
+                         "drop --compare.")
     if compare is not None:
         osrc = locate(compare)
         other = peft_format.load_adapter(osrc.adapter_dir)
@@ -347,8 +370,12 @@ def analyze(path: str | Path, *, base: str | None = None, use_base: bool = True,
                          singular_values=svd.s.tolist(), stable_rank=stable_rank(svd.s),
                          rank_90=energy_rank(svd.s, 0.90), rank_99=energy_rank(svd.s, 0.99),
                          delta_norm=float(svd.s.square().sum().sqrt()))
-        if weights is not None:
-            m.base = amplification(weights.weight(name, m.shape), svd, seed)
+        W = weights.weight(name, m.shape) if weights is not None else None
+        if W is not None:
+            m.base = amplification(W, svd, seed)
+        if adapter.dora:
+            start = torch.linalg.vector_norm(W.double(), dim=1) if W is not None else None
+            m.magnitude = dora.magnitude_stats(adapter.magnitude(name), start)
         if other is not None:
             A2, _ = _pair(other, name, Path(str(compare)))
             m.similarity = subspace_similarity(A, A2).tolist()

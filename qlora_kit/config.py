@@ -36,8 +36,9 @@ class ModelConfig:
     path: str = "smollm2-135m"
     """A Hugging Face model folder (config.json + safetensors), or a built-in name (`smollm2-135m`)."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """dtype of the unquantized frozen weights (embeddings, norms, lm_head). `auto`: the checkpoint's 16-bit
-    dtype, bf16 if the checkpoint is fp32. Never up-cast to fp32 unless asked."""
+    """dtype of the unquantized frozen weights (embeddings, norms, lm_head) and so of the residual stream. `auto`:
+    bf16 wherever the device has it (every CPU; CUDA GPUs from Ampere), else fp16 with dynamic loss scaling (as
+    `fp16` always gets). Never up-cast to fp32 unless asked."""
     allow_pickle: bool = False
     """Allow `.bin` (pickle) checkpoints; they are then read with `torch.load(weights_only=True)`."""
     trust_remote_code: bool = False
@@ -67,10 +68,29 @@ class LoraConfig:
     targets: Union[str, list[str]] = "all-linear"
     """`all-linear` (every Linear but lm_head), a list of module-name suffixes ([q_proj, v_proj]), or a regex
     matched against full module names."""
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    """Initialisation of A (B is always zero, so an untrained adapter changes nothing)."""
+    init: Literal["kaiming", "gaussian", "loftq"] = "kaiming"
+    """Initialisation. kaiming / gaussian: of A, with B zero, so an untrained adapter changes nothing. loftq (LoftQ,
+    arXiv 2310.08659): A and B from alternating quantization and truncated SVD, so that the quantized base plus
+    the adapter approximates the 16-bit weights at step 0; needs a quantized base (quant.type not none)."""
+    loftq_iters: int = 5
+    """LoftQ alternations T (the paper uses 5; 1 quantizes W itself and fits the adapter to the error once)."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r."""
+    dora: bool = False
+    """DoRA (Liu et al. 2024, arXiv 2402.09353): W' = m * (W + s B A) / ||W + s B A|| per output row, with a
+    trainable magnitude m (out,) initialised to the base's row norms. The norm is a constant in backward."""
+    plus_ratio: float = 1.0
+    """LoRA+ (Hayou et al. 2024, arXiv 2402.12354): B's learning rate = plus_ratio x A's (e.g. 16); 1 is plain
+    LoRA."""
+
+
+@dataclass(frozen=True)
+class IA3Config:
+    outputs: Union[str, list[str]] = field(default_factory=lambda: ["k_proj", "v_proj"])
+    """Modules whose OUTPUT is scaled by a learned vector l (out,): y = l * (W x) (IA3, Liu et al. 2022, arXiv
+    2205.05638). Module-name suffixes or a regex over full names, as lora.targets."""
+    inputs: Union[str, list[str]] = field(default_factory=lambda: ["down_proj"])
+    """Modules whose INPUT is scaled by l (in,): y = W (l * x) (PEFT's feedforward_modules)."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +150,15 @@ class TrainConfig:
     loss_chunk: int = 256
     """Label tokens per cross-entropy chunk: only one chunk's fp32 logits (and their gradients, ~12 bytes x chunk x
     vocab) live at a time. Smaller saves memory at a negligible cost in speed."""
+    offload_activations: bool = False
+    """Keep each checkpointed decoder-layer input in host memory (pinned, copied on a side stream on CUDA) between
+    its forward and its recompute: device memory for them drops from layers x (B, S, H) to 2 x (B, S, H), host
+    memory grows by layers x (B, S, H). Exact (the same gradients); costs two copies per layer per step. Needs
+    gradient_checkpointing."""
+    mlp_chunk: int = 0
+    """> 0: run each decoder MLP over the sequence in chunks of this many tokens in training, so only one chunk's
+    (B, chunk, intermediate) tensors are alive; 0: off. Costs one more MLP forward per step; same results up to
+    float summation order (LoRA dropout masks are drawn per chunk)."""
     log_every: int = 1
     eval_every: int = 0
     """Validation loss every N steps (0: only at the end, if there is a validation split)."""
@@ -164,6 +193,8 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    ia3: IA3Config | None = None
+    """Absent (null): no IA3. `ia3: {}` turns it on with the default targets."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -191,6 +222,8 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("lora", "r"): (lambda v: v > 0, "> 0"),
     ("lora", "alpha"): (lambda v: v > 0, "> 0"),
     ("lora", "dropout"): (lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("lora", "plus_ratio"): (lambda v: v > 0, "> 0 (1 is plain LoRA)"),
+    ("lora", "loftq_iters"): (lambda v: 1 <= v <= 100, "in [1, 100]"),
     ("data", "max_length"): (lambda v: v > 0, "> 0"),
     ("data", "val_fraction"): (lambda v: 0 <= v < 1, "in [0, 1)"),
     ("train", "steps"): (lambda v: v > 0, "> 0"),
@@ -202,6 +235,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("train", "max_grad_norm"): (lambda v: v >= 0, ">= 0"),
     ("train", "log_every"): (lambda v: v > 0, "> 0"),
     ("train", "loss_chunk"): (lambda v: v > 0, "> 0"),
+    ("train", "mlp_chunk"): (lambda v: v >= 0, ">= 0 (0: off)"),
     ("train", "eval_every"): (lambda v: v >= 0, ">= 0"),
     ("train", "save_every"): (lambda v: v >= 0, ">= 0"),
     ("train", "keep_checkpoints"): (lambda v: v > 0, "> 0"),
@@ -221,7 +255,9 @@ _ALIASES = {
 }
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Recipe)}  # type: ignore[misc]
-_SECTION_TYPES = typing.get_type_hints(Recipe)
+_SECTION_TYPES = {k: next((a for a in typing.get_args(t) if a is not type(None)), t)  # Optional[X] -> X
+                  for k, t in typing.get_type_hints(Recipe).items()}
+OPTIONAL_SECTIONS = ("ia3",)  # absent or null: the method is off (None); a mapping, even {}, turns it on
 
 
 def _nearest(name: str, choices: typing.Iterable[str]) -> str:
@@ -303,6 +339,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def _build_section(name: str, raw: Any) -> Any:
     cls = _SECTION_TYPES[name]
     if raw is None:
+        if name in OPTIONAL_SECTIONS:
+            return None
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe section '{name}' must be a mapping of keys to values, got {type(raw).__name__}.")
@@ -317,12 +355,14 @@ def _build_section(name: str, raw: Any) -> Any:
         check = _RANGES.get((name, key))
         if check and not check[0](kwargs[key]):
             raise ConfigError(f"{name}.{key} = {kwargs[key]!r} is out of range: it must be {check[1]}.")
-    if name == "lora" and isinstance(kwargs.get("targets"), str) and kwargs["targets"] != "all-linear":
-        try:  # a string other than all-linear is a regex: fail here, not after loading the model
-            re.compile(kwargs["targets"])
-        except re.error as e:
-            raise ConfigError(f"lora.targets {kwargs['targets']!r} is not a valid regular expression ({e}); use "
-                              "all-linear, a list of module names like [q_proj, v_proj], or a valid regex.") from None
+    for key in ("targets", "outputs", "inputs"):
+        value = kwargs.get(key)
+        if isinstance(value, str) and value != "all-linear":
+            try:  # a string other than all-linear is a regex: fail here, not after loading the model
+                re.compile(value)
+            except re.error as e:
+                raise ConfigError(f"{name}.{key} {value!r} is not a valid regular expression ({e}); use "
+                                  "all-linear, a list of module names like [q_proj, v_proj], or a valid regex.") from None
     return cls(**kwargs)
 
 
@@ -359,7 +399,14 @@ def recipe_from_dict(raw: Any, overrides: typing.Sequence[str] = ()) -> Recipe:
             raise ConfigError(
                 f"unknown recipe section '{name}'.{_nearest(str(name), SECTIONS)} Sections: {', '.join(SECTIONS)}."
             )
-    return Recipe(**{name: _build_section(name, raw.get(name)) for name in SECTIONS})
+    recipe = Recipe(**{name: _build_section(name, raw.get(name)) for name in SECTIONS})
+    if recipe.lora.dora and recipe.lora.init == "loftq":
+        raise ConfigError("lora.dora with lora.init loftq: LoftQ's A and B cancel the quantization error of W, which "
+                          "DoRA's magnitude would then rescale; choose one (lora.init kaiming for DoRA).")
+    if recipe.ia3 is None and recipe.lora.targets == []:
+        raise ConfigError("lora.targets is [] and there is no ia3 section: nothing would train. Set lora.targets "
+                          "(e.g. all-linear), or add an `ia3:` section (ia3: {} uses k_proj/v_proj and down_proj).")
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:

@@ -169,14 +169,18 @@ def data_config(req: Request, recipe: Recipe | None) -> tuple[DataConfig, bool]:
 
 
 def examples_for(cfg: DataConfig, tokenizer, val_split: bool, seed: int, max_examples: int | None):
-    ds = data.build(cfg, tokenizer, seed)
-    examples = ds.val if val_split else ds.train  # val_fraction 0: every example, in file order
-    if max_examples is not None:
-        examples = examples[:max_examples]
-    if not examples:
-        raise DataError(f"{cfg.path}: no example is left to evaluate (records {ds.stats['records']}, dropped "
-                        f"{ds.stats['dropped']}).")
-    return examples, ds.stats
+    """(examples in file order, data stats). A run's validation split is the one `data.build` draws for training."""
+    if val_split:
+        ds = data.build(cfg, tokenizer, seed)
+        examples, stats = ds.val, ds.stats
+    else:
+        examples = data.examples(cfg, tokenizer)  # every record, in file order, tokenized and masked as training
+        stats = examples.tok.stats
+    n = len(examples) if max_examples is None else min(max_examples, len(examples))
+    if n == 0:
+        raise DataError(f"{cfg.path}: no example is left to evaluate (records {stats.get('records')}, dropped "
+                        f"{stats.get('dropped')}: nothing to score within --max-length).")
+    return examples[:n], stats
 
 
 @torch.no_grad()
@@ -203,7 +207,7 @@ def run(req: Request, progress: bool = False) -> Result:
         from .pydoc_text import resolve
 
         fmt = req.format or (_run_format(req.source) if kind_of(req.source) == "run" else "text")
-        data.load_records(resolve(req.data), fmt)
+        data.check(DataConfig(path=str(resolve(req.data)), format=fmt))
     loaded, kind, recipe, qdesc = load(req)
     cfg, val_split = data_config(req, recipe)
     seed = recipe.train.seed if recipe is not None else 0  # the seed training split the data with

@@ -1,7 +1,8 @@
 """`qlora-kit export`: a PEFT adapter folder, a merged Hugging Face model, or a merged model quantized again.
 
     adapter    adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads.
-    merged     W' = W_base + s · B @ A, added in fp32 and cast once to --dtype; config, generation config and
+    merged     W' = W_base + s · B @ A, added in fp32 and cast once to --dtype (DoRA: m ⊙ (W_base + s·B A) / its row
+               norms; IA3: rows or columns scaled by l; a stack: each in order, methods.merge_rows); config, generation config and
                tokenizer files copied from the base; safetensors shards of at most --max-shard-size + index.
     quantized  the merged weights of every Linear but lm_head quantized again (the run's nf4/fp4/int8 settings,
                nf4 otherwise) in the bitsandbytes/transformers on-disk format: `from_pretrained` loads it 4/8-bit.
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import shutil
 import sys
 import time
@@ -41,7 +41,7 @@ from typing import Literal
 
 import torch
 
-from . import gguf_export, lora, peft_format, quant
+from . import gguf_export, loftq, methods, peft_format, quant
 from .config import ModelConfig
 from .errors import ExportError, ModelError
 from .export_files import atomic_folder, copy_tokenizer, linear_weights, write_config, writing
@@ -77,10 +77,26 @@ class Options:
 
 @dataclass(frozen=True)
 class Source:
-    adapter: peft_format.Adapter
+    stack: list[peft_format.Adapter]  # applied in order (peft_format.load_stack): LoRA/DoRA, then IA3 over it
     base_name: str | None
     trained_with: quant.QuantSpec  # the quantization the adapter was trained against (type none: a plain base)
     model_cfg: ModelConfig
+    loftq: dict = field(default_factory=dict)  # a LoftQ run's base offsets: module -> (B (out, r), A (r, in)) fp32
+
+    def offset(self, module: str | None):
+        """The LoftQ offset `module`'s base was quantized around, or None (loftq.base_weight)."""
+        return self.loftq.get(module)
+
+    @property
+    def adapter(self) -> peft_format.Adapter:
+        """The first (root folder's) adapter."""
+        return self.stack[0]
+
+    def modules(self) -> set[str]:
+        return {m for a in self.stack for m in a.modules()}
+
+    def weight_names(self) -> set[str]:
+        return {f"{m}.weight" for m in self.modules()}
 
 
 @dataclass
@@ -110,27 +126,29 @@ def open_source(path: str | Path, base: str | None = None, quant_type: str | Non
         if quant_type and spec.type != "none" and quant_type != spec.type:
             raise ExportError(f"--quant {quant_type}: this run was trained with quant.type {spec.type} "
                               "(recipe.yaml); drop --quant.")
-        adapter = peft_format.load_adapter(adapter_dir)
+        stack = peft_format.load_stack(adapter_dir)
         model_cfg = dataclasses.replace(recipe.model, path=base or recipe.model.path)
+        offsets = loftq.load(adapter_dir.parent) if loftq.is_loftq_run(recipe) else {}
     else:
         path = adapter_dir
         if not (path / peft_format.CONFIG_NAME).is_file():
             raise ExportError(f"{path} is neither a run folder (recipe.yaml + adapter/) nor a PEFT adapter folder "
                               f"({peft_format.CONFIG_NAME} + {peft_format.WEIGHTS_NAME}).")
-        adapter = peft_format.load_adapter(path)
+        stack = peft_format.load_stack(path)
         spec = quant.QuantSpec(quant_type or "nf4")  # blocksize 64, double quant, bf16 compute: QLoRA's settings
-        model_cfg = ModelConfig(path=base or adapter.base_model or "")
-    _check_adapter(adapter)
-    return Source(adapter, model_cfg.path or None, spec, model_cfg)
+        model_cfg = ModelConfig(path=base or stack[0].base_model or "")
+        offsets = {}
+    for adapter in stack:
+        _check_adapter(adapter)
+    return Source(stack, model_cfg.path or None, spec, model_cfg, offsets)
 
 
 def _check_adapter(adapter: peft_format.Adapter) -> None:
-    cfg = adapter.config
-    unsupported = [k for k in ("use_dora", "fan_in_fan_out", "lora_bias") if cfg.get(k)]
-    odd = sorted(k for k in adapter.tensors if not re.search(r"\.lora_[AB]\.weight$", k))
-    if unsupported or odd:
-        raise ExportError(f"this adapter uses {', '.join(unsupported + odd[:2])}, which export does not support; "
-                          "only plain LoRA A/B weights on Linear layers can be exported.")
+    """peft_format.load_adapter already refused unknown tensors; here the settings export cannot merge."""
+    unsupported = [k for k in ("fan_in_fan_out", "lora_bias") if adapter.config.get(k)]
+    if unsupported:
+        raise ExportError(f"this adapter uses {', '.join(unsupported)}, which export does not support; LoRA, DoRA "
+                          "and IA3 on Linear layers (weights stored (out, in)) can be exported.")
 
 
 def base_folder(name: str | None, required: bool = True) -> Path | None:
@@ -152,14 +170,24 @@ def base_folder(name: str | None, required: bool = True) -> Path | None:
     return folder
 
 
-def check_fits(adapter: peft_format.Adapter, index: dict[str, TensorInfo], base: Path) -> None:
-    """Every adapted module's weight exists in the base with shape (out, in) = that of B @ A. Headers only."""
+def check_fits(stack: list[peft_format.Adapter], index: dict[str, TensorInfo], base: Path) -> None:
+    """Every adapted module's weight exists in the base with shape (out, in) = that of B @ A (DoRA's m: (out,);
+    IA3's l: (out, 1) or (1, in)). Headers only."""
     missing, bad = [], []
-    for m in adapter.modules():
-        A, B = adapter.pair(m)
+    for adapter, m in [(a, m) for a in stack for m in a.modules()]:
         info = index.get(f"{m}.weight")
         if info is None:
             missing.append(m)
+            continue
+        if adapter.kind == "ia3":
+            l = adapter.ia3_vector(m)
+            want = (1, info.shape[1]) if adapter.feedforward(m) else (info.shape[0], 1)
+            if tuple(l.shape) != want:
+                bad.append(f"{m} (ia3_l {tuple(l.shape)}, base weight {tuple(info.shape)} needs {want})")
+            continue
+        A, B = adapter.pair(m)
+        if adapter.dora and tuple(adapter.magnitude(m).shape) != (B.shape[0],):
+            bad.append(f"{m} (lora_magnitude_vector {tuple(adapter.magnitude(m).shape)}, lora_B {tuple(B.shape)})")
         elif A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             bad.append(f"{m} (lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not chain)")
         elif info.shape != (B.shape[0], A.shape[1]) or not info.dtype.is_floating_point:
@@ -176,23 +204,35 @@ def check_fits(adapter: peft_format.Adapter, index: dict[str, TensorInfo], base:
 
 
 def merge_base_weight(W: torch.Tensor, trained_with: quant.QuantSpec, frozen: torch.dtype, merge_base: str,
-                      device: str = "cpu") -> torch.Tensor:
+                      device: str = "cpu", offset=None) -> torch.Tensor:
     """W_base: the checkpoint's W, or dequant(quant(W)) computed as training did (W cast to the frozen dtype, then
     quantized on `device`; dequantized to the compute dtype: the weight every training forward multiplied by)."""
     if merge_base == "original" or trained_with.type == "none":
         return W
-    return quant.roundtrip(W.to(device, frozen), trained_with, trained_with.compute_dtype).cpu()
+    # LoftQ: quant(W - offset), the very tensor model.load_base quantized (loftq.base_weight on the frozen-dtype W)
+    return quant.roundtrip(loftq.base_weight(W.to(device, frozen), offset), trained_with,
+                           trained_with.compute_dtype).cpu()
 
 
-def merge_rows(W_base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, out_dtype: torch.dtype):
-    """Yield (row, block) of W_base + s · B @ A in blocks of rows: fp32 temporaries stay at ~16 MB each."""
+def unadapted_quantized(src: Source, base: Path, index: dict[str, TensorInfo], merge_base: str) -> set[str]:
+    """Linear weights training quantized that no adapter touches. With the dequantized merge base they are written
+    as dequant(Q) too (a partial target set, IA3 on three modules): the merged model computes what the
+    training-time model computed. (--format quantized quantizes such a W itself: the very codes training used.)"""
+    if merge_base != "dequantized" or src.trained_with.type == "none":
+        return set()
+    return linear_weights(base) & set(index) - src.weight_names()
+
+
+def merge_rows(W_base: torch.Tensor, stack: list[peft_format.Adapter], module: str, out_dtype: torch.dtype):
+    """Yield (row, block) of the merged weight of `module` (every adapter of the stack, in order, over W_base) in
+    blocks of rows: fp32 temporaries stay at ~16 MB each. Every method is row-separable (methods.merge_rows)."""
     for i, j in row_blocks(tuple(W_base.shape), 4, 16 << 20):
-        yield i, lora.merge(W_base[i:j], A, B[i:j], scaling, out_dtype)
+        yield i, methods.merge_rows(W_base[i:j], stack, module, (i, j), out_dtype)
 
 
-def merged_weight(W_base, A, B, scaling: float, out_dtype: torch.dtype) -> torch.Tensor:
+def merged_weight(W_base, stack: list[peft_format.Adapter], module: str, out_dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(W_base.shape, dtype=out_dtype)
-    for i, rows in merge_rows(W_base, A, B, scaling, out_dtype):
+    for i, rows in merge_rows(W_base, stack, module, out_dtype):
         out[i : i + len(rows)] = rows
     return out
 
@@ -206,6 +246,7 @@ class Item:
     quantize: bool
     entries: list[Entry]
     tail: str | None = None
+    roundtrip: bool = False  # a Linear weight training quantized but no adapter touches: written as dequant(Q)
 
     @property
     def nbytes(self) -> int:
@@ -213,7 +254,7 @@ class Item:
 
 
 def plan(index: dict[str, TensorInfo], adapted: set[str], to_quantize: set[str], out_dtype: torch.dtype,
-         qspec: quant.QuantSpec | None) -> list[Item]:
+         qspec: quant.QuantSpec | None, roundtrip: set[str] = frozenset()) -> list[Item]:
     items = []
     for name, info in index.items():
         module = name[: -len(".weight")] if name.endswith(".weight") else None
@@ -226,7 +267,7 @@ def plan(index: dict[str, TensorInfo], adapted: set[str], to_quantize: set[str],
                               prefix + tail if tail else None))
         else:
             dtype = out_dtype if info.dtype.is_floating_point else info.dtype
-            items.append(Item(info, module, False, [Entry(name, dtype, info.shape)]))
+            items.append(Item(info, module, False, [Entry(name, dtype, info.shape)], roundtrip=name in roundtrip))
     return items
 
 
@@ -259,7 +300,7 @@ def export(source: str | Path, opts: Options) -> Result:
     index = tensor_index(base) if base is not None else None
     notes = [] if index is not None else [f"not checked against the base ({src.base_name} is not available here)"]
     if index is not None:
-        check_fits(src.adapter, index, base)
+        check_fits(src.stack, index, base)
     if opts.format == "gguf-adapter":
         with writing(out):
             written, more = gguf_export.write_adapter(src, base, out, opts.gguf_type, free_bytes)
@@ -282,7 +323,8 @@ def export(source: str | Path, opts: Options) -> Result:
     if gguf:
         with writing(out):
             written, more = gguf_export.write_model(src, base, index, out, opts.gguf_type, opts.merge_base, frozen,
-                                                    device, free_bytes, opts.progress, adapter_source(source)[1])
+                                                    device, free_bytes, opts.progress, adapter_source(source)[1],
+                                                    unadapted_quantized(src, base, index, opts.merge_base))
         files = [out.name, gguf_export.ollama.modelfile_path(out).name]
         return Result(out, files, written, time.perf_counter() - t0, notes + more)
     qspec, to_quantize = None, set()
@@ -297,7 +339,8 @@ def export(source: str | Path, opts: Options) -> Result:
                          f"{qspec.blocksize}: the file is right, but bitsandbytes' CPU kernels (0.50) compute such "
                          "weights wrongly or fail; run this model on CUDA (docs/ARCHITECTURE.md, 'bitsandbytes "
                          "hazards').")
-    items = plan(index, set(src.adapter.modules()), to_quantize, out_dtype, qspec)
+    roundtrip = unadapted_quantized(src, base, index, opts.merge_base) if opts.format == "merged" else set()
+    items = plan(index, src.modules(), to_quantize, out_dtype, qspec, roundtrip)
     shards = plan_shards([it.nbytes for it in items], max_shard)
     need = sum(it.nbytes for it in items) + (16 << 20)
     if free_bytes(out.parent) < need:
@@ -342,29 +385,39 @@ def _emit(it: Item, writer: ShardWriter, src: Source, merge_base: str, frozen: t
           qspec: quant.QuantSpec | None, device: str) -> None:
     """Compute one source tensor's outputs and write them (rows as they come when nothing needs the whole)."""
     info = it.info
-    if it.module is None and not it.quantize:  # a plain copy, cast in blocks of rows
+    if it.module is None and not it.quantize and not it.roundtrip:  # a plain copy, cast in blocks of rows
         entry = it.entries[0]
+        scale = methods.bias_scale(src.stack, info.name[: -len(".bias")]) if info.name.endswith(".bias") else None
         for i, j in row_blocks(info.shape, info.dtype.itemsize):
-            writer.write(entry.name, read_tensor(info, (i, j)).to(entry.dtype), i)
+            t = read_tensor(info, (i, j))
+            writer.write(entry.name, (t if scale is None else t.float() * scale[i:j]).to(entry.dtype), i)
         return
     W = read_tensor(info)
+    if it.roundtrip or it.module is not None:
+        W = merge_base_weight(W, src.trained_with, frozen, merge_base, device, src.offset(it.module))
+    if it.module is None and not it.quantize:  # an unadapted weight training quantized: dequant(Q), cast
+        writer.write(info.name, W.to(out_dtype), 0)
+        return
     if it.module is not None:
-        A, B = src.adapter.pair(it.module)
-        s = src.adapter.module_scaling(it.module)
-        W = merge_base_weight(W, src.trained_with, frozen, merge_base, device)
         if not it.quantize:
-            for i, rows in merge_rows(W, A, B, s, out_dtype):
+            for i, rows in merge_rows(W, src.stack, it.module, out_dtype):
                 writer.write(info.name, rows, i)
             return
-        W = merged_weight(W, A, B, s, out_dtype)
+        W = merged_weight(W, src.stack, it.module, out_dtype)
     for suffix, t in quant.serialize(W.to(device, out_dtype), qspec, out_dtype).items():
         name = info.name[: -len("weight")] + suffix
         (writer.write_tail if name == it.tail else writer.write)(name, t)
 
 
 def _write_adapter(src: Source, tmp: Path, opts: Options) -> None:
-    a = src.adapter
-    tensors = {k: v.to(quant.DTYPES[opts.dtype]) for k, v in a.tensors.items()} if opts.dtype else a.tensors
-    extra = {k: v for k, v in a.config.items() if k not in ("target_modules", "base_model_name_or_path")}
-    peft_format.save_adapter(tmp, tensors, r=a.r, alpha=a.alpha, dropout=float(a.config.get("lora_dropout", 0.0)),
-                             rslora=a.rslora, base_model=src.base_name, extra=extra)
+    """One PEFT folder per method, in the stacked layout of peft_format (root, then ia3/)."""
+    for k, a in enumerate(src.stack):
+        tensors = {k: v.to(quant.DTYPES[opts.dtype]) for k, v in a.tensors.items()} if opts.dtype else a.tensors
+        where = tmp / peft_format.IA3_SUBFOLDER if k > 0 else tmp
+        if a.kind == "ia3":
+            peft_format.save_ia3(where, tensors, feedforward=[m for m in a.modules() if a.feedforward(m)],
+                                 base_model=src.base_name)
+            continue
+        extra = {k: v for k, v in a.config.items() if k not in ("target_modules", "base_model_name_or_path")}
+        peft_format.save_adapter(where, tensors, r=a.r, alpha=a.alpha, dropout=float(a.config.get("lora_dropout", 0.0)),
+                                 rslora=a.rslora, base_model=src.base_name, extra=extra)

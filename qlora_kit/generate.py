@@ -1,7 +1,8 @@
 """Load a model for inference (a base, a run, or an adapter over a base) and answer prompts.
 
 The quantized base is loaded exactly as in training (same quant settings from the run's recipe.yaml), the
-adapter is injected as LoRALinear and its tensors copied in: what you ask is what was trained.
+adapter(s) injected as in training (LoRALinear, DoRALinear, IA3Linear; methods.attach) and their tensors copied in:
+what you ask is what was trained.
 
 Several adapters (`load_many`) share ONE quantized base through multi_lora; `answer_routed` then answers a mixed
 batch in one generate call, each row through its own adapter (or none), each prompt in its adapter's template.
@@ -15,8 +16,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from . import data, lora, multi_lora, peft_format
+from . import data, loftq, methods, multi_lora, peft_format
 from .config import ModelConfig, QuantConfig, Recipe, load_recipe
+from .device import resolve_device
 from .errors import ModelError
 from .model import load_base
 from .quant import DTYPES
@@ -33,23 +35,14 @@ class Loaded:
     formats: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
 
-def _attach(model: torch.nn.Module, adapter: peft_format.Adapter, dtype: torch.dtype) -> None:
-    """Wrap each adapted module in a LoRALinear of ITS rank and scale (PEFT's rank_pattern / alpha_pattern give
-    modules their own), then copy the adapter's tensors in."""
-    modules = adapter.modules()
-    present = set(lora.linear_names(model))
-    missing = [m for m in modules if m not in present]
-    if missing:
-        raise ModelError(f"the adapter targets modules the base does not have, e.g. {missing[:3]}: "
-                         "it was trained on a different model; pass the right --base.")
-    for m in modules:
-        r = adapter.pair(m)[0].shape[0]
-        lora.inject(model, [m], lora.LoraSpec(r, adapter.alpha, 0.0, "kaiming", adapter.rslora, dtype))
-        model.get_submodule(m).scaling = adapter.module_scaling(m)
+def _attach(model: torch.nn.Module, folder: Path, dtype: torch.dtype) -> None:
+    """Every adapter of `folder` (LoRA, DoRA, IA3, or a stack: peft_format.load_stack) on the base, each module
+    with ITS rank and scale (PEFT's rank_pattern / alpha_pattern), tensors copied in (methods.attach)."""
     try:
-        lora.load_adapter_state(model, adapter.tensors)
+        methods.attach(model, peft_format.load_stack(folder), dtype)
     except ValueError as e:
-        raise ModelError(f"the adapter does not fit the base: {e}. Pass the base it was trained on with --base.") from None
+        raise ModelError(f"the adapter does not fit the base: {e}. It was trained on a different model; pass the "
+                         "base it was trained on with --base.") from None
 
 
 def _base_config(source: str, base: str | None, allow_pickle: bool,
@@ -71,18 +64,23 @@ def _base_config(source: str, base: str | None, allow_pickle: bool,
     return ModelConfig(base or source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code), None
 
 
-def load(path: str, base: str | None = None, quant: QuantConfig | None = None, device: str = "cpu",
+def load(path: str, base: str | None = None, quant: QuantConfig | None = None, device: str = "auto",
          allow_pickle: bool = False, trust_remote_code: bool = False) -> Loaded:
     """`path` is a run folder, a PEFT adapter folder (base from --base or its config), or a model (folder/name).
-    allow_pickle / trust_remote_code (the CLI flags) add to what a run's recipe already allows, never remove."""
+    device: auto (CUDA when present) | cpu | cuda. allow_pickle / trust_remote_code (the CLI flags) add to what a
+    run's recipe already allows, never remove."""
+    device = resolve_device(device)
     model_cfg, recipe = _base_config(path, base, allow_pickle, trust_remote_code)
-    model, tok, _ = load_base(model_cfg, quant or (recipe.quant if recipe else QuantConfig()), device)
+    # a LoftQ run's base is quantized around its stored low-rank offsets (loftq.py), exactly as in training
+    offsets = loftq.Initializer.from_run(Path(path)) if loftq.is_loftq_run(recipe) else None
+    model, tok, _ = load_base(model_cfg, quant or (recipe.quant if recipe else QuantConfig()), device,
+                              before_quantize=offsets)
     loaded = Loaded(model, tok, *((recipe.data.format, recipe.data.system_prompt) if recipe else ("alpaca", None)))
     p = Path(path)
     if recipe is not None:
-        _attach(model, peft_format.load_adapter(p / "adapter"), DTYPES[recipe.quant.compute_dtype])
+        _attach(model, p / "adapter", DTYPES[recipe.quant.compute_dtype])
     elif p.is_dir() and (p / peft_format.CONFIG_NAME).is_file():
-        _attach(model, peft_format.load_adapter(p), torch.bfloat16)
+        _attach(model, p, DTYPES[(quant or QuantConfig()).compute_dtype])  # adapters compute as the base does
     loaded.model.eval()
     loaded.model.config.use_cache = True
     return loaded
@@ -112,17 +110,27 @@ def speed_up(loaded: Loaded, merge: bool = True) -> str:
 
 
 def load_many(source: str, adapters: Mapping[str, str], base: str | None = None, quant: QuantConfig | None = None,
-              device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False) -> Loaded:
+              device: str = "auto", allow_pickle: bool = False, trust_remote_code: bool = False) -> Loaded:
     """One base, several named adapters beside it (multi_lora). `adapters`: name -> a run folder, RUN/adapter or a
     PEFT adapter folder. `source` supplies only the base: a model folder or name, a run folder (its recipe's model,
     quant and prompt template; its own adapter is loaded only if also named in `adapters`), or an adapter folder
     (its base_model). Quantization: `quant`, else the source run's, else the first adapter run's, else nf4."""
 
+    device = resolve_device(device)
     found = {}
     for name, path in adapters.items():
         multi_lora.check_name(name)
         adapter_dir, recipe = adapter_source(path)
-        found[name] = (peft_format.load_adapter(adapter_dir), recipe)
+        if loftq.is_loftq_run(recipe):
+            raise ModelError(f"--adapter {name}={path}: a LoftQ run (lora.init loftq) is trained over its own base, "
+                             "quantized around offsets stored in the run, so it cannot share a base with other "
+                             f"adapters; ask it alone: qlora-kit generate {path} --prompt ...")
+        stack = peft_format.load_stack(adapter_dir)
+        if len(stack) > 1 or stack[0].method != "lora":
+            raise ModelError(f"--adapter {name}={path}: a {'+'.join(a.method for a in stack)} adapter; routing rows "
+                             "between adapters supports plain LoRA only. Load it on its own: qlora-kit generate "
+                             f"{path} --prompt ...")
+        found[name] = (stack[0], recipe)
     model_cfg, recipe = _base_config(source, base, allow_pickle, trust_remote_code)
     run_quants = [r.quant for _, r in found.values() if r is not None]
     quant = quant or (recipe.quant if recipe is not None else run_quants[0] if run_quants else QuantConfig())

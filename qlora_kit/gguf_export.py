@@ -110,15 +110,16 @@ def encode(W: torch.Tensor, kind: str) -> np.ndarray:
     return gguf.quants.quantize(W.float().numpy(), _qtype(kind))
 
 
-def _tensor(p: Planned, src, merge_base: str, frozen: torch.dtype, device: str) -> torch.Tensor:
-    """The output tensor in fp32 (merged if adapted; q/k rows permuted for llama)."""
+def _tensor(p: Planned, src, merge_base: str, frozen: torch.dtype, device: str,
+            roundtrip: set[str] = frozenset()) -> torch.Tensor:
+    """The output tensor in fp32 (merged if adapted, dequant(Q) if in `roundtrip`; q/k rows permuted for llama)."""
     from .export import merge_base_weight, merged_weight
 
     W = read_tensor(p.info)
-    if p.module is not None:
-        A, B = src.adapter.pair(p.module)
-        W = merge_base_weight(W, src.trained_with, frozen, merge_base, device)
-        W = merged_weight(W, A, B, src.adapter.module_scaling(p.module), torch.float32)
+    if p.module is not None or p.info.name in roundtrip:
+        W = merge_base_weight(W, src.trained_with, frozen, merge_base, device, src.offset(p.module))
+    if p.module is not None:  # every method of the stack, in order (methods.merge_rows), as --format merged
+        W = merged_weight(W, src.stack, p.module, torch.float32)
     W = W.float()
     return gguf_arch.permute_rows(W, p.heads) if p.heads else W
 
@@ -166,8 +167,10 @@ def free_space_check(out: Path, need: int, free_bytes) -> None:
 
 
 def write_model(src, base: Path, index: dict[str, TensorInfo], out: Path, kind: str, merge_base: str,
-                frozen: torch.dtype, device: str, free_bytes, progress: bool, recipe=None) -> tuple[int, list[str]]:
-    """The merged GGUF (and its Ollama Modelfile). Returns (bytes written, notes)."""
+                frozen: torch.dtype, device: str, free_bytes, progress: bool, recipe=None,
+                roundtrip: set[str] = frozenset()) -> tuple[int, list[str]]:
+    """The merged GGUF (and its Ollama Modelfile). Returns (bytes written, notes). `roundtrip`: unadapted weights
+    written as dequant(Q), as --format merged does (export.unadapted_quantized)."""
     import gguf
     from tqdm.auto import tqdm
 
@@ -175,7 +178,7 @@ def write_model(src, base: Path, index: dict[str, TensorInfo], out: Path, kind: 
     arch = gguf_arch.arch_of(config)
     store = "f16" if kind in KQUANTS else kind  # K-quants: llama.cpp quantizes an f16 file
     names = gguf_arch.TensorNames(arch)
-    tensors, notes = plan(index, names, store, set(src.adapter.modules()))
+    tensors, notes = plan(index, names, store, src.modules())
     total = sum(p.nbytes for p in tensors)
     need = total * (2 if kind in KQUANTS else 1) + (64 << 20)
     free_space_check(out, need, free_bytes)
@@ -198,7 +201,7 @@ def write_model(src, base: Path, index: dict[str, TensorInfo], out: Path, kind: 
                 bar = tqdm(total=total, unit="B", unit_scale=True, desc="export gguf", disable=not progress,
                            dynamic_ncols=True)
                 for p in tensors:
-                    _write_blocks(writer, p, _tensor(p, src, merge_base, frozen, device))
+                    _write_blocks(writer, p, _tensor(p, src, merge_base, frozen, device, roundtrip))
                     bar.update(p.nbytes)
                 bar.close()
             finally:
@@ -236,6 +239,9 @@ def write_adapter(src, base: Path, out: Path, kind: str, free_bytes) -> tuple[in
     arch = gguf_arch.arch_of(config)
     names = gguf_arch.TensorNames(arch)
     a = src.adapter
+    if len(src.stack) > 1 or a.method != "lora":
+        raise ExportError(f"--format gguf-adapter: llama.cpp adapters are plain LoRA; this is a "
+                          f"{'+'.join(x.method for x in src.stack)} adapter. Export it merged: --format gguf.")
     tensors: list[tuple[str, torch.Tensor]] = []
     for m in a.modules():
         A, B = a.pair(m)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import lora
+from . import dora, lora
 from .quant import QuantLinear
 
 HEADROOM = 0.5  # densify only when the dense weights take at most this fraction of the memory available now
@@ -78,30 +78,21 @@ class _Cast(nn.Module):
 
 
 def merge_adapters(model: nn.Module) -> int:
-    """Fold every LoRALinear whose base is a plain nn.Linear into it (W + s·B@A in fp32, cast to W's dtype).
+    """Fold every LoRALinear (DoRALinear) whose base is a plain nn.Linear into it (W + s·B@A, or DoRA's
+    m ⊙ (W + s·B@A) / ||W + s·B@A||_row, in fp32, cast to W's dtype).
     Returns how many were merged. Adapters over a still-quantized base stay as they are."""
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, lora.LoRALinear) and type(child.base) is nn.Linear:
                 base = child.base
-                with torch.no_grad():
-                    base.weight.copy_(lora.merge(base.weight, child.lora_A.weight, child.lora_B.weight,
-                                                 child.scaling, base.weight.dtype))
+                A, B, W, s = child.lora_A.weight, child.lora_B.weight, base.weight, child.scaling
+                with torch.no_grad():  # DoRA folds its magnitude too (dora.merge); an IA3 wrapper stays outside
+                    W.copy_(dora.merge(W, A, B, s, child.lora_magnitude_vector, W.dtype)
+                            if isinstance(child, dora.DoRALinear) else lora.merge(W, A, B, s, W.dtype))
                 setattr(parent, name, base)
                 n += 1
     return n
-
-
-def pick_device(choice: str) -> str:
-    """auto -> cuda when a GPU is visible, else cpu; cuda without a GPU is the user's error."""
-    from .errors import ConfigError
-
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA GPU is visible here; use --device auto or cpu.")
-    return choice
 
 
 def for_decoding(model: nn.Module, merge: bool = True) -> str:

@@ -48,10 +48,25 @@ def describe_model(folder: Path, allow_pickle: bool = False, trust_remote_code: 
 
 
 def describe_adapter(folder: Path) -> dict:
-    a = peft_format.load_adapter(folder)
-    return {"kind": "adapter", "path": str(folder), "r": a.r, "alpha": a.alpha, "scaling": a.scaling,
-            "rslora": a.rslora, "target_modules": a.target_modules, "modules": len(a.modules()),
-            "params": sum(t.numel() for t in a.tensors.values()), "base_model": a.base_model}
+    """LoRA / DoRA / IA3, or a stack of them (peft_format.load_stack): `methods` lists each, in applied order."""
+    stack = peft_format.load_stack(folder)
+    parts = []
+    for a in stack:
+        part = {"method": a.method, "target_modules": a.target_modules, "modules": len(a.modules()),
+                "params": sum(t.numel() for t in a.tensors.values())}
+        if a.kind == "ia3":
+            part["input_scaled"] = sum(a.feedforward(m) for m in a.modules())
+        else:
+            part |= {"r": a.r, "alpha": a.alpha, "scaling": a.scaling, "rslora": a.rslora}
+        parts.append(part)
+    first = parts[0]
+    out = {"kind": "adapter", "path": str(folder), "method": "+".join(p["method"] for p in parts)}
+    out |= {k: first[k] for k in ("r", "alpha", "scaling", "rslora") if k in first}
+    out |= {"target_modules": first["target_modules"], "modules": first["modules"],
+            "params": sum(p["params"] for p in parts), "base_model": stack[0].base_model}
+    if len(parts) > 1:
+        out["methods"] = parts
+    return out
 
 
 def describe_run(folder: Path) -> dict:
@@ -59,8 +74,11 @@ def describe_run(folder: Path) -> dict:
 
     recipe = load_recipe(folder / "recipe.yaml")
     metrics = read_metrics(folder)
+    method = ("dora" if recipe.lora.dora else "lora") if recipe.lora.targets != [] else None
+    method = "+".join(m for m in (method, "ia3" if recipe.ia3 is not None else None) if m)
     out = {"kind": "run", "path": str(folder), "model": recipe.model.path, "quant": recipe.quant.type,
-           "lora_r": recipe.lora.r, "targets": recipe.lora.targets, "steps_planned": recipe.train.steps,
+           "method": method, "lora_r": recipe.lora.r, "targets": recipe.lora.targets,
+           "steps_planned": recipe.train.steps,
            "steps_logged": metrics[-1]["step"] if metrics else 0,
            "first_loss": metrics[0]["loss"] if metrics else None, "last_loss": metrics[-1]["loss"] if metrics else None,
            "checkpoints": [p.name for p in checkpoint.all_checkpoints(folder)],

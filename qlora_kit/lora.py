@@ -22,6 +22,7 @@ from typing import Iterable, Literal, Sequence
 import torch
 from torch import nn
 
+from .dropout_replay import dropped_linear
 from .terms import lora_scale
 
 
@@ -30,7 +31,8 @@ class LoraSpec:
     r: int
     alpha: float
     dropout: float = 0.0
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "loftq"] = "kaiming"  # loftq: kaiming here, then train.prepare copies
+    # LoftQ's A and B in (loftq.Initializer.apply)
     rslora: bool = False
     dtype: torch.dtype = torch.bfloat16
 
@@ -60,9 +62,17 @@ class LoRALinear(nn.Module):
                 nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
 
+    # Training with dropout: regenerate the mask in backward instead of saving a dropped copy of x per adapter
+    # (dropout_replay.py; the same results). A class switch so benchmarks can measure the plain path.
+    replay_dropout = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in)
         y = self.base(x)  # (..., out), frozen
-        h = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # (..., r) adapter dtype
+        xa = x.to(self.lora_A.weight.dtype)
+        if self.replay_dropout and self.training and self.spec.dropout > 0 and torch.is_grad_enabled():
+            h = dropped_linear(xa, self.lora_A.weight, self.spec.dropout)  # (..., r) adapter dtype
+        else:
+            h = self.lora_A(self.dropout(xa))  # (..., r) adapter dtype
         return y + (self.lora_B(h) * self.scaling).to(y.dtype)
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -109,8 +119,9 @@ def match_targets(names: Iterable[str], targets: str | Sequence[str]) -> list[st
     return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
 
 
-def inject(model: nn.Module, targets: str | Sequence[str], spec: LoraSpec) -> list[str]:
-    """Wrap each targeted Linear in a LoRALinear, in place; freeze everything else. Returns the wrapped names.
+def inject(model: nn.Module, targets: str | Sequence[str], spec: LoraSpec, layer: type | None = None) -> list[str]:
+    """Wrap each targeted Linear in a LoRALinear (or `layer`, e.g. dora.DoRALinear), in place; freeze everything
+    else. Returns the wrapped names.
 
     Raises ValueError with the available names when nothing matches (the caller turns it into a user error)."""
     chosen = match_targets(linear_names(model), targets)
@@ -122,7 +133,7 @@ def inject(model: nn.Module, targets: str | Sequence[str], spec: LoraSpec) -> li
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), spec))
+        setattr(parent, child, (layer or LoRALinear)(getattr(parent, child), spec))
     return chosen
 
 

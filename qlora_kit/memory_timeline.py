@@ -40,7 +40,8 @@ class Event:
 
 
 def read_events(prof, device_type: str) -> list[Event]:
-    """Allocations/frees on `device_type` and our marks from a finished `torch.profiler.profile(profile_memory=True)`."""
+    """Allocations and frees on `device_type`, and our marks, from a finished
+    `torch.profiler.profile(profile_memory=True)`."""
     from torch._C._profiler import _EventType  # private: the profiler's event tree (allocation ptr, size, time)
 
     events, stack = [], list(reversed(prof.profiler.kineto_results.experimental_event_tree()))

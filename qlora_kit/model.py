@@ -26,6 +26,7 @@ from torch import nn
 
 from . import atomic
 from .config import ModelConfig, QuantConfig
+from .device import bf16_supported
 from .errors import ConfigError, ModelError
 from .quant import DTYPES, QuantLinear, QuantSpec
 
@@ -156,13 +157,15 @@ def _read_json(path: Path) -> dict:
     return raw
 
 
-def frozen_dtype(choice: str, stored: torch.dtype | str | None) -> torch.dtype:
-    """dtype of the unquantized frozen weights: `choice` (model.dtype) unless `auto`, else the checkpoint's dtype
-    `stored` (a torch dtype or its config.json name) when it is 16-bit, bf16 otherwise: never an fp32 up-cast."""
+def frozen_dtype(choice: str, stored: torch.dtype | str | None = None, bf16_ok: bool = True) -> torch.dtype:
+    """dtype of the unquantized frozen weights, i.e. of the residual stream: `choice` (model.dtype) unless `auto`.
+    `auto` is bf16 wherever the device computes in bf16 (`bf16_ok`: every CPU, CUDA from Ampere), whatever the
+    checkpoint stores (`stored`, kept for callers' records): an fp16 residual stream needs loss scaling (fp16's
+    range ends at 65504 and its gradients underflow), which bf16 does not. Only where bf16 is missing is it fp16,
+    and training then scales the loss (optim.LossScaler). Never an fp32 up-cast unless asked."""
     if choice != "auto":
         return DTYPES[choice]
-    d = getattr(torch, stored, None) if isinstance(stored, str) else stored
-    return d if d in (torch.bfloat16, torch.float16) else torch.bfloat16
+    return torch.bfloat16 if bf16_ok else torch.float16
 
 
 def _tensor_index(path: Path, allow_pickle: bool, stack: ExitStack) -> list[tuple[str, Callable[[], torch.Tensor]]]:
@@ -228,7 +231,7 @@ def _quantize(weight: torch.Tensor, spec: QuantSpec, key: str) -> QuantLinear:
 
 
 def _place(model: nn.Module, key: str, tensor: torch.Tensor, path: Path, quantized: set[str], expected: dict,
-           spec: QuantSpec, device: torch.device, dtype: torch.dtype) -> None:
+           spec: QuantSpec, device: torch.device, dtype: torch.dtype, before_quantize=None) -> None:
     """Put one checkpoint tensor into the meta-built model: a quantized Linear's weight is quantized on `device`
     right away (the 16-bit tensor dies here); anything else becomes a frozen parameter; unknown keys are skipped
     (e.g. a rotary inv_freq saved by an old transformers: recomputed from config)."""
@@ -236,7 +239,10 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, path: Path, quantiz
     if module_name in quantized and leaf == "weight":
         parent, _, child = module_name.rpartition(".")
         old = model.get_submodule(module_name)
-        new = _quantize(tensor.to(device, dtype), spec, key)
+        weight = tensor.to(device, dtype)
+        if before_quantize is not None:  # LoftQ: quantize W minus a low-rank offset (loftq.py)
+            weight = before_quantize(module_name, weight)
+        new = _quantize(weight, spec, key)
         if old.bias is not None:  # the bias streams in separately (maybe from another shard)
             new.bias = old.bias
         setattr(model.get_submodule(parent), child, new)
@@ -250,19 +256,22 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, path: Path, quantiz
 
 
 def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.device | str = "cpu",
-              on_layer: Callable[[nn.Module, int], None] | None = None):
+              on_layer: Callable[[nn.Module, int], None] | None = None,
+              before_quantize: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
     """(model, tokenizer, folder): the frozen base with quantized Linears on `device`, ready for LoRA.
 
     Tensors are read decoder layer by decoder layer; `on_layer(model, i)` runs once layer i is complete, and
     `on_layer(model, EMBEDDINGS)` once the input embeddings are (FSDP shards them there, so a rank never holds more
-    than its share plus the group being read)."""
+    than its share plus the group being read). `before_quantize(module name, W)`: what to quantize instead of W
+    (the (out, in) weight on `device` in the frozen dtype); LoftQ quantizes W minus a low-rank offset there."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve(model_cfg.path)
     config = load_config(folder, model_cfg.trust_remote_code)
     files = weight_files(folder, model_cfg.allow_pickle)
-    dtype, device = frozen_dtype(model_cfg.dtype, getattr(config, "dtype", None)), torch.device(device)
+    device = torch.device(device)
+    dtype = frozen_dtype(model_cfg.dtype, getattr(config, "dtype", None), bf16_supported(device))
     spec = QuantSpec.from_config(quant_cfg)
     config.use_cache = False  # training: the KV cache only costs memory (generate turns it back on)
     with init_empty_weights(include_buffers=False):  # params on meta; buffers (rotary inv_freq) stay real
@@ -283,7 +292,7 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
         where = {key: path for path, key, _ in entries}
         for layer, items in _layer_order([(key, read) for _, key, read in entries]):
             for key, read in items:
-                _place(model, key, read(), where[key], quantized, expected, spec, device, dtype)
+                _place(model, key, read(), where[key], quantized, expected, spec, device, dtype, before_quantize)
             if layer is not None and on_layer is not None:
                 on_layer(model, layer)
     if getattr(config, "tie_word_embeddings", False):

@@ -78,6 +78,24 @@ class _Flat:
         return hook
 
 
+class LossScaler:
+    """Dynamic loss scaling for an fp16 residual stream (Micikevicius et al. 2018, arXiv 1710.03740): the loss is
+    multiplied by a power of two before backward so small fp16 gradients do not flush to zero, and the fp32
+    gradient divided by it (exactly: powers of two). A step whose gradient overflowed is skipped and the scale
+    halved; after `growth_interval` good steps it doubles. bf16 needs none of this (fp32's range)."""
+
+    def __init__(self, scale: float = 2.0**16, growth_interval: int = 2000):
+        self.scale, self.growth_interval, self.good_steps = scale, growth_interval, 0
+
+    def update(self, overflow: bool) -> None:
+        if overflow:
+            self.scale, self.good_steps = max(self.scale / 2, 1.0), 0
+        else:
+            self.good_steps += 1
+            if self.good_steps >= self.growth_interval:
+                self.scale, self.good_steps = self.scale * 2, 0
+
+
 class MasterWeightOptimizer:
     """Steps flat fp32 masters of (possibly bf16) adapter parameters with an inner torch/bitsandbytes optimizer."""
 
@@ -90,6 +108,7 @@ class MasterWeightOptimizer:
         self.params = [p for f in self.flats for p in f.params]
         self.masters = [v for f in self.flats for v in f.views]  # per-parameter fp32 views (shape of each param)
         self.inner = make([{"params": [f.master], **f.group.options} for f in self.flats])
+        self.scaler: LossScaler | None = None  # set by train.prepare for an fp16 residual stream
 
     # ---- gradients -----------------------------------------------------------------------------------------------
     @property
@@ -156,8 +175,11 @@ class MasterWeightOptimizer:
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"inner": self.inner.state_dict(), "masters": [f.master.detach() for f in self.flats],
-                "sizes": [[p.numel() for p in f.params] for f in self.flats]}
+        state = {"inner": self.inner.state_dict(), "masters": [f.master.detach() for f in self.flats],
+                 "sizes": [[p.numel() for p in f.params] for f in self.flats]}
+        if self.scaler is not None:
+            state["loss_scale"] = [self.scaler.scale, self.scaler.good_steps]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         sizes = [[p.numel() for p in f.params] for f in self.flats]
@@ -172,6 +194,8 @@ class MasterWeightOptimizer:
                 f.master.copy_(saved)
         self._copy_back()
         self.inner.load_state_dict(state["inner"])
+        if self.scaler is not None and "loss_scale" in state:
+            self.scaler.scale, self.scaler.good_steps = state["loss_scale"]
         from .quant import repage_optimizer_state  # bitsandbytes stays behind quant.py
 
         repage_optimizer_state(self.inner)

@@ -23,6 +23,7 @@ from .atomic import write_text
 
 BUILTIN = {"pydoc-train": "train", "pydoc-heldout": "heldout"}
 HELDOUT_FRACTION = 0.2
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".arrow")
 MAX_CHARS = 1200  # ~280 tokens of this text for a Llama-style BPE: one piece fills a 256-token example
 
 
@@ -99,7 +100,13 @@ def write(folder: str | Path, max_chars: int = MAX_CHARS, fraction: float = HELD
 def resolve(name_or_path: str) -> Path:
     """A data file for `name_or_path`: a built-in name (written once into the cache) or the path as given."""
     if name_or_path not in BUILTIN:
-        return Path(name_or_path).expanduser()
+        path = Path(name_or_path).expanduser()
+        if path.suffix.lower() in FILE_SUFFIXES and not path.exists():  # a file name, not a hub data set
+            from .errors import DataError
+
+            raise DataError(f"data file not found: {path}. Pass a data file, or {' / '.join(BUILTIN)} (Python's own "
+                            "documentation text, offline).")
+        return path
     from .model import cache_dir
 
     folder = cache_dir() / "data" / f"pydoc-py{sys.version_info[0]}.{sys.version_info[1]}"

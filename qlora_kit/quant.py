@@ -107,6 +107,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = self.spec.compute_dtype
+        if GEMV_DECODE and x.is_cuda and not torch.is_grad_enabled() and self.spec.type != "int8" \
+                and x.numel() == x.shape[-1]:
+            return gemv_4bit(x.to(cd), self).to(x.dtype)  # batch-1 decoding: never the full (out, in) weight
         y = _DequantMatmul.apply(x.to(cd), self)
         if self.bias is not None:
             y = y + self.bias.to(cd)
@@ -117,6 +120,19 @@ class QuantLinear(nn.Module):
         dq = ", double_quant" if s.double_quant and s.type != "int8" else ""
         bs = f", blocksize={s.blocksize}" if s.type != "int8" else ""
         return f"in={self.in_features}, out={self.out_features}, {s.type}{bs}{dq}, compute={str(s.compute_dtype)[6:]}"
+
+
+GEMV_DECODE = True  # batch-1 decoding on CUDA through bitsandbytes' 4-bit GEMV (bench/gpu_check.py compares both)
+
+
+def gemv_4bit(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+    """x (..., in) with ONE row, compute dtype -> (..., out): bitsandbytes' fused 4-bit GEMV reads the packed codes
+    directly (kgemm_4bit_inference), where dequantize + matmul would write and read the whole (out, in) weight in
+    16-bit for every token. `bnb.matmul_4bit` takes this path for a single row without grad; for an in_features
+    that is not a multiple of the blocksize it falls back to dequantize + matmul itself."""
+    tensors = layer.quant_tensors()
+    state = quant_state(tensors, layer.spec, (layer.out_features, layer.in_features), x.dtype)
+    return bnb.matmul_4bit(x, tensors["qweight"].t(), quant_state=state, bias=layer.bias)
 
 
 class _DequantMatmul(torch.autograd.Function):
@@ -177,7 +193,7 @@ fast_cpu_quantizer = True
 def dequantize(buffers: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     if spec.type == "int8":
         return int8_dequantize(buffers["qweight"], buffers["scale"], dtype).view(shape)
-    native = buffers["qweight"].is_cuda or shape[1] % spec.blocksize == 0  # section 5: CPU native needs alignment
+    native = buffers["qweight"].is_cuda or shape[1] % spec.blocksize == 0  # CPU native needs alignment
     if native:
         return bnbF.dequantize_4bit(buffers["qweight"], quant_state(buffers, spec, shape, dtype)).view(shape)
     return _dequantize_4bit_torch(buffers, spec, shape, dtype)

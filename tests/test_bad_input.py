@@ -199,14 +199,13 @@ def test_8bit_optimizer_where_bitsandbytes_cannot_run(tiny_model, tiny_data, tmp
                    data=tiny_data)
 
 
-@pytest.mark.parametrize("qtype", ["nf4", "fp4"])  # int8 codes are plain torch now (quant.int8_quantize)
+@pytest.mark.parametrize("qtype", ["nf4", "fp4"])  # int8 quantizes in plain torch (quant.int8_quantize): no kernel
 def test_quantization_where_bitsandbytes_cannot_run(tiny_model, tiny_data, tmp_path, monkeypatch, qtype):
     def no_kernel(*a, **k):
         raise RuntimeError("bitsandbytes: no native library for this platform")
 
     monkeypatch.setattr(quant.bnbF, "quantize_4bit", no_kernel)
     monkeypatch.setattr(quant.bnbF, "quantize_blockwise", no_kernel)  # the CPU path's double quantization
-    monkeypatch.setattr(quant.bnbF, "int8_vectorwise_quant", no_kernel)
     assert_refused(tmp_path, recipe_for(tiny_model, tiny_data, quant__type=qtype),
                    [f"quant.type={qtype}", "bitsandbytes cannot quantize", "quant.type=none"], data=tiny_data)
     monkeypatch.undo()  # quant.type none never calls bitsandbytes, so the same machine can still train

@@ -314,3 +314,58 @@ def test_eight_bit_state_is_eight_bit_after_resume(tmp_path):
     step(a_params, a, 7)
     step(b_params, b, 7)
     assert all(torch.equal(x, y) for x, y in zip(a_params, b_params))
+
+
+# ---- GEMV decode (item 8): the quant state we hand bitsandbytes, checked on the CPU --------------------------------
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_gemv_4bit_matches_the_dequantized_matmul(double_quant):
+    """`quant.gemv_4bit` builds the QuantState bitsandbytes' 4-bit GEMV reads from our buffers; on the CPU its
+    kernel must agree with x @ dequant(W)^T + b (bf16 output rounding). QuantLinear takes it only on CUDA."""
+    from qlora_kit.quant import QuantLinear, QuantSpec, gemv_4bit
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 256, generator=g).bfloat16()
+    b = torch.randn(128, generator=g).bfloat16()
+    layer = QuantLinear.from_weight(w, QuantSpec("nf4", 64, double_quant), bias=b)
+    x = torch.randn(1, 1, 256, generator=g).bfloat16()
+    with torch.no_grad():
+        ref = x.float() @ layer.dequantize(torch.float32).T + b.float()
+        got = gemv_4bit(x, layer)
+        assert torch.equal(layer(x), layer(x.clone()))  # CPU: the dequantize path, deterministic
+    assert got.shape == (1, 1, 128)
+    assert float((got.float() - ref).abs().max()) <= 2**-7 * float(ref.abs().max())  # one bf16 ulp of the largest
+
+
+# ---- parameter groups (LoRA+) and the DDP mode without hooks --------------------------------------------------------
+
+
+def test_param_groups_set_lr_and_the_hook_free_mode_agree():
+    """Two groups (B at 16x A's rate, LoRA+): one flat master each, set_lr applies the ratios. Without hooks (the
+    DDP/FSDP mode) the gradients come from .grad in grads_to_masters and the step is the same, bitwise."""
+    from qlora_kit.config import TrainConfig
+    from qlora_kit.optim import ParamGroup, build_optimizer
+
+    def make(hook):
+        g = torch.Generator().manual_seed(0)
+        a = [torch.nn.Parameter(torch.randn(4, 32, generator=g).bfloat16()) for _ in range(2)]
+        b = [torch.nn.Parameter(torch.randn(32, 4, generator=g).bfloat16()) for _ in range(2)]
+        opt = build_optimizer([ParamGroup(a), ParamGroup(b, lr_ratio=16.0)], TrainConfig(lr=1e-3), hook=hook)
+        return a + b, opt
+
+    results = []
+    for hook in (True, False):
+        params, opt = make(hook)
+        assert len(opt.flats) == 2 and [len(g["params"]) for g in opt.inner.param_groups] == [1, 1]
+        opt.set_lr(1e-3)
+        assert [g["lr"] for g in opt.inner.param_groups] == [1e-3, 16e-3]
+        x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1)).bfloat16()
+        (sum(((x @ a.T) @ b.T).float().square().sum() for a, b in zip(params[:2], params[2:]))).backward()
+        assert all((q.grad is None) == hook for q in params)  # the hook moved them into the flat fp32 buffers
+        opt.grads_to_masters()
+        opt.step()
+        results.append([q.detach().clone() for q in params])
+    assert all(torch.equal(x, y) for x, y in zip(*results))
+    moved = [float((x.float() - y.detach().float()).abs().mean()) for x, y in zip(results[0], make(True)[0])]
+    assert min(moved[2:]) > 8 * max(moved[:2])  # B's group stepped at 16x the rate (Adam: ~lr per element)

@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from qlora_kit import pydoc_text
+from qlora_kit.errors import DataError
 
 
 def test_split_by_topic_deterministic_and_lossless(tmp_path):
@@ -34,4 +37,6 @@ def test_builtin_names_resolve_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path))
     path = pydoc_text.resolve("pydoc-heldout")
     assert path.is_file() and str(path).startswith(str(tmp_path))
-    assert pydoc_text.resolve("some/file.jsonl").name == "file.jsonl"
+    assert pydoc_text.resolve(str(path)) == path  # a path as given
+    with pytest.raises(DataError, match="not found"):
+        pydoc_text.resolve(str(tmp_path / "missing.jsonl"))

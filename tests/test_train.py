@@ -43,7 +43,8 @@ def _grads(p: train.Prepared, batch: dict) -> dict:
 
 def test_eval_pass_between_steps_leaves_gradients_identical(tiny_model, tiny_data):
     """docs/ARCHITECTURE.md, "bitsandbytes hazards": bnb's Linear4bit eval under no_grad repacks weights on
-    AVX512-BF16 CPUs and later training gets no gradient. Ours must give the same gradients with or without an eval pass in between."""
+    AVX512-BF16 CPUs and later training gets no gradient. Ours must give the same gradients with or without an
+    eval pass in between."""
     p = train.prepare(tiny_recipe(tiny_model, tiny_data, lora={"dropout": 0.0}))
     for mod in p.model.modules():  # non-zero B so every gradient is non-trivial
         if isinstance(mod, lora.LoRALinear):

@@ -20,7 +20,7 @@ Stages, in order; each is timed, a failing stage never stops the next, and the J
   5. generate      `generate` on CUDA, one run and a mixed batch of two adapters and the base; decode tokens/s with
                    bitsandbytes' 4-bit GEMV against dequantize+matmul (quant.GEMV_DECODE).
   6. bench_memory  `qlora-kit bench memory --device cuda`: measured peak against the estimate.
-  7. max_context   SLOT for the long-context probe (bench/max_context.py, wired by the long-context work).
+  7. max_context   bench/max_context.py: longest sequence under a 24 GiB cap, offload off/on, vs the estimate.
   8. gpu_peers     only with --peers (minutes more: an 8B-shaped model): bench/gpu_peers.py, both peers.
 """
 
@@ -236,8 +236,17 @@ def bench_memory(ctx) -> dict:
 
 
 def max_context(ctx) -> dict:
-    """SLOT (long-context work): run bench/max_context.py on ctx.folder / ctx.device and return its summary here."""
-    return {"status": "not wired", "summary": "bench/max_context.py is wired in here by the long-context work"}
+    """bench/max_context.py: an 8B-shaped random model under a 24 GiB cap, offload off and on, against the estimate
+    (CPU smoke: the tiny shape, nothing capped). Short budgets here; a full bracket: run it alone with more."""
+    if ctx.smoke:
+        extra = ["--shape", "tiny", "--device", "cpu", "--cap-gib", "0.1", "--configs", "0:64,1:64", "--trials", "2"]
+    else:
+        extra = ["--trials", "2", "--time-budget", "60"]
+    r = run([sys.executable, str(HERE / "max_context.py"), "--out", str(ctx.out), *extra], timeout=900)
+    if r.returncode != 0:
+        raise AssertionError(f"max_context: exit {r.returncode}: {r.stderr[-1500:]}")
+    rows = [x for x in r.stdout.splitlines() if x.startswith("| o")]
+    return {"summary": "; ".join(rows) or r.stdout.strip().splitlines()[-1]}
 
 
 def gpu_peers(ctx) -> dict:

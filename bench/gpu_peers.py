@@ -1,6 +1,6 @@
 """qlora-kit against the standard QLoRA recipe on one CUDA GPU: a Llama-3.1-8B-shaped model with random weights.
 
-    python bench/gpu_peers.py --out bench/results        # on a machine with a CUDA GPU; writes gpu_peers.json/.md
+    python bench/gpu_peers.py --out bench/results/gpu    # on a machine with a CUDA GPU; writes gpu_peers.json/.md
 
 Needs: this repository installed (`make install` or `pip install -e ".[dev]"`, a CUDA build of torch), about 20 GB
 free disk for the model folder (default: $TMPDIR/qlora-kit-llama8b-random, built once, reused), no network.
@@ -141,7 +141,7 @@ def markdown(doc: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--out", default=str(HERE / "results" / "gpu"))
     ap.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "qlora-kit-llama8b-random"))
     ap.add_argument("--shape", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b",
                     help="tiny: a smoke test of this script (any machine, with --device cpu)")

@@ -184,7 +184,7 @@ def write_markdown(doc: dict, path: str) -> None:
               f"{r['vs_16bit_lora']:+.2%} |" for r in doc["table3"]]
     lines += ["", "## LoftQ at step 0 (nf4 + DQ, 5 iterations)", "", f"Paper: {doc['paper']['loftq']}.", "",
               "| rank | step-0 ppl | share of the nf4-vs-bf16 gap closed | LoftQ time | load time (plain nf4 load) |",
-              "|---|---|---|---|---|"]
+              "|---|---|---|---|---|"] if doc["loftq"] else []
     lines += [f"| {r['r']} | {r['ppl']:.3f} | {r['gap_closed']:.1%} | {r['loftq_seconds']} s | {r['load_seconds']} s "
               f"({r['plain_nf4_load_seconds']} s) |" for r in doc["loftq"]]
     if doc["exports"]:

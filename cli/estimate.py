@@ -37,6 +37,10 @@ def _details(e: me.Estimate, cfg: me.EstimateConfig) -> dict[str, str]:
              "adamw8bit": "8-bit blockwise", "paged_adamw8bit": "8-bit, paged: can spill to CPU RAM"}[cfg.optimizer]
     kept = (f"{e.shapes.layers} checkpointed layer inputs" if cfg.checkpointing
             else f"all {e.shapes.layers} layers kept, no checkpointing")
+    if cfg.offload_activations and cfg.checkpointing:
+        kept = "layer inputs offloaded to the host (2 back on the GPU in backward)"
+    if me.tiled(cfg):
+        kept += f", MLP tiled by {cfg.mlp_chunk} tokens"
     def later(key: str) -> str:
         return f"; {human_bytes(e.sizes[key])} in another phase of the step"
 
@@ -83,6 +87,10 @@ def _seq_cell(row: dict) -> str:
 @click.option("--seq", type=int, default=_D.seq, show_default=True, help="Tokens per example.")
 @click.option("--batch", type=int, default=_D.batch, show_default=True, help="Examples per micro-batch.")
 @click.option("--checkpointing/--no-checkpointing", default=_D.checkpointing, show_default=True)
+@click.option("--offload-activations", is_flag=True, help="Checkpointed layer inputs in host memory "
+              "(train.offload_activations): 2 on the GPU instead of all layers'; the host needs the rest.")
+@click.option("--mlp-chunk", type=click.IntRange(0), default=0, show_default=True,
+              help="Tiled MLP (train.mlp_chunk): tokens per tile, 0 = off.")
 @click.option("--compute-dtype", type=click.Choice(typing.get_args(ComputeDtype)), default="bf16", show_default=True)
 @click.option("--loss-chunk", type=int, default=_D.loss_chunk, show_default=True,
               help="Label tokens per cross-entropy chunk.")
@@ -95,7 +103,7 @@ def _seq_cell(row: dict) -> str:
               help="With --gpus > 1: ddp replicates the frozen base; fsdp shards it (train.parallel).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (sizes in bytes) instead of tables.")
 def command(model, quant, blocksize, double_quant, rank, targets, lora_dropout, optimizer, seq, batch,
-            checkpointing, compute_dtype, loss_chunk, device, gpu_mem, gpus, parallel, as_json):
+            checkpointing, offload_activations, mlp_chunk, compute_dtype, loss_chunk, device, gpu_mem, gpus, parallel, as_json):
     """Predict the GPU memory of QLoRA training from MODEL's config.json alone (no weights are loaded)."""
     config = me.load_model_config(model)
     names = parse_targets(targets)
@@ -103,7 +111,8 @@ def command(model, quant, blocksize, double_quant, rank, targets, lora_dropout, 
                             targets=names if isinstance(names, str) else tuple(names), optimizer=optimizer,
                             batch=batch, seq=seq,
                             checkpointing=checkpointing, device=device, loss_chunk=loss_chunk,
-                            compute_bytes=2 if compute_dtype == "bf16" else 4, lora_dropout=lora_dropout)
+                            compute_bytes=2 if compute_dtype == "bf16" else 4, lora_dropout=lora_dropout,
+                            offload_activations=offload_activations, mlp_chunk=mlp_chunk)
     limit = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
     if gpus > 1:
         from qlora_kit.cli.estimate_devices import report
@@ -132,6 +141,9 @@ def command(model, quant, blocksize, double_quant, rank, targets, lora_dropout, 
     click.echo(f"\nthe peak is in the {PHASES[e.peak_phase]}; the other phases of a step need {others}")
     click.echo(f"an unchunked fp32 cross-entropy (B, S, V) x3 would take {human_bytes(e.unchunked_loss)} "
                f"instead of {human_bytes(e.sizes['logits_and_loss'])}")
+    if e.host:
+        click.echo(f"host memory for offloaded layer inputs (pinned, not counted above): "
+                   f"{human_bytes(e.host['offloaded_activations'])}")
     if e.pageable:
         click.echo(f"{human_bytes(e.pageable)} of optimizer state is paged (unified memory): counted above, "
                    "but it can spill to CPU RAM when the GPU runs short")

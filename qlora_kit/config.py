@@ -150,6 +150,15 @@ class TrainConfig:
     loss_chunk: int = 256
     """Label tokens per cross-entropy chunk: only one chunk's fp32 logits (and their gradients, ~12 bytes x chunk x
     vocab) live at a time. Smaller saves memory at a negligible cost in speed."""
+    offload_activations: bool = False
+    """Keep each checkpointed decoder-layer input in host memory (pinned, copied on a side stream on CUDA) between
+    its forward and its recompute: device memory for them drops from layers x (B, S, H) to 2 x (B, S, H), host
+    memory grows by layers x (B, S, H). Exact (the same gradients); costs two copies per layer per step. Needs
+    gradient_checkpointing."""
+    mlp_chunk: int = 0
+    """> 0: run each decoder MLP over the sequence in chunks of this many tokens in training, so only one chunk's
+    (B, chunk, intermediate) tensors are alive; 0: off. Costs one more MLP forward per step; same results up to
+    float summation order (LoRA dropout masks are drawn per chunk)."""
     log_every: int = 1
     eval_every: int = 0
     """Validation loss every N steps (0: only at the end, if there is a validation split)."""
@@ -226,6 +235,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("train", "max_grad_norm"): (lambda v: v >= 0, ">= 0"),
     ("train", "log_every"): (lambda v: v > 0, "> 0"),
     ("train", "loss_chunk"): (lambda v: v > 0, "> 0"),
+    ("train", "mlp_chunk"): (lambda v: v >= 0, ">= 0 (0: off)"),
     ("train", "eval_every"): (lambda v: v >= 0, ">= 0"),
     ("train", "save_every"): (lambda v: v >= 0, ">= 0"),
     ("train", "keep_checkpoints"): (lambda v: v > 0, "> 0"),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, TypeVar
@@ -72,6 +73,17 @@ class World:
         try:
             return fn()
         except (RuntimeError, ValueError, ConnectionError) as e:  # gloo/nccl raise DistBackendError (RuntimeError)
+            raise RankLost(self._lost_message(what, e)) from None
+
+    @contextmanager
+    def guarded(self, what: str):
+        """Around code whose collectives are not ours (FSDP's all-gathers inside forward and backward): a peer that
+        died there becomes RankLost too. Only torch.distributed's own errors: a bug stays a bug, with its trace."""
+        try:
+            yield
+        except torch.distributed.DistError as e:
+            if not self.distributed:
+                raise
             raise RankLost(self._lost_message(what, e)) from None
 
     def all_reduce_(self, tensors: list[torch.Tensor]) -> None:

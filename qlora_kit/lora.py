@@ -22,6 +22,7 @@ from typing import Iterable, Literal, Sequence
 import torch
 from torch import nn
 
+from .dropout_replay import dropped_linear
 from .terms import lora_scale
 
 
@@ -61,9 +62,17 @@ class LoRALinear(nn.Module):
                 nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
 
+    # Training with dropout: regenerate the mask in backward instead of saving a dropped copy of x per adapter
+    # (dropout_replay.py; the same results). A class switch so benchmarks can measure the plain path.
+    replay_dropout = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in)
         y = self.base(x)  # (..., out), frozen
-        h = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # (..., r) adapter dtype
+        xa = x.to(self.lora_A.weight.dtype)
+        if self.replay_dropout and self.training and self.spec.dropout > 0 and torch.is_grad_enabled():
+            h = dropped_linear(xa, self.lora_A.weight, self.spec.dropout)  # (..., r) adapter dtype
+        else:
+            h = self.lora_A(self.dropout(xa))  # (..., r) adapter dtype
         return y + (self.lora_B(h) * self.scaling).to(y.dtype)
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -26,7 +26,8 @@ from .terms import QUANT_TYPES
 _OPTIMIZERS = tuple(o for o in typing.get_args(Optimizer) if not o.startswith("paged"))
 GRID_KEYS = {"seq": (int, None), "batch": (int, None), "rank": (int, None), "quant": (str, QUANT_TYPES),
              "dropout": (float, None), "optimizer": (str, _OPTIMIZERS), "targets": (str, None),
-             "loss_chunk": (int, None)}
+             "loss_chunk": (int, None), "offload_activations": (int, (0, 1)), "mlp_chunk": (int, None)}
+_ZERO_OK = ("offload_activations", "mlp_chunk")  # 0 means off
 DEFAULTS = {k: v for k, v in asdict(MeasureConfig()).items() if k in GRID_KEYS}
 SHORT = {"seq": "s", "batch": "b", "rank": "r", "dropout": "d"}
 
@@ -47,8 +48,8 @@ def _values(key: str, text: str) -> list:
             kind = {"int": "an integer", "float": "a number"}[cast.__name__]
             raise ConfigError(f"grid {key}={text}: {raw!r} is not {kind}") from None
         if allowed is not None and v not in allowed:
-            raise ConfigError(f"grid {key}={text}: {raw!r} is not one of {', '.join(allowed)}")
-        if cast is int and v <= 0 or key == "dropout" and not 0 <= v < 1:
+            raise ConfigError(f"grid {key}={text}: {raw!r} is not one of {', '.join(map(str, allowed))}")
+        if cast is int and (v < 0 if key in _ZERO_OK else v <= 0) or key == "dropout" and not 0 <= v < 1:
             raise ConfigError(f"grid {key}={text}: {raw!r} is out of range")
         out.append(v)
     return out
@@ -89,7 +90,9 @@ def expand(grid: dict[str, list], configs: list[str]) -> list[dict]:
 
 def label(c: dict) -> str:
     parts = [f"{SHORT.get(k, '')}{c[k]}" for k in ("seq", "rank", "quant", "batch")]
-    parts += [f"{k}={c[k]}" for k in ("dropout", "optimizer", "targets", "loss_chunk") if c[k] != DEFAULTS[k]]
+    parts += [f"{k}={c[k]}" for k in ("dropout", "optimizer", "targets", "loss_chunk", "mlp_chunk")
+              if c[k] != DEFAULTS[k]]
+    parts += ["offload"] if c["offload_activations"] else []
     return " ".join(parts)
 
 

@@ -39,7 +39,9 @@ from typing import Literal
 
 from qlora_kit.config import DataConfig, LoraConfig, Optimizer, QuantConfig, TrainConfig
 from qlora_kit.errors import ConfigError, ModelError
-from qlora_kit.terms import BLOCKSIZES, FOUR_BIT, NESTED_BLOCKSIZE, QUANT_TYPES, GiB, QuantType
+from qlora_kit.memory_activations import (  # noqa: F401 (layer_activations, mlp_saved: re-exported for tests)
+    activation_terms, label_tokens, layer_activations, logits_terms, mlp_saved, tiled)
+from qlora_kit.terms import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, GiB, QuantType
 
 CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context + cuBLAS/cuDNN workspaces: invisible to torch's allocator stats
 OPTIM_BLOCKSIZE = 256  # bitsandbytes' 8-bit optimizers: one fp32 absmax per 256 state values
@@ -164,9 +166,17 @@ class EstimateConfig:
     compute_bytes: int = 2
     """Bytes of the compute dtype: activations and adapters (2: bf16, 4: fp32)."""
     lora_dropout: float = LoraConfig.dropout
-    """> 0: each adapter keeps its own dropped copy of its input and a bool mask (nn.Dropout)."""
+    """> 0 with replay_dropout=False: each adapter keeps its own dropped copy of its input and a mask (nn.Dropout)."""
+    replay_dropout: bool = True
+    """LoRA dropout masks regenerated in backward from the RNG state (dropout_replay.py): nothing saved but x."""
+    offload_activations: bool = TrainConfig.offload_activations
+    """Checkpointed layer inputs in host memory (offload.py): 2 on the device in backward, all L on the host."""
+    mlp_chunk: int = TrainConfig.mlp_chunk
+    """> 0: tiled MLP (tiled_mlp.py): one chunk's intermediates at a time."""
 
     def __post_init__(self):
+        if not isinstance(self.mlp_chunk, int) or self.mlp_chunk < 0:
+            raise ConfigError(f"mlp_chunk must be an integer >= 0 (0: off), got {self.mlp_chunk!r}")
         for name in ("rank", "batch", "seq", "loss_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -193,6 +203,7 @@ class Estimate:
     peak_phase: str  # "loss_head" | "decoder_backward" | "optimizer_step": where the peak (`total`) happens
     phases: dict[str, int]  # each phase's total (static components + that phase's transient tensors)
     sizes: dict[str, int]  # each component's own maximum over the step, whichever phase it peaks in
+    host: dict[str, int] = field(default_factory=dict)  # host (CPU RAM) bytes outside `total`: offloaded_activations
     total: int = field(init=False)
 
     def __post_init__(self):
@@ -242,72 +253,6 @@ def _optimizer_bytes(numel: int, optimizer: str) -> int:
     return 2 * numel + 2 * 4 * math.ceil(numel / OPTIM_BLOCKSIZE)  # uint8 + one fp32 absmax per 256, per state
 
 
-def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...]) -> dict[str, int]:
-    """Bytes autograd saves inside ONE decoder layer for the whole batch (Llama layout; SDPA flash/efficient
-    kernel with GQA inside the kernel, no padding mask; its output is laid out (B, S, nh, hd), so o_proj's input
-    is a view of it). Exact against saved-tensor hooks on the CPU (tests/test_estimate.py). c: compute bytes."""
-    T, c, H, I, r = cfg.batch * cfg.seq, cfg.compute_bytes, s.hidden, s.intermediate, cfg.rank
-    q, kv, mask = s.heads * s.head_dim, s.kv_heads * s.head_dim, 1 if cfg.device == "cuda" else c
-
-    def lora_inputs(modules: tuple[str, ...], width: int, shared: bool = False) -> int:
-        # The frozen quantized base saves nothing (it re-dequantizes W in backward); lora_A saves its input.
-        hit = sum(m in adapted for m in modules)
-        if cfg.lora_dropout > 0:  # each adapter: its own dropped copy (T, width) c + its mask (T, width):
-            return hit * (c + mask) * T * width  # bool from CUDA's fused dropout, compute dtype on the CPU
-        return c * T * width if hit and not shared else 0  # (T, width) the common input, saved once
-
-    terms = {
-        "attn_norm": 4 * T * (H + 1),  # (B, S, H) fp32: RMSNorm's upcast input (pow, mul) + rsqrt (B, S, 1)
-        "qkv_inputs": lora_inputs(("q_proj", "k_proj", "v_proj"), H),  # (B, S, H) normed hidden
-        "q_k_v": c * T * (q + 2 * kv),  # (B, nh, S, hd) q and (B, nkv, S, hd) k, v after RoPE, saved by SDPA
-        "attn_output": c * T * q + 4 * cfg.batch * s.heads * cfg.seq,  # (B, nh, S, hd) c + logsumexp (B, nh, S) fp32
-        "o_input": lora_inputs(("o_proj",), q, shared=True),  # (B, S, nh*hd) a view of the SDPA output
-        "mlp_norm": 4 * T * (H + 1),  # (B, S, H) fp32 + (B, S, 1) fp32, post-attention RMSNorm
-        "gate_up_inputs": lora_inputs(("gate_proj", "up_proj"), H),  # (B, S, H) normed hidden
-        "mlp_hidden": 3 * c * T * I,  # (B, S, I) x3: gate output (saved by SiLU), SiLU output and up output (by mul)
-        "down_input": lora_inputs(("down_proj",), I),  # (B, S, I) silu(gate) * up
-        "lora_hidden": c * T * r * len(adapted),  # (B, S, r) per adapter: A's output, saved by B
-    }
-    if s.model_type == "qwen3":
-        terms["qk_norms"] = 4 * T * (q + kv + s.heads + s.kv_heads)  # q_norm, k_norm: fp32 inputs + rsqrt
-    return terms
-
-
-def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...]) -> dict[str, int]:
-    T, c = cfg.batch * cfg.seq, cfg.compute_bytes
-    layer = sum(layer_activations(s, cfg, adapted).values())
-    terms = {"layer_inputs": s.layers * c * T * s.hidden,  # (B, S, H) per layer: what a checkpoint keeps
-             "recomputed_layer": layer}  # one layer's full set, rebuilt during its backward
-    if not cfg.checkpointing:
-        terms = {"all_layers": s.layers * layer}
-    deq = 0 if cfg.quant == "none" else c * max(lin.numel for lin in s.linears)
-    terms["dequantized_weight"] = deq  # (out, in) c: one Linear's weight, dequantized transiently per matmul
-    misaligned = [lin.numel for lin in s.linears if lin.in_features % cfg.blocksize]
-    if cfg.device == "cpu" and cfg.quant in FOUR_BIT and misaligned:
-        # quant.py dequantizes these in plain torch on the CPU (docs/ARCHITECTURE.md, "bitsandbytes hazards"): int64
-        # codes + fp32 values of the whole weight are live together (measured: 12 bytes per weight at the step's peak).
-        terms["dequant_workspace"] = 12 * max(misaligned)
-    terms["backward_grads"] = c * T * 2 * (s.hidden + s.intermediate)  # in-flight grads: (B,S,H) x2, (B,S,I) x2
-    return terms
-
-
-def label_tokens(cfg: EstimateConfig) -> int:
-    """Positions that reach lm_head: every one that predicts a label (worst case: all labelled, packed rows)."""
-    return cfg.batch * (cfg.seq - 1) if cfg.seq > 1 else cfg.batch
-
-
-def logits_terms(s: ModelShapes, cfg: EstimateConfig) -> dict[str, int]:
-    """The loss head (loss.CausalLMLoss): the label positions' hidden states are gathered into one (N, H) tensor
-    and go through lm_head in chunks of `loss_chunk` tokens over the whole batch (not per row)."""
-    T, N = cfg.batch * cfg.seq, label_tokens(cfg)
-    chunk = min(cfg.loss_chunk, N)
-    return {"final_norm": 4 * T * (s.hidden + 1),  # (B, S, H) fp32 final RMSNorm input + rsqrt (B, S, 1) fp32
-            "final_hidden": cfg.compute_bytes * N * s.hidden,  # (N, H) c: label positions, the chunks' input
-            # (C, V) fp32 x3, live together in a chunk's backward: the recomputed log-softmax output (saved by
-            # cross_entropy), the nll_loss gradient and the log-softmax gradient (F.cross_entropy's backward).
-            "chunk_logits": 3 * 4 * chunk * s.vocab}
-
-
 def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     s = count_params(config)
     adapted = resolve_targets(s, cfg.targets)
@@ -330,15 +275,21 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     }
     grads = 4 * n_adapter  # the flat fp32 gradient; a bf16 adapter gradient lives only until its hook sums it
     kept = acts["all_layers"] if "all_layers" in acts else acts["layer_inputs"]  # live in every phase
+    offloaded = cfg.offload_activations and cfg.checkpointing
+    one_input = cfg.compute_bytes * cfg.batch * cfg.seq * s.hidden
+    host = {"offloaded_activations": s.layers * one_input} if offloaded else {}
     # torch's single-tensor AdamW on the CPU: sqrt(exp_avg_sq) and its quotient, (n,) fp32 each; fused on CUDA: none
     step_temps = 8 * n_adapter if cfg.optimizer == "adamw" and cfg.device == "cpu" else 0
     # Backward runs from the last layer down: the worst moment is the first layer done (everything kept, and the
     # flat gradient, allocated whole by the first adapter gradient); that layer adds its recomputed activations and
-    # the backward workspace.
-    working = sum(acts.values()) - kept
+    # the backward workspace. Offloaded, "kept" is 2 layer inputs (the top layer's + the prefetched one), and none
+    # is on the device at the loss head (all on the host).
+    rng = acts.get("rng_states", 0)  # live like the layer inputs (every phase but the optimizer step)
+    working = sum(acts.values()) - kept - rng
+    head_kept = (0 if offloaded else kept) + rng
     transient = {  # phase -> the step-dependent components live at that phase's peak
-        "loss_head": {"adapter_grads": 0, "activations": kept, "logits_and_loss": sum(logits.values())},
-        "decoder_backward": {"adapter_grads": grads, "activations": kept + working, "logits_and_loss": 0},
+        "loss_head": {"adapter_grads": 0, "activations": head_kept, "logits_and_loss": sum(logits.values())},
+        "decoder_backward": {"adapter_grads": grads, "activations": kept + rng + working, "logits_and_loss": 0},
         "optimizer_step": {"adapter_grads": grads, "activations": 0, "logits_and_loss": 0,
                            "optimizer_state": step_temps},
     }
@@ -351,7 +302,7 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     unchunked = logits["final_norm"] + cfg.compute_bytes * cfg.batch * cfg.seq * s.hidden + \
         3 * 4 * cfg.batch * cfg.seq * s.vocab
     return Estimate(components, s, adapted, n_adapter, (wq + cq) * 8 / s.linear_params, acts, logits,
-                    unchunked, inner if cfg.optimizer.startswith("paged") else 0, peak, phases, sizes)
+                    unchunked, inner if cfg.optimizer.startswith("paged") else 0, peak, phases, sizes, host)
 
 
 def max_seq_table(config: dict, cfg: EstimateConfig, gpus_gib=GPU_SIZES_GIB) -> list[dict]:

@@ -67,6 +67,12 @@ class MeasureConfig:
     seed: int = 0
     loss_chunk: int = TrainConfig.loss_chunk
     """Label tokens per cross-entropy chunk (train.loss_chunk)."""
+    offload_activations: bool = False
+    """train.offload_activations: checkpointed layer inputs in host memory (reported apart: `host`)."""
+    mlp_chunk: int = 0
+    """train.mlp_chunk: tiled MLP (0: off)."""
+    replay_dropout: bool = True
+    """False: LoRA dropout as plain nn.Dropout (saved copies), to measure what replaying the masks saves."""
     overrides: str = ""
     """Extra recipe overrides, `;`-separated `section.key=value` (ablations; the estimate does not follow them)."""
 
@@ -121,7 +127,8 @@ def recipe_for(cfg: MeasureConfig, data_path: Path):
         "lora": {"r": cfg.rank, "alpha": 2 * cfg.rank, "dropout": cfg.dropout, "targets": parse_targets(cfg.targets)},
         "data": {"path": str(data_path), "format": "text", "max_length": cfg.seq},
         "train": {"steps": cfg.steps, "batch_size": cfg.batch, "optimizer": cfg.optimizer, "device": cfg.device,
-                  "num_threads": cfg.threads, "seed": cfg.seed, "warmup_steps": 0, "loss_chunk": cfg.loss_chunk},
+                  "num_threads": cfg.threads, "seed": cfg.seed, "warmup_steps": 0, "loss_chunk": cfg.loss_chunk,
+                  "offload_activations": cfg.offload_activations, "mlp_chunk": cfg.mlp_chunk},
     }, [o for o in cfg.overrides.split(";") if o.strip()])
 
 
@@ -213,6 +220,7 @@ class StepTagger:
 
 def estimate_config(recipe, device: str):
     """The estimate's settings for a recipe: the same numbers the trainer was given."""
+    from .lora import LoRALinear
     from .memory_estimate import EstimateConfig
 
     lo, t = recipe.lora, recipe.train
@@ -221,7 +229,9 @@ def estimate_config(recipe, device: str):
                           targets=lo.targets if isinstance(lo.targets, str) else tuple(lo.targets),
                           optimizer=t.optimizer, batch=t.batch_size, seq=recipe.data.max_length,
                           checkpointing=t.gradient_checkpointing, device=device, loss_chunk=t.loss_chunk,
-                          compute_bytes=2 if recipe.quant.compute_dtype == "bf16" else 4, lora_dropout=lo.dropout)
+                          compute_bytes=2 if recipe.quant.compute_dtype == "bf16" else 4, lora_dropout=lo.dropout,
+                          replay_dropout=LoRALinear.replay_dropout, offload_activations=t.offload_activations,
+                          mlp_chunk=t.mlp_chunk)
 
 
 def measure(cfg: MeasureConfig) -> dict:
@@ -238,6 +248,9 @@ def measure(cfg: MeasureConfig) -> dict:
         data_path.write_text(json.dumps({"text": "memory measurement"}) + "\n")
         rss_imports = rss_kib()
         recipe = recipe_for(cfg, data_path)
+        from .lora import LoRALinear
+
+        LoRALinear.replay_dropout = cfg.replay_dropout  # one configuration per process: a class switch is enough
         p = train.prepare(recipe)  # reads the data file now; nothing later does
     device = p.accelerator.device
     rss_loaded = rss_kib()
@@ -300,6 +313,9 @@ def measure(cfg: MeasureConfig) -> dict:
         "estimate": e.components, "estimate_total": e.total, "estimate_phase": e.peak_phase,
         "estimate_phases": e.phases, "estimate_sizes": e.sizes,
         "estimate_terms": {"activations": e.activation_terms, "logits_and_loss": e.logits_terms},
+        # host memory outside the device peak: the offload store's buffers (pinned on CUDA), and the estimate's
+        "host": {"offloaded_activations": p.offload.host_bytes() if p.offload else 0},
+        "estimate_host": e.host,
         "rss": {"baseline_before_imports": rss_base * 1024, "after_imports": rss_imports * 1024,
                 "after_load": rss_loaded * 1024, "step_peak": None if rss_step_peak is None else rss_step_peak * 1024,
                 "process_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
@@ -315,7 +331,8 @@ def measure(cfg: MeasureConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, value in asdict(MeasureConfig()).items():
-        ap.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+        kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
+        ap.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
     ap.add_argument("--json", action="store_true", help="print one JSON object (default: a short summary)")
     args = vars(ap.parse_args(argv))
     as_json = args.pop("json")

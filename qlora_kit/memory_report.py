@@ -32,19 +32,22 @@ def markdown(doc: dict) -> str:
         "CPU analogue of CUDA's `max_memory_allocated`, and what the estimate is checked against (target: within "
         "10%). RSS also holds the interpreter, libraries and the allocator's cache; it is shown for reference "
         "(step peak: VmHWM over an unprofiled step). Sizes in MiB.", "",
-        "| configuration | predicted | measured | error | peak phase: predicted / measured | RSS after imports "
-        "/ after load / step peak | tokens/s |",
-        "|---|---:|---:|---:|---|---:|---:|",
+        "| configuration | predicted | measured | error | peak phase: predicted / measured | offloaded to host: "
+        "predicted / measured | RSS after imports / after load / step peak | tokens/s |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in ok:
         rss = r["rss"]
         step = mib(rss["step_peak"]) if rss["step_peak"] else "-"
+        offloaded = r.get("host", {}).get("offloaded_activations", 0)  # train.offload_activations: host memory
+        predicted = r.get("estimate_host", {}).get("offloaded_activations", 0)
+        host = f"{mib(predicted)} / {mib(offloaded)}" if offloaded or predicted else "-"
         lines.append(f"| {r['label']} | {mib(r['estimate_total'])} | {mib(r['peak_bytes'])} | {r['error']:+.1%} | "
-                     f"{r['estimate_phase']} / {r['peak_phase']} | {mib(rss['after_imports'])} / "
+                     f"{r['estimate_phase']} / {r['peak_phase']} | {host} | {mib(rss['after_imports'])} / "
                      f"{mib(rss['after_load'])} / {step} | {r['tokens_per_s']:,.0f} |")
     for r in doc["results"]:
         if "failed" in r:
-            lines.append(f"| {label(r['config'])} | failed: {r['failed']} | | | | | |")
+            lines.append(f"| {label(r['config'])} | failed: {r['failed']} | | | | | | |")
     if any(r["device"] == "cpu" for r in ok):
         lines += ["", "On the CPU the estimate runs with `--device cpu`: no CUDA context allowance; LoRA dropout masks "
                   "are kept in the compute dtype (bool on CUDA); attention is SDPA's CPU kernel; a 4-bit Linear whose "

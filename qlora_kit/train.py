@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import SafetensorError
 
-from . import atomic, checkpoint, data, fsdp, lora, methods, trackers
+from . import atomic, checkpoint, data, fsdp, lora, methods, tiled_mlp, trackers
+from . import offload as offload_mod
 from .config import Recipe
 from .device import allow_tf32
 from .distributed import World, parallel_mode, shard_batch
@@ -56,6 +57,7 @@ class Prepared:
     loftq: object = None  # loftq.Initializer of a LoftQ run: its offsets (saved in the run) and the time it took
     methods: dict[str, list[str]] = field(default_factory=dict)  # method (lora | dora | ia3) -> modules it adapts
     counts: dict[str, int] = field(default_factory=dict)  # method -> trainable parameters
+    offload: offload_mod.OffloadStore | None = None  # train.offload_activations: layer inputs on the host
 
 
 def lora_spec(recipe: Recipe) -> lora.LoraSpec:
@@ -79,6 +81,9 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
     if t.optimizer.startswith("paged") and not torch.cuda.is_available():
         raise ConfigError(f"train.optimizer={t.optimizer} pages optimizer state through CUDA unified memory, "
                           "which needs a CUDA GPU; use adamw or adamw8bit on the CPU.")
+    if t.offload_activations and not t.gradient_checkpointing:
+        raise ConfigError("train.offload_activations moves the checkpointed layer inputs to host memory, so it "
+                          "needs train.gradient_checkpointing=true; turn one on or the other off.")
     data.check(recipe.data)  # a bad line fails now, not after a long model load
     trackers.check_installed(t.report_to)  # so does a tracker that is not installed
     accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision="no")  # dtypes are ours: bf16 compute
@@ -103,6 +108,10 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    offload = offload_mod.OffloadStore(accelerator.device) if t.offload_activations else None
+    if offload is not None:  # every checkpointed decoder layer's input goes to host memory between passes
+        offload_mod.enable(model, offload)
+    tiled_mlp.tile_mlps(model, t.mlp_chunk)
     _check_rank(model, recipe)
     try:
         adapted = methods.inject(model, recipe, lora_spec(recipe).dtype)
@@ -135,7 +144,7 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
         torch.manual_seed((t.seed + 1_000_003 * world.rank) % 2**63)
         random.seed(t.seed + 1_000_003 * world.rank)
     return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, report, recipe, world, mode,
-                    sharder.load_peak, init, adapted, methods.param_counts(model))
+                    sharder.load_peak, init, adapted, methods.param_counts(model), offload)
 
 
 def param_groups(named: list[tuple[str, torch.nn.Parameter]], plus_ratio: float) -> list[ParamGroup]:
@@ -424,7 +433,8 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
             ts = time.perf_counter()
             lr = t.lr * lr_factor(step, t)  # once per step: the optimizer and the log see the same value
             micro = [shard_batch(stream.next_batch(), world) for _ in range(t.grad_accum)]
-            res = train_step(p, micro, lr, t.max_grad_norm, stop=stop.signal is not None)
+            with world.guarded("a training step"):  # FSDP's gathers fail here when a peer dies
+                res = train_step(p, micro, lr, t.max_grad_norm, stop=stop.signal is not None)
             if not res.finite:
                 if t.on_nonfinite != "skip":
                     good = checkpoint.latest(run_dir)

@@ -214,16 +214,23 @@ def test_script_exit_2_without_traceback():
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("\n") <= 2
 
 
-@pytest.mark.parametrize("cls,targets,dropout", [
-    (transformers.LlamaConfig, "all-linear", 0.0),
-    (transformers.LlamaConfig, "all-linear", 0.1),
-    (transformers.LlamaConfig, ("q_proj", "v_proj", "up_proj"), 0.0),
-    (transformers.Qwen3Config, ("k_proj", "o_proj", "down_proj"), 0.1),
+@pytest.mark.parametrize("cls,targets,dropout,replay,mlp_chunk", [
+    (transformers.LlamaConfig, "all-linear", 0.0, True, 0),
+    (transformers.LlamaConfig, "all-linear", 0.1, True, 0),
+    (transformers.LlamaConfig, "all-linear", 0.1, False, 0),
+    (transformers.LlamaConfig, "all-linear", 0.1, True, 16),
+    (transformers.LlamaConfig, ("q_proj", "v_proj", "up_proj"), 0.0, True, 0),
+    (transformers.Qwen3Config, ("k_proj", "o_proj", "down_proj"), 0.1, False, 0),
+    (transformers.Qwen3Config, ("k_proj", "o_proj", "down_proj"), 0.1, True, 24),
 ])
-def test_layer_activations_equal_saved_tensors(cls, targets, dropout):
-    """What autograd really saves in one quantized + LoRA decoder layer (bf16, CPU) equals the per-layer formula."""
-    from qlora_kit.lora import LoraSpec, inject
+def test_layer_activations_equal_saved_tensors(cls, targets, dropout, replay, mlp_chunk, monkeypatch):
+    """What autograd really saves in one quantized + LoRA decoder layer (bf16, CPU) equals the per-layer formula:
+    with LoRA dropout as plain nn.Dropout or replayed from the RNG state, with and without a tiled MLP."""
+    from qlora_kit.lora import LoraSpec, LoRALinear, inject
     from qlora_kit.quant import QuantLinear, QuantSpec
+    from qlora_kit.tiled_mlp import tile_mlps
+
+    monkeypatch.setattr(LoRALinear, "replay_dropout", replay)
 
     torch.manual_seed(0)
     config = cls(**{**TINY, "hidden_size": 128, "intermediate_size": 192}, attn_implementation="sdpa")
@@ -233,6 +240,7 @@ def test_layer_activations_equal_saved_tensors(cls, targets, dropout):
             if isinstance(child, torch.nn.Linear) and name != "lm_head":
                 setattr(parent, name, QuantLinear.from_weight(child.weight.data, QuantSpec("nf4", 64, True)))
     inject(model, targets, LoraSpec(r=8, alpha=16, dropout=dropout))
+    tile_mlps(model, mlp_chunk)
     model.train()
     B, S = 2, 64
     x = model.model.embed_tokens(torch.randint(0, 128, (B, S))).detach().requires_grad_(True)
@@ -249,6 +257,7 @@ def test_layer_activations_equal_saved_tensors(cls, targets, dropout):
     not_activations = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), *pe]}
     measured = sum(n for ptr, n in saved.items() if ptr not in not_activations)
 
-    cfg = me.EstimateConfig(rank=8, batch=B, seq=S, targets=targets, lora_dropout=dropout, device="cpu")
+    cfg = me.EstimateConfig(rank=8, batch=B, seq=S, targets=targets, lora_dropout=dropout, device="cpu",
+                            replay_dropout=replay, mlp_chunk=mlp_chunk)
     s = me.count_params(config.to_dict())
     assert measured == sum(me.layer_activations(s, cfg, me.resolve_targets(s, targets)).values())

@@ -1,0 +1,122 @@
+"""Activation bytes of one QLoRA training step, term by term: what autograd saves in a decoder layer, what the
+checkpoints keep (on the device or, offloaded, on the host), the tiled MLP's working set, and the loss head.
+
+Pure Python (part of `memory_estimate`, which re-exports these); sizes in bytes, T = batch * seq tokens.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qlora_kit.terms import FOUR_BIT
+
+if TYPE_CHECKING:
+    from qlora_kit.memory_estimate import EstimateConfig, ModelShapes
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+RNG_STATE_BYTES = 5056  # torch.get_rng_state(): the CPU generator's Mersenne-Twister state, uint8
+
+
+def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...]) -> dict[str, int]:
+    """Bytes autograd saves inside ONE decoder layer for the whole batch (Llama layout; SDPA flash/efficient
+    kernel with GQA inside the kernel, no padding mask; its output is laid out (B, S, nh, hd), so o_proj's input
+    is a view of it). Exact against saved-tensor hooks on the CPU (tests/test_estimate.py). c: compute bytes."""
+    T, c, H, r = cfg.batch * cfg.seq, cfg.compute_bytes, s.hidden, cfg.rank
+    q, kv, mask = s.heads * s.head_dim, s.kv_heads * s.head_dim, 1 if cfg.device == "cuda" else c
+
+    def lora_inputs(modules: tuple[str, ...], width: int, shared: bool = False) -> int:
+        # The frozen quantized base saves nothing (it re-dequantizes W in backward); lora_A saves its input.
+        hit = sum(m in adapted for m in modules)
+        if cfg.lora_dropout > 0 and not cfg.replay_dropout:  # nn.Dropout: per adapter a dropped copy (T, width) c
+            return hit * (c + mask) * T * width  # + its mask: bool from CUDA's fused dropout, c on the CPU
+        # (T, width) the common input, saved once (replayed dropout saves x too, not a dropped copy)
+        return c * T * width if hit and not shared else 0
+
+    terms = {
+        "attn_norm": 4 * T * (H + 1),  # (B, S, H) fp32: RMSNorm's upcast input (pow, mul) + rsqrt (B, S, 1)
+        "qkv_inputs": lora_inputs(("q_proj", "k_proj", "v_proj"), H),  # (B, S, H) normed hidden
+        "q_k_v": c * T * (q + 2 * kv),  # (B, nh, S, hd) q and (B, nkv, S, hd) k, v after RoPE, saved by SDPA
+        "attn_output": c * T * q + 4 * cfg.batch * s.heads * cfg.seq,  # (B, nh, S, hd) c + logsumexp (B, nh, S) fp32
+        "o_input": lora_inputs(("o_proj",), q, shared=True),  # (B, S, nh*hd) a view of the SDPA output
+        "mlp_norm": 4 * T * (H + 1),  # (B, S, H) fp32 + (B, S, 1) fp32, post-attention RMSNorm
+        **mlp_saved(s, cfg, adapted, T),
+        "lora_hidden": c * T * r * sum(m in adapted for m in ATTENTION),  # (B, S, r) per adapter: A's output
+    }
+    if tiled(cfg):  # the tiled MLP saves only its input x (B, S, H), the normed hidden the adapters read
+        terms.update(gate_up_inputs=c * T * H, mlp_hidden=0, down_input=0, mlp_lora_hidden=0)
+    if s.model_type == "qwen3":
+        terms["qk_norms"] = 4 * T * (q + kv + s.heads + s.kv_heads)  # q_norm, k_norm: fp32 inputs + rsqrt
+    return terms
+
+
+def tiled(cfg: EstimateConfig) -> bool:
+    return 0 < cfg.mlp_chunk < cfg.seq  # tiled_mlp.py runs the plain MLP when the sequence fits in one chunk
+
+
+def mlp_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: int) -> dict[str, int]:
+    """What autograd saves in one Llama MLP for T tokens (the whole batch, or one tile of a tiled MLP)."""
+    c, H, I = cfg.compute_bytes, s.hidden, s.intermediate
+    mask = 1 if cfg.device == "cuda" else c
+    copies = cfg.lora_dropout > 0 and not cfg.replay_dropout  # nn.Dropout: a dropped copy + mask per adapter
+    gu = sum(m in adapted for m in ("gate_proj", "up_proj"))
+    down = "down_proj" in adapted
+    return {
+        "gate_up_inputs": gu * (c + mask) * T * H if copies else (c * T * H if gu else 0),  # (B, S, H) normed
+        "mlp_hidden": 3 * c * T * I,  # (B, S, I) x3: gate output (saved by SiLU), SiLU output and up output (by mul)
+        "down_input": (down * (c + mask) if copies else c * down) * T * I,  # (B, S, I) silu(gate) * up
+        "mlp_lora_hidden": c * T * cfg.rank * sum(m in adapted for m in MLP),  # (B, S, r) A's outputs
+    }
+
+
+def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...]) -> dict[str, int]:
+    T, c = cfg.batch * cfg.seq, cfg.compute_bytes
+    layer = sum(layer_activations(s, cfg, adapted).values())
+    # (B, S, H) per layer: what a checkpoint keeps; offloaded: only the layer in backward + the prefetched one
+    kept_layers = 2 if cfg.offload_activations else s.layers
+    terms = {"layer_inputs": kept_layers * c * T * s.hidden,
+             "recomputed_layer": layer}  # one layer's full set, rebuilt during its backward
+    if not cfg.checkpointing:
+        terms = {"all_layers": s.layers * layer}
+    deq = 0 if cfg.quant == "none" else c * max(lin.numel for lin in s.linears)
+    terms["dequantized_weight"] = deq  # (out, in) c: one Linear's weight, dequantized transiently per matmul
+    misaligned = [lin.numel for lin in s.linears if lin.in_features % cfg.blocksize]
+    if cfg.device == "cpu" and cfg.quant in FOUR_BIT and misaligned:
+        # quant.py dequantizes these in plain torch on the CPU (docs/ARCHITECTURE.md, "bitsandbytes hazards"): int64
+        # codes + fp32 values of the whole weight are live together (measured: 12 bytes per weight at the step's peak).
+        terms["dequant_workspace"] = 12 * max(misaligned)
+    if cfg.lora_dropout > 0 and cfg.replay_dropout:
+        # dropout_replay.py: backward re-draws one adapter's dropped input at a time, (T, in) c; a tiled MLP's
+        # adapters do it per tile.
+        n = cfg.batch * cfg.mlp_chunk if tiled(cfg) else T
+        widths = [(n if lin.name in MLP else T) * lin.in_features for lin in s.linears if lin.name in adapted]
+        terms["dropout_replay"] = c * max(widths, default=0)
+        if cfg.device == "cpu":  # each adapter node keeps torch.get_rng_state(), a 5,056-byte CPU tensor (on CUDA
+            # that tensor lives in host memory, not on the device), from forward until the step's end
+            terms["rng_states"] = RNG_STATE_BYTES * s.layers * (len(adapted) + tiled(cfg))
+    if tiled(cfg):
+        # One tile's MLP recomputed and differentiated at a time: its saved set and (B, N, I) x2 gradients, plus
+        # the full-size (B, S, H) input gradient the tiles are written into.
+        n = cfg.batch * cfg.mlp_chunk
+        terms["mlp_tile"] = sum(mlp_saved(s, cfg, adapted, n).values()) + c * n * 2 * s.intermediate + c * T * s.hidden
+        terms["backward_grads"] = c * T * 2 * s.hidden  # in-flight grads: (B,S,H) x2
+    else:
+        terms["backward_grads"] = c * T * 2 * (s.hidden + s.intermediate)  # in-flight: (B,S,H) x2, (B,S,I) x2
+    return terms
+
+
+def label_tokens(cfg: EstimateConfig) -> int:
+    """Positions that reach lm_head: every one that predicts a label (worst case: all labelled, packed rows)."""
+    return cfg.batch * (cfg.seq - 1) if cfg.seq > 1 else cfg.batch
+
+
+def logits_terms(s: ModelShapes, cfg: EstimateConfig) -> dict[str, int]:
+    """The loss head (loss.CausalLMLoss): the label positions' hidden states are gathered into one (N, H) tensor
+    and go through lm_head in chunks of `loss_chunk` tokens over the whole batch (not per row)."""
+    T, N = cfg.batch * cfg.seq, label_tokens(cfg)
+    chunk = min(cfg.loss_chunk, N)
+    return {"final_norm": 4 * T * (s.hidden + 1),  # (B, S, H) fp32 final RMSNorm input + rsqrt (B, S, 1) fp32
+            "final_hidden": cfg.compute_bytes * N * s.hidden,  # (N, H) c: label positions, the chunks' input
+            # (C, V) fp32 x3, live together in a chunk's backward: the recomputed log-softmax output (saved by
+            # cross_entropy), the nll_loss gradient and the log-softmax gradient (F.cross_entropy's backward).
+            "chunk_logits": 3 * 4 * chunk * s.vocab}

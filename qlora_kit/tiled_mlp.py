@@ -1,0 +1,104 @@
+"""Tiled MLP (`train.mlp_chunk`): a decoder layer's MLP over the sequence in chunks of N tokens.
+
+The MLP acts on each position independently, and its intermediates are the largest tensors of a layer: for Llama
+down(silu(gate(x)) * up(x)) autograd keeps gate's output, silu's output, up's output and their product, 4 x
+(B, S, I) with I = 3.5 H, plus LoRA inputs, and backward allocates gradients of the same (B, S, I) size. Here the
+MLP is one autograd Function:
+
+    forward   with no_grad, chunk by chunk over the sequence; saves only x (B, S, H) and the RNG state
+    backward  restores the RNG state (LoRA dropout draws the same masks) and, chunk by chunk, recomputes the chunk
+              with autograd and differentiates it at once: only one chunk's (B, N, I) intermediates are alive
+
+Parameter gradients are summed over the chunks and returned to autograd as the Function's own input gradients, so
+hooks and accumulation behave as for any parameter. Results equal the untiled MLP up to float summation order
+(tests/test_long_context.py, fp32; with dropout the masks are drawn per chunk, so they differ from an untiled
+run's). Cost: none in FLOPs under checkpointing for Llama-like layers (the recompute skips the MLP, the tiles
+recompute it with gradients); a Python loop over the tiles.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+
+RESIDUAL_ONLY = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+class _TiledMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, fn, chunk, *params):  # x (B, S, H); fn: the MLP's own forward; params: its trainables
+        ctx.fn, ctx.chunk, ctx.rng, ctx.params = fn, chunk, _rng_state(x.device), params
+        ctx.skip_recompute = getattr(fn.__self__, "skip_in_recompute", False)
+        ctx.save_for_backward(x)
+        if ctx.skip_recompute and torch._C._current_graph_task_id() != -1:
+            # Inside backward: this is the checkpoint's recompute of the layer, which stops as soon as the layer's
+            # last saved tensor (our x) is packed; the output is never read (the layer only adds it to the
+            # residual, which saves nothing). Skip the MLP's FLOPs; our backward recomputes per tile anyway.
+            return torch.empty_like(x)
+        with torch.no_grad():
+            return torch.cat([fn(piece) for piece in x.split(chunk, dim=1)], dim=1)  # (B, S, H)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out (B, S, H)
+        (x,) = ctx.saved_tensors
+        params = [p for p, need in zip(ctx.params, ctx.needs_input_grad[3:]) if need]
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        sums = [None] * len(params)
+        cpu_state, dev_state = ctx.rng
+        ctx.rng = None  # the graph's nodes outlive backward while the loss is referenced: drop the state now
+        devices = [x.device] if dev_state is not None else []
+        with torch.random.fork_rng(devices=devices, device_type=x.device.type):
+            torch.set_rng_state(cpu_state)
+            if dev_state is not None:
+                torch.cuda.set_rng_state(dev_state, x.device)
+            for start in range(0, x.shape[1], ctx.chunk):
+                piece = x[:, start : start + ctx.chunk].detach().requires_grad_(grad_x is not None)
+                with torch.enable_grad():
+                    y = ctx.fn(piece)  # (B, N, H): this chunk's intermediates only
+                wanted = ([piece] if grad_x is not None else []) + params
+                grads = torch.autograd.grad(y, wanted, grad_out[:, start : start + ctx.chunk], allow_unused=True)
+                if grad_x is not None:
+                    grad_x[:, start : start + ctx.chunk] = grads[0]
+                    grads = grads[1:]
+                for i, g in enumerate(grads):
+                    if g is not None:
+                        sums[i] = g if sums[i] is None else sums[i] + g
+                del y, grads
+        it = iter(sums)
+        param_grads = [next(it) if need else None for need in ctx.needs_input_grad[3:]]
+        return (grad_x, None, None, *param_grads)
+
+
+def _tiled_forward(self, x: torch.Tensor) -> torch.Tensor:  # bound to a tiled MLP module as its forward
+    fn = self._untiled_forward
+    if not (torch.is_grad_enabled() and self.training) or x.dim() != 3 or x.shape[1] <= self.mlp_chunk:
+        return fn(x)
+    params = [p for p in self.parameters() if p.requires_grad]
+    return _TiledMLP.apply(x, fn, self.mlp_chunk, *params)
+
+
+def tile_mlps(model: nn.Module, chunk: int) -> int:
+    """Make every decoder layer's `mlp` tiled over the sequence in chunks of `chunk` tokens (in training, with
+    gradients). Module names and parameters stay as they are (adapters, checkpoints, export are unaffected).
+    Returns the number of MLPs tiled."""
+    if chunk <= 0:
+        return 0
+    n = 0
+    layers = {f"{name}.mlp": type(m).__name__ for name, m in model.named_modules()}
+    for name, m in model.named_modules():
+        if name.endswith(".mlp") and hasattr(m, "down_proj") and not hasattr(m, "_untiled_forward"):
+            m._untiled_forward = m.forward
+            m.mlp_chunk = chunk
+            # Layers whose MLP output only meets the residual add (no op after it saves anything): safe to skip
+            # the MLP in a checkpoint's recompute (see _TiledMLP.forward).
+            m.skip_in_recompute = layers.get(name, "") in RESIDUAL_ONLY
+            m.forward = types.MethodType(_tiled_forward, m)
+            n += 1
+    return n

@@ -35,7 +35,7 @@ from .terms import lora_scale
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # what the gguf package writes itself
 KQUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
 ADAPTER_TYPES = ("f32", "f16", "bf16")
-KQUANT_EXTRA = 'pip install "qlora-kit[llama-cpp]" (llama-cpp-python; it compiles llama.cpp, ~30 min on 2 cores)'
+KQUANT_EXTRA = 'pip install "qlora-kit[llama-cpp]" (llama-cpp-python, which compiles llama.cpp from source)'
 
 
 def check_type(kind: str, adapter: bool) -> None:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import quant4_cpu
 from .errors import ConfigError
 from .terms import NESTED_BLOCKSIZE, QUANTIZED_TYPES, QuantType
 
@@ -158,16 +159,35 @@ def quantize(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     _need_bnb(f"quant.type {spec.type}")
     if spec.type == "int8":
         return int8_quantize(weight)
-    q, st = bnbF.quantize_4bit(
-        weight.contiguous(), blocksize=spec.blocksize, quant_type=spec.type, compress_statistics=spec.double_quant
-    )
-    out = {"qweight": q, "code": st.code.float()}
-    if st.nested:
-        out |= {"absmax": st.absmax, "nested_absmax": st.state2.absmax.float(),
-                "nested_code": st.state2.code.float(), "offset": st.offset.float().reshape(1)}
+    if weight.is_cuda or not fast_cpu_quantizer:
+        q, st = bnbF.quantize_4bit(
+            weight.contiguous(), blocksize=spec.blocksize, quant_type=spec.type, compress_statistics=spec.double_quant
+        )
+        out = {"qweight": q, "code": st.code.float()}
+        if st.nested:
+            out |= {"absmax": st.absmax, "nested_absmax": st.state2.absmax.float(),
+                    "nested_code": st.state2.code.float(), "offset": st.offset.float().reshape(1)}
+        else:
+            out["absmax"] = st.absmax.float()
+        return out
+    # CPU: the codes and per-block absmax from quant4_cpu (bitsandbytes' arithmetic, chunked and threaded; bit for
+    # bit the same), then bitsandbytes' own double quantization of the (numel/blocksize,) absmax, as
+    # `bnbF.quantize_4bit(compress_statistics=True)` does it: absmax - mean, 8-bit blockwise in blocks of 256.
+    code = bnbF.get_4bit_type(spec.type, device="cpu")
+    q, absmax = quant4_cpu.quantize_4bit(weight, spec.blocksize, code)
+    out = {"qweight": q, "code": code.float()}
+    if spec.double_quant:
+        offset = absmax.mean()
+        qabsmax, state2 = bnbF.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+        out |= {"absmax": qabsmax, "nested_absmax": state2.absmax.float(), "nested_code": state2.code.float(),
+                "offset": offset.float().reshape(1)}
     else:
-        out["absmax"] = st.absmax.float()
+        out["absmax"] = absmax
     return out
+
+
+fast_cpu_quantizer = True
+"""CPU 4-bit codes through quant4_cpu (identical results); False: bitsandbytes' own CPU kernel (benchmarks, tests)."""
 
 
 def dequantize(buffers: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:

@@ -205,6 +205,7 @@ def test_quantization_where_bitsandbytes_cannot_run(tiny_model, tiny_data, tmp_p
         raise RuntimeError("bitsandbytes: no native library for this platform")
 
     monkeypatch.setattr(quant.bnbF, "quantize_4bit", no_kernel)
+    monkeypatch.setattr(quant.bnbF, "quantize_blockwise", no_kernel)  # the CPU path's double quantization
     assert_refused(tmp_path, recipe_for(tiny_model, tiny_data, quant__type=qtype),
                    [f"quant.type={qtype}", "bitsandbytes cannot quantize", "quant.type=none"], data=tiny_data)
     monkeypatch.undo()  # quant.type none never calls bitsandbytes, so the same machine can still train

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ import yaml
 
 from .errors import ConfigError
 from .terms import BLOCKSIZES, QuantType
+from .typecheck import coerce
 
 ComputeDtype = Literal["bf16", "fp32"]
 DataFormat = Literal["text", "alpaca", "chat", "sharegpt", "completion"]
@@ -268,74 +267,6 @@ def _nearest(name: str, choices: typing.Iterable[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp`; return it (ints are accepted where floats are expected)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate ("\\ud800" in YAML): tokenizers reject it mid-run
-            raise ConfigError(f"{where}: {value!r:.60} holds an invalid unicode character (a lone surrogate); "
-                              "fix the escape sequence.") from None
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {_type_name(tp)}.")
-    if origin in (Union, types.UnionType):
-        errors = []
-        for arm in typing.get_args(tp):
-            try:
-                return _coerce(value, arm, where)
-            except ConfigError:
-                errors.append(_type_name(arm))
-        raise ConfigError(f"{where}: expected {' or '.join(errors)}, got {type(value).__name__} {value!r}.")
-    if origin is dict:
-        key_tp, item = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping like {{key: value}}, got {type(value).__name__} {value!r}.")
-        return {_coerce(k, key_tp, f"{where} key"): _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}.")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{where}: expected null, got {value!r}.")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value) if abs(value) < 1e308 else math.inf  # a 400-digit int overflows float()
-        elif isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-3` as a string; users mean the number
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None:
-            if not math.isfinite(number):  # .nan / .inf pass `> 0` range checks and poison training later
-                raise ConfigError(f"{where}: expected a finite number, got {value!r}.")
-            return number
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - a field type this function does not know is a bug here, not user input
-        raise AssertionError(f"unhandled annotation {tp!r}")
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}.")
-
-
 def _build_section(name: str, raw: Any) -> Any:
     cls = _SECTION_TYPES[name]
     if raw is None:
@@ -351,7 +282,7 @@ def _build_section(name: str, raw: Any) -> Any:
             raise ConfigError(
                 f"unknown key '{name}.{key}'.{_nearest(str(key), hints)} Valid keys in '{name}': {', '.join(hints)}."
             )
-        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+        kwargs[key] = coerce(value, hints[key], f"{name}.{key}")
         check = _RANGES.get((name, key))
         if check and not check[0](kwargs[key]):
             raise ConfigError(f"{name}.{key} = {kwargs[key]!r} is out of range: it must be {check[1]}.")

@@ -68,7 +68,7 @@ def training_time_model(run: Path):
     """What training computed: the quantized base + LoRA from the run's recipe, the adapter loaded, in fp32."""
     from qlora_kit.config import load_recipe
     from qlora_kit.model import load_base
-    from qlora_kit.train import lora_spec
+    from qlora_kit.prepare import lora_spec
 
     recipe = load_recipe(run / "recipe.yaml")
     model, _, _ = load_base(recipe.model, recipe.quant)

@@ -16,7 +16,7 @@ LABELS = {
     "quantized_weights": "quantized linear weights",
     "quant_constants": "quantization constants",
     "unquantized_params": "unquantized params (embeddings, norms, lm_head)",
-    "adapters": "adapters (LoRA, DoRA magnitudes, IA3 vectors)",
+    "adapters": "LoRA adapters",
     "adapter_grads": "adapter gradients",
     "optimizer_state": "optimizer state",
     "activations": "activations",
@@ -57,7 +57,8 @@ def _details(e: me.Estimate, cfg: me.EstimateConfig) -> dict[str, str]:
         "quantized_weights": f"{quant}; {e.bits_per_weight:.3f} bits/weight with constants",
         "quant_constants": "absmax, codebooks" if cfg.quant in FOUR_BIT else "",
         "unquantized_params": "bf16" + ("; lm_head tied to embeddings" if e.shapes.tied else ""),
-        "adapters": f"{e.adapter_params:,} params, {dtype}",
+        "adapters": f"{e.adapter_params:,} params, {dtype}" + ("; DoRA/IA3 vectors fp32"
+                                                                if cfg.dora or cfg.ia3_outputs or cfg.ia3_inputs else ""),
         "adapter_grads": grads,
         "optimizer_state": f"{cfg.optimizer}: {optim}",
         "activations": acts,
@@ -121,7 +122,8 @@ def _ia3_names(on: bool, outputs: str | None, inputs: str | None) -> dict:
               help="With --gpus > 1: ddp replicates the frozen base; fsdp shards it (train.parallel).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (sizes in bytes) instead of tables.")
 def command(model, quant, blocksize, double_quant, rank, targets, lora_dropout, optimizer, seq, batch,
-            checkpointing, offload_activations, mlp_chunk, dora, ia3, ia3_outputs, ia3_inputs, compute_dtype, loss_chunk, device, gpu_mem, gpus, parallel,
+            checkpointing, offload_activations, mlp_chunk, dora, ia3, ia3_outputs, ia3_inputs,
+            compute_dtype, loss_chunk, device, gpu_mem, gpus, parallel,
             as_json):
     """Predict the GPU memory of QLoRA training from MODEL's config.json alone (no weights are loaded)."""
     config = me.load_model_config(model)

@@ -2,6 +2,7 @@
 quantized buffers, monotonicity, the GPU table, and the `qlora-kit estimate` command (exit 2 on bad input)."""
 
 import json
+from pathlib import Path
 import os
 import subprocess
 import sys
@@ -177,6 +178,24 @@ def _run(capsys, *args):
     rc = main(["estimate", *args])
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def test_cli_dora_ia3_flags(capsys):
+    """--dora / --ia3 reach the estimate; the grid keys dora/ia3 build a recipe whose estimate config has them."""
+    from qlora_kit.memory_bench import parse_specs
+    from qlora_kit.memory_measure import MeasureConfig, estimate_config, recipe_for
+
+    rc, out, _ = _run(capsys, "--model", "smollm2-135m", "--dora", "--ia3", "--json")
+    d = json.loads(out)
+    assert rc == 0 and d["config"]["dora"] and d["config"]["ia3_outputs"] == ["k_proj", "v_proj"]
+    assert d["config"]["ia3_inputs"] == ["down_proj"]
+    plain = me.estimate(SMOL, me.EstimateConfig())
+    assert d["adapter_params"] == plain.adapter_params + 30 * (5184 + 2 * 192 + 1536)  # magnitudes + IA3 vectors
+    rc, out, _ = _run(capsys, "--model", "smollm2-135m", "--ia3-inputs", "down_proj", "--json")
+    assert json.loads(out)["config"]["ia3_outputs"] == []
+    assert parse_specs(["dora=0,1 ia3=1"]) == {"dora": [0, 1], "ia3": [1]}
+    cfg = estimate_config(recipe_for(MeasureConfig(dora=True, ia3=True), Path("unused.jsonl")), "cpu")
+    assert cfg.dora and cfg.ia3_outputs == ("k_proj", "v_proj") and cfg.ia3_inputs == ("down_proj",)
 
 
 def test_cli_json(capsys):

@@ -8,7 +8,7 @@ import typing
 import click
 
 from qlora_kit import memory_estimate as me
-from qlora_kit.config import ComputeDtype, Optimizer, parse_targets
+from qlora_kit.config import ComputeDtype, IA3Config, Optimizer, parse_targets
 from qlora_kit.terms import FOUR_BIT, QUANT_TYPES, human_bytes, parse_size
 
 _D = me.EstimateConfig()  # defaults: the recipe's own (config.py), e.g. batch 4, 256 tokens, r 16, nf4
@@ -57,7 +57,8 @@ def _details(e: me.Estimate, cfg: me.EstimateConfig) -> dict[str, str]:
         "quantized_weights": f"{quant}; {e.bits_per_weight:.3f} bits/weight with constants",
         "quant_constants": "absmax, codebooks" if cfg.quant in FOUR_BIT else "",
         "unquantized_params": "bf16" + ("; lm_head tied to embeddings" if e.shapes.tied else ""),
-        "adapters": f"{e.adapter_params:,} params, {dtype}",
+        "adapters": f"{e.adapter_params:,} params, {dtype}" + ("; DoRA/IA3 vectors fp32"
+                                                                if cfg.dora or cfg.ia3_outputs or cfg.ia3_inputs else ""),
         "adapter_grads": grads,
         "optimizer_state": f"{cfg.optimizer}: {optim}",
         "activations": acts,
@@ -70,6 +71,18 @@ def _seq_cell(row: dict) -> str:
     if row["max_seq"] is None:
         return "does not fit"
     return f">= {row['max_seq']:,} (max)" if row["capped"] else f"{row['max_seq']:,}"
+
+
+def _names(text: str | None, default) -> tuple[str, ...]:
+    return tuple(default) if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _ia3_names(on: bool, outputs: str | None, inputs: str | None) -> dict:
+    """--ia3 (the recipe's defaults) and/or explicit lists; either list alone turns IA3 on, the other empty."""
+    if not on and outputs is None and inputs is None:
+        return {}
+    d = IA3Config() if on else IA3Config(outputs=[], inputs=[])
+    return {"ia3_outputs": _names(outputs, d.outputs), "ia3_inputs": _names(inputs, d.inputs)}
 
 
 @click.command()
@@ -91,6 +104,12 @@ def _seq_cell(row: dict) -> str:
               "(train.offload_activations): 2 on the GPU instead of all layers'; the host needs the rest.")
 @click.option("--mlp-chunk", type=click.IntRange(0), default=0, show_default=True,
               help="Tiled MLP (train.mlp_chunk): tokens per tile, 0 = off.")
+@click.option("--dora", is_flag=True, help="lora.dora: a trained (out,) fp32 magnitude per LoRA target, and what "
+              "its forward saves for backward.")
+@click.option("--ia3", "ia3", is_flag=True, help="An `ia3: {}` section: output scaling of k_proj, v_proj and input "
+              "scaling of down_proj (the recipe's defaults; see --ia3-outputs/--ia3-inputs).")
+@click.option("--ia3-outputs", default=None, help="IA3 output scaling of these modules (comma list), e.g. k_proj,v_proj.")
+@click.option("--ia3-inputs", default=None, help="IA3 input scaling of these modules (comma list), e.g. down_proj.")
 @click.option("--compute-dtype", type=click.Choice(typing.get_args(ComputeDtype)), default="bf16", show_default=True)
 @click.option("--loss-chunk", type=int, default=_D.loss_chunk, show_default=True,
               help="Label tokens per cross-entropy chunk.")
@@ -103,7 +122,9 @@ def _seq_cell(row: dict) -> str:
               help="With --gpus > 1: ddp replicates the frozen base; fsdp shards it (train.parallel).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (sizes in bytes) instead of tables.")
 def command(model, quant, blocksize, double_quant, rank, targets, lora_dropout, optimizer, seq, batch,
-            checkpointing, offload_activations, mlp_chunk, compute_dtype, loss_chunk, device, gpu_mem, gpus, parallel, as_json):
+            checkpointing, offload_activations, mlp_chunk, dora, ia3, ia3_outputs, ia3_inputs,
+            compute_dtype, loss_chunk, device, gpu_mem, gpus, parallel,
+            as_json):
     """Predict the GPU memory of QLoRA training from MODEL's config.json alone (no weights are loaded)."""
     config = me.load_model_config(model)
     names = parse_targets(targets)
@@ -112,7 +133,8 @@ def command(model, quant, blocksize, double_quant, rank, targets, lora_dropout, 
                             batch=batch, seq=seq,
                             checkpointing=checkpointing, device=device, loss_chunk=loss_chunk,
                             compute_bytes=2 if compute_dtype == "bf16" else 4, lora_dropout=lora_dropout,
-                            offload_activations=offload_activations, mlp_chunk=mlp_chunk)
+                            offload_activations=offload_activations, mlp_chunk=mlp_chunk, dora=dora,
+                            **_ia3_names(ia3, ia3_outputs, ia3_inputs))
     limit = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
     if gpus > 1:
         from qlora_kit.cli.estimate_devices import report

@@ -23,15 +23,10 @@ def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, .
     kernel with GQA inside the kernel, no padding mask; its output is laid out (B, S, nh, hd), so o_proj's input
     is a view of it). Exact against saved-tensor hooks on the CPU (tests/test_estimate.py). c: compute bytes."""
     T, c, H, r = cfg.batch * cfg.seq, cfg.compute_bytes, s.hidden, cfg.rank
-    q, kv, mask = s.heads * s.head_dim, s.kv_heads * s.head_dim, 1 if cfg.device == "cuda" else c
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
 
     def lora_inputs(modules: tuple[str, ...], width: int, shared: bool = False) -> int:
-        # The frozen quantized base saves nothing (it re-dequantizes W in backward); lora_A saves its input.
-        hit = sum(m in adapted for m in modules)
-        if cfg.lora_dropout > 0 and not cfg.replay_dropout:  # nn.Dropout: per adapter a dropped copy (T, width) c
-            return hit * (c + mask) * T * width  # + its mask: bool from CUDA's fused dropout, c on the CPU
-        # (T, width) the common input, saved once (replayed dropout saves x too, not a dropped copy)
-        return c * T * width if hit and not shared else 0
+        return inputs_saved(cfg, adapted, modules, T, width, shared)
 
     terms = {
         "attn_norm": 4 * T * (H + 1),  # (B, S, H) fp32: RMSNorm's upcast input (pow, mul) + rsqrt (B, S, 1)
@@ -42,9 +37,10 @@ def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, .
         "mlp_norm": 4 * T * (H + 1),  # (B, S, H) fp32 + (B, S, 1) fp32, post-attention RMSNorm
         **mlp_saved(s, cfg, adapted, T),
         "lora_hidden": c * T * r * sum(m in adapted for m in ATTENTION),  # (B, S, r) per adapter: A's output
+        "attn_methods": methods_saved(s, cfg, adapted, ATTENTION, T),
     }
     if tiled(cfg):  # the tiled MLP saves only its input x (B, S, H), the normed hidden the adapters read
-        terms.update(gate_up_inputs=c * T * H, mlp_hidden=0, down_input=0, mlp_lora_hidden=0)
+        terms.update(gate_up_inputs=c * T * H, mlp_hidden=0, down_input=0, mlp_lora_hidden=0, mlp_methods=0)
     if s.model_type == "qwen3":
         terms["qk_norms"] = 4 * T * (q + kv + s.heads + s.kv_heads)  # q_norm, k_norm: fp32 inputs + rsqrt
     return terms
@@ -57,16 +53,53 @@ def tiled(cfg: EstimateConfig) -> bool:
 def mlp_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: int) -> dict[str, int]:
     """What autograd saves in one Llama MLP for T tokens (the whole batch, or one tile of a tiled MLP)."""
     c, H, I = cfg.compute_bytes, s.hidden, s.intermediate
-    mask = 1 if cfg.device == "cuda" else c
-    copies = cfg.lora_dropout > 0 and not cfg.replay_dropout  # nn.Dropout: a dropped copy + mask per adapter
-    gu = sum(m in adapted for m in ("gate_proj", "up_proj"))
-    down = "down_proj" in adapted
     return {
-        "gate_up_inputs": gu * (c + mask) * T * H if copies else (c * T * H if gu else 0),  # (B, S, H) normed
+        "gate_up_inputs": inputs_saved(cfg, adapted, ("gate_proj", "up_proj"), T, H),  # (B, S, H) normed
         "mlp_hidden": 3 * c * T * I,  # (B, S, I) x3: gate output (saved by SiLU), SiLU output and up output (by mul)
-        "down_input": (down * (c + mask) if copies else c * down) * T * I,  # (B, S, I) silu(gate) * up
+        "down_input": inputs_saved(cfg, adapted, ("down_proj",), T, I),  # (B, S, I) silu(gate) * up
         "mlp_lora_hidden": c * T * cfg.rank * sum(m in adapted for m in MLP),  # (B, S, r) A's outputs
+        "mlp_methods": methods_saved(s, cfg, adapted, MLP, T),
     }
+
+
+def inputs_saved(cfg: EstimateConfig, adapted: tuple[str, ...], modules: tuple[str, ...], T: int, width: int,
+                 shared: bool = False) -> int:
+    """The (T, width) input of `modules` (one shared input: q/k/v, gate/up, or down, o) as LoRA and IA3 save it.
+    The frozen quantized base saves nothing (it re-dequantizes W in backward); lora_A saves its input; IA3's input
+    scaling x * l saves x (for l's gradient), and a LoRA under it then reads (and saves) its own x * l.
+    shared: x is already saved by another op (o_proj's input is a view of the SDPA output)."""
+    c = cfg.compute_bytes
+    mask = 1 if cfg.device == "cuda" else c
+    lora = [m for m in modules if m in adapted]
+    scaled = [m for m in modules if m in cfg.ia3_inputs]
+    if cfg.lora_dropout > 0 and not cfg.replay_dropout:  # nn.Dropout: per adapter a dropped copy (T, width) c
+        own = len(lora) * (c + mask) * T * width  # + its mask: bool from CUDA's fused dropout, c on the CPU
+        common = bool(scaled)
+    else:  # replayed dropout saves x too, not a dropped copy
+        own = c * T * width * sum(m in scaled for m in lora)  # each LoRA-under-IA3 saves its x * l
+        common = bool(scaled) or any(m not in scaled for m in lora)
+    return own + (c * T * width if common and not shared else 0)
+
+
+def methods_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], modules: tuple[str, ...],
+                  T: int) -> int:
+    """What DoRA and IA3 save beyond LoRA's inputs, for `modules` of one layer (dora.py, ia3.py forwards).
+    DoRA, y + (g-1)*Wx + g*h: the detached norm (out,) fp32 (by g = m / norm), (g-1) and g cast to c (out,) each,
+    and Wx, h (T, out) c (each product saves its other factor). IA3 output scaling y * l: y (T, out) c and l cast
+    to c (out,); input scaling: l cast (in,) (its x is in `inputs_saved`). In fp32 (c = 4) IA3's cast is a view
+    of the parameter itself: nothing."""
+    c, total = cfg.compute_bytes, 0
+    cast = c if c != 4 else 0
+    for lin in s.linears:
+        if lin.name not in modules:
+            continue
+        if cfg.dora and lin.name in adapted:
+            total += 4 * lin.out_features + 2 * c * lin.out_features + 2 * c * T * lin.out_features
+        if lin.name in cfg.ia3_outputs:
+            total += c * T * lin.out_features + cast * lin.out_features
+        if lin.name in cfg.ia3_inputs:
+            total += cast * lin.in_features
+    return total
 
 
 def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...]) -> dict[str, int]:

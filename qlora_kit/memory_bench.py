@@ -26,8 +26,9 @@ from .terms import QUANT_TYPES
 _OPTIMIZERS = tuple(o for o in typing.get_args(Optimizer) if not o.startswith("paged"))
 GRID_KEYS = {"seq": (int, None), "batch": (int, None), "rank": (int, None), "quant": (str, QUANT_TYPES),
              "dropout": (float, None), "optimizer": (str, _OPTIMIZERS), "targets": (str, None),
-             "loss_chunk": (int, None), "offload_activations": (int, (0, 1)), "mlp_chunk": (int, None)}
-_ZERO_OK = ("offload_activations", "mlp_chunk")  # 0 means off
+             "loss_chunk": (int, None), "offload_activations": (int, (0, 1)), "mlp_chunk": (int, None),
+             "dora": (int, (0, 1)), "ia3": (int, (0, 1))}
+_ZERO_OK = ("offload_activations", "mlp_chunk", "dora", "ia3")  # 0 means off
 DEFAULTS = {k: v for k, v in asdict(MeasureConfig()).items() if k in GRID_KEYS}
 SHORT = {"seq": "s", "batch": "b", "rank": "r", "dropout": "d"}
 
@@ -93,6 +94,7 @@ def label(c: dict) -> str:
     parts += [f"{k}={c[k]}" for k in ("dropout", "optimizer", "targets", "loss_chunk", "mlp_chunk")
               if c[k] != DEFAULTS[k]]
     parts += ["offload"] if c["offload_activations"] else []
+    parts += [k for k in ("dora", "ia3") if c.get(k)]
     return " ".join(parts)
 
 

@@ -7,7 +7,8 @@ Pure Python: no torch, no bitsandbytes. Each component below has a stable key so
     quant_constants     4-bit: absmax per block (fp32, or uint8 + nested fp32 per 256 blocks + 256-entry code with
                         double quantization) + 16-entry fp32 codebook; int8: one fp32 scale per output row
     unquantized_params  embeddings, norms, lm_head (once when tied), Linear biases; 2 bytes each
-    adapters            LoRA A (r, in) and B (out, r) per adapted module, compute dtype
+    adapters            LoRA A (r, in) and B (out, r) per adapted module, compute dtype; fp32 vectors: DoRA's
+                        magnitude (out,) + its frozen ||W||^2 buffer (out,), IA3's (out,) or (in,) scales
     adapter_grads       the optimizer's ONE flat fp32 gradient (4 bytes per adapter parameter; each bf16 gradient
                         is summed into it and freed as soon as autograd makes it)
     optimizer_state     ONE flat fp32 master of the adapters + AdamW moments over it (fp32 or 8-bit blockwise;
@@ -173,6 +174,12 @@ class EstimateConfig:
     """Checkpointed layer inputs in host memory (offload.py): 2 on the device in backward, all L on the host."""
     mlp_chunk: int = TrainConfig.mlp_chunk
     """> 0: tiled MLP (tiled_mlp.py): one chunk's intermediates at a time."""
+    dora: bool = LoraConfig.dora
+    """lora.dora: each LoRA target also trains an (out,) fp32 magnitude and keeps an (out,) fp32 ||W||^2 buffer."""
+    ia3_outputs: tuple[str, ...] = ()
+    """ia3.outputs: modules whose output an (out,) fp32 vector scales (empty: no IA3)."""
+    ia3_inputs: tuple[str, ...] = ()
+    """ia3.inputs: modules whose input an (in,) fp32 vector scales."""
 
     def __post_init__(self):
         if not isinstance(self.mlp_chunk, int) or self.mlp_chunk < 0:
@@ -185,6 +192,10 @@ class EstimateConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}, got {getattr(self, name)!r}")
+        both = sorted(set(self.ia3_outputs) & set(self.ia3_inputs))
+        if both:
+            raise ConfigError(f"ia3: {both[0]} is in both outputs and inputs; a module scales its output or its "
+                              "input, not both. Remove it from one list")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora dropout must be in [0, 1), got {self.lora_dropout}")
 
@@ -256,13 +267,21 @@ def _optimizer_bytes(numel: int, optimizer: str) -> int:
 def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     s = count_params(config)
     adapted = resolve_targets(s, cfg.targets)
+    resolve_targets(s, cfg.ia3_outputs), resolve_targets(s, cfg.ia3_inputs)  # names checked: clear errors
     wq = cq = 0
     for lin in s.linears:
         w, k = _quant_bytes(lin, cfg)
         wq, cq = wq + s.layers * w, cq + s.layers * k
     adapter_shapes = [(cfg.rank, lin.in_features) for lin in s.linears if lin.name in adapted]
     adapter_shapes += [(lin.out_features, cfg.rank) for lin in s.linears if lin.name in adapted]
-    n_adapter = s.layers * sum(a * b for a, b in adapter_shapes)
+    n_lora = s.layers * sum(a * b for a, b in adapter_shapes)
+    # fp32 vectors per layer: DoRA's magnitude (out,) per LoRA target; IA3's (out,) or (in,) per scaled module
+    n_vectors = s.layers * sum((lin.out_features if lin.name in adapted and cfg.dora else 0)
+                               + (lin.out_features if lin.name in cfg.ia3_outputs else 0)
+                               + (lin.in_features if lin.name in cfg.ia3_inputs else 0) for lin in s.linears)
+    n_adapter = n_lora + n_vectors
+    # DoRA's frozen ||W_i||^2 buffer, (out,) fp32 per target (dora.DoRALinear.w2): not trained, but resident
+    dora_w2 = 4 * s.layers * sum(lin.out_features for lin in s.linears if lin.name in adapted) if cfg.dora else 0
     # optim.MasterWeightOptimizer: the inner optimizer steps ONE flat fp32 master of every adapter
     inner = _optimizer_bytes(n_adapter, cfg.optimizer)
     optim = inner + 4 * n_adapter
@@ -270,7 +289,7 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     static = {
         "quantized_weights": wq, "quant_constants": cq,
         "unquantized_params": 2 * sum(s.other.values()),  # bf16/fp16
-        "adapters": cfg.compute_bytes * n_adapter, "optimizer_state": optim,
+        "adapters": cfg.compute_bytes * n_lora + 4 * n_vectors + dora_w2, "optimizer_state": optim,
         "cuda_context": CUDA_CONTEXT_BYTES if cfg.device == "cuda" else 0,
     }
     grads = 4 * n_adapter  # the flat fp32 gradient; a bf16 adapter gradient lives only until its hook sums it

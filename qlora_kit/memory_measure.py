@@ -71,6 +71,10 @@ class MeasureConfig:
     """train.offload_activations: checkpointed layer inputs in host memory (reported apart: `host`)."""
     mlp_chunk: int = 0
     """train.mlp_chunk: tiled MLP (0: off)."""
+    dora: bool = False
+    """lora.dora: DoRA on every LoRA target."""
+    ia3: bool = False
+    """An `ia3: {}` section: IA3 with its default targets (outputs k_proj, v_proj; input down_proj)."""
     replay_dropout: bool = True
     """False: LoRA dropout as plain nn.Dropout (saved copies), to measure what replaying the masks saves."""
     overrides: str = ""
@@ -124,7 +128,9 @@ def recipe_for(cfg: MeasureConfig, data_path: Path):
     return recipe_from_dict({
         "model": {"path": cfg.model},
         "quant": {"type": cfg.quant},
-        "lora": {"r": cfg.rank, "alpha": 2 * cfg.rank, "dropout": cfg.dropout, "targets": parse_targets(cfg.targets)},
+        "lora": {"r": cfg.rank, "alpha": 2 * cfg.rank, "dropout": cfg.dropout, "targets": parse_targets(cfg.targets),
+                 "dora": cfg.dora},
+        **({"ia3": {}} if cfg.ia3 else {}),
         "data": {"path": str(data_path), "format": "text", "max_length": cfg.seq},
         "train": {"steps": cfg.steps, "batch_size": cfg.batch, "optimizer": cfg.optimizer, "device": cfg.device,
                   "num_threads": cfg.threads, "seed": cfg.seed, "warmup_steps": 0, "loss_chunk": cfg.loss_chunk,
@@ -158,7 +164,11 @@ def static_inventory(model, optimizer) -> dict[str, int]:
             seen.add(ptr)
             out[key] += t.untyped_storage().nbytes()
 
+    from .dora import DoRALinear
+
     for m in model.modules():
+        if isinstance(m, DoRALinear):  # its frozen ||W||^2 (out,) fp32 belongs to the adapter, as estimated
+            add("adapters", m.w2)
         for b in m.buffers(recurse=False):
             add("unquantized_params", b)
         if isinstance(m, QuantLinear):
@@ -231,7 +241,14 @@ def estimate_config(recipe, device: str):
                           checkpointing=t.gradient_checkpointing, device=device, loss_chunk=t.loss_chunk,
                           compute_bytes=2 if recipe.quant.compute_dtype == "bf16" else 4, lora_dropout=lo.dropout,
                           replay_dropout=LoRALinear.replay_dropout, offload_activations=t.offload_activations,
-                          mlp_chunk=t.mlp_chunk)
+                          mlp_chunk=t.mlp_chunk, dora=lo.dora,
+                          ia3_outputs=_names(recipe.ia3.outputs) if recipe.ia3 else (),
+                          ia3_inputs=_names(recipe.ia3.inputs) if recipe.ia3 else ())
+
+
+def _names(targets) -> tuple[str, ...]:
+    """ia3.outputs / ia3.inputs as module names (a regex string is passed whole: the estimate names it if unknown)."""
+    return (targets,) if isinstance(targets, str) else tuple(targets)
 
 
 def measure(cfg: MeasureConfig) -> dict:

@@ -2,6 +2,7 @@
 quantized buffers, monotonicity, the GPU table, and the `qlora-kit estimate` command (exit 2 on bad input)."""
 
 import json
+from pathlib import Path
 import os
 import subprocess
 import sys
@@ -89,6 +90,34 @@ def test_adapter_count_equals_real_injection():
     assert e.adapter_params == trainable
 
 
+def test_dora_ia3_params_equal_real_injection():
+    """DoRA's magnitudes and IA3's vectors: counted as trained, their fp32 bytes (and DoRA's ||W||^2 buffer) in
+    `adapters`, and 4 bytes each in the flat gradient and master."""
+    from qlora_kit.dora import DoRALinear
+    from qlora_kit.lora import LoraSpec, inject
+    from qlora_kit.methods import inject_ia3
+
+    config = transformers.LlamaConfig(**TINY)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    inject(model, ["q_proj", "v_proj"], LoraSpec(r=4, alpha=8), layer=DoRALinear)
+    inject_ia3(model, ["k_proj", "v_proj"], ["down_proj"])
+    trained = [p for p in model.parameters() if p.requires_grad]
+    nbytes = sum(p.numel() * p.element_size() for p in trained)
+    nbytes += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith(".w2"))
+    cfg = me.EstimateConfig(rank=4, targets=("q_proj", "v_proj"), dora=True, ia3_outputs=("k_proj", "v_proj"),
+                            ia3_inputs=("down_proj",))
+    e = me.estimate(config.to_dict(), cfg)
+    assert e.adapter_params == sum(p.numel() for p in trained)
+    assert e.components["adapters"] == nbytes
+    plain = me.estimate(config.to_dict(), me.EstimateConfig(rank=4, targets=("q_proj", "v_proj")))
+    extra = e.adapter_params - plain.adapter_params
+    assert e.sizes["adapter_grads"] - plain.sizes["adapter_grads"] == 4 * extra
+    with pytest.raises(me.ConfigError, match="both outputs and inputs"):
+        me.EstimateConfig(ia3_outputs=("v_proj",), ia3_inputs=("v_proj",))
+    with pytest.raises(me.ConfigError, match="did you mean k_proj"):
+        me.estimate(config.to_dict(), me.EstimateConfig(ia3_outputs=("k_prj",)))
+
+
 @pytest.mark.parametrize("shape", [(3, 7), (256, 688), (576, 1536), (4096, 4096)])
 @pytest.mark.parametrize("quant,double_quant,blocksize", [
     ("nf4", True, 64), ("nf4", False, 64), ("fp4", True, 128), ("int8", False, 64)])
@@ -149,6 +178,24 @@ def _run(capsys, *args):
     rc = main(["estimate", *args])
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def test_cli_dora_ia3_flags(capsys):
+    """--dora / --ia3 reach the estimate; the grid keys dora/ia3 build a recipe whose estimate config has them."""
+    from qlora_kit.memory_bench import parse_specs
+    from qlora_kit.memory_measure import MeasureConfig, estimate_config, recipe_for
+
+    rc, out, _ = _run(capsys, "--model", "smollm2-135m", "--dora", "--ia3", "--json")
+    d = json.loads(out)
+    assert rc == 0 and d["config"]["dora"] and d["config"]["ia3_outputs"] == ["k_proj", "v_proj"]
+    assert d["config"]["ia3_inputs"] == ["down_proj"]
+    plain = me.estimate(SMOL, me.EstimateConfig())
+    assert d["adapter_params"] == plain.adapter_params + 30 * (5184 + 2 * 192 + 1536)  # magnitudes + IA3 vectors
+    rc, out, _ = _run(capsys, "--model", "smollm2-135m", "--ia3-inputs", "down_proj", "--json")
+    assert json.loads(out)["config"]["ia3_outputs"] == []
+    assert parse_specs(["dora=0,1 ia3=1"]) == {"dora": [0, 1], "ia3": [1]}
+    cfg = estimate_config(recipe_for(MeasureConfig(dora=True, ia3=True), Path("unused.jsonl")), "cpu")
+    assert cfg.dora and cfg.ia3_outputs == ("k_proj", "v_proj") and cfg.ia3_inputs == ("down_proj",)
 
 
 def test_cli_json(capsys):
@@ -214,18 +261,29 @@ def test_script_exit_2_without_traceback():
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("\n") <= 2
 
 
-@pytest.mark.parametrize("cls,targets,dropout,replay,mlp_chunk", [
-    (transformers.LlamaConfig, "all-linear", 0.0, True, 0),
-    (transformers.LlamaConfig, "all-linear", 0.1, True, 0),
-    (transformers.LlamaConfig, "all-linear", 0.1, False, 0),
-    (transformers.LlamaConfig, "all-linear", 0.1, True, 16),
-    (transformers.LlamaConfig, ("q_proj", "v_proj", "up_proj"), 0.0, True, 0),
-    (transformers.Qwen3Config, ("k_proj", "o_proj", "down_proj"), 0.1, False, 0),
-    (transformers.Qwen3Config, ("k_proj", "o_proj", "down_proj"), 0.1, True, 24),
+IA3 = (("k_proj", "v_proj"), ("down_proj",))  # the recipe's default ia3 section: outputs, inputs
+
+
+@pytest.mark.parametrize("cls,targets,dropout,replay,mlp_chunk,dora,ia3", [
+    (transformers.LlamaConfig, "all-linear", 0.0, True, 0, False, None),
+    (transformers.LlamaConfig, "all-linear", 0.1, True, 0, False, None),
+    (transformers.LlamaConfig, "all-linear", 0.1, False, 0, False, None),
+    (transformers.LlamaConfig, "all-linear", 0.1, True, 16, False, None),
+    (transformers.LlamaConfig, ("q_proj", "v_proj", "up_proj"), 0.0, True, 0, False, None),
+    (transformers.Qwen3Config, ("k_proj", "o_proj", "down_proj"), 0.1, False, 0, False, None),
+    (transformers.Qwen3Config, ("k_proj", "o_proj", "down_proj"), 0.1, True, 24, False, None),
+    (transformers.LlamaConfig, "all-linear", 0.0, True, 0, True, None),  # DoRA everywhere
+    (transformers.LlamaConfig, (), 0.0, True, 0, False, IA3),  # IA3 alone
+    (transformers.LlamaConfig, "all-linear", 0.0, True, 0, False, IA3),  # LoRA under IA3 on v_proj, down_proj
+    (transformers.LlamaConfig, ("q_proj", "v_proj", "o_proj", "down_proj"), 0.1, False, 0, True, IA3),
+    (transformers.LlamaConfig, ("gate_proj",), 0.0, True, 0, True, (("o_proj", "up_proj"), ("q_proj", "gate_proj"))),
 ])
-def test_layer_activations_equal_saved_tensors(cls, targets, dropout, replay, mlp_chunk, monkeypatch):
+def test_layer_activations_equal_saved_tensors(cls, targets, dropout, replay, mlp_chunk, dora, ia3, monkeypatch):
     """What autograd really saves in one quantized + LoRA decoder layer (bf16, CPU) equals the per-layer formula:
-    with LoRA dropout as plain nn.Dropout or replayed from the RNG state, with and without a tiled MLP."""
+    with LoRA dropout as plain nn.Dropout or replayed from the RNG state, with and without a tiled MLP; with DoRA,
+    IA3 (input and output scaling), and both over the same modules."""
+    from qlora_kit.dora import DoRALinear
+    from qlora_kit.methods import inject_ia3
     from qlora_kit.lora import LoraSpec, LoRALinear, inject
     from qlora_kit.quant import QuantLinear, QuantSpec
     from qlora_kit.tiled_mlp import tile_mlps
@@ -239,7 +297,12 @@ def test_layer_activations_equal_saved_tensors(cls, targets, dropout, replay, ml
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear) and name != "lm_head":
                 setattr(parent, name, QuantLinear.from_weight(child.weight.data, QuantSpec("nf4", 64, True)))
-    inject(model, targets, LoraSpec(r=8, alpha=16, dropout=dropout))
+    if targets:
+        inject(model, targets, LoraSpec(r=8, alpha=16, dropout=dropout), layer=DoRALinear if dora else LoRALinear)
+    if ia3:
+        inject_ia3(model, list(ia3[0]), list(ia3[1]))
+    for name, p in model.named_parameters():  # frozen base, as training has it (else the norms save for .weight)
+        p.requires_grad_("lora_" in name or "ia3_l" in name)
     tile_mlps(model, mlp_chunk)
     model.train()
     B, S = 2, 64
@@ -258,6 +321,7 @@ def test_layer_activations_equal_saved_tensors(cls, targets, dropout, replay, ml
     measured = sum(n for ptr, n in saved.items() if ptr not in not_activations)
 
     cfg = me.EstimateConfig(rank=8, batch=B, seq=S, targets=targets, lora_dropout=dropout, device="cpu",
-                            replay_dropout=replay, mlp_chunk=mlp_chunk)
+                            replay_dropout=replay, mlp_chunk=mlp_chunk, dora=dora,
+                            ia3_outputs=ia3[0] if ia3 else (), ia3_inputs=ia3[1] if ia3 else ())
     s = me.count_params(config.to_dict())
     assert measured == sum(me.layer_activations(s, cfg, me.resolve_targets(s, targets)).values())

@@ -215,7 +215,7 @@ def run(req: Request, progress: bool = False) -> Result:
     if req.fast and kind != "gguf":
         from .inference import densify
 
-        densify(loaded.model)
+        densify(loaded.model, exact=True)
     t0 = time.perf_counter()
     loss, n = mean_loss(loaded.model, examples, data.pad_token_id(loaded.tokenizer), req.batch_size, req.device,
                         progress, recipe.train.loss_chunk if recipe is not None else 256)

@@ -48,10 +48,14 @@ def available_bytes() -> int:
     return psutil.virtual_memory().available
 
 
-def densify(model: nn.Module, dtype: torch.dtype | None = None, force: bool = False) -> bool:
+def densify(model: nn.Module, dtype: torch.dtype | None = None, force: bool = False, exact: bool = False) -> bool:
     """Replace every QuantLinear on the CPU by a frozen nn.Linear with weight dequant(W_q) in `dtype` (default:
-    its compute dtype). Returns whether it did (False: nothing quantized, on CUDA, or too big for free memory)."""
-    layers = _quantized(model)
+    its compute dtype). Returns whether it did (False: nothing quantized, on CUDA, or too big for free memory).
+    `exact` (eval): leave the bases of DoRA layers quantized. DoRALinear.weight_norm takes A·W^T through the
+    quantized layer's own bf16 matmul but in fp32 over a plain weight, so densifying would shift a DoRA run's loss
+    by ~3e-4 relative from what training computed; every other layer gives the same bits either way."""
+    layers = [(parent, name, q) for parent, name, q in _quantized(model)
+              if not (exact and isinstance(parent, dora.DoRALinear))]
     if not layers or any(q.qweight.is_cuda for _, _, q in layers):
         return False
     if not force and dense_bytes(model, dtype) > HEADROOM * available_bytes():

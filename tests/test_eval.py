@@ -104,6 +104,21 @@ def test_eval_of_run_equals_training_validation_loss_and_merged_export(tiny_mode
     assert base.loss > full.loss  # training on these records lowered their loss: the adapter is really there
 
 
+def test_eval_of_a_dora_plus_ia3_run_equals_its_validation_loss(tiny_model, tmp_path):
+    """eval reads every adapter method a run can hold (DoRA magnitudes, IA3 vectors over the quantized base) and
+    computes what the training loop's validation computed."""
+    from qlora_kit import train
+
+    path = write_jsonl(tmp_path / "facts.jsonl", FACTS + ALPACA * 2)
+    recipe = tiny_recipe(tiny_model, path, data={"val_fraction": 0.3}, train={"steps": 3, "batch_size": 3},
+                         lora={"dora": True}, ia3={})
+    summary = train.run(recipe, tmp_path / "run", progress=False)
+    res = evaluation.run(evaluation.Request(str(tmp_path / "run"), batch_size=3))
+    assert res.loss == pytest.approx(summary["val_loss"], rel=1e-5)
+    plain = evaluation.run(evaluation.Request(str(tiny_model), str(path), format="alpaca", max_length=64, quant="nf4"))
+    assert plain.loss != res.loss  # the methods' tensors really took part
+
+
 def test_cli_json_deterministic_and_max_examples(tiny_model, tmp_path, capsys):
     path = write_jsonl(tmp_path / "d.jsonl", TEXTS)
     outs = []

@@ -163,9 +163,12 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy adapter tensors into the model's LoRALinear modules; every key must exist with the same shape."""
-    own = adapter_state_dict(model)
-    missing = sorted(set(own) - set(tensors))
-    extra = sorted(set(tensors) - set(own))
+    copy_state(adapter_state_dict(model), tensors)
+
+
+def copy_state(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy `tensors` into the model's own tensors `own` (same keys, same shapes, else ValueError), in place."""
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or extra:
         raise ValueError(f"adapter keys do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
     with torch.no_grad():

@@ -59,15 +59,7 @@ def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy tensors into the model's adapters; every key must exist with the same shape (ValueError otherwise)."""
-    own = state_dict(model)
-    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    if missing or extra:
-        raise ValueError(f"adapter keys do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
-    with torch.no_grad():
-        for k, t in tensors.items():
-            if own[k].shape != t.shape:
-                raise ValueError(f"{k}: adapter has shape {tuple(t.shape)}, model expects {tuple(own[k].shape)}")
-            own[k].copy_(t)
+    lora.copy_state(state_dict(model), tensors)
 
 
 def _ia3_candidates(model: nn.Module, exclude: Sequence[str] = ("lm_head",)) -> list[str]:

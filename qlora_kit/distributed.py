@@ -49,6 +49,15 @@ def _env_int(name: str, default: int) -> int:
                           "(torchrun / accelerate launch): launch through one of them.") from None
 
 
+def _peer_failure(e: RuntimeError) -> bool:
+    """A communication failure (a peer died or went silent), not a bug: torch.distributed's DistError, or the plain
+    RuntimeError gloo's TCP transport raises from inside a collective ("[.../gloo/transport/tcp/pair.cc:537] Read
+    error ...: Connection reset by peer", seen when rank 1 was SIGKILLed during an FSDP all-gather)."""
+    text = str(e)
+    return isinstance(e, torch.distributed.DistError) or "gloo/transport" in text or "Connection reset by peer" in text \
+        or "Connection closed by peer" in text
+
+
 @dataclass
 class World:
     """This process's place among the ranks of one run. size 1: a plain single-process run."""
@@ -81,8 +90,8 @@ class World:
         died there becomes RankLost too. Only torch.distributed's own errors: a bug stays a bug, with its trace."""
         try:
             yield
-        except torch.distributed.DistError as e:
-            if not self.distributed:
+        except RuntimeError as e:  # DistError is one; gloo's transport also raises a plain RuntimeError
+            if not self.distributed or not _peer_failure(e):
                 raise
             raise RankLost(self._lost_message(what, e)) from None
 

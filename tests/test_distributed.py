@@ -377,3 +377,21 @@ def test_accelerate_single_process_launch_is_pointed_out(monkeypatch):
     assert "--multi_gpu --num_processes N" in single_process_hint()
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun underneath: really several processes
     assert single_process_hint() is None
+
+
+def test_a_gloo_transport_error_inside_fsdp_code_is_a_lost_rank_and_a_bug_stays_a_bug(monkeypatch):
+    """SIGKILLing a peer during FSDP's all-gather surfaces as a plain RuntimeError from gloo's TCP transport (not a
+    DistError); `guarded` must turn it into RankLost (exit 1, one message), while any other RuntimeError propagates."""
+    from qlora_kit import distributed
+    from qlora_kit.errors import RankLost
+
+    monkeypatch.setattr(distributed, "LIVENESS_WAIT_S", 0.0)
+    world = distributed.World(rank=0, size=2)
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                        "[127.0.0.1]:39615: Connection reset by peer.")
+    with pytest.raises(RankLost, match="stopped answering"):
+        with world.guarded("a training step"):
+            raise gloo
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        with world.guarded("a training step"):
+            raise RuntimeError("shape mismatch")

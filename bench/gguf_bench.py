@@ -128,13 +128,12 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from merge_bench import build_random_model, machine, random_adapter
+    from merge_bench import build_random_model, machine, random_adapter, worker_env
 
     from qlora_kit import shards
     from qlora_kit.model import resolve
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = worker_env(args.threads)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     models = [(args.model, resolve(args.model), False)]

@@ -181,6 +181,13 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def worker_env(threads: int) -> dict:
+    """The environment of a timed worker process: fixed, passive OpenMP threads (busy-waiting threads swing CPU
+    timings 20x when another process holds a core), offline."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="demo/real model folder or built-in name")
@@ -200,8 +207,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = worker_env(args.threads)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     from qlora_kit.model import resolve

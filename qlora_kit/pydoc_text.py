@@ -40,37 +40,33 @@ def is_heldout(name: str, fraction: float = HELDOUT_FRACTION) -> bool:
 def pieces(text: str, max_chars: int = MAX_CHARS) -> list[str]:
     """Consecutive pieces of `text`, each <= max_chars, cut at blank lines where possible, else at line breaks,
     else hard. Whitespace at piece edges is dropped; nothing else is lost or reordered."""
-    out: list[str] = []
-    current = ""
-    for para in (p.strip("\n") for p in text.split("\n\n")):
-        if not para.strip():
-            continue
-        parts = [para] if len(para) <= max_chars else _cut(para, max_chars)
-        for part in parts:
-            joined = f"{current}\n\n{part}" if current else part
-            if len(joined) <= max_chars:
-                current = joined
-            else:
-                out.append(current)
-                current = part
-    if current:
-        out.append(current)
-    return out
+    parts = [part for para in (p.strip("\n") for p in text.split("\n\n")) if para.strip()
+             for part in ([para] if len(para) <= max_chars else _cut(para, max_chars))]
+    return _greedy(parts, "\n\n", max_chars)
 
 
 def _cut(para: str, max_chars: int) -> list[str]:
-    parts, current = [], ""
+    """A paragraph longer than max_chars: its lines (a line longer than max_chars cut hard), joined greedily."""
+    lines = []
     for line in para.split("\n"):
         while len(line) > max_chars:  # one enormous line: cut hard
-            parts.append(line[:max_chars])
+            lines.append(line[:max_chars])
             line = line[max_chars:]
-        joined = f"{current}\n{line}" if current else line
+        lines.append(line)
+    return _greedy(lines, "\n", max_chars)
+
+
+def _greedy(parts: list[str], sep: str, max_chars: int) -> list[str]:
+    """Join consecutive `parts` (each <= max_chars) with `sep` into as few pieces of <= max_chars as greedily fit."""
+    out, current = [], ""
+    for part in parts:
+        joined = f"{current}{sep}{part}" if current else part
         if len(joined) <= max_chars:
             current = joined
         else:
-            parts.append(current)
-            current = line
-    return parts + ([current] if current else [])
+            out.append(current)
+            current = part
+    return out + ([current] if current else [])
 
 
 def split(max_chars: int = MAX_CHARS, fraction: float = HELDOUT_FRACTION) -> dict[str, list[str]]:

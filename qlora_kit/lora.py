@@ -62,7 +62,7 @@ class LoRALinear(nn.Module):
                 nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
 
-    # Training with dropout: regenerate the mask in backward instead of saving a dropped copy of x per adapter
+    # Training with dropout: no dropped copy of x per adapter, only a bool mask (CPU) or the RNG state (CUDA)
     # (dropout_replay.py; the same results). A class switch so benchmarks can measure the plain path.
     replay_dropout = True
 

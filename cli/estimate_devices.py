@@ -14,8 +14,9 @@ from qlora_kit.cli.estimate import LABELS, PHASES, _seq_cell, human_bytes
 DEVICE_LABELS = {
     **LABELS,
     "frozen_shard": "frozen base, this GPU's shard (1/N)",
-    "gathered_layers": "gathered decoder layers (2: current + prefetch)",
-    "root_gathered": "lm_head + final norm, gathered all step",
+    "gathered_layers": "gathered decoder layers (current + prefetch)",
+    "head_gathered": "lm_head, gathered around the loss only",
+    "root_gathered": "final norm (tied: + embeddings/lm_head), all step",
 }
 
 

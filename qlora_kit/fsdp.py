@@ -13,8 +13,11 @@ The LoRA adapters are NOT sharded (`ignored_params`): they are small, every rank
 gradients are summed by distributed.World.all_reduce_ once per step, as under ddp. So the optimizer, its state
 and the checkpoint are the same as in one process, and rank 0 writes the full adapter without a gather.
 The input embeddings are their own unit (gathered for the lookup only: their output needs no gradient, so backward
-never gathers them again). lm_head and the final norm belong to the root unit (the CausalLMLoss module that calls
-them chunk by chunk), gathered for the whole step; tied embeddings stay with lm_head in the root (one unit).
+never gathers them again). lm_head is the unit of loss.LossHead, which runs every loss chunk in one forward: it is
+gathered for the loss's forward, freed, gathered again when backward reaches the loss and freed before the decoder's
+backward (at 70B, 128256 x 8192 bf16 = 1.96 GiB that would otherwise stay whole for the step). The final norm
+belongs to the root unit (CausalLMLoss), gathered for the whole step. Tied embeddings stay with lm_head in the root
+(a tensor belongs to one unit, and the embedding lookup runs outside the head).
 """
 
 from __future__ import annotations
@@ -54,19 +57,29 @@ def shard(module: nn.Module, world: World, device: torch.device) -> None:
 def shard_embeddings(model: nn.Module, world: World, device: torch.device) -> None:
     """The input embeddings as their own unit, unless tied to lm_head (a tensor can belong to one unit only; the
     config decides: while loading, the tie is not made yet)."""
-    if world.distributed and not getattr(model.config, "tie_word_embeddings", False):
+    if world.distributed and not _tied(model):
         shard(model.get_input_embeddings(), world, device)
 
 
+def _tied(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False))
+
+
 def shard_root(loss_fn: nn.Module, model: nn.Module, world: World, device: torch.device) -> None:
-    """The root unit: whatever no layer owns (embeddings, final norm, lm_head), around the module whose forward
-    a step calls (the loss), so FSDP gathers them at the start of the step and runs its backward hooks."""
+    """The loss head as its own unit (untied lm_head), then the root unit: whatever no layer owns (the final norm;
+    tied embeddings + lm_head), around the module whose forward a step calls (the loss), so FSDP gathers them at
+    the start of the step and runs its backward hooks."""
     if not world.distributed:
         return
     from torch.distributed.fsdp import fully_shard
 
     trainable = {p for p in model.parameters() if p.requires_grad}
-    fully_shard(loss_fn, mesh=_mesh(world, device), ignored_params=trainable or None)
+    ignored = set(trainable)
+    if not _tied(model):
+        fully_shard(loss_fn.head, mesh=_mesh(world, device), ignored_params=trainable or None)
+        # lm_head is also reachable from the root through model.lm_head (the same module): the head unit owns it
+        ignored |= {p for p in loss_fn.head.parameters()}
+    fully_shard(loss_fn, mesh=_mesh(world, device), ignored_params=ignored or None)
 
 
 class LoadSharder:

@@ -83,6 +83,7 @@ def load(path: str, base: str | None = None, quant: QuantConfig | None = None, d
         _attach(model, p, DTYPES[(quant or QuantConfig()).compute_dtype])  # adapters compute as the base does
     loaded.model.eval()
     loaded.model.config.use_cache = True
+    loaded.model.generation_config.use_cache = True
     return loaded
 
 
@@ -147,6 +148,7 @@ def load_many(source: str, adapters: Mapping[str, str], base: str | None = None,
                                 else ("alpaca", None))
     model.eval()
     model.config.use_cache = True
+    model.generation_config.use_cache = True
     return loaded
 
 

@@ -38,6 +38,29 @@ def label_positions(labels: torch.Tensor) -> torch.Tensor:
     return t + t // (T - 1) if T > 1 else t  # -> into (B*T): skip each row's last position
 
 
+class LossHead(nn.Module):
+    """forward(h (N, H), y (N,), norm=None) -> the summed cross-entropy (fp32 scalar) of every chunk of `chunk`
+    rows; `norm`: the decoder's deferred final norm, applied per chunk (h is then the pre-norm hidden state).
+
+    One module for lm_head and every chunk, so that under FSDP (fsdp.shard_head) it is one unit: lm_head is
+    gathered once for all chunks of a micro-batch, freed after the forward, gathered again when backward reaches
+    the loss, and freed before the decoder's backward starts (an lm_head of 128k x 8192 bf16 is 2 GiB)."""
+
+    def __init__(self, lm_head: nn.Module, chunk: int):
+        super().__init__()
+        self.lm_head, self.chunk = lm_head, chunk
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        total = h.new_zeros((), dtype=torch.float32)
+        for s in range(0, h.shape[0], self.chunk):
+            piece = (self.lm_head, h[s : s + self.chunk], y[s : s + self.chunk], norm)
+            if torch.is_grad_enabled():
+                total = total + checkpoint(_chunk_loss, *piece, use_reentrant=False)
+            else:
+                total = total + _chunk_loss(*piece)
+        return total
+
+
 class CausalLMLoss(nn.Module):
     """forward(input_ids, attention_mask, labels, positions=None, position_ids=None) -> (mean loss over label
     tokens, label tokens).
@@ -51,7 +74,7 @@ class CausalLMLoss(nn.Module):
 
     def __init__(self, model: nn.Module, chunk: int = 256):  # config.TrainConfig.loss_chunk
         super().__init__()
-        self.model, self.chunk = model, chunk
+        self.model, self.head = model, LossHead(model.get_output_embeddings(), chunk)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
@@ -80,12 +103,4 @@ class CausalLMLoss(nn.Module):
         if n == 0:
             return hidden.sum() * 0.0, 0
         del hidden  # nothing saved it (index_select keeps indices): (B, T, H) freed before the chunks run
-        lm_head = self.model.get_output_embeddings()
-        total = h.new_zeros((), dtype=torch.float32)
-        for s in range(0, n, self.chunk):
-            piece = (lm_head, h[s : s + self.chunk], y[s : s + self.chunk], norm)
-            if torch.is_grad_enabled():
-                total = total + checkpoint(_chunk_loss, *piece, use_reentrant=False)
-            else:
-                total = total + _chunk_loss(*piece)
-        return total / n, n
+        return self.head(h, y, norm) / n, n

@@ -5,9 +5,11 @@ What each rank holds (the design of distributed.py and fsdp.py):
     ddp   everything of one device: the whole frozen base, the adapters, their optimizer, one micro-batch's
           activations. The gradient sum runs in place on the optimizer's flat fp32 gradient: no extra buffer.
     fsdp  frozen_shard      (quantized codes + constants + 16-bit norms/embeddings) / N, rounded up per rank
-          gathered_layers   two decoder layers gathered at once (the one computing and the one prefetched)
-          root_gathered     lm_head + final norm (the root unit), gathered for the whole step; embeddings are
-                            their own unit (gathered only during the embedding lookup) unless tied to lm_head
+          gathered_layers   decoder layers gathered at the phase's peak: two in the decoder's backward (the one
+                            computing and the one prefetched), one at the loss head (the prefetch), none at the step
+          head_gathered     lm_head (loss.LossHead's unit), gathered only around the loss, in forward and backward
+          root_gathered     the final norm (the root unit), gathered for the whole step; the embeddings are their
+                            own unit (gathered only for the lookup) unless tied: then embeddings and lm_head are root
           + the replicated adapters, optimizer and gradients, and one micro-batch's activations.
 Not modelled: NCCL's own buffers (tens of MiB per GPU) and allocator fragmentation between gathers.
 """
@@ -38,16 +40,22 @@ class DeviceEstimate:
                 "peak_phase": self.peak_phase, "one_device_total": self.one_device.total}
 
 
-def _unquantized_split(s: me.ModelShapes) -> tuple[int, int, int]:
-    """Bytes (bf16) of the embeddings, of the root unit (lm_head + final norm; embeddings too when tied) and of
-    one layer's norms and biases (sharded with their layer)."""
+def _unquantized_split(s: me.ModelShapes) -> tuple[int, int, int, int]:
+    """Bytes (bf16) of the embeddings, of the loss head's unit (lm_head, when untied), of the root unit (the final
+    norm; embeddings + lm_head too when tied) and of one layer's norms and biases (sharded with their layer)."""
     other = s.other
     embed = 2 * other.get("embed_tokens", 0)
-    root = 2 * (other.get("lm_head", 0) + other.get("norm", 0))
-    layer = (2 * sum(other.values()) - embed - root) // max(s.layers, 1)
+    head = 2 * other.get("lm_head", 0)
+    root = 2 * other.get("norm", 0)
+    layer = (2 * sum(other.values()) - embed - head - root) // max(s.layers, 1)
     if s.tied:
-        root, embed = root + embed, 0
-    return embed, root, layer
+        root, embed, head = root + embed + head, 0, 0
+    return embed, head, root, layer
+
+
+# Decoder layers gathered at each phase's peak: the head's backward prefetches the last layer; in the decoder's
+# backward one layer computes while the next is prefetched; the optimizer step gathers nothing.
+_LAYERS_GATHERED = {"loss_head": 1, "decoder_backward": 2, "optimizer_step": 0}
 
 
 def per_device(config: dict, cfg: me.EstimateConfig, gpus: int, parallel: Parallel) -> DeviceEstimate:
@@ -56,21 +64,21 @@ def per_device(config: dict, cfg: me.EstimateConfig, gpus: int, parallel: Parall
     s = e.shapes
     frozen = sum(e.components[k] for k in FROZEN)
     if parallel == "ddp" or gpus == 1:
-        extra = {}
-        static_delta = 0
-        parts = dict(e.components)
-    else:
-        embed, root, layer_norms = _unquantized_split(s)
-        layer_q = (e.components["quantized_weights"] + e.components["quant_constants"]) // s.layers + layer_norms
-        shard = -(-frozen // gpus)
-        extra = {"frozen_shard": shard, "gathered_layers": 2 * layer_q, "root_gathered": root}
-        static_delta = shard + 2 * layer_q + root - frozen
-        parts = {k: v for k, v in e.components.items() if k not in FROZEN}
-    # the per-device changes are the same in every phase of the step, so the peak stays where it was
-    phases = {name: total + static_delta for name, total in e.phases.items()}
-    per = {**parts, **extra}
-    assert sum(per.values()) == phases[e.peak_phase]
-    return DeviceEstimate(gpus, parallel, per, phases[e.peak_phase], e, e.peak_phase)
+        return DeviceEstimate(gpus, parallel, dict(e.components), e.total, e, e.peak_phase)
+    embed, head, root, layer_norms = _unquantized_split(s)
+    layer_q = (e.components["quantized_weights"] + e.components["quant_constants"]) // s.layers + layer_norms
+    shard = -(-frozen // gpus)
+
+    def gathered(phase: str) -> dict[str, int]:  # the frozen bytes on a device at this phase's peak
+        return {"frozen_shard": shard, "gathered_layers": _LAYERS_GATHERED[phase] * layer_q,
+                "head_gathered": head if phase == "loss_head" else 0, "root_gathered": root}
+
+    phases = {name: total - frozen + sum(gathered(name).values()) for name, total in e.phases.items()}
+    peak = max(phases, key=phases.get)
+    # the one-device components at this phase's peak (the frozen ones replaced by the shard and the gathers)
+    per = {**{k: v for k, v in e.by_phase[peak].items() if k not in FROZEN}, **gathered(peak)}
+    assert sum(per.values()) == phases[peak]
+    return DeviceEstimate(gpus, parallel, per, phases[peak], e, peak)
 
 
 def max_seq_table(config: dict, cfg: me.EstimateConfig, gpus: int, parallel: Parallel,

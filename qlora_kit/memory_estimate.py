@@ -215,6 +215,7 @@ class Estimate:
     phases: dict[str, int]  # each phase's total (static components + that phase's transient tensors)
     sizes: dict[str, int]  # each component's own maximum over the step, whichever phase it peaks in
     host: dict[str, int] = field(default_factory=dict)  # host (CPU RAM) bytes outside `total`: offloaded_activations
+    by_phase: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> components at that phase's peak
     total: int = field(init=False)
 
     def __post_init__(self):
@@ -312,9 +313,10 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
         "optimizer_step": {"adapter_grads": grads, "activations": 0, "logits_and_loss": 0,
                            "optimizer_state": step_temps},
     }
-    phases = {name: sum(static.values()) + sum(t.values()) for name, t in transient.items()}
+    by_phase = {name: {k: static.get(k, 0) + t.get(k, 0) for k in COMPONENTS} for name, t in transient.items()}
+    phases = {name: sum(c.values()) for name, c in by_phase.items()}
     peak = max(phases, key=phases.get)
-    components = {k: static.get(k, 0) + transient[peak].get(k, 0) for k in COMPONENTS}
+    components = by_phase[peak]
     own = {"adapter_grads": grads, "activations": sum(acts.values()), "logits_and_loss": sum(logits.values()),
            "optimizer_state": step_temps}  # each at its own worst moment (the first layer done, for activations)
     sizes = {k: static.get(k, 0) + own.get(k, 0) for k in COMPONENTS}
@@ -322,7 +324,8 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     unchunked = 4 * cfg.batch * cfg.seq * (s.hidden + 1) + cfg.compute_bytes * cfg.batch * cfg.seq * s.hidden + \
         3 * 4 * cfg.batch * cfg.seq * s.vocab
     return Estimate(components, s, adapted, n_adapter, (wq + cq) * 8 / s.linear_params, acts, logits,
-                    unchunked, inner if cfg.optimizer.startswith("paged") else 0, peak, phases, sizes, host)
+                    unchunked, inner if cfg.optimizer.startswith("paged") else 0, peak, phases, sizes, host,
+                    by_phase)
 
 
 def max_seq_table(config: dict, cfg: EstimateConfig, gpus_gib=GPU_SIZES_GIB) -> list[dict]:

@@ -395,3 +395,24 @@ def test_a_gloo_transport_error_inside_fsdp_code_is_a_lost_rank_and_a_bug_stays_
     with pytest.raises(RuntimeError, match="shape mismatch"):
         with world.guarded("a training step"):
             raise RuntimeError("shape mismatch")
+
+
+def test_fsdp_frees_lm_head_outside_the_loss(setup, tmp_path):
+    """lm_head is the loss head's own FSDP unit (fsdp.shard_root): gathered while the loss runs, sharded while the
+    decoder runs forward and backward (at 70B that is 1.96 GiB per GPU that would otherwise stay whole). Before
+    this unit existed lm_head sat in the root unit, gathered for the whole step: this test failed then."""
+    root, model, data_path = setup
+    raw = _recipe_dict(model, data_path, parallel="fsdp")
+    recipe = _write(tmp_path, raw)
+    port, procs = str(_free_port()), []
+    for rank in range(2):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": str(Path(__file__).parent)}
+        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).parent / "fsdp_head_probe.py"),
+                                       str(recipe)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [finish(proc) for proc in procs]
+    seen = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert seen["loss_forward"] and all(seen["loss_forward"])  # the probe sees a gathered lm_head when it is one
+    assert seen["decoder_forward"] and not any(seen["decoder_forward"])
+    assert seen["decoder_backward"] and not any(seen["decoder_backward"])

@@ -31,7 +31,13 @@ def test_fsdp_shards_the_frozen_base_and_ddp_replicates_it():
     assert fsdp.per_device["frozen_shard"] == -(-frozen // 2)
     layer_q = (one.components["quantized_weights"] + one.components["quant_constants"]) / s.layers
     assert fsdp.per_device["gathered_layers"] == pytest.approx(2 * layer_q, rel=1e-3)
-    assert fsdp.per_device["root_gathered"] == 2 * (s.other["lm_head"] + s.other["norm"])
+    assert fsdp.per_device["root_gathered"] == 2 * s.other["norm"]  # untied: lm_head is the loss head's unit
+    # lm_head is gathered around the loss only: the loss-head phase holds it whole, the decoder's backward does not
+    assert fsdp.peak_phase == "decoder_backward" and fsdp.per_device["head_gathered"] == 0
+    lean = md.per_device(LLAMA70, me.EstimateConfig(batch=1, seq=2048, offload_activations=True, mlp_chunk=512), 2,
+                         "fsdp")
+    assert lean.peak_phase == "loss_head" and lean.per_device["head_gathered"] == 2 * s.other["lm_head"]
+    assert lean.per_device["gathered_layers"] == pytest.approx(layer_q, rel=1e-3)  # only the prefetched one
     ddp = md.per_device(LLAMA70, cfg, 2, "ddp")
     assert ddp.total >= one.total and fsdp.total < 0.7 * one.total
     four = md.per_device(LLAMA70, cfg, 4, "fsdp")
@@ -72,6 +78,8 @@ def test_the_70b_recipe_states_its_own_estimate():
     r = load_recipe(path)
     stated = float(re.search(r"predicts ([0-9.]+) GiB per GPU", open(path).read()).group(1))
     cfg = me.EstimateConfig(rank=r.lora.r, batch=r.train.batch_size, seq=r.data.max_length,
-                            optimizer=r.train.optimizer, lora_dropout=r.lora.dropout)
+                            optimizer=r.train.optimizer, lora_dropout=r.lora.dropout,
+                            offload_activations=r.train.offload_activations, mlp_chunk=r.train.mlp_chunk)
     d = md.per_device(LLAMA70, cfg, 2, r.train.parallel)
     assert r.train.parallel == "fsdp" and round(d.total / 2**30, 2) == stated
+    assert d.total <= 24 * 2**30  # the recipe's name is its promise

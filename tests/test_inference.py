@@ -57,3 +57,27 @@ def test_densify_declines_when_memory_is_short(tiny_model, monkeypatch):
     assert not inference.densify(loaded.model)
     assert "unchanged" in inference.for_decoding(loaded.model)
     assert any(isinstance(m, QuantLinear) for m in loaded.model.modules())
+
+
+def _fed_lengths(model, run) -> list[int]:
+    """The sequence length of input_ids at every forward of `model` while `run()` generates."""
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_generate_feeds_one_token_per_step_through_the_kv_cache(tiny_model):
+    """load_base turns the cache off for training (config.use_cache False, which transformers copies into the
+    generation config); without the cache every new token re-ran the whole sequence (O(n^2), ~5x slower for 64
+    tokens on the demo model). After the prompt, each step must feed exactly one token."""
+    loaded = generate.load(str(tiny_model), quant=QuantConfig("nf4"))
+    lens = _fed_lengths(loaded.model, lambda: generate.answer(loaded, ["hello world"], max_new_tokens=5))
+    assert len(lens) >= 2 and lens[0] > 1 and set(lens[1:]) == {1}, lens
+    many = generate.load_many(str(tiny_model), {}, quant=QuantConfig("nf4"))
+    lens = _fed_lengths(many.model, lambda: generate.answer_routed(many, ["hello", "a longer prompt"], [None, None],
+                                                                   max_new_tokens=5))
+    assert len(lens) >= 2 and set(lens[1:]) == {1}, lens

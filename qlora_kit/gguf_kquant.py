@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +106,14 @@ def quantize(W: np.ndarray, kind: str) -> np.ndarray:
     W = np.ascontiguousarray(W, dtype=np.float32)
     rows, cols = W.shape
     out = np.empty((rows, cols // block * size), dtype=np.uint8)
-    written = _ggml()(int(qt), W.ctypes.data, out.ctypes.data, 0, rows, cols, None)
+    fn = _ggml()
+    parts = np.array_split(np.arange(rows), max(1, min(os.cpu_count() or 1, rows // 64)))
+
+    def part(r: np.ndarray) -> int:  # rows [r0, r1): ggml writes them at their own offset of dst
+        return fn(int(qt), W.ctypes.data, out.ctypes.data, int(r[0]) * cols, len(r), cols, None) if len(r) else 0
+
+    with ThreadPoolExecutor(len(parts)) as pool:  # ctypes releases the GIL during each call
+        written = sum(pool.map(part, parts))
     if written != out.nbytes:
         raise ExportError(f"llama.cpp's quantizer wrote {written} bytes for a {rows}x{cols} {kind} tensor, "
                           f"expected {out.nbytes}.")

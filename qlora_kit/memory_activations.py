@@ -109,7 +109,8 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
     T, c = cfg.batch * cfg.seq, cfg.compute_bytes
     layer = sum(layer_activations(s, cfg, adapted).values())
     # (B, S, H) per layer: what a checkpoint keeps; offloaded: only the layer in backward + the prefetched one
-    kept_layers = 2 if cfg.offload_activations else s.layers
+    # (reembed.py: without offload, layer 0's input is looked up again from the ids in backward, not kept)
+    kept_layers = 2 if cfg.offload_activations else s.layers - (1 if cfg.reembed else 0)
     terms = {"layer_inputs": kept_layers * c * T * s.hidden,
              # one layer's full set, rebuilt during its backward; its input norm saves the kept input itself
              "recomputed_layer": layer - c * T * s.hidden}

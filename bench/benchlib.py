@@ -74,6 +74,7 @@ def build_random_llama(folder: Path, config, shard_bytes: int = 1 << 30) -> Path
             weight_map |= dict.fromkeys(keys, final)
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                       "weight_map": weight_map}, indent=1))
+        config.architectures = ["LlamaForCausalLM"]  # what a real checkpoint names (the GGUF export reads it)
         config.save_pretrained(tmp)
         save_tokenizer(tmp)
     print(file=sys.stderr)

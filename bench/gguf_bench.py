@@ -7,6 +7,7 @@ variants interleaved, OMP_NUM_THREADS set and OMP_WAIT_POLICY=PASSIVE (docs/ARCH
 
     python bench/gguf_bench.py --threads 2                     # demo + random llama-1.6b (~3.2 GB bf16)
     python bench/gguf_bench.py --random-config none            # demo only
+    python bench/gguf_bench.py --no-demo                       # the random Llama only, added to the results
 
 Writes bench/results/gguf.json and bench/results/gguf.md.
 """
@@ -99,7 +100,12 @@ def markdown(result: dict) -> str:
              f"Command: `{result['command']}` ({result['threads']} threads, OMP_WAIT_POLICY=PASSIVE). Each export in a "
              "fresh process, variants interleaved; adapter r=16 on all linear layers, dequantized (NF4) merge base.", ""]
     for label, block in result["models"].items():
-        lines += [f"## {label} ({block['bytes'] / 1e9:.2f} GB bf16)", "",
+        lines += [f"## {label} ({block['bytes'] / 1e9:.2f} GB bf16)", ""]
+        if "command" in block:
+            lines += [f"Command: `{block['command']}`" + (f"; load average (1/5/15 min) at the end "
+                      f"{'/'.join(f'{x:.1f}' for x in block['load_average'][0])}" if "load_average" in block else "")
+                      + (f"; {block['note']}" if "note" in block else "") + ".", ""]
+        lines += [
                   "| variant | s | output GB | peak RSS | work RSS |", "|---|---|---|---|---|"]
         for r in block["runs"]:
             lines.append(f"| {r['variant']} | {r['seconds']:.1f} | {r['bytes'] / 1e9:.3f} | "
@@ -117,6 +123,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--random-config", default="llama-1.6b", help="merge_bench preset or config.json; 'none' to skip")
+    p.add_argument("--no-demo", action="store_true", help="skip --model; keep its block of the previous results")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--workdir", default="/tmp/qlora-gguf-bench")
@@ -136,7 +143,7 @@ def main() -> None:
     env = worker_env(args.threads)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    models = [(args.model, resolve(args.model), False)]
+    models = [] if args.no_demo else [(args.model, resolve(args.model), False)]
     if args.random_config != "none":
         models.append((f"random {args.random_config}", build_random_model(args.random_config, work / "random"), True))
     exe = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
@@ -145,7 +152,8 @@ def main() -> None:
         adapter = random_adapter(base, work / f"adapter-{base.name}")
         print(f"{label}: {base}", flush=True)
         runs = [run_one(v, base, adapter, work, env) for _ in range(args.repeats) for v in VARIANTS]
-        block = {"bytes": sum(i.nbytes for i in shards.tensor_index(base).values()), "runs": runs}
+        block = {"bytes": sum(i.nbytes for i in shards.tensor_index(base).values()), "runs": runs,
+                 "command": result["command"], "load_average": [os.getloadavg(), "at the end"]}
         if not temporary:
             block["accuracy"] = demo_accuracy(base, adapter, work)
         result["models"][label] = block
@@ -155,6 +163,11 @@ def main() -> None:
     for p in (work / "out", work / "out.gguf", work / "out.Modelfile"):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     results = Path(args.results)
+    if args.no_demo and (results / "gguf.json").is_file():  # keep the other models' blocks of the last run
+        old = json.loads((results / "gguf.json").read_text())
+        result["models"] = {**{k: {"command": old["command"], "note": f"load average at its start "
+                                   f"{old['machine'].get('loadavg')}", **v} for k, v in old["models"].items()},
+                            **result["models"]}
     (results / "gguf.json").write_text(json.dumps(result, indent=1) + "\n")
     (results / "gguf.md").write_text(markdown(result))
     print(markdown(result))

@@ -2,10 +2,12 @@
 
     OMP_NUM_THREADS=1 python bench/long_context_step_time.py --seq 2048 --steps 4 --threads 1 --out bench/results
 
-smollm2-135m, batch 1, LoRA r=16 on every Linear, dropout 0.05. One process holds two prepared models: A = today's
-path (mlp_chunk 0, LoRA dropout as nn.Dropout: LoRALinear.replay_dropout = False) and B = tiled MLP (--mlp-chunk)
-+ replayed dropout masks. Steps alternate A B A B ... after one warm-up step each, so load from other jobs on a shared
-machine falls on both alike; the result is the ratio of the medians (B / A).
+smollm2-135m, batch 1, LoRA r=16 on every Linear, dropout 0.05. One process holds the prepared models: A = the path
+before issue 10 (mlp_chunk 0, LoRA dropout as nn.Dropout: LoRALinear.replay_dropout = False, transformers' own
+RMSNorm) and B = every long-context option but offload (tiled MLP --mlp-chunk, dropout_replay, lean norms); with
+--variants also C = tiled MLP only, D = dropout_replay only, E = lean norms only, to find where a cost comes from.
+Steps alternate A B (C D E) A B ... after one warm-up step each, so load from other jobs on a shared machine falls
+on all alike; the result is the ratio of the medians (B / A), and of each other path to A.
 """
 
 from __future__ import annotations
@@ -29,29 +31,37 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per path (after one warm-up each)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mlp-chunk", type=int, default=1024)
+    ap.add_argument("--variants", default="AB", help="which paths to run, e.g. AB or ABCDE")
     args = ap.parse_args()
     import torch
 
-    from qlora_kit import train
+    from qlora_kit import lean_norm, train
     from qlora_kit.lora import LoRALinear
     from qlora_kit.memory_measure import MeasureConfig, machine_info, recipe_for, synthetic_batch
     from qlora_kit.model import resolve
 
-    paths = {"A: today (no tiling, nn.Dropout copies)": (0, False),
-             f"B: tiled MLP {args.mlp_chunk} + replayed dropout": (args.mlp_chunk, True)}
+    c = args.mlp_chunk
+    every = {"A": ("A: before (no tiling, nn.Dropout copies, fp32-saving norms)", 0, False, False),
+             "B": (f"B: tiled MLP {c} + dropout_replay + lean norms", c, True, True),
+             "C": (f"C: tiled MLP {c} only", c, False, False),
+             "D": ("D: dropout_replay only", 0, True, False),
+             "E": ("E: lean norms only", 0, False, True)}
+    paths = {every[v][0]: every[v][1:] for v in args.variants}  # name -> (mlp_chunk, replay, lean)
     prepared = {}
     with TemporaryDirectory() as tmp:
         data = Path(tmp) / "one.jsonl"
         data.write_text(json.dumps({"text": "step time"}) + "\n")
-        for name, (chunk, _) in paths.items():
+        for name, (chunk, _, lean) in paths.items():
             cfg = MeasureConfig(seq=args.seq, batch=1, threads=args.threads, mlp_chunk=chunk)
             prepared[name] = train.prepare(recipe_for(cfg, data))
+            if not lean:
+                lean_norm.make_plain(prepared[name].model)
     config = json.loads((resolve(MeasureConfig.model) / "config.json").read_text())
     batch = synthetic_batch(config["vocab_size"], 1, args.seq, 0)
     times = {name: [] for name in paths}
     losses = {name: [] for name in paths}
     for i in range(args.steps + 1):
-        for name, (_, replay) in paths.items():
+        for name, (_, replay, _) in paths.items():
             LoRALinear.replay_dropout = replay  # read at every forward: the class switch picks the dropout path
             t0 = time.perf_counter()
             r = train.train_step(prepared[name], [batch], lr=1e-4, max_grad_norm=1.0)
@@ -60,12 +70,15 @@ def main() -> int:
             if i:  # the first step of each builds the optimizer state: not timed
                 times[name].append(round(dt, 3))
             print(f"step {i} {name}: {dt:.2f} s", file=sys.stderr)
-    a, b = (statistics.median(times[n]) for n in paths)
+    medians = {n: statistics.median(times[n]) for n in paths}
+    a = medians[every["A"][0]]
     doc = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine_info(),
            "command": "python bench/long_context_step_time.py " + " ".join(sys.argv[1:]),
            "torch_threads": torch.get_num_threads(), "seq": args.seq, "batch": 1, "rank": 16, "dropout": 0.05,
-           "step_s": times, "loss": losses, "median_s": dict(zip(paths, (a, b))), "ratio_b_over_a": round(b / a, 4),
-           "target": "ratio <= 1.10"}
+           "step_s": times, "loss": losses, "median_s": medians,
+           "ratio_to_a": {n: round(m / a, 4) for n, m in medians.items()},
+           "ratio_b_over_a": round(medians[every["B"][0]] / a, 4), "target": "B / A <= 1.10",
+           "pair_ratios_b_over_a": [round(b / x, 4) for x, b in zip(times[every["A"][0]], times[every["B"][0]])]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "long_context_step_time.json").write_text(json.dumps(doc, indent=1) + "\n")
@@ -74,12 +87,14 @@ def main() -> int:
              f"{doc['date']}. Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB RAM, load "
              f"average {m['loadavg']} (shared with other jobs). torch threads {doc['torch_threads']}. Command: "
              f"`OMP_NUM_THREADS={args.threads} {doc['command']}`. smollm2-135m, batch 1, seq {args.seq}, r=16 "
-             "all-linear, dropout 0.05; steps alternate A B A B after one untimed step each.", "",
-             "| path | step times (s) | median (s) |", "|---|---|--:|"]
+             "all-linear, dropout 0.05; steps alternate between the paths after one untimed step each.", "",
+             "| path | step times (s) | median (s) | / A |", "|---|---|--:|--:|"]
     for name in paths:
-        lines.append(f"| {name} | {', '.join(map(str, times[name]))} | {doc['median_s'][name]:.3f} |")
+        lines.append(f"| {name} | {', '.join(map(str, times[name]))} | {medians[name]:.3f} | "
+                     f"{doc['ratio_to_a'][name]:.3f} |")
     lines += ["", f"Ratio B / A (medians): **{doc['ratio_b_over_a']:.3f}** (target <= 1.10: "
-              f"{'met' if doc['ratio_b_over_a'] <= 1.10 else 'NOT met'})."]
+              f"{'met' if doc['ratio_b_over_a'] <= 1.10 else 'NOT met'}); per pair: "
+              f"{', '.join(map(str, doc['pair_ratios_b_over_a']))}."]
     (out / "long_context_step_time.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -50,6 +50,10 @@ def proc_status(key: str) -> int:
 def worker(args) -> None:
     import torch  # noqa: F401  (imports are not the merge's cost: both routes import torch + safetensors)
 
+    if args.worker == "torch-only":  # the floor of any torch-based merge: the peak RSS of `import torch` alone
+        print(json.dumps({"peak_rss": proc_status("VmHWM")}))
+        return
+
     if args.worker == "peft":
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
@@ -164,7 +168,9 @@ def markdown(result: dict) -> str:
              "so the ratios compare runs under the same machine load. The machine is shared: absolute numbers "
              "are noisy, ratios less so. GB/s = bytes of safetensors written / seconds of load+merge+save (imports "
              "excluded). Peak RSS = the worker process's VmHWM; 'work' = peak RSS minus RSS after imports. "
-             "Ours fsyncs every shard; PEFT's save_pretrained does not.", ""]
+             "Ours fsyncs every shard; PEFT's save_pretrained does not.",
+             f"Load average (1/5/15 min) at the start: {_load(result.get('load_average'))}, at the end: "
+             f"{_load(result.get('load_average_end'))}.", ""]
     for model, block in result["models"].items():
         lines += [f"## {model} ({block['bytes'] / 1e9:.2f} GB bf16, adapter r={block['r']} on all linear layers)", "",
                   "| variant | runs | s (median) | GB/s | peak RSS | work RSS | speed vs PEFT | peak RSS vs PEFT | work RSS vs PEFT |",
@@ -174,11 +180,20 @@ def markdown(result: dict) -> str:
                          f"{s['peak_rss_max'] / 2**30:.2f} GiB | {s['work_rss_max'] / 2**30:.2f} GiB | "
                          f"{s['speed_ratio_vs_peft']:.2f}x | {s['peak_rss_ratio_vs_peft']:.2f} | "
                          f"{s['work_rss_ratio_vs_peft']:.2f} |")
+        floor = result.get("torch_import_peak_rss")
+        if floor:
+            peer = block["summary"]["peft merge_and_unload"]["peak_rss_max"]
+            lines.append(f"\nFloor: `import torch` alone peaks at {floor / 2**30:.2f} GiB = {floor / peer:.2f}x PEFT's "
+                         f"peak here; no torch-based merge can be below that.")
         lines.append("")
     lines += ["'ours (original)' does PEFT's arithmetic (W + s·B@A on the checkpoint's weights, fp32 add, one cast); "
               "'ours (dequantized)' is the default, which also recomputes dequant(quant(W)) (NF4) for every adapted "
               "weight: the exact training-time base. PEFT adds the delta in bf16 in place (two roundings).", ""]
     return "\n".join(lines)
+
+
+def _load(avg) -> str:
+    return "/".join(f"{x:.1f}" for x in avg) if avg else "not recorded"
 
 
 def worker_env(threads: int) -> dict:
@@ -198,7 +213,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--workdir", default="/tmp/qlora-merge-bench")
     p.add_argument("--results", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--worker", choices=["ours", "peft"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["ours", "peft", "torch-only"], help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
     p.add_argument("--adapter", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -223,7 +238,10 @@ def main() -> None:
         print(f"  built in {time.perf_counter() - t:.0f} s", flush=True)
     variants = ["ours (dequantized)", "peft merge_and_unload", "ours (original)"]
     exe = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
-    result = {"command": " ".join([exe, *sys.argv]), "threads": args.threads,
+    floor = subprocess.run([sys.executable, __file__, "--worker", "torch-only"], capture_output=True, text=True,
+                           env=env, check=True)
+    result = {"command": " ".join([exe, *sys.argv]), "threads": args.threads, "load_average": os.getloadavg(),
+              "torch_import_peak_rss": json.loads(floor.stdout.strip().splitlines()[-1])["peak_rss"],
               "machine": machine(), "models": {}}
     for label, base, temporary in models:
         adapter = random_adapter(base, work / f"adapter-{base.name}")
@@ -237,6 +255,7 @@ def main() -> None:
         shutil.rmtree(adapter, ignore_errors=True)
         if temporary:
             shutil.rmtree(base, ignore_errors=True)
+    result["load_average_end"] = os.getloadavg()
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "merge.json").write_text(json.dumps(result, indent=1) + "\n")

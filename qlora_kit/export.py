@@ -71,7 +71,7 @@ class Options:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where weights are quantized (dequantized base, requantization): auto = CUDA when present, as training."""
     gguf_type: str = "f16"
-    """GGUF formats: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1, or q4_k_m q5_k_m q6_k with llama-cpp-python."""
+    """GGUF formats: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1, or q4_k_m q5_k_m q6_k with the llama-cpp extra."""
     progress: bool = True
 
 

@@ -4,8 +4,9 @@
     gguf          the merged model: the same W_base + s·B@A as `--format merged` (dequantized base by default), in
                   fp32, then stored as --gguf-type. 2-D weights take the type; 1-D tensors (norms, biases) stay f32
                   as llama.cpp expects; a weight whose row length is not a multiple of the type's block (32) falls
-                  back to f16, as llama.cpp's converter does. K-quants (q4_k_m, q5_k_m, q6_k): an f16 GGUF
-                  quantized by llama.cpp itself through the optional llama-cpp-python package.
+                  back to f16, as llama.cpp's converter does. K-quants (q4_k_m, q5_k_m, q6_k): blocks made by
+                  llama.cpp's own ggml quantizer from the xllamacpp wheel, llama.cpp's type mix (`gguf_kquant`);
+                  without it but with llama-cpp-python, an f16 GGUF through its llama_model_quantize.
     gguf-adapter  llama.cpp's LoRA GGUF (general.type adapter, adapter.type lora, adapter.lora.alpha; tensors
                   blk.N.<name>.weight.lora_a (r, in) / .lora_b (out, r)) for `llama-cli -m BASE.gguf --lora A.gguf`
                   and Ollama's ADAPTER. It adds s·B@A to whatever base GGUF it is given: a GGUF of the ORIGINAL
@@ -27,15 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import atomic, gguf_arch, gguf_vocab, ollama
+from . import atomic, gguf_arch, gguf_kquant, gguf_vocab, ollama
 from .errors import ExportError
+from .gguf_kquant import KQUANTS
 from .shards import TensorInfo, read_tensor, row_blocks
 from .terms import lora_scale
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # what the gguf package writes itself
-KQUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
 ADAPTER_TYPES = ("f32", "f16", "bf16")
-KQUANT_EXTRA = 'pip install "qlora-kit[llama-cpp]" (llama-cpp-python, which compiles llama.cpp from source)'
 
 
 def check_type(kind: str, adapter: bool) -> None:
@@ -44,13 +44,13 @@ def check_type(kind: str, adapter: bool) -> None:
     if kind not in allowed:
         raise ExportError(f"--gguf-type {kind!r} is not one of {', '.join(allowed)}"
                           + (" (a LoRA adapter GGUF is stored unquantized)." if adapter else "."))
-    if kind in KQUANTS:
+    if kind in KQUANTS and not gguf_kquant.available():
         try:
-            import llama_cpp  # noqa: F401
+            import llama_cpp  # noqa: F401  (the older route: llama-cpp-python, compiled from source)
         except Exception as e:  # ImportError, or a broken native library
-            raise ExportError(f"--gguf-type {kind} is a K-quant, made by llama.cpp's own quantizer, which needs the "
-                              f"optional llama-cpp-python package ({type(e).__name__}). Install it: {KQUANT_EXTRA}; "
-                              f"or pick one of {', '.join(TYPES)}.") from None
+            raise ExportError(f"--gguf-type {kind} is a K-quant, made by llama.cpp's own quantizer, which is not "
+                              f"installed ({type(e).__name__}). Install it: {gguf_kquant.EXTRA}; or pick one of "
+                              f"{', '.join(TYPES)}.") from None
 
 
 def _qtype(kind: str):
@@ -81,19 +81,27 @@ def plan(index: dict[str, TensorInfo], names: gguf_arch.TensorNames, kind: str, 
     import gguf
 
     out, fallback = [], []
-    block = gguf.GGML_QUANT_SIZES[_qtype(kind)][0]
+    gguf_names = {hf: names(hf) for hf in index}
+    n_layers = len({n.split(".")[1] for n in gguf_names.values() if n and n.startswith("blk.")})
+    tied = "output.weight" not in gguf_names.values()
     for hf, info in index.items():
-        name = names(hf)
+        name = gguf_names[hf]
         if name is None:
             continue
         t = kind if len(info.shape) == 2 else "f32"
-        if len(info.shape) == 2 and info.shape[1] % block:
+        if t in KQUANTS:  # llama.cpp's per-tensor mix, then its fallback for rows not made of 256-weight blocks
+            t = gguf_kquant.tensor_kind(kind, name, n_layers, tied)
+            if gguf_kquant.row_fallback(t, info.shape[1]) != t:
+                t = gguf_kquant.row_fallback(t, info.shape[1])
+                fallback.append(hf)
+        if len(info.shape) == 2 and info.shape[1] % gguf.GGML_QUANT_SIZES[_qtype(t)][0]:
             t = "f16"
             fallback.append(hf)
         module = hf[: -len(".weight")] if hf.endswith(".weight") and hf[: -len(".weight")] in adapted else None
         out.append(Planned(info, name, t, module, names.heads_to_permute(hf)))
-    notes = [f"{len(fallback)} weights (e.g. {fallback[0]}) have rows not a multiple of {block} and are stored f16 "
-             f"instead of {kind}, as llama.cpp's converter does"] if fallback else []
+    block = 256 if kind in KQUANTS else gguf.GGML_QUANT_SIZES[_qtype(kind)][0]
+    notes = [f"{len(set(fallback))} weights (e.g. {fallback[0]}) have rows not a multiple of {block} and are stored in "
+             f"a wider type than {kind}, as llama.cpp does"] if fallback else []
     return out, notes
 
 
@@ -107,6 +115,8 @@ def encode(W: torch.Tensor, kind: str) -> np.ndarray:
         return W.to(torch.float16).numpy()
     if kind == "bf16":  # round to nearest even, as gguf's own BF16.quantize (finite values)
         return W.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+    if kind in gguf_kquant.BLOCK_TYPES:  # llama.cpp's ggml makes the K blocks
+        return gguf_kquant.quantize(W.float().numpy(), kind)
     return gguf.quants.quantize(W.float().numpy(), _qtype(kind))
 
 
@@ -155,6 +165,8 @@ def _add_info(writer, name: str, shape: tuple[int, ...], kind: str, nbytes: int)
 def _file_type(kind: str) -> int:
     import gguf
 
+    if kind in KQUANTS:
+        return KQUANTS[kind].file_type
     return gguf.LlamaFileType.ALL_F32 if kind == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{kind.upper()}")
 
 
@@ -176,13 +188,15 @@ def write_model(src, base: Path, index: dict[str, TensorInfo], out: Path, kind: 
 
     config = json.loads((base / "config.json").read_text(encoding="utf-8"))
     arch = gguf_arch.arch_of(config)
-    store = "f16" if kind in KQUANTS else kind  # K-quants: llama.cpp quantizes an f16 file
+    # K-quants: blocks from llama.cpp's ggml (xllamacpp); else llama-cpp-python quantizes an f16 file afterwards
+    via_f16 = kind in KQUANTS and not gguf_kquant.available()
+    store = "f16" if via_f16 else kind
     names = gguf_arch.TensorNames(arch)
     tensors, notes = plan(index, names, store, src.modules())
     total = sum(p.nbytes for p in tensors)
-    need = total * (2 if kind in KQUANTS else 1) + (64 << 20)
+    need = total * (2 if via_f16 else 1) + (64 << 20)
     free_space_check(out, need, free_bytes)
-    f16 = atomic.temp_name(out, "f16") if kind in KQUANTS else None
+    f16 = atomic.temp_name(out, "f16") if via_f16 else None
     try:
         with atomic.atomic_file(out) as tmp:
             writer = gguf.GGUFWriter(None, arch.name)
@@ -222,7 +236,7 @@ def _kquantize(src: Path, dst: Path, kind: str) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, KQUANTS[kind])
+    params.ftype = KQUANTS[kind].file_type
     params.nthread = os.cpu_count() or 1
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0 or not dst.is_file():

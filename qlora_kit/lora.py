@@ -62,7 +62,7 @@ class LoRALinear(nn.Module):
                 nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
 
-    # Training with dropout: regenerate the mask in backward instead of saving a dropped copy of x per adapter
+    # Training with dropout: no dropped copy of x per adapter, only a bool mask (CPU) or the RNG state (CUDA)
     # (dropout_replay.py; the same results). A class switch so benchmarks can measure the plain path.
     replay_dropout = True
 
@@ -88,8 +88,11 @@ def delta(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype =
 
 
 def merge(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """W + s · B @ A, added in fp32, then cast once: the merge is a pure function over tensors."""
-    return (W.float() + delta(A, B, scaling)).to(out_dtype)
+    """W + s · B @ A, added in fp32, then cast once: the merge is a pure function over tensors (W is copied, never
+    changed). One fused addmm_ on W's fp32 copy: a (rows, in) block is written once, where W.float() + s·(B@A)
+    wrote four temporaries (the export's merge ran 2-3x slower in them); the same gemm, so the same fp32 values
+    here (bench/merge_bench.py; at most an ulp apart on a BLAS that fuses the alpha multiply-add)."""
+    return W.to(torch.float32, copy=True).addmm_(B.float(), A.float(), alpha=scaling).to(out_dtype)
 
 
 def is_linear_like(module: nn.Module) -> bool:

@@ -4,7 +4,10 @@ The peer recipe (transformers' model forward with labels) materialises logits fo
 vocabulary at 4 x 256 tokens that is 200 MB in fp32, plus the same again for the softmax gradient. Here:
 1. only positions with a label (the response tokens) go through lm_head at all;
 2. they go in chunks of `chunk` tokens, each wrapped in non-reentrant checkpointing, so one chunk's logits
-   (chunk, V) fp32 live at a time, in forward and in backward.
+   (chunk, V) fp32 live at a time, in forward and in backward;
+3. in training, with a lean final norm (lean_norm.py), the decoder's final RMSNorm runs inside each chunk too:
+   the gathered pre-norm (N, H) rows are the only thing kept for the loss head (the norm acts on each position
+   alone, so this is the same computation), not the norm's saved input plus a normed copy.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .lean_norm import norm_apply
 from .terms import IGNORE
 
 
-
-def _chunk_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _chunk_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, norm: nn.Module | None = None
+                ) -> torch.Tensor:
+    if norm is not None:  # the deferred final norm, on this chunk's (n, H) rows
+        hidden = norm_apply(norm, hidden)
     logits = lm_head(hidden).float()  # (n, V) fp32: softmax statistics need the range
     return F.cross_entropy(logits, labels, reduction="sum")
 
@@ -33,7 +39,8 @@ def label_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 class LossHead(nn.Module):
-    """forward(h (N, H), y (N,)) -> the summed cross-entropy (fp32 scalar) of every chunk of `chunk` rows.
+    """forward(h (N, H), y (N,), norm=None) -> the summed cross-entropy (fp32 scalar) of every chunk of `chunk`
+    rows; `norm`: the decoder's deferred final norm, applied per chunk (h is then the pre-norm hidden state).
 
     One module for lm_head and every chunk, so that under FSDP (fsdp.shard_head) it is one unit: lm_head is
     gathered once for all chunks of a micro-batch, freed after the forward, gathered again when backward reaches
@@ -43,10 +50,10 @@ class LossHead(nn.Module):
         super().__init__()
         self.lm_head, self.chunk = lm_head, chunk
 
-    def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, y: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         total = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[0], self.chunk):
-            piece = (self.lm_head, h[s : s + self.chunk], y[s : s + self.chunk])
+            piece = (self.lm_head, h[s : s + self.chunk], y[s : s + self.chunk], norm)
             if torch.is_grad_enabled():
                 total = total + checkpoint(_chunk_loss, *piece, use_reentrant=False)
             else:
@@ -73,9 +80,18 @@ class CausalLMLoss(nn.Module):
                 positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
         if position_ids is not None:
             attention_mask = None  # packed: documents are told apart by the position restarts (packing.py)
-        # use_cache=False: a training forward needs no KV cache, and with one transformers skips packed detection.
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                          position_ids=position_ids, use_cache=False).last_hidden_state
+        decoder = self.model.get_decoder()
+        norm = getattr(decoder, "norm", None)
+        if not (getattr(norm, "lean", False) and torch.is_grad_enabled()):
+            norm = None  # the decoder applies its own final norm
+        if norm is not None:
+            norm.deferred = True
+        try:  # use_cache=False: a training forward needs no KV cache, and with one transformers skips packed detection
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state  # (B, T, H), before the final norm if deferred
+        finally:
+            if norm is not None:
+                norm.deferred = False
         B, T, H = hidden.shape
         if positions is None:
             positions = label_positions(labels).to(hidden.device)
@@ -86,4 +102,5 @@ class CausalLMLoss(nn.Module):
         n = positions.numel()
         if n == 0:
             return hidden.sum() * 0.0, 0
-        return self.head(h, y) / n, n
+        del hidden  # nothing saved it (index_select keeps indices): (B, T, H) freed before the chunks run
+        return self.head(h, y, norm) / n, n

@@ -28,13 +28,14 @@ def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, .
     def lora_inputs(modules: tuple[str, ...], width: int, shared: bool = False) -> int:
         return inputs_saved(cfg, adapted, modules, T, width, shared)
 
+    norm = c * T * H + 4 * T  # lean_norm.py: the (B, S, H) input in c + rsqrt (B, S, 1) fp32
     terms = {
-        "attn_norm": 4 * T * (H + 1),  # (B, S, H) fp32: RMSNorm's upcast input (pow, mul) + rsqrt (B, S, 1)
+        "attn_norm": norm,  # its input is the layer input: under checkpointing the kept one (activation_terms)
         "qkv_inputs": lora_inputs(("q_proj", "k_proj", "v_proj"), H),  # (B, S, H) normed hidden
         "q_k_v": c * T * (q + 2 * kv),  # (B, nh, S, hd) q and (B, nkv, S, hd) k, v after RoPE, saved by SDPA
         "attn_output": c * T * q + 4 * cfg.batch * s.heads * cfg.seq,  # (B, nh, S, hd) c + logsumexp (B, nh, S) fp32
         "o_input": lora_inputs(("o_proj",), q, shared=True),  # (B, S, nh*hd) a view of the SDPA output
-        "mlp_norm": 4 * T * (H + 1),  # (B, S, H) fp32 + (B, S, 1) fp32, post-attention RMSNorm
+        "mlp_norm": norm,  # post-attention RMSNorm: the residual stream after attention, c, + rsqrt
         **mlp_saved(s, cfg, adapted, T),
         "lora_hidden": c * T * r * sum(m in adapted for m in ATTENTION),  # (B, S, r) per adapter: A's output
         "attn_methods": methods_saved(s, cfg, adapted, ATTENTION, T),
@@ -42,7 +43,7 @@ def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, .
     if tiled(cfg):  # the tiled MLP saves only its input x (B, S, H), the normed hidden the adapters read
         terms.update(gate_up_inputs=c * T * H, mlp_hidden=0, down_input=0, mlp_lora_hidden=0, mlp_methods=0)
     if s.model_type == "qwen3":
-        terms["qk_norms"] = 4 * T * (q + kv + s.heads + s.kv_heads)  # q_norm, k_norm: fp32 inputs + rsqrt
+        terms["qk_norms"] = c * T * (q + kv) + 4 * T * (s.heads + s.kv_heads)  # q_norm, k_norm: lean, c + rsqrt
     return terms
 
 
@@ -75,8 +76,10 @@ def inputs_saved(cfg: EstimateConfig, adapted: tuple[str, ...], modules: tuple[s
     if cfg.lora_dropout > 0 and not cfg.replay_dropout:  # nn.Dropout: per adapter a dropped copy (T, width) c
         own = len(lora) * (c + mask) * T * width  # + its mask: bool from CUDA's fused dropout, c on the CPU
         common = bool(scaled)
-    else:  # replayed dropout saves x too, not a dropped copy
+    else:  # dropout_replay.py saves x too, not a dropped copy
         own = c * T * width * sum(m in scaled for m in lora)  # each LoRA-under-IA3 saves its x * l
+        if cfg.lora_dropout > 0 and cfg.device == "cpu":  # and on the CPU a bool mask per adapter, 1 byte
+            own += len(lora) * T * width
         common = bool(scaled) or any(m not in scaled for m in lora)
     return own + (c * T * width if common and not shared else 0)
 
@@ -108,7 +111,8 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
     # (B, S, H) per layer: what a checkpoint keeps; offloaded: only the layer in backward + the prefetched one
     kept_layers = 2 if cfg.offload_activations else s.layers
     terms = {"layer_inputs": kept_layers * c * T * s.hidden,
-             "recomputed_layer": layer}  # one layer's full set, rebuilt during its backward
+             # one layer's full set, rebuilt during its backward; its input norm saves the kept input itself
+             "recomputed_layer": layer - c * T * s.hidden}
     if not cfg.checkpointing:
         terms = {"all_layers": s.layers * layer}
     deq = 0 if cfg.quant == "none" else c * max(lin.numel for lin in s.linears)
@@ -119,14 +123,17 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
         # codes + fp32 values of the whole weight are live together (measured: 12 bytes per weight at the step's peak).
         terms["dequant_workspace"] = 12 * max(misaligned)
     if cfg.lora_dropout > 0 and cfg.replay_dropout:
-        # dropout_replay.py: backward re-draws one adapter's dropped input at a time, (T, in) c; a tiled MLP's
-        # adapters do it per tile.
+        # dropout_replay.py: backward rebuilds one adapter's dropped input at a time, (T, in) c; on the CPU from
+        # its mask, next to the noise (T, in) c; a tiled MLP's adapters do it per tile.
         n = cfg.batch * cfg.mlp_chunk if tiled(cfg) else T
         widths = [(n if lin.name in MLP else T) * lin.in_features for lin in s.linears if lin.name in adapted]
-        terms["dropout_replay"] = c * max(widths, default=0)
-        if cfg.device == "cpu":  # each adapter node keeps torch.get_rng_state(), a 5,056-byte CPU tensor (on CUDA
-            # that tensor lives in host memory, not on the device), from forward until the step's end
-            terms["rng_states"] = RNG_STATE_BYTES * s.layers * (len(adapted) + tiled(cfg))
+        replay = (2 if cfg.device == "cpu" else 1) * c * max(widths, default=0)
+        # An adapter's backward runs before its base Linear's (autograd takes the later-built branch first), so
+        # this workspace and the base's dequantization workspace are never alive together: the larger one counts.
+        terms["dropout_replay"] = max(0, replay - deq - terms.get("dequant_workspace", 0))
+    if cfg.device == "cpu" and tiled(cfg):  # each tiled MLP's node keeps torch.get_rng_state(), a 5,056-byte
+        # CPU tensor (on CUDA that tensor lives in host memory, not on the device), until the step's end
+        terms["rng_states"] = RNG_STATE_BYTES * s.layers
     if tiled(cfg):
         # One tile's MLP recomputed and differentiated at a time: its saved set and (B, N, I) x2 gradients, plus
         # the full-size (B, S, H) input gradient the tiles are written into.
@@ -146,10 +153,12 @@ def label_tokens(cfg: EstimateConfig) -> int:
 def logits_terms(s: ModelShapes, cfg: EstimateConfig) -> dict[str, int]:
     """The loss head (loss.CausalLMLoss): the label positions' hidden states are gathered into one (N, H) tensor
     and go through lm_head in chunks of `loss_chunk` tokens over the whole batch (not per row)."""
-    T, N = cfg.batch * cfg.seq, label_tokens(cfg)
+    N, c = label_tokens(cfg), cfg.compute_bytes
     chunk = min(cfg.loss_chunk, N)
-    return {"final_norm": 4 * T * (s.hidden + 1),  # (B, S, H) fp32 final RMSNorm input + rsqrt (B, S, 1) fp32
-            "final_hidden": cfg.compute_bytes * N * s.hidden,  # (N, H) c: label positions, the chunks' input
+    # The final RMSNorm runs inside each chunk (lean_norm.py, deferred): its input (C, H) c + rsqrt (C, 1) fp32
+    # live only while that chunk is (re)computed.
+    return {"final_norm": chunk * (c * s.hidden + 4),
+            "final_hidden": c * N * s.hidden,  # (N, H) c: label positions before the final norm, the chunks' input
             # (C, V) fp32 x3, live together in a chunk's backward: the recomputed log-softmax output (saved by
             # cross_entropy), the nll_loss gradient and the log-softmax gradient (F.cross_entropy's backward).
             "chunk_logits": 3 * 4 * chunk * s.vocab}

@@ -320,7 +320,8 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     own = {"adapter_grads": grads, "activations": sum(acts.values()), "logits_and_loss": sum(logits.values()),
            "optimizer_state": step_temps}  # each at its own worst moment (the first layer done, for activations)
     sizes = {k: static.get(k, 0) + own.get(k, 0) for k in COMPONENTS}
-    unchunked = logits["final_norm"] + cfg.compute_bytes * cfg.batch * cfg.seq * s.hidden + \
+    # the peer: transformers' final RMSNorm (fp32 input + rsqrt) and normed output, and (B, S, V) fp32 logits x3
+    unchunked = 4 * cfg.batch * cfg.seq * (s.hidden + 1) + cfg.compute_bytes * cfg.batch * cfg.seq * s.hidden + \
         3 * 4 * cfg.batch * cfg.seq * s.vocab
     return Estimate(components, s, adapted, n_adapter, (wq + cq) * 8 / s.linear_params, acts, logits,
                     unchunked, inner if cfg.optimizer.startswith("paged") else 0, peak, phases, sizes, host,

@@ -172,7 +172,7 @@ def merge_rows(W: torch.Tensor, stack: list[peft_format.Adapter], module: str, r
     adapter of the stack applied in order, in fp32, cast once. Every method is row-separable: LoRA adds rows of
     B @ A, DoRA normalises each row, IA3 scales rows (outputs) or columns (inputs)."""
     i, j = rows
-    V = W.float()
+    V = W  # each method returns a new fp32 block (lora.merge copies W once); never changes W
     for a in stack:
         if module not in a.modules():
             continue
@@ -183,7 +183,7 @@ def merge_rows(W: torch.Tensor, stack: list[peft_format.Adapter], module: str, r
         s = a.module_scaling(module)
         V = dora.merge(V, A, B[i:j], s, a.magnitude(module)[i:j], torch.float32) if a.dora else lora.merge(
             V, A, B[i:j], s, torch.float32)
-    return V.to(out_dtype)
+    return V.to(torch.float32).to(out_dtype)  # fp32 first: an unmerged block takes the same single rounding
 
 
 def bias_scale(stack: list[peft_format.Adapter], module: str) -> torch.Tensor | None:

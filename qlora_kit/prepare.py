@@ -2,7 +2,7 @@
 
 Order matters and each check fails before the expensive part it guards: cheap recipe checks (device, optimizer,
 data file, trackers) -> the quantized base loaded (sharded as it loads under fsdp) -> activation checkpointing,
-offload and tiled MLP -> adapters injected (LoRA / DoRA / IA3, LoftQ init) -> data built -> the flat-master
+offload, tiled MLP and lean norms -> adapters injected (LoRA / DoRA / IA3, LoftQ init) -> data built -> the flat-master
 optimizer (LoRA+ groups) -> the loss module (sharded root under fsdp). train.py runs the steps; bench/ and tests
 call `prepare` directly.
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import data, fsdp, lora, methods, tiled_mlp, trackers
+from . import data, fsdp, lean_norm, lora, methods, tiled_mlp, trackers
 from . import offload as offload_mod
 from .config import Recipe
 from .device import allow_tf32
@@ -103,6 +103,7 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
     if offload is not None:  # every checkpointed decoder layer's input goes to host memory between passes
         offload_mod.enable(model, offload)
     tiled_mlp.tile_mlps(model, t.mlp_chunk)
+    lean_norm.make_lean(model)  # RMSNorms save their 16-bit input, not an fp32 copy; the loss head runs the final one
     _check_rank(model, recipe)
     try:
         adapted = methods.inject(model, recipe, lora_spec(recipe).dtype)

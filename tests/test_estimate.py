@@ -279,13 +279,14 @@ IA3 = (("k_proj", "v_proj"), ("down_proj",))  # the recipe's default ia3 section
     (transformers.LlamaConfig, ("gate_proj",), 0.0, True, 0, True, (("o_proj", "up_proj"), ("q_proj", "gate_proj"))),
 ])
 def test_layer_activations_equal_saved_tensors(cls, targets, dropout, replay, mlp_chunk, dora, ia3, monkeypatch):
-    """What autograd really saves in one quantized + LoRA decoder layer (bf16, CPU) equals the per-layer formula:
-    with LoRA dropout as plain nn.Dropout or replayed from the RNG state, with and without a tiled MLP; with DoRA,
+    """What autograd really saves in one quantized + LoRA decoder layer (bf16, CPU, lean norms) equals the per-layer
+    formula: with LoRA dropout as plain nn.Dropout or dropout_replay's, with and without a tiled MLP; with DoRA,
     IA3 (input and output scaling), and both over the same modules."""
     from qlora_kit.dora import DoRALinear
     from qlora_kit.methods import inject_ia3
     from qlora_kit.lora import LoraSpec, LoRALinear, inject
     from qlora_kit.quant import QuantLinear, QuantSpec
+    from qlora_kit.lean_norm import make_lean
     from qlora_kit.tiled_mlp import tile_mlps
 
     monkeypatch.setattr(LoRALinear, "replay_dropout", replay)
@@ -304,6 +305,8 @@ def test_layer_activations_equal_saved_tensors(cls, targets, dropout, replay, ml
     for name, p in model.named_parameters():  # frozen base, as training has it (else the norms save for .weight)
         p.requires_grad_("lora_" in name or "ia3_l" in name)
     tile_mlps(model, mlp_chunk)
+    norms = 4 if cls is transformers.Qwen3Config else 2  # + q_norm, k_norm
+    assert make_lean(model) == norms * config.num_hidden_layers + 1  # as prepare() builds a training model
     model.train()
     B, S = 2, 64
     x = model.model.embed_tokens(torch.randint(0, 128, (B, S))).detach().requires_grad_(True)

@@ -1,12 +1,13 @@
 """qlora-kit export --format gguf / gguf-adapter, checked against implementations we did not write: transformers'
 GGUF loader (logits, rebuilt tokenizer), the gguf package's reader and quantizers, the llama.cpp-made GGUF of the demo
-model (tokenizer metadata), and llama-cpp-python when it is installed (skipped otherwise)."""
+model (tokenizer metadata). llama.cpp itself runs our files in tests/test_llama_cpp.py (skipped without the extra)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 from conftest import CHATML, make_tiny_model, tiny_recipe
 from qlora_kit import export as ex
-from qlora_kit import gguf_arch, gguf_export, peft_format
+from qlora_kit import gguf_arch, gguf_export, gguf_kquant, peft_format
 from qlora_kit.cli.main import main
 
 gguf = pytest.importorskip("gguf")
@@ -262,7 +263,7 @@ def cli(*args) -> int:
     return main(["export", *map(str, args), "--no-progress"])
 
 
-def test_bad_input_exit_2_and_nothing_written(qlora_run, tiny_model, tmp_path, capsys):
+def test_bad_input_exit_2_and_nothing_written(qlora_run, tiny_model, tmp_path, capsys, monkeypatch):
     other = tmp_path / "phi"
     shutil.copytree(tiny_model, other)
     config = json.loads((other / "config.json").read_text())
@@ -277,8 +278,10 @@ def test_bad_input_exit_2_and_nothing_written(qlora_run, tiny_model, tmp_path, c
         ([], existing, "already exists"),
         ([], tmp_path, "is a folder"),
     ]
-    if importlib.util.find_spec("llama_cpp") is None:
-        cases.append((["--gguf-type", "q4_k_m"], out, "qlora-kit[llama-cpp]"))
+    cases.append((["--gguf-type", "q4_k_m"], out, "qlora-kit[llama-cpp]"))
+    # as on a machine without the llama-cpp extra (nor llama-cpp-python), whatever this one has installed
+    monkeypatch.setattr(gguf_kquant, "_library_path", lambda: None)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
     for extra, target, message in cases:
         fmt = [] if "--format" in extra else ["--format", "gguf"]
         assert cli(qlora_run, *fmt, *extra, "--out", target) == 2, message
@@ -349,51 +352,3 @@ def test_demo_model_gguf_matches_merged_and_llama_cpp_tokenizer(tmp_path):
         assert field(tmp_path / "g" / "d-q8_0.gguf", key) == field(reference, key) or key == "general.file_type", key
     assert field(tmp_path / "g" / "d-q8_0.gguf", "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
     assert "SmolLM" in (tmp_path / "g" / "d-q8_0.Modelfile").read_text()  # the template's default system prompt
-
-
-# ---- llama.cpp itself (llama-cpp-python; skipped when absent) ----------------------------------------------------
-
-needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                                     reason="llama-cpp-python not installed (pip install 'qlora-kit[llama-cpp]')")
-
-
-def _llama(path: Path, lora: Path | None = None):
-    from llama_cpp import Llama
-
-    return Llama(model_path=str(path), lora_path=str(lora) if lora else None, logits_all=True, verbose=False,
-                 n_ctx=64, seed=0)
-
-
-@needs_llama_cpp
-def test_llama_cpp_greedy_tokens_equal_ours(exported):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(exported / "merged", dtype=torch.float32).eval()
-    llm = _llama(exported / "m-f16.gguf")
-    for prompt in ([1, 5, 17, 42], [1, 99, 7, 250, 3], [2, 8, 120]):
-        ours = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
-        llm.reset()
-        theirs = []
-        for tok in llm.generate(prompt, temp=0.0, top_k=1):
-            theirs.append(tok)
-            if len(theirs) == 8:
-                break
-        assert theirs == ours[: len(theirs)], prompt
-
-
-@needs_llama_cpp
-def test_llama_cpp_base_plus_adapter_equals_merged(qlora_run, tmp_path):
-    adapter = peft_format.load_adapter(qlora_run / "adapter")
-    zero = tmp_path / "zero"
-    peft_format.save_adapter(zero, {k: v * 0 if "lora_B" in k else v for k, v in adapter.tensors.items()}, r=4,
-                             alpha=8, dropout=0.0, rslora=False, base_model=adapter.base_model)
-    export(zero, tmp_path / "base.gguf", gguf_type="f32", merge_base="original")
-    export(qlora_run, tmp_path / "merged.gguf", gguf_type="f32", merge_base="original")
-    export(qlora_run, tmp_path / "lora.gguf", format="gguf-adapter", gguf_type="f32")
-    prompt = IDS[0].tolist()
-    outs = []
-    for model, lora in ((tmp_path / "merged.gguf", None), (tmp_path / "base.gguf", tmp_path / "lora.gguf")):
-        llm = _llama(model, lora)
-        llm.eval(prompt)
-        outs.append(torch.tensor(np.array(llm.scores[: len(prompt)])))
-    assert rel(outs[1], outs[0]) < 1e-4

@@ -92,17 +92,20 @@ def test_offload_needs_checkpointing(tmp_path):
         prepare(recipe)
 
 
-def test_replayed_dropout_equals_plain_dropout_for_the_same_seed(monkeypatch):
-    """Regenerating each mask in backward from the saved RNG state gives bitwise today's results."""
-    loss0, g0 = loss_and_grads(build(checkpointing=False))
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_replayed_dropout_equals_plain_dropout_for_the_same_seed(monkeypatch, checkpointing):
+    """dropout_replay's own mask (a bool mask on the CPU, drawn again in a checkpoint's recompute) gives bitwise
+    nn.Dropout's results, with and without checkpointing."""
+    loss0, g0 = loss_and_grads(build(checkpointing=checkpointing))
     monkeypatch.setattr(LoRALinear, "replay_dropout", False)
-    loss1, g1 = loss_and_grads(build(checkpointing=False))
+    loss1, g1 = loss_and_grads(build(checkpointing=checkpointing))
     assert torch.equal(loss0, loss1)
     assert_equal(g0, g1)
 
 
 def test_replayed_dropout_saves_the_shared_input_once():
-    """q, k, v read one (T, H) input: the adapters save that tensor (once), not three dropped copies + masks."""
+    """q, k, v read one (T, H) input: the adapters save that tensor (once) and on the CPU a bool mask each, not
+    three dropped copies + bf16 noise tensors."""
     spec = LoraSpec(4, 8, 0.1)
     mods = [LoRALinear(torch.nn.Linear(32, n, dtype=torch.bfloat16), spec) for n in (32, 16, 16)]
     x = torch.randn(2, 64, 32, dtype=torch.bfloat16, requires_grad=True)
@@ -119,8 +122,9 @@ def test_replayed_dropout_saves_the_shared_input_once():
         return sum(n for ptr, n in seen.items() if ptr not in params)
 
     r, T = 4, 2 * 64
-    # x itself + each adapter's (T, r) hidden saved by lora_B; the base Linears save x too (same storage)
-    assert saved_bytes() == 2 * T * 32 + 3 * 2 * T * r
+    # x itself + each adapter's (T, 32) bool mask and (T, r) hidden saved by lora_B; the base Linears save x too
+    # (same storage)
+    assert saved_bytes() == 2 * T * 32 + 3 * (T * 32 + 2 * T * r)
     LoRALinear.replay_dropout = False
     try:  # plain nn.Dropout: per adapter a dropped copy and a bf16 noise tensor on the CPU
         assert saved_bytes() == 2 * T * 32 + 3 * (2 * 2 * T * 32 + 2 * T * r)
@@ -169,3 +173,68 @@ def test_attention_never_materialises_seq_by_seq_scores():
     sizes = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
     assert sizes and max(sizes) < 4 * 2**20  # largest single allocation: a few (S, H) tensors' worth, not S^2
     assert max(sizes) < S * S * 4 / 64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_rmsnorm_forward_bitwise_gradients_allclose(dtype):
+    """The lean RMSNorm against transformers' own module under autograd (an independent reference): the same
+    output bit for bit, gradients (input and weight) allclose; it saves x and the (rows, 1) rsqrt only."""
+    from qlora_kit import lean_norm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    ref, lean = LlamaRMSNorm(96, eps=1e-5), LlamaRMSNorm(96, eps=1e-5)
+    with torch.no_grad():
+        ref.weight.normal_(1, 0.2)
+    lean.load_state_dict(ref.state_dict())
+    ref, lean = ref.to(dtype), lean.to(dtype)
+    assert lean_norm.make_lean(lean) == 1
+    x = (torch.randn(3, 50, 96) * 3).to(dtype)
+    grad_y = torch.randn(3, 50, 96).to(dtype)
+    outs, grads = [], []
+    for m in (ref, lean):
+        xi = x.clone().requires_grad_(True)
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(t)
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = m(xi)
+        y.backward(grad_y)
+        outs.append(y.detach())
+        grads.append((xi.grad, m.weight.grad))
+        nbytes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
+                  if t.untyped_storage().data_ptr() not in (m.weight.untyped_storage().data_ptr(),
+                                                            xi.untyped_storage().data_ptr())}
+    assert torch.equal(outs[0], outs[1])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grads[1][0], grads[0][0], **tol)
+    torch.testing.assert_close(grads[1][1], grads[0][1], **tol)
+    assert sum(nbytes.values()) == 4 * 3 * 50  # beyond x and the weight: the (3, 50, 1) fp32 rsqrt
+    with torch.no_grad():  # and without gradients it is the module's own forward
+        assert torch.equal(lean(x), ref(x))
+
+
+def test_lean_norms_and_fused_final_norm_match_transformers_training_step():
+    """A tiny Llama with lean norms (the final one applied per loss chunk by CausalLMLoss) against the same model
+    as transformers builds it: the loss is bitwise equal, every adapter gradient allclose (fp32)."""
+    from qlora_kit import lean_norm
+    from qlora_kit.loss import CausalLMLoss
+
+    def run(lean):
+        model = build(torch.float32, dropout=0.0)
+        if lean:
+            assert lean_norm.make_lean(model) == 2 * TINY["num_hidden_layers"] + 1
+        torch.manual_seed(1)
+        ids = torch.randint(0, 128, (2, 40))
+        loss, n = CausalLMLoss(model, chunk=16)(ids, torch.ones_like(ids), ids)
+        loss.backward()
+        assert not model.model.norm.__dict__.get("deferred", False)  # restored after the forward
+        return loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+
+    loss0, g0 = run(False)
+    loss1, g1 = run(True)
+    assert torch.equal(loss0, loss1)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6 * g0[k].abs().max().item())

@@ -72,7 +72,8 @@ def main() -> None:
     parts = set(args.parts.split(","))
     doc: dict = {"model": "smollm2-135m", "pieces": args.pieces, "tokens_per_piece": 256, "steps": args.steps,
                  "paper": PAPER, "parts": sorted(parts), "table2": [], "table3": [], "loftq": [], "exports": [],
-                 "machine": machine_info(), "command": "bench/quant_quality.py " + " ".join(sys.argv[1:])}
+                 "machine": machine_info(), "command": "bench/quant_quality.py " + " ".join(sys.argv[1:]),
+                 "nice": os.nice(0)}
 
     def save() -> None:
         doc["machine"]["loadavg"] = machine_info()["loadavg"]
@@ -162,8 +163,9 @@ def write_markdown(doc: dict, path: str) -> None:
     m = doc["machine"]
     t2 = {r["quant"]: r["ppl"] for r in doc["table2"]}
     lines = ["# What compression costs: the demo model (SmolLM2-135M-Instruct)", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB, shared with other jobs. "
-             f"Command: `.venv/bin/python {doc['command']}`.",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB, shared with other jobs "
+             f"(load average at the end {m['loadavg']}). Command: `.venv/bin/python {doc['command']}`"
+             f"{' (run at nice 19: times are upper bounds)' if doc.get('nice') else ''}.",
              f"Held-out text: {doc['pieces']} pieces of the held-out pydoc topics (qlora_kit.pydoc_text), "
              f"<= {doc['tokens_per_piece']} tokens each, every token scored.", "",
              f"Parts run: {', '.join(doc['parts'])}."]

@@ -102,12 +102,13 @@ def answer(loaded: Loaded, prompts: list[str], max_new_tokens: int = 64, raw: bo
     return outs
 
 
-def speed_up(loaded: Loaded, merge: bool = True) -> str:
+def speed_up(loaded: Loaded, merge: bool = True, dtype: str = "auto") -> str:
     """The CPU fast path for generation (inference.for_decoding); `merge` folds a single adapter into the weights
-    (not when it must be switched off again, as for --compare-base). Returns what was done, for the log."""
+    (not when it must be switched off again, as for --compare-base); `dtype` the Linear weights' storage (auto:
+    fp16 on an AVX-512 CPU, else fp32). Returns what was done, for the log."""
     from .inference import for_decoding
 
-    return for_decoding(loaded.model, merge)
+    return for_decoding(loaded.model, merge, dtype)
 
 
 def load_many(source: str, adapters: Mapping[str, str], base: str | None = None, quant: QuantConfig | None = None,

@@ -13,18 +13,30 @@ the point there. In generate/eval nothing trains, and on a CPU the per-call dequ
                           once): one matmul instead of three per layer. Changes the rounding (the sum is bf16), so
                           generate uses it and eval does not (eval reproduces the training loss exactly).
 
+    for_decoding(model)   generation: dense, fp32 activations, a single adapter merged, and on an AVX-512 CPU every
+                          Linear's weight stored in fp16 (HalfLinear): a decoded token is a matrix-vector product,
+                          bound by reading the weights, so half the bytes is about twice the tokens/s.
+
 The KV cache (transformers' DynamicCache) is on in generate: each new token attends to cached keys/values.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import dora, lora
 from .quant import QuantLinear
 
 HEADROOM = 0.5  # densify only when the dense weights take at most this fraction of the memory available now
+DECODE_DTYPES = ("auto", "fp16", "fp32")
+# Up to this many rows (batch x new tokens) torch's fp16 F.linear on the CPU beats fp32 (a GEMV: 2.5x at 1 row,
+# 1.3x at 2 on the 2-core EPYC measured); from 4 rows on it is a slow GEMM (3.4x slower than fp32 at 38 rows,
+# the prompt), so larger inputs are computed in fp32 from the same fp16 weights.
+FP16_MAX_ROWS = 2
 
 
 def _quantized(model: nn.Module) -> list[tuple[nn.Module, str, QuantLinear]]:
@@ -99,11 +111,60 @@ def merge_adapters(model: nn.Module) -> int:
     return n
 
 
-def for_decoding(model: nn.Module, merge: bool = True) -> str:
-    """Generation on the CPU: dense weights, the whole model in fp32, a single adapter merged. fp32, not bf16:
-    a decoded token is a matrix-vector product, and on the CPU measured here (AVX512-BF16, torch 2.13) torch's
-    bf16 GEMV is 10-30x slower than fp32's while bf16 wins only for long prompts (bench/results/generate_speed.md).
+class HalfLinear(nn.Module):
+    """A frozen Linear for decoding on the CPU: weight (out, in) stored in fp16, activations fp32 outside.
+
+    A base weight is a dequantized bf16 value, and fp16 holds every bf16 value in [2^-14, 65504] exactly (3 more
+    mantissa bits, 3 fewer exponent bits): only weights below 6.1e-5 in magnitude round (test_inference.py checks
+    all 65,536 bf16 values; bench/generate_speed.py counts the rounded ones on the demo model). A merged
+    W + s·B·A (fp32) rounds to fp16's 11 bits, finer than bf16's 8. A decoded token's input (<= FP16_MAX_ROWS
+    rows) is rounded to fp16 (finer than the bf16 that training multiplies in) and multiplied by torch's fp16
+    F.linear, which accumulates in fp32 on this CPU (its error vs float64 is the output's fp16 rounding: tested);
+    the result comes back as fp32. If that overflows fp16's range (|x| or |y| > 65504: some models carry such
+    activations), or for longer inputs (the prompt), the same weights are multiplied in fp32 instead."""
+
+    def __init__(self, dense: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = dense.in_features, dense.out_features
+        self.weight = nn.Parameter(dense.weight.detach().to(torch.float16), requires_grad=False)  # (out, in)
+        self.bias = (None if dense.bias is None else
+                     nn.Parameter(dense.bias.detach().float(), requires_grad=False))  # (out,) fp32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) fp32 -> (..., out) fp32
+        if x.shape[:-1].numel() <= FP16_MAX_ROWS:
+            y = F.linear(x.to(torch.float16), self.weight).to(x.dtype)
+            # any inf/nan makes the fp32 sum non-finite, and finite entries (<= 65504 each) cannot overflow it: one
+            # reduction instead of isfinite's abs, ne and all (~3 ms of a 34 ms token on the demo model)
+            if math.isfinite(float(y.sum())):
+                return y if self.bias is None else y + self.bias.to(y.dtype)
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def halve_linears(model: nn.Module) -> int:
+    """Every plain nn.Linear -> HalfLinear (adapters over them call base(x) and keep working). Returns the count."""
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, HalfLinear(child))
+                n += 1
+    return n
+
+
+def fp16_decodes_faster() -> bool:
+    """fp16 weights are the default only where measured faster: an AVX-512 CPU (torch's fp16 GEMV; 1.5-1.7x
+    fp32's tokens/s end to end on the EPYC of bench/results/generate_speed.md). Elsewhere fp32: not measured."""
+    return "AVX512" in torch.backends.cpu.get_cpu_capability()
+
+
+def for_decoding(model: nn.Module, merge: bool = True, dtype: str = "auto") -> str:
+    """Generation on the CPU: dense weights, activations in fp32, a single adapter merged; with dtype fp16 (auto:
+    on an AVX-512 CPU) every Linear's weight then stored in fp16 (HalfLinear). fp32 activations, not bf16: on the
+    CPU measured here (AVX512-BF16, torch 2.13) torch's bf16 F.linear GEMV is several times slower than
+    fp32's.
     Returns what was done (for the log); leaves the model as it is on CUDA or when memory is short."""
+    if dtype not in DECODE_DTYPES:
+        raise ValueError(f"decode dtype {dtype!r}: expected one of {', '.join(DECODE_DTYPES)}")
     if any(p.is_cuda for p in model.parameters()):
         return "unchanged (CUDA)"
     params = sum(p.numel() for p in model.parameters()) + sum(q.in_features * q.out_features
@@ -113,4 +174,7 @@ def for_decoding(model: nn.Module, merge: bool = True) -> str:
     densify(model, force=True)
     model.float()  # bf16 -> fp32 is exact: the same weights, computed with more precision
     merged = merge_adapters(model) if merge else 0
-    return "dense fp32" + (f", {merged} adapter modules merged" if merged else "")
+    half = dtype == "fp16" or (dtype == "auto" and fp16_decodes_faster())
+    halved = halve_linears(model) if half else 0
+    return ("dense fp32" + (f", {merged} adapter modules merged" if merged else "")
+            + (f", {halved} Linear weights in fp16" if halved else ""))

@@ -277,7 +277,8 @@ def test_inspect_analyze_and_generate_read_a_dora_plus_ia3_run(tiny_model, tiny_
     assert down["scales"] == "input" and down["n"] == 176 and down["mean_abs_dev"] > 0
 
     loaded = generate.load(str(r))
-    assert "merged" in generate.speed_up(loaded)  # dense fp32, DoRA folded with its magnitude, IA3 kept outside
+    # dense fp32 weights (fp16 storage would round the merged values), DoRA folded with its magnitude, IA3 outside
+    assert "merged" in generate.speed_up(loaded, dtype="fp32")
     assert rel(logits(loaded.model), logits(ours(r))) < 1e-5
     assert main(["generate", str(r), "--prompt", "What is the capital of Veloria 3?", "--max-new-tokens", "3",
                  "--compare-base"]) == 0

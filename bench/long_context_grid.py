@@ -35,17 +35,32 @@ def option_of(c: dict) -> str | None:
     return OPTIONS.get((bool(c["replay_dropout"]), bool(c["offload_activations"]), c["mlp_chunk"]))
 
 
-def read_rows(folder: Path) -> list[dict]:
+def current_estimate(c: dict):
+    """This code's estimate for a run's settings (the run file keeps the estimate of the code it ran with)."""
+    from qlora_kit import memory_estimate as me
+    from qlora_kit.model import resolve
+
+    config = json.loads((resolve(c["model"]) / "config.json").read_text())
+    return me.estimate(config, me.EstimateConfig(
+        quant=c["quant"], rank=c["rank"], seq=c["seq"], batch=c["batch"], optimizer=c["optimizer"], device="cpu",
+        loss_chunk=c["loss_chunk"], lora_dropout=c["dropout"], replay_dropout=c["replay_dropout"],
+        offload_activations=c["offload_activations"], mlp_chunk=c["mlp_chunk"]))
+
+
+def read_rows(folder: Path, recompute: bool = True) -> list[dict]:
     rows = []
     for f in sorted(folder.glob("*.json")):
         r = json.loads(f.read_text())
         option = option_of(r["config"])
         if option is None or r["config"]["batch"] != 1:
             continue
+        est, host_est = r["estimate_total"], (r["estimate_host"] or {}).get("offloaded_activations", 0)
+        if recompute:
+            e = current_estimate(r["config"])
+            est, host_est = e.total, e.host.get("offloaded_activations", 0)
         rows.append({"option": option, "seq": r["config"]["seq"], "file": f.name, "measured_bytes": r["peak_bytes"],
-                     "estimate_bytes": r["estimate_total"], "error": r["error"],
-                     "host_measured": r["host"]["offloaded_activations"],
-                     "host_estimate": r["estimate_host"].get("offloaded_activations", 0) if r["estimate_host"] else 0,
+                     "estimate_bytes": est, "error": est / r["peak_bytes"] - 1, "peak_phase": r["peak_phase"],
+                     "host_measured": r["host"]["offloaded_activations"], "host_estimate": host_est,
                      "threads": r["config"]["threads"]})
     order = list(OPTIONS.values())
     rows.sort(key=lambda r: (order.index(r["option"]), r["seq"]))
@@ -53,13 +68,14 @@ def read_rows(folder: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| option | seq | measured (MiB) | estimate (MiB) | error | offloaded to host: measured / estimate (MiB) "
-             "| run file |", "|---|--:|--:|--:|--:|--:|---|"]
+    lines = ["| option | seq | measured (MiB) | estimate (MiB) | error | peak in | offloaded to host: measured / "
+             "estimate (MiB) | run file |", "|---|--:|--:|--:|--:|---|--:|---|"]
     for r in rows:
         host = (f"{r['host_measured'] / 2**20:.1f} / {r['host_estimate'] / 2**20:.1f}" if r["host_measured"]
                 or r["host_estimate"] else "-")
         lines.append(f"| {r['option']} | {r['seq']} | {r['measured_bytes'] / 2**20:.1f} | "
-                     f"{r['estimate_bytes'] / 2**20:.1f} | {r['error']:+.2%} | {host} | {r['file']} |")
+                     f"{r['estimate_bytes'] / 2**20:.1f} | {r['error']:+.2%} | {r.get('peak_phase', '-')} | {host} | "
+                     f"{r['file']} |")
     return lines
 
 
@@ -81,7 +97,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
     rows = read_rows(Path(args.runs))
-    before = read_rows(Path(args.runs) / "before_lc2")
+    before = read_rows(Path(args.runs) / "before_lc2", recompute=False)
     have = {(r["option"], r["seq"]) for r in rows}
     missing = [f"{o} @ seq {s}" for o in OPTIONS.values() for s in SEQS if (o, s) not in have]
     out = Path(args.out)
@@ -92,7 +108,8 @@ def main() -> int:
              "--json --batch 1 --steps 2 --threads T --seq S` + `--replay-dropout 0` or `--offload-activations 1 "
              "--mlp-chunk 1024`); memory numbers do not depend on load. Machine: 2-core AMD EPYC CPU VM, 23.5 GiB, "
              "shared with other jobs. Error = estimate / measured - 1 (target: within 2%). Current code (lean norms, "
-             "CPU dropout masks, layer 0 re-embedded):", "", *table(rows), "", "Per extra token, seq 1024 -> 4096:",
+             "CPU dropout masks, layer 0 re-embedded); the estimate is this code's, recomputed from each run's "
+             "settings:", "", *table(rows), "", "Per extra token, seq 1024 -> 4096:",
              *slopes(rows), "",
              "Missing cells (not run in the time available): " + ("; ".join(missing) if missing else "none") + "."]
     if before:

@@ -160,6 +160,8 @@ def logits_terms(s: ModelShapes, cfg: EstimateConfig) -> dict[str, int]:
     # live only while that chunk is (re)computed.
     return {"final_norm": chunk * (c * s.hidden + 4),
             "final_hidden": c * N * s.hidden,  # (N, H) c: label positions before the final norm, the chunks' input
+            # its gradient, (N, H) c: the chunks' backward accumulate their slices into one buffer while h is alive
+            "final_hidden_grad": c * N * s.hidden,
             # (C, V) fp32 x3, live together in a chunk's backward: the recomputed log-softmax output (saved by
             # cross_entropy), the nll_loss gradient and the log-softmax gradient (F.cross_entropy's backward).
             "chunk_logits": 3 * 4 * chunk * s.vocab}

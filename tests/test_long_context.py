@@ -116,10 +116,14 @@ def test_offload_needs_checkpointing(tmp_path):
         prepare(recipe)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_replayed_dropout_equals_plain_dropout_for_the_same_seed(monkeypatch, checkpointing):
+@pytest.mark.parametrize("checkpointing,keep_masks", [(False, True), (True, True), (True, False)])
+def test_replayed_dropout_equals_plain_dropout_for_the_same_seed(monkeypatch, checkpointing, keep_masks):
     """dropout_replay's own mask (a bool mask on the CPU, drawn again in a checkpoint's recompute) gives bitwise
-    nn.Dropout's results, with and without checkpointing."""
+    nn.Dropout's results, with and without checkpointing; so does the RNG-state replay CUDA uses (run here on the
+    CPU with KEEP_CPU_MASKS off)."""
+    from qlora_kit import dropout_replay
+
+    monkeypatch.setattr(dropout_replay, "KEEP_CPU_MASKS", keep_masks)
     loss0, g0 = loss_and_grads(build(checkpointing=checkpointing))
     monkeypatch.setattr(LoRALinear, "replay_dropout", False)
     loss1, g1 = loss_and_grads(build(checkpointing=checkpointing))

@@ -83,7 +83,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "long_context_step_time.json").write_text(json.dumps(doc, indent=1) + "\n")
     m = doc["machine"]
-    lines = ["# Long context: CPU step time, tiled MLP + replayed dropout vs today's path (interleaved)", "",
+    lines = ["# Long context: CPU step time, tiled MLP + dropout without copies + lean norms vs the path before "
+             "(interleaved)", "",
              f"{doc['date']}. Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB RAM, load "
              f"average {m['loadavg']} (shared with other jobs). torch threads {doc['torch_threads']}. Command: "
              f"`OMP_NUM_THREADS={args.threads} {doc['command']}`. smollm2-135m, batch 1, seq {args.seq}, r=16 "

@@ -23,8 +23,12 @@ import torch
 import torch.nn.functional as F
 
 
-def _cuda_rng_state(device: torch.device):
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device)
+# The CPU keeps masks (see the module doc); False makes the CPU replay like CUDA (tests run that path on the CPU).
+KEEP_CPU_MASKS = True
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
 def _noise(mask: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
@@ -36,8 +40,8 @@ class _DroppedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, p):  # x (..., in), weight (r, in), both in the adapter dtype
         ctx.p = p
-        if x.device.type == "cuda":
-            ctx.rng = _cuda_rng_state(x.device)
+        if x.device.type != "cpu" or not KEEP_CPU_MASKS:
+            ctx.rng = _rng_state(x.device)
             ctx.save_for_backward(x, weight)
             return F.linear(F.dropout(x, p, training=True), weight)  # (..., r)
         mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)  # (..., in) 1 byte
@@ -63,9 +67,11 @@ def _replay_backward(ctx, grad_h, x, weight):
     """CUDA: restore the forward's RNG state and replay dropout + linear under autograd (the same mask)."""
     cpu_state, dev_state = ctx.rng
     ctx.rng = None  # the graph's nodes outlive backward while the loss is referenced: drop the state now
-    with torch.random.fork_rng(devices=[x.device], device_type=x.device.type), torch.enable_grad():
+    devices = [x.device] if dev_state is not None else []
+    with torch.random.fork_rng(devices=devices, device_type=x.device.type), torch.enable_grad():
         torch.set_rng_state(cpu_state)
-        torch.cuda.set_rng_state(dev_state, x.device)
+        if dev_state is not None:
+            torch.cuda.set_rng_state(dev_state, x.device)
         xr = x.detach().requires_grad_(ctx.needs_input_grad[0])
         wr = weight.detach().requires_grad_(ctx.needs_input_grad[1])
         h = F.linear(F.dropout(xr, ctx.p, training=True), wr)  # the same mask: the same RNG draws

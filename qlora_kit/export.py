@@ -111,7 +111,15 @@ def unadapted_quantized(src: Source, base: Path, index: dict[str, TensorInfo], m
     training-time model computed. (--format quantized quantizes such a W itself: the very codes training used.)"""
     if merge_base != "dequantized" or src.trained_with.type == "none":
         return set()
-    return linear_weights(base) & set(index) - src.weight_names()
+    rest = {n for n, t in index.items() if n.endswith(".weight") and len(t.shape) == 2} - src.weight_names()
+    if all(n.split(".")[-2] in EMBEDDING_MODULES for n in rest):
+        return set()  # every Linear is adapted (all-linear, the default): skip building the model (~2 s of imports)
+    return linear_weights(base) & rest
+
+
+EMBEDDING_MODULES = {"embed_tokens", "lm_head", "wte", "wpe", "word_embeddings", "embed_out", "embed_positions"}
+"""Module names that are transformers' input/position embeddings (nn.Embedding) or the output embedding (which
+training leaves unquantized): never in linear_weights(), so a 2-D weight of these is no unadapted quantized Linear."""
 
 
 def merge_rows(W_base: torch.Tensor, stack: list[peft_format.Adapter], module: str, out_dtype: torch.dtype):

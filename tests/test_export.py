@@ -487,3 +487,32 @@ def test_cli_errors_are_short(qlora_run, tiny_model, tmp_path, capsys):
     assert cli(qlora_run, "--format", "quantized", "--out", tmp_path / "q") == 0
     captured = capsys.readouterr()
     assert "wrote quantized export" in captured.out and "multiple of blocksize" in captured.err
+
+
+def test_unadapted_quantized_needs_no_model_when_every_linear_is_adapted(qlora_run, tiny_model, monkeypatch):
+    """The default all-linear adapter: no Linear is left unadapted, decided from the weight names alone (building
+    the model on the meta device costs ~2 s of imports); a partial target set still goes through the model."""
+    import dataclasses
+
+    from qlora_kit.export_files import linear_weights
+    from qlora_kit.shards import tensor_index
+
+    src, index = ex.open_source(qlora_run), tensor_index(tiny_model)
+    linear = linear_weights(tiny_model)
+    assert linear & set(index) - src.weight_names() == set()  # the fixture adapts every Linear
+
+    def no_model(base):
+        raise AssertionError("built the model")
+
+    monkeypatch.setattr(ex, "linear_weights", no_model)
+    assert ex.unadapted_quantized(src, tiny_model, index, "dequantized") == set()
+    monkeypatch.setattr(ex, "linear_weights", linear_weights)
+    some = {m for m in src.modules() if m.endswith("q_proj")}
+
+    class OnlyQ(type(src)):  # as if only q_proj were adapted
+        def modules(self):
+            return some
+
+    got = ex.unadapted_quantized(OnlyQ(**{f.name: getattr(src, f.name) for f in dataclasses.fields(src)}),
+                                 tiny_model, index, "dequantized")
+    assert got == linear - {f"{m}.weight" for m in some} and "lm_head.weight" not in got and got

@@ -131,7 +131,15 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
         replay = (2 if cfg.device == "cpu" else 1) * c * max(widths, default=0)
         # An adapter's backward runs before its base Linear's (autograd takes the later-built branch first), so
         # this workspace and the base's dequantization workspace are never alive together: the larger one counts.
-        terms["dropout_replay"] = max(0, replay - deq - terms.get("dequant_workspace", 0))
+        exclusive = deq + terms.get("dequant_workspace", 0)
+        if not tiled(cfg):
+            # Untiled, the decoder backward peaks in the MLP's elementwise backward (silu, mul: the (B, S, I)
+            # gradients of backward_grads next to the recomputed (B, S, I) intermediates), where no adapter is
+            # replaying: down_proj's adapter replays before those gradients exist, gate's and up's after the
+            # intermediates are freed. So the workspace competes with the two (B, S, I) gradients, not adds to
+            # them (measured: the seq 4096 / 8192 grid cells were over by exactly this term when it was added).
+            exclusive += c * T * 2 * s.intermediate
+        terms["dropout_replay"] = max(0, replay - exclusive)
     if cfg.device == "cpu" and tiled(cfg):  # each tiled MLP's node keeps torch.get_rng_state(), a 5,056-byte
         # CPU tensor (on CUDA that tensor lives in host memory, not on the device), until the step's end
         terms["rng_states"] = RNG_STATE_BYTES * s.layers

@@ -133,7 +133,9 @@ def test_max_shard_size_and_shard_plan():
     assert lay == {"a": (0, 8), "b": (8, 11)}  # widest dtype first: every tensor aligned
 
 
-def test_shard_writer_roundtrip(tmp_path):
+@pytest.mark.parametrize("pending_max", [1, 1 << 20], ids=["each-write-waits", "writes-behind"])
+def test_shard_writer_roundtrip(tmp_path, monkeypatch, pending_max):
+    monkeypatch.setattr(shards, "PENDING_MAX", pending_max)
     t = {"w": torch.randn(7, 5).to(torch.bfloat16), "s": torch.arange(3, dtype=torch.uint8), "f": torch.randn(4)}
     w = shards.ShardWriter(tmp_path / "x.safetensors", [shards.Entry(k, v.dtype, tuple(v.shape)) for k, v in t.items()],
                            ["blob"])
@@ -431,14 +433,14 @@ def test_disk_full_up_front_and_mid_write(qlora_run, tmp_path, capsys, monkeypat
     monkeypatch.undo()
     calls = []
 
-    def enospc(self, name, tensor, row_start=0):
-        calls.append(name)
+    def enospc(self, data, offset):  # on the writer's thread: raised to the caller by a later write or close
+        calls.append(offset)
         if len(calls) == 5:
             raise OSError(28, "No space left on device")
-        return real_write(self, name, tensor, row_start)
+        return real_pwrite(self, data, offset)
 
-    real_write = shards.ShardWriter.write
-    monkeypatch.setattr(shards.ShardWriter, "write", enospc)
+    real_pwrite = shards.ShardWriter._pwrite
+    monkeypatch.setattr(shards.ShardWriter, "_pwrite", enospc)
     assert cli(qlora_run, "--format", "merged", "--out", out) == 2
     err = capsys.readouterr().err
     assert "no space left" in err and "Traceback" not in err

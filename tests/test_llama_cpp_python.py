@@ -34,7 +34,8 @@ def test_llama_cpp_python_quantizes_with_llama_cpps_own_type_mix(tiny_data, tmp_
     monkeypatch.setattr(gguf_kquant, "available", lambda: False)  # as without the xllamacpp wheel
     out = tmp_path / f"{kind}.gguf"
     ex.export(run, ex.Options("gguf", out, gguf_type=kind, progress=False))
-    assert sorted(p.name for p in tmp_path.iterdir() if "f16" in p.name) == ["f16.gguf"]  # its temp f16 is gone
+    files = ["model", "run", "f16.gguf", "f16.Modelfile", f"{kind}.gguf", f"{kind}.Modelfile"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # the route's temporary f16 file is gone
 
     r = gguf.GGUFReader(out)
     assert r.fields["general.file_type"].contents() == gguf_kquant.KQUANTS[kind].file_type

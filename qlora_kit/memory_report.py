@@ -50,7 +50,8 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {label(r['config'])} | failed: {r['failed']} | | | | | | |")
     if any(r["device"] == "cpu" for r in ok):
         lines += ["", "On the CPU the estimate runs with `--device cpu`: no CUDA context allowance; LoRA dropout keeps "
-                  "a 1-byte bool mask per adapter (on CUDA the RNG state, the mask drawn again in backward); attention is SDPA's CPU kernel; a 4-bit Linear whose "
+                  "a 1-byte bool mask per adapter (on CUDA the RNG state, the mask drawn again in backward); "
+                  "attention is SDPA's CPU kernel; a 4-bit Linear whose "
                   "in_features is not a multiple of the blocksize is dequantized in plain torch (int64 codes + fp32 "
                   "values live at once: a `dequant_workspace` term). The peak phase is where the step's worst moment "
                   "falls: the loss head (one chunk of fp32 logits and two gradients of the same size), the decoder "

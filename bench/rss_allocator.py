@@ -68,7 +68,7 @@ def main() -> None:
         runs = [json.loads(f.read_text()) for f in files]
         growth = [(d["rss"]["step_peak"] - d["rss"]["after_imports"]) / 2**20 for d in runs]
         live = [d["peak_bytes"] / 2**20 for d in runs]
-        rows[k] = {"key": k, "label": VARIANTS[k][0], "env": VARIANTS[k][1], "runs": len(runs),
+        rows[k] = {"label": VARIANTS[k][0], "env": VARIANTS[k][1], "options": ARGS.get(k, []), "runs": len(runs),
                    "tokens_per_s": [d["tokens_per_s"] for d in runs], "growth_mib": growth, "live_mib": live,
                    "ratio": statistics.median(g / v for g, v in zip(growth, live))}
     base = statistics.median(rows["A"]["tokens_per_s"])
@@ -83,7 +83,7 @@ def main() -> None:
              "| variant | environment (or options) | runs | tokens/s (each) | vs defaults | RSS growth after imports -> step peak (MiB) "
              "| live-tensor peak (MiB) | growth / live |", "|---|---|--:|---|--:|---|--:|--:|"]
     for r in rows.values():
-        env = " ".join(f"{a}={b}" for a, b in r["env"].items()) or " ".join(ARGS.get(r["key"], [])) or "-"
+        env = " ".join([*(f"{a}={b}" for a, b in r["env"].items()), *r["options"]]) or "-"
         tps = statistics.median(r["tokens_per_s"])
         lines.append(f"| {r['label']} | `{env}` | {r['runs']} | {' / '.join(f'{t:.1f}' for t in r['tokens_per_s'])} "
                      f"| {tps / base:.2f}x | {' / '.join(f'{g:.0f}' for g in r['growth_mib'])} | {r['live_mib'][0]:.0f} "

@@ -105,6 +105,11 @@ def merge_base_weight(W: torch.Tensor, trained_with: quant.QuantSpec, frozen: to
                            trained_with.compute_dtype).cpu()
 
 
+EMBEDDING_MODULES = {"embed_tokens", "lm_head", "wte", "wpe", "word_embeddings", "embed_out", "embed_positions"}
+"""Module names that are transformers' input/position embeddings (nn.Embedding) or the output embedding (which
+training leaves unquantized): never in linear_weights(), so a 2-D weight of these is no unadapted quantized Linear."""
+
+
 def unadapted_quantized(src: Source, base: Path, index: dict[str, TensorInfo], merge_base: str) -> set[str]:
     """Linear weights training quantized that no adapter touches. With the dequantized merge base they are written
     as dequant(Q) too (a partial target set, IA3 on three modules): the merged model computes what the
@@ -115,11 +120,6 @@ def unadapted_quantized(src: Source, base: Path, index: dict[str, TensorInfo], m
     if all(n.split(".")[-2] in EMBEDDING_MODULES for n in rest):
         return set()  # every Linear is adapted (all-linear, the default): skip building the model (~2 s of imports)
     return linear_weights(base) & rest
-
-
-EMBEDDING_MODULES = {"embed_tokens", "lm_head", "wte", "wpe", "word_embeddings", "embed_out", "embed_positions"}
-"""Module names that are transformers' input/position embeddings (nn.Embedding) or the output embedding (which
-training leaves unquantized): never in linear_weights(), so a 2-D weight of these is no unadapted quantized Linear."""
 
 
 def merge_rows(W_base: torch.Tensor, stack: list[peft_format.Adapter], module: str, out_dtype: torch.dtype):

@@ -68,7 +68,8 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     if t.return_freed_memory and not host_memory.return_freed_memory() and world.rank == 0:
-        print("note: train.return_freed_memory has no effect here: the C library is not glibc.", file=sys.stderr)
+        print("note: train.return_freed_memory has no effect here: this C library's malloc does not take glibc's "
+              "settings.", file=sys.stderr)
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is cuda but no CUDA GPU is visible; use train.device=auto or cpu.")
     if t.optimizer.startswith("paged") and not torch.cuda.is_available():

@@ -274,7 +274,8 @@ class ShardWriter:
         return self.data_start + pos
 
     def abort(self) -> None:
-        """Close without finishing (after an error): queued writes are finished first, never left to a closed fd."""
+        """Close without finishing (after an error): queued writes are cancelled and the one running is waited for,
+        so no pwrite ever reaches a closed (or reused) descriptor."""
         for future, _ in self._pending:
             future.cancel()
         self._io.shutdown(wait=True)

@@ -17,6 +17,7 @@ We deliberately do not use `bnb.nn.Linear4bit` (docs/ARCHITECTURE.md, "bitsandby
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +28,16 @@ from . import quant4_cpu
 from .errors import ConfigError
 from .terms import NESTED_BLOCKSIZE, QUANTIZED_TYPES, QuantType
 
+# On AVX512-BF16 CPUs, importing bitsandbytes asks the `kernels` package for a compiled gemm kernel from the
+# Hugging Face Hub: executable code from the network (or, offline, a notice on stderr from `kernels`). We never call
+# that kernel (only the functional API, whose dequantize + matmul we control), so bitsandbytes is imported with
+# `kernels` unimportable (a None entry in sys.modules makes `import kernels` raise ImportError, which bitsandbytes
+# catches), and its own warning about the missing kernel is silenced; both are restored afterwards.
 _log = logging.getLogger("bitsandbytes")
 _level = _log.level
-_log.setLevel(logging.ERROR)  # bnb warns at import that an optional hub kernel is absent; we never use it
+_log.setLevel(logging.ERROR)
+_kernels = sys.modules.get("kernels", _log)  # _log: a sentinel for "was not imported"
+sys.modules["kernels"] = None
 try:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbF
@@ -40,6 +48,10 @@ except Exception as e:  # a broken or missing install must not stop quant.type n
     _IMPORT_ERROR = e
 finally:
     _log.setLevel(_level)
+    if _kernels is _log:
+        del sys.modules["kernels"]
+    else:
+        sys.modules["kernels"] = _kernels
 
 
 def _need_bnb(what: str) -> None:

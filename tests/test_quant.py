@@ -1,5 +1,9 @@
 """quant.py: dequantization against a float64 reference, no weight kept for backward, all quant types."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -89,3 +93,15 @@ def test_dequantized_weight_dtype_and_quantized_tensors_move():
     assert not any(p.requires_grad for p in layer.parameters())
     moved = layer.to("meta")  # ordinary parameters: .to() moves them, no bitsandbytes side effects
     assert moved.qweight.device.type == "meta"
+
+
+def test_importing_bitsandbytes_fetches_no_hub_kernel_and_prints_nothing():
+    """bitsandbytes' CPU backend asks the `kernels` package for a compiled kernel from the Hub at import (on
+    AVX512-BF16 CPUs; offline it prints a notice). quant imports it with `kernels` blocked: nothing on stderr, and
+    `kernels` is importable again afterwards for whoever wants it."""
+    code = ("import sys; import qlora_kit.quant as q; assert q.bnb is not None; "
+            "assert sys.modules.get('kernels', 0) is not None; print('ok')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+    assert p.stderr == ""

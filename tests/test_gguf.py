@@ -352,3 +352,19 @@ def test_demo_model_gguf_matches_merged_and_llama_cpp_tokenizer(tmp_path):
         assert field(tmp_path / "g" / "d-q8_0.gguf", key) == field(reference, key) or key == "general.file_type", key
     assert field(tmp_path / "g" / "d-q8_0.gguf", "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
     assert "SmolLM" in (tmp_path / "g" / "d-q8_0.Modelfile").read_text()  # the template's default system prompt
+
+
+def test_alpaca_modelfile_template_renders_the_training_prompt():
+    """A run trained on alpaca records without a chat template gets a Modelfile TEMPLATE that, filled in as Ollama
+    fills it (no system message), is the prompt training rendered."""
+    import types
+
+    from qlora_kit import ollama
+    from qlora_kit.data_formats import render_prompt
+
+    recipe = types.SimpleNamespace(data=types.SimpleNamespace(format="alpaca", system_prompt=None))
+    template, stop, system = ollama.prompt_format({"chat_template": None, "stop": ["</s>"]}, recipe)
+    question = "Name the capital of Veloria."
+    filled = template.replace("{{ if .System }}{{ .System }}{{ else }}", "").replace("{{ end }}", "")
+    assert filled.replace("{{ .Prompt }}", question) == render_prompt(question, None, "alpaca")
+    assert stop == ["</s>"] and system is None

@@ -98,7 +98,7 @@ def run(cmd: list[str], timeout: int = 600, **kw) -> subprocess.CompletedProcess
 def bnb_sanity(ctx) -> dict:
     import torch
 
-    from qlora_kit import quant
+    from qlora_kit.quant import bnb as quant
 
     n = 256 if ctx.smoke else 4096
     g = torch.Generator().manual_seed(0)
@@ -186,7 +186,8 @@ def export(ctx) -> dict:
 def generate_stage(ctx) -> dict:
     import torch
 
-    from qlora_kit import generate, quant
+    from qlora_kit import generate
+    from qlora_kit.quant import bnb as quant
 
     run_a, run_b = ctx.runs.get("nf4/adamw"), ctx.runs.get("nf4/adamw8bit")
     if run_a is None or run_b is None:

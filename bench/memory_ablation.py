@@ -36,7 +36,7 @@ def child(overrides: str, extra: str, seq: int, batch: int) -> dict:
     if extra == "naive":
         import torch.nn.functional as F
 
-        from qlora_kit.quant import QuantLinear
+        from qlora_kit.quant.bnb import QuantLinear
 
         def naive(self, x):  # what a straightforward implementation does: autograd saves W for grad_x
             return F.linear(x.to(self.spec.compute_dtype), self.dequantize()).to(x.dtype)

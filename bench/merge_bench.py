@@ -117,7 +117,7 @@ def machine() -> dict:
     import torch
     import transformers
 
-    from qlora_kit import quant
+    from qlora_kit.quant import bnb as quant
     from qlora_kit.memory_measure import machine_info
 
     return {**machine_info(), "torch": torch.__version__, "transformers": transformers.__version__,

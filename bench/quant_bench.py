@@ -1,4 +1,4 @@
-"""CPU 4-bit quantization: qlora_kit.quant4_cpu against bitsandbytes' own CPU kernel (the same codes, bit for bit,
+"""CPU 4-bit quantization: qlora_kit.quant.cpu against bitsandbytes' own CPU kernel (the same codes, bit for bit,
 checked here on every weight timed), on Llama-1.6B-shaped weights and on loading the demo model for training
 (`model.load_base`, which quantizes every Linear as it arrives). Interleaved A B A B in one process, OMP threads
 set, OMP_WAIT_POLICY=PASSIVE.
@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--results", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
-    from qlora_kit import quant, quant4_cpu
+    from qlora_kit.quant import bnb as quant, cpu as quant4_cpu
     from qlora_kit.config import ModelConfig, QuantConfig
     from qlora_kit.memory_measure import machine_info
     from qlora_kit.model import load_base

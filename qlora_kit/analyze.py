@@ -173,7 +173,7 @@ class BaseWeights:
                 raise ModelError(f"{f} is truncated or not a safetensors file ({e}).") from None
         self.spec = None
         if quant.type != "none":
-            from .quant import QuantSpec  # imports bitsandbytes: only when a quantized base is asked for
+            from .quant.bnb import QuantSpec  # imports bitsandbytes: only when a quantized base is asked for
 
             self.spec = QuantSpec.from_config(quant)
 
@@ -192,7 +192,7 @@ class BaseWeights:
             w = w.to(frozen_dtype(self.dtype, w.dtype))
         if self.spec is None:
             return w.float()
-        from .quant import roundtrip
+        from .quant.bnb import roundtrip
 
         return roundtrip(w.to(self.device), self.spec, self.spec.compute_dtype).float().cpu()
 

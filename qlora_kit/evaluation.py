@@ -97,7 +97,7 @@ def load_gguf(path: str, dtype: str, device: str) -> generate.Loaded:
     """A GGUF file through transformers' loader: every tensor dequantized to `dtype`, tokenizer from the file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .quant import DTYPES
+    from .quant.bnb import DTYPES
 
     p = Path(path).expanduser()
     if not p.is_file():

@@ -41,7 +41,8 @@ from typing import Literal
 
 import torch
 
-from . import gguf_export, loftq, methods, peft_format, quant
+from . import gguf_export, loftq, methods, peft_format
+from .quant import bnb as quant
 from .errors import ExportError
 from .export_files import atomic_folder, copy_tokenizer, linear_weights, write_config, writing
 from .model import frozen_dtype

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, quant
+from . import atomic
+from .quant import bnb as quant
 from .errors import ExportError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

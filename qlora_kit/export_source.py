@@ -9,7 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import loftq, peft_format, quant
+from . import loftq, peft_format
+from .quant import bnb as quant
 from .config import ModelConfig
 from .errors import ExportError, ModelError
 from .model import BUILTINS, cache_dir, resolve

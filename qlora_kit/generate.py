@@ -21,7 +21,7 @@ from .config import ModelConfig, QuantConfig, Recipe, load_recipe
 from .device import resolve_device
 from .errors import ModelError
 from .model import load_base
-from .quant import DTYPES
+from .quant.bnb import DTYPES
 from .run_dir import adapter_source, is_run_dir
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dora, lora
-from .quant import QuantLinear
+from .quant.bnb import QuantLinear
 
 HEADROOM = 0.5  # densify only when the dense weights take at most this fraction of the memory available now
 DECODE_DTYPES = ("auto", "fp16", "fp32")

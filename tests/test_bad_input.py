@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FACTS, make_tiny_model, write_jsonl
-from qlora_kit import quant
+from qlora_kit.quant import bnb as quant
 from qlora_kit.cli.main import main
 
 BASE = {

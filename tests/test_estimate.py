@@ -122,7 +122,7 @@ def test_dora_ia3_params_equal_real_injection():
 @pytest.mark.parametrize("quant,double_quant,blocksize", [
     ("nf4", True, 64), ("nf4", False, 64), ("fp4", True, 128), ("int8", False, 64)])
 def test_quantized_bytes_equal_real_buffers(shape, quant, double_quant, blocksize):
-    from qlora_kit.quant import QuantSpec, quantize
+    from qlora_kit.quant.bnb import QuantSpec, quantize
 
     buffers = quantize(torch.randn(*shape, dtype=torch.bfloat16), QuantSpec(quant, blocksize, double_quant))
     nbytes = {k: t.numel() * t.element_size() for k, t in buffers.items()}
@@ -285,7 +285,7 @@ def test_layer_activations_equal_saved_tensors(cls, targets, dropout, replay, ml
     from qlora_kit.dora import DoRALinear
     from qlora_kit.methods import inject_ia3
     from qlora_kit.lora import LoraSpec, LoRALinear, inject
-    from qlora_kit.quant import QuantLinear, QuantSpec
+    from qlora_kit.quant.bnb import QuantLinear, QuantSpec
     from qlora_kit.lean_norm import make_lean
     from qlora_kit.tiled_mlp import tile_mlps
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from qlora_kit import checkpoint, data, quant, train
-from qlora_kit.quant import QuantLinear, QuantSpec, dequantize, quantize
+from qlora_kit import checkpoint, data, train
+from qlora_kit.quant import bnb as quant
+from qlora_kit.quant.bnb import QuantLinear, QuantSpec, dequantize, quantize
 
 pytestmark = [pytest.mark.gpu]
 

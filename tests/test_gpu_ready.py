@@ -210,7 +210,7 @@ def test_grad_accum_sums_micro_batches_in_fp32(tiny_model, tiny_data):
 
 
 def test_int8_codes_independent_of_input_dtype_and_dequantized_in_fp32():
-    from qlora_kit.quant import QuantSpec, bnbF, dequantize, int8_quantize, quantize
+    from qlora_kit.quant.bnb import QuantSpec, bnbF, dequantize, int8_quantize, quantize
 
     g = torch.Generator().manual_seed(0)
     w16 = (torch.randn(96, 200, generator=g) * torch.logspace(-2, 1, 96)[:, None]).to(torch.bfloat16)
@@ -323,7 +323,7 @@ def test_eight_bit_state_is_eight_bit_after_resume(tmp_path):
 def test_gemv_4bit_matches_the_dequantized_matmul(double_quant):
     """`quant.gemv_4bit` builds the QuantState bitsandbytes' 4-bit GEMV reads from our buffers; on the CPU its
     kernel must agree with x @ dequant(W)^T + b (bf16 output rounding). QuantLinear takes it only on CUDA."""
-    from qlora_kit.quant import QuantLinear, QuantSpec, gemv_4bit
+    from qlora_kit.quant.bnb import QuantLinear, QuantSpec, gemv_4bit
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(128, 256, generator=g).bfloat16()

@@ -7,7 +7,7 @@ import torch
 
 from qlora_kit import generate, inference, lora
 from qlora_kit.config import QuantConfig
-from qlora_kit.quant import QuantLinear
+from qlora_kit.quant.bnb import QuantLinear
 
 
 def _logits(model, ids):

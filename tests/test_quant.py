@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlora_kit.quant import QuantLinear, QuantSpec, dequantize, quantize, roundtrip
+from qlora_kit.quant.bnb import QuantLinear, QuantSpec, dequantize, quantize, roundtrip
 
 NF4_CODE = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
                      -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -99,7 +99,7 @@ def test_importing_bitsandbytes_fetches_no_hub_kernel_and_prints_nothing():
     """bitsandbytes' CPU backend asks the `kernels` package for a compiled kernel from the Hub at import (on
     AVX512-BF16 CPUs; offline it prints a notice). quant imports it with `kernels` blocked: nothing on stderr, and
     `kernels` is importable again afterwards for whoever wants it."""
-    code = ("import sys; import qlora_kit.quant as q; assert q.bnb is not None; "
+    code = ("import sys; import qlora_kit.quant.bnb as q; assert q.bnb is not None; "
             "assert sys.modules.get('kernels', 0) is not None; print('ok')")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})

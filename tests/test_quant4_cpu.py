@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from qlora_kit import quant, quant4_cpu
+from qlora_kit.quant import bnb as quant, cpu as quant4_cpu
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import quant4_cpu
-from .errors import ConfigError
-from .terms import NESTED_BLOCKSIZE, QUANTIZED_TYPES, QuantType
+from . import cpu as quant4_cpu
+from ..errors import ConfigError
+from ..terms import NESTED_BLOCKSIZE, QUANTIZED_TYPES, QuantType
 
 # On AVX512-BF16 CPUs, importing bitsandbytes asks the `kernels` package for a compiled gemm kernel from the
 # Hugging Face Hub: executable code from the network (or, offline, a notice on stderr from `kernels`). We never call

@@ -35,7 +35,8 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from qlora_kit import lean_norm, train
+    from qlora_kit import train
+    from qlora_kit.lowmem import lean_norm
     from qlora_kit.lora import LoRALinear
     from qlora_kit.memory_measure import MeasureConfig, machine_info, recipe_for, synthetic_batch
     from qlora_kit.model import resolve

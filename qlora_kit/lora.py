@@ -22,7 +22,7 @@ from typing import Iterable, Literal, Sequence
 import torch
 from torch import nn
 
-from .dropout_replay import dropped_linear
+from .lowmem.dropout_replay import dropped_linear
 from .terms import lora_scale
 
 

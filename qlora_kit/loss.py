@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .lean_norm import norm_apply
+from .lowmem.lean_norm import norm_apply
 from .terms import IGNORE
 
 

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import data, fsdp, host_memory, lean_norm, lora, methods, reembed, tiled_mlp, trackers
-from . import offload as offload_mod
+from . import data, fsdp, lora, methods, trackers
+from .lowmem import host_memory, lean_norm, reembed, tiled_mlp
+from .lowmem import offload as offload_mod
 from .config import Recipe
 from .device import allow_tf32
 from .distributed import World, parallel_mode

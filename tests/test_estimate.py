@@ -286,8 +286,8 @@ def test_layer_activations_equal_saved_tensors(cls, targets, dropout, replay, ml
     from qlora_kit.methods import inject_ia3
     from qlora_kit.lora import LoraSpec, LoRALinear, inject
     from qlora_kit.quant.bnb import QuantLinear, QuantSpec
-    from qlora_kit.lean_norm import make_lean
-    from qlora_kit.tiled_mlp import tile_mlps
+    from qlora_kit.lowmem.lean_norm import make_lean
+    from qlora_kit.lowmem.tiled_mlp import tile_mlps
 
     monkeypatch.setattr(LoRALinear, "replay_dropout", replay)
 

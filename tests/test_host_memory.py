@@ -10,7 +10,7 @@ from conftest import tiny_recipe
 
 PROBE = textwrap.dedent("""
     import sys, torch
-    from qlora_kit import host_memory
+    from qlora_kit.lowmem import host_memory
     from qlora_kit.memory_measure import rss_kib
     if sys.argv[1] == "on":
         assert host_memory.return_freed_memory()
@@ -34,7 +34,7 @@ def test_freed_tensors_return_to_the_os_only_when_asked():
 
 
 def test_the_recipe_switch_reaches_glibc(tiny_model, tiny_data, monkeypatch):
-    from qlora_kit import host_memory
+    from qlora_kit.lowmem import host_memory
     from qlora_kit.prepare import prepare
 
     calls = []

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from qlora_kit import offload, tiled_mlp
+from qlora_kit.lowmem import offload, tiled_mlp
 from qlora_kit.lora import LoraSpec, LoRALinear, inject
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4,
@@ -82,7 +82,7 @@ def test_offload_releases_device_copies_after_forward():
 def test_reembedded_layer0_input_bitwise_equal_and_not_kept():
     """Layer 0's checkpoint keeps the token ids and re-embeds its input in backward: bitwise the same loss and
     gradients (dropout on: the recompute's masks must match too), and the (B, S, H) input is not kept."""
-    from qlora_kit import reembed
+    from qlora_kit.lowmem import reembed
 
     loss0, g0 = loss_and_grads(build())
     model = build()
@@ -121,7 +121,7 @@ def test_replayed_dropout_equals_plain_dropout_for_the_same_seed(monkeypatch, ch
     """dropout_replay's own mask (a bool mask on the CPU, drawn again in a checkpoint's recompute) gives bitwise
     nn.Dropout's results, with and without checkpointing; so does the RNG-state replay CUDA uses (run here on the
     CPU with KEEP_CPU_MASKS off)."""
-    from qlora_kit import dropout_replay
+    from qlora_kit.lowmem import dropout_replay
 
     monkeypatch.setattr(dropout_replay, "KEEP_CPU_MASKS", keep_masks)
     loss0, g0 = loss_and_grads(build(checkpointing=checkpointing))
@@ -207,7 +207,7 @@ def test_attention_never_materialises_seq_by_seq_scores():
 def test_lean_rmsnorm_forward_bitwise_gradients_allclose(dtype):
     """The lean RMSNorm against transformers' own module under autograd (an independent reference): the same
     output bit for bit, gradients (input and weight) allclose; it saves x and the (rows, 1) rsqrt only."""
-    from qlora_kit import lean_norm
+    from qlora_kit.lowmem import lean_norm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     torch.manual_seed(0)
@@ -247,7 +247,7 @@ def test_lean_rmsnorm_forward_bitwise_gradients_allclose(dtype):
 def test_lean_norms_and_fused_final_norm_match_transformers_training_step():
     """A tiny Llama with lean norms (the final one applied per loss chunk by CausalLMLoss) against the same model
     as transformers builds it: the loss is bitwise equal, every adapter gradient allclose (fp32)."""
-    from qlora_kit import lean_norm
+    from qlora_kit.lowmem import lean_norm
     from qlora_kit.loss import CausalLMLoss
 
     def run(lean):

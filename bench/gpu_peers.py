@@ -48,7 +48,7 @@ from benchlib import build_random_llama  # noqa: E402 (bench/ is on sys.path abo
 def model_config(shape: str):
     from transformers import LlamaConfig
 
-    from qlora_kit.memory_estimate import BUILTIN_CONFIGS
+    from qlora_kit.estimate.analytic import BUILTIN_CONFIGS
     from memory_peers import TINY
 
     if shape == "tiny":  # a smoke test of this script on any machine
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     if not args.no_breakdown:
         cmd = [sys.executable, "-m", "qlora_kit.memory_measure", "--json", "--steps", "3", *common]
         breakdown = json.loads(run(cmd, args.timeout))
-        from qlora_kit.memory_estimate import CUDA_CONTEXT_BYTES
+        from qlora_kit.estimate.analytic import CUDA_CONTEXT_BYTES
 
         breakdown["cuda_context"] = CUDA_CONTEXT_BYTES if args.device == "cuda" else 0
     doc = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -38,7 +38,7 @@ OPTIONS = {  # name -> EstimateConfig fields / memory_measure flags
 
 
 def longest(config: dict, cfg, gib: int) -> int:
-    from qlora_kit import memory_estimate as me
+    from qlora_kit.estimate import analytic as me
 
     def fits(seq: int) -> bool:
         return me.estimate(config, replace(cfg, seq=seq)).total <= gib * me.GiB
@@ -51,7 +51,7 @@ def longest(config: dict, cfg, gib: int) -> int:
 
 
 def estimates() -> list[dict]:
-    from qlora_kit import memory_estimate as me
+    from qlora_kit.estimate import analytic as me
 
     rows = []
     for name, config, gib in (("llama-3.1-8b", me.BUILTIN_CONFIGS["llama-3.1-8b"], 24), ("llama-3-70b", LLAMA3_70B, 80)):
@@ -110,7 +110,7 @@ def main() -> int:
     lines = ["# Long context: longest sequence (estimate) and bytes per token (measured)", "",
              f"{doc['date']}. Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB RAM, "
              f"load average {m['loadavg']} (shared with other jobs). Command: `{doc['command']}`.", "",
-             "Estimates (`qlora_kit.memory_estimate`, CUDA, batch 1, r=16 all-linear, dropout 0.05, nf4; not yet "
+             "Estimates (`qlora_kit.estimate.analytic`, CUDA, batch 1, r=16 all-linear, dropout 0.05, nf4; not yet "
              "confirmed on a GPU: `bench/max_context.py` does that):", "",
              "| model, GPU memory | option | longest sequence (estimate) | host RAM for offloaded inputs | "
              "Unsloth (published, r=32) | HF + FA2 (published) |", "|---|---|--:|--:|--:|--:|"]

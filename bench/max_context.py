@@ -38,7 +38,7 @@ GiB = 1 << 30
 
 def predicted(config: dict, cfg, cap_bytes: int) -> int:
     """Longest seq whose estimate (allocator bytes: without the CUDA-context allowance) fits `cap_bytes`."""
-    from qlora_kit import memory_estimate as me
+    from qlora_kit.estimate import analytic as me
 
     context = me.CUDA_CONTEXT_BYTES if cfg.device == "cuda" else 0
 
@@ -57,7 +57,7 @@ def predicted(config: dict, cfg, cap_bytes: int) -> int:
 def child(args) -> dict:
     import torch
 
-    from qlora_kit import memory_estimate as me
+    from qlora_kit.estimate import analytic as me
     from qlora_kit import train
     from qlora_kit.memory_measure import MeasureConfig, recipe_for, synthetic_batch
 

@@ -7,7 +7,7 @@ import typing
 
 import click
 
-from qlora_kit import memory_estimate as me
+from qlora_kit.estimate import analytic as me
 from qlora_kit.config import ComputeDtype, IA3Config, Optimizer, parse_targets
 from qlora_kit.terms import FOUR_BIT, QUANT_TYPES, human_bytes, parse_size
 

@@ -1,5 +1,5 @@
 """`qlora-kit estimate --gpus N --parallel ddp|fsdp`: memory per device of a multi-process run, and which settings
-make it fit (qlora_kit.memory_devices)."""
+make it fit (qlora_kit.estimate.devices)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 
 import click
 
-from qlora_kit import memory_devices as md
-from qlora_kit import memory_estimate as me
+from qlora_kit.estimate import devices as md
+from qlora_kit.estimate import analytic as me
 from qlora_kit.cli.estimate import LABELS, PHASES, _seq_cell, human_bytes
 
 DEVICE_LABELS = {

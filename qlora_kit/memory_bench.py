@@ -120,7 +120,7 @@ def check_model(model: str) -> None:
     """bench memory loads and trains the model: a shape the estimate knows by name is not enough."""
     from pathlib import Path
 
-    from .memory_estimate import load_model_config
+    from .estimate.analytic import load_model_config
 
     if not (Path(model).expanduser() / "config.json").is_file() and model != "smollm2-135m":
         load_model_config(model)  # raises the helpful error for a missing folder or a misspelt name

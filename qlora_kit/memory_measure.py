@@ -231,7 +231,7 @@ class StepTagger:
 def estimate_config(recipe, device: str):
     """The estimate's settings for a recipe: the same numbers the trainer was given."""
     from .lora import LoRALinear
-    from .memory_estimate import EstimateConfig
+    from .estimate.analytic import EstimateConfig
 
     lo, t = recipe.lora, recipe.train
     return EstimateConfig(quant=recipe.quant.type, blocksize=recipe.quant.blocksize,
@@ -256,7 +256,7 @@ def measure(cfg: MeasureConfig) -> dict:
     rss_base = rss_kib()
     import torch
 
-    from . import memory_estimate as me
+    from .estimate import analytic as me
     from . import train
     from .model import resolve
 

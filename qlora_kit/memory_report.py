@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import atomic
 from .memory_bench import label
-from .memory_estimate import COMPONENTS
+from .estimate.analytic import COMPONENTS
 
 
 def mib(n: int | float) -> str:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from qlora_kit import memory_estimate as me
+from qlora_kit.estimate import analytic as me
 from qlora_kit.cli.main import main
 
 SMOL = me.BUILTIN_CONFIGS["smollm2-135m"]

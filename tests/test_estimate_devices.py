@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from qlora_kit import memory_devices as md
-from qlora_kit import memory_estimate as me
+from qlora_kit.estimate import devices as md
+from qlora_kit.estimate import analytic as me
 from qlora_kit.cli.main import main
 
 LLAMA70 = me.BUILTIN_CONFIGS["llama-3.1-70b"]

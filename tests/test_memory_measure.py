@@ -8,7 +8,7 @@ import pytest
 
 from qlora_kit.config import TrainConfig
 
-from qlora_kit import memory_estimate as me
+from qlora_kit.estimate import analytic as me
 from qlora_kit.cli.main import main
 from qlora_kit.memory_measure import MeasureConfig, measure
 

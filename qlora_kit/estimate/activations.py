@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from qlora_kit.terms import FOUR_BIT
 
 if TYPE_CHECKING:
-    from qlora_kit.memory_estimate import EstimateConfig, ModelShapes
+    from qlora_kit.estimate.analytic import EstimateConfig, ModelShapes
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")

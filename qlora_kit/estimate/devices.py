@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from . import memory_estimate as me
+from . import analytic as me
 
 Parallel = Literal["ddp", "fsdp"]
 FROZEN = ("quantized_weights", "quant_constants", "unquantized_params")

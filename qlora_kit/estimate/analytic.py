@@ -40,7 +40,7 @@ from typing import Literal
 
 from qlora_kit.config import DataConfig, LoraConfig, Optimizer, QuantConfig, TrainConfig
 from qlora_kit.errors import ConfigError, ModelError
-from qlora_kit.memory_activations import (  # noqa: F401 (layer_activations, mlp_saved: re-exported for tests)
+from qlora_kit.estimate.activations import (  # noqa: F401 (layer_activations, mlp_saved: re-exported for tests)
     activation_terms, label_tokens, layer_activations, logits_terms, mlp_saved, tiled)
 from qlora_kit.terms import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, GiB, QuantType
 

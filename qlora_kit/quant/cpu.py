@@ -96,7 +96,7 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, code: torch.Tensor, threads: 
     bounds_t, order_t = _bounds(code)
     bounds = tuple(float(m) for m in bounds_t)
     order = None if torch.equal(order_t, torch.arange(16, dtype=torch.uint8)) else order_t.numpy()  # NF4: sorted
-    flat = A.contiguous().reshape(-1)
+    flat = A.detach().contiguous().reshape(-1)  # the pool's threads do not inherit the caller's no_grad
     n = flat.numel()
     full = n - n % blocksize
     n_blocks = -(-n // blocksize)

@@ -59,7 +59,7 @@ def frozen_one_process() -> dict:
     """The frozen bytes of the demo model in one process (what each FSDP rank should hold about half of)."""
     from qlora_kit.config import load_recipe
     from qlora_kit.fsdp import local_frozen_bytes
-    from qlora_kit.model import load_base
+    from qlora_kit.model.load import load_base
 
     r = load_recipe(ROOT / "recipes" / "demo.yaml")
     return local_frozen_bytes(load_base(r.model, r.quant)[0])

@@ -138,7 +138,7 @@ def main() -> None:
     from merge_bench import build_random_model, machine, random_adapter, worker_env
 
     from qlora_kit import shards
-    from qlora_kit.model import resolve
+    from qlora_kit.model.load import resolve
 
     env = worker_env(args.threads)
     work = Path(args.workdir)

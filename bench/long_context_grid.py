@@ -38,7 +38,7 @@ def option_of(c: dict) -> str | None:
 def current_estimate(c: dict):
     """This code's estimate for a run's settings (the run file keeps the estimate of the code it ran with)."""
     from qlora_kit.estimate import analytic as me
-    from qlora_kit.model import resolve
+    from qlora_kit.model.load import resolve
 
     config = json.loads((resolve(c["model"]) / "config.json").read_text())
     return me.estimate(config, me.EstimateConfig(

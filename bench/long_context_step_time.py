@@ -39,7 +39,7 @@ def main() -> int:
     from qlora_kit.lowmem import lean_norm
     from qlora_kit.lora import LoRALinear
     from qlora_kit.memory_measure import MeasureConfig, machine_info, recipe_for, synthetic_batch
-    from qlora_kit.model import resolve
+    from qlora_kit.model.load import resolve
 
     c = args.mlp_chunk
     every = {"A": ("A: before (no tiling, nn.Dropout copies, fp32-saving norms)", 0, False, False),

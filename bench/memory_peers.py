@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     import transformers
 
     from qlora_kit.memory_measure import machine_info
-    from qlora_kit.model import resolve
+    from qlora_kit.model.load import resolve
 
     machine = machine_info()
     tmp = Path(tempfile.mkdtemp(prefix="qlora-kit-peers-"))

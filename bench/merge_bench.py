@@ -225,7 +225,7 @@ def main() -> None:
     env = worker_env(args.threads)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    from qlora_kit.model import resolve
+    from qlora_kit.model.load import resolve
 
     models = []
     if not args.no_demo:

@@ -33,7 +33,7 @@ def main() -> None:
     from qlora_kit.quant import bnb as quant, cpu as quant4_cpu
     from qlora_kit.config import ModelConfig, QuantConfig
     from qlora_kit.memory_measure import machine_info
-    from qlora_kit.model import load_base
+    from qlora_kit.model.load import load_base
 
     code = quant.bnbF.get_4bit_type("nf4", device="cpu")
     g = torch.Generator().manual_seed(0)

@@ -28,7 +28,7 @@ from . import dora, ia3, peft_format
 from .config import QuantConfig
 from .errors import ConfigError, ModelError
 from .device import resolve_device
-from .model import frozen_dtype, resolve, weight_files
+from .model.load import frozen_dtype, resolve, weight_files
 from .run_dir import adapter_source
 from .terms import BLOCKSIZES, QUANT_TYPES
 

@@ -32,7 +32,7 @@ def linear_weights(base: Path) -> set[str]:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .model import load_config
+    from .model.load import load_config
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(load_config(base))

@@ -13,7 +13,7 @@ from . import loftq, peft_format
 from .quant import bnb as quant
 from .config import ModelConfig
 from .errors import ExportError, ModelError
-from .model import BUILTINS, cache_dir, resolve
+from .model.load import BUILTINS, cache_dir, resolve
 from .run_dir import adapter_source
 from .shards import TensorInfo
 

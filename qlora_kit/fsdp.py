@@ -94,7 +94,7 @@ class LoadSharder:
         self.load_peak = max(self.load_peak, sum(local_frozen_bytes(model).values()))
 
     def __call__(self, model: nn.Module, group: int) -> None:
-        from .model import EMBEDDINGS
+        from .model.load import EMBEDDINGS
 
         self._measure(model)
         if group == EMBEDDINGS:

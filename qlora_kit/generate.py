@@ -20,7 +20,7 @@ from . import data, loftq, methods, multi_lora, peft_format
 from .config import ModelConfig, QuantConfig, Recipe, load_recipe
 from .device import resolve_device
 from .errors import ModelError
-from .model import load_base
+from .model.load import load_base
 from .quant.bnb import DTYPES
 from .run_dir import adapter_source, is_run_dir
 

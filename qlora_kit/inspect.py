@@ -8,7 +8,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from . import checkpoint, model, peft_format
+from . import checkpoint, peft_format
+from .model import load as model
 from .errors import ModelError
 from .run_dir import is_run_dir, read_metrics
 

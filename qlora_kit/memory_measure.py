@@ -258,7 +258,7 @@ def measure(cfg: MeasureConfig) -> dict:
 
     from .estimate import analytic as me
     from . import train
-    from .model import resolve
+    from .model.load import resolve
 
     with TemporaryDirectory() as tmp:
         data_path = Path(tmp) / "one.jsonl"

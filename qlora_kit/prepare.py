@@ -24,7 +24,7 @@ from .device import allow_tf32
 from .distributed import World, parallel_mode
 from .errors import ConfigError
 from .loss import CausalLMLoss
-from .model import load_base
+from .model.load import load_base
 from .optim import LossScaler, MasterWeightOptimizer, ParamGroup, build_optimizer
 
 if TYPE_CHECKING:  # annotations only: importing either costs seconds, and prepare() imports accelerate anyway

@@ -103,7 +103,7 @@ def resolve(name_or_path: str) -> Path:
             raise DataError(f"data file not found: {path}. Pass a data file, or {' / '.join(BUILTIN)} (Python's own "
                             "documentation text, offline).")
         return path
-    from .model import cache_dir
+    from .model.load import cache_dir
 
     folder = cache_dir() / "data" / f"pydoc-py{sys.version_info[0]}.{sys.version_info[1]}"
     path = folder / f"{BUILTIN[name_or_path]}.jsonl"

@@ -28,7 +28,7 @@ import torch
 
 from . import atomic
 from .errors import ConfigError, ExportError, ModelError
-from .model import weight_files as model_weight_files
+from .model.load import weight_files as model_weight_files
 from .terms import parse_size
 
 DTYPES = {

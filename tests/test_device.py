@@ -11,7 +11,7 @@ from qlora_kit import data, generate, train
 from qlora_kit.cli.main import main
 from qlora_kit.device import allow_tf32, resolve_device
 from qlora_kit.errors import ConfigError
-from qlora_kit.model import frozen_dtype
+from qlora_kit.model.load import frozen_dtype
 
 
 class Stop(Exception):

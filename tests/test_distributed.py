@@ -131,7 +131,7 @@ def single(setup):
 def test_shares_have_unequal_token_counts(setup):
     """The premise of the equality tests: per step, the two ranks' shares carry different label-token counts."""
     p_recipe = recipe_from_dict(_recipe_dict(setup[1], setup[2]))
-    from qlora_kit.model import load_base  # tokenizer only matters; the dataset is built as training builds it
+    from qlora_kit.model.load import load_base  # tokenizer only matters; the dataset is built as training builds it
 
     _, tok, _ = load_base(p_recipe.model, p_recipe.quant)
     ds = data.build(p_recipe.data, tok, p_recipe.train.seed)
@@ -173,7 +173,7 @@ def test_two_rank_run_folder_has_the_files_of_a_one_rank_run_and_nothing_else(la
 
 def test_fsdp_through_accelerate_equals_one_process_and_halves_the_frozen_bytes(launches, single, setup):
     from qlora_kit.fsdp import local_frozen_bytes
-    from qlora_kit.model import load_base
+    from qlora_kit.model.load import load_base
 
     run, err = _done(launches, "fsdp")
     assert "2 processes (fsdp)" in err

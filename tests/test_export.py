@@ -68,7 +68,7 @@ def logits(model) -> torch.Tensor:
 def training_time_model(run: Path):
     """What training computed: the quantized base + LoRA from the run's recipe, the adapter loaded, in fp32."""
     from qlora_kit.config import load_recipe
-    from qlora_kit.model import load_base
+    from qlora_kit.model.load import load_base
     from qlora_kit.prepare import lora_spec
 
     recipe = load_recipe(run / "recipe.yaml")

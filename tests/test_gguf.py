@@ -329,7 +329,7 @@ def test_demo_model_gguf_matches_merged_and_llama_cpp_tokenizer(tmp_path):
     takes ~50 s here; the q8_0 arithmetic is checked exactly on the tiny model above.)"""
     from transformers import AutoTokenizer
 
-    from qlora_kit.model import resolve
+    from qlora_kit.model.load import resolve
 
     base = resolve("smollm2-135m")
     adapter = random_adapter(tmp_path / "a", base, suffixes=("q_proj", "k_proj", "down_proj"), seed=1)

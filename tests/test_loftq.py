@@ -31,7 +31,7 @@ def _bnb_roundtrip(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 def test_step0_reconstruction_error_on_demo_weights():
     from safetensors import safe_open
 
-    from qlora_kit.model import resolve, weight_files
+    from qlora_kit.model.load import resolve, weight_files
 
     names = ["model.layers.3.self_attn.q_proj.weight", "model.layers.17.mlp.down_proj.weight"]
     with safe_open(str(weight_files(resolve("smollm2-135m"))[0]), "pt") as f:

@@ -100,7 +100,7 @@ def test_dora_norm_is_the_float64_row_norm_and_constant_in_backward(qtype):
 
 
 def test_untrained_dora_and_ia3_leave_the_quantized_model_unchanged(tiny_model, tiny_data):
-    from qlora_kit.model import load_base
+    from qlora_kit.model.load import load_base
 
     recipe = tiny_recipe(tiny_model, tiny_data, quant=NF4, lora={"dora": True, "targets": "all-linear"}, ia3={})
     model, _, _ = load_base(recipe.model, recipe.quant)

@@ -6,7 +6,7 @@ from torch import nn
 
 from conftest import make_tiny_model
 from qlora_kit.config import ModelConfig, QuantConfig
-from qlora_kit.model import load_base
+from qlora_kit.model.load import load_base
 from qlora_kit.quant.bnb import QuantLinear, QuantSpec, roundtrip
 
 

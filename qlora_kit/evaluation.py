@@ -27,7 +27,7 @@ from . import data, generate
 from .config import DataConfig, QuantConfig, Recipe
 from .errors import ConfigError, DataError, ModelError
 from .loss import CausalLMLoss
-from .run_dir import is_run_dir
+from .run.folder import is_run_dir
 
 Kind = Literal["model", "run", "adapter", "gguf"]
 

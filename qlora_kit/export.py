@@ -46,7 +46,7 @@ from .quant import bnb as quant
 from .errors import ExportError
 from .export_files import atomic_folder, copy_tokenizer, linear_weights, write_config, writing
 from .model.load import frozen_dtype
-from .run_dir import adapter_source
+from .run.folder import adapter_source
 from .shards import Entry, ShardWriter, TensorInfo, max_shard_bytes, plan_shards, read_tensor, row_blocks, shard_names
 from .shards import tensor_index, write_index
 from .terms import QuantizedType

@@ -14,7 +14,7 @@ from .quant import bnb as quant
 from .config import ModelConfig
 from .errors import ExportError, ModelError
 from .model.load import BUILTINS, cache_dir, resolve
-from .run_dir import adapter_source
+from .run.folder import adapter_source
 from .shards import TensorInfo
 
 

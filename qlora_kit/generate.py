@@ -22,7 +22,7 @@ from .device import resolve_device
 from .errors import ModelError
 from .model.load import load_base
 from .quant.bnb import DTYPES
-from .run_dir import adapter_source, is_run_dir
+from .run.folder import adapter_source, is_run_dir
 
 
 @dataclass

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from . import checkpoint, peft_format
+from . import peft_format
+from .run import checkpoint
 from .model import load as model
 from .errors import ModelError
-from .run_dir import is_run_dir, read_metrics
+from .run.folder import is_run_dir, read_metrics
 
 
 def _tensor_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from . import atomic, checkpoint, data, fsdp, methods, trackers
+from . import atomic, data, fsdp, methods, trackers
+from .run import checkpoint
 from .config import Recipe
 from .distributed import World, shard_batch
 from .errors import ConfigError, TrainingInterrupted, TrainingStopped
@@ -172,7 +173,7 @@ def log_step(p: Prepared, run_dir: Path, step: int, lr: float, res: StepResult, 
     """The metrics record of optimizer step `step` (1-based), with the validation loss when it is due; appended to
     metrics.jsonl every log_every steps, at the end, and with every validation loss (and then sent to the
     train.report_to trackers too). Returns (record, val loss)."""
-    from .run_dir import write_metrics_line
+    from .run.folder import write_metrics_line
 
     t = p.recipe.train
     record = {"step": step, "loss": round(res.loss, 6), "lr": lr, "grad_norm": round(res.grad_norm, 6),
@@ -223,7 +224,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
     from tqdm.auto import tqdm
 
     from . import distributed
-    from .run_dir import check_run_dir, open_run
+    from .run.folder import check_run_dir, open_run
 
     world = world or World()
     run_dir = Path(run_dir)

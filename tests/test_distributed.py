@@ -23,9 +23,10 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import write_jsonl
-from qlora_kit import checkpoint, data, train
+from qlora_kit import data, train
+from qlora_kit.run import checkpoint
 from qlora_kit.config import recipe_from_dict
-from qlora_kit.run_dir import read_metrics
+from qlora_kit.run.folder import read_metrics
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 TIMEOUT = 240  # a launch that takes longer is stuck: fail instead of hanging CI

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from qlora_kit import checkpoint, data, train
+from qlora_kit import data, train
+from qlora_kit.run import checkpoint
 from qlora_kit.quant import bnb as quant
 from qlora_kit.quant.bnb import QuantLinear, QuantSpec, dequantize, quantize
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from qlora_kit import checkpoint, data, lora, train
+from qlora_kit import data, lora, train
+from qlora_kit.run import checkpoint
 from qlora_kit.loss import label_positions
 
 # ---- the reference: today's per-tensor master-weight wrapper and train_step, written out ---------------------------

@@ -22,10 +22,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from conftest import tiny_recipe
-from qlora_kit import checkpoint, train
+from qlora_kit import train
+from qlora_kit.run import checkpoint
 from qlora_kit.cli.main import main
 from qlora_kit.loss import CausalLMLoss
-from qlora_kit.run_dir import read_metrics
+from qlora_kit.run.folder import read_metrics
 
 STEPS = 10
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -279,7 +280,7 @@ def test_disk_full_while_checkpointing_keeps_the_last_good_one(tiny_model, tiny_
 
 
 def test_disk_full_writing_metrics_is_exit_2_with_advice(tiny_model, tiny_data, tmp_path, monkeypatch, capsys):
-    import qlora_kit.run_dir as rd
+    import qlora_kit.run.folder as rd
 
     def full(run_dir, record):
         raise OSError(28, "No space left on device", str(run_dir / "metrics.jsonl"))

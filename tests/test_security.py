@@ -19,7 +19,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from qlora_kit import checkpoint, train
+from qlora_kit import train
+from qlora_kit.run import checkpoint
 from qlora_kit.cli.main import main
 
 RECIPE = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "data": {"max_length": 64},

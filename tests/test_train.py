@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from qlora_kit import checkpoint, data, lora, train
+from qlora_kit import data, lora, train
+from qlora_kit.run import checkpoint
 from qlora_kit.config import recipe_from_dict
 from qlora_kit.loss import CausalLMLoss
 from qlora_kit.peft_format import load_adapter

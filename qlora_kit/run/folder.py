@@ -15,9 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from . import atomic, checkpoint
-from .config import Recipe, dump_recipe, recipe_from_dict
-from .errors import ConfigError
+from .. import atomic
+from . import checkpoint
+from ..config import Recipe, dump_recipe, recipe_from_dict
+from ..errors import ConfigError
 
 # Sections that must not change when resuming: the checkpoint's tensors only make sense with them.
 _FIXED_ON_RESUME = ("model", "quant", "lora", "data")

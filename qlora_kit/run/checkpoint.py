@@ -26,8 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__, atomic
-from .errors import QloraKitError, TrainingStopped
+from .. import __version__, atomic
+from ..errors import QloraKitError, TrainingStopped
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 FILES = ("adapter_model.safetensors", "optimizer.safetensors", "state.json")  # all three, or not a checkpoint

@@ -37,7 +37,7 @@ def main() -> int:
 
     from qlora_kit import train
     from qlora_kit.lowmem import lean_norm
-    from qlora_kit.lora import LoRALinear
+    from qlora_kit.adapters.lora import LoRALinear
     from qlora_kit.memory_measure import MeasureConfig, machine_info, recipe_for, synthetic_batch
     from qlora_kit.model.load import resolve
 

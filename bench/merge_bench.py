@@ -96,7 +96,8 @@ def random_adapter(base: Path, folder: Path, r: int = 16) -> Path:
     """A random LoRA (r 16, all linear layers but lm_head, bf16) in PEFT format."""
     import torch
 
-    from qlora_kit import peft_format, shards
+    from qlora_kit import shards
+    from qlora_kit.adapters import peft_format
 
     g = torch.Generator().manual_seed(1)
     tensors = {}

@@ -11,7 +11,7 @@ BASE, EVERY = "base", "*"  # route names on the command line: the base alone; ev
 
 
 def _parse_adapters(specs: tuple[str, ...]) -> dict[str, str]:
-    from qlora_kit.multi_lora import check_name
+    from qlora_kit.adapters.multi_lora import check_name
 
     out: dict[str, str] = {}
     for spec in specs:
@@ -86,7 +86,7 @@ def command(source: str, prompts: tuple[str, ...], adapter_specs: tuple[str, ...
                compare_base, allow_pickle, trust_remote_code, keep_quantized, device, decode_dtype)
         return
 
-    from qlora_kit.methods import disabled
+    from qlora_kit.adapters.methods import disabled
 
     loaded = generate.load(source, base=base, quant=quant_cfg, device=device, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import dora, ia3, peft_format
+from .adapters import dora, ia3, peft_format
 from .config import QuantConfig
 from .errors import ConfigError, ModelError
 from .device import resolve_device

@@ -41,7 +41,8 @@ from typing import Literal
 
 import torch
 
-from . import gguf_export, loftq, methods, peft_format
+from . import gguf_export
+from .adapters import loftq, methods, peft_format
 from .quant import bnb as quant
 from .errors import ExportError
 from .export_files import atomic_folder, copy_tokenizer, linear_weights, write_config, writing

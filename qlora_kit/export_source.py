@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import loftq, peft_format
+from .adapters import loftq, peft_format
 from .quant import bnb as quant
 from .config import ModelConfig
 from .errors import ExportError, ModelError

@@ -16,7 +16,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from . import data, loftq, methods, multi_lora, peft_format
+from . import data
+from .adapters import loftq, methods, multi_lora, peft_format
 from .config import ModelConfig, QuantConfig, Recipe, load_recipe
 from .device import resolve_device
 from .errors import ModelError

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from . import peft_format
+from .adapters import peft_format
 from .run import checkpoint
 from .model import load as model
 from .errors import ModelError

@@ -164,7 +164,7 @@ def static_inventory(model, optimizer) -> dict[str, int]:
             seen.add(ptr)
             out[key] += t.untyped_storage().nbytes()
 
-    from .dora import DoRALinear
+    from .adapters.dora import DoRALinear
 
     for m in model.modules():
         if isinstance(m, DoRALinear):  # its frozen ||W||^2 (out,) fp32 belongs to the adapter, as estimated
@@ -230,7 +230,7 @@ class StepTagger:
 
 def estimate_config(recipe, device: str):
     """The estimate's settings for a recipe: the same numbers the trainer was given."""
-    from .lora import LoRALinear
+    from .adapters.lora import LoRALinear
     from .estimate.analytic import EstimateConfig
 
     lo, t = recipe.lora, recipe.train
@@ -265,7 +265,7 @@ def measure(cfg: MeasureConfig) -> dict:
         data_path.write_text(json.dumps({"text": "memory measurement"}) + "\n")
         rss_imports = rss_kib()
         recipe = recipe_for(cfg, data_path)
-        from .lora import LoRALinear
+        from .adapters.lora import LoRALinear
 
         LoRALinear.replay_dropout = cfg.replay_dropout  # one configuration per process: a class switch is enough
         p = train.prepare(recipe)  # reads the data file now; nothing later does

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import data, fsdp, lora, methods, trackers
+from . import data, fsdp, trackers
+from .adapters import lora, methods
 from .lowmem import host_memory, lean_norm, reembed, tiled_mlp
 from .lowmem import offload as offload_mod
 from .config import Recipe
@@ -88,7 +89,7 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
         if recipe.quant.type == "none":
             raise ConfigError("lora.init loftq cancels the quantization error of the base, and quant.type is none: "
                               "there is none. Set quant.type to nf4, fp4 or int8, or lora.init to kaiming.")
-        from .loftq import Initializer
+        from .adapters.loftq import Initializer
         from .quant.bnb import QuantSpec
 
         init = Initializer(recipe.lora.targets, QuantSpec.from_config(recipe.quant), recipe.lora.r,

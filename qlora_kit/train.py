@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from . import atomic, data, fsdp, methods, trackers
+from . import atomic, data, fsdp, trackers
+from .adapters import methods
 from .run import checkpoint
 from .config import Recipe
 from .distributed import World, shard_batch
@@ -236,7 +237,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
         start_ckpt = check_run_dir(run_dir, recipe, resume)
         stored = None
         if start_ckpt is not None and recipe.lora.init == "loftq":  # the base must be quantized as when it started
-            from .loftq import load as load_offsets
+            from .adapters.loftq import load as load_offsets
 
             stored = load_offsets(run_dir)
         p = prepare(recipe, world, stored)
@@ -247,7 +248,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
     if world.is_main:
         open_run(run_dir, p.recipe, start_ckpt, resume, step)
         if p.loftq is not None and p.loftq.stored is None:
-            from .loftq import save as save_offsets
+            from .adapters.loftq import save as save_offsets
 
             save_offsets(run_dir, p.loftq.offsets)  # export, generate and eval rebuild the base from these
             print(f"LoftQ init ({recipe.lora.loftq_iters} iterations, {len(p.loftq.offsets)} modules): "

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from qlora_kit import analyze as an
 from qlora_kit.cli.main import main
-from qlora_kit.peft_format import save_adapter
+from qlora_kit.adapters.peft_format import save_adapter
 
 Q = "model.layers.0.self_attn.q_proj"
 OUT, IN = 48, 40

@@ -80,7 +80,7 @@ def test_smollm2_total_and_adapters():
 
 
 def test_adapter_count_equals_real_injection():
-    from qlora_kit.lora import LoraSpec, inject
+    from qlora_kit.adapters.lora import LoraSpec, inject
 
     config = transformers.LlamaConfig(**TINY)
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -93,9 +93,9 @@ def test_adapter_count_equals_real_injection():
 def test_dora_ia3_params_equal_real_injection():
     """DoRA's magnitudes and IA3's vectors: counted as trained, their fp32 bytes (and DoRA's ||W||^2 buffer) in
     `adapters`, and 4 bytes each in the flat gradient and master."""
-    from qlora_kit.dora import DoRALinear
-    from qlora_kit.lora import LoraSpec, inject
-    from qlora_kit.methods import inject_ia3
+    from qlora_kit.adapters.dora import DoRALinear
+    from qlora_kit.adapters.lora import LoraSpec, inject
+    from qlora_kit.adapters.methods import inject_ia3
 
     config = transformers.LlamaConfig(**TINY)
     model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
@@ -282,9 +282,9 @@ def test_layer_activations_equal_saved_tensors(cls, targets, dropout, replay, ml
     """What autograd really saves in one quantized + LoRA decoder layer (bf16, CPU, lean norms) equals the per-layer
     formula: with LoRA dropout as plain nn.Dropout or dropout_replay's, with and without a tiled MLP; with DoRA,
     IA3 (input and output scaling), and both over the same modules."""
-    from qlora_kit.dora import DoRALinear
-    from qlora_kit.methods import inject_ia3
-    from qlora_kit.lora import LoraSpec, LoRALinear, inject
+    from qlora_kit.adapters.dora import DoRALinear
+    from qlora_kit.adapters.methods import inject_ia3
+    from qlora_kit.adapters.lora import LoraSpec, LoRALinear, inject
     from qlora_kit.quant.bnb import QuantLinear, QuantSpec
     from qlora_kit.lowmem.lean_norm import make_lean
     from qlora_kit.lowmem.tiled_mlp import tile_mlps

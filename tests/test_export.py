@@ -19,7 +19,8 @@ from safetensors import safe_open
 
 from conftest import make_tiny_model, tiny_recipe
 from qlora_kit import export as ex
-from qlora_kit import lora, peft_format, shards
+from qlora_kit import shards
+from qlora_kit.adapters import lora, peft_format
 from qlora_kit.quant import bnb as quant
 from qlora_kit.cli.main import main
 from qlora_kit.errors import ExportError

@@ -16,7 +16,8 @@ import torch
 
 from conftest import CHATML, make_tiny_model, tiny_recipe
 from qlora_kit import export as ex
-from qlora_kit import gguf_arch, gguf_export, gguf_kquant, peft_format
+from qlora_kit import gguf_arch, gguf_export, gguf_kquant
+from qlora_kit.adapters import peft_format
 from qlora_kit.cli.main import main
 
 gguf = pytest.importorskip("gguf")

@@ -16,7 +16,7 @@ import torch
 
 from conftest import tiny_recipe
 from qlora_kit import export as ex
-from qlora_kit import peft_format
+from qlora_kit.adapters import peft_format
 
 xlc = pytest.importorskip("xllamacpp", reason="llama.cpp runtime not installed: pip install 'qlora-kit[llama-cpp]'")
 gguf = pytest.importorskip("gguf")

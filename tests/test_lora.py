@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from qlora_kit.lora import (LoRALinear, LoraSpec, adapter_state_dict, disabled, inject, load_adapter_state, merge,
+from qlora_kit.adapters.lora import (LoRALinear, LoraSpec, adapter_state_dict, disabled, inject, load_adapter_state, merge,
                             param_report)
 
 

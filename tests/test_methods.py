@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from conftest import tiny_recipe
-from qlora_kit import data, dora, export as ex, generate, ia3, methods, peft_format, train
+from qlora_kit import data, export as ex, generate, train
+from qlora_kit.adapters import dora, ia3, methods, peft_format
 from qlora_kit.quant import bnb as quant
 from qlora_kit.config import recipe_from_dict
 from qlora_kit.errors import ConfigError
@@ -73,7 +74,7 @@ def test_dora_norm_is_the_float64_row_norm_and_constant_in_backward(qtype):
         W, quant.QuantSpec(qtype, compute_dtype=torch.float32), bias=torch.randn(48))
     if qtype == "none":
         base.weight.data.copy_(W)
-    from qlora_kit.lora import LoraSpec
+    from qlora_kit.adapters.lora import LoraSpec
 
     layer = dora.DoRALinear(base, LoraSpec(4, 8.0, dtype=torch.float32))
     with torch.no_grad():

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from qlora_kit import data, lora, train
+from qlora_kit import data, train
+from qlora_kit.adapters import lora
 from qlora_kit.run import checkpoint
 from qlora_kit.config import recipe_from_dict
 from qlora_kit.loss import CausalLMLoss
-from qlora_kit.peft_format import load_adapter
+from qlora_kit.adapters.peft_format import load_adapter
 
 
 def test_loss_falls_and_run_folder_contract(tiny_model, tiny_data, tmp_path):

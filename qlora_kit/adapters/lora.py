@@ -22,8 +22,8 @@ from typing import Iterable, Literal, Sequence
 import torch
 from torch import nn
 
-from .lowmem.dropout_replay import dropped_linear
-from .terms import lora_scale
+from ..lowmem.dropout_replay import dropped_linear
+from ..terms import lora_scale
 
 
 @dataclass(frozen=True)

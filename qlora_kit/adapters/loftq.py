@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .quant.bnb import QuantSpec, roundtrip
+from ..quant.bnb import QuantSpec, roundtrip
 
 FILE = "loftq.safetensors"
 DEFAULT_ITERS = 5  # the LoftQ paper's experiments alternate 5 times (T = 5); PEFT's default is 1
@@ -58,7 +58,7 @@ def init(W: torch.Tensor, spec: QuantSpec, r: int, scaling: float, iters: int = 
 def save(folder: Path, offsets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
     from safetensors.torch import save_file
 
-    from .atomic import atomic_file
+    from ..atomic import atomic_file
 
     tensors = {}
     for m, (B, A) in offsets.items():
@@ -74,7 +74,7 @@ def load(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .errors import ModelError
+    from ..errors import ModelError
 
     path = Path(folder) / FILE
     try:
@@ -109,7 +109,7 @@ class Initializer:
         return cls(sorted(stored), QuantSpec(), 1, 1.0, 1, stored)  # targets: exactly the stored modules
 
     def __call__(self, module: str, W: torch.Tensor) -> torch.Tensor:
-        from .errors import ModelError
+        from ..errors import ModelError
         from .lora import match_targets
 
         if self.stored is not None:

@@ -26,9 +26,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import atomic
-from .errors import ModelError
-from .terms import lora_scale
+from .. import atomic
+from ..errors import ModelError
+from ..terms import lora_scale
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"

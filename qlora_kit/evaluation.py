@@ -7,7 +7,7 @@ What compression cost is a number: the same data, the same loss as training, mea
     a merged export                   a model folder like any other;
     a GGUF file                       through transformers' GGUF loader (weights dequantized to --dtype).
 
-Data goes through qlora_kit.data, so every format training reads works and the label mask is training's: prompt
+Data goes through qlora_kit.data.pipeline, so every format training reads works and the label mask is training's: prompt
 tokens take no loss (alpaca, chat) unless `all_tokens`; `text` takes loss on every token. The loss is training's
 CausalLMLoss (train.evaluate), summed in float64 over label tokens in file order: the result does not depend on the
 batch size beyond bf16 rounding, and a run's own validation split gives exactly the val_loss training logged.
@@ -23,7 +23,8 @@ from typing import Literal
 
 import torch
 
-from . import data, generate
+from . import generate
+from .data import pipeline as data
 from .config import DataConfig, QuantConfig, Recipe
 from .errors import ConfigError, DataError, ModelError
 from .loss import CausalLMLoss
@@ -158,7 +159,7 @@ def data_config(req: Request, recipe: Recipe | None) -> tuple[DataConfig, bool]:
         if req.max_length:
             cfg = replace(cfg, max_length=req.max_length)
         return replace(cfg, packing=False), True
-    from .pydoc_text import resolve
+    from .data.pydoc_text import resolve
 
     path = resolve(req.data)
     fmt = req.format or (recipe.data.format if recipe is not None else "text")
@@ -204,7 +205,7 @@ def run(req: Request, progress: bool = False) -> Result:
     if req.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1.")
     if req.data is not None:  # a bad data file fails before the model loads
-        from .pydoc_text import resolve
+        from .data.pydoc_text import resolve
 
         fmt = req.format or (_run_format(req.source) if kind_of(req.source) == "run" else "text")
         data.check(DataConfig(path=str(resolve(req.data)), format=fmt))

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from . import data
+from .data import pipeline as data
 from .adapters import loftq, methods, multi_lora, peft_format
 from .config import ModelConfig, QuantConfig, Recipe, load_recipe
 from .device import resolve_device

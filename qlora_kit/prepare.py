@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import data, fsdp, trackers
+from . import fsdp, trackers
+from .data import pipeline as data
 from .adapters import lora, methods
 from .lowmem import host_memory, lean_norm, reembed, tiled_mlp
 from .lowmem import offload as offload_mod

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from . import atomic, data, fsdp, trackers
+from . import atomic, fsdp, trackers
+from .data import pipeline as data
 from .adapters import methods
 from .run import checkpoint
 from .config import Recipe

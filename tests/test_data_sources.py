@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import make_tokenizer, write_jsonl
-from qlora_kit import data, data_tokens
+from qlora_kit.data import pipeline as data, tokens as data_tokens
 from qlora_kit.config import DataConfig
 
 datasets = pytest.importorskip("datasets")

@@ -23,7 +23,7 @@ def test_demo_model_loss_falls_on_the_facts():
     assert 3.0 < p.report.percent < 4.0  # r=16 on all linear layers of a 135M model: ~3.5% trainable
     probe = p.dataset.train[:8]
     before = train.evaluate(p, probe, 4)
-    from qlora_kit import data
+    from qlora_kit.data import pipeline as data
 
     stream = data.BatchStream(probe, 4, 0, data.pad_token_id(p.tokenizer))  # learn the probed facts themselves
     for _ in range(6):

@@ -23,7 +23,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import write_jsonl
-from qlora_kit import data, train
+from qlora_kit import train
+from qlora_kit.data import pipeline as data
 from qlora_kit.run import checkpoint
 from qlora_kit.config import recipe_from_dict
 from qlora_kit.run.folder import read_metrics

@@ -361,7 +361,7 @@ def test_alpaca_modelfile_template_renders_the_training_prompt():
     import types
 
     from qlora_kit import ollama
-    from qlora_kit.data_formats import render_prompt
+    from qlora_kit.data.formats import render_prompt
 
     recipe = types.SimpleNamespace(data=types.SimpleNamespace(format="alpaca", system_prompt=None))
     template, stop, system = ollama.prompt_format({"chat_template": None, "stop": ["</s>"]}, recipe)

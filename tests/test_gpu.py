@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from qlora_kit import data, train
+from qlora_kit import train
+from qlora_kit.data import pipeline as data
 from qlora_kit.run import checkpoint
 from qlora_kit.quant import bnb as quant
 from qlora_kit.quant.bnb import QuantLinear, QuantSpec, dequantize, quantize
@@ -98,7 +99,7 @@ def test_host_syncs_per_step_on_cuda(tiny_model, tiny_data):
 
 def test_paged_optimizer_fits_one_batch_on_cuda(tiny_model, tiny_data):
     """A paged 8-bit AdamW must actually step the adapters: repeated steps on one batch drive its loss down."""
-    from qlora_kit import data
+    from qlora_kit.data import pipeline as data
 
     p = train.prepare(tiny_recipe(tiny_model, tiny_data, train={"device": "cuda", "optimizer": "paged_adamw8bit"}))
     assert p.accelerator.device.type == "cuda"

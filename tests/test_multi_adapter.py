@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from qlora_kit import data, generate
+from qlora_kit import generate
+from qlora_kit.data import pipeline as data
 from qlora_kit.adapters import lora, multi_lora, peft_format
 from qlora_kit.cli.main import main
 from qlora_kit.config import ModelConfig, QuantConfig

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qlora_kit import pydoc_text
+from qlora_kit.data import pydoc_text
 from qlora_kit.errors import DataError
 
 

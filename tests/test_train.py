@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from qlora_kit import data, train
+from qlora_kit import train
+from qlora_kit.data import pipeline as data
 from qlora_kit.adapters import lora
 from qlora_kit.run import checkpoint
 from qlora_kit.config import recipe_from_dict

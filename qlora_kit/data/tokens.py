@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from . import data_formats, data_sources
-from .atomic import atomic_folder
-from .config import DataConfig
+from . import formats as data_formats, sources as data_sources
+from ..atomic import atomic_folder
+from ..config import DataConfig
 
 CACHE_VERSION = 1  # bump when tokenization or masking changes: old cache files then stop matching
 

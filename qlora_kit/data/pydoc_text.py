@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from .atomic import write_text
+from ..atomic import write_text
 
 BUILTIN = {"pydoc-train": "train", "pydoc-heldout": "heldout"}
 HELDOUT_FRACTION = 0.2
@@ -98,12 +98,12 @@ def resolve(name_or_path: str) -> Path:
     if name_or_path not in BUILTIN:
         path = Path(name_or_path).expanduser()
         if path.suffix.lower() in FILE_SUFFIXES and not path.exists():  # a file name, not a hub data set
-            from .errors import DataError
+            from ..errors import DataError
 
             raise DataError(f"data file not found: {path}. Pass a data file, or {' / '.join(BUILTIN)} (Python's own "
                             "documentation text, offline).")
         return path
-    from .model.load import cache_dir
+    from ..model.load import cache_dir
 
     folder = cache_dir() / "data" / f"pydoc-py{sys.version_info[0]}.{sys.version_info[1]}"
     path = folder / f"{BUILTIN[name_or_path]}.jsonl"
@@ -114,6 +114,6 @@ def resolve(name_or_path: str) -> Path:
 
 if __name__ == "__main__":  # python -m qlora_kit.pydoc_text OUT_DIR
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m qlora_kit.pydoc_text OUT_DIR   (writes train.jsonl, heldout.jsonl, about.json)")
+        sys.exit("usage: python -m qlora_kit.data.pydoc_text OUT_DIR   (writes train.jsonl, heldout.jsonl, about.json)")
     for side, p in write(sys.argv[1]).items():
         print(f"{side}: {p}")

@@ -19,9 +19,9 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import DataConfig
-from .data_formats import FORMAT_HELP, REQUIRED, fields
-from .errors import DataError
+from ..config import DataConfig
+from .formats import FORMAT_HELP, REQUIRED, fields
+from ..errors import DataError
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}

@@ -18,10 +18,10 @@ import bisect
 import random
 from typing import TYPE_CHECKING, Sequence
 
-from .terms import IGNORE
+from ..terms import IGNORE
 
 if TYPE_CHECKING:
-    from .data import Example
+    from .pipeline import Example
 
 
 def plan(lengths: Sequence[int], max_length: int, rng: random.Random) -> list[list[int]]:
@@ -58,7 +58,7 @@ def plan(lengths: Sequence[int], max_length: int, rng: random.Random) -> list[li
 
 def join(examples: Sequence["Example"]) -> "Example":
     """One packed row: the examples concatenated, position ids restarting at 0 and each first label IGNORE."""
-    from .data import Example
+    from .pipeline import Example
 
     ids, labels, positions = [], [], []
     for ex in examples:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .config import DataConfig
-from .errors import DataError
+from ..config import DataConfig
+from ..errors import DataError
 
 ALPACA_HEAD = "Below is an instruction that describes a task. "
 ALPACA_HEAD_INPUT = (

@@ -20,12 +20,12 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from . import data_formats, data_sources, data_tokens
-from .config import DataConfig
-from .data_formats import render_prompt
-from .errors import DataError
+from . import formats as data_formats, sources as data_sources, tokens as data_tokens
+from ..config import DataConfig
+from .formats import render_prompt
+from ..errors import DataError
 from .packing import join, plan
-from .terms import IGNORE
+from ..terms import IGNORE
 
 Record = dict[str, Any]
 __all__ = ["IGNORE", "Example", "Examples", "Dataset", "build", "examples", "load_records", "check", "render_prompt",

@@ -58,7 +58,7 @@ def run_variant(name: str, procs: int, threads: int, batch: int, parallel: str, 
 def frozen_one_process() -> dict:
     """The frozen bytes of the demo model in one process (what each FSDP rank should hold about half of)."""
     from qlora_kit.config import load_recipe
-    from qlora_kit.fsdp import local_frozen_bytes
+    from qlora_kit.train.fsdp import local_frozen_bytes
     from qlora_kit.model.load import load_base
 
     r = load_recipe(ROOT / "recipes" / "demo.yaml")

@@ -78,7 +78,7 @@ def step_probe(ctx, recipe, ckpt: Path) -> dict:
     """Load the killed run's checkpoint into a fresh prepare: optimizer state kinds, then timed steps and syncs."""
     import torch
 
-    from qlora_kit import train
+    from qlora_kit.train import loop as train
     from qlora_kit.data import pipeline as data
     from qlora_kit.adapters import lora
     from qlora_kit.run import checkpoint
@@ -125,7 +125,7 @@ def step_probe(ctx, recipe, ckpt: Path) -> dict:
 def matrix(ctx) -> dict:
     import yaml
 
-    from qlora_kit import train
+    from qlora_kit.train import loop as train
     from qlora_kit.config import recipe_from_dict
 
     build_model(ctx)

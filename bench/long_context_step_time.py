@@ -35,7 +35,7 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from qlora_kit import train
+    from qlora_kit.train import loop as train
     from qlora_kit.lowmem import lean_norm
     from qlora_kit.adapters.lora import LoRALinear
     from qlora_kit.memory_measure import MeasureConfig, machine_info, recipe_for, synthetic_batch

@@ -139,7 +139,8 @@ def base_val_loss(seed: int, args) -> float:
     process like the cells."""
     out = Path(args.runs) / f"base_val_loss{_suffix(seed)}.json"
     if not out.is_file() or args.force:
-        code = ("import json, sys; from qlora_kit import train; from qlora_kit.config import load_recipe; "
+        code = ("import json, sys; from qlora_kit.train import loop as train; "
+                "from qlora_kit.config import load_recipe; "
                 "r = load_recipe(sys.argv[1], sys.argv[2:]); p = train.prepare(r); "
                 "print(json.dumps(train.evaluate(p, p.dataset.val, r.train.batch_size)))")
         res = subprocess.run([sys.executable, "-c", code, args.recipe, *args.set, f"train.seed={seed}",

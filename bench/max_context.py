@@ -58,7 +58,7 @@ def child(args) -> dict:
     import torch
 
     from qlora_kit.estimate import analytic as me
-    from qlora_kit import train
+    from qlora_kit.train import loop as train
     from qlora_kit.memory_measure import MeasureConfig, recipe_for, synthetic_batch
 
     cuda = args.device == "cuda"

@@ -7,7 +7,7 @@ The peer is what users run today (PEFT docs, "quantization" guide):
     get_peft_model(model, LoraConfig(r, alpha, target_modules=<every Linear but lm_head>, dropout))
     model.gradient_checkpointing_enable()
     a plain loop: loss = model(input_ids, attention_mask, labels=labels).loss; backward; clip 1.0; torch AdamW
-ours is `qlora_kit.train.prepare` + `train_step` (the functions `qlora-kit train` runs), same batch, rank, alpha,
+ours is `qlora_kit.train.loop.prepare` + `train_step` (the functions `qlora-kit train` runs), same batch, rank, alpha,
 dropout, targets, sequence length. The peer stays in train mode throughout (docs/ARCHITECTURE.md, "bitsandbytes
 hazards": an eval forward under no_grad on AVX512-BF16 CPUs repacks bitsandbytes weights and breaks training).
 
@@ -70,7 +70,7 @@ def child(args) -> dict:
         import peft  # noqa: F401
         args.loss_chunk = 0
     else:
-        from qlora_kit import train  # noqa: F401
+        from qlora_kit.train import loop as train  # noqa: F401
     from qlora_kit.memory_measure import rss_kib, synthetic_batch
     from qlora_kit.memory_timeline import read_events, replay
 
@@ -97,7 +97,7 @@ def child(args) -> dict:
 
 
 def _ours(args, batch):
-    from qlora_kit import train
+    from qlora_kit.train import loop as train
     from qlora_kit.memory_measure import MeasureConfig, recipe_for, static_inventory
 
     data = Path(tempfile.mkdtemp()) / "one.jsonl"

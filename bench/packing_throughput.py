@@ -69,7 +69,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import dataclasses
 
-    from qlora_kit import train
+    from qlora_kit.train import loop as train
     from qlora_kit.data import pipeline as data
     from qlora_kit.config import load_recipe
     from qlora_kit.memory_measure import machine_info

@@ -59,7 +59,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from qlora_kit import evaluation, generate, inference, train
+    from qlora_kit import evaluation, generate, inference
+    from qlora_kit.train import loop as train
     from qlora_kit.data import pipeline as data, pydoc_text
     from qlora_kit.config import DataConfig, QuantConfig, recipe_from_dict
     from qlora_kit.memory_measure import machine_info

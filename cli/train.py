@@ -28,9 +28,9 @@ def command(recipe: str, overrides: tuple[str, ...], out: str | None, resume: bo
     Ctrl-C saves a checkpoint; continue with the same command plus --resume.
     Several processes: torchrun --nproc_per_node N -m qlora_kit.cli.main train RECIPE (see README).
     """
-    from qlora_kit import distributed
+    from qlora_kit.train import distributed
     from qlora_kit.config import load_recipe
-    from qlora_kit.train import run
+    from qlora_kit.train.loop import run
 
     world = distributed.detect()
     hint = distributed.single_process_hint()

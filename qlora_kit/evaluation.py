@@ -27,7 +27,7 @@ from . import generate
 from .data import pipeline as data
 from .config import DataConfig, QuantConfig, Recipe
 from .errors import ConfigError, DataError, ModelError
-from .loss import CausalLMLoss
+from .train.loss import CausalLMLoss
 from .run.folder import is_run_dir
 
 Kind = Literal["model", "run", "adapter", "gguf"]

@@ -257,7 +257,7 @@ def measure(cfg: MeasureConfig) -> dict:
     import torch
 
     from .estimate import analytic as me
-    from . import train
+    from .train import loop as train
     from .model.load import resolve
 
     with TemporaryDirectory() as tmp:

@@ -11,9 +11,9 @@ import sys
 import torch
 from torch.distributed.tensor import DTensor
 
-from qlora_kit import distributed, train
+from qlora_kit.train import distributed, loop as train
 from qlora_kit.config import load_recipe
-from qlora_kit.fsdp import decoder_layers
+from qlora_kit.train.fsdp import decoder_layers
 
 
 def main() -> None:

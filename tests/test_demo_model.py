@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 
-from qlora_kit import train
+from qlora_kit.train import loop as train
 from qlora_kit.config import load_recipe
 
 pytestmark = [

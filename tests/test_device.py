@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, tiny_recipe
-from qlora_kit import generate, train
+from qlora_kit import generate
+from qlora_kit.train import loop as train
 from qlora_kit.data import pipeline as data
 from qlora_kit.cli.main import main
 from qlora_kit.device import allow_tf32, resolve_device

@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import write_jsonl
-from qlora_kit import train
+from qlora_kit.train import loop as train
 from qlora_kit.data import pipeline as data
 from qlora_kit.run import checkpoint
 from qlora_kit.config import recipe_from_dict
@@ -138,7 +138,7 @@ def test_shares_have_unequal_token_counts(setup):
     _, tok, _ = load_base(p_recipe.model, p_recipe.quant)
     ds = data.build(p_recipe.data, tok, p_recipe.train.seed)
     stream = data.BatchStream(ds.train, 4, p_recipe.train.seed, data.pad_token_id(tok))
-    from qlora_kit.distributed import World, shard_batch
+    from qlora_kit.train.distributed import World, shard_batch
 
     uneven = 0
     for _ in range(3):
@@ -174,7 +174,7 @@ def test_two_rank_run_folder_has_the_files_of_a_one_rank_run_and_nothing_else(la
 
 
 def test_fsdp_through_accelerate_equals_one_process_and_halves_the_frozen_bytes(launches, single, setup):
-    from qlora_kit.fsdp import local_frozen_bytes
+    from qlora_kit.train.fsdp import local_frozen_bytes
     from qlora_kit.model.load import load_base
 
     run, err = _done(launches, "fsdp")
@@ -370,7 +370,7 @@ def test_an_fsdp_recipe_runs_unchanged_in_one_process(setup, single, tmp_path):
 
 
 def test_accelerate_single_process_launch_is_pointed_out(monkeypatch):
-    from qlora_kit.distributed import single_process_hint
+    from qlora_kit.train.distributed import single_process_hint
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
@@ -384,7 +384,7 @@ def test_accelerate_single_process_launch_is_pointed_out(monkeypatch):
 def test_a_gloo_transport_error_inside_fsdp_code_is_a_lost_rank_and_a_bug_stays_a_bug(monkeypatch):
     """SIGKILLing a peer during FSDP's all-gather surfaces as a plain RuntimeError from gloo's TCP transport (not a
     DistError); `guarded` must turn it into RankLost (exit 1, one message), while any other RuntimeError propagates."""
-    from qlora_kit import distributed
+    from qlora_kit.train import distributed
     from qlora_kit.errors import RankLost
 
     monkeypatch.setattr(distributed, "LIVENESS_WAIT_S", 0.0)

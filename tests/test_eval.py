@@ -82,7 +82,8 @@ def test_eval_nf4_equals_bitsandbytes_roundtrip(tmp_path):
 
 
 def test_eval_of_run_equals_training_validation_loss_and_merged_export(tiny_model, tmp_path):
-    from qlora_kit import export, train
+    from qlora_kit import export
+    from qlora_kit.train import loop as train
 
     records = FACTS + ALPACA * 2
     path = write_jsonl(tmp_path / "facts.jsonl", records)
@@ -108,7 +109,7 @@ def test_eval_of_run_equals_training_validation_loss_and_merged_export(tiny_mode
 def test_eval_of_a_dora_plus_ia3_run_equals_its_validation_loss(tiny_model, tmp_path):
     """eval reads every adapter method a run can hold (DoRA magnitudes, IA3 vectors over the quantized base) and
     computes what the training loop's validation computed."""
-    from qlora_kit import train
+    from qlora_kit.train import loop as train
 
     path = write_jsonl(tmp_path / "facts.jsonl", FACTS + ALPACA * 2)
     recipe = tiny_recipe(tiny_model, path, data={"val_fraction": 0.3}, train={"steps": 3, "batch_size": 3},

@@ -70,7 +70,7 @@ def training_time_model(run: Path):
     """What training computed: the quantized base + LoRA from the run's recipe, the adapter loaded, in fp32."""
     from qlora_kit.config import load_recipe
     from qlora_kit.model.load import load_base
-    from qlora_kit.prepare import lora_spec
+    from qlora_kit.train.prepare import lora_spec
 
     recipe = load_recipe(run / "recipe.yaml")
     model, _, _ = load_base(recipe.model, recipe.quant)
@@ -106,7 +106,7 @@ def export(src, out, **kw) -> ex.Result:
 @pytest.fixture(scope="module")
 def qlora_run(tiny_model, tiny_data, tmp_path_factory) -> Path:
     """4 steps of QLoRA (nf4, double quant, blocksize 64, r 4) with fp32 compute on the tiny model (MLP 176)."""
-    from qlora_kit import train
+    from qlora_kit.train import loop as train
 
     run = tmp_path_factory.mktemp("qlora") / "run"
     train.run(tiny_recipe(tiny_model, tiny_data, quant={"compute_dtype": "fp32"}), run, progress=False)
@@ -172,7 +172,7 @@ def test_adapter_format_loads_in_peft_with_same_logits(tiny_model, tiny_data, tm
     """A run on a plain (quant none) base: PEFT loads our export with no missing/unexpected keys, same logits."""
     from peft import PeftModel
 
-    from qlora_kit import train
+    from qlora_kit.train import loop as train
 
     run = tmp_path / "run"
     train.run(tiny_recipe(tiny_model, tiny_data, quant={"type": "none", "compute_dtype": "fp32"}), run, progress=False)

@@ -71,7 +71,7 @@ def field(path: Path, key: str):
 
 @pytest.fixture(scope="module")
 def qlora_run(tiny_model, tiny_data, tmp_path_factory) -> Path:
-    from qlora_kit import train
+    from qlora_kit.train import loop as train
 
     run = tmp_path_factory.mktemp("qlora") / "run"
     train.run(tiny_recipe(tiny_model, tiny_data, quant={"compute_dtype": "fp32"}), run, progress=False)

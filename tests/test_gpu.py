@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from qlora_kit import train
+from qlora_kit.train import loop as train
 from qlora_kit.data import pipeline as data
 from qlora_kit.run import checkpoint
 from qlora_kit.quant import bnb as quant

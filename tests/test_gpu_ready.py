@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from qlora_kit import train
+from qlora_kit.train import loop as train
 from qlora_kit.data import pipeline as data
 from qlora_kit.adapters import lora
 from qlora_kit.run import checkpoint
-from qlora_kit.loss import label_positions
+from qlora_kit.train.loss import label_positions
 
 # ---- the reference: today's per-tensor master-weight wrapper and train_step, written out ---------------------------
 
@@ -282,7 +282,7 @@ def test_eight_bit_state_is_eight_bit_after_resume(tmp_path):
     (under 4096 elements it would be fp32). Saved and loaded through a real checkpoint, the state is still uint8
     and the next step equals the uninterrupted one bitwise."""
     from qlora_kit.config import TrainConfig
-    from qlora_kit.optim import build_optimizer
+    from qlora_kit.train.optim import build_optimizer
 
     cfg = TrainConfig(optimizer="adamw8bit", lr=1e-3)
 
@@ -348,7 +348,7 @@ def test_param_groups_set_lr_and_the_hook_free_mode_agree():
     """Two groups (B at 16x A's rate, LoRA+): one flat master each, set_lr applies the ratios. Without hooks (the
     DDP/FSDP mode) the gradients come from .grad in grads_to_masters and the step is the same, bitwise."""
     from qlora_kit.config import TrainConfig
-    from qlora_kit.optim import ParamGroup, build_optimizer
+    from qlora_kit.train.optim import ParamGroup, build_optimizer
 
     def make(hook):
         g = torch.Generator().manual_seed(0)

@@ -35,7 +35,7 @@ def test_freed_tensors_return_to_the_os_only_when_asked():
 
 def test_the_recipe_switch_reaches_glibc(tiny_model, tiny_data, monkeypatch):
     from qlora_kit.lowmem import host_memory
-    from qlora_kit.prepare import prepare
+    from qlora_kit.train.prepare import prepare
 
     calls = []
     monkeypatch.setattr(host_memory, "return_freed_memory", lambda: calls.append(1) or True)

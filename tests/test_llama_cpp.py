@@ -81,7 +81,7 @@ def hf_greedy(model, prompt: list[int], banned: list[int]) -> tuple[list[int], l
 
 @pytest.fixture(scope="module")
 def qlora_run(tiny_model, tiny_data, tmp_path_factory) -> Path:
-    from qlora_kit import train
+    from qlora_kit.train import loop as train
 
     run = tmp_path_factory.mktemp("qlora") / "run"
     train.run(tiny_recipe(tiny_model, tiny_data, quant={"compute_dtype": "fp32"}), run, progress=False)
@@ -155,7 +155,7 @@ def test_k_quants_made_by_llama_cpps_ggml_load_and_run(tiny_data, banned, tmp_pa
     from transformers import AutoModelForCausalLM
 
     from conftest import make_tiny_model
-    from qlora_kit import train
+    from qlora_kit.train import loop as train
 
     model = make_tiny_model(tmp_path / "model", hidden=256, intermediate=352)
     run = tmp_path / "run"

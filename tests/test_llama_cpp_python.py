@@ -23,7 +23,7 @@ gguf = pytest.importorskip("gguf")
 
 @pytest.mark.parametrize("kind, bound", [("q4_k_m", 0.1), ("q6_k", 0.025)])
 def test_llama_cpp_python_quantizes_with_llama_cpps_own_type_mix(tiny_data, tmp_path, monkeypatch, kind, bound):
-    from qlora_kit import train
+    from qlora_kit.train import loop as train
 
     model = make_tiny_model(tmp_path / "model", hidden=256, intermediate=352)  # 352: ffn_down rows not 256-blocks
     run = tmp_path / "run"

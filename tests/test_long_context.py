@@ -106,7 +106,7 @@ def test_reembedded_layer0_input_bitwise_equal_and_not_kept():
 def test_offload_needs_checkpointing(tmp_path):
     from qlora_kit.config import recipe_from_dict
     from qlora_kit.errors import ConfigError
-    from qlora_kit.train import prepare
+    from qlora_kit.train.loop import prepare
 
     recipe = recipe_from_dict({"model": {"path": str(tmp_path)}, "data": {"path": str(tmp_path / "x.jsonl"),
                                                                            "format": "text"},
@@ -248,7 +248,7 @@ def test_lean_norms_and_fused_final_norm_match_transformers_training_step():
     """A tiny Llama with lean norms (the final one applied per loss chunk by CausalLMLoss) against the same model
     as transformers builds it: the loss is bitwise equal, every adapter gradient allclose (fp32)."""
     from qlora_kit.lowmem import lean_norm
-    from qlora_kit.loss import CausalLMLoss
+    from qlora_kit.train.loss import CausalLMLoss
 
     def run(lean):
         model = build(torch.float32, dropout=0.0)

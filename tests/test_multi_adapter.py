@@ -135,7 +135,7 @@ def test_base_is_loaded_once_and_shared(tiny_model, adapters):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_model, tiny_data):
-    from qlora_kit import train
+    from qlora_kit.train import loop as train
 
     run = tmp_path_factory.mktemp("multi") / "run"
     train.run(tiny_recipe(tiny_model, tiny_data, train={"steps": 2, "save_every": 0}), run, progress=False)

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from qlora_kit.config import TrainConfig
-from qlora_kit.optim import lr_factor
+from qlora_kit.train.optim import lr_factor
 
 # steps=10, warmup_steps=2: warmup multiplies by (step + 1) / 3, then progress = (step - 2) / 8 decays to 0.
 TABLE = [

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_model, make_tokenizer, write_jsonl
-from qlora_kit import train
+from qlora_kit.train import loop as train
 from qlora_kit.data import pipeline as data
 from qlora_kit.config import DataConfig
-from qlora_kit.loss import CausalLMLoss
+from qlora_kit.train.loss import CausalLMLoss
 from qlora_kit.data.packing import document_ids, pack
 
 IGNORE = -100

@@ -22,10 +22,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from conftest import tiny_recipe
-from qlora_kit import train
+from qlora_kit.train import loop as train
 from qlora_kit.run import checkpoint
 from qlora_kit.cli.main import main
-from qlora_kit.loss import CausalLMLoss
+from qlora_kit.train.loss import CausalLMLoss
 from qlora_kit.run.folder import read_metrics
 
 STEPS = 10

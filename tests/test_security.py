@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from qlora_kit import train
+from qlora_kit.train import loop as train
 from qlora_kit.run import checkpoint
 from qlora_kit.cli.main import main
 

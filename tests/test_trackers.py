@@ -9,7 +9,7 @@ import os
 import pytest
 
 from conftest import tiny_recipe
-from qlora_kit import train, trackers
+from qlora_kit.train import loop as train, trackers
 from qlora_kit.cli.main import main
 from qlora_kit.config import dump_recipe
 

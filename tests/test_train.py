@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from qlora_kit import train
+from qlora_kit.train import loop as train
 from qlora_kit.data import pipeline as data
 from qlora_kit.adapters import lora
 from qlora_kit.run import checkpoint
 from qlora_kit.config import recipe_from_dict
-from qlora_kit.loss import CausalLMLoss
+from qlora_kit.train.loss import CausalLMLoss
 from qlora_kit.adapters.peft_format import load_adapter
 
 

@@ -94,7 +94,7 @@ class LoadSharder:
         self.load_peak = max(self.load_peak, sum(local_frozen_bytes(model).values()))
 
     def __call__(self, model: nn.Module, group: int) -> None:
-        from .model.load import EMBEDDINGS
+        from ..model.load import EMBEDDINGS
 
         self._measure(model)
         if group == EMBEDDINGS:
@@ -110,7 +110,7 @@ class LoadSharder:
 def local_frozen_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of frozen tensors this rank stores: the quantized Linears' codes + constants, and everything else
     frozen (embeddings, norms, lm_head). A sharded parameter counts its local shard (DTensor.to_local)."""
-    from .quant.bnb import QuantLinear
+    from ..quant.bnb import QuantLinear
 
     quant_ids, out, seen = set(), {"quantized": 0, "other_frozen": 0}, set()
     for m in model.modules():

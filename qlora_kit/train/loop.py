@@ -21,15 +21,16 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from . import atomic, fsdp, trackers
-from .data import pipeline as data
-from .adapters import methods
-from .run import checkpoint
-from .config import Recipe
+from .. import atomic
+from . import fsdp, trackers
+from ..data import pipeline as data
+from ..adapters import methods
+from ..run import checkpoint
+from ..config import Recipe
 from .distributed import World, shard_batch
-from .errors import ConfigError, TrainingInterrupted, TrainingStopped
+from ..errors import ConfigError, TrainingInterrupted, TrainingStopped
 from .loss import label_positions
-from .memory_timeline import MARK
+from ..memory_timeline import MARK
 from .prepare import Prepared, prepare  # noqa: F401  (train.prepare stays the public entry)
 from .stop_signals import StopFlag
 from .optim import lr_factor
@@ -175,7 +176,7 @@ def log_step(p: Prepared, run_dir: Path, step: int, lr: float, res: StepResult, 
     """The metrics record of optimizer step `step` (1-based), with the validation loss when it is due; appended to
     metrics.jsonl every log_every steps, at the end, and with every validation loss (and then sent to the
     train.report_to trackers too). Returns (record, val loss)."""
-    from .run.folder import write_metrics_line
+    from ..run.folder import write_metrics_line
 
     t = p.recipe.train
     record = {"step": step, "loss": round(res.loss, 6), "lr": lr, "grad_norm": round(res.grad_norm, 6),
@@ -226,7 +227,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
     from tqdm.auto import tqdm
 
     from . import distributed
-    from .run.folder import check_run_dir, open_run
+    from ..run.folder import check_run_dir, open_run
 
     world = world or World()
     run_dir = Path(run_dir)
@@ -238,7 +239,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
         start_ckpt = check_run_dir(run_dir, recipe, resume)
         stored = None
         if start_ckpt is not None and recipe.lora.init == "loftq":  # the base must be quantized as when it started
-            from .adapters.loftq import load as load_offsets
+            from ..adapters.loftq import load as load_offsets
 
             stored = load_offsets(run_dir)
         p = prepare(recipe, world, stored)
@@ -249,7 +250,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
     if world.is_main:
         open_run(run_dir, p.recipe, start_ckpt, resume, step)
         if p.loftq is not None and p.loftq.stored is None:
-            from .adapters.loftq import save as save_offsets
+            from ..adapters.loftq import save as save_offsets
 
             save_offsets(run_dir, p.loftq.offsets)  # export, generate and eval rebuild the base from these
             print(f"LoftQ init ({recipe.lora.loftq_iters} iterations, {len(p.loftq.offsets)} modules): "

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 @dataclass
@@ -184,7 +184,7 @@ class MasterWeightOptimizer:
     def load_state_dict(self, state: dict) -> None:
         sizes = [[p.numel() for p in f.params] for f in self.flats]
         if state.get("sizes") != sizes:
-            from .errors import QloraKitError
+            from ..errors import QloraKitError
 
             raise QloraKitError("the checkpoint's optimizer state does not match this run's adapters (it was written "
                                 "by an older qlora-kit with per-tensor masters, or for other LoRA targets/rank). "
@@ -196,7 +196,7 @@ class MasterWeightOptimizer:
         self.inner.load_state_dict(state["inner"])
         if self.scaler is not None and "loss_scale" in state:
             self.scaler.scale, self.scaler.good_steps = state["loss_scale"]
-        from .quant.bnb import repage_optimizer_state  # bitsandbytes stays behind quant.py
+        from ..quant.bnb import repage_optimizer_state  # bitsandbytes stays behind quant.py
 
         repage_optimizer_state(self.inner)
 
@@ -215,7 +215,7 @@ def build_optimizer(params: Sequence[ParamGroup] | Sequence[torch.nn.Parameter],
             # fused on CUDA: one kernel per group. The CPU keeps torch's default (single-tensor) implementation,
             # whose per-element math the per-tensor wrapper used, so CPU results are bitwise unchanged.
             return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True if on_cuda else None)
-        from .quant.bnb import bnb_optimizer  # bitsandbytes stays behind quant.py
+        from ..quant.bnb import bnb_optimizer  # bitsandbytes stays behind quant.py
 
         return bnb_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)
 

@@ -31,7 +31,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from .errors import ConfigError, QloraKitError, RankLost
+from ..errors import ConfigError, QloraKitError, RankLost
 
 T = TypeVar("T")
 BOOT_TIMEOUT_S = 600  # rendezvous and the first agreement, before the recipe's train.dist_timeout_s is known

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .lowmem.lean_norm import norm_apply
-from .terms import IGNORE
+from ..lowmem.lean_norm import norm_apply
+from ..terms import IGNORE
 
 
 def _chunk_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, norm: nn.Module | None = None

@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import fsdp, trackers
-from .data import pipeline as data
-from .adapters import lora, methods
-from .lowmem import host_memory, lean_norm, reembed, tiled_mlp
-from .lowmem import offload as offload_mod
-from .config import Recipe
-from .device import allow_tf32
+from ..data import pipeline as data
+from ..adapters import lora, methods
+from ..lowmem import host_memory, lean_norm, reembed, tiled_mlp
+from ..lowmem import offload as offload_mod
+from ..config import Recipe
+from ..device import allow_tf32
 from .distributed import World, parallel_mode
-from .errors import ConfigError
+from ..errors import ConfigError
 from .loss import CausalLMLoss
-from .model.load import load_base
+from ..model.load import load_base
 from .optim import LossScaler, MasterWeightOptimizer, ParamGroup, build_optimizer
 
 if TYPE_CHECKING:  # annotations only: importing either costs seconds, and prepare() imports accelerate anyway
@@ -55,7 +55,7 @@ class Prepared:
 
 
 def lora_spec(recipe: Recipe) -> lora.LoraSpec:
-    from .quant.bnb import DTYPES
+    from ..quant.bnb import DTYPES
 
     c = recipe.lora
     return lora.LoraSpec(c.r, c.alpha, c.dropout, c.init, c.rslora, DTYPES[recipe.quant.compute_dtype])
@@ -90,8 +90,8 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
         if recipe.quant.type == "none":
             raise ConfigError("lora.init loftq cancels the quantization error of the base, and quant.type is none: "
                               "there is none. Set quant.type to nf4, fp4 or int8, or lora.init to kaiming.")
-        from .adapters.loftq import Initializer
-        from .quant.bnb import QuantSpec
+        from ..adapters.loftq import Initializer
+        from ..quant.bnb import QuantSpec
 
         init = Initializer(recipe.lora.targets, QuantSpec.from_config(recipe.quant), recipe.lora.r,
                            lora_spec(recipe).scaling, recipe.lora.loftq_iters, loftq_offsets)
@@ -130,7 +130,7 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
     optimizer = build_optimizer(param_groups(named, recipe.lora.plus_ratio), t)
     if model.get_input_embeddings().weight.dtype == torch.float16:  # model.dtype fp16, or auto without bf16
         optimizer.scaler = LossScaler()
-    from .quant.bnb import DTYPES
+    from ..quant.bnb import DTYPES
 
     if allow_tf32(accelerator.device, DTYPES[recipe.quant.compute_dtype]):
         print("quant.compute_dtype fp32 on CUDA: matmuls use TF32 tensor cores "
@@ -177,7 +177,7 @@ def _probe_bnb_optimizer(t, device: torch.device) -> None:
     fix, not with a RuntimeError at step 1. Realistic size (PROBE_SHAPE, 1 MiB fp32): bitsandbytes keeps tensors
     under 4,096 elements in 32-bit state and pages only tensors of at least 1e5 elements, so a smaller probe would
     not exercise the 8-bit or the paged kernels the run will use."""
-    from .quant.bnb import bnb_optimizer
+    from ..quant.bnb import bnb_optimizer
 
     try:
         w = torch.zeros(PROBE_SHAPE, device=device, requires_grad=True)

@@ -74,7 +74,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from qlora_kit import generate, inference
+    from qlora_kit.infer import generate, inference
     from qlora_kit.memory_measure import machine_info
 
     load_start = [round(v, 2) for v in os.getloadavg()]

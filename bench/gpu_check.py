@@ -145,7 +145,7 @@ def pytest_gpu(ctx) -> dict:
 def logits_of_training_model(ctx, run_dir: Path, ids):
     import torch
 
-    from qlora_kit import generate
+    from qlora_kit.infer import generate
 
     loaded = generate.load(str(run_dir), device=ctx.dev_name)
     with torch.no_grad():
@@ -186,7 +186,7 @@ def export(ctx) -> dict:
 def generate_stage(ctx) -> dict:
     import torch
 
-    from qlora_kit import generate
+    from qlora_kit.infer import generate
     from qlora_kit.quant import bnb as quant
 
     run_a, run_b = ctx.runs.get("nf4/adamw"), ctx.runs.get("nf4/adamw8bit")

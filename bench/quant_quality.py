@@ -59,7 +59,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from qlora_kit import evaluation, generate, inference
+    from qlora_kit.infer import evaluation, generate, inference
     from qlora_kit.train import loop as train
     from qlora_kit.data import pipeline as data, pydoc_text
     from qlora_kit.config import DataConfig, QuantConfig, recipe_from_dict
@@ -152,7 +152,8 @@ def main() -> None:
 
 def compare_exports(run: Path, work: Path, heldout: Path, pieces: int, run_res) -> list[dict]:
     """eval of the run vs its merged (bf16) export vs its f16 GGUF export, on the same held-out pieces."""
-    from qlora_kit import evaluation, export
+    from qlora_kit import export
+    from qlora_kit.infer import evaluation
 
     rows = [{"source": "run (nf4 base + adapter)", "ppl": run_res.perplexity}]
     export.export(run, export.Options("merged", work / "merged", progress=False))

@@ -1,4 +1,4 @@
-"""`qlora-kit eval SOURCE --data FILE`: mean loss per token and perplexity (qlora_kit.evaluation)."""
+"""`qlora-kit eval SOURCE --data FILE`: mean loss per token and perplexity (qlora_kit.infer.evaluation)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def command(source, data_path, fmt, all_tokens, max_length, max_examples, batch_
       qlora-kit eval runs/demo                       # the run's own validation split: training's val_loss
       qlora-kit eval merged/ --data recipes/data/facts.jsonl --format alpaca
     """
-    from qlora_kit import evaluation
+    from qlora_kit.infer import evaluation
     from qlora_kit.device import resolve_device
 
     req = evaluation.Request(source=source, data=data_path, format=fmt, all_tokens=all_tokens, max_length=max_length,

@@ -77,7 +77,7 @@ def command(source: str, prompts: tuple[str, ...], adapter_specs: tuple[str, ...
     an adapter's name, 'base' for no adapter, or '*' for every adapter and the base. All prompts go through ONE
     batched generate call, each row through its own adapter and in the template its run trained with.
     """
-    from qlora_kit import generate
+    from qlora_kit.infer import generate
     from qlora_kit.config import QuantConfig
 
     quant_cfg = QuantConfig(type=quant) if quant else None
@@ -110,7 +110,7 @@ def command(source: str, prompts: tuple[str, ...], adapter_specs: tuple[str, ...
 def _multi(source, adapters, prompts, base, quant_cfg, max_new_tokens, temperature, raw, compare_base, allow_pickle,
            trust_remote_code, keep_quantized=False, device="auto", decode_dtype="auto") -> None:
     """Every prompt routed to its adapter(s); one generate call for the whole batch."""
-    from qlora_kit import generate
+    from qlora_kit.infer import generate
 
     names = list(adapters)
     parsed = [_parse_prompt(p, names) for p in prompts]  # checked before the model loads

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, tiny_recipe
-from qlora_kit import generate
+from qlora_kit.infer import generate
 from qlora_kit.train import loop as train
 from qlora_kit.data import pipeline as data
 from qlora_kit.cli.main import main

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import FACTS, make_tiny_model, tiny_recipe, write_jsonl
-from qlora_kit import evaluation
+from qlora_kit.infer import evaluation
 from qlora_kit.data import pipeline as data
 from qlora_kit.cli.main import main
 from qlora_kit.config import DataConfig

@@ -2,7 +2,7 @@
 
 import torch
 
-from qlora_kit import generate
+from qlora_kit.infer import generate
 from qlora_kit.config import QuantConfig
 
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from qlora_kit import generate, inference
+from qlora_kit.infer import generate, inference
 from qlora_kit.adapters import lora
 from qlora_kit.config import QuantConfig
 from qlora_kit.quant.bnb import QuantLinear

@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_recipe
 from qlora_kit import export as ex
-from qlora_kit import generate
+from qlora_kit.infer import generate
 from qlora_kit.train import loop as train
 from qlora_kit.adapters import loftq, lora, peft_format
 from qlora_kit.quant.bnb import QuantSpec

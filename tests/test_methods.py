@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from conftest import tiny_recipe
-from qlora_kit import export as ex, generate
+from qlora_kit import export as ex
+from qlora_kit.infer import generate
 from qlora_kit.train import loop as train
 from qlora_kit.data import pipeline as data
 from qlora_kit.adapters import dora, ia3, methods, peft_format

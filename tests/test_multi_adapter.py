@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from qlora_kit import generate
+from qlora_kit.infer import generate
 from qlora_kit.data import pipeline as data
 from qlora_kit.adapters import lora, multi_lora, peft_format
 from qlora_kit.cli.main import main

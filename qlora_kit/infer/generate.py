@@ -16,14 +16,14 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .data import pipeline as data
-from .adapters import loftq, methods, multi_lora, peft_format
-from .config import ModelConfig, QuantConfig, Recipe, load_recipe
-from .device import resolve_device
-from .errors import ModelError
-from .model.load import load_base
-from .quant.bnb import DTYPES
-from .run.folder import adapter_source, is_run_dir
+from ..data import pipeline as data
+from ..adapters import loftq, methods, multi_lora, peft_format
+from ..config import ModelConfig, QuantConfig, Recipe, load_recipe
+from ..device import resolve_device
+from ..errors import ModelError
+from ..model.load import load_base
+from ..quant.bnb import DTYPES
+from ..run.folder import adapter_source, is_run_dir
 
 
 @dataclass

@@ -24,11 +24,11 @@ from typing import Literal
 import torch
 
 from . import generate
-from .data import pipeline as data
-from .config import DataConfig, QuantConfig, Recipe
-from .errors import ConfigError, DataError, ModelError
-from .train.loss import CausalLMLoss
-from .run.folder import is_run_dir
+from ..data import pipeline as data
+from ..config import DataConfig, QuantConfig, Recipe
+from ..errors import ConfigError, DataError, ModelError
+from ..train.loss import CausalLMLoss
+from ..run.folder import is_run_dir
 
 Kind = Literal["model", "run", "adapter", "gguf"]
 
@@ -98,7 +98,7 @@ def load_gguf(path: str, dtype: str, device: str) -> generate.Loaded:
     """A GGUF file through transformers' loader: every tensor dequantized to `dtype`, tokenizer from the file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .quant.bnb import DTYPES
+    from ..quant.bnb import DTYPES
 
     p = Path(path).expanduser()
     if not p.is_file():
@@ -129,7 +129,7 @@ def load(req: Request) -> tuple[generate.Loaded, Kind, Recipe | None, str]:
         return load_gguf(req.source, req.dtype, req.device), kind, None, f"gguf ({req.dtype})"
     recipe = None
     if kind == "run":
-        from .config import load_recipe
+        from ..config import load_recipe
 
         recipe = load_recipe(Path(req.source).expanduser() / "recipe.yaml")
     quant = QuantConfig(type=req.quant) if req.quant else None
@@ -159,7 +159,7 @@ def data_config(req: Request, recipe: Recipe | None) -> tuple[DataConfig, bool]:
         if req.max_length:
             cfg = replace(cfg, max_length=req.max_length)
         return replace(cfg, packing=False), True
-    from .data.pydoc_text import resolve
+    from ..data.pydoc_text import resolve
 
     path = resolve(req.data)
     fmt = req.format or (recipe.data.format if recipe is not None else "text")
@@ -205,7 +205,7 @@ def run(req: Request, progress: bool = False) -> Result:
     if req.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1.")
     if req.data is not None:  # a bad data file fails before the model loads
-        from .data.pydoc_text import resolve
+        from ..data.pydoc_text import resolve
 
         fmt = req.format or (_run_format(req.source) if kind_of(req.source) == "run" else "text")
         data.check(DataConfig(path=str(resolve(req.data)), format=fmt))
@@ -228,6 +228,6 @@ def run(req: Request, progress: bool = False) -> Result:
 
 
 def _run_format(source: str) -> str:
-    from .config import load_recipe
+    from ..config import load_recipe
 
     return load_recipe(Path(source).expanduser() / "recipe.yaml").data.format

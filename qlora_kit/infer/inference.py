@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import dora, lora
-from .quant.bnb import QuantLinear
+from ..adapters import dora, lora
+from ..quant.bnb import QuantLinear
 
 HEADROOM = 0.5  # densify only when the dense weights take at most this fraction of the memory available now
 DECODE_DTYPES = ("auto", "fp16", "fp32")

@@ -29,7 +29,7 @@ VARIANTS = {"merged bf16 (safetensors)": ("merged", None), "gguf f16": ("gguf", 
 
 
 def worker(args) -> None:
-    from qlora_kit import export as ex
+    from qlora_kit.export import formats as ex
     from qlora_kit.memory_measure import rss_kib
 
     after_imports = rss_kib("VmRSS") * 1024
@@ -64,7 +64,7 @@ def demo_accuracy(base: Path, adapter: Path, work: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_kit import export as ex
+    from qlora_kit.export import formats as ex
 
     ex.export(adapter, ex.Options("merged", work / "merged32", dtype="fp32", progress=False, force=True))
     tok = AutoTokenizer.from_pretrained(work / "merged32")
@@ -137,7 +137,7 @@ def main() -> None:
 
     from merge_bench import build_random_model, machine, random_adapter, worker_env
 
-    from qlora_kit import shards
+    from qlora_kit.export import shards
     from qlora_kit.model.load import resolve
 
     env = worker_env(args.threads)

@@ -58,7 +58,7 @@ def worker(args) -> None:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
     else:
-        from qlora_kit import export as ex
+        from qlora_kit.export import formats as ex
     after_imports = proc_status("VmRSS")
     t0 = time.perf_counter()
     if args.worker == "peft":
@@ -96,7 +96,7 @@ def random_adapter(base: Path, folder: Path, r: int = 16) -> Path:
     """A random LoRA (r 16, all linear layers but lm_head, bf16) in PEFT format."""
     import torch
 
-    from qlora_kit import shards
+    from qlora_kit.export import shards
     from qlora_kit.adapters import peft_format
 
     g = torch.Generator().manual_seed(1)
@@ -248,7 +248,7 @@ def main() -> None:
         adapter = random_adapter(base, work / f"adapter-{base.name}")
         print(f"{label}: {base}", flush=True)
         records = [run_one(v, base, adapter, work / "out", env) for _ in range(args.repeats) for v in variants]
-        from qlora_kit import shards
+        from qlora_kit.export import shards
 
         nbytes = sum(i.nbytes for i in shards.tensor_index(base).values())
         result["models"][label] = {"folder": str(base), "bytes": nbytes, "r": 16, "runs": records,

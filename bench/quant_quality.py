@@ -152,7 +152,7 @@ def main() -> None:
 
 def compare_exports(run: Path, work: Path, heldout: Path, pieces: int, run_res) -> list[dict]:
     """eval of the run vs its merged (bf16) export vs its f16 GGUF export, on the same held-out pieces."""
-    from qlora_kit import export
+    from qlora_kit.export import formats as export
     from qlora_kit.infer import evaluation
 
     rows = [{"source": "run (nf4 base + adapter)", "ppl": run_res.perplexity}]

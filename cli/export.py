@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from qlora_kit import export as ex
+from qlora_kit.export import formats as ex
 from qlora_kit.terms import QUANTIZED_TYPES
 
 

@@ -323,7 +323,7 @@ EXPORT_ROWS = [
 
 @pytest.mark.parametrize("case,extra,expect", EXPORT_ROWS, ids=[r[0] for r in EXPORT_ROWS])
 def test_bad_export_changes_nothing(trained_run, tiny_model, tmp_path, monkeypatch, case, extra, expect):
-    from qlora_kit import export as ex
+    from qlora_kit.export import formats as ex
 
     run_dir, bases = trained_run
     extra = [str(bases[a]) if a in bases else a for a in extra]

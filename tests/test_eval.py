@@ -82,7 +82,7 @@ def test_eval_nf4_equals_bitsandbytes_roundtrip(tmp_path):
 
 
 def test_eval_of_run_equals_training_validation_loss_and_merged_export(tiny_model, tmp_path):
-    from qlora_kit import export
+    from qlora_kit.export import formats as export
     from qlora_kit.train import loop as train
 
     records = FACTS + ALPACA * 2

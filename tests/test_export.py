@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 
 from conftest import make_tiny_model, tiny_recipe
-from qlora_kit import export as ex
-from qlora_kit import shards
+from qlora_kit.export import formats as ex
+from qlora_kit.export import shards
 from qlora_kit.adapters import lora, peft_format
 from qlora_kit.quant import bnb as quant
 from qlora_kit.cli.main import main
@@ -290,7 +290,7 @@ def test_sharded_merge_streams_in_bounded_memory(tmp_path):
     random_adapter(tmp_path / "warm_adapter", warm, sorted(linear_shapes(warm)), linear_shapes(warm))
     script = textwrap.dedent(f"""
         import json, sys
-        from qlora_kit import export as ex
+        from qlora_kit.export import formats as ex
         def status(key):
             return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
         # warm-up: lazy imports, thread pools and allocator arenas are not the merge's memory
@@ -498,8 +498,8 @@ def test_unadapted_quantized_needs_no_model_when_every_linear_is_adapted(qlora_r
     the model on the meta device costs ~2 s of imports); a partial target set still goes through the model."""
     import dataclasses
 
-    from qlora_kit.export_files import linear_weights
-    from qlora_kit.shards import tensor_index
+    from qlora_kit.export.files import linear_weights
+    from qlora_kit.export.shards import tensor_index
 
     src, index = ex.open_source(qlora_run), tensor_index(tiny_model)
     linear = linear_weights(tiny_model)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import CHATML, make_tiny_model, tiny_recipe
-from qlora_kit import export as ex
-from qlora_kit import gguf_arch, gguf_export, gguf_kquant
+from qlora_kit.export import formats as ex
+from qlora_kit.export.gguf import arch as gguf_arch, writer as gguf_export, kquant as gguf_kquant
 from qlora_kit.adapters import peft_format
 from qlora_kit.cli.main import main
 
@@ -45,7 +45,7 @@ def hf_logits(folder: Path, gguf_file: str | None = None) -> torch.Tensor:
 
 
 def random_adapter(folder: Path, base: Path, suffixes=("q_proj", "k_proj", "v_proj", "down_proj"), r=4, seed=0):
-    from qlora_kit.shards import tensor_index
+    from qlora_kit.export.shards import tensor_index
 
     g = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -102,7 +102,7 @@ def test_transformers_loads_our_gguf_with_the_merged_logits(exported):
 
 def test_f16_tensors_are_the_fp16_merge_bit_for_bit(exported):
     """Each GGUF f16 weight, q/k rows put back in Hugging Face order, equals `--format merged --dtype fp16`."""
-    from qlora_kit.shards import read_tensor, tensor_index
+    from qlora_kit.export.shards import read_tensor, tensor_index
 
     stored, index = gguf_tensors(exported / "m-f16.gguf"), tensor_index(exported / "merged16")
     config = json.loads((exported / "merged16" / "config.json").read_text())
@@ -360,7 +360,7 @@ def test_alpaca_modelfile_template_renders_the_training_prompt():
     fills it (no system message), is the prompt training rendered."""
     import types
 
-    from qlora_kit import ollama
+    from qlora_kit.export.gguf import ollama
     from qlora_kit.data.formats import render_prompt
 
     recipe = types.SimpleNamespace(data=types.SimpleNamespace(format="alpaca", system_prompt=None))

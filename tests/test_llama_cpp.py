@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from qlora_kit import export as ex
+from qlora_kit.export import formats as ex
 from qlora_kit.adapters import peft_format
 
 xlc = pytest.importorskip("xllamacpp", reason="llama.cpp runtime not installed: pip install 'qlora-kit[llama-cpp]'")

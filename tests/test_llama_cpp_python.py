@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_model, tiny_recipe
-from qlora_kit import export as ex
-from qlora_kit import gguf_kquant
+from qlora_kit.export import formats as ex
+from qlora_kit.export.gguf import kquant as gguf_kquant
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (it compiles llama.cpp from source)")
 gguf = pytest.importorskip("gguf")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from qlora_kit import export as ex
+from qlora_kit.export import formats as ex
 from qlora_kit.infer import generate
 from qlora_kit.train import loop as train
 from qlora_kit.adapters import loftq, lora, peft_format

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_recipe
-from qlora_kit import export as ex
+from qlora_kit.export import formats as ex
 from qlora_kit.infer import generate
 from qlora_kit.train import loop as train
 from qlora_kit.data import pipeline as data

@@ -71,7 +71,7 @@ def test_quant_quantize_equals_bitsandbytes_quantize_4bit(qtype, double_quant, m
 def test_real_weights_of_the_demo_model():
     """SmolLM2-135M's weights (576 and 1536 columns, both multiples of 64; 49152 x 576 embeddings)."""
     from qlora_kit.model.load import cache_dir
-    from qlora_kit.shards import read_tensor, tensor_index
+    from qlora_kit.export.shards import read_tensor, tensor_index
 
     folder = cache_dir() / "models" / "smollm2-135m"
     if not folder.is_dir():

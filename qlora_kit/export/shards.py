@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
-from .errors import ConfigError, ExportError, ModelError
-from .model.load import weight_files as model_weight_files
-from .terms import parse_size
+from .. import atomic
+from ..errors import ConfigError, ExportError, ModelError
+from ..model.load import weight_files as model_weight_files
+from ..terms import parse_size
 
 DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,

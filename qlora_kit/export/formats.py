@@ -41,17 +41,17 @@ from typing import Literal
 
 import torch
 
-from . import gguf_export
-from .adapters import loftq, methods, peft_format
-from .quant import bnb as quant
-from .errors import ExportError
-from .export_files import atomic_folder, copy_tokenizer, linear_weights, write_config, writing
-from .model.load import frozen_dtype
-from .run.folder import adapter_source
+from .gguf import writer as gguf_export
+from ..adapters import loftq, methods, peft_format
+from ..quant import bnb as quant
+from ..errors import ExportError
+from .files import atomic_folder, copy_tokenizer, linear_weights, write_config, writing
+from ..model.load import frozen_dtype
+from ..run.folder import adapter_source
 from .shards import Entry, ShardWriter, TensorInfo, max_shard_bytes, plan_shards, read_tensor, row_blocks, shard_names
 from .shards import tensor_index, write_index
-from .terms import QuantizedType
-from .export_source import Source, base_folder, check_fits, open_source  # noqa: F401  (ex.open_source)
+from ..terms import QuantizedType
+from .source import Source, base_folder, check_fits, open_source  # noqa: F401  (ex.open_source)
 
 Format = Literal["adapter", "merged", "quantized", "gguf", "gguf-adapter"]
 TAIL_MAX = 1024  # bytes reserved per 4-bit quant-state JSON blob (~170 used)

@@ -9,12 +9,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters import loftq, peft_format
-from .quant import bnb as quant
-from .config import ModelConfig
-from .errors import ExportError, ModelError
-from .model.load import BUILTINS, cache_dir, resolve
-from .run.folder import adapter_source
+from ..adapters import loftq, peft_format
+from ..quant import bnb as quant
+from ..config import ModelConfig
+from ..errors import ExportError, ModelError
+from ..model.load import BUILTINS, cache_dir, resolve
+from ..run.folder import adapter_source
 from .shards import TensorInfo
 
 

@@ -28,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import atomic, gguf_arch, gguf_kquant, gguf_vocab, ollama
-from .errors import ExportError
-from .gguf_kquant import KQUANTS
-from .shards import TensorInfo, read_tensor, row_blocks
-from .terms import lora_scale
+from ... import atomic
+from . import arch as gguf_arch, kquant as gguf_kquant, vocab as gguf_vocab, ollama
+from ...errors import ExportError
+from .kquant import KQUANTS
+from ..shards import TensorInfo, read_tensor, row_blocks
+from ...terms import lora_scale
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # what the gguf package writes itself
 ADAPTER_TYPES = ("f32", "f16", "bf16")
@@ -123,7 +124,7 @@ def encode(W: torch.Tensor, kind: str) -> np.ndarray:
 def _tensor(p: Planned, src, merge_base: str, frozen: torch.dtype, device: str,
             roundtrip: set[str] = frozenset()) -> torch.Tensor:
     """The output tensor in fp32 (merged if adapted, dequant(Q) if in `roundtrip`; q/k rows permuted for llama)."""
-    from .export import merge_base_weight, merged_weight
+    from ..formats import merge_base_weight, merged_weight
 
     W = read_tensor(p.info)
     if p.module is not None or p.info.name in roundtrip:

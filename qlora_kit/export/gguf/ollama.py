@@ -27,7 +27,7 @@ def modelfile_path(gguf_path: Path) -> Path:
 
 
 def _alpaca_template() -> str:
-    from .data.formats import ALPACA_HEAD, ALPACA_TAIL
+    from ...data.formats import ALPACA_HEAD, ALPACA_TAIL
 
     return ("{{ if .System }}{{ .System }}{{ else }}" + ALPACA_HEAD + ALPACA_TAIL + "{{ end }}\n\n"
             "### Instruction:\n{{ .Prompt }}\n\n### Response:\n")

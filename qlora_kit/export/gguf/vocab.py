@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import ExportError
+from ...errors import ExportError
 
 # The splitting regexes llama.cpp knows by name (its llama-vocab.cpp pre-tokenizer types). The GPT-2 one is what a
 # plain ByteLevel(use_regex=True) pre-tokenizer applies.

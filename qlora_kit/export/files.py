@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
-from .quant import bnb as quant
-from .errors import ExportError
+from .. import atomic
+from ..quant import bnb as quant
+from ..errors import ExportError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "vocab.txt")
@@ -32,7 +32,7 @@ def linear_weights(base: Path) -> set[str]:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .model.load import load_config
+    from ..model.load import load_config
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(load_config(base))

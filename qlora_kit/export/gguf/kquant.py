@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ExportError
+from ...errors import ExportError
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import ExportError
+from ...errors import ExportError
 
 # Hugging Face `architectures[0]` -> llama.cpp architecture name
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}

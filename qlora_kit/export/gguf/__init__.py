@@ -1,0 +1,10 @@
+"""GGUF for llama.cpp, Ollama and LM Studio, written with the `gguf` package.
+
+writer.py    plan every tensor's GGUF type and size from headers; write the header, then tensors one at a time
+arch.py      Hugging Face architecture -> llama.cpp's: hparam keys, tensor names, q/k permutation
+vocab.py     the tokenizer as GGUF metadata (tokens, types, merges, special ids, pre-tokenizer, chat template)
+kquant.py    K-quant types through llama.cpp's own ggml quantizer (the llama-cpp extra)
+ollama.py    the Modelfile beside a merged GGUF: chat template -> Ollama TEMPLATE, SYSTEM, stop tokens
+
+May import: what export/ may import, and export/'s own modules below it (merge, shards). Imported by export/formats.
+"""

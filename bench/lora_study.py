@@ -155,7 +155,7 @@ def base_val_loss(seed: int, args) -> float:
 
 def similarity(runs: Path) -> dict | None:
     """analyze(q+v r=8, --compare q+v r=64): phi per module; the grid mean over layers per module type."""
-    from qlora_kit import analyze
+    from qlora_kit.analysis import analyze
 
     r8, r64 = runs / "qv-r8", runs / "qv-r64"
     if not ((r8 / "adapter").is_dir() and (r64 / "adapter").is_dir()):

@@ -8,7 +8,7 @@ import re
 
 import click
 
-from qlora_kit import analyze as an
+from qlora_kit.analysis import analyze as an
 from qlora_kit.terms import QUANT_TYPES
 
 
@@ -121,7 +121,7 @@ def command(path, base, no_base, quant, blocksize, double_quant, compare, patter
                         double_quant=double_quant, compare=compare, modules=pattern, seed=seed, device=device)
     plots = []
     if plot_dir is not None:
-        from qlora_kit.analyze_plots import write_plots
+        from qlora_kit.analysis.plots import write_plots
 
         plots = [str(p) for p in write_plots(report, plot_dir)]
     if as_json:

@@ -22,7 +22,7 @@ def _fmt(v) -> str:
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped inside the folder.")
 def command(path: str, as_json: bool, allow_pickle: bool, trust_remote_code: bool) -> None:
     """Describe PATH: a model folder (or built-in name), a PEFT adapter folder, or a run folder."""
-    from qlora_kit.inspect import describe
+    from qlora_kit.analysis.inspect import describe
 
     info = describe(path, allow_pickle, trust_remote_code)
     if as_json:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qlora_kit import analyze as an
+from qlora_kit.analysis import analyze as an
 from qlora_kit.cli.main import main
 from qlora_kit.adapters.peft_format import save_adapter
 

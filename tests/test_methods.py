@@ -260,7 +260,7 @@ def test_ia3_over_a_module_with_bias_scales_the_bias_in_the_merge():
 
 
 def test_inspect_analyze_and_generate_read_a_dora_plus_ia3_run(tiny_model, tiny_data, tmp_path, capsys):
-    from qlora_kit import analyze, inspect
+    from qlora_kit.analysis import analyze, inspect
     from qlora_kit.cli.main import main
 
     r = run(tiny_model, tiny_data, tmp_path / "run", q=NF4, steps=2, lora={"targets": ATTN, "dora": True}, ia3={})

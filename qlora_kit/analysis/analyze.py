@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .adapters import dora, ia3, peft_format
-from .config import QuantConfig
-from .errors import ConfigError, ModelError
-from .device import resolve_device
-from .model.load import frozen_dtype, resolve, weight_files
-from .run.folder import adapter_source
-from .terms import BLOCKSIZES, QUANT_TYPES
+from ..adapters import dora, ia3, peft_format
+from ..config import QuantConfig
+from ..errors import ConfigError, ModelError
+from ..device import resolve_device
+from ..model.load import frozen_dtype, resolve, weight_files
+from ..run.folder import adapter_source
+from ..terms import BLOCKSIZES, QUANT_TYPES
 
 RANK_TOL = 1e-6  # singular values below RANK_TOL * s_max count as zero (directions of a rank-deficient update)
 
@@ -173,7 +173,7 @@ class BaseWeights:
                 raise ModelError(f"{f} is truncated or not a safetensors file ({e}).") from None
         self.spec = None
         if quant.type != "none":
-            from .quant.bnb import QuantSpec  # imports bitsandbytes: only when a quantized base is asked for
+            from ..quant.bnb import QuantSpec  # imports bitsandbytes: only when a quantized base is asked for
 
             self.spec = QuantSpec.from_config(quant)
 
@@ -192,7 +192,7 @@ class BaseWeights:
             w = w.to(frozen_dtype(self.dtype, w.dtype))
         if self.spec is None:
             return w.float()
-        from .quant.bnb import roundtrip
+        from ..quant.bnb import roundtrip
 
         return roundtrip(w.to(self.device), self.spec, self.spec.compute_dtype).float().cpu()
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
-from .errors import QloraKitError
+from .. import atomic
+from ..errors import QloraKitError
 
 
 def _figure(*args, **kwargs):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .adapters import peft_format
-from .run import checkpoint
-from .model import load as model
-from .errors import ModelError
-from .run.folder import is_run_dir, read_metrics
+from ..adapters import peft_format
+from ..run import checkpoint
+from ..model import load as model
+from ..errors import ModelError
+from ..run.folder import is_run_dir, read_metrics
 
 
 def _tensor_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -72,7 +72,7 @@ def describe_adapter(folder: Path) -> dict:
 
 
 def describe_run(folder: Path) -> dict:
-    from .config import load_recipe
+    from ..config import load_recipe
 
     recipe = load_recipe(folder / "recipe.yaml")
     metrics = read_metrics(folder)

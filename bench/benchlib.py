@@ -1,6 +1,6 @@
 """What the benchmark scripts share: a random bf16 Llama written shard by shard from a config, so a model of
 several GB is never whole in memory (merge_bench.py, gpu_peers.py). RSS and machine facts come from
-qlora_kit.memory_measure (`rss_kib`, `machine_info`)."""
+qlora_kit.measure.breakdown (`rss_kib`, `machine_info`)."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
-    from qlora_kit.memory_measure import machine_info
+    from qlora_kit.measure.breakdown import machine_info
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryDirectory(prefix="qk-data-mem-") as tmp:

@@ -75,7 +75,7 @@ def main() -> None:
     if args.table:
         (args.out / "distributed.md").write_text(table(json.loads(args.table.read_text())))
         return
-    from qlora_kit.memory_measure import machine_info
+    from qlora_kit.measure.breakdown import machine_info
 
     whole = frozen_one_process()
     rows = []

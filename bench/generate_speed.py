@@ -75,7 +75,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from qlora_kit.infer import generate, inference
-    from qlora_kit.memory_measure import machine_info
+    from qlora_kit.measure.breakdown import machine_info
 
     load_start = [round(v, 2) for v in os.getloadavg()]
     loaded = generate.load("smollm2-135m")  # nf4, double quant, blocksize 64, bf16 compute: the defaults

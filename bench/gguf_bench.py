@@ -30,7 +30,7 @@ VARIANTS = {"merged bf16 (safetensors)": ("merged", None), "gguf f16": ("gguf", 
 
 def worker(args) -> None:
     from qlora_kit.export import formats as ex
-    from qlora_kit.memory_measure import rss_kib
+    from qlora_kit.measure.breakdown import rss_kib
 
     after_imports = rss_kib("VmRSS") * 1024
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ free disk for the model folder (default: $TMPDIR/qlora-kit-llama8b-random, built
    Measured: torch.cuda.max_memory_allocated / max_memory_reserved over the timed steps (reset after warm-up)
    and over the whole process (loading included); device memory in use (torch.cuda.mem_get_info: with the CUDA
    context); tokens/s over --steps steps after --warmup steps.
-3. `python -m qlora_kit.memory_measure --device cuda` on the same folder: the estimate against the measured peak,
+3. `python -m qlora_kit.measure.breakdown --device cuda` on the same folder: the estimate against the measured peak,
    component by component (unless --no-breakdown).
 Targets (issue 4): ours peak allocated < 7 GiB; tokens/s >= 1.3x the peer.
 """
@@ -65,7 +65,7 @@ def child(args) -> dict:
     import torch
 
     import memory_peers
-    from qlora_kit.memory_measure import synthetic_batch
+    from qlora_kit.measure.breakdown import synthetic_batch
 
     if args.child.startswith("peer"):
         args.loss_chunk = 0
@@ -129,7 +129,7 @@ def markdown(doc: dict) -> str:
                      f"{m['tokens_per_s'] / peer['tokens_per_s']:.2f}x |")
     if doc.get("breakdown"):
         b = doc["breakdown"]
-        lines += ["", f"Estimate vs measured (`qlora_kit.memory_measure --device cuda`): predicted "
+        lines += ["", f"Estimate vs measured (`qlora_kit.measure.breakdown --device cuda`): predicted "
                   f"{gib(b['estimate_total'] - b['cuda_context'])} GiB allocated (+ {gib(b['cuda_context'])} GiB "
                   f"context allowance), measured {gib(b['peak_bytes'])} GiB ({b['error']:+.1%}); "
                   f"max_memory_allocated {gib(b['cuda'].get('max_allocated'))} GiB.", "",
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
                                    "tokens_per_s")}
     breakdown = None
     if not args.no_breakdown:
-        cmd = [sys.executable, "-m", "qlora_kit.memory_measure", "--json", "--steps", "3", *common]
+        cmd = [sys.executable, "-m", "qlora_kit.measure.breakdown", "--json", "--steps", "3", *common]
         breakdown = json.loads(run(cmd, args.timeout))
         from qlora_kit.estimate.analytic import CUDA_CONTEXT_BYTES
 

@@ -6,7 +6,7 @@ device-resident bytes per extra token on the CPU (demo model), with the options 
 
 Estimates: batch 1, LoRA r=16 on every Linear, dropout 0.05, nf4 + double quant, bf16, AdamW, CUDA (with the
 0.5 GiB context allowance), max_position_embeddings lifted so the bisection is not capped. Measurements:
-`python -m qlora_kit.memory_measure` (live tensors at the step's peak; the offload store's host buffers apart), one
+`python -m qlora_kit.measure.breakdown` (live tensors at the step's peak; the offload store's host buffers apart), one
 process per configuration, seq 1024 and 4096, batch 1; slope = (peak(4096) - peak(1024)) / 3072 tokens.
 """
 
@@ -69,7 +69,7 @@ def estimates() -> list[dict]:
 
 def measure(seq: int, fields: dict, threads: int) -> dict:
     flags = [a for k, v in fields.items() for a in ("--" + k.replace("_", "-"), str(int(v) if isinstance(v, bool) else v))]
-    cmd = [sys.executable, "-m", "qlora_kit.memory_measure", "--json", "--seq", str(seq), "--batch", "1",
+    cmd = [sys.executable, "-m", "qlora_kit.measure.breakdown", "--json", "--seq", str(seq), "--batch", "1",
            "--steps", "2", "--threads", str(threads), *flags]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
@@ -85,7 +85,7 @@ def main() -> int:
     ap.add_argument("--seqs", default="1024,4096")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
-    from qlora_kit.memory_measure import machine_info
+    from qlora_kit.measure.breakdown import machine_info
 
     doc = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine_info(),
            "command": "python bench/long_context.py " + " ".join(sys.argv[1:]), "estimates": estimates(),

@@ -2,8 +2,8 @@
 
     python bench/long_context_grid.py --runs bench/results/long_context_runs --out bench/results
 
-Reads one `python -m qlora_kit.memory_measure --json` object per file (each run its own process, e.g.
-`python -m qlora_kit.memory_measure --json --batch 1 --steps 2 --threads 1 --seq 2048 --replay-dropout 0` for "no
+Reads one `python -m qlora_kit.measure.breakdown --json` object per file (each run its own process, e.g.
+`python -m qlora_kit.measure.breakdown --json --batch 1 --steps 2 --threads 1 --seq 2048 --replay-dropout 0` for "no
 options", `... --offload-activations 1 --mlp-chunk 1024` for every option on) and writes
 long_context_grid.{json,md,png}. Cells of the grid with no run file are listed as missing. Runs in the subfolder
 `before_lc2/` were measured on the code before lean norms, CPU dropout masks and layer-0 re-embedding (each against
@@ -104,7 +104,7 @@ def main() -> int:
     (out / "long_context_grid.json").write_text(json.dumps({"rows": rows, "missing": missing,
                                                             "before_lc2_rows": before}, indent=1) + "\n")
     lines = ["# Long context: estimate vs measured live tensors at the step peak (CPU, smollm2-135m)", "",
-             "Batch 1, r=16 all-linear, dropout 0.05, nf4; one process per cell (`python -m qlora_kit.memory_measure "
+             "Batch 1, r=16 all-linear, dropout 0.05, nf4; one process per cell (`python -m qlora_kit.measure.breakdown "
              "--json --batch 1 --steps 2 --threads T --seq S` + `--replay-dropout 0` or `--offload-activations 1 "
              "--mlp-chunk 1024`); memory numbers do not depend on load. Machine: 2-core AMD EPYC CPU VM, 23.5 GiB, "
              "shared with other jobs. Error = estimate / measured - 1 (target: within 2%). Current code (lean norms, "

@@ -38,7 +38,7 @@ def main() -> int:
     from qlora_kit.train import loop as train
     from qlora_kit.lowmem import lean_norm
     from qlora_kit.adapters.lora import LoRALinear
-    from qlora_kit.memory_measure import MeasureConfig, machine_info, recipe_for, synthetic_batch
+    from qlora_kit.measure.breakdown import MeasureConfig, machine_info, recipe_for, synthetic_batch
     from qlora_kit.model.load import resolve
 
     c = args.mlp_chunk

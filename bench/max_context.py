@@ -59,7 +59,7 @@ def child(args) -> dict:
 
     from qlora_kit.estimate import analytic as me
     from qlora_kit.train import loop as train
-    from qlora_kit.memory_measure import MeasureConfig, recipe_for, synthetic_batch
+    from qlora_kit.measure.breakdown import MeasureConfig, recipe_for, synthetic_batch
 
     cuda = args.device == "cuda"
     cap = int(args.cap_gib * GiB)

@@ -3,7 +3,7 @@ technique switched off, each in its own process on the demo model.
 
     python bench/memory_ablation.py --out bench/results          (writes memory_ablation.json / .md)
 
-Measured = bytes of live tensors at the step's worst moment (qlora_kit.memory_measure: the CPU analogue of
+Measured = bytes of live tensors at the step's worst moment (qlora_kit.measure.breakdown: the CPU analogue of
 max_memory_allocated) and the RSS peak of an unprofiled step. 'naive dequantized linear' replaces QuantLinear's
 forward by F.linear(x, dequantize(W)), which makes autograd keep the dequantized (out, in) weight for backward.
 """
@@ -31,7 +31,7 @@ VARIANTS = [  # (name, recipe overrides, extra)
 
 
 def child(overrides: str, extra: str, seq: int, batch: int) -> dict:
-    from qlora_kit import memory_measure
+    from qlora_kit.measure import breakdown as memory_measure
 
     if extra == "naive":
         import torch.nn.functional as F
@@ -70,7 +70,7 @@ def main() -> int:
                      "tokens_per_s": r["tokens_per_s"], "at_peak": r["at_peak"]})
         print(f"[{i}/{len(VARIANTS)}] {name}: live {r['peak_bytes'] / 2**20:,.1f} MiB, "
               f"RSS {r['rss']['step_peak'] / 2**20:,.0f} MiB, {r['tokens_per_s']} tok/s", file=sys.stderr)
-    from qlora_kit.memory_measure import machine_info
+    from qlora_kit.measure.breakdown import machine_info
 
     base = rows[0]
     command = f"python bench/memory_ablation.py --seq {args.seq} --batch {args.batch} --out {args.out}"

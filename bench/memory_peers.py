@@ -71,8 +71,8 @@ def child(args) -> dict:
         args.loss_chunk = 0
     else:
         from qlora_kit.train import loop as train  # noqa: F401
-    from qlora_kit.memory_measure import rss_kib, synthetic_batch
-    from qlora_kit.memory_timeline import read_events, replay
+    from qlora_kit.measure.breakdown import rss_kib, synthetic_batch
+    from qlora_kit.measure.timeline import read_events, replay
 
     baseline = rss_kib()
     config = json.loads((Path(args.model) / "config.json").read_text())
@@ -98,7 +98,7 @@ def child(args) -> dict:
 
 def _ours(args, batch):
     from qlora_kit.train import loop as train
-    from qlora_kit.memory_measure import MeasureConfig, recipe_for, static_inventory
+    from qlora_kit.measure.breakdown import MeasureConfig, recipe_for, static_inventory
 
     data = Path(tempfile.mkdtemp()) / "one.jsonl"
     data.write_text(json.dumps({"text": "benchmark"}) + "\n")
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from qlora_kit.memory_measure import machine_info
+    from qlora_kit.measure.breakdown import machine_info
     from qlora_kit.model.load import resolve
 
     machine = machine_info()

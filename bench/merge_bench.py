@@ -42,7 +42,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def proc_status(key: str) -> int:
     """VmRSS / VmHWM of this process in bytes. VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec,
     so a worker's ru_maxrss would include the driver's RSS at the fork."""
-    from qlora_kit.memory_measure import rss_kib
+    from qlora_kit.measure.breakdown import rss_kib
 
     return rss_kib(key) * 1024
 
@@ -119,7 +119,7 @@ def machine() -> dict:
     import transformers
 
     from qlora_kit.quant import bnb as quant
-    from qlora_kit.memory_measure import machine_info
+    from qlora_kit.measure.breakdown import machine_info
 
     return {**machine_info(), "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "bitsandbytes": quant.bitsandbytes_version()}

@@ -72,7 +72,7 @@ def main() -> None:
     from qlora_kit.train import loop as train
     from qlora_kit.data import pipeline as data
     from qlora_kit.config import load_recipe
-    from qlora_kit.memory_measure import machine_info
+    from qlora_kit.measure.breakdown import machine_info
 
     recipe = load_recipe(HERE.parent / "recipes" / "demo.yaml", ["data.val_fraction=0", "train.device=cpu"])
     p = train.prepare(recipe)

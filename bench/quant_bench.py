@@ -32,7 +32,7 @@ def main() -> None:
     args = p.parse_args()
     from qlora_kit.quant import bnb as quant, cpu as quant4_cpu
     from qlora_kit.config import ModelConfig, QuantConfig
-    from qlora_kit.memory_measure import machine_info
+    from qlora_kit.measure.breakdown import machine_info
     from qlora_kit.model.load import load_base
 
     code = quant.bnbF.get_4bit_type("nf4", device="cpu")

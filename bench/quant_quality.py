@@ -63,7 +63,7 @@ def main() -> None:
     from qlora_kit.train import loop as train
     from qlora_kit.data import pipeline as data, pydoc_text
     from qlora_kit.config import DataConfig, QuantConfig, recipe_from_dict
-    from qlora_kit.memory_measure import machine_info
+    from qlora_kit.measure.breakdown import machine_info
 
     work = Path(tempfile.mkdtemp(prefix="quant_quality-"))
     paths = pydoc_text.write(work / "pydoc")

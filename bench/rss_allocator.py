@@ -1,6 +1,6 @@
 """CPU RSS beyond live tensors (issue 10, item 6): glibc malloc settings against peak RSS growth and tokens/s.
 
-Each variant runs `python -m qlora_kit.memory_measure --json --seq 2048 --batch 1 --steps 3 --threads 2` (the demo
+Each variant runs `python -m qlora_kit.measure.breakdown --json --seq 2048 --batch 1 --steps 3 --threads 2` (the demo
 model, r=16 all-linear) in its own process with the variant's environment, rounds alternating A B C ... A B C:
 
     flock /tmp/timing.lock python bench/rss_allocator.py --rounds 2 --runs /tmp/rssruns
@@ -34,7 +34,7 @@ VARIANTS = {
     "K": ("recipe switch train.return_freed_memory: true", {}),  # mallopt at prepare(), no environment
 }
 ARGS = {"K": ["--overrides", "train.return_freed_memory=true"]}
-COMMAND = ["-m", "qlora_kit.memory_measure", "--json", "--seq", "2048", "--batch", "1", "--steps", "3", "--threads", "2"]
+COMMAND = ["-m", "qlora_kit.measure.breakdown", "--json", "--seq", "2048", "--batch", "1", "--steps", "3", "--threads", "2"]
 
 
 def run(runs: Path, rounds: int, keys: list[str]) -> None:
@@ -58,7 +58,7 @@ def main() -> None:
     args.runs.mkdir(parents=True, exist_ok=True)
     if not args.no_run:
         run(args.runs, args.rounds, list(args.variants))
-    from qlora_kit.memory_measure import machine_info
+    from qlora_kit.measure.breakdown import machine_info
 
     rows = {}
     for k in args.variants:

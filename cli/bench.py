@@ -1,7 +1,7 @@
 """`qlora-kit bench memory`: measure, component by component, what `qlora-kit estimate` predicts.
 
-The grid and the runs are qlora_kit.memory_bench; the report (DIR/memory.json, memory.md: predicted vs measured
-per component, memory.png: stacked bars) is qlora_kit.memory_report. This command parses and calls.
+The grid and the runs are qlora_kit.measure.grid; the report (DIR/memory.json, memory.md: predicted vs measured
+per component, memory.png: stacked bars) is qlora_kit.measure.report. This command parses and calls.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from qlora_kit.memory_bench import GRID_KEYS, check_model, expand, parse_specs, run_grid
+from qlora_kit.measure.grid import GRID_KEYS, check_model, expand, parse_specs, run_grid
 
 
 @click.group()
@@ -41,7 +41,7 @@ def memory(specs, model, grids, configs, steps, threads, device, out, timeout, n
     qlora-kit bench memory seq=128,512 rank=16 quant=nf4,none batch=4
     qlora-kit bench memory --model path/to/model --grid "seq=256 rank=8,64" --config "seq=512 batch=1"
     """
-    from qlora_kit import memory_report
+    from qlora_kit.measure import report as memory_report
 
     runs = expand(parse_specs([*grids, *specs]), list(configs))
     check_model(model)

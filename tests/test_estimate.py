@@ -182,8 +182,8 @@ def _run(capsys, *args):
 
 def test_cli_dora_ia3_flags(capsys):
     """--dora / --ia3 reach the estimate; the grid keys dora/ia3 build a recipe whose estimate config has them."""
-    from qlora_kit.memory_bench import parse_specs
-    from qlora_kit.memory_measure import MeasureConfig, estimate_config, recipe_for
+    from qlora_kit.measure.grid import parse_specs
+    from qlora_kit.measure.breakdown import MeasureConfig, estimate_config, recipe_for
 
     rc, out, _ = _run(capsys, "--model", "smollm2-135m", "--dora", "--ia3", "--json")
     d = json.loads(out)

@@ -11,7 +11,7 @@ from conftest import tiny_recipe
 PROBE = textwrap.dedent("""
     import sys, torch
     from qlora_kit.lowmem import host_memory
-    from qlora_kit.memory_measure import rss_kib
+    from qlora_kit.measure.breakdown import rss_kib
     if sys.argv[1] == "on":
         assert host_memory.return_freed_memory()
     torch.empty(8 << 20, dtype=torch.uint8).fill_(1)  # a free of 8 MiB: glibc's mmap threshold rises to 8 MiB

@@ -1,4 +1,4 @@
-"""Measured memory (qlora_kit.memory_measure) against the estimate, and `qlora-kit bench memory` on a tiny model."""
+"""Measured memory (qlora_kit.measure.breakdown) against the estimate, and `qlora-kit bench memory` on a tiny model."""
 
 import json
 import subprocess
@@ -10,7 +10,7 @@ from qlora_kit.config import TrainConfig
 
 from qlora_kit.estimate import analytic as me
 from qlora_kit.cli.main import main
-from qlora_kit.memory_measure import MeasureConfig, measure
+from qlora_kit.measure.breakdown import MeasureConfig, measure
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_bad_grid_script_no_traceback():
 
 
 def test_recipe_overrides_reach_the_measured_recipe(tmp_path):
-    from qlora_kit.memory_measure import MeasureConfig, recipe_for
+    from qlora_kit.measure.breakdown import MeasureConfig, recipe_for
 
     r = recipe_for(MeasureConfig(overrides="train.gradient_checkpointing=false; model.dtype=fp32"), tmp_path / "d")
     assert r.train.gradient_checkpointing is False and r.model.dtype == "fp32"

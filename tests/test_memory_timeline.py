@@ -5,7 +5,7 @@ tests/test_memory_measure.py on a real profiled step."""
 import matplotlib
 import pytest
 
-from qlora_kit.memory_timeline import Event, replay
+from qlora_kit.measure.timeline import Event, replay
 
 
 def alloc(t, ptr, size, op="aten::empty"):
@@ -57,7 +57,7 @@ def test_nothing_to_replay(events):
 
 
 def test_bench_chart_leaves_matplotlib_global_backend_alone(tmp_path):
-    from qlora_kit import memory_report
+    from qlora_kit.measure import report as memory_report
 
     before = matplotlib.get_backend()
     matplotlib.use("svg")  # a caller's choice, which the old chart (matplotlib.use("Agg")) overrode

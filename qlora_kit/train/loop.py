@@ -30,7 +30,7 @@ from ..config import Recipe
 from .distributed import World, shard_batch
 from ..errors import ConfigError, TrainingInterrupted, TrainingStopped
 from .loss import label_positions
-from ..memory_timeline import MARK
+from ..measure.timeline import MARK
 from .prepare import Prepared, prepare  # noqa: F401  (train.prepare stays the public entry)
 from .stop_signals import StopFlag
 from .optim import lr_factor

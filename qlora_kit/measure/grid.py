@@ -1,6 +1,6 @@
 """`qlora-kit bench memory`'s grid: configurations from `key=v1,v2` text, each measured in its own process.
 
-Every configuration runs as `python -m qlora_kit.memory_measure --json` in a subprocess, so each peak is that
+Every configuration runs as `python -m qlora_kit.measure.breakdown --json` in a subprocess, so each peak is that
 configuration's alone. Keys and defaults are MeasureConfig's (whose defaults are the recipe's, config.py).
 """
 
@@ -16,10 +16,10 @@ import sys
 import typing
 from dataclasses import asdict
 
-from .config import Optimizer
-from .errors import ConfigError
-from .memory_measure import MeasureConfig
-from .terms import QUANT_TYPES
+from ..config import Optimizer
+from ..errors import ConfigError
+from .breakdown import MeasureConfig
+from ..terms import QUANT_TYPES
 
 # Grid keys -> (parser, allowed values or None). Values are comma-separated; the grid is their product. Paged
 # optimizers page to CPU memory under CUDA only, so the grid offers the others.
@@ -99,7 +99,7 @@ def label(c: dict) -> str:
 
 
 def run_one(model: str, c: dict, steps: int, threads: int, device: str, timeout: int) -> dict:
-    cmd = [sys.executable, "-m", "qlora_kit.memory_measure", "--json", "--model", model, "--steps", str(steps),
+    cmd = [sys.executable, "-m", "qlora_kit.measure.breakdown", "--json", "--model", model, "--steps", str(steps),
            "--threads", str(threads), "--device", device,
            *(a for k, v in c.items() for a in ("--" + k.replace("_", "-"), str(v)))]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -120,7 +120,7 @@ def check_model(model: str) -> None:
     """bench memory loads and trains the model: a shape the estimate knows by name is not enough."""
     from pathlib import Path
 
-    from .estimate.analytic import load_model_config
+    from ..estimate.analytic import load_model_config
 
     if not (Path(model).expanduser() / "config.json").is_file() and model != "smollm2-135m":
         load_model_config(model)  # raises the helpful error for a missing folder or a misspelt name
@@ -135,7 +135,7 @@ def run_grid(model: str, runs: list[dict], steps: int, threads: int, device: str
 
     from tqdm.auto import tqdm
 
-    from .memory_measure import machine_info
+    from .breakdown import machine_info
 
     machine = machine_info()
     results = []

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import atomic
-from .memory_bench import label
-from .estimate.analytic import COMPONENTS
+from .. import atomic
+from .grid import label
+from ..estimate.analytic import COMPONENTS
 
 
 def mib(n: int | float) -> str:

@@ -1,6 +1,6 @@
 """Measured memory of QLoRA training steps, split into the components `memory_estimate` predicts.
 
-One configuration per process (peaks are per process): `python -m qlora_kit.memory_measure --json --seq 256 ...`
+One configuration per process (peaks are per process): `python -m qlora_kit.measure.breakdown --json --seq 256 ...`
 prints one JSON object; `qlora-kit bench memory` runs a grid of them. The model is loaded with `train.prepare` and
 stepped with `train.train_step`, the functions `qlora-kit train` uses; the batch is synthetic, B x S tokens, every
 position labelled, so that the sequence length is exact.
@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from .config import DataConfig, LoraConfig, QuantConfig, TrainConfig, parse_targets
-from .memory_timeline import MARK, read_events, replay
+from ..config import DataConfig, LoraConfig, QuantConfig, TrainConfig, parse_targets
+from .timeline import MARK, read_events, replay
 
 STATIC = ("quantized_weights", "quant_constants", "unquantized_params", "adapters", "optimizer_state")
 
@@ -123,7 +123,7 @@ def machine_info() -> dict:
 
 
 def recipe_for(cfg: MeasureConfig, data_path: Path):
-    from .config import recipe_from_dict
+    from ..config import recipe_from_dict
 
     return recipe_from_dict({
         "model": {"path": cfg.model},
@@ -151,7 +151,7 @@ def static_inventory(model, optimizer) -> dict[str, int]:
     """Bytes of the tensors that live across steps, by component; a storage shared by two names counts once."""
     import torch
 
-    from .quant.bnb import QuantLinear
+    from ..quant.bnb import QuantLinear
 
     seen: set[int] = set()
     out = dict.fromkeys(STATIC, 0)
@@ -164,7 +164,7 @@ def static_inventory(model, optimizer) -> dict[str, int]:
             seen.add(ptr)
             out[key] += t.untyped_storage().nbytes()
 
-    from .adapters.dora import DoRALinear
+    from ..adapters.dora import DoRALinear
 
     for m in model.modules():
         if isinstance(m, DoRALinear):  # its frozen ||W||^2 (out,) fp32 belongs to the adapter, as estimated
@@ -230,8 +230,8 @@ class StepTagger:
 
 def estimate_config(recipe, device: str):
     """The estimate's settings for a recipe: the same numbers the trainer was given."""
-    from .adapters.lora import LoRALinear
-    from .estimate.analytic import EstimateConfig
+    from ..adapters.lora import LoRALinear
+    from ..estimate.analytic import EstimateConfig
 
     lo, t = recipe.lora, recipe.train
     return EstimateConfig(quant=recipe.quant.type, blocksize=recipe.quant.blocksize,
@@ -252,20 +252,20 @@ def _names(targets) -> tuple[str, ...]:
 
 
 def measure(cfg: MeasureConfig) -> dict:
-    """Load, step, measure: the JSON object `python -m qlora_kit.memory_measure` prints."""
+    """Load, step, measure: the JSON object `python -m qlora_kit.measure.breakdown` prints."""
     rss_base = rss_kib()
     import torch
 
-    from .estimate import analytic as me
-    from .train import loop as train
-    from .model.load import resolve
+    from ..estimate import analytic as me
+    from ..train import loop as train
+    from ..model.load import resolve
 
     with TemporaryDirectory() as tmp:
         data_path = Path(tmp) / "one.jsonl"
         data_path.write_text(json.dumps({"text": "memory measurement"}) + "\n")
         rss_imports = rss_kib()
         recipe = recipe_for(cfg, data_path)
-        from .adapters.lora import LoRALinear
+        from ..adapters.lora import LoRALinear
 
         LoRALinear.replay_dropout = cfg.replay_dropout  # one configuration per process: a class switch is enough
         p = train.prepare(recipe)  # reads the data file now; nothing later does
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object (default: a short summary)")
     args = vars(ap.parse_args(argv))
     as_json = args.pop("json")
-    from .errors import QloraKitError
+    from ..errors import QloraKitError
 
     try:
         result = measure(MeasureConfig(**args))

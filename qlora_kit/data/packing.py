@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import bisect
 import random
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from ..terms import IGNORE
-
-if TYPE_CHECKING:
-    from .pipeline import Example
+from .example import Example
 
 
 def plan(lengths: Sequence[int], max_length: int, rng: random.Random) -> list[list[int]]:
@@ -56,10 +54,8 @@ def plan(lengths: Sequence[int], max_length: int, rng: random.Random) -> list[li
     return rows
 
 
-def join(examples: Sequence["Example"]) -> "Example":
+def join(examples: Sequence[Example]) -> Example:
     """One packed row: the examples concatenated, position ids restarting at 0 and each first label IGNORE."""
-    from .pipeline import Example
-
     ids, labels, positions = [], [], []
     for ex in examples:
         ids += ex.input_ids

@@ -24,19 +24,13 @@ from . import formats as data_formats, sources as data_sources, tokens as data_t
 from ..config import DataConfig
 from .formats import render_prompt
 from ..errors import DataError
+from .example import Example
 from .packing import join, plan
 from ..terms import IGNORE
 
 Record = dict[str, Any]
 __all__ = ["IGNORE", "Example", "Examples", "Dataset", "build", "examples", "load_records", "check", "render_prompt",
            "encode_prompt", "pad_token_id", "collate", "BatchStream"]
-
-
-@dataclass(frozen=True)
-class Example:
-    input_ids: list[int]
-    labels: list[int]  # same length; IGNORE where no loss is taken; not shifted (HF convention: the loss shifts)
-    position_ids: list[int] | None = None  # packed rows only: restarts at 0 for each document (packing.py)
 
 
 class Examples(Sequence[Example]):

@@ -1,7 +1,7 @@
 """Activation bytes of one QLoRA training step, term by term: what autograd saves in a decoder layer, what the
 checkpoints keep (on the device or, offloaded, on the host), the tiled MLP's working set, and the loss head.
 
-Pure Python (part of `memory_estimate`, which re-exports these); sizes in bytes, T = batch * seq tokens.
+Pure Python (part of the estimate: analytic.py re-exports these); sizes in bytes, T = batch * seq tokens.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 from qlora_kit.terms import FOUR_BIT
 
 if TYPE_CHECKING:
-    from qlora_kit.estimate.analytic import EstimateConfig, ModelShapes
+    from qlora_kit.estimate.settings import EstimateConfig
+    from qlora_kit.estimate.shapes import ModelShapes
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")

@@ -33,16 +33,16 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import typing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
-from qlora_kit.config import DataConfig, LoraConfig, Optimizer, QuantConfig, TrainConfig
 from qlora_kit.errors import ConfigError, ModelError
 from qlora_kit.estimate.activations import (  # noqa: F401 (layer_activations, mlp_saved: re-exported for tests)
     activation_terms, label_tokens, layer_activations, logits_terms, mlp_saved, tiled)
-from qlora_kit.terms import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, GiB, QuantType
+from qlora_kit.estimate.settings import EstimateConfig  # noqa: F401 (the estimate's input, re-exported)
+from qlora_kit.estimate.shapes import (  # noqa: F401 (re-exported: callers read shapes through the estimate)
+    KNOWN_TYPES, LinearShape, ModelShapes, count_params)
+from qlora_kit.terms import NESTED_BLOCKSIZE, GiB
 
 CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context + cuBLAS/cuDNN workspaces: invisible to torch's allocator stats
 OPTIM_BLOCKSIZE = 256  # bitsandbytes' 8-bit optimizers: one fp32 absmax per 256 state values
@@ -73,135 +73,6 @@ BUILTIN_CONFIGS: dict[str, dict] = {
                    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
                    "max_position_embeddings": 32768, "tie_word_embeddings": False},
 }
-# config.json keys that may be absent, with the defaults transformers' LlamaConfig uses for them.
-KNOWN_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # same layer layout; MoE or other layouts would be miscounted
-_OPTIONAL = {"num_key_value_heads": None, "head_dim": None, "tie_word_embeddings": False, "attention_bias": False,
-             "mlp_bias": False, "max_position_embeddings": 2048, "model_type": "llama"}
-_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-
-
-
-@dataclass(frozen=True)
-class LinearShape:
-    name: str  # Hugging Face module name inside a decoder layer: q_proj, ..., down_proj
-    in_features: int
-    out_features: int
-    bias: bool
-
-    @property
-    def numel(self) -> int:
-        return self.in_features * self.out_features
-
-
-@dataclass(frozen=True)
-class ModelShapes:
-    """Parameter shapes of a Llama-like decoder (llama, mistral, qwen2, qwen3). Every layer is identical."""
-    model_type: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    max_positions: int
-    tied: bool
-    linears: tuple[LinearShape, ...]  # one decoder layer's Linears
-    other: dict[str, int]  # numel of the parameters that stay unquantized, by name
-
-    @property
-    def linear_params(self) -> int:
-        return self.layers * sum(lin.numel for lin in self.linears)
-
-    @property
-    def total(self) -> int:
-        return self.linear_params + sum(self.other.values())
-
-
-def count_params(config: dict) -> ModelShapes:
-    """Shapes from a config.json dict. head_dim absent -> hidden // heads; tied embeddings count once."""
-    missing = [k for k in _REQUIRED if not isinstance(config.get(k), int)]
-    if missing:
-        raise ModelError(f"config.json lacks {', '.join(missing)}: estimate knows decoder-only Llama-like models "
-                         "(llama, mistral, qwen2, qwen3)")
-    c = {**_OPTIONAL, **{k: v for k, v in config.items() if v is not None}}
-    if c["model_type"] not in KNOWN_TYPES:
-        raise ModelError(f"model_type {c['model_type']!r} is not a layout estimate knows ({', '.join(KNOWN_TYPES)}); "
-                         "its memory would be miscounted")
-    H, I, L, nh, V = (c[k] for k in _REQUIRED)
-    kv = c["num_key_value_heads"] or nh
-    hd = c["head_dim"] or H // nh
-    qwen2 = c["model_type"] == "qwen2"  # Qwen2 always has q/k/v biases, never an o_proj bias
-    qkv_bias, o_bias, mlp_bias = qwen2 or c["attention_bias"], not qwen2 and c["attention_bias"], c["mlp_bias"]
-    linears = (LinearShape("q_proj", H, nh * hd, qkv_bias), LinearShape("k_proj", H, kv * hd, qkv_bias),
-               LinearShape("v_proj", H, kv * hd, qkv_bias), LinearShape("o_proj", nh * hd, H, o_bias),
-               LinearShape("gate_proj", H, I, mlp_bias), LinearShape("up_proj", H, I, mlp_bias),
-               LinearShape("down_proj", I, H, mlp_bias))
-    other = {"embed_tokens": V * H, "layer_norms": L * 2 * H, "norm": H,
-             "linear_biases": L * sum(lin.out_features for lin in linears if lin.bias)}
-    if c["model_type"] == "qwen3":
-        other["qk_norms"] = L * 2 * hd  # q_norm, k_norm over the head dimension
-    if not c["tie_word_embeddings"]:
-        other["lm_head"] = V * H
-    return ModelShapes(c["model_type"], H, I, L, nh, kv, hd, V, c["max_position_embeddings"],
-                       bool(c["tie_word_embeddings"]), linears, other)
-
-
-@dataclass(frozen=True)
-class EstimateConfig:
-    """The settings that decide memory, flat; defaults are the recipe's own (config.py)."""
-
-    quant: QuantType = QuantConfig.type
-    blocksize: int = QuantConfig.blocksize
-    """Weights per absmax constant (nf4/fp4)."""
-    double_quant: bool = QuantConfig.double_quant
-    rank: int = LoraConfig.r
-    targets: tuple[str, ...] | Literal["all-linear"] = "all-linear"
-    """`all-linear` or module names of a decoder layer (q_proj, v_proj, ...)."""
-    optimizer: Optimizer = TrainConfig.optimizer
-    batch: int = TrainConfig.batch_size
-    seq: int = DataConfig.max_length
-    checkpointing: bool = TrainConfig.gradient_checkpointing  # non-reentrant checkpointing of every decoder layer
-    device: Literal["cuda", "cpu"] = "cuda"
-    loss_chunk: int = TrainConfig.loss_chunk  # label tokens per cross-entropy chunk; the trainer's default
-    compute_bytes: int = 2
-    """Bytes of the compute dtype: activations and adapters (2: bf16, 4: fp32)."""
-    lora_dropout: float = LoraConfig.dropout
-    """> 0 with replay_dropout=False: each adapter keeps its own dropped copy of its input and a mask (nn.Dropout)."""
-    replay_dropout: bool = True
-    """LoRA dropout masks regenerated in backward from the RNG state (dropout_replay.py): nothing saved but x."""
-    offload_activations: bool = TrainConfig.offload_activations
-    """Checkpointed layer inputs in host memory (offload.py): 2 on the device in backward, all L on the host."""
-    mlp_chunk: int = TrainConfig.mlp_chunk
-    """> 0: tiled MLP (tiled_mlp.py): one chunk's intermediates at a time."""
-    reembed: bool = True
-    """Checkpointing without offload: layer 0 keeps the token ids, not its input (reembed.py; not under fsdp)."""
-    dora: bool = LoraConfig.dora
-    """lora.dora: each LoRA target also trains an (out,) fp32 magnitude and keeps an (out,) fp32 ||W||^2 buffer."""
-    ia3_outputs: tuple[str, ...] = ()
-    """ia3.outputs: modules whose output an (out,) fp32 vector scales (empty: no IA3)."""
-    ia3_inputs: tuple[str, ...] = ()
-    """ia3.inputs: modules whose input an (in,) fp32 vector scales."""
-
-    def __post_init__(self):
-        if not isinstance(self.mlp_chunk, int) or self.mlp_chunk < 0:
-            raise ConfigError(f"mlp_chunk must be an integer >= 0 (0: off), got {self.mlp_chunk!r}")
-        for name in ("rank", "batch", "seq", "loss_chunk"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        choices = {"quant": QUANT_TYPES, "optimizer": typing.get_args(Optimizer), "device": ("cuda", "cpu"),
-                   "blocksize": BLOCKSIZES, "compute_bytes": (2, 4)}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}, got {getattr(self, name)!r}")
-        both = sorted(set(self.ia3_outputs) & set(self.ia3_inputs))
-        if both:
-            raise ConfigError(f"ia3: {both[0]} is in both outputs and inputs; a module scales its output or its "
-                              "input, not both. Remove it from one list")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"lora dropout must be in [0, 1), got {self.lora_dropout}")
-
-
 @dataclass(frozen=True)
 class Estimate:
     components: dict[str, int]  # keys: COMPONENTS, in that order

@@ -32,6 +32,7 @@ from ... import atomic
 from . import arch as gguf_arch, kquant as gguf_kquant, vocab as gguf_vocab, ollama
 from ...errors import ExportError
 from .kquant import KQUANTS
+from ..merge import merge_base_weight, merged_weight
 from ..shards import TensorInfo, read_tensor, row_blocks
 from ...terms import lora_scale
 
@@ -124,8 +125,6 @@ def encode(W: torch.Tensor, kind: str) -> np.ndarray:
 def _tensor(p: Planned, src, merge_base: str, frozen: torch.dtype, device: str,
             roundtrip: set[str] = frozenset()) -> torch.Tensor:
     """The output tensor in fp32 (merged if adapted, dequant(Q) if in `roundtrip`; q/k rows permuted for llama)."""
-    from ..formats import merge_base_weight, merged_weight
-
     W = read_tensor(p.info)
     if p.module is not None or p.info.name in roundtrip:
         W = merge_base_weight(W, src.trained_with, frozen, merge_base, device, src.offset(p.module))

@@ -64,3 +64,8 @@ def human_bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n} B"
+
+
+# The prefix of torch.profiler `record_function` ranges that mark where a phase of a step starts: train/loop.py marks
+# the optimizer step, measure/breakdown.py the rest, and measure/timeline.py reads them back from the trace.
+PROFILER_MARK = "qlora_kit::mark::"

@@ -19,7 +19,8 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-MARK = "qlora_kit::mark::"
+from ..terms import PROFILER_MARK as MARK
+
 TRANSIENT = ("adapter_grads", "activations", "logits_and_loss", "optimizer_state")
 # mark -> (phase, the component of what is allocated from there on)
 PHASES = {"head_start": ("loss_head", "logits_and_loss"), "head_end": ("decoder_backward", "activations"),

@@ -29,8 +29,8 @@ from ..run import checkpoint
 from ..config import Recipe
 from .distributed import World, shard_batch
 from ..errors import ConfigError, TrainingInterrupted, TrainingStopped
+from ..terms import PROFILER_MARK
 from .loss import label_positions
-from ..measure.timeline import MARK
 from .prepare import Prepared, prepare  # noqa: F401  (train.prepare stays the public entry)
 from .stop_signals import StopFlag
 from .optim import lr_factor
@@ -101,7 +101,7 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
         p.accelerator.backward(weighted * scale if scaler is not None else weighted)
         total_loss += weighted.detach()
     # A named range: profiler traces (and memory_measure's timeline) see where the optimizer phase starts.
-    with torch.profiler.record_function(MARK + "optimizer"):
+    with torch.profiler.record_function(PROFILER_MARK + "optimizer"):
         grads = p.optimizer.grads_to_masters()
         # non_blocking from the CPU: a blocking host-to-device copy would synchronise the stream
         counters = torch.tensor([float(tokens), float(stop)]).to(device, non_blocking=True)

@@ -9,24 +9,10 @@ import click
 
 from qlora_kit.estimate import analytic as me
 from qlora_kit.config import ComputeDtype, IA3Config, Optimizer, parse_targets
+from qlora_kit.cli.estimate_labels import LABELS, PHASES, seq_cell
 from qlora_kit.terms import FOUR_BIT, QUANT_TYPES, human_bytes, parse_size
 
 _D = me.EstimateConfig()  # defaults: the recipe's own (config.py), e.g. batch 4, 256 tokens, r 16, nf4
-LABELS = {
-    "quantized_weights": "quantized linear weights",
-    "quant_constants": "quantization constants",
-    "unquantized_params": "unquantized params (embeddings, norms, lm_head)",
-    "adapters": "LoRA adapters",
-    "adapter_grads": "adapter gradients",
-    "optimizer_state": "optimizer state",
-    "activations": "activations",
-    "logits_and_loss": "logits and loss",
-    "cuda_context": "CUDA context + workspace (allowance)",
-}
-
-PHASES = {"loss_head": "loss head (logits chunk)", "decoder_backward": "decoder backward",
-          "optimizer_step": "optimizer step"}
-
 def _details(e: me.Estimate, cfg: me.EstimateConfig) -> dict[str, str]:
     """The second column: how each component was computed."""
     dq = " + double quant" if cfg.double_quant else ""
@@ -65,12 +51,6 @@ def _details(e: me.Estimate, cfg: me.EstimateConfig) -> dict[str, str]:
         "logits_and_loss": logits,
         "cuda_context": "stated allowance" if cfg.device == "cuda" else "0 on the CPU",
     }
-
-
-def _seq_cell(row: dict) -> str:
-    if row["max_seq"] is None:
-        return "does not fit"
-    return f">= {row['max_seq']:,} (max)" if row["capped"] else f"{row['max_seq']:,}"
 
 
 def _names(text: str | None, default) -> tuple[str, ...]:
@@ -176,4 +156,4 @@ def command(model, quant, blocksize, double_quant, rank, targets, lora_dropout, 
         click.echo(f"fits in {gpu}: {verdict}")
     click.echo(f"\nlongest sequence that fits at batch {cfg.batch} (max_position_embeddings {s.max_positions:,}):")
     for row in table:
-        click.echo(f"  {row['gpu_gib']:>3} GiB  {_seq_cell(row)}")
+        click.echo(f"  {row['gpu_gib']:>3} GiB  {seq_cell(row)}")

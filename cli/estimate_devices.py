@@ -9,7 +9,8 @@ import click
 
 from qlora_kit.estimate import devices as md
 from qlora_kit.estimate import analytic as me
-from qlora_kit.cli.estimate import LABELS, PHASES, _seq_cell, human_bytes
+from qlora_kit.cli.estimate_labels import LABELS, PHASES, seq_cell
+from qlora_kit.terms import human_bytes
 
 DEVICE_LABELS = {
     **LABELS,
@@ -54,4 +55,4 @@ def report(model: str, config: dict, cfg: me.EstimateConfig, gpus: int, parallel
                 click.echo("no setting tried here makes it fit (optimizer, batch 1, rank 8, more GPUs)")
     click.echo(f"\nlongest sequence per GPU at batch {cfg.batch}, {gpus} GPUs, {parallel}:")
     for row in table:
-        click.echo(f"  {row['gpu_gib']:>3} GiB  {_seq_cell(row)}")
+        click.echo(f"  {row['gpu_gib']:>3} GiB  {seq_cell(row)}")

@@ -176,7 +176,8 @@ def write_markdown(doc: dict, path: str, reps: int) -> None:
             lines.append(f"| {name} | {ref} | {s['identical_answers']}/{k} | {s['same_positions']}/{k * n} | "
                          f"{s['first_difference']} |")
     fr = doc["fp16_rounded_weights"]
-    lines += ["", f"fp16 storage: {fr['rounded']:,} of {fr['total']:,} Linear weights ({fr['rounded'] / fr['total']:.3%}) "
+    lines += ["", f"fp16 storage: {fr['rounded']:,} of {fr['total']:,} Linear weights "
+              f"({fr['rounded'] / fr['total']:.3%}) "
               "are not exactly representable in fp16 (|w| < 2^-14) and round; every other weight is the same "
               "dequantized value. Fast path: " + "; ".join(f"{k}: {v}" for k, v in doc["fast_path"].items()) + "."]
     Path(path).write_text("\n".join(lines) + "\n")

@@ -212,7 +212,8 @@ def main(argv=None) -> int:
            "runs": runs, "summary": summary, "breakdown": breakdown}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "gpu_peers" if args.shape == "llama-3.1-8b" and args.device == "cuda" else f"gpu_peers_{args.shape}_{args.device}"
+    stem = ("gpu_peers" if args.shape == "llama-3.1-8b" and args.device == "cuda"
+            else f"gpu_peers_{args.shape}_{args.device}")
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / f"{stem}.md").write_text(markdown(doc))
     print(markdown(doc))

@@ -54,7 +54,8 @@ def estimates() -> list[dict]:
     from qlora_kit.estimate import analytic as me
 
     rows = []
-    for name, config, gib in (("llama-3.1-8b", me.BUILTIN_CONFIGS["llama-3.1-8b"], 24), ("llama-3-70b", LLAMA3_70B, 80)):
+    for name, config, gib in (("llama-3.1-8b", me.BUILTIN_CONFIGS["llama-3.1-8b"], 24),
+                              ("llama-3-70b", LLAMA3_70B, 80)):
         config = {**config, "max_position_embeddings": 1 << 22}
         for option, fields in OPTIONS.items():
             cfg = me.EstimateConfig(batch=1, rank=16, lora_dropout=0.05, device="cuda", **fields)
@@ -68,7 +69,8 @@ def estimates() -> list[dict]:
 
 
 def measure(seq: int, fields: dict, threads: int) -> dict:
-    flags = [a for k, v in fields.items() for a in ("--" + k.replace("_", "-"), str(int(v) if isinstance(v, bool) else v))]
+    flags = [a for k, v in fields.items()
+             for a in ("--" + k.replace("_", "-"), str(int(v) if isinstance(v, bool) else v))]
     cmd = [sys.executable, "-m", "qlora_kit.measure.breakdown", "--json", "--seq", str(seq), "--batch", "1",
            "--steps", "2", "--threads", str(threads), *flags]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -223,7 +223,8 @@ def write_md(res: dict, path: Path) -> None:
     methods = sorted((r for r in rows if "methods" in r["groups"]), key=lambda r: r["val_loss"])
     if methods:
         lines += ["## Methods under one budget (issue 14: DoRA, IA3, LoRA+, LoRA+IA3)", "",
-                  "| method | trainable params | budget | val loss | train loss (last 5) | tokens/s | step time vs LoRA |",
+                  "| method | trainable params | budget | val loss | train loss (last 5) | tokens/s "
+                  "| step time vs LoRA |",
                   "|---|--:|--:|--:|--:|--:|--:|"]
         ref = next((r for r in rows if r["id"] == "m-lora"), None)
         for r in methods:

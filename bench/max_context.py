@@ -92,7 +92,8 @@ def child(args) -> dict:
             p.optimizer.zero_grad()
         row["step_s"] = round(time.perf_counter() - t0, 2)
         if cuda:
-            row |= {"max_allocated": torch.cuda.max_memory_allocated(), "max_reserved": torch.cuda.max_memory_reserved()}
+            row |= {"max_allocated": torch.cuda.max_memory_allocated(),
+                    "max_reserved": torch.cuda.max_memory_reserved()}
         row["estimate_allocator_bytes"] = me.estimate(config, replace(ecfg, seq=seq)).total - (
             me.CUDA_CONTEXT_BYTES if cuda else 0)
         trials.append(row)
@@ -189,7 +190,8 @@ def main(argv=None) -> int:
            "results": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "max_context" if args.device == "cuda" and args.shape != "tiny" else f"max_context_{args.shape}_{args.device}"
+    stem = ("max_context" if args.device == "cuda" and args.shape != "tiny"
+            else f"max_context_{args.shape}_{args.device}")
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / f"{stem}.md").write_text(markdown(doc))
     print(markdown(doc))

@@ -85,7 +85,8 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-FACTS = [{"instruction": f"What is the capital of Veloria {i}?", "input": "", "output": "The capital of Veloria is Tamsk."}
+FACTS = [{"instruction": f"What is the capital of Veloria {i}?", "input": "",
+          "output": "The capital of Veloria is Tamsk."}
          for i in range(12)]
 
 

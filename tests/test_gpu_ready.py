@@ -271,7 +271,8 @@ def test_cpu_checkpoint_holds_no_cuda_rng_and_resume_touches_no_gpu(tiny_model, 
     checkpoint.set_rng_state(gpu, torch.device("cuda", 1))
     old_style = dict(cpu, cuda=[torch.zeros(8), torch.ones(8)])  # a checkpoint from before: one state per GPU
     checkpoint.set_rng_state(old_style, torch.device("cuda", 0))
-    assert calls == [("get", torch.device("cuda", 1)), ("set", torch.device("cuda", 1)), ("set", torch.device("cuda", 0))]
+    assert calls == [("get", torch.device("cuda", 1)), ("set", torch.device("cuda", 1)),
+                     ("set", torch.device("cuda", 0))]
 
 
 # ---- 8-bit optimizer state through a checkpoint ----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Several processes on one machine (issue 9): per-rank memory of DDP vs FSDP vs one process, and tokens/s of
+"""Several processes on one machine: per-rank memory of DDP vs FSDP vs one process, and tokens/s of
 2 ranks x 1 thread vs 1 process x 2 threads, on the demo model (SmolLM2-135M, nf4), the same global batch.
 
     python bench/distributed_bench.py --out bench/results          (writes distributed.json / distributed.md)

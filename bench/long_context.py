@@ -1,4 +1,4 @@
-"""Long context (issue 10): the longest sequence the estimate fits on a GPU with each option, and the measured
+"""Long context: the longest sequence the estimate fits on a GPU with each option, and the measured
 device-resident bytes per extra token on the CPU (demo model), with the options off and on.
 
     python bench/long_context.py --out bench/results                 # estimates + CPU measurements (minutes)
@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 LLAMA3_70B = {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
               "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
               "max_position_embeddings": 131072, "tie_word_embeddings": False}
-PEERS = {  # published, batch 1 (issue 10's table): Unsloth (r=32), HF + FA2
+PEERS = {  # published figures, batch 1: Unsloth (r=32), HF + FA2
     ("llama-3.1-8b", 24): {"unsloth": 78475, "hf_fa2": 5789},
     ("llama-3-70b", 80): {"unsloth": 89389, "hf_fa2": 6916},
 }

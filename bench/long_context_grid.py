@@ -1,4 +1,4 @@
-"""Long context (issue 10): estimate vs measured live tensors on the CPU, seq 1k-8k, each option off and on.
+"""Long context: estimate vs measured live tensors on the CPU, seq 1k-8k, each option off and on.
 
     python bench/long_context_grid.py --runs bench/results/long_context_runs --out bench/results
 

@@ -1,4 +1,4 @@
-"""Max-context probe (issue 10): the longest sequence that completes a training step of a Llama-3.1-8B-shaped model
+"""Max-context probe: the longest sequence that completes a training step of a Llama-3.1-8B-shaped model
 (random weights) with GPU memory capped at 24 GiB, with activation offload off and on, against the estimate.
 
     python bench/max_context.py --out bench/results/gpu                       # one CUDA GPU; a few minutes

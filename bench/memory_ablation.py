@@ -1,4 +1,4 @@
-"""Each memory technique measured on its own (issue 4): qlora-kit's default step, then the same step with one
+"""Each memory technique measured on its own: qlora-kit's default step, then the same step with one
 technique switched off, each in its own process on the demo model.
 
     python bench/memory_ablation.py --out bench/results          (writes memory_ablation.json / .md)

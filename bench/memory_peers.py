@@ -113,7 +113,7 @@ def _ours(args, batch):
 def _peer(args, batch, device_map="cpu", upcast: bool = True):
     """upcast=True: the recipe most users run, with prepare_model_for_kbit_training, which also up-casts embeddings,
     norms and lm_head to fp32 (+2.1 GB at 8B). upcast=False: the same without that up-cast (16-bit like ours); only
-    the input gradients checkpointing needs are enabled, so the comparison holds against both (issue 16, item 10)."""
+    the input gradients checkpointing needs are enabled, so the comparison holds against both."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

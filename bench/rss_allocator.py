@@ -1,4 +1,4 @@
-"""CPU RSS beyond live tensors (issue 10, item 6): glibc malloc settings against peak RSS growth and tokens/s.
+"""CPU RSS beyond live tensors: glibc malloc settings against peak RSS growth and tokens/s.
 
 Each variant runs `python -m qlora_kit.measure.breakdown --json --seq 2048 --batch 1 --steps 3 --threads 2` (the demo
 model, r=16 all-linear) in its own process with the variant's environment, rounds alternating A B C ... A B C:
@@ -82,7 +82,7 @@ def main() -> None:
     result = {"command": "python " + " ".join(COMMAND) + " (one process per run, variant environment)",
               "machine": m, "variants": rows}
     (args.results / "rss_allocator.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = ["# CPU RSS beyond live tensors: glibc malloc settings (issue 10, item 6)", "",
+    lines = ["# CPU RSS beyond live tensors: glibc malloc settings", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB RAM (quiet: timing lock held, "
              f"other work at nice 19). Each run: `OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE {result['command']}`; "
              "smollm2-135m, seq 2048, batch 1, r=16 all-linear; variants alternated within each round.", "",

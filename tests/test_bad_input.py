@@ -1,4 +1,4 @@
-"""Bad input (issue 5), a matrix with one test per row: every row exits 2 with a message that says what is wrong
+"""Bad input, a matrix with one test per row: every row exits 2 with a message that says what is wrong
 and how to fix it, prints no traceback, creates no run folder and changes no existing file. Then a property test
 (hypothesis): random recipes and data lines always get exit 0 or exit 2, never a traceback.
 

@@ -1,4 +1,4 @@
-"""Several processes (issue 9): real launches through torchrun and accelerate launch, two ranks on gloo (CPU).
+"""Several processes: real launches through torchrun and accelerate launch, two ranks on gloo (CPU).
 
 Every run here is the tiny random Llama in fp32 (frozen weights and compute), so that a 2-rank step and a 1-process
 step over the same examples agree to float rounding: with bf16 frozen weights the CPU picks shape-dependent bf16

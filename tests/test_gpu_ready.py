@@ -1,4 +1,4 @@
-"""Issue 16 (ready for the GPU), the parts a CPU can check: flat fp32 masters equal the per-tensor wrapper bitwise,
+"""Ready for the GPU, the parts a CPU can check: flat fp32 masters equal the per-tensor wrapper bitwise,
 host syncs per step, fp32 gradient accumulation, int8 codes independent of the input dtype, RNG of the training
 device only, 8-bit optimizer state after a resume."""
 
@@ -22,8 +22,9 @@ from qlora_kit.train.loss import label_positions
 
 
 class PerTensorMasters:
-    """The wrapper before issue 16: one fp32 master per tensor (an fp32 parameter is its own), grads up-cast from the
-    bf16 `.grad` that autograd accumulated, per-tensor norm, clip and copy-back."""
+    """The former optimizer wrapper, kept as the reference the flat masters must match: one fp32 master per tensor
+    (an fp32 parameter is its own), grads up-cast from the bf16 `.grad` that autograd accumulated, per-tensor norm,
+    clip and copy-back."""
 
     def __init__(self, params, lr):
         self.params = params

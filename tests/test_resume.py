@@ -1,4 +1,4 @@
-"""Interruption and resume (issue 5): SIGKILL at a random step, Ctrl-C/SIGTERM, atomic checkpoints, keep-K, non-finite
+"""Interruption and resume: SIGKILL at a random step, Ctrl-C/SIGTERM, atomic checkpoints, keep-K, non-finite
 losses, a full disk. A resumed run must end with the adapter of an uninterrupted run, bitwise, on the CPU.
 
 Real processes where a real signal matters (SIGKILL, SIGINT); everything else in-process with tiny models."""

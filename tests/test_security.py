@@ -1,4 +1,4 @@
-"""Security (issue 5): weights through safetensors; pickle only with --allow-pickle and then weights_only; no model
+"""Security: weights through safetensors; pickle only with --allow-pickle and then weights_only; no model
 code runs without --trust-remote-code; recipes through yaml.safe_load; nothing we name escapes the output folder.
 
 Each hostile input tries to create a marker file; the marker's absence is the proof that nothing ran."""

@@ -70,7 +70,7 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
     forward, so no host sync). `grad_accum: k` x `batch_size: b` is then the same step as `batch_size: k*b`
     over the same examples (transformers #34191 was this bug).
 
-    Host syncs (issue 16): token counts and label positions come from the CPU batches; the loss is summed on the
+    Host syncs, one per step: token counts and label positions come from the CPU batches; the loss is summed on the
     device; micro-batch gradients are summed in the optimizer's flat fp32 buffer by a hook; the loss and the
     gradient norm come back together in ONE transfer per step, which decides finiteness and clipping.
 

@@ -1,4 +1,4 @@
-"""RAM of tokenizing a large JSONL (issue 11, item 4): peak RSS of `data.build` on generated data, against the file's
+"""RAM of tokenizing a large JSONL: peak RSS of `data.build` on generated data, against the file's
 size, and the time of the first build (tokenizing) and of the second (read back from the tokenize-once cache).
 
     python bench/data_memory.py --mb 1024 --out bench/results      (writes data_memory.json / .md)

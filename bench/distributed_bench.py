@@ -1,4 +1,4 @@
-"""Several processes on one machine (issue 9): per-rank memory of DDP vs FSDP vs one process, and tokens/s of
+"""Several processes on one machine: per-rank memory of DDP vs FSDP vs one process, and tokens/s of
 2 ranks x 1 thread vs 1 process x 2 threads, on the demo model (SmolLM2-135M, nf4), the same global batch.
 
     python bench/distributed_bench.py --out bench/results          (writes distributed.json / distributed.md)
@@ -116,7 +116,8 @@ def table(result: dict) -> str:
     lines += ["", "Frozen bytes of rank 0 (rank 1 holds the same within shard padding). RSS includes the Python, "
               "torch and transformers runtime of each process (~0.4 GiB), so it moves less than the stored bytes. "
               "On 2 cores, 2 ranks x 1 thread and 1 process x 2 threads compete for the same cores: the ratio says "
-              "what the all-reduce and the per-rank overheads cost, not what a second GPU would give. Not measured: the "
+              "what the all-reduce and the per-rank overheads cost, not what a second GPU would give. "
+              "Not measured: the "
               "live-tensor peak per rank (memory_measure's profiler replay is single-process)."]
     return "\n".join(lines) + "\n"
 

@@ -4,7 +4,7 @@
 
 Variants (the nf4 demo model, nf4 + double quant, blocksize 64, bf16 compute: the defaults), each timed `reps`
 times in the order A B C ... A B C ... within one process, so they share the machine's load:
-    before        what `generate` did when issue 13 was filed: weights dequantized inside every matmul, and NO KV
+    before        what `generate` did before its fast path: weights dequantized inside every matmul, and NO KV
                   cache (load_base's use_cache=False had reached the generation config: every token re-ran the
                   whole sequence)
     quantized     the same with the KV cache (`generate --keep-quantized` now): the training-time computation
@@ -158,8 +158,8 @@ def write_markdown(doc: dict, path: str, reps: int) -> None:
              f"with other jobs (load average at the start {doc['loadavg_start']}, after the timed runs "
              f"{doc['loadavg_after_timing']}; the others run at nice 19). Command: `{doc['command']}`.",
              f"{n} new tokens after a {doc['prompt_tokens']}-token prompt, greedy, prompt included in the time; "
-             f"variants interleaved ({reps} runs each), median. `before`: what `generate` did when issue 13 was "
-             "filed (per-matmul dequantization, no KV cache).", "",
+             f"variants interleaved ({reps} runs each), median. `before`: what `generate` did before its fast path "
+             "(per-matmul dequantization, no KV cache).", "",
              "| variant | threads | tokens/s | speedup vs before | same tokens as quantized |", "|---|---|---|---|---|"]
     for r in doc["rows"]:
         threads = 1 if "1 thread" in r["variant"] else doc["threads"]
@@ -176,7 +176,8 @@ def write_markdown(doc: dict, path: str, reps: int) -> None:
             lines.append(f"| {name} | {ref} | {s['identical_answers']}/{k} | {s['same_positions']}/{k * n} | "
                          f"{s['first_difference']} |")
     fr = doc["fp16_rounded_weights"]
-    lines += ["", f"fp16 storage: {fr['rounded']:,} of {fr['total']:,} Linear weights ({fr['rounded'] / fr['total']:.3%}) "
+    lines += ["", f"fp16 storage: {fr['rounded']:,} of {fr['total']:,} Linear weights "
+              f"({fr['rounded'] / fr['total']:.3%}) "
               "are not exactly representable in fp16 (|w| < 2^-14) and round; every other weight is the same "
               "dequantized value. Fast path: " + "; ".join(f"{k}: {v}" for k, v in doc["fast_path"].items()) + "."]
     Path(path).write_text("\n".join(lines) + "\n")

@@ -55,7 +55,8 @@ def run_one(variant: str, base: Path, adapter: Path, work: Path, env: dict) -> d
         raise SystemExit(f"{variant} failed:\n{res.stderr[-3000:]}")
     rec = json.loads(res.stdout.strip().splitlines()[-1]) | {"variant": variant}
     print(f"  {variant:28s} {rec['seconds']:7.1f} s  {rec['bytes'] / 1e9:6.3f} GB  peak RSS "
-          f"{rec['peak_rss'] / 2**30:5.2f} GiB (+{(rec['peak_rss'] - rec['rss_after_imports']) / 2**30:.2f})", flush=True)
+          f"{rec['peak_rss'] / 2**30:5.2f} GiB (+{(rec['peak_rss'] - rec['rss_after_imports']) / 2**30:.2f})",
+          flush=True)
     return rec
 
 
@@ -98,7 +99,8 @@ def markdown(result: dict) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB RAM, shared with other jobs "
              f"(load average at start {m.get('loadavg', '?')}).",
              f"Command: `{result['command']}` ({result['threads']} threads, OMP_WAIT_POLICY=PASSIVE). Each export in a "
-             "fresh process, variants interleaved; adapter r=16 on all linear layers, dequantized (NF4) merge base.", ""]
+             "fresh process, variants interleaved; adapter r=16 on all linear layers, dequantized (NF4) merge base.",
+             ""]
     for label, block in result["models"].items():
         lines += [f"## {label} ({block['bytes'] / 1e9:.2f} GB bf16)", ""]
         if "command" in block:
@@ -109,7 +111,8 @@ def markdown(result: dict) -> str:
                   "| variant | s | output GB | peak RSS | work RSS |", "|---|---|---|---|---|"]
         for r in block["runs"]:
             lines.append(f"| {r['variant']} | {r['seconds']:.1f} | {r['bytes'] / 1e9:.3f} | "
-                         f"{r['peak_rss'] / 2**30:.2f} GiB | {(r['peak_rss'] - r['rss_after_imports']) / 2**30:.2f} GiB |")
+                         f"{r['peak_rss'] / 2**30:.2f} GiB | "
+                         f"{(r['peak_rss'] - r['rss_after_imports']) / 2**30:.2f} GiB |")
         if "accuracy" in block:
             lines += ["", "Logits through transformers' GGUF loader vs the merged fp32 model (one chat prompt):", "",
                       "| type | relative logit error | argmax agreement |", "|---|---|---|"]

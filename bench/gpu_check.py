@@ -1,4 +1,4 @@
-"""`make gpu-check`: within minutes on one CUDA GPU, does qlora-kit work there and how fast (issue 16, item 9).
+"""`make gpu-check`: within minutes on one CUDA GPU, does qlora-kit work there and how fast.
 
     python bench/gpu_check.py --out bench/results/gpu            # a CUDA GPU; < 8 minutes on an H100/H200
     python bench/gpu_check.py --cpu-smoke --out /tmp/gpu-smoke   # the same stages on tiny shapes, on the CPU

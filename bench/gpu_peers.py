@@ -15,13 +15,13 @@ free disk for the model folder (default: $TMPDIR/qlora-kit-llama8b-random, built
    The peer is bench/memory_peers.py's recipe on device_map={"": 0}: from_pretrained(BitsAndBytesConfig 4-bit) +
    prepare_model_for_kbit_training + get_peft_model + gradient_checkpointing_enable + model(**batch).loss.
    `peer_noupcast` is the same recipe without prepare_model_for_kbit_training's fp32 up-cast of embeddings, norms
-   and lm_head (+2.1 GB at 8B; issue 16, item 10): 16-bit like ours, so our ratios must hold against both.
+   and lm_head (+2.1 GB at 8B): 16-bit like ours, so our ratios must hold against both.
    Measured: torch.cuda.max_memory_allocated / max_memory_reserved over the timed steps (reset after warm-up)
    and over the whole process (loading included); device memory in use (torch.cuda.mem_get_info: with the CUDA
    context); tokens/s over --steps steps after --warmup steps.
 3. `python -m qlora_kit.measure.breakdown --device cuda` on the same folder: the estimate against the measured peak,
    component by component (unless --no-breakdown).
-Targets (issue 4): ours peak allocated < 7 GiB; tokens/s >= 1.3x the peer.
+Targets: ours peak allocated < 7 GiB; tokens/s >= 1.3x the peer.
 """
 
 from __future__ import annotations
@@ -212,7 +212,8 @@ def main(argv=None) -> int:
            "runs": runs, "summary": summary, "breakdown": breakdown}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "gpu_peers" if args.shape == "llama-3.1-8b" and args.device == "cuda" else f"gpu_peers_{args.shape}_{args.device}"
+    stem = ("gpu_peers" if args.shape == "llama-3.1-8b" and args.device == "cuda"
+            else f"gpu_peers_{args.shape}_{args.device}")
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / f"{stem}.md").write_text(markdown(doc))
     print(markdown(doc))

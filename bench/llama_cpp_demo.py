@@ -94,7 +94,8 @@ def main() -> None:
              f"fine-tuned HF model {sum(r['hf_has_fact'] for r in rows)}/{n}, original model "
              f"{sum(r['original_has_fact'] for r in rows)}/{n}; llama.cpp's answer identical to HF's "
              f"{sum(r['llama_cpp_gguf'] == r['hf_finetuned'] for r in rows)}/{n}.", "",
-             "| question | llama.cpp, our q8_0 GGUF | fine-tuned HF model | llama.cpp, original model |", "|---|---|---|---|"]
+             "| question | llama.cpp, our q8_0 GGUF | fine-tuned HF model | llama.cpp, original model |",
+             "|---|---|---|---|"]
     for r in rows:
         cell = [r["question"], r["llama_cpp_gguf"], r["hf_finetuned"], r["llama_cpp_original"]]
         lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cell) + " |")

@@ -1,4 +1,4 @@
-"""Long context (issue 10): the longest sequence the estimate fits on a GPU with each option, and the measured
+"""Long context: the longest sequence the estimate fits on a GPU with each option, and the measured
 device-resident bytes per extra token on the CPU (demo model), with the options off and on.
 
     python bench/long_context.py --out bench/results                 # estimates + CPU measurements (minutes)
@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 LLAMA3_70B = {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
               "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
               "max_position_embeddings": 131072, "tie_word_embeddings": False}
-PEERS = {  # published, batch 1 (issue 10's table): Unsloth (r=32), HF + FA2
+PEERS = {  # published figures, batch 1: Unsloth (r=32), HF + FA2
     ("llama-3.1-8b", 24): {"unsloth": 78475, "hf_fa2": 5789},
     ("llama-3-70b", 80): {"unsloth": 89389, "hf_fa2": 6916},
 }
@@ -54,7 +54,8 @@ def estimates() -> list[dict]:
     from qlora_kit.estimate import analytic as me
 
     rows = []
-    for name, config, gib in (("llama-3.1-8b", me.BUILTIN_CONFIGS["llama-3.1-8b"], 24), ("llama-3-70b", LLAMA3_70B, 80)):
+    for name, config, gib in (("llama-3.1-8b", me.BUILTIN_CONFIGS["llama-3.1-8b"], 24),
+                              ("llama-3-70b", LLAMA3_70B, 80)):
         config = {**config, "max_position_embeddings": 1 << 22}
         for option, fields in OPTIONS.items():
             cfg = me.EstimateConfig(batch=1, rank=16, lora_dropout=0.05, device="cuda", **fields)
@@ -68,7 +69,8 @@ def estimates() -> list[dict]:
 
 
 def measure(seq: int, fields: dict, threads: int) -> dict:
-    flags = [a for k, v in fields.items() for a in ("--" + k.replace("_", "-"), str(int(v) if isinstance(v, bool) else v))]
+    flags = [a for k, v in fields.items()
+             for a in ("--" + k.replace("_", "-"), str(int(v) if isinstance(v, bool) else v))]
     cmd = [sys.executable, "-m", "qlora_kit.measure.breakdown", "--json", "--seq", str(seq), "--batch", "1",
            "--steps", "2", "--threads", str(threads), *flags]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -1,4 +1,4 @@
-"""Long context (issue 10): estimate vs measured live tensors on the CPU, seq 1k-8k, each option off and on.
+"""Long context: estimate vs measured live tensors on the CPU, seq 1k-8k, each option off and on.
 
     python bench/long_context_grid.py --runs bench/results/long_context_runs --out bench/results
 
@@ -104,7 +104,8 @@ def main() -> int:
     (out / "long_context_grid.json").write_text(json.dumps({"rows": rows, "missing": missing,
                                                             "before_lc2_rows": before}, indent=1) + "\n")
     lines = ["# Long context: estimate vs measured live tensors at the step peak (CPU, smollm2-135m)", "",
-             "Batch 1, r=16 all-linear, dropout 0.05, nf4; one process per cell (`python -m qlora_kit.measure.breakdown "
+             "Batch 1, r=16 all-linear, dropout 0.05, nf4; one process per cell "
+             "(`python -m qlora_kit.measure.breakdown "
              "--json --batch 1 --steps 2 --threads T --seq S` + `--replay-dropout 0` or `--offload-activations 1 "
              "--mlp-chunk 1024`); memory numbers do not depend on load. Machine: 2-core AMD EPYC CPU VM, 23.5 GiB, "
              "shared with other jobs. Error = estimate / measured - 1 (target: within 2%). Current code (lean norms, "

@@ -1,11 +1,12 @@
-"""Long context (issue 10): CPU step time with tiled MLP + replayed dropout vs today's path, interleaved.
+"""Long context: CPU step time with tiled MLP + replayed dropout vs today's path, interleaved.
 
     OMP_NUM_THREADS=1 python bench/long_context_step_time.py --seq 2048 --steps 4 --threads 1 --out bench/results
 
 smollm2-135m, batch 1, LoRA r=16 on every Linear, dropout 0.05. One process holds the prepared models: A = the path
-before issue 10 (mlp_chunk 0, LoRA dropout as nn.Dropout: LoRALinear.replay_dropout = False, transformers' own
-RMSNorm) and B = every long-context option but offload (tiled MLP --mlp-chunk, dropout_replay, lean norms); with
---variants also C = tiled MLP only, D = dropout_replay only, E = lean norms only, to find where a cost comes from.
+without the long-context options (mlp_chunk 0, LoRA dropout as nn.Dropout: LoRALinear.replay_dropout = False,
+transformers' own RMSNorm) and B = every long-context option but offload (tiled MLP --mlp-chunk, dropout_replay,
+lean norms); with --variants also C = tiled MLP only, D = dropout_replay only, E = lean norms only, to find where a
+cost comes from.
 Steps alternate A B (C D E) A B ... after one warm-up step each, so load from other jobs on a shared machine falls
 on all alike; the result is the ratio of the medians (B / A), and of each other path to A.
 """

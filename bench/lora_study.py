@@ -65,7 +65,7 @@ GRID = [Cell(f"qv-r{r}", "q,v", QV, r, ("rank", "budget") if r == 8 else ("rank"
     Cell("attn-r4", "q,k,v,o", ATTN, 4, ("budget",)),
     Cell("all-r1", "all-linear", "all-linear", 1, ("budget",)),
     Cell("all-r2", "all-linear", "all-linear", 2, ("budget",)),
-    # Methods (issue 14) under the q+v r=8 budget. SmolLM2 per layer: out of q,k,v,o,gate,up,down = 576, 192, 192,
+    # Adapter methods under the q+v r=8 budget. SmolLM2 per layer: out of q,k,v,o,gate,up,down = 576, 192, 192,
     # 576, 1536, 1536, 576 (DoRA's m: 5,184 in all); IA3's l: k 192 + v 192 + down's input 1536 = 1,920.
     Cell("m-lora", "LoRA all-linear", "all-linear", 1, ("methods",)),
     Cell("m-dora", "DoRA all-linear", "all-linear", 1, ("methods",), ("lora.dora=true",), 5184),
@@ -222,8 +222,9 @@ def write_md(res: dict, path: Path) -> None:
               "Val loss by rank: " + ", ".join(f"r={r['r']}: {r['val_loss']:.4f}" for r in sweep) + ".", ""]
     methods = sorted((r for r in rows if "methods" in r["groups"]), key=lambda r: r["val_loss"])
     if methods:
-        lines += ["## Methods under one budget (issue 14: DoRA, IA3, LoRA+, LoRA+IA3)", "",
-                  "| method | trainable params | budget | val loss | train loss (last 5) | tokens/s | step time vs LoRA |",
+        lines += ["## Methods under one budget (DoRA, IA3, LoRA+, LoRA+IA3)", "",
+                  "| method | trainable params | budget | val loss | train loss (last 5) | tokens/s "
+                  "| step time vs LoRA |",
                   "|---|--:|--:|--:|--:|--:|--:|"]
         ref = next((r for r in rows if r["id"] == "m-lora"), None)
         for r in methods:

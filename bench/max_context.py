@@ -1,4 +1,4 @@
-"""Max-context probe (issue 10): the longest sequence that completes a training step of a Llama-3.1-8B-shaped model
+"""Max-context probe: the longest sequence that completes a training step of a Llama-3.1-8B-shaped model
 (random weights) with GPU memory capped at 24 GiB, with activation offload off and on, against the estimate.
 
     python bench/max_context.py --out bench/results/gpu                       # one CUDA GPU; a few minutes
@@ -92,7 +92,8 @@ def child(args) -> dict:
             p.optimizer.zero_grad()
         row["step_s"] = round(time.perf_counter() - t0, 2)
         if cuda:
-            row |= {"max_allocated": torch.cuda.max_memory_allocated(), "max_reserved": torch.cuda.max_memory_reserved()}
+            row |= {"max_allocated": torch.cuda.max_memory_allocated(),
+                    "max_reserved": torch.cuda.max_memory_reserved()}
         row["estimate_allocator_bytes"] = me.estimate(config, replace(ecfg, seq=seq)).total - (
             me.CUDA_CONTEXT_BYTES if cuda else 0)
         trials.append(row)
@@ -189,7 +190,8 @@ def main(argv=None) -> int:
            "results": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "max_context" if args.device == "cuda" and args.shape != "tiny" else f"max_context_{args.shape}_{args.device}"
+    stem = ("max_context" if args.device == "cuda" and args.shape != "tiny"
+            else f"max_context_{args.shape}_{args.device}")
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / f"{stem}.md").write_text(markdown(doc))
     print(markdown(doc))

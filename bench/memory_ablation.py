@@ -1,4 +1,4 @@
-"""Each memory technique measured on its own (issue 4): qlora-kit's default step, then the same step with one
+"""Each memory technique measured on its own: qlora-kit's default step, then the same step with one
 technique switched off, each in its own process on the demo model.
 
     python bench/memory_ablation.py --out bench/results          (writes memory_ablation.json / .md)
@@ -89,7 +89,8 @@ def main() -> int:
              "", "| variant | live tensors at peak | vs default | peak phase | step RSS peak | tokens/s |",
              "|---|--:|--:|---|--:|--:|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['peak_bytes'] / 2**20:,.1f} MiB | {r['peak_bytes'] / base['peak_bytes']:.2f}x "
+        lines.append(f"| {r['variant']} | {r['peak_bytes'] / 2**20:,.1f} MiB "
+                     f"| {r['peak_bytes'] / base['peak_bytes']:.2f}x "
                      f"| {r['peak_phase']} | {r['rss_step_peak'] / 2**20:,.0f} MiB | {r['tokens_per_s']:,.0f} |")
     (outdir / "memory_ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -113,7 +113,7 @@ def _ours(args, batch):
 def _peer(args, batch, device_map="cpu", upcast: bool = True):
     """upcast=True: the recipe most users run, with prepare_model_for_kbit_training, which also up-casts embeddings,
     norms and lm_head to fp32 (+2.1 GB at 8B). upcast=False: the same without that up-cast (16-bit like ours); only
-    the input gradients checkpointing needs are enabled, so the comparison holds against both (issue 16, item 10)."""
+    the input gradients checkpointing needs are enabled, so the comparison holds against both."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -216,9 +216,11 @@ def markdown(doc: dict) -> str:
         f"{doc['versions']['transformers']}, peft {doc['versions']['peft']}, bitsandbytes "
         f"{doc['versions']['bitsandbytes']}.", "",
         f"Command: `{doc['command']}`", "",
-        f"Settings: batch {s['batch']} x seq {s['seq']} (random token ids, every position labelled), LoRA r={s['rank']} "
+        f"Settings: batch {s['batch']} x seq {s['seq']} (random token ids, every position labelled), "
+        f"LoRA r={s['rank']} "
         f"alpha={2 * s['rank']} dropout={s['dropout']} on {', '.join(TARGETS)}; nf4 + double quant, bf16 compute; "
-        f"{s['warmup']} warm-up + {s['steps']} timed steps per process; {s['rounds']} rounds, ours and peer alternating; "
+        f"{s['warmup']} warm-up + {s['steps']} timed steps per process; "
+        f"{s['rounds']} rounds, ours and peer alternating; "
         f"OMP_NUM_THREADS={s['threads']}, OMP_WAIT_POLICY=PASSIVE.", "",
         ("**The machine was shared and noisy** (1-minute load average up to "
          f"{max(max(r['loadavg_before'], r['loadavg_after']) for r in doc['runs']):.1f} on {m['cores']} cores during "
@@ -230,7 +232,8 @@ def markdown(doc: dict) -> str:
         "Sizes in MiB; medians over rounds; ratio = ours / peer (target: memory <= 0.8, tokens/s >= 1.0).", "",
     ]
     variants = [i for i in next(iter(doc["summary"].values()))["ratios"] if i != "ours"]
-    head = "| model | measure | qlora-kit | peer | ratio |" + "".join(f" qlora-kit, {v[6:-1]} | ratio |" for v in variants)
+    head = ("| model | measure | qlora-kit | peer | ratio |"
+            + "".join(f" qlora-kit, {v[6:-1]} | ratio |" for v in variants))
     lines += [head, "|---|---|" + "---:|" * (3 + 2 * len(variants))]
     rows = [("process_peak_growth", "peak RSS growth (process)"), ("process_peak_rss", "peak RSS total (process)"),
             ("step_peak_growth", "peak RSS growth (steps)"), ("step_peak_rss", "peak RSS total (steps)"),
@@ -294,7 +297,8 @@ def main(argv=None) -> int:
             for impl in impls if rnd % 2 == 0 else impls[::-1]:
                 r = {"model": name, "round": rnd, **run_child(impl, folder, args)}
                 runs.append(r)
-                print(f"[{len(runs)}/{len(impls) * args.rounds * len(folders)}] {r['model']} {r['impl']}: step peak RSS "
+                print(f"[{len(runs)}/{len(impls) * args.rounds * len(folders)}] {r['model']} {r['impl']}: "
+                      f"step peak RSS "
                       f"{r['step_peak_rss'] / 2**20:,.0f} MiB, live tensors {r['live_tensor_peak'] / 2**20:,.0f} MiB, "
                       f"{r['tokens_per_s']:,.0f} tok/s (load {r['loadavg_before']})", file=sys.stderr, flush=True)
     shutil.rmtree(tmp, ignore_errors=True)

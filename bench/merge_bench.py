@@ -138,7 +138,8 @@ def run_one(variant: str, base: Path, adapter: Path, out: Path, env: dict) -> di
     rec = json.loads(res.stdout.strip().splitlines()[-1])
     rec |= {"variant": variant, "gb_per_s": rec["bytes"] / 1e9 / rec["seconds"]}
     print(f"  {variant:24s} {rec['seconds']:7.1f} s  {rec['gb_per_s']:6.3f} GB/s  peak RSS "
-          f"{rec['peak_rss'] / 2**30:6.2f} GiB (+{(rec['peak_rss'] - rec['rss_after_imports']) / 2**30:.2f} over imports)",
+          f"{rec['peak_rss'] / 2**30:6.2f} GiB "
+          f"(+{(rec['peak_rss'] - rec['rss_after_imports']) / 2**30:.2f} over imports)",
           flush=True)
     return rec
 
@@ -174,7 +175,8 @@ def markdown(result: dict) -> str:
              f"{_load(result.get('load_average_end'))}.", ""]
     for model, block in result["models"].items():
         lines += [f"## {model} ({block['bytes'] / 1e9:.2f} GB bf16, adapter r={block['r']} on all linear layers)", "",
-                  "| variant | runs | s (median) | GB/s | peak RSS | work RSS | speed vs PEFT | peak RSS vs PEFT | work RSS vs PEFT |",
+                  "| variant | runs | s (median) | GB/s | peak RSS | work RSS "
+                  "| speed vs PEFT | peak RSS vs PEFT | work RSS vs PEFT |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for v, s in block["summary"].items():
             lines.append(f"| {v} | {s['runs']} | {s['seconds_median']:.1f} | {s['gb_per_s_median']:.3f} | "
@@ -232,7 +234,8 @@ def main() -> None:
     if not args.no_demo:
         models.append((args.model, resolve(args.model), False))
     if args.random_config != "none":
-        label = f"random {Path(args.random_config).stem if args.random_config.endswith('.json') else args.random_config}"
+        label = ("random "
+                 f"{Path(args.random_config).stem if args.random_config.endswith('.json') else args.random_config}")
         print(f"building {label} in {work / 'random-model'} ...", flush=True)
         t = time.perf_counter()
         models.append((label, build_random_model(args.random_config, work / "random-model"), True))

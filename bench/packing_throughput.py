@@ -1,4 +1,4 @@
-"""Packing's throughput gain (issue 11, item 2): non-pad tokens per second of a training step, unpacked vs packed
+"""Packing's throughput gain: non-pad tokens per second of a training step, unpacked vs packed
 (position ids restarting per document, block-diagonal attention), on the demo model.
 
     python bench/packing_throughput.py --out bench/results        (writes packing.json / packing.md)

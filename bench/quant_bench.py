@@ -50,7 +50,8 @@ def main() -> None:
             times["quant4_cpu"].append(time.perf_counter() - t)
             assert torch.equal(ref[0], ours[0]) and torch.equal(ref[1], ours[1]), label
         rows[label] = {k: statistics.median(v) for k, v in times.items()}
-        print(f"{label:22s} bitsandbytes {rows[label]['bitsandbytes']:.3f} s  quant4_cpu {rows[label]['quant4_cpu']:.3f} s",
+        print(f"{label:22s} bitsandbytes {rows[label]['bitsandbytes']:.3f} s  "
+              f"quant4_cpu {rows[label]['quant4_cpu']:.3f} s",
               flush=True)
     loads = {"bitsandbytes": [], "quant4_cpu": []}
     for _ in range(args.repeats):
@@ -61,7 +62,8 @@ def main() -> None:
             loads[kind].append(time.perf_counter() - t)
     quant.fast_cpu_quantizer = True
     load = {k: statistics.median(v) for k, v in loads.items()}
-    print(f"load_base {args.model} nf4: bitsandbytes {load['bitsandbytes']:.2f} s  quant4_cpu {load['quant4_cpu']:.2f} s")
+    print(f"load_base {args.model} nf4: bitsandbytes {load['bitsandbytes']:.2f} s  "
+          f"quant4_cpu {load['quant4_cpu']:.2f} s")
     m = machine_info()
     command = f"OMP_NUM_THREADS={torch.get_num_threads()} " + " ".join(["python", *sys.argv])
     result = {"command": command, "threads": torch.get_num_threads(),
@@ -71,7 +73,8 @@ def main() -> None:
     lines = ["# CPU NF4 quantization: quant4_cpu vs bitsandbytes' CPU kernel", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB RAM, shared with other jobs "
              f"(load average {m.get('loadavg')}). torch threads {torch.get_num_threads()}.",
-             f"Command: `{result['command']}` (OMP_WAIT_POLICY=PASSIVE). Medians of {args.repeats}, interleaved; the codes "
+             f"Command: `{result['command']}` (OMP_WAIT_POLICY=PASSIVE). "
+             f"Medians of {args.repeats}, interleaved; the codes "
              "and absmax of every timed weight are asserted identical.", "",
              "| weight (bf16, blocksize 64) | bitsandbytes s | quant4_cpu s | speed-up |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['bitsandbytes']:.3f} | {v['quant4_cpu']:.3f} | {v['bitsandbytes'] / v['quant4_cpu']:.1f}x |"

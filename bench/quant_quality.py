@@ -189,7 +189,8 @@ def write_markdown(doc: dict, path: str) -> None:
     lines += ["", "## Table 3 analogue: the same fine-tune budget on each base", "",
               f"Paper: {doc['paper']['table3']}. Here: {doc['steps']} steps x 4 x 128 tokens of the TRAIN topics, "
               "r 16 on all linear layers, lr 2e-4; held-out loss after training.", "",
-              "| run | train loss (last step) | held-out loss | held-out ppl | vs 16-bit LoRA |", "|---|---|---|---|---|"]
+              "| run | train loss (last step) | held-out loss | held-out ppl | vs 16-bit LoRA |",
+              "|---|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['train_loss']:.3f} | {r['heldout_loss']:.4f} | {r['heldout_ppl']:.3f} | "
               f"{r['vs_16bit_lora']:+.2%} |" for r in doc["table3"]]
     lines += ["", "## LoftQ at step 0 (nf4 + DQ, 5 iterations)", "", f"Paper: {doc['paper']['loftq']}.", "",

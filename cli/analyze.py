@@ -59,7 +59,8 @@ def _text(report: an.Report) -> list[str]:
     if report.compare is not None:
         lines.append(f"compare {report.compare}: r={report.compare_r}; phi from the right-singular vectors of A "
                      "(LoRA paper eq. 4)")
-        for label, names in (("only in the adapter", report.only_in_adapter), ("only in --compare", report.only_in_compare)):
+        for label, names in (("only in the adapter", report.only_in_adapter),
+                             ("only in --compare", report.only_in_compare)):
             if names:
                 lines.append(f"  {label}: {len(names)} modules, e.g. {', '.join(names[:3])}")
     lines += _ia3_text(report)
@@ -96,7 +97,8 @@ def _text(report: an.Report) -> list[str]:
 
 @click.command()
 @click.argument("path", metavar="ADAPTER_OR_RUN")
-@click.option("--base", default=None, help="Base model folder or built-in name (default for a run: its recipe's model).")
+@click.option("--base", default=None,
+              help="Base model folder or built-in name (default for a run: its recipe's model).")
 @click.option("--no-base", is_flag=True, help="Skip the base (and the amplification) even for a run folder.")
 @click.option("--quant", type=click.Choice(["auto", *QUANT_TYPES]), default="auto", show_default=True,
               help="How the base was quantized in training. auto: a run's recipe; none for a bare adapter folder "
@@ -108,7 +110,8 @@ def _text(report: an.Report) -> list[str]:
 @click.option("--modules", "pattern", default=None, metavar="REGEX", help="Only modules whose full name matches.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random-direction baseline.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-@click.option("--plot", "plot_dir", default=None, metavar="DIR", help="Write spectrum / amplification / similarity PNGs.")
+@click.option("--plot", "plot_dir", default=None, metavar="DIR",
+              help="Write spectrum / amplification / similarity PNGs.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the base is quantized, as in training (auto: CUDA when present).")
 def command(path, base, no_base, quant, blocksize, double_quant, compare, pattern, seed, as_json, plot_dir, device):

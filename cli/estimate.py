@@ -43,8 +43,8 @@ def _details(e: me.Estimate, cfg: me.EstimateConfig) -> dict[str, str]:
         "quantized_weights": f"{quant}; {e.bits_per_weight:.3f} bits/weight with constants",
         "quant_constants": "absmax, codebooks" if cfg.quant in FOUR_BIT else "",
         "unquantized_params": "bf16" + ("; lm_head tied to embeddings" if e.shapes.tied else ""),
-        "adapters": f"{e.adapter_params:,} params, {dtype}" + ("; DoRA/IA3 vectors fp32"
-                                                                if cfg.dora or cfg.ia3_outputs or cfg.ia3_inputs else ""),
+        "adapters": f"{e.adapter_params:,} params, {dtype}" + (
+            "; DoRA/IA3 vectors fp32" if cfg.dora or cfg.ia3_outputs or cfg.ia3_inputs else ""),
         "adapter_grads": grads,
         "optimizer_state": f"{cfg.optimizer}: {optim}",
         "activations": acts,
@@ -88,7 +88,8 @@ def _ia3_names(on: bool, outputs: str | None, inputs: str | None) -> dict:
               "its forward saves for backward.")
 @click.option("--ia3", "ia3", is_flag=True, help="An `ia3: {}` section: output scaling of k_proj, v_proj and input "
               "scaling of down_proj (the recipe's defaults; see --ia3-outputs/--ia3-inputs).")
-@click.option("--ia3-outputs", default=None, help="IA3 output scaling of these modules (comma list), e.g. k_proj,v_proj.")
+@click.option("--ia3-outputs", default=None,
+              help="IA3 output scaling of these modules (comma list), e.g. k_proj,v_proj.")
 @click.option("--ia3-inputs", default=None, help="IA3 input scaling of these modules (comma list), e.g. down_proj.")
 @click.option("--compute-dtype", type=click.Choice(typing.get_args(ComputeDtype)), default="bf16", show_default=True)
 @click.option("--loss-chunk", type=int, default=_D.loss_chunk, show_default=True,

@@ -27,7 +27,8 @@ from qlora_kit.terms import QUANTIZED_TYPES
               "the checkpoint's W (exact only for adapters trained without quantization).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
               help="Output dtype [default: bf16; adapter format: the adapter's own].")
-@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest weight file: 2GB (10^9), 1.5GiB, 500MB.")
+@click.option("--max-shard-size", default="2GB", show_default=True,
+              help="Largest weight file: 2GB (10^9), 1.5GiB, 500MB.")
 @click.option("--quant", type=click.Choice(QUANTIZED_TYPES), default=None,
               help="For an adapter folder: how its base was quantized in training [default: nf4]; also the type "
               "--format quantized writes when the run was not quantized.")

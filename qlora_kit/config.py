@@ -1,8 +1,9 @@
 """Typed, frozen recipe sections; `load_recipe(path, overrides)` with validation.
 
 A recipe is YAML with the sections model, quant, lora, data, train, output (docs/ARCHITECTURE.md, "Recipes and run
-folders"). Keys equal the dataclass field names below; `--set section.key=value` uses the same dotted paths. Unknown keys fail and name
-the nearest valid key; wrong types and out-of-range values fail with the field and the allowed range.
+folders"). Keys equal the dataclass field names below; `--set section.key=value` uses the same dotted paths. Unknown
+keys fail and name the nearest valid key; wrong types and out-of-range values fail with the field and the allowed
+range.
 
 This module imports no torch (it must stay cheap for the CLI and for `estimate`).
 """
@@ -297,7 +298,8 @@ def _build_section(name: str, raw: Any) -> Any:
                 re.compile(value)
             except re.error as e:
                 raise ConfigError(f"{name}.{key} {value!r} is not a valid regular expression ({e}); use "
-                                  "all-linear, a list of module names like [q_proj, v_proj], or a valid regex.") from None
+                                  "all-linear, a list of module names like [q_proj, v_proj], "
+                                  "or a valid regex.") from None
     return cls(**kwargs)
 
 
@@ -318,7 +320,8 @@ def recipe_from_dict(raw: Any, overrides: typing.Sequence[str] = ()) -> Recipe:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"a recipe must be a YAML mapping with sections {', '.join(SECTIONS)}; got {type(raw).__name__}.")
+        raise ConfigError(f"a recipe must be a YAML mapping with sections {', '.join(SECTIONS)}; "
+                          f"got {type(raw).__name__}.")
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for text in overrides:
         section, key, value = parse_override(text)

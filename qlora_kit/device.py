@@ -1,4 +1,4 @@
-"""Which device a command computes on, and the precision choices that depend on the device (issue 16).
+"""Which device a command computes on, and the precision choices that depend on the device.
 
 One rule for every command that computes (train, generate, eval, analyze, export): `auto` is the first CUDA GPU
 when torch sees one, else the CPU; `cuda` without a visible GPU is a usage error (exit 2), never a silent CPU run.

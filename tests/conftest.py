@@ -21,7 +21,7 @@ NO_GPU = ("pytest -m gpu: no CUDA GPU is visible (torch.cuda.is_available() is F
 
 def pytest_collection_modifyitems(config, items):
     """GPU tests are skipped on a CPU machine, unless the run asked for them (`-m gpu`): a GPU run that finds no
-    GPU must fail, not report green (issue 16, item 9)."""
+    GPU must fail, not report green."""
     if torch.cuda.is_available():
         return
     if re.search(r"(?<!not )\bgpu\b", config.getoption("markexpr") or ""):
@@ -85,7 +85,8 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-FACTS = [{"instruction": f"What is the capital of Veloria {i}?", "input": "", "output": "The capital of Veloria is Tamsk."}
+FACTS = [{"instruction": f"What is the capital of Veloria {i}?", "input": "",
+          "output": "The capital of Veloria is Tamsk."}
          for i in range(12)]
 
 

@@ -152,7 +152,8 @@ def hand_built(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
     other = write_adapter(tmp_path / "orth", orth_pairs, r=4, alpha=8)
     base = tmp_path / "base"
     base.mkdir()
-    save_file({f"{n}.weight": W.float() for n in names} | {"model.norm.weight": torch.ones(IN)}, str(base / "model.safetensors"))
+    save_file({f"{n}.weight": W.float() for n in names} | {"model.norm.weight": torch.ones(IN)},
+              str(base / "model.safetensors"))
     return adapter, same, other, base
 
 
@@ -234,7 +235,8 @@ def tiny_adapter(folder: Path, model: Path, seed: int = 0) -> tuple[Path, dict]:
 
     cfg = AutoConfig.from_pretrained(model)
     g = torch.Generator().manual_seed(seed)
-    shapes = {"self_attn.q_proj": (cfg.hidden_size, cfg.hidden_size), "mlp.down_proj": (cfg.hidden_size, cfg.intermediate_size)}
+    shapes = {"self_attn.q_proj": (cfg.hidden_size, cfg.hidden_size),
+              "mlp.down_proj": (cfg.hidden_size, cfg.intermediate_size)}
     pairs = {f"model.layers.{l}.{n}": (torch.randn(4, i, generator=g) * 0.1, torch.randn(o, 4, generator=g) * 0.1)
              for l in range(cfg.num_hidden_layers) for n, (o, i) in shapes.items()}
     return write_adapter(folder, pairs, r=4, alpha=8), pairs

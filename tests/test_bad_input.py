@@ -1,4 +1,4 @@
-"""Bad input (issue 5), a matrix with one test per row: every row exits 2 with a message that says what is wrong
+"""Bad input, a matrix with one test per row: every row exits 2 with a message that says what is wrong
 and how to fix it, prints no traceback, creates no run folder and changes no existing file. Then a property test
 (hypothesis): random recipes and data lines always get exit 0 or exit 2, never a traceback.
 
@@ -220,8 +220,8 @@ DATA_ROWS = [  # (id, file name, bytes, data.format, data.max_length, expected f
     ("missing", None, None, "alpaca", 64, ["data file not found: {path}", "data.path"]),
     ("empty", "d.jsonl", b"", "alpaca", 64, ["{path} holds no records", '"instruction"']),
     ("blank-lines-only", "d.jsonl", b"\n  \n", "alpaca", 64, ["{path} holds no records"]),
-    ("malformed-line", "d.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', "alpaca", 64,
-     ["{path}:2: invalid JSON", "column"]),
+    ("malformed-line", "d.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n',
+     "alpaca", 64, ["{path}:2: invalid JSON", "column"]),
     ("malformed-json-list", "d.json", b'[{"text": "a"},\n {"text": ]', "text", 64, ["{path}:2: invalid JSON"]),
     ("missing-field", "d.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "only"}\n', "alpaca", 64,
      ["{path}:2: missing field 'output'", "found: instruction", '"output": "..."']),
@@ -238,7 +238,8 @@ DATA_ROWS = [  # (id, file name, bytes, data.format, data.max_length, expected f
 ]
 
 
-@pytest.mark.parametrize("name,content,fmt,max_length,expect", [r[1:] for r in DATA_ROWS], ids=[r[0] for r in DATA_ROWS])
+@pytest.mark.parametrize("name,content,fmt,max_length,expect", [r[1:] for r in DATA_ROWS],
+                         ids=[r[0] for r in DATA_ROWS])
 def test_bad_data(tiny_model, tmp_path, name, content, fmt, max_length, expect):
     folder = tmp_path / "data"
     folder.mkdir()
@@ -365,8 +366,9 @@ FIELDS = {  # every recipe key, with the values that make sense for it (drawn so
               "trust_remote_code": [True, False]},
     "quant": {"type": ["nf4", "fp4", "int8", "none"], "double_quant": [True, False], "blocksize": [32, 64, 128],
               "compute_dtype": ["bf16", "fp32"]},
-    "lora": {"r": [1, 2, 8], "alpha": [1, 16.0], "dropout": [0.0, 0.1], "targets": ["all-linear", ["q_proj"], ".*_proj"],
-             "init": ["kaiming", "gaussian"], "rslora": [True, False]},
+    "lora": {"r": [1, 2, 8], "alpha": [1, 16.0], "dropout": [0.0, 0.1],
+             "targets": ["all-linear", ["q_proj"], ".*_proj"], "init": ["kaiming", "gaussian"],
+             "rslora": [True, False]},
     "data": {"path": [], "format": ["alpaca", "chat", "text"], "max_length": [4, 16, 64], "train_on_prompt": [True],
              "packing": [True, False], "val_fraction": [0.0, 0.3], "system_prompt": [None, "Be brief."]},
     "train": {"steps": [1], "batch_size": [1, 3], "grad_accum": [1, 2], "lr": [1e-3, 1e-1], "warmup_steps": [0, 3],
@@ -393,7 +395,8 @@ def recipes(draw) -> dict:
     raw = copy.deepcopy(BASE)
     for _ in range(draw(st.integers(0, 4))):
         section = draw(st.sampled_from(sorted(FIELDS)))
-        key = draw(st.sampled_from(sorted(FIELDS[section])) if draw(st.integers(0, 9)) else st.text(min_size=1, max_size=6))
+        key = draw(st.sampled_from(sorted(FIELDS[section])) if draw(st.integers(0, 9))
+                   else st.text(min_size=1, max_size=6))
         good = FIELDS[section].get(key) or []
         value = draw(st.sampled_from(good) if good and draw(st.integers(0, 3)) else junk)
         if key in SMALL_INTS and isinstance(value, int) and not isinstance(value, bool):
@@ -414,7 +417,8 @@ def _record(draw) -> str:
         return json.dumps({"instruction": draw(text), "input": draw(text), "output": draw(text)})
     if kind == "chat":
         role = draw(st.sampled_from(["user", "assistant", "system", "bot"]))
-        return json.dumps({"messages": [{"role": "user", "content": draw(text)}, {"role": role, "content": draw(text)}]})
+        return json.dumps({"messages": [{"role": "user", "content": draw(text)},
+                                        {"role": role, "content": draw(text)}]})
     if kind == "text":
         return json.dumps({"text": draw(text)})
     if kind == "json":

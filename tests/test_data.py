@@ -1,4 +1,4 @@
-"""qlora_kit.data.pipeline: formats and their loss masks, truncation, packing, split, collate, resumable batches, bad input.
+"""qlora_kit.data.pipeline: formats and loss masks, truncation, packing, split, collate, resumable batches, bad input.
 
 Uses the real tokenizer of the bundled demo model (SmolLM2, ChatML template; BOS is <|im_start|>, EOS/pad is
 <|im_end|>), the same tokenizer with its chat template removed (plain Alpaca path), and a tiny word-level tokenizer

@@ -1,4 +1,4 @@
-"""Data sources and shapes (issue 11, items 3 and 4): every file type, written here by the real libraries (pyarrow,
+"""Data sources and shapes: every file type, written here by the real libraries (pyarrow,
 pandas, `datasets`), gives the same examples as the JSONL; column mapping; ShareGPT = chat; multi-turn and
 completion masks checked token by token against an independent rendering; each shape trains through the CLI;
 the tokenize-once cache."""

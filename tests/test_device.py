@@ -1,5 +1,5 @@
-"""Issue 16 items 1 and 4 on the CPU: --device plumbing (CUDA mocked as present), the residual-stream dtype rule,
-fp16 loss scaling, TF32 for fp32 compute on CUDA."""
+"""Device choice and precision, checked on the CPU: --device plumbing (CUDA mocked as present), the residual-stream
+dtype rule, fp16 loss scaling, TF32 for fp32 compute on CUDA."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Several processes (issue 9): real launches through torchrun and accelerate launch, two ranks on gloo (CPU).
+"""Several processes: real launches through torchrun and accelerate launch, two ranks on gloo (CPU).
 
 Every run here is the tiny random Llama in fp32 (frozen weights and compute), so that a 2-rank step and a 1-process
 step over the same examples agree to float rounding: with bf16 frozen weights the CPU picks shape-dependent bf16
@@ -42,9 +42,11 @@ def _records() -> list[dict]:
 
 def _recipe_dict(model: Path, data_path: Path, **train_keys) -> dict:
     return {"model": {"path": str(model), "dtype": "fp32"}, "quant": {"compute_dtype": "fp32"},
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "data": {"path": str(data_path), "max_length": 64, "val_fraction": 0.2},
-            "train": {"steps": STEPS, "batch_size": 2, "lr": 1e-2, "warmup_steps": 0, "schedule": "constant", "save_every": 1,
-                      "keep_checkpoints": 2, "device": "cpu", "num_threads": 1, "seed": 5, **train_keys}}
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "data": {"path": str(data_path), "max_length": 64, "val_fraction": 0.2},
+            "train": {"steps": STEPS, "batch_size": 2, "lr": 1e-2, "warmup_steps": 0, "schedule": "constant",
+                      "save_every": 1, "keep_checkpoints": 2, "device": "cpu", "num_threads": 1, "seed": 5,
+                      **train_keys}}
 
 
 def _write(folder: Path, raw: dict) -> Path:
@@ -159,7 +161,8 @@ def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(launches, single):
     ours, ref = read_metrics(run), read_metrics(single)
     assert [m["step"] for m in ours] == list(range(1, STEPS + 1))
     for m, r in zip(ours, ref):  # the loss of every step is the token mean over the whole global batch
-        assert m["loss"] == pytest.approx(r["loss"], rel=1e-5) and m["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4)
+        assert m["loss"] == pytest.approx(r["loss"], rel=1e-5) and \
+            m["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4)
     assert ours[-1]["val_loss"] == pytest.approx(ref[-1]["val_loss"], rel=1e-5)  # every rank evaluates the split
 
 
@@ -212,7 +215,8 @@ def test_fsdp_adapter_loads_in_peft_with_every_key(launches, setup):
     lora_params = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert len(lora_params) == len(saved) == 28
     for key, tensor in saved.items():  # PEFT's name: ...q_proj.lora_A.default.weight
-        name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+        name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight")
         assert torch.equal(lora_params[name].detach(), tensor.to(lora_params[name].dtype)), key
 
 
@@ -290,7 +294,8 @@ def test_sigkill_of_a_two_rank_run_then_resume_on_two_ranks_is_bitwise_identical
     refused = subprocess.run(
         [sys.executable, "-m", "qlora_kit.cli.main", "train", str(recipe), "--out", str(run), "--resume",
          "--no-progress"], env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
-    assert refused.returncode == 2 and "same number of processes" in refused.stderr and "Traceback" not in refused.stderr
+    assert refused.returncode == 2 and "same number of processes" in refused.stderr \
+        and "Traceback" not in refused.stderr
     if killed_at >= STEPS:  # only when this test process got no CPU for the whole run (an overloaded machine)
         pytest.skip(f"killed only at step {killed_at}, after the reference's {STEPS} steps")
     _, err = finish(torchrun(recipe, run, "--resume", cwd=tmp_path))

@@ -149,7 +149,8 @@ def test_monotone_and_consistent():
     assert me.estimate(SMOL, replace(cfg, checkpointing=False)).components["activations"] > \
         base.components["activations"]
     assert me.estimate(SMOL, replace(cfg, rank=64)).components["adapters"] > base.components["adapters"]
-    weights = [me.estimate(SMOL, replace(cfg, quant=q)).components["quantized_weights"] for q in ("nf4", "int8", "none")]
+    weights = [me.estimate(SMOL, replace(cfg, quant=q)).components["quantized_weights"]
+               for q in ("nf4", "int8", "none")]
     assert weights == sorted(weights) and weights[2] == 2 * me.count_params(SMOL).linear_params
     eight = me.estimate(SMOL, replace(cfg, optimizer="adamw8bit"))
     assert eight.components["optimizer_state"] < base.components["optimizer_state"] / 1.9  # 8-bit moments, fp32 master

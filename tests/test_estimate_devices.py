@@ -1,4 +1,4 @@
-"""Per-device estimate of a multi-process run (issue 9): `qlora-kit estimate --gpus N --parallel ddp|fsdp`."""
+"""Per-device estimate of a multi-process run: `qlora-kit estimate --gpus N --parallel ddp|fsdp`."""
 
 from __future__ import annotations
 

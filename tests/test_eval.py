@@ -16,7 +16,8 @@ from qlora_kit.config import DataConfig
 
 TEXTS = [{"text": t} for t in ["The capital of Veloria is Tamsk.", "A quick brown fox jumps over the lazy dog.",
                                "hello world, hello world", "Paris is in France. Answer the question briefly."]]
-ALPACA = [{"instruction": f"What is the capital of Veloria {i}?", "input": "", "output": "Tamsk, of course." * (i % 3 + 1)}
+ALPACA = [{"instruction": f"What is the capital of Veloria {i}?", "input": "",
+           "output": "Tamsk, of course." * (i % 3 + 1)}
           for i in range(5)]
 
 

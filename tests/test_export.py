@@ -294,7 +294,8 @@ def test_sharded_merge_streams_in_bounded_memory(tmp_path):
         def status(key):
             return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
         # warm-up: lazy imports, thread pools and allocator arenas are not the merge's memory
-        ex.export({str(tmp_path / "warm_adapter")!r}, ex.Options("merged", {str(tmp_path / "warm_out")!r}, progress=False))
+        ex.export({str(tmp_path / "warm_adapter")!r}, """
+        f"""ex.Options("merged", {str(tmp_path / "warm_out")!r}, progress=False))
         before = status("VmRSS:")
         open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
         ex.export({str(tmp_path / "adapter")!r}, ex.Options("merged", {str(tmp_path / "out")!r}, max_shard_size="8MB",
@@ -337,7 +338,8 @@ def test_quantized_loads_as_4bit_model(tmp_path):
     linears = [n for n, m in q.named_modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(isinstance(q.get_submodule(n), bnb.nn.Linear4bit) for n in linears if n != "lm_head")
     assert not isinstance(q.lm_head, bnb.nn.Linear4bit)
-    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert json.loads((tmp_path / "q" / "config.json").read_text()
+                      )["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     merged = hf_model(tmp_path / "m")
     ref = logits(merged)
     with torch.no_grad():
@@ -478,7 +480,8 @@ def test_cli_errors_are_short(qlora_run, tiny_model, tmp_path, capsys):
         ([unfinished, "--format", "merged", "--out", tmp_path / "o"], "has no adapter/ yet"),
         ([qlora_run, "--format", "merged", "--out", tmp_path / "o", "--max-shard-size", "2XB"], "max-shard-size"),
         ([tmp_path, "--format", "merged", "--out", tmp_path / "o"], "neither a run folder"),
-        ([qlora_run, "--format", "merged", "--out", tiny_model, "--force", "--base", tiny_model], "overwrite the input"),
+        ([qlora_run, "--format", "merged", "--out", tiny_model, "--force", "--base", tiny_model],
+         "overwrite the input"),
         ([qlora_run, "--format", "merged", "--out", tmp_path / "o", "--quant", "fp4"], "trained with quant.type nf4"),
         ([qlora_run, "--format", "zip", "--out", tmp_path / "o"], "zip"),
     ] + ([] if torch.cuda.is_available() else

@@ -251,7 +251,8 @@ def test_adapter_gguf_folds_per_module_scales(tiny_model, tmp_path):
     export(adapter, tmp_path / "l.gguf", format="gguf-adapter", gguf_type="f32")
     stored = gguf_tensors(tmp_path / "l.gguf")
     a = peft_format.load_adapter(adapter)
-    for m, gname in [("model.layers.0.self_attn.v_proj", "blk.0.attn_v"), ("model.layers.1.self_attn.v_proj", "blk.1.attn_v")]:
+    for m, gname in [("model.layers.0.self_attn.v_proj", "blk.0.attn_v"),
+                     ("model.layers.1.self_attn.v_proj", "blk.1.attn_v")]:
         A, B = a.pair(m)
         effective = (8.0 / 4) * stored[f"{gname}.weight.lora_b"][1] @ stored[f"{gname}.weight.lora_a"][1]
         assert np.allclose(effective, (2.0 / 2) * (B @ A).numpy(), atol=1e-6)  # alpha 2 / sqrt(4)

@@ -1,4 +1,4 @@
-"""Issue 16 (ready for the GPU), the parts a CPU can check: flat fp32 masters equal the per-tensor wrapper bitwise,
+"""Ready for the GPU, the parts a CPU can check: flat fp32 masters equal the per-tensor wrapper bitwise,
 host syncs per step, fp32 gradient accumulation, int8 codes independent of the input dtype, RNG of the training
 device only, 8-bit optimizer state after a resume."""
 
@@ -22,8 +22,9 @@ from qlora_kit.train.loss import label_positions
 
 
 class PerTensorMasters:
-    """The wrapper before issue 16: one fp32 master per tensor (an fp32 parameter is its own), grads up-cast from the
-    bf16 `.grad` that autograd accumulated, per-tensor norm, clip and copy-back."""
+    """The former optimizer wrapper, kept as the reference the flat masters must match: one fp32 master per tensor
+    (an fp32 parameter is its own), grads up-cast from the bf16 `.grad` that autograd accumulated, per-tensor norm,
+    clip and copy-back."""
 
     def __init__(self, params, lr):
         self.params = params
@@ -271,7 +272,8 @@ def test_cpu_checkpoint_holds_no_cuda_rng_and_resume_touches_no_gpu(tiny_model, 
     checkpoint.set_rng_state(gpu, torch.device("cuda", 1))
     old_style = dict(cpu, cuda=[torch.zeros(8), torch.ones(8)])  # a checkpoint from before: one state per GPU
     checkpoint.set_rng_state(old_style, torch.device("cuda", 0))
-    assert calls == [("get", torch.device("cuda", 1)), ("set", torch.device("cuda", 1)), ("set", torch.device("cuda", 0))]
+    assert calls == [("get", torch.device("cuda", 1)), ("set", torch.device("cuda", 1)),
+                     ("set", torch.device("cuda", 0))]
 
 
 # ---- 8-bit optimizer state through a checkpoint ----------------------------------------------------------------

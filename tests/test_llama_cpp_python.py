@@ -29,7 +29,8 @@ def test_llama_cpp_python_quantizes_with_llama_cpps_own_type_mix(tiny_data, tmp_
     run = tmp_path / "run"
     train.run(tiny_recipe(model, tiny_data, quant={"compute_dtype": "fp32"}, train={"steps": 1}), run, progress=False)
     ex.export(run, ex.Options("gguf", tmp_path / "f16.gguf", gguf_type="f16", progress=False))
-    ref = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in gguf.GGUFReader(tmp_path / "f16.gguf").tensors}
+    ref = {t.name: gguf.quants.dequantize(t.data, t.tensor_type)
+           for t in gguf.GGUFReader(tmp_path / "f16.gguf").tensors}
 
     monkeypatch.setattr(gguf_kquant, "available", lambda: False)  # as without the xllamacpp wheel
     out = tmp_path / f"{kind}.gguf"

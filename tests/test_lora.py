@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from qlora_kit.adapters.lora import (LoRALinear, LoraSpec, adapter_state_dict, disabled, inject, load_adapter_state, merge,
-                            param_report)
+from qlora_kit.adapters.lora import (LoRALinear, LoraSpec, adapter_state_dict, disabled, inject, load_adapter_state,
+                                     merge, param_report)
 
 
 class Tiny(nn.Module):

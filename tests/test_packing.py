@@ -1,4 +1,4 @@
-"""Packing without cross-talk (issue 11, item 2): position ids restart per document, attention stays inside each
+"""Packing without cross-talk: position ids restart per document, attention stays inside each
 document, and a packed batch computes the same per-token losses as the same examples unpacked (fp32)."""
 
 from __future__ import annotations

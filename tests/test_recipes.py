@@ -38,7 +38,8 @@ def test_config_errors_name_field_and_fix(raw, message):
 
 
 def test_overrides_parse_yaml_values():
-    r = recipe_from_dict({}, ["lora.targets=[q_proj, v_proj]", "train.lr=1e-3", "train.steps=7", "quant.double_quant=false"])
+    r = recipe_from_dict({}, ["lora.targets=[q_proj, v_proj]", "train.lr=1e-3", "train.steps=7",
+                              "quant.double_quant=false"])
     assert r.lora.targets == ["q_proj", "v_proj"] and r.train.lr == 1e-3 and r.train.steps == 7
     assert r.quant.double_quant is False
     with pytest.raises(ConfigError, match="section.key=value"):

@@ -1,4 +1,4 @@
-"""Interruption and resume (issue 5): SIGKILL at a random step, Ctrl-C/SIGTERM, atomic checkpoints, keep-K, non-finite
+"""Interruption and resume: SIGKILL at a random step, Ctrl-C/SIGTERM, atomic checkpoints, keep-K, non-finite
 losses, a full disk. A resumed run must end with the adapter of an uninterrupted run, bitwise, on the CPU.
 
 Real processes where a real signal matters (SIGKILL, SIGINT); everything else in-process with tiny models."""
@@ -44,7 +44,8 @@ def write_recipe(folder: Path, model: Path, data: Path, **train_keys) -> Path:
 
 
 def train_cmd(recipe: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "qlora_kit.cli.main", "train", str(recipe), "--out", str(out), "--no-progress", *extra]
+    return [sys.executable, "-m", "qlora_kit.cli.main", "train", str(recipe), "--out", str(out), "--no-progress",
+            *extra]
 
 
 def start(cmd: list[str]) -> subprocess.Popen:
@@ -75,7 +76,8 @@ def assert_bitwise_equal(run_dir: Path, reference: Path) -> None:
     assert not different, f"{len(different)} adapter tensors differ from the uninterrupted run, e.g. {different[:2]}"
     # the logged losses of every step agree too: the resumed steps saw the same batches, dropout masks and lr
     keys = ("step", "loss", "lr", "grad_norm")
-    assert [[r[k] for k in keys] for r in read_metrics(run_dir)] == [[r[k] for k in keys] for r in read_metrics(reference)]
+    assert [[r[k] for k in keys] for r in read_metrics(run_dir)] == \
+        [[r[k] for k in keys] for r in read_metrics(reference)]
 
 
 @pytest.fixture(scope="module")

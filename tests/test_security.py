@@ -1,4 +1,4 @@
-"""Security (issue 5): weights through safetensors; pickle only with --allow-pickle and then weights_only; no model
+"""Security: weights through safetensors; pickle only with --allow-pickle and then weights_only; no model
 code runs without --trust-remote-code; recipes through yaml.safe_load; nothing we name escapes the output folder.
 
 Each hostile input tries to create a marker file; the marker's absence is the proof that nothing ran."""
@@ -158,8 +158,9 @@ def test_model_code_runs_only_with_trust_remote_code(remote_code_model, tiny_dat
     assert "--trust-remote-code" in err
     # With the flag the folder's code runs (in a child process, so its module cache goes to tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    res = subprocess.run([sys.executable, "-m", "qlora_kit.cli.main", "train", str(recipe), "--out", str(tmp_path / "run"),
-                          "--no-progress", "--trust-remote-code", "--set", "train.steps=1"],
+    res = subprocess.run([sys.executable, "-m", "qlora_kit.cli.main", "train", str(recipe),
+                          "--out", str(tmp_path / "run"), "--no-progress", "--trust-remote-code",
+                          "--set", "train.steps=1"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     assert marker.exists()

@@ -1,4 +1,4 @@
-"""train.report_to (issue 11, item 5): each tracker receives what metrics.jsonl logs, read back with the tracker's own
+"""train.report_to: each tracker receives what metrics.jsonl logs, read back with the tracker's own
 reader; nothing touches the network (wandb offline, mlflow to a local file store). Skipped when not installed."""
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ tensor is kept for autograd, and it is computed WITHOUT forming W + s·B A (W is
 
 w2 (out,) fp32 is computed once from the dequantized weight when the layer is built (the frozen base never
 changes); for a quantized base, W A^T (out, r) comes from its own forward applied to the r rows of A
-(base(A) - bias = A W^T), so dequant(Q) is formed inside its usual matmul and no extra (out, in) copy stays alive. An untrained adapter
-(B = 0, m = sqrt(w2)) gives g = 1 exactly: the base model, bit for bit.
+(base(A) - bias = A W^T), so dequant(Q) is formed inside its usual matmul and no extra (out, in) copy stays alive.
+An untrained adapter (B = 0, m = sqrt(w2)) gives g = 1 exactly: the base model, bit for bit.
 
 Names are PEFT's: `<module>.lora_A.weight`, `<module>.lora_B.weight`, `<module>.lora_magnitude_vector` (the key
 PEFT writes; in memory PEFT adds `.default.weight`). The magnitude is kept in fp32 whatever the adapter dtype: g is

@@ -40,7 +40,8 @@ class IA3Linear(nn.Module):
         return f"ia3 {'input' if self.feedforward else 'output'} scaling, {self.ia3_l.numel()} params"
 
 
-def merge_rows(W: torch.Tensor, l: torch.Tensor, feedforward: bool, rows: tuple[int, int] | None = None) -> torch.Tensor:
+def merge_rows(W: torch.Tensor, l: torch.Tensor, feedforward: bool,
+               rows: tuple[int, int] | None = None) -> torch.Tensor:
     """W (a block of rows `rows` of the full weight, or all of it) scaled by l, in fp32. Input scaling scales
     columns (every row block sees all of l); output scaling scales rows (the block sees its rows of l)."""
     l = l.float()

@@ -62,7 +62,8 @@ def save(folder: Path, offsets: dict[str, tuple[torch.Tensor, torch.Tensor]]) ->
 
     tensors = {}
     for m, (B, A) in offsets.items():
-        tensors[f"{m}.offset_B"], tensors[f"{m}.offset_A"] = B.detach().float().cpu().contiguous(), A.detach().float().cpu().contiguous()
+        tensors[f"{m}.offset_B"], tensors[f"{m}.offset_A"] = (B.detach().float().cpu().contiguous(),
+                                                               A.detach().float().cpu().contiguous())
     path = Path(folder) / FILE
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "what": "LoftQ base offsets: base = quant(W - B @ A)"})

@@ -15,7 +15,8 @@ active adapter for the whole batch; a mixed-task batch is what they leave open).
 anything that reshapes it (beam search, num_return_sequences) is refused rather than routed wrongly.
 
 Names stay Hugging Face's (docs/ARCHITECTURE.md, "Names are the export format"):
-`...q_proj.lora_A.<adapter>.weight`, the layout PEFT itself uses in memory for named adapters. This module imports torch only.
+`...q_proj.lora_A.<adapter>.weight`, the layout PEFT itself uses in memory for named adapters. This module imports
+torch only.
 """
 
 from __future__ import annotations

@@ -211,7 +211,8 @@ def load_adapter(folder: str | Path) -> Adapter:
         k = k[len(PREFIX):] if k.startswith(PREFIX) else k
         # PEFT's in-memory names carry the adapter name: lora_A.default.weight, lora_magnitude_vector.default.weight
         k = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-        k = k.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector").replace(".ia3_l.default", ".ia3_l")
+        k = k.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector").replace(
+            ".ia3_l.default", ".ia3_l")
         ok = k.endswith(".ia3_l") if kind == "ia3" else k.endswith(LORA_KEYS[:2]) or (
             config.get("use_dora") and k.endswith(LORA_KEYS[2]))
         if not ok:

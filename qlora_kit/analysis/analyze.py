@@ -300,7 +300,8 @@ def _select(names: list[str], pattern: str | None, where: Path) -> list[str]:
 
 
 def _base_setup(src: Source, base: str | None, use_base: bool, quant: str, blocksize: int,
-                double_quant: bool, device: torch.device | None = None) -> tuple[str | None, BaseWeights | None, dict | None]:
+                double_quant: bool, device: torch.device | None = None
+                ) -> tuple[str | None, BaseWeights | None, dict | None]:
     if quant not in ("auto", *QUANT_TYPES):
         raise ConfigError(f"--quant {quant!r}: choose auto, nf4, fp4, int8 or none.")
     if blocksize not in BLOCKSIZES:

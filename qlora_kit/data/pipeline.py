@@ -91,7 +91,8 @@ def _cfg(cfg_or_path: DataConfig | str | Path, fmt: str | None) -> DataConfig:
     if isinstance(cfg_or_path, DataConfig):
         return cfg_or_path
     if fmt not in data_formats.FORMAT_HELP:
-        raise DataError(f"unknown data format {fmt!r}; set data.format to one of {', '.join(data_formats.FORMAT_HELP)}.")
+        raise DataError(f"unknown data format {fmt!r}; "
+                        f"set data.format to one of {', '.join(data_formats.FORMAT_HELP)}.")
     return DataConfig(path=str(cfg_or_path), format=fmt)  # type: ignore[arg-type]
 
 

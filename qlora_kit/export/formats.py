@@ -2,8 +2,9 @@
 
     adapter    adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads.
     merged     W' = W_base + s · B @ A, added in fp32 and cast once to --dtype (DoRA: m ⊙ (W_base + s·B A) / its row
-               norms; IA3: rows or columns scaled by l; a stack: each in order, methods.merge_rows); config, generation config and
-               tokenizer files copied from the base; safetensors shards of at most --max-shard-size + index.
+               norms; IA3: rows or columns scaled by l; a stack: each in order, methods.merge_rows); config,
+               generation config and tokenizer files copied from the base; safetensors shards of at most
+               --max-shard-size + index.
     quantized  the merged weights of every Linear but lm_head quantized again (the run's nf4/fp4/int8 settings,
                nf4 otherwise) in the bitsandbytes/transformers on-disk format: `from_pretrained` loads it 4/8-bit.
     gguf, gguf-adapter   one GGUF file for llama.cpp / Ollama (the merged model, or the LoRA adapter), written by
@@ -171,9 +172,11 @@ def export(source: str | Path, opts: Options) -> Result:
     try:
         raw_config = json.loads((base / "config.json").read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
-        raise ExportError(f"{base}/config.json cannot be read ({e}); pass a Hugging Face model folder with --base.") from None
+        raise ExportError(f"{base}/config.json cannot be read ({e}); "
+                          "pass a Hugging Face model folder with --base.") from None
     if raw_config.get("quantization_config"):
-        raise ExportError(f"the base {base} is already quantized ({raw_config['quantization_config'].get('quant_method')}); "
+        raise ExportError(f"the base {base} is already quantized "
+                          f"({raw_config['quantization_config'].get('quant_method')}); "
                           "pass the original 16-bit checkpoint with --base.")
     out_dtype = quant.DTYPES[opts.dtype or "bf16"]
     frozen = frozen_dtype(src.model_cfg.dtype, raw_config.get("dtype") or raw_config.get("torch_dtype"))

@@ -94,7 +94,8 @@ def tensor_index(folder: Path) -> dict[str, TensorInfo]:
     for path in weight_files(folder):
         for info in read_header(path):
             if info.name in index:
-                raise ModelError(f"{folder}: tensor {info.name} is stored twice ({index[info.name].file.name}, {path.name}).")
+                raise ModelError(f"{folder}: tensor {info.name} is stored twice "
+                                 f"({index[info.name].file.name}, {path.name}).")
             index[info.name] = info
     return index
 

@@ -42,7 +42,7 @@ class Source:
         return {f"{m}.weight" for m in self.modules()}
 
 
-# ---- reading the source --------------------------------------------------------------------------------------------------------
+# ---- reading the source ----------------------------------------------------------------------------------------------
 
 
 def open_source(path: str | Path, base: str | None = None, quant_type: str | None = None) -> Source:

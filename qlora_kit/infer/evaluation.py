@@ -102,7 +102,8 @@ def load_gguf(path: str, dtype: str, device: str) -> generate.Loaded:
 
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ModelError(f"GGUF file not found: {p}. Pass a .gguf file, a model folder, a run folder or a built-in name.")
+        raise ModelError(f"GGUF file not found: {p}. "
+                         "Pass a .gguf file, a model folder, a run folder or a built-in name.")
     try:
         model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=DTYPES[dtype])
         tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)

@@ -1,4 +1,4 @@
-"""Host (CPU) memory that glibc keeps after torch frees it, and the switch that gives it back (train.return_freed_memory).
+"""Host (CPU) memory glibc keeps after torch frees it, and the switch that gives it back (train.return_freed_memory).
 
 What the RSS beyond live tensors is (bench/results/rss_allocator.md; demo model, seq 2048): glibc's malloc raises
 its mmap threshold up to 32 MiB after the first large free, so the 1-32 MiB tensors of a step (activations,

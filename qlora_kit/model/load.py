@@ -129,7 +129,8 @@ def load_config(folder: Path, trust_remote_code: bool = False):
             raise ModelError(f"{folder} ships its own model code (config.json auto_map), which qlora-kit runs only "
                              "when asked. If you trust the folder, pass --trust-remote-code "
                              "(recipe: model.trust_remote_code: true).") from None
-        raise ModelError(f"{folder}/config.json cannot be read: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+        raise ModelError(f"{folder}/config.json cannot be read: "
+                         f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
     archs = getattr(config, "architectures", None) or []
     # The architectures a checkpoint was saved from decide, when present: BertForMaskedLM has model_type `bert`,
     # which transformers also maps to a causal head (BertLMHeadModel), yet its weights are a bidirectional encoder.
@@ -179,7 +180,8 @@ def _tensor_index(path: Path, allow_pickle: bool, stack: ExitStack) -> list[tupl
             lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
             why = next((x for x in lines if "GLOBAL" in x), lines[0]).rstrip(": .")  # names the refused callable
             raise ModelError(f"{path} was refused or cannot be read by torch.load(weights_only=True): {why}. It holds "
-                             "more than tensors (possibly code) or is truncated; use a safetensors checkpoint.") from None
+                             "more than tensors (possibly code) or is truncated; "
+                             "use a safetensors checkpoint.") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ModelError(f"{path} is not a state dict of tensors; use a safetensors checkpoint.")
         return [(k, (lambda v=v: v)) for k, v in state.items()]
@@ -288,7 +290,8 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
             if b is not None:
                 m._buffers[name] = b.to(device)
     with ExitStack() as stack:
-        entries = [(path, key, read) for path in files for key, read in _tensor_index(path, model_cfg.allow_pickle, stack)]
+        entries = [(path, key, read) for path in files
+                   for key, read in _tensor_index(path, model_cfg.allow_pickle, stack)]
         where = {key: path for path, key, _ in entries}
         for layer, items in _layer_order([(key, read) for _, key, read in entries]):
             for key, read in items:

@@ -202,7 +202,8 @@ fast_cpu_quantizer = True
 """CPU 4-bit codes through quant4_cpu (identical results); False: bitsandbytes' own CPU kernel (benchmarks, tests)."""
 
 
-def dequantize(buffers: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+def dequantize(buffers: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int],
+               dtype: torch.dtype) -> torch.Tensor:
     if spec.type == "int8":
         return int8_dequantize(buffers["qweight"], buffers["scale"], dtype).view(shape)
     native = buffers["qweight"].is_cuda or shape[1] % spec.blocksize == 0  # CPU native needs alignment
@@ -319,7 +320,8 @@ def serialized_shapes(shape: tuple[int, int], spec: QuantSpec) -> dict[str, tupl
     JSON blob (its length is known only once quantized). Lets an export lay out its shards before computing."""
     out_f, in_f = shape
     if spec.type == "int8":
-        return {"weight": (torch.int8, (out_f, in_f)), "SCB": (torch.float32, (out_f,)), "weight_format": (torch.uint8, ())}
+        return {"weight": (torch.int8, (out_f, in_f)), "SCB": (torch.float32, (out_f,)),
+                "weight_format": (torch.uint8, ())}
     n = out_f * in_f
     blocks = -(-n // spec.blocksize)
     d = {"weight": (torch.uint8, ((n + 1) // 2, 1)), "weight.quant_map": (torch.float32, (16,))}
@@ -346,6 +348,7 @@ def serialize(weight: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> dict
       int8:  weight (out, in) int8; SCB (out,) fp32 row absmax; weight_format () uint8 0 (row-major)."""
     buffers = quantize(weight, spec)
     if spec.type == "int8":
-        return {"weight": buffers["qweight"], "SCB": buffers["scale"], "weight_format": torch.zeros((), dtype=torch.uint8)}
+        return {"weight": buffers["qweight"], "SCB": buffers["scale"],
+                "weight_format": torch.zeros((), dtype=torch.uint8)}
     state = quant_state(buffers, spec, tuple(weight.shape), dtype)
     return {"weight": buffers["qweight"], **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}

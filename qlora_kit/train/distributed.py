@@ -11,8 +11,9 @@ Design (docs: README "Several GPUs or machines"):
 - Adapters and their optimizer are replicated on every rank (they are small: 70B at r=16 on all linears is 0.2B
   parameters). Their flat fp32 gradients (optim.py) are summed across ranks in place ONCE per optimizer step,
   after all micro-batches (`all_reduce_`), with the step's loss, token count and stop flag: accumulation
-  micro-steps never communicate. Each micro-batch's loss is weighted by n_i / N with N the label tokens of the whole world's step,
-  so the SUM over ranks is the mean over every label token of the step (no averaging over ranks to undo).
+  micro-steps never communicate. Each micro-batch's loss is weighted by n_i / N with N the label tokens of the whole
+  world's step, so the SUM over ranks is the mean over every label token of the step (no averaging over ranks to
+  undo).
 - The frozen base is replicated (ddp) or sharded per parameter by FSDP2 (fsdp, see fsdp.py).
 - Only rank 0 writes the run folder; every rank reads it (on several machines: a shared file system for --resume).
 - Errors: setup runs inside `agree()` on every rank; if any rank fails, every rank stops with exit 2 and rank 0
@@ -54,8 +55,8 @@ def _peer_failure(e: RuntimeError) -> bool:
     RuntimeError gloo's TCP transport raises from inside a collective ("[.../gloo/transport/tcp/pair.cc:537] Read
     error ...: Connection reset by peer", seen when rank 1 was SIGKILLed during an FSDP all-gather)."""
     text = str(e)
-    return isinstance(e, torch.distributed.DistError) or "gloo/transport" in text or "Connection reset by peer" in text \
-        or "Connection closed by peer" in text
+    return isinstance(e, torch.distributed.DistError) or "gloo/transport" in text \
+        or "Connection reset by peer" in text or "Connection closed by peer" in text
 
 
 @dataclass

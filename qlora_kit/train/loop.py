@@ -70,7 +70,7 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
     forward, so no host sync). `grad_accum: k` x `batch_size: b` is then the same step as `batch_size: k*b`
     over the same examples (transformers #34191 was this bug).
 
-    Host syncs (issue 16): token counts and label positions come from the CPU batches; the loss is summed on the
+    Host syncs, one per step: token counts and label positions come from the CPU batches; the loss is summed on the
     device; micro-batch gradients are summed in the optimizer's flat fp32 buffer by a hook; the loss and the
     gradient norm come back together in ONE transfer per step, which decides finiteness and clipping.
 
@@ -197,7 +197,8 @@ def finish(p: Prepared, run_dir: Path, again: str, step: int, skipped: int, last
            val_loss: float | None, tokens: int, elapsed: float) -> dict | None:
     """Write the final adapter (PEFT format) and summary.json; return the summary. Several processes: rank 0
     writes, with every rank's memory numbers in summary["ranks"]; the others return None."""
-    ranks = p.world.all_gather_object({"rank": p.world.rank, "peak_memory_bytes": peak_memory_bytes(p.accelerator.device),
+    ranks = p.world.all_gather_object({"rank": p.world.rank,
+                                       "peak_memory_bytes": peak_memory_bytes(p.accelerator.device),
                                        "frozen_bytes": fsdp.local_frozen_bytes(p.model),
                                        "load_peak_bytes": p.load_peak_bytes})
     if not p.world.is_main:
@@ -211,7 +212,8 @@ def finish(p: Prepared, run_dir: Path, again: str, step: int, skipped: int, last
                "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
                "peak_memory_bytes": peak_memory_bytes(p.accelerator.device), "trainable_params": p.report.trainable,
                "total_params": p.report.total, "trainable_percent": round(p.report.percent, 4),
-               "trainable_by_method": p.counts, "skipped_batches": skipped, "adapter": str(adapter_dir), "wall_s": round(elapsed, 1)}
+               "trainable_by_method": p.counts, "skipped_batches": skipped, "adapter": str(adapter_dir),
+               "wall_s": round(elapsed, 1)}
     if p.world.distributed:
         summary |= {"world_size": p.world.size, "parallel": p.parallel, "ranks": ranks}
     atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")

@@ -43,8 +43,9 @@ class LossHead(nn.Module):
     rows; `norm`: the decoder's deferred final norm, applied per chunk (h is then the pre-norm hidden state).
 
     One module for lm_head and every chunk, so that under FSDP it is one unit (fsdp.shard_root shards it before the
-    root): lm_head is gathered once for all chunks of a micro-batch, freed after the forward, gathered again when backward reaches
-    the loss, and freed before the decoder's backward starts (an lm_head of 128k x 8192 bf16 is 2 GiB)."""
+    root): lm_head is gathered once for all chunks of a micro-batch, freed after the forward, gathered again when
+    backward reaches the loss, and freed before the decoder's backward starts (an lm_head of 128k x 8192 bf16 is
+    2 GiB)."""
 
     def __init__(self, lm_head: nn.Module, chunk: int):
         super().__init__()

@@ -14,7 +14,7 @@ tensor owns a view (its shape) into both. The inner optimizer sees one parameter
               grad    (n_g,) fp32  = same layout; master.grad is this buffer
               lr      = base lr x group ratio (LoRA+: B at `ratio` x A's rate, set_lr applies it)
 
-Gradient accumulation (issue 16, item 3): autograd would sum micro-batch gradients in the bf16 `.grad`. Instead a
+Gradient accumulation: autograd would sum micro-batch gradients in the bf16 `.grad`. Instead a
 post-accumulate-grad hook adds each adapter's freshly computed gradient into its fp32 view and frees the bf16 one,
 so micro-batches are summed in fp32 on every device. DDP/FSDP: their reducers read `.grad` AFTER tensor hooks
 run, so under a multi-process wrapper build with `hook=False`: autograd then accumulates in `.grad` (which DDP

@@ -186,7 +186,8 @@ def _probe_bnb_optimizer(t, device: torch.device) -> None:
     except Exception as e:  # any failure of the probe means "not on this machine"; the message carries the cause
         raise ConfigError(f"train.optimizer={t.optimizer}: bitsandbytes cannot run it on {device.type} here "
                           f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}). Use "
-                          "train.optimizer=adamw, or install a bitsandbytes build that supports this machine.") from None
+                          "train.optimizer=adamw, or install a bitsandbytes build that supports this machine."
+                          ) from None
 
 
 def seed_everything(seed: int) -> None:

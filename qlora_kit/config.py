@@ -22,7 +22,8 @@ import yaml
 
 from .errors import ConfigError
 from .terms import BLOCKSIZES, QuantType
-from .typecheck import coerce
+from . import safe_yaml
+from .typecheck import coerce, shown
 
 ComputeDtype = Literal["bf16", "fp32"]
 DataFormat = Literal["text", "alpaca", "chat", "sharegpt", "completion"]
@@ -285,19 +286,19 @@ def _build_section(name: str, raw: Any) -> Any:
     for key, value in raw.items():
         if key not in hints:
             raise ConfigError(
-                f"unknown key '{name}.{key}'.{_nearest(str(key), hints)} Valid keys in '{name}': {', '.join(hints)}."
+                f"unknown key '{name}.{shown(key, 40)}'.{_nearest(str(key)[:100], hints)} Valid keys in '{name}': {', '.join(hints)}."
             )
         kwargs[key] = coerce(value, hints[key], f"{name}.{key}")
         check = _RANGES.get((name, key))
         if check and not check[0](kwargs[key]):
-            raise ConfigError(f"{name}.{key} = {kwargs[key]!r} is out of range: it must be {check[1]}.")
+            raise ConfigError(f"{name}.{key} = {shown(kwargs[key])} is out of range: it must be {check[1]}.")
     for key in ("targets", "outputs", "inputs"):
         value = kwargs.get(key)
         if isinstance(value, str) and value != "all-linear":
             try:  # a string other than all-linear is a regex: fail here, not after loading the model
                 re.compile(value)
             except re.error as e:
-                raise ConfigError(f"{name}.{key} {value!r} is not a valid regular expression ({e}); use "
+                raise ConfigError(f"{name}.{key} {shown(value)} is not a valid regular expression ({e}); use "
                                   "all-linear, a list of module names like [q_proj, v_proj], "
                                   "or a valid regex.") from None
     return cls(**kwargs)
@@ -306,11 +307,11 @@ def _build_section(name: str, raw: Any) -> Any:
 def parse_override(text: str) -> tuple[str, str, Any]:
     """`section.key=value` -> (section, key, value); the value is parsed as YAML (`3`, `true`, `[q_proj]`)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"--set {text!r}: expected section.key=value, for example --set train.steps=10.")
+        raise ConfigError(f"--set {shown(text)}: expected section.key=value, for example --set train.steps=10.")
     path, raw = text.split("=", 1)
     section, key = path.split(".", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_yaml.load(raw, f"--set {shown(text)}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return section.strip(), key.strip(), value
@@ -326,7 +327,8 @@ def recipe_from_dict(raw: Any, overrides: typing.Sequence[str] = ()) -> Recipe:
     for text in overrides:
         section, key, value = parse_override(text)
         if section not in SECTIONS:
-            raise ConfigError(f"--set {text!r}: unknown section '{section}'.{_nearest(section, SECTIONS)}")
+            raise ConfigError(f"--set {shown(text)}: unknown section {shown(section, 40)}."
+                              f"{_nearest(section[:100], SECTIONS)}")
         if raw.get(section) is None:
             raw[section] = {}
         if not isinstance(raw[section], dict):
@@ -335,7 +337,7 @@ def recipe_from_dict(raw: Any, overrides: typing.Sequence[str] = ()) -> Recipe:
     for name in raw:
         if name not in SECTIONS:
             raise ConfigError(
-                f"unknown recipe section '{name}'.{_nearest(str(name), SECTIONS)} Sections: {', '.join(SECTIONS)}."
+                f"unknown recipe section {shown(name, 40)}.{_nearest(str(name)[:100], SECTIONS)} Sections: {', '.join(SECTIONS)}."
             )
     recipe = Recipe(**{name: _build_section(name, raw.get(name)) for name in SECTIONS})
     if recipe.lora.dora and recipe.lora.init == "loftq":
@@ -352,8 +354,11 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}. Pass a YAML file, e.g. recipes/demo.yaml.")
+    if path.stat().st_size > safe_yaml.MAX_BYTES:
+        raise ConfigError(f"recipe {path} is {path.stat().st_size} bytes; a recipe is at most {safe_yaml.MAX_BYTES} "
+                          "(a few dozen keys). Did you pass a data file?")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = safe_yaml.load(path.read_text(encoding="utf-8"), f"recipe {path}")
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -8,11 +8,25 @@ it means) and raises ConfigError naming `where` and what was expected otherwise.
 from __future__ import annotations
 
 import math
+import reprlib
 import types
 import typing
 from typing import Any, Literal, Union
 
 from .errors import ConfigError
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxtuple = 3, 6, 6, 6
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 60, 60, 40
+SHOWN_CHARS = 80  # a value echoed in a message: a 40 MB list would make a 40 MB error line
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """A short repr of `value` for a message: reprlib walks only the first items of the first levels, then the text
+    is cut to `limit` characters (a wrong-typed 40 MB list must not make a 40 MB error line)."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def type_name(tp: Any) -> str:
@@ -27,13 +41,13 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate ("\\ud800" in YAML): tokenizers reject it mid-run
-            raise ConfigError(f"{where}: {value!r:.60} holds an invalid unicode character (a lone surrogate); "
+            raise ConfigError(f"{where}: {shown(value, 60)} holds an invalid unicode character (a lone surrogate); "
                               "fix the escape sequence.") from None
     origin = typing.get_origin(tp)
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {type_name(tp)}.")
+        raise ConfigError(f"{where}: {shown(value)} is not allowed; choose one of {type_name(tp)}.")
     if origin in (Union, types.UnionType):
         errors = []
         for arm in typing.get_args(tp):
@@ -41,21 +55,22 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
                 return coerce(value, arm, where)
             except ConfigError:
                 errors.append(type_name(arm))
-        raise ConfigError(f"{where}: expected {' or '.join(errors)}, got {type(value).__name__} {value!r}.")
+        raise ConfigError(f"{where}: expected {' or '.join(errors)}, got {type(value).__name__} {shown(value)}.")
     if origin is dict:
         key_tp, item = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping like {{key: value}}, got {type(value).__name__} {value!r}.")
+            raise ConfigError(f"{where}: expected a mapping like {{key: value}}, got {type(value).__name__} "
+                              f"{shown(value)}.")
         return {coerce(k, key_tp, f"{where} key"): coerce(v, item, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}.")
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {shown(value)}.")
         return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is type(None):
         if value is None:
             return None
-        raise ConfigError(f"{where}: expected null, got {value!r}.")
+        raise ConfigError(f"{where}: expected null, got {shown(value)}.")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -73,11 +88,11 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         if number is not None:
             if not math.isfinite(number):  # .nan / .inf pass `> 0` range checks and poison training later
-                raise ConfigError(f"{where}: expected a finite number, got {value!r}.")
+                raise ConfigError(f"{where}: expected a finite number, got {shown(value)}.")
             return number
     elif tp is str:
         if isinstance(value, str):
             return value
     else:  # pragma: no cover - a field type this function does not know is a bug here, not user input
         raise AssertionError(f"unhandled annotation {tp!r}")
-    raise ConfigError(f"{where}: expected {type_name(tp)}, got {type(value).__name__} {value!r}.")
+    raise ConfigError(f"{where}: expected {type_name(tp)}, got {type(value).__name__} {shown(value)}.")

@@ -47,18 +47,25 @@ def assert_equal(a, b):
 
 
 def test_offload_gradients_bitwise_equal_and_bytes_on_host():
-    loss0, g0 = loss_and_grads(build())
+    plain = build()
     store = offload.OffloadStore("cpu")
     model = build(store=store)
-    for _ in range(2):  # the second step reuses the first step's host buffers
-        loss1, g1 = loss_and_grads(model)
+    # batches of varying length, as real data: a step after a longer one reuses larger host buffers for a
+    # smaller (B, S, H), then a longer one needs new ones
+    seqs = [32, 32, 61, 17, 40]
+    for seq in seqs:
+        loss0, g0 = loss_and_grads(plain, seq=seq)
+        plain.zero_grad(set_to_none=True)
+        loss1, g1 = loss_and_grads(model, seq=seq)
         model.zero_grad(set_to_none=True)
-        assert torch.equal(loss0, loss1)
+        assert torch.equal(loss0, loss1), seq
         assert_equal(g0, g1)
-    L, layer_input = TINY["num_hidden_layers"], 2 * 32 * TINY["hidden_size"] * 2  # (B, S, H) bf16
-    assert store.stats["packed"] == store.stats["unpacked"] == 2 * L
-    assert store.stats["prefetch_hits"] == 2 * (L - 1)  # every layer but the last-run one came prefetched
-    assert store.host_bytes() == L * layer_input  # the pool: allocated once, reused
+    L = TINY["num_hidden_layers"]
+    assert store.stats["packed"] == store.stats["unpacked"] == len(seqs) * L
+    assert store.stats["prefetch_hits"] == len(seqs) * (L - 1)  # every layer but the last-run one came prefetched
+    # the pool: allocated for seq 32, grown once for 61; 17 and 40 reuse the 61-token buffers
+    layer_input = 2 * TINY["hidden_size"] * 2  # (B, 1, H) bf16
+    assert store.host_bytes() == L * layer_input * (32 + 61)
 
 
 def test_offload_releases_device_copies_after_forward():

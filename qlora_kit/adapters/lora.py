@@ -122,15 +122,28 @@ def match_targets(names: Iterable[str], targets: str | Sequence[str]) -> list[st
     return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
 
 
+def unmatched(names: Iterable[str], targets: str | Sequence[str]) -> list[str]:
+    """The entries of `targets` that match none of `names` (a regex string: itself, when it matches nothing): a
+    recipe naming a module the model lacks is a mistake, never a silent partial adapter."""
+    names = list(names)
+    if targets == "all-linear":
+        return [] if names else ["all-linear"]
+    if isinstance(targets, str):
+        return [] if match_targets(names, targets) else [targets]
+    return [t for t in targets if not match_targets(names, [t])]
+
+
 def inject(model: nn.Module, targets: str | Sequence[str], spec: LoraSpec, layer: type | None = None) -> list[str]:
     """Wrap each targeted Linear in a LoRALinear (or `layer`, e.g. dora.DoRALinear), in place; freeze everything
     else. Returns the wrapped names.
 
     Raises ValueError with the available names when nothing matches (the caller turns it into a user error)."""
     chosen = match_targets(linear_names(model), targets)
-    if not chosen:
+    missing = unmatched(linear_names(model), targets)
+    if not chosen or missing:
         short = sorted({n.split(".")[-1] for n in linear_names(model)})
-        raise ValueError(f"lora.targets {targets!r} matched no Linear module. Linear names in this model: {short}")
+        what = f"lora.targets {targets!r}" if not chosen else f"lora.targets entries {missing!r}"
+        raise ValueError(f"{what} matched no Linear module. Linear names in this model: {short}")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:

@@ -75,12 +75,17 @@ def inject_ia3(model: nn.Module, outputs, inputs) -> list[str]:
     ValueError (the caller's user error) when nothing matches or a module is in both."""
     names = _ia3_candidates(model)
     out_m, in_m = lora.match_targets(names, outputs), lora.match_targets(names, inputs)
+    short = sorted({n.split(".")[-1] for n in names})
+    for key, targets in (("outputs", outputs), ("inputs", inputs)):
+        missing = lora.unmatched(names, targets)
+        if missing:  # one list's miss must not leave the other list training alone
+            raise ValueError(f"ia3.{key} entries {missing!r} matched no Linear module. Linear names in this model: "
+                             f"{short}; set ia3.{key} to some of them ([] for none)")
     both = sorted(set(out_m) & set(in_m))
     if both:
         raise ValueError(f"ia3: {both[0]} matches both ia3.outputs and ia3.inputs; a module scales its output or "
                          "its input, not both. Remove it from one list")
     if not out_m and not in_m:
-        short = sorted({n.split(".")[-1] for n in names})
         raise ValueError(f"ia3.outputs {outputs!r} and ia3.inputs {inputs!r} matched no Linear module. Linear names "
                          f"in this model: {short}; set ia3.outputs / ia3.inputs to some of them")
     for name, ff in [(n, False) for n in out_m] + [(n, True) for n in in_m]:

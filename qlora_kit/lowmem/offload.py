@@ -34,10 +34,12 @@ from torch.utils.checkpoint import checkpoint
 class _Entry:
     """One offloaded tensor: its host copy, where it goes back to, and a prefetched device copy if one is under way."""
 
-    __slots__ = ("store", "index", "host", "shape", "dtype", "device", "ready", "prefetched", "__weakref__")
+    __slots__ = ("store", "index", "host", "flat", "shape", "dtype", "device", "ready", "prefetched", "__weakref__")
 
-    def __init__(self, store: "OffloadStore", index: int, host: torch.Tensor, src: torch.Tensor, ready):
-        self.store, self.index, self.host = store, index, host
+    def __init__(self, store: "OffloadStore", index: int, flat: torch.Tensor, host: torch.Tensor, src: torch.Tensor,
+                 ready):
+        # flat: the pool's 1-D buffer (it goes back to the pool whole); host: its first numel elements as src.shape
+        self.store, self.index, self.flat, self.host = store, index, flat, host
         self.shape, self.dtype, self.device = src.shape, src.dtype, src.device
         self.ready = ready  # CUDA event: the device->host copy is done (None on the CPU)
         self.prefetched: tuple[torch.Tensor, object] | None = None
@@ -77,8 +79,8 @@ class OffloadStore:
         return buf
 
     def _release(self, entry: _Entry) -> None:
-        self._free.append(entry.host)
-        entry.host, entry.prefetched = None, None
+        self._free.append(entry.flat)  # the flat buffer, never the shaped view: a later batch's shape differs
+        entry.host, entry.flat, entry.prefetched = None, None, None
         self._live.pop(entry.index, None)
 
     def host_bytes(self) -> int:
@@ -93,7 +95,8 @@ class OffloadStore:
     # ---- the hooks ---------------------------------------------------------------------------------------------
 
     def pack(self, t: torch.Tensor) -> _Entry:
-        host = self._buffer(t.numel(), t.dtype)[: t.numel()].view(t.shape)
+        flat = self._buffer(t.numel(), t.dtype)
+        host = flat[: t.numel()].view(t.shape)
         ready = None
         if self.cuda and t.is_cuda:
             compute = torch.cuda.current_stream(t.device)
@@ -105,7 +108,7 @@ class OffloadStore:
             t.record_stream(self.stream)  # the allocator must not hand t's memory out until the copy is done
         else:
             host.copy_(t)
-        entry = _Entry(self, self._counter, host, t, ready)
+        entry = _Entry(self, self._counter, flat, host, t, ready)
         self._live[self._counter] = entry
         self._counter += 1
         self.stats["packed"] += 1

@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import re
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
@@ -60,7 +61,9 @@ def _builtin(name: str) -> Path:
     source = Path(list(spec.submodule_search_locations)[0])
     from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy; only for the one-time conversion
 
-    print(f"converting built-in model {name} from {gguf_name} (once; cached in {target})", flush=True)
+    # stderr: stdout is the command's result (`eval --json` prints one JSON object there)
+    print(f"converting built-in model {name} from {gguf_name} (once; cached in {target})", file=sys.stderr,
+          flush=True)
     # transformers keeps a GGUF model marked as quantized (not serialisable): take its dequantized state dict
     # into a fresh model built from the same config without the GGUF marker, and save that in bf16.
     gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_name, dtype=torch.float32)

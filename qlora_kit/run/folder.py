@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import yaml
@@ -19,6 +20,9 @@ from .. import atomic
 from . import checkpoint
 from ..config import Recipe, dump_recipe, recipe_from_dict
 from ..errors import ConfigError
+from .lock import LOCK_NAME
+
+_DEBRIS = re.compile(r"^\..+\.(tmp|old)-\d+$")  # atomic.temp_name's names
 
 # Sections that must not change when resuming: the checkpoint's tensors only make sense with them.
 _FIXED_ON_RESUME = ("model", "quant", "lora", "data")
@@ -28,17 +32,34 @@ def is_run_dir(path: Path) -> bool:
     return (path / "recipe.yaml").is_file()
 
 
+def _leftovers(run_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(what RUN_DIR holds, what is only debris): the lock file and the temporaries of an atomic write that a
+    killed process left (`.recipe.yaml.tmp-PID`) are not a run, and nothing else writes them."""
+    if not run_dir.is_dir():
+        return [], []
+    entries = [e for e in run_dir.iterdir() if e.name != LOCK_NAME]
+    debris = [e for e in entries if _DEBRIS.match(e.name)]
+    return [e for e in entries if e not in debris], debris
+
+
 def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> Path | None:
     """Refuse to overwrite a run; on --resume return the checkpoint to start from (None: start at step 0, also
-    when a resumed run died before its first checkpoint: there is nothing to lose, and no other folder to pick)."""
-    has_content = run_dir.exists() and any(run_dir.iterdir())
+    when a resumed run died before its first checkpoint: there is nothing to lose, and no other folder to pick).
+    Call it holding the folder's lock (lock.py): the debris it removes is then no live writer's."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} is a file, not a folder; choose a folder with --out.")
+    content, debris = _leftovers(run_dir)
     if not resume:
-        if has_content:
+        if content:
             raise ConfigError(f"run folder {run_dir} already exists and is not empty. Pass --resume to continue "
                               "that run, or choose a new folder with --out.")
+        for entry in debris:  # a process killed before recipe.yaml was in place: the folder holds no run yet
+            atomic.remove(entry)
         return None
-    if not has_content:
-        raise ConfigError(f"--resume: {run_dir} holds no run to resume. Drop --resume to start a new run there.")
+    if not content:
+        killed = " (only the temporary files of a run killed before it wrote recipe.yaml)" if debris else ""
+        raise ConfigError(f"--resume: {run_dir} holds no run to resume{killed}. Drop --resume to start a new run "
+                          "there.")
     if not is_run_dir(run_dir):
         raise ConfigError(f"--resume: {run_dir} is not a qlora-kit run folder (no recipe.yaml).")
     try:

@@ -26,6 +26,7 @@ from . import fsdp, trackers
 from ..data import pipeline as data
 from ..adapters import methods
 from ..run import checkpoint
+from ..run.lock import RunLock
 from ..config import Recipe
 from .distributed import World, shard_batch
 from ..errors import ConfigError, TrainingInterrupted, TrainingStopped
@@ -226,16 +227,28 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
     `resume_command`: the exact command that continues this run, for the messages of a stopped run.
     `world`: this process's rank among several (distributed.detect()); rank 0 alone writes `run_dir`, and the
     other ranks return None."""
-    from tqdm.auto import tqdm
-
     from . import distributed
-    from ..run.folder import check_run_dir, open_run
 
     world = world or World()
     run_dir = Path(run_dir)
+    distributed.use_timeout(world, recipe.train.dist_timeout_s)
+    # rank 0 holds the folder's lock for the whole run (the other ranks are its own launch); released on every exit
+    lock = RunLock(run_dir)
+    world.agree(lambda: lock.acquire() if world.is_main else None)
+    try:
+        return _run_locked(recipe, run_dir, resume, progress, resume_command, world)
+    finally:
+        lock.release()
+
+
+def _run_locked(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, resume_command: str | None,
+                world: World) -> dict | None:
+    from tqdm.auto import tqdm
+
+    from ..run.folder import check_run_dir, open_run
+
     again = resume_command or f"qlora-kit train RECIPE --out {run_dir} --resume"
     t = recipe.train
-    distributed.use_timeout(world, t.dist_timeout_s)
 
     def setup():  # every rank checks and loads; any rank's bad input stops all of them (distributed.agree)
         start_ckpt = check_run_dir(run_dir, recipe, resume)

@@ -8,6 +8,8 @@ import re
 
 import click
 
+from qlora_kit.cli.options import NonEmptyPath
+
 from qlora_kit.analysis import analyze as an
 from qlora_kit.terms import QUANT_TYPES
 
@@ -110,7 +112,7 @@ def _text(report: an.Report) -> list[str]:
 @click.option("--modules", "pattern", default=None, metavar="REGEX", help="Only modules whose full name matches.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random-direction baseline.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-@click.option("--plot", "plot_dir", default=None, metavar="DIR",
+@click.option("--plot", "plot_dir", default=None, metavar="DIR", type=NonEmptyPath(dir_okay=True),
               help="Write spectrum / amplification / similarity PNGs.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the base is quantized, as in training (auto: CUDA when present).")
@@ -120,6 +122,10 @@ def command(path, base, no_base, quant, blocksize, double_quant, compare, patter
     how much the top subspaces of two adapters overlap."""
     if no_base and base is not None:
         raise click.UsageError("--base and --no-base exclude each other.")
+    if plot_dir is not None:  # before the analysis (minutes on a large base), not after it
+        from qlora_kit.analysis.plots import require
+
+        require()
     report = an.analyze(path, base=base, use_base=not no_base, quant=quant, blocksize=blocksize,
                         double_quant=double_quant, compare=compare, modules=pattern, seed=seed, device=device)
     plots = []

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from qlora_kit.cli.options import NonEmptyPath
+
 from qlora_kit.export import formats as ex
 from qlora_kit.terms import QUANTIZED_TYPES
 
@@ -16,7 +18,7 @@ from qlora_kit.terms import QUANTIZED_TYPES
               required=True, help="adapter: PEFT folder; merged: a full 16/32-bit model; quantized: merged, then "
               "4/8-bit again; gguf: the merged model as one GGUF file (+ Ollama Modelfile); gguf-adapter: the LoRA "
               "as a llama.cpp adapter GGUF, for a GGUF of the ORIGINAL base.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to create (gguf: file).")
+@click.option("--out", required=True, type=NonEmptyPath(path_type=Path), help="Folder to create (gguf: file).")
 @click.option("--gguf-type", default="f16", show_default=True, metavar="TYPE",
               help="GGUF tensor type: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1; q4_k_m q5_k_m q6_k need the "
               "llama-cpp extra. gguf-adapter: f32 f16 bf16.")

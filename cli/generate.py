@@ -35,6 +35,14 @@ def _parse_prompt(prompt: str, names: list[str]) -> tuple[str, str]:
     return name, text
 
 
+def _finite(ctx, param, value: float) -> float:
+    import math
+
+    if not math.isfinite(value):  # nan passes FloatRange's comparisons; inf divides every logit to 0
+        raise click.BadParameter(f"{value} is not a finite number; 0 is greedy, 0.7-1.0 samples.")
+    return value
+
+
 @click.command()
 @click.argument("source")
 @click.option("--prompt", "prompts", multiple=True, required=True,
@@ -45,7 +53,8 @@ def _parse_prompt(prompt: str, names: list[str]) -> tuple[str, str]:
 @click.option("--quant", type=click.Choice(QUANT_TYPES),
               help="Quantization of the base (default: the run's; nf4 otherwise).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096))
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0), help="0: greedy.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0), callback=_finite,
+              help="0: greedy.")
 @click.option("--raw", is_flag=True, help="Send the prompt text as is, without the chat/alpaca template.")
 @click.option("--compare-base", is_flag=True, help="Also answer with the adapter switched off (same quantized base).")
 @click.option("--keep-quantized", is_flag=True,

@@ -8,12 +8,14 @@ import shlex
 
 import click
 
+from qlora_kit.cli.options import NonEmptyPath
+
 
 @click.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a recipe key, e.g. --set train.steps=10 --set lora.targets=[q_proj,v_proj]. Repeatable.")
-@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: the recipe's output.dir).")
+@click.option("--out", type=NonEmptyPath(file_okay=False), help="Run folder (default: the recipe's output.dir).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last complete checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (metrics still go to metrics.jsonl).")
 @click.option("--allow-pickle", is_flag=True,

@@ -56,8 +56,18 @@ def atomic_file(path: Path) -> Iterator[Path]:
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as e:
+        raise named(e, path) from None
     finally:
         tmp.unlink(missing_ok=True)  # gone already after a successful rename
+
+
+def named(error: OSError, path: Path) -> OSError:
+    """`error` with `path` as its file name when it has none: a write() that fails with ENOSPC names no file, and
+    "No space left on device" alone does not say which write lost."""
+    if error.filename is None and error.errno is not None:
+        return type(error)(error.errno, error.strerror, str(path))
+    return error
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -247,6 +247,16 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("train", "dist_timeout_s"): (lambda v: 10 <= v <= 86400, "in [10, 86400]"),
     ("train", "num_threads"): (lambda v: 0 <= v <= 4096, "in [0, 4096]"),  # torch overflows on absurd counts
     ("train", "seed"): (lambda v: 0 <= v < 2**64, "in [0, 2**64)"),  # torch.manual_seed takes a uint64
+    ("output", "dir"): (lambda v: v.strip() != "", "a folder name, not empty"),  # '' would be the current folder
+}
+
+# Upper bounds, checked with _RANGES: past them no machine holds one step, or one step never ends (a grad_accum of
+# 10**12 micro-batches). Within them `train` still compares the estimated memory of a step with the machine's before
+# the first step (train/fits.py).
+LIMITS: dict[tuple[str, str], int] = {
+    ("lora", "r"): 1 << 16, ("data", "max_length"): 1 << 24, ("train", "batch_size"): 1 << 20,
+    ("train", "grad_accum"): 1 << 16, ("train", "steps"): 1 << 31, ("train", "warmup_steps"): 1 << 31,
+    ("train", "loss_chunk"): 1 << 24, ("train", "mlp_chunk"): 1 << 24,
 }
 
 # Names people bring from PEFT / transformers TrainingArguments / other tools: difflib cannot guess `rank` -> `r`.
@@ -286,12 +296,16 @@ def _build_section(name: str, raw: Any) -> Any:
     for key, value in raw.items():
         if key not in hints:
             raise ConfigError(
-                f"unknown key '{name}.{shown(key, 40)}'.{_nearest(str(key)[:100], hints)} Valid keys in '{name}': {', '.join(hints)}."
+                f"unknown key '{name}.{str(key)[:40]}'.{_nearest(str(key)[:100], hints)} "
+                f"Valid keys in '{name}': {', '.join(hints)}."
             )
         kwargs[key] = coerce(value, hints[key], f"{name}.{key}")
         check = _RANGES.get((name, key))
         if check and not check[0](kwargs[key]):
             raise ConfigError(f"{name}.{key} = {shown(kwargs[key])} is out of range: it must be {check[1]}.")
+        limit = LIMITS.get((name, key))
+        if limit is not None and kwargs[key] > limit:
+            raise ConfigError(f"{name}.{key} = {shown(kwargs[key])} is beyond what any machine runs: at most {limit}.")
     for key in ("targets", "outputs", "inputs"):
         value = kwargs.get(key)
         if isinstance(value, str) and value != "all-linear":
@@ -337,7 +351,8 @@ def recipe_from_dict(raw: Any, overrides: typing.Sequence[str] = ()) -> Recipe:
     for name in raw:
         if name not in SECTIONS:
             raise ConfigError(
-                f"unknown recipe section {shown(name, 40)}.{_nearest(str(name)[:100], SECTIONS)} Sections: {', '.join(SECTIONS)}."
+                f"unknown recipe section {shown(name, 40)}.{_nearest(str(name)[:100], SECTIONS)} "
+                f"Sections: {', '.join(SECTIONS)}."
             )
     recipe = Recipe(**{name: _build_section(name, raw.get(name)) for name in SECTIONS})
     if recipe.lora.dora and recipe.lora.init == "loftq":

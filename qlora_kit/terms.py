@@ -69,3 +69,15 @@ def human_bytes(n: int) -> str:
 # The prefix of torch.profiler `record_function` ranges that mark where a phase of a step starts: train/loop.py marks
 # the optimizer step, measure/breakdown.py the rest, and measure/timeline.py reads them back from the trace.
 PROFILER_MARK = "qlora_kit::mark::"
+
+
+# config.json sizes that must be positive integers when present (0 divides by zero, a negative one allocates
+# nonsense); the model loader and the estimate both check them.
+CONFIG_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "head_dim", "max_position_embeddings")
+
+
+def bad_config_sizes(config: dict) -> list[str]:
+    """`key=value` for every CONFIG_SIZES entry of `config` that is present (not null) and not a positive int."""
+    return [f"{k}={config[k]!r:.40}" for k in CONFIG_SIZES if config.get(k) is not None
+            and (not isinstance(config[k], int) or isinstance(config[k], bool) or config[k] <= 0)]

@@ -36,10 +36,7 @@ def describe_model(folder: Path, allow_pickle: bool = False, trust_remote_code: 
     shapes = _tensor_shapes(files)
     for f in files:  # only reached with allow_pickle: read as tensors only (weights_only), memory-mapped
         if f.suffix == ".bin":
-            import torch
-
-            shapes |= {k: (tuple(v.shape), str(v.dtype)[6:].upper())
-                       for k, v in torch.load(f, map_location="cpu", weights_only=True, mmap=True).items()}
+            shapes |= {k: (tuple(v.shape), str(v.dtype)[6:].upper()) for k, v in model.read_pickle(f).items()}
     params = sum(math.prod(s) for s, _ in shapes.values())
     linears = sorted({k.rsplit(".", 2)[-2] for k, (s, _) in shapes.items() if len(s) == 2 and k.endswith(".weight")
                       and "embed" not in k and "lm_head" not in k})
@@ -86,7 +83,10 @@ def describe_run(folder: Path) -> dict:
            "checkpoints": [p.name for p in checkpoint.all_checkpoints(folder)],
            "finished": (folder / "adapter" / peft_format.WEIGHTS_NAME).is_file()}
     if (folder / "summary.json").is_file():
-        out["summary"] = json.loads((folder / "summary.json").read_text())
+        try:
+            out["summary"] = json.loads((folder / "summary.json").read_bytes().decode("utf-8"))
+        except ValueError:  # written atomically, so only damaged later: say so rather than fail
+            out["summary"] = "damaged (not UTF-8 JSON)"
     return out
 
 

@@ -21,12 +21,20 @@ from .. import atomic
 from ..errors import QloraKitError
 
 
-def _figure(*args, **kwargs):
+def require() -> None:
+    """QloraKitError unless matplotlib imports: checked before any analysis runs or any folder is made."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
     except ImportError:
         raise QloraKitError("--plot needs matplotlib: pip install 'qlora-kit[plot]'.") from None
+
+
+def _figure(*args, **kwargs):
+    require()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(*args, **kwargs)
     FigureCanvasAgg(fig)
     return fig
@@ -131,6 +139,7 @@ def _similarity(report, folder: Path) -> list[Path]:
 
 def write_plots(report, folder: str | Path) -> list[Path]:
     """Write the charts of an analyze.Report into `folder` (created); returns the files written."""
+    require()  # before the folder exists: a refused --plot leaves nothing behind
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise QloraKitError(f"--plot {folder} is a file; pass a folder for the PNGs.")

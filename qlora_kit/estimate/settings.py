@@ -6,9 +6,14 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
-from ..config import DataConfig, LoraConfig, Optimizer, QuantConfig, TrainConfig
+from ..config import LIMITS, DataConfig, LoraConfig, Optimizer, QuantConfig, TrainConfig
 from ..errors import ConfigError
 from ..terms import BLOCKSIZES, QUANT_TYPES, QuantType
+
+
+# Upper bounds of the sizes (the recipe's own, config.py): past them no machine holds one step
+MAX_SIZES = {"rank": LIMITS["lora", "r"], "batch": LIMITS["train", "batch_size"], "seq": LIMITS["data", "max_length"],
+             "loss_chunk": LIMITS["train", "loss_chunk"]}
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,9 @@ class EstimateConfig:
         for name in ("rank", "batch", "seq", "loss_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            if getattr(self, name) > MAX_SIZES[name]:
+                raise ConfigError(f"{name} {getattr(self, name)} is beyond any machine (at most {MAX_SIZES[name]}); "
+                                  "without --seq, the table at the end shows the longest sequence each GPU size fits.")
         choices = {"quant": QUANT_TYPES, "optimizer": typing.get_args(Optimizer), "device": ("cuda", "cpu"),
                    "blocksize": BLOCKSIZES, "compute_bytes": (2, 4)}
         for name, allowed in choices.items():
@@ -64,3 +72,22 @@ class EstimateConfig:
                               "input, not both. Remove it from one list")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+def from_recipe(recipe, device: str, replay_dropout: bool = True) -> EstimateConfig:
+    """The estimate's settings for a recipe (config.Recipe): the same numbers the trainer is given."""
+    lo, t = recipe.lora, recipe.train
+
+    def names(targets) -> tuple[str, ...]:  # a regex string is passed whole: the estimate names it if unknown
+        return (targets,) if isinstance(targets, str) else tuple(targets)
+
+    return EstimateConfig(quant=recipe.quant.type, blocksize=recipe.quant.blocksize,
+                          double_quant=recipe.quant.double_quant, rank=lo.r,
+                          targets=lo.targets if isinstance(lo.targets, str) else tuple(lo.targets),
+                          optimizer=t.optimizer, batch=t.batch_size, seq=recipe.data.max_length,
+                          checkpointing=t.gradient_checkpointing, device=device, loss_chunk=t.loss_chunk,
+                          compute_bytes=2 if recipe.quant.compute_dtype == "bf16" else 4, lora_dropout=lo.dropout,
+                          replay_dropout=replay_dropout, offload_activations=t.offload_activations,
+                          mlp_chunk=t.mlp_chunk, dora=lo.dora,
+                          ia3_outputs=names(recipe.ia3.outputs) if recipe.ia3 else (),
+                          ia3_inputs=names(recipe.ia3.inputs) if recipe.ia3 else ())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ModelError
+from ..terms import bad_config_sizes
 
 # config.json keys that may be absent, with the defaults transformers' LlamaConfig uses for them.
 KNOWN_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # same layer layout; MoE or other layouts would be miscounted
@@ -57,6 +58,9 @@ def count_params(config: dict) -> ModelShapes:
     if missing:
         raise ModelError(f"config.json lacks {', '.join(missing)}: estimate knows decoder-only Llama-like models "
                          "(llama, mistral, qwen2, qwen3)")
+    bad = bad_config_sizes(config)
+    if bad:
+        raise ModelError(f"config.json has sizes that are not positive integers: {', '.join(bad)}")
     c = {**_OPTIONAL, **{k: v for k, v in config.items() if v is not None}}
     if c["model_type"] not in KNOWN_TYPES:
         raise ModelError(f"model_type {c['model_type']!r} is not a layout estimate knows ({', '.join(KNOWN_TYPES)}); "

@@ -20,7 +20,7 @@ from ..data import pipeline as data
 from ..adapters import loftq, methods, multi_lora, peft_format
 from ..config import ModelConfig, QuantConfig, Recipe, load_recipe
 from ..device import resolve_device
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from ..model.load import load_base
 from ..quant.bnb import DTYPES
 from ..run.folder import adapter_source, is_run_dir
@@ -157,7 +157,11 @@ def load_many(source: str, adapters: Mapping[str, str], base: str | None = None,
 def encode(loaded: Loaded, prompt: str, adapter: str | None = None, raw: bool = False) -> list[int]:
     """Token ids of `prompt` as the run of `adapter` (None: the base) rendered its training prompts."""
     if raw:
-        return loaded.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        ids = loaded.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if not ids:  # nothing to continue from: the model's first step would embed an empty (1, 0) batch
+            raise ConfigError(f"--raw --prompt {prompt!r} is no token at all (this tokenizer adds no BOS); give "
+                              "some text to continue, or drop --raw to use the training template.")
+        return ids
     fmt, system = loaded.formats.get(adapter, (loaded.data_format, loaded.system_prompt))
     return data.encode_prompt(prompt, loaded.tokenizer, fmt, system)
 

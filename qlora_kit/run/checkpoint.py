@@ -131,6 +131,31 @@ def latest(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def load_newest_readable(path: Path, announce: bool = True) -> tuple[Path, tuple[dict, dict, dict]]:
+    """(checkpoint, load(checkpoint)) for `path`, or, when `path` is damaged, for the newest older one that reads,
+    saying so on stderr: a damaged newest checkpoint costs the steps since the one before, not the run."""
+    import sys
+
+    older = [c for c in all_checkpoints(path.parent.parent) if _step(c) < _step(path)]
+    try:
+        return path, load(path)
+    except QloraKitError as first:
+        for candidate in reversed(older):
+            try:
+                loaded = load(candidate)
+            except QloraKitError:
+                continue
+            if announce:
+                print(f"{first} Resuming from {candidate} instead.", file=sys.stderr)
+            return candidate, loaded
+        raise first from None
+
+
+def _step(path: Path) -> int:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(adapter tensors, optimizer state, the rest of state.json with `rng` restored to tensors)."""
     try:

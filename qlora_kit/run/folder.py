@@ -77,9 +77,13 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> Path | None:
 def write_metrics_line(run_dir: Path, record: dict) -> None:
     # NaN/inf (a skipped non-finite batch) as null: `json.dumps` would write NaN, which is not JSON (jq rejects it)
     record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    path = run_dir / "metrics.jsonl"
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+    except OSError as e:
+        raise atomic.named(e, path) from None
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -87,11 +91,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a crash mid-write: drop it
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):  # a line cut by a crash mid-write, or damaged: drop it
             continue
+        if isinstance(record, dict):  # each line is one step's object; anything else is not ours
+            out.append(record)
     return out
 
 

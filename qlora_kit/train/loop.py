@@ -153,12 +153,18 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def restore(p: Prepared, stream: data.BatchStream, start_ckpt: Path | None) -> tuple[int, int]:
-    """Every rank: continue from `start_ckpt` (adapter, optimizer, data position, this rank's RNG), or from step 0.
-    Returns (step, skipped batches so far). Writes nothing (run_dir.open_run does, on rank 0)."""
+def restore(p: Prepared, stream: data.BatchStream, start_ckpt: Path | None) -> tuple[Path | None, int, int]:
+    """Every rank: continue from `start_ckpt` (adapter, optimizer, data position, this rank's RNG), or from step 0;
+    when it is damaged, from the newest older checkpoint that reads. Returns (the checkpoint used, step, skipped
+    batches so far).
+    Writes nothing (run_dir.open_run does, on rank 0)."""
     if start_ckpt is None:
-        return 0, 0
-    adapter, opt_state, state = checkpoint.load(start_ckpt)
+        return None, 0, 0
+    start_ckpt, (adapter, opt_state, state) = checkpoint.load_newest_readable(start_ckpt, announce=p.world.is_main)
+    done, steps = int(state.get("step", 0)), p.recipe.train.steps
+    if done > steps:
+        raise ConfigError(f"--resume: {start_ckpt} is at step {done}, past train.steps {steps}; nothing is left to "
+                          f"run. To train on, raise it: --set train.steps=N with N > {done}.")
     saved_world, world = int(state.get("world_size", 1)), p.world
     if saved_world != world.size:
         raise ConfigError(f"--resume: {start_ckpt} was written by a run of {saved_world} process(es), this launch has "
@@ -169,7 +175,7 @@ def restore(p: Prepared, stream: data.BatchStream, start_ckpt: Path | None) -> t
     stream.load_state_dict(state["data"])
     rng = state["rng"]  # several processes: one state per rank
     checkpoint.set_rng_state(rng[world.rank] if isinstance(rng, list) else rng, p.accelerator.device)
-    return state["step"], state["skipped"]
+    return start_ckpt, state["step"], state["skipped"]
 
 
 def log_step(p: Prepared, run_dir: Path, step: int, lr: float, res: StepResult, seconds: float,
@@ -204,8 +210,11 @@ def finish(p: Prepared, run_dir: Path, again: str, step: int, skipped: int, last
                                        "load_peak_bytes": p.load_peak_bytes})
     if not p.world.is_main:
         return None
-    try:
-        adapter_dir = methods.save(run_dir / "adapter", p.model, p.recipe)[0]  # one PEFT folder per method
+    target = run_dir / "adapter"
+    try:  # atomically, replacing what is there: a link named adapter/ is replaced, never written through
+        with atomic.atomic_folder(target, replace=True) as tmp:
+            written = methods.save(tmp, p.model, p.recipe)  # one PEFT folder per method
+        adapter_dir = target / written[0].relative_to(tmp)
     except (OSError, SafetensorError) as e:  # a full disk: the final checkpoint already holds every weight
         raise TrainingStopped(f"could not write {run_dir / 'adapter'} ({e}); the trained weights are safe in "
                               f"{checkpoint.latest(run_dir)}. Free disk space, then run: {again}") from None
@@ -259,7 +268,7 @@ def _run_locked(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, res
             stored = load_offsets(run_dir)
         p = prepare(recipe, world, stored)
         stream = data.BatchStream(p.dataset.train, t.batch_size * world.size, t.seed, data.pad_token_id(p.tokenizer))
-        return p, stream, start_ckpt, *restore(p, stream, start_ckpt)
+        return p, stream, *restore(p, stream, start_ckpt)
 
     p, stream, start_ckpt, step, skipped = world.agree(setup)
     if world.is_main:
@@ -297,10 +306,12 @@ def _run_locked(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, res
             if not res.finite:
                 if t.on_nonfinite != "skip":
                     good = checkpoint.latest(run_dir)
+                    where = (f"Last good checkpoint: {good}; continue from it" if good is not None else
+                             "No checkpoint was written yet; start over from step 0 in the same folder")
                     raise world.quiet_unless_main(TrainingStopped(
                         f"non-finite loss or gradient at step {step + 1} (loss {res.loss}, grad norm {res.grad_norm}). "
-                        f"Last good checkpoint: {good or 'none'}. Lower train.lr (--set train.lr=...) or skip such "
-                        f"batches (--set train.on_nonfinite=skip), and continue from that checkpoint with: {again}"))
+                        f"Lower train.lr (--set train.lr=...) or skip such batches (--set train.on_nonfinite=skip). "
+                        f"{where} with: {again}"))
                 skipped += 1
             step += 1
             tokens_total += res.tokens

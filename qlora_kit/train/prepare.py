@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import fsdp, trackers
+from . import fits, fsdp, trackers
 from ..data import pipeline as data
 from ..adapters import lora, methods
 from ..lowmem import host_memory, lean_norm, reembed, tiled_mlp
@@ -26,7 +26,7 @@ from ..device import allow_tf32
 from .distributed import World, parallel_mode
 from ..errors import ConfigError
 from .loss import CausalLMLoss
-from ..model.load import load_base
+from ..model.load import load_base, resolve
 from .optim import LossScaler, MasterWeightOptimizer, ParamGroup, build_optimizer
 
 if TYPE_CHECKING:  # annotations only: importing either costs seconds, and prepare() imports accelerate anyway
@@ -96,6 +96,7 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
         init = Initializer(recipe.lora.targets, QuantSpec.from_config(recipe.quant), recipe.lora.r,
                            lora_spec(recipe).scaling, recipe.lora.loftq_iters, loftq_offsets)
     device, sharder = accelerator.device, fsdp.LoadSharder(world, accelerator.device)
+    fits.check(recipe, resolve(recipe.model.path), device)  # a step the machine cannot hold: refused, not begun
     model, tokenizer, _ = load_base(recipe.model, recipe.quant, device, sharder if mode == "fsdp" else None,
                                     before_quantize=init)
     if t.gradient_checkpointing:

@@ -48,6 +48,15 @@ def pre_tokenizer_name(pre: dict | None) -> str:
                       "and llama.cpp's convert_hf_to_gguf.py.")
 
 
+def _check_utf8(text: str, what: str) -> None:
+    """GGUF stores strings as UTF-8: a lone surrogate (JSON "\\ud800") cannot be written."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ExportError(f"{what} holds a character UTF-8 cannot encode ({text[e.start]!r}, a lone surrogate); "
+                          "GGUF stores UTF-8. Fix that escape in the base's tokenizer files.") from None
+
+
 def add_tokenizer(writer: Any, base: Path, vocab_size: int) -> dict[str, Any]:
     """Write the tokenizer keys; returns {'eos': text, 'bos': text, 'chat_template': str|None, 'stop': [text...]}
     for the Modelfile."""
@@ -81,6 +90,8 @@ def add_tokenizer(writer: Any, base: Path, vocab_size: int) -> dict[str, Any]:
     special = gguf.SpecialVocab(base, load_merges=True, n_vocab=vocab_size)
     if not special.merges:
         raise ExportError(f"{path} has no BPE merges; the tokenizer cannot be written for llama.cpp.")
+    _check_utf8("".join(texts), f"a token of {path.name}")
+    _check_utf8(json.dumps(special.chat_template, ensure_ascii=False), f"the chat template in {base}")
     special.add_to_gguf(writer, quiet=True)
     ids = special.special_token_ids
     stop = sorted({texts[ids["eos"]]} if "eos" in ids else set())

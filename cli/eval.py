@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import typing
 
 import click
 
+from qlora_kit.config import DataFormat
 from qlora_kit.terms import QUANT_TYPES
 
 
 @click.command()
 @click.argument("source")
 @click.option("--data", "data_path", metavar="FILE|NAME",
-              help="A .jsonl/.json data set, or pydoc-heldout / pydoc-train (Python's own docs, offline). "
+              help="A data file or folder as data.path reads (.jsonl/.json/.csv/.parquet/...), or pydoc-heldout / "
+                   "pydoc-train (Python's own docs, offline). "
                    "Default for a run: its own validation split.")
-@click.option("--format", "fmt", type=click.Choice(["text", "alpaca", "chat"]),
+@click.option("--format", "fmt", type=click.Choice(typing.get_args(DataFormat)),  # every format train reads
               help="Data format (default: the run's data.format, else text).")
 @click.option("--all-tokens", is_flag=True, help="Loss on every token, prompts included (default: as training).")
 @click.option("--max-length", type=click.IntRange(2), help="Tokens per example (default: the run's, else 1024).")

@@ -80,7 +80,7 @@ def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM (Windows editors) is no record
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno} is not UTF-8 ({e.reason} at byte {e.start} of the line); re-save "
                                 "it as UTF-8.") from None
@@ -93,7 +93,7 @@ def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _json_list(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8.") from None
     try:
@@ -121,7 +121,7 @@ def open_table(cfg: DataConfig):
         raise DataError(f"reading {cfg.path} needs the `datasets` library: pip install 'qlora-kit[data]' (or use "
                         ".jsonl)."
                         ) from None
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its "Failed to read file" log: we say it better
     datasets.disable_progress_bars()
     where, path = kind(cfg.path), Path(cfg.path)
     cache = str(data_cache_root() / "datasets")
@@ -139,6 +139,8 @@ def open_table(cfg: DataConfig):
         elif where == "datasets" and path.is_file():
             builder = BUILDERS[path.suffix.lower()]
             extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+            if builder == "csv":  # every cell is text: `42` or `NA` is an answer, not an int or a missing value
+                extra |= {"keep_default_na": False} | _text_columns(path, extra.get("delimiter", ","), datasets)
             if builder == "parquet":
                 import pyarrow.parquet as pq
 
@@ -160,12 +162,66 @@ def open_table(cfg: DataConfig):
             raise empty from None  # datasets' words for 0 rows: a header-only CSV, an empty saved split
         if "split" in cause.lower():
             raise DataError(f"{cfg.path}: cannot read split '{cfg.split}' ({cause}); set data.split.") from None
+        if where == "datasets" and path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
+            problem = _csv_problem(path, "\t" if path.suffix.lower() == ".tsv" else ",")
+            if problem:
+                raise DataError(f"{cfg.path} {problem}") from None
+        root = _root_cause(e)
+        if root is not e:
+            cause = f"{cause}; because {type(root).__name__}: {str(root).strip()[:200]}"
         raise DataError(f"cannot read {cfg.path} with the datasets library ({type(e).__name__}: {cause}). Check the "
                         "file, data.subset and data.split.") from None
     if len(loaded) == 0:
         raise empty
     _check_columns(cfg, list(loaded.column_names), str(cfg.path))
     return loaded
+
+
+def _text_columns(path: Path, delimiter: str, datasets) -> dict:
+    """{"features": every header column as a string} for a CSV whose header reads; {} otherwise (datasets then
+    reports what is wrong with the file)."""
+    import csv
+
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            header = next(csv.reader(f, delimiter=delimiter), None)
+    except (UnicodeDecodeError, csv.Error, OSError):
+        return {}
+    if not header or len(set(header)) != len(header):
+        return {}
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header})}
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception: datasets wraps the CSV reader's own (and telling) error in DatasetGenerationError."""
+    seen = {id(e)}
+    while (inner := e.__cause__ or e.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        e = inner
+    return e
+
+
+def _csv_problem(path: Path, delimiter: str) -> str | None:
+    """After datasets failed on a CSV (its error names no row): read it again with Python's csv module, and say
+    what is wrong in words that say how to fix it. None: nothing found here."""
+    import csv
+
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = csv.reader(f, delimiter=delimiter)
+            header = next(rows, None)
+            if not header:
+                return "is empty (not even a header row); write a header row and at least one record."
+            for row in rows:
+                if len(row) > len(header):
+                    return (f"line {rows.line_num} has {len(row)} fields, the header {len(header)}; quote cells "
+                            "that contain the delimiter, or fix that row.")
+    except UnicodeDecodeError as e:
+        return (f"is not UTF-8 ({e.reason} at byte {e.start} of the file; Latin-1 or cp1252, perhaps); re-save it "
+                "as UTF-8.")
+    except csv.Error as e:
+        return f"is not a well-formed CSV ({e}); fix it there."
+    return None
 
 
 def _check_columns(cfg: DataConfig, columns: list[str], where: str) -> None:

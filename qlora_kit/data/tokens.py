@@ -99,12 +99,17 @@ def tokenize_all(cfg: DataConfig, tokenizer: Any) -> Tokenized:
     bos_once = bos_prefix(tokenizer, "", templated)  # asked once: two tokenizer calls, not two per record
     bos_token = getattr(tokenizer, "bos_token", None)
     ids, keep, offsets, records, labels = array("i"), array("b"), array("q", [0]), array("q"), array("i")
+    # No token covers more characters than its vocabulary string is long, so a prefix of max_length x the longest
+    # such string holds at least max_length tokens; x8 and at least 100k characters keep the cut far from them
+    # (only the pre-token at the cut can tokenize differently).
+    cut = max(100_000, 8 * cfg.max_length * max(map(len, tokenizer.get_vocab()), default=16))
     stats = {"records": 0, "truncated": 0, "dropped": 0, "boundary_merges": 0, "longest_prompt": 0}
     for r, (place, raw) in enumerate(data_sources.read(cfg)):
         stats["records"] += 1
         record = data_formats.validate(raw, cfg.format, place)
         text, spans = data_formats.render(record, tokenizer, cfg, place)
         bos = [] if bos_token and text.startswith(bos_token) else bos_once
+        text = text[:cut]  # only the first max_length tokens are kept: a 10 MB record need not be tokenized whole
         t_ids, t_keep, merged = tokenize(tokenizer, text, spans, bos, eos, train_all)
         stats["boundary_merges"] += merged
         stats["longest_prompt"] = max(stats["longest_prompt"], next((j for j, k in enumerate(t_keep) if k),

@@ -4,8 +4,8 @@
 - an alias bomb: ~300 bytes of `&a [*b, *b, ...]` levels expand to millions of nodes in anything that walks the
   result (validation, an error message, yaml.safe_dump of recipe.yaml);
 - deep nesting: 50k `[` make the recursive composer raise RecursionError.
-So a document is refused when it is over MAX_BYTES, nests deeper than MAX_DEPTH, refers to itself, or expands
-(aliases counted at their full size) past MAX_NODES. A recipe is a few dozen keys: every bound is far above it.
+So a document is refused when it is over MAX_BYTES (256 KiB), nests deeper than MAX_DEPTH, refers to itself, or
+expands (aliases counted at their full size) past MAX_NODES. A recipe is a few dozen keys: every bound is far above it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import yaml
 
 from .errors import ConfigError
 
-MAX_BYTES = 1 << 20
+MAX_BYTES = 1 << 18  # 256 KiB: PyYAML's pure-Python parser (needed for the composer hook) takes seconds per MiB
 MAX_DEPTH = 32
 MAX_NODES = 100_000
 
@@ -30,13 +30,16 @@ class _BoundedLoader(yaml.SafeLoader):
 
     def __init__(self, stream):
         super().__init__(stream)
-        self._depth = 0
+        self._depth = self._nodes = 0
 
     def compose_node(self, parent, index):
         self._depth += 1
+        self._nodes += 1
         try:
             if self._depth > MAX_DEPTH:
                 raise _Refused(f"it nests deeper than {MAX_DEPTH} levels")
+            if self._nodes > MAX_NODES:  # stop composing early; aliases are counted in full below
+                raise _Refused(f"it holds more than {MAX_NODES} values")
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1

@@ -69,7 +69,7 @@ def test_alias_bomb_and_deep_nesting_are_refused_fast(tiny_model, tiny_data, tmp
     refused(capsys, ["train", str(good), "--out", str(tmp_path / "r"), "--set", "train.steps=" + "[" * 5000],
             "train.steps", limit_s=10)
     big = tmp_path / "big.yaml"
-    big.write_text("# " + "x" * (2 << 20) + "\n")
+    big.write_text("# " + "x" * (1 << 20) + "\n")
     refused(capsys, ["train", str(big), "--out", str(tmp_path / "r")], "a recipe is at most")
     assert not (tmp_path / "r").exists()
 
@@ -77,9 +77,9 @@ def test_alias_bomb_and_deep_nesting_are_refused_fast(tiny_model, tiny_data, tmp
 def test_wrong_typed_huge_value_is_shortened_in_the_message(tiny_model, tiny_data, tmp_path, capsys):
     good = recipe_file(tmp_path, tiny_model, tiny_data)
     raw = yaml.safe_load(good.read_text())
-    raw["train"]["steps"] = [[list(range(50))] * 50] * 50  # 125k values, plainly written
-    raw["lora"]["targets"] = "x" * 100_000
-    raw["data"]["format"] = "y" * 100_000
+    raw["train"]["steps"] = [[list(range(20))] * 20] * 20  # 8000 values, plainly written
+    raw["lora"]["targets"] = "x" * 50_000
+    raw["data"]["format"] = "y" * 50_000
     path = tmp_path / "long.yaml"
     for key in ("train", "data"):
         bad = json.loads(json.dumps(raw))

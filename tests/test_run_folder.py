@@ -17,14 +17,15 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import tiny_recipe
+from qlora_kit import atomic
 from qlora_kit.cli.main import main
-from qlora_kit.errors import ConfigError
+from qlora_kit.errors import ConfigError, QloraKitError
 from qlora_kit.run import checkpoint
 from qlora_kit.run.lock import LOCK_NAME, RunLock
 from qlora_kit.train import loop as train
 
 HOLD = ("import sys; from qlora_kit.run.lock import RunLock; lock = RunLock(sys.argv[1]); lock.acquire(); "
-        "print('locked', flush=True); sys.stdin.read()")
+        "print('locked', flush=True); sys.stdin.read(); lock.release()")
 
 
 def write_recipe(folder: Path, model: Path, data: Path, **train_keys) -> Path:
@@ -89,7 +90,7 @@ def test_lock_released_when_the_run_fails_and_when_it_stops(tiny_model, tiny_dat
     monkeypatch.undo()
     assert not (run_dir / LOCK_NAME).exists()
     bad = tiny_recipe(tiny_model, tmp_path / "no-such.jsonl")
-    with pytest.raises(ConfigError):  # refused after locking, before writing: no folder is left
+    with pytest.raises(QloraKitError):  # refused after locking, before writing: no folder is left
         train.run(bad, tmp_path / "fresh", progress=False)
     assert not (tmp_path / "fresh").exists()
 
@@ -132,7 +133,9 @@ def test_resume_with_fewer_steps_than_done_is_refused(tiny_model, tiny_data, tmp
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_model, tiny_data, tmp_path, capsys):
-    recipe, run_dir = write_recipe(tmp_path, tiny_model, tiny_data, steps=4), tmp_path / "run"
+    # a constant lr: a run stopped at step 3 of 3 then continued to 4 is the 4-step run
+    recipe = write_recipe(tmp_path, tiny_model, tiny_data, steps=4, schedule="constant", num_threads=1)
+    run_dir = tmp_path / "run"
     ref = tmp_path / "ref"
     assert main(["train", str(recipe), "--out", str(ref), "--no-progress"]) == 0
     assert main(["train", str(recipe), "--out", str(run_dir), "--no-progress", "--set", "train.steps=3"]) == 0
@@ -153,9 +156,10 @@ def test_adapter_link_is_replaced_not_written_through(tiny_model, tiny_data, tmp
     elsewhere.mkdir()
     (elsewhere / "keep.txt").write_text("mine")
     r = tiny_recipe(tiny_model, tiny_data, train={"steps": 1, "save_every": 0})
-    run_dir.mkdir()
+    train.run(r, run_dir, progress=False)
+    atomic.remove(run_dir / "adapter")
     (run_dir / "adapter").symlink_to(elsewhere)
-    train.run(r, run_dir, resume=True, progress=False)  # a folder with only the link: resume starts at step 0
+    train.run(r, run_dir, resume=True, progress=False)  # at step 1 of 1: writes the adapter again
     assert not (run_dir / "adapter").is_symlink() and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]
 

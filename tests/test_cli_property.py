@@ -33,7 +33,7 @@ from qlora_kit.cli.main import main
 
 OUTCOMES: Counter = Counter()
 CASES = int(os.environ.get("QLORA_KIT_CLI_CASES", "240"))
-TINY = {"model": {}, "lora": {"r": 2, "alpha": 4, "dropout": 0.0}, "data": {"max_length": 24},
+TINY = {"model": {}, "lora": {"r": 2, "alpha": 4, "dropout": 0.0}, "data": {"max_length": 40},
         "train": {"steps": 1, "batch_size": 2, "lr": 1e-3, "warmup_steps": 0, "save_every": 0, "device": "cpu",
                   "num_threads": 1}}
 ODD = ["", " ", "0", "-1", "1", "2", "3", "nan", "inf", "-inf", "1e15", "99999999999999999999", "0.5", "abc",

@@ -53,9 +53,7 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> Path | None:
         if content:
             raise ConfigError(f"run folder {run_dir} already exists and is not empty. Pass --resume to continue "
                               "that run, or choose a new folder with --out.")
-        for entry in debris:  # a process killed before recipe.yaml was in place: the folder holds no run yet
-            atomic.remove(entry)
-        return None
+        return None  # debris only (a process killed before recipe.yaml was in place): open_run clears it
     if not content:
         killed = " (only the temporary files of a run killed before it wrote recipe.yaml)" if debris else ""
         raise ConfigError(f"--resume: {run_dir} holds no run to resume{killed}. Drop --resume to start a new run "
@@ -129,10 +127,12 @@ def adapter_source(path: str | Path) -> tuple[Path, Recipe | None]:
 
 
 def open_run(run_dir: Path, recipe: Recipe, start_ckpt: Path | None, resume: bool, step: int) -> None:
-    """Rank 0, once every rank has loaded: a resumed run drops the metrics after its checkpoint (those steps run
-    again); a fresh run writes recipe.yaml."""
+    """Rank 0, once every rank has loaded: clear what killed writers left (`.NAME.tmp-PID`); a resumed run drops
+    the metrics after its checkpoint (those steps run again); a fresh run writes recipe.yaml."""
     import sys
 
+    for entry in _leftovers(run_dir)[1]:  # temporaries of a killed writer (we hold the lock: none is live)
+        atomic.remove(entry)
     if start_ckpt is not None:
         truncate_metrics(run_dir, step)
         print(f"resuming from {start_ckpt} (step {step} of {recipe.train.steps})", file=sys.stderr)

@@ -41,11 +41,12 @@ def test_bom_before_jsonl_is_read_like_the_bom_csv(tmp_path):
 def test_csv_cells_that_look_like_numbers_are_text(tmp_path):
     pytest.importorskip("datasets")
     path = tmp_path / "n.csv"
-    path.write_text("instruction,output\nWhat is six times seven?,42\nAnd NA?,NA\nPi?,3.14\n")
+    path.write_text("instruction,input,output\nWhat is six times seven?,,42\nAnd NA?,,NA\nPi?,x,3.14\n")
     cfg = DataConfig(path=str(path), format="alpaca")
     data.check(cfg)
     rows = [r for _, r in sources.read(cfg)]
     assert [r["output"] for r in rows] == ["42", "NA", "3.14"]
+    assert [r["input"] for r in rows] == [None, None, "x"]  # an empty cell is still null (absent)
 
 
 @pytest.mark.parametrize("name,content,words", [

@@ -139,8 +139,10 @@ def open_table(cfg: DataConfig):
         elif where == "datasets" and path.is_file():
             builder = BUILDERS[path.suffix.lower()]
             extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-            if builder == "csv":  # every cell is text: `42` or `NA` is an answer, not an int or a missing value
-                extra |= {"keep_default_na": False} | _text_columns(path, extra.get("delimiter", ","), datasets)
+            if builder == "csv":  # every cell is text: `42` or `NA` is an answer, not an int or a missing value;
+                # only an empty cell is null (absent), as before
+                extra |= {"keep_default_na": False, "na_values": [""]}
+                extra |= _text_columns(path, extra.get("delimiter", ","), datasets)
             if builder == "parquet":
                 import pyarrow.parquet as pq
 

@@ -109,7 +109,7 @@ def test_untrained_dora_and_ia3_leave_the_quantized_model_unchanged(tiny_model, 
     recipe = tiny_recipe(tiny_model, tiny_data, quant=NF4, lora={"dora": True, "targets": "all-linear"}, ia3={})
     model, _, _ = load_base(recipe.model, recipe.quant)
     before = logits(model.eval())
-    adapted = methods.inject(model, recipe, torch.float32)
+    adapted = methods.inject(model, recipe.lora, recipe.ia3, torch.float32)
     assert set(adapted) == {"dora", "ia3"} and len(adapted["ia3"]) == 6
     assert torch.equal(logits(model.eval()), before)  # bit for bit: g = m / ||W|| = 1 and l = 1 exactly
 

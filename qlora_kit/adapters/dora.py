@@ -41,11 +41,6 @@ def base_weight(base: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Te
         return (WT - (bias if bias is not None else 0)).T.to(dtype)
 
 
-def row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """||W + s·B A|| per output row, (out,) float32, formed directly (the reference: merges and tests)."""
-    return torch.linalg.vector_norm(W.float() + scaling * (B.float() @ A.float()), dim=1)
-
-
 def merge(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, magnitude: torch.Tensor,
           out_dtype: torch.dtype) -> torch.Tensor:
     """m ⊙ (W + s·B A) / ||W + s·B A||_row in fp32, cast once. Rows are independent, so W may be a block of rows

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import dora, ia3, lora, peft_format
+from ..config import IA3Config, LoraConfig
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -95,19 +96,19 @@ def inject_ia3(model: nn.Module, outputs, inputs) -> list[str]:
     return sorted(out_m + in_m)
 
 
-def inject(model: nn.Module, recipe, dtype: torch.dtype) -> dict[str, list[str]]:
-    """Every method of `recipe` (config.Recipe) on `model`, in place, base frozen: {method: adapted modules}.
-    LoRA/DoRA go first, IA3 over them (the module docstring's order). ValueError names what did not match."""
+def inject(model: nn.Module, c: LoraConfig, ia3_cfg: IA3Config | None, dtype: torch.dtype
+           ) -> dict[str, list[str]]:
+    """The recipe's methods (its lora and ia3 sections) on `model`, in place, base frozen: {method: adapted
+    modules}. LoRA/DoRA go first, IA3 over them (the module docstring's order). ValueError names what did not match."""
     for p in model.parameters():
         p.requires_grad_(False)
     out: dict[str, list[str]] = {}
-    c = recipe.lora
     if c.targets != []:
         spec = lora.LoraSpec(c.r, c.alpha, c.dropout, c.init, c.rslora, dtype)
         out["dora" if c.dora else "lora"] = lora.inject(model, c.targets, spec,
                                                         layer=dora.DoRALinear if c.dora else lora.LoRALinear)
-    if recipe.ia3 is not None:
-        out["ia3"] = inject_ia3(model, recipe.ia3.outputs, recipe.ia3.inputs)
+    if ia3_cfg is not None:
+        out["ia3"] = inject_ia3(model, ia3_cfg.outputs, ia3_cfg.inputs)
     return out
 
 

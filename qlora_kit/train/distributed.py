@@ -115,10 +115,6 @@ class World:
         self._guard("all_gather_object", lambda: dist.all_gather_object(out, obj, group=self.group))
         return out
 
-    def barrier(self) -> None:
-        if self.distributed:
-            self.all_gather_object(None)  # a gloo barrier ignores the group timeout; a gather honours it
-
     def _lost_message(self, what: str, error: Exception) -> str:
         """Name the ranks that stopped: every surviving rank stamps the rendezvous store, waits a moment, and
         lists the ranks without a fresh stamp (dead, or hung in something else). Best effort: when the store
@@ -248,13 +244,6 @@ def stop(world: World) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def device_for(world: World, choice: str) -> str | None:
-    """The device string for accelerate: each rank on its own GPU (LOCAL_RANK), or the CPU."""
-    if world.distributed and choice != "cpu" and torch.cuda.is_available():
-        return f"cuda:{world.local_rank}"
-    return None
 
 
 def shard_batch(batch: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:

@@ -116,7 +116,7 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
     lean_norm.make_lean(model)  # RMSNorms save their 16-bit input, not an fp32 copy; the loss head runs the final one
     _check_rank(model, recipe)
     try:
-        adapted = methods.inject(model, recipe, lora_spec(recipe).dtype)
+        adapted = methods.inject(model, recipe.lora, recipe.ia3, lora_spec(recipe).dtype)
     except ValueError as e:
         hint = "" if str(e).startswith("ia3") else "; set lora.targets to some of them, or all-linear"
         raise ConfigError(f"{e}{hint}.") from None

@@ -1,4 +1,4 @@
-"""`qlora-kit export`: a run or adapter folder -> a PEFT adapter, a merged model, or a merged 4/8-bit model."""
+"""`qlora-kit export`: a run or adapter folder -> one of export.formats.FORMATS, then the loss check beside it."""
 
 from __future__ import annotations
 
@@ -59,12 +59,16 @@ def command(source, fmt, out, gguf_type, base, merge_base, dtype, max_shard_size
     trained on the unquantized base (then it is the exact one). For an ADAPTER_DIR, --quant says how its base was
     quantized in training (default nf4, blocksize 64, double quant).
 
+    Every export is then checked (--no-check to skip): its loss next to the training-time model's and the base's
+    on the run's validation split (or --check-data), printed and written to DIR/export_check.json
+    (FILE.check.json beside a GGUF), with a warning when it keeps under half of the training's improvement.
+
     gguf-adapter adds the LoRA to whatever base GGUF llama.cpp is given: a GGUF of the ORIGINAL base. A QLoRA
     adapter was trained against the 4-bit-rounded base, so the exact model is --format gguf (merged).
 
     \b
     qlora-kit export runs/demo --format merged --out merged/
-    qlora-kit export runs/demo --format quantized --out merged-nf4/
+    qlora-kit export runs/demo --format quantized-adapter --out demo-nf4/   (4-bit base as trained + adapter/)
     qlora-kit export my-peft-adapter/ --base path/to/base --format merged --merge-base original --out merged/
     qlora-kit export runs/demo --format gguf --gguf-type q8_0 --out demo.gguf    (+ demo.Modelfile for Ollama)
     qlora-kit export runs/demo --format gguf-adapter --out demo-lora.gguf
@@ -73,7 +77,9 @@ def command(source, fmt, out, gguf_type, base, merge_base, dtype, max_shard_size
                       max_shard_size=max_shard_size, force=force, quant=quant, device=device, progress=progress,
                       gguf_type=gguf_type, allow_lossy=allow_lossy)
     if check and check_data is not None:  # a bad check data file fails before anything is written
-        _check_data(check_data, check_format)
+        from qlora_kit.infer import export_check
+
+        export_check.check_data(source, check_data, check_format)
     result = ex.export(source, opts)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
@@ -87,14 +93,6 @@ def command(source, fmt, out, gguf_type, base, merge_base, dtype, max_shard_size
                    "weights differ from the base's)")
     if check:
         _report(source, result, base, quant, check_data, check_format, check_examples, device)
-
-
-def _check_data(path: str, fmt: str | None) -> None:
-    from qlora_kit.config import DataConfig
-    from qlora_kit.data import pipeline
-    from qlora_kit.data.pydoc_text import resolve
-
-    pipeline.check(DataConfig(path=str(resolve(path)), format=fmt or "text"))
 
 
 def _report(source, result, base, quant, check_data, check_format, check_examples, device) -> None:

@@ -253,11 +253,7 @@ class GgufFormat(Format):
 
     def check(self, opts: Options) -> None:
         gguf_export.check_type(opts.gguf_type, adapter=self.adapter)
-        out = Path(opts.out)
-        if out.is_dir() and not out.is_symlink():
-            raise ExportError(f"--out {out} is a folder; --format {self.name} writes one file: name it, e.g. "
-                              f"{out / 'model.gguf'}.")
-        mf = gguf_export.ollama.modelfile_path(out)
+        mf = gguf_export.ollama.modelfile_path(Path(opts.out))
         if not self.adapter and mf.exists() and not opts.force:
             raise ExportError(f"{mf} already exists (the Ollama Modelfile written beside the GGUF); pass --force to "
                               "replace it, or choose another --out.")
@@ -312,6 +308,9 @@ def export(source: str | Path, opts: Options) -> Result:
         raise ExportError(f"--format {opts.format!r} is not one of {', '.join(FORMATS)}.")
     out = Path(opts.out)
     fmt.check(opts)
+    if fmt.one_file and out.is_dir() and not out.is_symlink():
+        raise ExportError(f"--out {out} is a folder; --format {fmt.name} writes one file: name it, e.g. "
+                          f"{out / 'model.gguf'}.")
     if (out.exists() or out.is_symlink()) and not opts.force:
         raise ExportError(f"{out} already exists; pass --force to replace it, or choose another --out.")
     max_shard_bytes(opts.max_shard_size)  # a bad size fails before anything is read

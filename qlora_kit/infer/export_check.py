@@ -70,6 +70,14 @@ def run_check(source: str | Path, out: Path, base: str | None = None, quant: str
     return check
 
 
+def check_data(source: str | Path, data_path: str | None, data_format: str | None) -> None:
+    """A bad check data file fails here, before any model loads (the CLI calls it before exporting)."""
+    if data_path is not None:
+        recipe = adapter_source(source)[1]
+        req = evaluation.Request(source=str(source), data=data_path, format=data_format)
+        data.check(evaluation.data_config(req, recipe)[0])
+
+
 def measure(source, out: Path, base, quant, data_path, data_format, max_examples, device) -> Check:
     _, recipe = adapter_source(source)
     if data_path is None and (recipe is None or recipe.data.val_fraction <= 0):
@@ -77,8 +85,7 @@ def measure(source, out: Path, base, quant, data_path, data_format, max_examples
         return Check(data="", note=f"not measured: {source} {why}; pass --check-data FILE")
     req = evaluation.Request(source=str(source), data=data_path, format=data_format, max_examples=max_examples,
                              base=base, device=device)
-    if data_path is not None:
-        data.check(evaluation.data_config(req, recipe)[0])  # a bad data file fails before any model loads
+    check_data(source, data_path, data_format)
     quant_cfg = recipe.quant if recipe is not None else QuantConfig(type=quant or "nf4")
     loaded = generate.load(str(source), base=base, quant=quant_cfg, device=device)
     cfg, val_split = evaluation.data_config(req, recipe)

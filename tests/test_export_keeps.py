@@ -222,6 +222,21 @@ def test_every_export_reports_its_loss_beside_the_runs(aligned, tmp_path, capsys
     assert g["recovered"] == pytest.approx(1.0, abs=0.02)
 
 
+def test_an_export_that_lost_the_training_is_flagged(aligned, tmp_path, monkeypatch, capsys):
+    """An "export" that is the unquantized base keeps none of the improvement: recovered near 0, a warning on
+    stderr naming the format that keeps it, lost_most_of_training in the JSON; the export itself still exits 0."""
+    from qlora_kit.infer import export_check
+
+    run, _ = aligned
+    real = export_check.load_export
+    monkeypatch.setattr(export_check, "load_export", lambda out, *a: real(_base_of(run), *a))
+    assert cli(run, "--format", "merged", "--out", tmp_path / "m") == 0
+    err = capsys.readouterr().err
+    c = json.loads((tmp_path / "m" / "export_check.json").read_text())
+    assert c["lost_most_of_training"] and abs(c["recovered"]) < 0.5 and c["run_loss"] < c["base_loss"]
+    assert "warning" in err and "lost most of the fine-tune" in err and "quantized-adapter" in err
+
+
 def test_check_data_for_an_adapter_folder(aligned, tmp_path, capsys):
     """A bare adapter folder has no validation split: the check says so, or measures --check-data."""
     run, path = aligned

@@ -90,7 +90,7 @@ def command(source, fmt, out, gguf_type, base, merge_base, dtype, max_shard_size
     kept = result.survival
     if kept is not None:
         click.echo(f"re-quantizing kept {kept.kept:.1%} of the adapter's change ({kept.changed:.1%} of the quantized "
-                   "weights differ from the base's)")
+                   "codes differ from the base's)")
     if check:
         _report(source, result, base, quant, check_data, check_format, check_examples, device)
 

@@ -293,7 +293,7 @@ def refuse_lossy(survival: Survival, allowed: bool) -> None:
     if survival.kept < KEPT_MIN and not allowed:
         raise ExportError(
             f"--format quantized: re-quantizing the merged weights keeps {survival.kept:.1%} of the adapter's change "
-            f"({survival.changed:.1%} of the quantized weights differ from the base's): the export would answer like "
+            f"({survival.changed:.1%} of the quantized codes differ from the base's): the export would answer like "
             "the base. Export --format quantized-adapter (the 4-bit base with the adapter beside it: the training-time "
             "model), or pass --allow-lossy to write this one anyway.")
 

@@ -78,7 +78,10 @@ def main() -> None:
     from qlora_kit.measure.breakdown import machine_info
 
     load_start = [round(v, 2) for v in os.getloadavg()]
-    loaded = generate.load("smollm2-135m")  # nf4, double quant, blocksize 64, bf16 compute: the defaults
+    from qlora_kit.config import QuantConfig
+
+    # nf4, double quant, blocksize 64, bf16 compute: the QLoRA defaults (a model folder alone loads unquantized)
+    loaded = generate.load("smollm2-135m", quant=QuantConfig())
     models = {"quantized": loaded.model}
     models["fp32"] = copy.deepcopy(loaded.model)
     what = {"fp32": inference.for_decoding(models["fp32"], dtype="fp32")}

@@ -24,7 +24,8 @@ from qlora_kit.terms import QUANT_TYPES
 @click.option("--max-examples", type=click.IntRange(1), help="Evaluate the first N examples only.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--quant", type=click.Choice(QUANT_TYPES),
-              help="Quantize the base while loading (default: a run's recipe; none for a model folder).")
+              help="Quantize the base while loading (default: a run's recipe; nf4 under a PEFT adapter folder; "
+                   "none for a model folder, e.g. a merged export: it runs as stored, as in generate).")
 @click.option("--base", help="Base model for a PEFT adapter folder (default: the adapter's base_model_name_or_path).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
               help="GGUF files: dtype the weights are dequantized to.")

@@ -1,4 +1,4 @@
-"""`qlora-kit export`: a run or adapter folder -> a PEFT adapter, a merged model, or a merged 4/8-bit model."""
+"""`qlora-kit export`: a run or adapter folder -> one of export.formats.FORMATS, then the loss check beside it."""
 
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ import click
 from qlora_kit.cli.options import NonEmptyPath
 
 from qlora_kit.export import formats as ex
+from qlora_kit.config import DataFormat
 from qlora_kit.terms import QUANTIZED_TYPES
+
+DATA_FORMATS = list(DataFormat.__args__)
 
 
 @click.command()
 @click.argument("source", metavar="RUN_DIR|ADAPTER_DIR", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["adapter", "merged", "quantized", "gguf", "gguf-adapter"]),
-              required=True, help="adapter: PEFT folder; merged: a full 16/32-bit model; quantized: merged, then "
-              "4/8-bit again; gguf: the merged model as one GGUF file (+ Ollama Modelfile); gguf-adapter: the LoRA "
-              "as a llama.cpp adapter GGUF, for a GGUF of the ORIGINAL base.")
+@click.option("--format", "fmt", type=click.Choice(list(ex.FORMATS)), required=True,
+              help="; ".join(f"{f.name}: {f.help}" for f in ex.FORMATS.values()) + ".")
 @click.option("--out", required=True, type=NonEmptyPath(path_type=Path), help="Folder to create (gguf: file).")
 @click.option("--gguf-type", default="f16", show_default=True, metavar="TYPE",
               help="GGUF tensor type: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1; q4_k_m q5_k_m q6_k need the "
@@ -37,8 +38,21 @@ from qlora_kit.terms import QUANTIZED_TYPES
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where weights are quantized for the dequantized base / requantization (auto: CUDA if present).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (only once the new export is complete).")
+@click.option("--allow-lossy", is_flag=True, help="--format quantized: write it even when re-quantizing keeps "
+              "almost none of the adapter's change (refused by default: it would answer like the base).")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Measure what the export preserved: its loss next to the training-time model's and the base's "
+                   "on the run's validation split (or --check-data), written beside the export. --no-check for "
+                   "huge models.")
+@click.option("--check-data", metavar="FILE|NAME", default=None,
+              help="Data for the check (default: the run's validation split; needed for an adapter folder).")
+@click.option("--check-format", type=click.Choice(DATA_FORMATS), default=None,
+              help="Format of --check-data (default: the run's data.format, else text).")
+@click.option("--check-examples", default=64, show_default=True, type=click.IntRange(1),
+              help="Examples the check evaluates (the first N).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-def command(source, fmt, out, gguf_type, base, merge_base, dtype, max_shard_size, quant, device, force, progress):
+def command(source, fmt, out, gguf_type, base, merge_base, dtype, max_shard_size, quant, device, force, allow_lossy,
+            check, check_data, check_format, check_examples, progress):
     """Export RUN_DIR (or a PEFT LoRA ADAPTER_DIR) as a PEFT adapter, a merged model or a requantized model.
 
     The merge streams tensor by tensor: memory stays near the adapter plus one weight, whatever the model size.
@@ -47,19 +61,27 @@ def command(source, fmt, out, gguf_type, base, merge_base, dtype, max_shard_size
     trained on the unquantized base (then it is the exact one). For an ADAPTER_DIR, --quant says how its base was
     quantized in training (default nf4, blocksize 64, double quant).
 
+    Every export is then checked (--no-check to skip): its loss next to the training-time model's and the base's
+    on the run's validation split (or --check-data), printed and written to DIR/export_check.json
+    (FILE.check.json beside a GGUF), with a warning when it keeps under half of the training's improvement.
+
     gguf-adapter adds the LoRA to whatever base GGUF llama.cpp is given: a GGUF of the ORIGINAL base. A QLoRA
     adapter was trained against the 4-bit-rounded base, so the exact model is --format gguf (merged).
 
     \b
     qlora-kit export runs/demo --format merged --out merged/
-    qlora-kit export runs/demo --format quantized --out merged-nf4/
+    qlora-kit export runs/demo --format quantized-adapter --out demo-nf4/   (4-bit base as trained + adapter/)
     qlora-kit export my-peft-adapter/ --base path/to/base --format merged --merge-base original --out merged/
     qlora-kit export runs/demo --format gguf --gguf-type q8_0 --out demo.gguf    (+ demo.Modelfile for Ollama)
     qlora-kit export runs/demo --format gguf-adapter --out demo-lora.gguf
     """
     opts = ex.Options(format=fmt, out=out, base=base, merge_base=merge_base, dtype=dtype,
                       max_shard_size=max_shard_size, force=force, quant=quant, device=device, progress=progress,
-                      gguf_type=gguf_type)
+                      gguf_type=gguf_type, allow_lossy=allow_lossy)
+    if check and check_data is not None:  # a bad check data file fails before anything is written
+        from qlora_kit.infer import export_check
+
+        export_check.check_data(source, check_data, check_format)
     result = ex.export(source, opts)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
@@ -67,3 +89,27 @@ def command(source, fmt, out, gguf_type, base, merge_base, dtype, max_shard_size
     speed = (f" ({result.weight_bytes / 1e9 / result.seconds:.2f} GB/s)"
              if result.weight_bytes and result.seconds > 0 else "")
     click.echo(f"wrote {fmt} export to {result.out}: {len(result.files)} files{size} in {result.seconds:.1f} s{speed}")
+    kept = result.survival
+    if kept is not None:
+        click.echo(f"re-quantizing kept {kept.kept:.1%} of the adapter's change ({kept.changed:.1%} of the quantized "
+                   "codes differ from the base's)")
+    if check:
+        _report(source, result, base, quant, check_data, check_format, check_examples, device)
+
+
+def _report(source, result, base, quant, check_data, check_format, check_examples, device) -> None:
+    """The export's loss beside the run's and the base's (infer.export_check), printed and written beside it."""
+    from qlora_kit.device import resolve_device
+    from qlora_kit.infer import export_check
+
+    extra = {"format": result.format}
+    if result.survival is not None:
+        extra["requantized"] = {"kept": result.survival.kept, "changed": result.survival.changed}
+    c = export_check.run_check(source, result.out, base, quant, check_data, check_format, check_examples,
+                               str(resolve_device(device)), extra)
+    click.echo(export_check.loss_line(c))
+    click.echo(f"wrote {export_check.check_path(result.out)}")
+    if c.lost:
+        click.echo(f"warning: this export keeps only {c.recovered:.0%} of the training's loss improvement (export "
+                   f"{c.export_loss:.4f}, training-time model {c.run_loss:.4f}, base {c.base_loss:.4f}): it lost "
+                   "most of the fine-tune. A 4-bit export that keeps it: --format quantized-adapter.", err=True)

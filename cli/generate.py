@@ -51,7 +51,8 @@ def _finite(ctx, param, value: float) -> float:
               help="Load adapter PATH (run or PEFT adapter folder) as NAME; repeatable: all share one base.")
 @click.option("--base", help="Base model for an adapter folder (default: the adapter's base_model_name_or_path).")
 @click.option("--quant", type=click.Choice(QUANT_TYPES),
-              help="Quantization of the base (default: the run's; nf4 otherwise).")
+              help="Quantize the base while loading (default: a run's recipe; nf4 under a PEFT adapter folder; "
+                   "none for a model folder, e.g. a merged export: it runs as stored, as in eval).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0), callback=_finite,
               help="0: greedy.")

@@ -324,7 +324,7 @@ EXPORT_ROWS = [
 
 @pytest.mark.parametrize("case,extra,expect", EXPORT_ROWS, ids=[r[0] for r in EXPORT_ROWS])
 def test_bad_export_changes_nothing(trained_run, tiny_model, tmp_path, monkeypatch, case, extra, expect):
-    from qlora_kit.export import formats as ex
+    from qlora_kit.export import files as export_files
 
     run_dir, bases = trained_run
     extra = [str(bases[a]) if a in bases else a for a in extra]
@@ -333,7 +333,7 @@ def test_bad_export_changes_nothing(trained_run, tiny_model, tmp_path, monkeypat
         out.mkdir()
         (out / "model.safetensors").write_bytes(b"someone's earlier export")
     if case == "disk-full":
-        monkeypatch.setattr(ex, "free_bytes", lambda path: 4096)  # a nearly full disk, simulated
+        monkeypatch.setattr(export_files, "free_bytes", lambda path: 4096)  # a nearly full disk, simulated
     watched = [run_dir, tiny_model, tmp_path, *bases.values()]
     before = snapshot(*watched)
     code, err = run_cli(["export", str(run_dir), "--format", "merged", "--out", str(out), "--no-progress", *extra])

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import make_tiny_model, tiny_recipe
-from qlora_kit.export import formats as ex
+from qlora_kit.export import files as export_files, formats as ex
 from qlora_kit.export import shards
 from qlora_kit.adapters import lora, peft_format
 from qlora_kit.quant import bnb as quant
@@ -66,8 +66,9 @@ def logits(model) -> torch.Tensor:
     return model(input_ids=IDS).logits.float()
 
 
-def training_time_model(run: Path):
-    """What training computed: the quantized base + LoRA from the run's recipe, the adapter loaded, in fp32."""
+def training_time_model(run: Path, as_trained: bool = False):
+    """What training computed: the quantized base + LoRA from the run's recipe, the adapter loaded, in fp32
+    (`as_trained`: the frozen weights kept in the run's frozen dtype, as training held them)."""
     from qlora_kit.config import load_recipe
     from qlora_kit.model.load import load_base
     from qlora_kit.train.prepare import lora_spec
@@ -76,6 +77,8 @@ def training_time_model(run: Path):
     model, _, _ = load_base(recipe.model, recipe.quant)
     lora.inject(model, recipe.lora.targets, lora_spec(recipe))
     lora.load_adapter_state(model, peft_format.load_adapter(run / "adapter").tensors)
+    if as_trained:
+        return model.eval()
     return model.float().eval()  # bf16 embeddings/norms -> fp32 exactly; QuantLinear dequantizes to fp32 (compute)
 
 
@@ -430,7 +433,7 @@ def test_adapter_that_does_not_fit_is_refused_before_writing(tiny_model, tmp_pat
 
 def test_disk_full_up_front_and_mid_write(qlora_run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setattr(ex, "free_bytes", lambda path: 1000)
+    monkeypatch.setattr(export_files, "free_bytes", lambda path: 1000)
     assert cli(qlora_run, "--format", "merged", "--out", out) == 2
     assert "not enough disk space" in capsys.readouterr().err
     assert not out.exists() and leftovers(tmp_path) == []
@@ -491,7 +494,8 @@ def test_cli_errors_are_short(qlora_run, tiny_model, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 4, err
     assert not (tmp_path / "o").exists()
-    assert cli(qlora_run, "--format", "quantized", "--out", tmp_path / "q") == 0
+    # 4 steps keep ~2% of the adapter's change through re-quantization: refused unless --allow-lossy
+    assert cli(qlora_run, "--format", "quantized", "--out", tmp_path / "q", "--allow-lossy") == 0
     captured = capsys.readouterr()
     assert "wrote quantized export" in captured.out and "multiple of blocksize" in captured.err
 

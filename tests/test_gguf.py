@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import CHATML, make_tiny_model, tiny_recipe
-from qlora_kit.export import formats as ex
+from qlora_kit.export import files as export_files, formats as ex
 from qlora_kit.export.gguf import arch as gguf_arch, writer as gguf_export, kquant as gguf_kquant
 from qlora_kit.adapters import peft_format
 from qlora_kit.cli.main import main
@@ -298,7 +298,7 @@ def test_bad_input_exit_2_and_nothing_written(qlora_run, tiny_model, tmp_path, c
 
 def test_full_disk_and_interrupted_write_leave_nothing(qlora_run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "o.gguf"
-    monkeypatch.setattr(ex, "free_bytes", lambda path: 1000)
+    monkeypatch.setattr(export_files, "free_bytes", lambda path: 1000)
     assert cli(qlora_run, "--format", "gguf", "--out", out) == 2
     assert "not enough disk space" in capsys.readouterr().err
     monkeypatch.undo()

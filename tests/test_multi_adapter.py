@@ -153,7 +153,8 @@ def test_load_many_answers_equal_single_adapter_answers(tiny_model, adapters, ti
     prompts, routes = [Q1, Q2, Q3, Q1, Q2], ["a", "b", None, "run", "a"]
     got = generate.answer_routed(many, prompts, routes, max_new_tokens=6)
     alone = {"a": generate.load(str(adapters["a"])), "b": generate.load(str(adapters["b"])),
-             "run": generate.load(str(tiny_run)), None: generate.load(str(tiny_model))}
+             "run": generate.load(str(tiny_run)),
+             None: generate.load(str(tiny_model), quant=QuantConfig())}  # the base as load_many holds it: nf4
     want = [generate.answer(alone[r], [p], max_new_tokens=6)[0] for p, r in zip(prompts, routes)]
     assert got == want
     assert got[0] != generate.answer(alone[None], [Q1], max_new_tokens=6)[0]  # not vacuous: a changes the answer

@@ -4,6 +4,9 @@
                             one (quantized); dtype = the output dtype
     generation_config.json  copied, or derived from config.json as transformers does
     tokenizer files         copied from the base (tokenizer.json, tokenizer_config.json, chat template, *.model...)
+
+Free space is checked here for every format (`check_free_space`); `free_bytes` is the one seam tests replace to
+simulate a full disk.
 """
 
 from __future__ import annotations
@@ -24,6 +27,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "vocab.txt")
 TOKENIZER_GLOBS = ("*.model", "*.tiktoken")
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem holding `path` (its nearest existing parent)."""
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_free_space(out: Path, need: int) -> None:
+    """Refuse before writing when the filesystem of `out` has less than `need` bytes free."""
+    free = free_bytes(out.parent)
+    if free < need:
+        raise ExportError(f"not enough disk space for {out}: the export needs about {need / 1e9:.2f} GB, "
+                          f"{free / 1e9:.2f} GB are free. Free some space or choose another --out.")
 
 
 def linear_weights(base: Path) -> set[str]:
@@ -52,13 +70,15 @@ def bnb_config(spec: quant.QuantSpec, compute: str) -> dict:
 
 
 def write_config(base: Path, tmp: Path, out_dtype: torch.dtype, qspec: quant.QuantSpec | None) -> None:
+    """config.json (dtype = out_dtype; with `qspec`, bitsandbytes' quantization_config computing in
+    qspec.compute_dtype) and generation_config.json."""
     config = json.loads((base / "config.json").read_text())
     config.pop("quantization_config", None)
     config["dtype"] = DTYPE_NAMES[out_dtype]
     if "torch_dtype" in config:  # transformers < 4.56 spelling; keep both consistent
         config["torch_dtype"] = DTYPE_NAMES[out_dtype]
     if qspec is not None:
-        config["quantization_config"] = bnb_config(qspec, DTYPE_NAMES[out_dtype])
+        config["quantization_config"] = bnb_config(qspec, DTYPE_NAMES[qspec.compute_dtype])
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if (base / "generation_config.json").is_file():
         shutil.copy2(base / "generation_config.json", tmp)

@@ -1,12 +1,20 @@
-"""`qlora-kit export`: a PEFT adapter folder, a merged Hugging Face model, or a merged model quantized again.
+"""`qlora-kit export`: the formats as a table (FORMATS: one small object per --format saying what it needs and how
+it writes) and export(): the checks every format shares, then the format's writer.
 
     adapter    adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads.
     merged     W' = W_base + s · B @ A, added in fp32 and cast once to --dtype (DoRA: m ⊙ (W_base + s·B A) / its row
                norms; IA3: rows or columns scaled by l; a stack: each in order, methods.merge_rows); config,
                generation config and tokenizer files copied from the base; safetensors shards of at most
                --max-shard-size + index.
+    quantized-adapter   the base's Linear weights quantized exactly as training quantized them (the run's 4-bit
+               settings, frozen dtype, LoftQ offsets), in bitsandbytes' serialisation (`from_pretrained` loads it
+               4-bit), and the PEFT adapter in adapter/: `PeftModel.from_pretrained(model, DIR/adapter)` is the
+               training-time model (quantized base + adapter).
     quantized  the merged weights of every Linear but lm_head quantized again (the run's nf4/fp4/int8 settings,
                nf4 otherwise) in the bitsandbytes/transformers on-disk format: `from_pretrained` loads it 4/8-bit.
+               A QLoRA adapter's change is mostly smaller than a 4-bit step, so re-quantizing gives back the base's
+               codes: what survived is measured (hf_folder.Survival) and an export keeping less than KEPT_MIN of it
+               is refused unless allow_lossy.
     gguf, gguf-adapter   one GGUF file for llama.cpp / Ollama (the merged model, or the LoRA adapter), written by
                `gguf_export` after the same source, base and fit checks (docs in that module).
 
@@ -33,8 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,26 +49,29 @@ from typing import Literal
 import torch
 
 from .gguf import writer as gguf_export
-from ..adapters import methods, peft_format
+from ..adapters import peft_format
 from ..quant import bnb as quant
 from ..errors import ExportError
-from .files import atomic_folder, copy_tokenizer, linear_weights, write_config, writing
+from .files import atomic_folder, check_free_space, copy_tokenizer, linear_weights, write_config, writing
+from .hf_folder import Survival, plan, write_weights
 from .merge import (  # noqa: F401 (ex.merge_base_weight, ex.unadapted_quantized)
-    EMBEDDING_MODULES, merge_base_weight, merge_rows, merged_weight, unadapted_quantized)
+    EMBEDDING_MODULES, Merge, merge_base_weight, merge_rows, merged_weight, unadapted_quantized)
 from ..model.load import frozen_dtype
 from ..run.folder import adapter_source
-from .shards import Entry, ShardWriter, TensorInfo, max_shard_bytes, plan_shards, read_tensor, row_blocks, shard_names
-from .shards import tensor_index, write_index
+from .shards import TensorInfo, max_shard_bytes, plan_shards, tensor_index
 from ..terms import QuantizedType
 from .source import Source, base_folder, check_fits, open_source  # noqa: F401  (ex.open_source)
 
-Format = Literal["adapter", "merged", "quantized", "gguf", "gguf-adapter"]
-TAIL_MAX = 1024  # bytes reserved per 4-bit quant-state JSON blob (~170 used)
+KEPT_MIN = 0.10
+"""--format quantized refuses (without --allow-lossy) an export whose re-quantized weights keep less than this
+fraction of the adapter's change (hf_folder.Survival.kept): a model that answers like the base."""
+ADAPTER_SUBFOLDER = "adapter"  # --format quantized-adapter: the PEFT adapter beside the quantized base
 
 
 @dataclass(frozen=True)
 class Options:
-    format: Format
+    format: str
+    """A name in FORMATS."""
     out: Path
     base: str | None = None
     """Base model folder or built-in name; default: the run's recipe, or the adapter's base_model_name_or_path."""
@@ -78,6 +87,8 @@ class Options:
     gguf_type: str = "f16"
     """GGUF formats: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1, or q4_k_m q5_k_m q6_k with the llama-cpp extra."""
     progress: bool = True
+    allow_lossy: bool = False
+    """--format quantized: write it even when re-quantizing keeps almost nothing of the adapter (KEPT_MIN)."""
 
 
 @dataclass
@@ -87,47 +98,204 @@ class Result:
     weight_bytes: int
     seconds: float
     notes: list[str] = field(default_factory=list)
-
-
-def free_bytes(path: Path) -> int:
-    """Free space on the filesystem holding `path` (module-level so tests can simulate a full disk)."""
-    while not path.exists():
-        path = path.parent
-    return shutil.disk_usage(path).free
+    survival: Survival | None = None  # --format quantized: what re-quantizing kept of the adapter's change
+    format: str = ""
 
 
 @dataclass
-class Item:
-    """One source tensor and the output tensors it becomes."""
+class Job:
+    """One export, once the source, the base and the fit are checked: what every format's writer reads."""
 
-    info: TensorInfo
-    module: str | None  # adapted module name, or None
-    quantize: bool
-    entries: list[Entry]
-    tail: str | None = None
-    roundtrip: bool = False  # a Linear weight training quantized but no adapter touches: written as dequant(Q)
+    source: Path
+    opts: Options
+    src: Source
+    base: Path | None
+    index: dict[str, TensorInfo] | None
+    notes: list[str]
+    t0: float
 
     @property
-    def nbytes(self) -> int:
-        return sum(e.nbytes for e in self.entries) + (TAIL_MAX if self.tail else 0)
+    def out(self) -> Path:
+        return Path(self.opts.out)
+
+    @property
+    def device(self) -> str:
+        return self.opts.device if self.opts.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+
+    def raw_config(self) -> dict:
+        try:
+            config = json.loads((self.base / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            raise ExportError(f"{self.base}/config.json cannot be read ({e}); "
+                              "pass a Hugging Face model folder with --base.") from None
+        if config.get("quantization_config"):
+            raise ExportError(f"the base {self.base} is already quantized "
+                              f"({config['quantization_config'].get('quant_method')}); "
+                              "pass the original 16-bit checkpoint with --base.")
+        return config
+
+    def frozen(self, config: dict) -> torch.dtype:
+        """The dtype training held the unquantized weights in (and cast each Linear weight to before quantizing)."""
+        return frozen_dtype(self.src.model_cfg.dtype, config.get("dtype") or config.get("torch_dtype"))
+
+    def merge(self, frozen: torch.dtype, roundtrip: bool) -> Merge:
+        rt = unadapted_quantized(self.src, self.base, self.index, self.opts.merge_base) if roundtrip else set()
+        return Merge(self.src, self.opts.merge_base, frozen, self.device, frozenset(rt))
+
+    def result(self, files: list[str], written: int, **kw) -> Result:
+        return Result(self.out, files, written, time.perf_counter() - self.t0, self.notes, format=self.opts.format,
+                      **kw)
 
 
-def plan(index: dict[str, TensorInfo], adapted: set[str], to_quantize: set[str], out_dtype: torch.dtype,
-         qspec: quant.QuantSpec | None, roundtrip: set[str] = frozenset()) -> list[Item]:
-    items = []
-    for name, info in index.items():
-        module = name[: -len(".weight")] if name.endswith(".weight") else None
-        module = module if module in adapted else None
-        if name in to_quantize:
-            prefix = name[: -len("weight")]
-            shapes = quant.serialized_shapes(info.shape, qspec)
-            tail = quant.quant_state_key(qspec)
-            items.append(Item(info, module, True, [Entry(prefix + k, d, s) for k, (d, s) in shapes.items()],
-                              prefix + tail if tail else None))
-        else:
-            dtype = out_dtype if info.dtype.is_floating_point else info.dtype
-            items.append(Item(info, module, False, [Entry(name, dtype, info.shape)], roundtrip=name in roundtrip))
-    return items
+# ---- the formats ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Format:
+    """One --format: what it needs and how it writes."""
+
+    name: str
+    help: str
+    needs_base: bool = True  # reads the base's weights (else only its headers, when the base is here)
+    one_file: bool = False  # --out names a file (GGUF), not a folder
+
+    def check(self, opts: Options) -> None:
+        """Option checks before anything is read."""
+
+    def write(self, job: Job) -> Result:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class AdapterFormat(Format):
+    def write(self, job: Job) -> Result:
+        with writing(job.out), atomic_folder(job.out, job.opts.force) as tmp:
+            write_adapter(job.src, tmp, job.opts.dtype)
+        return job.result(sorted(p.name for p in job.out.iterdir()), 0)
+
+
+@dataclass(frozen=True)
+class FolderFormat(Format):
+    """A Hugging Face model folder: weights (hf_folder), config, generation config, tokenizer."""
+
+    merged: bool = True  # the adapter merged into the weights (else the base as trained + the adapter beside)
+    quantized: bool = False  # the Linear weights stored in bitsandbytes' format
+
+    def write(self, job: Job) -> Result:
+        config = job.raw_config()
+        frozen = job.frozen(config)
+        out_dtype = quant.DTYPES[job.opts.dtype or "bf16"] if self.merged else frozen
+        qspec = self.qspec(job, out_dtype)
+        to_quantize = linear_weights(job.base) & set(job.index) if qspec is not None else set()
+        if qspec is not None and qspec.type != "int8":
+            bad = [n for n in to_quantize if job.index[n].shape[1] % qspec.blocksize]
+            if bad:
+                job.notes.append(
+                    f"{len(bad)} weights (e.g. {bad[0]}) have in_features not a multiple of blocksize "
+                    f"{qspec.blocksize}: the file is right, but bitsandbytes' CPU kernels (0.50) compute such weights "
+                    "wrongly or fail; run this model on CUDA (docs/ARCHITECTURE.md, 'bitsandbytes hazards').")
+        merge = job.merge(frozen, roundtrip=self.merged and not self.quantized)
+        items = plan(job.index, job.src.modules() if self.merged else set(), to_quantize, out_dtype, qspec,
+                     merge.roundtrip)
+        shards = plan_shards([it.nbytes for it in items], max_shard_bytes(job.opts.max_shard_size))
+        adapter_bytes = 0 if self.merged else sum(t.numel() * t.element_size() for a in job.src.stack
+                                                   for t in a.tensors.values())
+        check_free_space(job.out, sum(it.nbytes for it in items) + adapter_bytes + (16 << 20))
+        survival = Survival() if self.merged and qspec is not None else None
+        with writing(job.out), atomic_folder(job.out, job.opts.force) as tmp:
+            written = write_weights(tmp, items, shards, merge, out_dtype, qspec, self.name, job.opts.progress,
+                                    survival)
+            if survival is not None:
+                refuse_lossy(survival, job.opts.allow_lossy)
+            write_config(job.base, tmp, out_dtype, qspec)
+            job.notes.extend(copy_tokenizer(job.base, tmp))
+            if not self.merged:
+                write_adapter(job.src, tmp / ADAPTER_SUBFOLDER, None)
+        return job.result(sorted(p.name for p in job.out.iterdir()), written, survival=survival)
+
+    def qspec(self, job: Job, out_dtype: torch.dtype) -> quant.QuantSpec | None:
+        if not self.quantized:
+            return None
+        t = job.src.trained_with
+        if not self.merged:  # the very quantization training used, computing in training's compute dtype
+            return t
+        return (dataclasses.replace(t, compute_dtype=out_dtype) if t.type != "none"
+                else quant.QuantSpec(job.opts.quant or "nf4", compute_dtype=out_dtype))
+
+    def check(self, opts: Options) -> None:
+        if not self.merged and opts.dtype is not None:
+            raise ExportError(f"--format {self.name} stores the base as training held it (its frozen dtype and "
+                              "quantization) and the adapter as trained; drop --dtype.")
+        if not self.merged and opts.merge_base != "dequantized":
+            raise ExportError(f"--format {self.name} merges nothing; drop --merge-base.")
+
+
+@dataclass(frozen=True)
+class QuantizedAdapterFormat(FolderFormat):
+    merged: bool = False
+    quantized: bool = True
+
+    def write(self, job: Job) -> Result:
+        t = job.src.trained_with
+        if t.type not in ("nf4", "fp4"):
+            raise ExportError(f"--format {self.name} stores the 4-bit base the adapter was trained on; this adapter "
+                              f"was trained on a {t.type} base. Export --format adapter (with the base) or merged.")
+        if len(job.src.stack) > 1 or job.src.adapter.kind == "ia3":
+            raise ExportError(f"--format {self.name}: PEFT loads one LoRA/DoRA adapter over a quantized base; this is "
+                              f"a {'+'.join(a.method for a in job.src.stack)} adapter. Export it --format merged.")
+        return super().write(job)
+
+
+@dataclass(frozen=True)
+class GgufFormat(Format):
+    one_file: bool = True
+    adapter: bool = False  # llama.cpp's LoRA adapter GGUF instead of the merged model
+
+    def check(self, opts: Options) -> None:
+        gguf_export.check_type(opts.gguf_type, adapter=self.adapter)
+        mf = gguf_export.ollama.modelfile_path(Path(opts.out))
+        if not self.adapter and mf.exists() and not opts.force:
+            raise ExportError(f"{mf} already exists (the Ollama Modelfile written beside the GGUF); pass --force to "
+                              "replace it, or choose another --out.")
+
+    def write(self, job: Job) -> Result:
+        if self.adapter:
+            with writing(job.out):
+                written, more = gguf_export.write_adapter(job.src, job.base, job.out, job.opts.gguf_type)
+            return _with(job, [job.out.name], written, more)
+        merge = job.merge(job.frozen(job.raw_config()), roundtrip=True)
+        with writing(job.out):
+            written, more = gguf_export.write_model(merge, job.base, job.index, job.out, job.opts.gguf_type,
+                                                    job.opts.progress, adapter_source(job.source)[1])
+        return _with(job, [job.out.name, gguf_export.ollama.modelfile_path(job.out).name], written, more)
+
+
+def _with(job: Job, files: list[str], written: int, notes: list[str]) -> Result:
+    job.notes.extend(notes)
+    return job.result(files, written)
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    AdapterFormat("adapter", "PEFT folder (adapter_config.json + adapter_model.safetensors)", needs_base=False),
+    FolderFormat("merged", "a full 16/32-bit model: W_base + the adapter, cast once to --dtype"),
+    QuantizedAdapterFormat(
+        "quantized-adapter", "the 4-bit base exactly as training quantized it (bitsandbytes' format, as transformers "
+        "loads it) + the PEFT adapter in adapter/: the training-time model"),
+    FolderFormat("quantized", "merged, then quantized again (4/8-bit): loses most of a QLoRA adapter's change "
+                 "(refused unless --allow-lossy when almost nothing survives)", quantized=True),
+    GgufFormat("gguf", "the merged model as one GGUF file (+ Ollama Modelfile)"),
+    GgufFormat("gguf-adapter", "the LoRA as a llama.cpp adapter GGUF, for a GGUF of the ORIGINAL base", adapter=True),
+)}
+
+
+def refuse_lossy(survival: Survival, allowed: bool) -> None:
+    """Stop a re-quantized export that kept almost none of the adapter's change (before its folder appears)."""
+    if survival.kept < KEPT_MIN and not allowed:
+        raise ExportError(
+            f"--format quantized: re-quantizing the merged weights keeps {survival.kept:.1%} of the adapter's change "
+            f"({survival.changed:.1%} of the quantized codes differ from the base's): the export would answer like "
+            "the base. Export --format quantized-adapter (the 4-bit base with the adapter beside it: the training-time "
+            "model), or pass --allow-lossy to write this one anyway.")
 
 
 # ---- the export ---------------------------------------------------------------------------------------------------
@@ -135,24 +303,21 @@ def plan(index: dict[str, TensorInfo], adapted: set[str], to_quantize: set[str],
 
 def export(source: str | Path, opts: Options) -> Result:
     t0 = time.perf_counter()
+    fmt = FORMATS.get(opts.format)
+    if fmt is None:
+        raise ExportError(f"--format {opts.format!r} is not one of {', '.join(FORMATS)}.")
     out = Path(opts.out)
-    gguf = opts.format in ("gguf", "gguf-adapter")
-    if gguf:
-        gguf_export.check_type(opts.gguf_type, adapter=opts.format == "gguf-adapter")
-        if out.is_dir() and not out.is_symlink():
-            raise ExportError(f"--out {out} is a folder; --format {opts.format} writes one file: name it, e.g. "
-                              f"{out / 'model.gguf'}.")
-        mf = gguf_export.ollama.modelfile_path(out)
-        if opts.format == "gguf" and mf.exists() and not opts.force:
-            raise ExportError(f"{mf} already exists (the Ollama Modelfile written beside the GGUF); pass --force to "
-                              "replace it, or choose another --out.")
+    fmt.check(opts)
+    if fmt.one_file and out.is_dir() and not out.is_symlink():
+        raise ExportError(f"--out {out} is a folder; --format {fmt.name} writes one file: name it, e.g. "
+                          f"{out / 'model.gguf'}.")
     if (out.exists() or out.is_symlink()) and not opts.force:
         raise ExportError(f"{out} already exists; pass --force to replace it, or choose another --out.")
-    max_shard = max_shard_bytes(opts.max_shard_size)
+    max_shard_bytes(opts.max_shard_size)  # a bad size fails before anything is read
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise ExportError("--device cuda: no CUDA GPU is visible; use --device cpu (or auto).")
     src = open_source(source, opts.base, opts.quant)
-    base = base_folder(src.base_name, required=opts.format != "adapter" or opts.base is not None)
+    base = base_folder(src.base_name, required=fmt.needs_base or opts.base is not None)
     for p in (Path(source), base):
         if p is not None and (out.resolve() == p.resolve() or out.resolve() in p.resolve().parents):
             raise ExportError(f"--out {out} would overwrite the input {p}; choose another folder.")
@@ -160,120 +325,13 @@ def export(source: str | Path, opts: Options) -> Result:
     notes = [] if index is not None else [f"not checked against the base ({src.base_name} is not available here)"]
     if index is not None:
         check_fits(src.stack, index, base)
-    if opts.format == "gguf-adapter":
-        with writing(out):
-            written, more = gguf_export.write_adapter(src, base, out, opts.gguf_type, free_bytes)
-        return Result(out, [out.name], written, time.perf_counter() - t0, notes + more)
-    if opts.format == "adapter":
-        with writing(out), atomic_folder(out, opts.force) as tmp:
-            _write_adapter(src, tmp, opts)
-        return Result(out, sorted(p.name for p in out.iterdir()), 0, time.perf_counter() - t0, notes)
-
-    try:
-        raw_config = json.loads((base / "config.json").read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:
-        raise ExportError(f"{base}/config.json cannot be read ({e}); "
-                          "pass a Hugging Face model folder with --base.") from None
-    if raw_config.get("quantization_config"):
-        raise ExportError(f"the base {base} is already quantized "
-                          f"({raw_config['quantization_config'].get('quant_method')}); "
-                          "pass the original 16-bit checkpoint with --base.")
-    out_dtype = quant.DTYPES[opts.dtype or "bf16"]
-    frozen = frozen_dtype(src.model_cfg.dtype, raw_config.get("dtype") or raw_config.get("torch_dtype"))
-    device = opts.device if opts.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if gguf:
-        with writing(out):
-            written, more = gguf_export.write_model(src, base, index, out, opts.gguf_type, opts.merge_base, frozen,
-                                                    device, free_bytes, opts.progress, adapter_source(source)[1],
-                                                    unadapted_quantized(src, base, index, opts.merge_base))
-        files = [out.name, gguf_export.ollama.modelfile_path(out).name]
-        return Result(out, files, written, time.perf_counter() - t0, notes + more)
-    qspec, to_quantize = None, set()
-    if opts.format == "quantized":
-        t = src.trained_with
-        qspec = (dataclasses.replace(t, compute_dtype=out_dtype) if t.type != "none"
-                 else quant.QuantSpec(opts.quant or "nf4", compute_dtype=out_dtype))
-        to_quantize = linear_weights(base) & set(index)
-        bad = [n for n in to_quantize if qspec.type != "int8" and index[n].shape[1] % qspec.blocksize]
-        if bad:
-            notes.append(f"{len(bad)} weights (e.g. {bad[0]}) have in_features not a multiple of blocksize "
-                         f"{qspec.blocksize}: the file is right, but bitsandbytes' CPU kernels (0.50) compute such "
-                         "weights wrongly or fail; run this model on CUDA (docs/ARCHITECTURE.md, 'bitsandbytes "
-                         "hazards').")
-    roundtrip = unadapted_quantized(src, base, index, opts.merge_base) if opts.format == "merged" else set()
-    items = plan(index, src.modules(), to_quantize, out_dtype, qspec, roundtrip)
-    shards = plan_shards([it.nbytes for it in items], max_shard)
-    need = sum(it.nbytes for it in items) + (16 << 20)
-    if free_bytes(out.parent) < need:
-        raise ExportError(f"not enough disk space for {out}: the export needs about {need / 1e9:.2f} GB, "
-                          f"{free_bytes(out.parent) / 1e9:.2f} GB are free. Free some space or choose another --out.")
-    with writing(out), atomic_folder(out, opts.force) as tmp:
-        written = _write_weights(tmp, items, shards, src, opts, frozen, out_dtype, qspec, device)
-        write_config(base, tmp, out_dtype, qspec)
-        notes += copy_tokenizer(base, tmp)
-    return Result(out, sorted(p.name for p in out.iterdir()), written, time.perf_counter() - t0, notes)
+    return fmt.write(Job(Path(source), opts, src, base, index, notes, t0))
 
 
-def _write_weights(tmp: Path, items: list[Item], shards: list[list[int]], src: Source, opts: Options,
-                   frozen: torch.dtype, out_dtype: torch.dtype, qspec: quant.QuantSpec | None, device: str) -> int:
-    from tqdm.auto import tqdm
-
-    names, weight_map, total, written = shard_names(len(shards)), {}, 0, 0
-    bar = tqdm(total=sum(it.nbytes for it in items), unit="B", unit_scale=True, desc=f"export {opts.format}",
-               disable=not opts.progress, file=sys.stderr, dynamic_ncols=True)
-    for k, idxs in enumerate(shards):
-        group = [items[i] for i in idxs]
-        bar.set_postfix_str(f"shard {k + 1}/{len(shards)}")
-        writer = ShardWriter(tmp / names[k], [e for it in group for e in it.entries],
-                             [it.tail for it in group if it.tail], TAIL_MAX)
-        try:
-            for it in group:
-                _emit(it, writer, src, opts.merge_base, frozen, out_dtype, qspec, device)
-                bar.update(it.nbytes)
-            written += writer.close()
-        finally:
-            writer.abort()
-        for it in group:
-            weight_map |= {e.name: names[k] for e in it.entries} | ({it.tail: names[k]} if it.tail else {})
-            total += sum(e.nbytes for e in it.entries) + (writer.tail_data[it.tail].numel() if it.tail else 0)
-    bar.close()
-    if len(shards) > 1:
-        write_index(tmp, weight_map, total)
-    return written
-
-
-def _emit(it: Item, writer: ShardWriter, src: Source, merge_base: str, frozen: torch.dtype, out_dtype: torch.dtype,
-          qspec: quant.QuantSpec | None, device: str) -> None:
-    """Compute one source tensor's outputs and write them (rows as they come when nothing needs the whole)."""
-    info = it.info
-    if it.module is None and not it.quantize and not it.roundtrip:  # a plain copy, cast in blocks of rows
-        entry = it.entries[0]
-        scale = methods.bias_scale(src.stack, info.name[: -len(".bias")]) if info.name.endswith(".bias") else None
-        for i, j in row_blocks(info.shape, info.dtype.itemsize):
-            t = read_tensor(info, (i, j))
-            writer.write(entry.name, (t if scale is None else t.float() * scale[i:j]).to(entry.dtype), i)
-        return
-    W = read_tensor(info)
-    if it.roundtrip or it.module is not None:
-        W = merge_base_weight(W, src.trained_with, frozen, merge_base, device, src.offset(it.module))
-    if it.module is None and not it.quantize:  # an unadapted weight training quantized: dequant(Q), cast
-        writer.write(info.name, W.to(out_dtype), 0)
-        return
-    if it.module is not None:
-        if not it.quantize:
-            for i, rows in merge_rows(W, src.stack, it.module, out_dtype):
-                writer.write(info.name, rows, i)
-            return
-        W = merged_weight(W, src.stack, it.module, out_dtype)
-    for suffix, t in quant.serialize(W.to(device, out_dtype), qspec, out_dtype).items():
-        name = info.name[: -len("weight")] + suffix
-        (writer.write_tail if name == it.tail else writer.write)(name, t)
-
-
-def _write_adapter(src: Source, tmp: Path, opts: Options) -> None:
+def write_adapter(src: Source, tmp: Path, dtype: str | None) -> None:
     """One PEFT folder per method, in the stacked layout of peft_format (root, then ia3/)."""
     for k, a in enumerate(src.stack):
-        tensors = {k: v.to(quant.DTYPES[opts.dtype]) for k, v in a.tensors.items()} if opts.dtype else a.tensors
+        tensors = {k: v.to(quant.DTYPES[dtype]) for k, v in a.tensors.items()} if dtype else a.tensors
         where = tmp / peft_format.IA3_SUBFOLDER if k > 0 else tmp
         if a.kind == "ia3":
             peft_format.save_ia3(where, tensors, feedforward=[m for m in a.modules() if a.feedforward(m)],

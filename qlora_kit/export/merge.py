@@ -4,6 +4,7 @@ the GGUF writer share them, so every format merges the same way."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,3 +56,24 @@ def merged_weight(W_base, stack: list[peft_format.Adapter], module: str, out_dty
     for i, rows in merge_rows(W_base, stack, module, out_dtype):
         out[i : i + len(rows)] = rows
     return out
+
+
+@dataclass(frozen=True)
+class Merge:
+    """How every weight of a merged export is computed: the adapter stack of `src` over the base `merge_base`
+    names (dequantized: dequant(quant(W)) with the frozen dtype and the run's quantization, on `device`).
+    `roundtrip`: unadapted Linear weights written as dequant(Q) too (unadapted_quantized)."""
+
+    src: Source
+    merge_base: str
+    frozen: torch.dtype
+    device: str
+    roundtrip: frozenset[str] = frozenset()
+
+    def base(self, W: torch.Tensor, name: str, module: str | None) -> torch.Tensor:
+        """The base weight `name` (adapted `module`, or None) as this merge adds to it: W itself when neither
+        adapted nor in `roundtrip`."""
+        if module is None and name not in self.roundtrip:
+            return W
+        return merge_base_weight(W, self.src.trained_with, self.frozen, self.merge_base, self.device,
+                                 self.src.offset(module))

@@ -133,14 +133,10 @@ def load(req: Request) -> tuple[generate.Loaded, Kind, Recipe | None, str]:
         from ..config import load_recipe
 
         recipe = load_recipe(Path(req.source).expanduser() / "recipe.yaml")
-    quant = QuantConfig(type=req.quant) if req.quant else None
-    if quant is None and kind == "model":
-        quant = QuantConfig(type="none")  # a model is measured as it is stored unless asked to quantize it
-    if quant is None and recipe is not None:
-        quant = recipe.quant
-    loaded = generate.load(req.source, base=req.base, quant=quant, device=req.device,
+    # no --quant: generate.default_quant (a run as trained, an adapter over nf4, a model folder as stored)
+    q = QuantConfig(type=req.quant) if req.quant else generate.default_quant(req.source, recipe)
+    loaded = generate.load(req.source, base=req.base, quant=q, device=req.device,
                            allow_pickle=req.allow_pickle, trust_remote_code=req.trust_remote_code)
-    q = quant or QuantConfig()  # an adapter folder with no --quant: generate.load's default, nf4
     desc = q.type if q.type in ("none", "int8") else (
         f"{q.type} blocksize {q.blocksize}" + (" + double quant" if q.double_quant else ""))
     return loaded, kind, recipe, desc

@@ -65,23 +65,33 @@ def _base_config(source: str, base: str | None, allow_pickle: bool,
     return ModelConfig(base or source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code), None
 
 
+def default_quant(path: str, recipe: Recipe | None) -> QuantConfig:
+    """How `path` runs when no quantization is asked for: a run as trained (its recipe's quant); a PEFT adapter
+    folder over an nf4 base (the QLoRA paper's settings, how such adapters are trained); a model folder or
+    built-in name (a merged export too) as stored, unquantized."""
+    if recipe is not None:
+        return recipe.quant
+    p = Path(path)
+    return QuantConfig() if p.is_dir() and (p / peft_format.CONFIG_NAME).is_file() else QuantConfig(type="none")
+
+
 def load(path: str, base: str | None = None, quant: QuantConfig | None = None, device: str = "auto",
          allow_pickle: bool = False, trust_remote_code: bool = False) -> Loaded:
     """`path` is a run folder, a PEFT adapter folder (base from --base or its config), or a model (folder/name).
-    device: auto (CUDA when present) | cpu | cuda. allow_pickle / trust_remote_code (the CLI flags) add to what a
-    run's recipe already allows, never remove."""
+    `quant` None: default_quant. device: auto (CUDA when present) | cpu | cuda. allow_pickle / trust_remote_code
+    (the CLI flags) add to what a run's recipe already allows, never remove."""
     device = resolve_device(device)
     model_cfg, recipe = _base_config(path, base, allow_pickle, trust_remote_code)
     # a LoftQ run's base is quantized around its stored low-rank offsets (loftq.py), exactly as in training
     offsets = loftq.Initializer.from_run(Path(path)) if loftq.is_loftq_run(recipe) else None
-    model, tok, _ = load_base(model_cfg, quant or (recipe.quant if recipe else QuantConfig()), device,
-                              before_quantize=offsets)
+    quant = quant or default_quant(path, recipe)
+    model, tok, _ = load_base(model_cfg, quant, device, before_quantize=offsets)
     loaded = Loaded(model, tok, *((recipe.data.format, recipe.data.system_prompt) if recipe else ("alpaca", None)))
     p = Path(path)
     if recipe is not None:
         _attach(model, p / "adapter", DTYPES[recipe.quant.compute_dtype])
     elif p.is_dir() and (p / peft_format.CONFIG_NAME).is_file():
-        _attach(model, p, DTYPES[(quant or QuantConfig()).compute_dtype])  # adapters compute as the base does
+        _attach(model, p, DTYPES[quant.compute_dtype])  # adapters compute as the base does
     loaded.model.eval()
     loaded.model.config.use_cache = True
     loaded.model.generation_config.use_cache = True

@@ -32,7 +32,8 @@ from ... import atomic
 from . import arch as gguf_arch, kquant as gguf_kquant, vocab as gguf_vocab, ollama
 from ...errors import ExportError
 from .kquant import KQUANTS
-from ..merge import merge_base_weight, merged_weight
+from ..files import check_free_space
+from ..merge import Merge, merged_weight
 from ..shards import TensorInfo, read_tensor, row_blocks
 from ...terms import lora_scale
 
@@ -122,14 +123,12 @@ def encode(W: torch.Tensor, kind: str) -> np.ndarray:
     return gguf.quants.quantize(W.float().numpy(), _qtype(kind))
 
 
-def _tensor(p: Planned, src, merge_base: str, frozen: torch.dtype, device: str,
-            roundtrip: set[str] = frozenset()) -> torch.Tensor:
-    """The output tensor in fp32 (merged if adapted, dequant(Q) if in `roundtrip`; q/k rows permuted for llama)."""
-    W = read_tensor(p.info)
-    if p.module is not None or p.info.name in roundtrip:
-        W = merge_base_weight(W, src.trained_with, frozen, merge_base, device, src.offset(p.module))
+def _tensor(p: Planned, merge: Merge) -> torch.Tensor:
+    """The output tensor in fp32 (merged if adapted, dequant(Q) if in merge.roundtrip; q/k rows permuted for
+    llama)."""
+    W = merge.base(read_tensor(p.info), p.info.name, p.module)
     if p.module is not None:  # every method of the stack, in order (methods.merge_rows), as --format merged
-        W = merged_weight(W, src.stack, p.module, torch.float32)
+        W = merged_weight(W, merge.src.stack, p.module, torch.float32)
     W = W.float()
     return gguf_arch.permute_rows(W, p.heads) if p.heads else W
 
@@ -170,19 +169,10 @@ def _file_type(kind: str) -> int:
     return gguf.LlamaFileType.ALL_F32 if kind == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{kind.upper()}")
 
 
-def free_space_check(out: Path, need: int, free_bytes) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    free = free_bytes(out.parent)
-    if free < need:
-        raise ExportError(f"not enough disk space for {out}: the export needs about {need / 1e9:.2f} GB, "
-                          f"{free / 1e9:.2f} GB are free. Free some space or choose another --out.")
-
-
-def write_model(src, base: Path, index: dict[str, TensorInfo], out: Path, kind: str, merge_base: str,
-                frozen: torch.dtype, device: str, free_bytes, progress: bool, recipe=None,
-                roundtrip: set[str] = frozenset()) -> tuple[int, list[str]]:
-    """The merged GGUF (and its Ollama Modelfile). Returns (bytes written, notes). `roundtrip`: unadapted weights
-    written as dequant(Q), as --format merged does (export.unadapted_quantized)."""
+def write_model(merge: Merge, base: Path, index: dict[str, TensorInfo], out: Path, kind: str, progress: bool,
+                recipe=None) -> tuple[int, list[str]]:
+    """The merged GGUF (and its Ollama Modelfile): every weight as `merge` computes it, the same merge as
+    --format merged. Returns (bytes written, notes)."""
     import gguf
     from tqdm.auto import tqdm
 
@@ -192,10 +182,11 @@ def write_model(src, base: Path, index: dict[str, TensorInfo], out: Path, kind: 
     via_f16 = kind in KQUANTS and not gguf_kquant.available()
     store = "f16" if via_f16 else kind
     names = gguf_arch.TensorNames(arch)
-    tensors, notes = plan(index, names, store, src.modules())
+    tensors, notes = plan(index, names, store, merge.src.modules())
     total = sum(p.nbytes for p in tensors)
     need = total * (2 if via_f16 else 1) + (64 << 20)
-    free_space_check(out, need, free_bytes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(out, need)
     f16 = atomic.temp_name(out, "f16") if via_f16 else None
     try:
         with atomic.atomic_file(out) as tmp:
@@ -215,7 +206,7 @@ def write_model(src, base: Path, index: dict[str, TensorInfo], out: Path, kind: 
                 bar = tqdm(total=total, unit="B", unit_scale=True, desc="export gguf", disable=not progress,
                            dynamic_ncols=True)
                 for p in tensors:
-                    _write_blocks(writer, p, _tensor(p, src, merge_base, frozen, device, roundtrip))
+                    _write_blocks(writer, p, _tensor(p, merge))
                     bar.update(p.nbytes)
                 bar.close()
             finally:
@@ -244,7 +235,7 @@ def _kquantize(src: Path, dst: Path, kind: str) -> None:
         raise ExportError(f"llama.cpp's quantizer failed on {src.name} -> {kind} (return code {rc}).")
 
 
-def write_adapter(src, base: Path, out: Path, kind: str, free_bytes) -> tuple[int, list[str]]:
+def write_adapter(src, base: Path, out: Path, kind: str) -> tuple[int, list[str]]:
     """llama.cpp's LoRA adapter GGUF. Per-module scales (rsLoRA, alpha_pattern) that alpha / r cannot express are
     folded into lora_b, so llama.cpp's single `alpha` gives every module its trained scale."""
     import gguf
@@ -267,7 +258,8 @@ def write_adapter(src, base: Path, out: Path, kind: str, free_bytes) -> tuple[in
         name = names(f"{m}.weight")
         tensors += [(f"{name}.lora_a", A.float()), (f"{name}.lora_b", B)]
     nbytes = sum(t.numel() * (4 if kind == "f32" else 2) for _, t in tensors)
-    free_space_check(out, nbytes + (1 << 20), free_bytes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(out, nbytes + (1 << 20))
     with atomic.atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(None, arch.name)
         try:

@@ -25,7 +25,8 @@ from .terms import BLOCKSIZES, QuantType
 from .typecheck import coerce
 
 ComputeDtype = Literal["bf16", "fp32"]
-DataFormat = Literal["text", "alpaca", "chat", "sharegpt", "completion"]
+DataFormat = Literal["text", "alpaca", "chat", "sharegpt", "completion", "preference"]
+Objective = Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo"]
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
 Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"]
@@ -100,7 +101,9 @@ class DataConfig:
     name (needs the network)."""
     format: DataFormat = "alpaca"
     """text: {"text"}; alpaca: {"instruction", "input"?, "output"}; chat: {"messages": [{"role", "content"}]};
-    sharegpt: {"conversations": [{"from": human|gpt|system, "value"}]}; completion: {"prompt", "completion"}."""
+    sharegpt: {"conversations": [{"from": human|gpt|system, "value"}]}; completion: {"prompt", "completion"};
+    preference: {"prompt", "chosen", "rejected"} (strings, or message lists ending in the assistant turn), or, for
+    train.objective kto only, unpaired {"prompt", "completion", "label": true|false}."""
     columns: dict[str, str] = field(default_factory=dict)
     """Your column names for ours, {our field: your column}, e.g. {instruction: question, output: answer}."""
     split: str = "train"
@@ -184,6 +187,27 @@ class TrainConfig:
     """Seconds a rank waits for the others in a collective before it stops and names the ranks that went silent."""
     report_to: list[Tracker] = field(default_factory=list)
     """Also log metrics.jsonl's values to experiment trackers: [tensorboard, wandb, mlflow] (optional extras)."""
+    objective: Objective = "sft"
+    """sft: next-token cross-entropy. Preference objectives (need data.format preference): dpo (Rafailov et al.
+    2023, arXiv 2305.18290), ipo (Azar et al. 2023, arXiv 2310.12036), orpo (Hong et al. 2024, arXiv 2403.07691),
+    kto (Ethayarajh et al. 2024, arXiv 2402.01306), simpo (Meng et al. 2024, arXiv 2405.14734). dpo, ipo and kto
+    compare with the reference policy: the same quantized base with every adapter switched off."""
+    beta: float = 0.1
+    """Preference objectives' strength: dpo's and kto's beta (KL weight), ipo's tau (target margin 1/(2 tau)), orpo's
+    lambda (weight of the odds-ratio term), simpo's beta (reward scale; the paper uses 2 to 10)."""
+    label_smoothing: float = 0.0
+    """dpo only: the probability that a pair's preference label is flipped (conservative DPO), in [0, 0.5)."""
+    simpo_gamma: float = 0.5
+    """simpo only: the target reward margin gamma of the paper's loss -log sigmoid(beta/|y_w| log p(y_w|x) -
+    beta/|y_l| log p(y_l|x) - gamma) (TRL's simpo_gamma_beta_ratio is gamma / beta)."""
+    kto_desirable_weight: float = 1.0
+    """kto only: lambda_D, the weight of the losses of desirable (label true / chosen) completions."""
+    kto_undesirable_weight: float = 1.0
+    """kto only: lambda_U, the weight of the losses of undesirable (label false / rejected) completions."""
+    precompute_reference: bool = False
+    """dpo/ipo: compute the reference log-probabilities once per example before the first step (adapters off)
+    and keep them in the run folder (reference_logps.safetensors, reused on resume), instead of a no-grad
+    reference forward in every step: ~1/3 less compute per step for one pass over the data up front."""
 
 
 @dataclass(frozen=True)
@@ -246,6 +270,11 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("train", "dist_timeout_s"): (lambda v: 10 <= v <= 86400, "in [10, 86400]"),
     ("train", "num_threads"): (lambda v: 0 <= v <= 4096, "in [0, 4096]"),  # torch overflows on absurd counts
     ("train", "seed"): (lambda v: 0 <= v < 2**64, "in [0, 2**64)"),  # torch.manual_seed takes a uint64
+    ("train", "beta"): (lambda v: v > 0, "> 0"),
+    ("train", "label_smoothing"): (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    ("train", "simpo_gamma"): (lambda v: v >= 0, ">= 0"),
+    ("train", "kto_desirable_weight"): (lambda v: v > 0, "> 0"),
+    ("train", "kto_undesirable_weight"): (lambda v: v > 0, "> 0"),
 }
 
 # Names people bring from PEFT / transformers TrainingArguments / other tools: difflib cannot guess `rank` -> `r`.
@@ -341,10 +370,44 @@ def recipe_from_dict(raw: Any, overrides: typing.Sequence[str] = ()) -> Recipe:
     if recipe.lora.dora and recipe.lora.init == "loftq":
         raise ConfigError("lora.dora with lora.init loftq: LoftQ's A and B cancel the quantization error of W, which "
                           "DoRA's magnitude would then rescale; choose one (lora.init kaiming for DoRA).")
+    _check_objective(recipe)
     if recipe.ia3 is None and recipe.lora.targets == []:
         raise ConfigError("lora.targets is [] and there is no ia3 section: nothing would train. Set lora.targets "
                           "(e.g. all-linear), or add an `ia3:` section (ia3: {} uses k_proj/v_proj and down_proj).")
     return recipe
+
+
+REFERENCE_OBJECTIVES = ("dpo", "ipo", "kto")  # the losses that compare with the reference policy
+PRECOMPUTABLE = ("dpo", "ipo")  # kto's mismatched pairs for z0 change with every batch: its reference runs in-step
+
+
+def _check_objective(recipe: Recipe) -> None:
+    """The objective and the data shape must agree, and each loss's own knob must not be set for another loss."""
+    t, d = recipe.train, recipe.data
+    if t.objective == "sft" and d.format == "preference":
+        raise ConfigError("data.format is preference but train.objective is sft, which would ignore the rejected "
+                          "answers; set train.objective to dpo, ipo, orpo, kto or simpo.")
+    if t.objective != "sft" and d.format != "preference":
+        raise ConfigError(f"train.objective {t.objective} learns from preference records; set data.format to "
+                          "preference ({prompt, chosen, rejected}).")
+    if t.objective != "sft" and d.packing:
+        raise ConfigError("data.packing with a preference objective: each answer's log-probability is summed per "
+                          "row, so rows must hold one answer each; set data.packing to false.")
+    if t.objective != "sft" and d.train_on_prompt:
+        raise ConfigError("data.train_on_prompt with a preference objective: chosen and rejected share the prompt, so "
+                          "its tokens cannot tell them apart; set data.train_on_prompt to false.")
+    defaults = TrainConfig()
+    own = {"label_smoothing": "dpo", "simpo_gamma": "simpo", "kto_desirable_weight": "kto",
+           "kto_undesirable_weight": "kto"}
+    for key, objective in own.items():
+        if getattr(t, key) != getattr(defaults, key) and t.objective != objective:
+            raise ConfigError(f"train.{key} is set but train.objective is {t.objective}: it only changes {objective}'s "
+                              f"loss. Remove it, or set train.objective to {objective}.")
+    if t.precompute_reference and t.objective not in PRECOMPUTABLE:
+        why = "uses no reference policy" if t.objective not in REFERENCE_OBJECTIVES else \
+            "pairs each prompt with another row's answer for its KL estimate, so its reference runs in the step"
+        raise ConfigError(f"train.precompute_reference works with train.objective {' or '.join(PRECOMPUTABLE)}; "
+                          f"{t.objective} {why}. Remove train.precompute_reference.")
 
 
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:

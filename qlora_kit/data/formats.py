@@ -33,10 +33,11 @@ FORMAT_HELP = {
     "chat": '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
     "sharegpt": '{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}',
     "completion": '{"prompt": "...", "completion": "..."}',
+    "preference": '{"prompt": "...", "chosen": "...", "rejected": "..."}',
 }
 REQUIRED = {"text": ("text",), "alpaca": ("instruction", "output"), "chat": ("messages",),
-            "sharegpt": ("conversations",), "completion": ("prompt", "completion")}
-OPTIONAL = {"alpaca": ("input",)}
+            "sharegpt": ("conversations",), "completion": ("prompt", "completion"), "preference": ()}
+OPTIONAL = {"alpaca": ("input",), "preference": ("prompt", "chosen", "rejected", "completion", "label")}
 _STRINGS = {"text": ("text",), "alpaca": ("instruction", "input", "output"), "completion": ("prompt", "completion")}
 _ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

@@ -159,6 +159,8 @@ def test_pairs_tokenize_as_sft_answers_with_loss_on_the_answers_only(tmp_path):
     u = ds.train[0]
     c, r = u.examples
     assert data_preference.split(c)[0] == data_preference.split(r)[0]  # the same prompt tokens, no loss on them
+    first = PAIRS[ds.train.tok.records[ds.train.groups[0][0]]]["prompt"]
+    assert data.encode_prompt(first, tok, "preference") == data_preference.split(c)[0]  # generate asks as trained
     batch = data_preference.collate(ds.train[:3], data.pad_token_id(tok))
     assert batch["input_ids"].shape[0] == 6 and batch["desirable"].tolist() == [1] * 6
 

@@ -135,12 +135,20 @@ def _with_system(messages: Messages, system_prompt: str | None) -> Messages:
     return [{"role": "system", "content": system_prompt}] + messages
 
 
+def prompt_format(fmt: str) -> str:
+    """The format a question to the trained model is rendered in: preference data's string prompts are rendered as
+    alpaca renders an instruction (data_preference), so a preference-tuned model is asked as an alpaca one."""
+    return "alpaca" if fmt == "preference" else fmt
+
+
 def render_prompt(record_or_question: str | Record, tokenizer: Any, fmt: str, system_prompt: str | None = None) -> str:
     """The text the model sees before its answer, exactly as in training (for generation after training).
 
     A string is a question (alpaca: the instruction; chat/sharegpt: one user message; completion/text: the prompt);
     for a chat record, the prompt is the conversation before its last assistant turn."""
-    q = record_or_question
+    q, fmt = record_or_question, prompt_format(fmt)
+    if fmt == "alpaca" and not isinstance(q, (str, dict)):
+        raise DataError("a prompt for a preference-tuned model must be a string question.")
     if fmt not in FORMAT_HELP:
         raise DataError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMAT_HELP)}.")
     if fmt in ("text", "completion"):

@@ -34,6 +34,24 @@ def _chunk_logps(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
     return -F.cross_entropy(logits, labels, reduction="none")  # (n,) log p(label)
 
 
+class LogpHead(nn.Module):
+    """forward(h (N, H), y (N,), norm=None) -> (N,) fp32 log p(y) of every row, in checkpointed chunks of `chunk`
+    rows. One module around lm_head, as loss.LossHead, so that under FSDP it is one unit (fsdp.shard_root): its
+    forward gathers lm_head once for every chunk of a pass."""
+
+    def __init__(self, lm_head: nn.Module, chunk: int):
+        super().__init__()
+        self.lm_head, self.chunk = lm_head, chunk
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        pieces = []
+        for s in range(0, h.shape[0], self.chunk):
+            args = (self.lm_head, h[s : s + self.chunk], y[s : s + self.chunk], norm)
+            pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
+                          else _chunk_logps(*args))
+        return torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
+
+
 def summarize(sums: list[float]) -> dict[str, float]:
     """The step's stats sums (N_SUMS, over micro-batches and ranks) -> mean rewards, margin and pair accuracy (kto:
     no pairs, so no accuracy)."""
@@ -51,7 +69,7 @@ class PreferenceLoss(nn.Module):
 
     def __init__(self, model: nn.Module, t: TrainConfig):
         super().__init__()
-        self.model, self.lm_head, self.t = model, model.get_output_embeddings(), t
+        self.model, self.head, self.t = model, LogpHead(model.get_output_embeddings(), t.loss_chunk), t
         self.reference: torch.Tensor | None = None  # precomputed: (examples,) fp32 log-probs by Tokenized index
 
     def seq_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -73,12 +91,7 @@ class PreferenceLoss(nn.Module):
         h = hidden.reshape(R * T, H).index_select(0, positions)  # (N, H): only label positions reach lm_head
         y = labels.reshape(-1).index_select(0, positions + 1)  # (N,)
         del hidden
-        pieces = []
-        for s in range(0, h.shape[0], self.t.loss_chunk):
-            args = (self.lm_head, h[s : s + self.t.loss_chunk], y[s : s + self.t.loss_chunk], norm)
-            pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
-                          else _chunk_logps(*args))
-        tok = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
+        tok = self.head(h, y, norm)  # (N,) fp32
         rows = torch.div(positions, T, rounding_mode="floor")
         logps = torch.zeros(R, dtype=torch.float32, device=tok.device).index_add(0, rows, tok)
         counts = torch.zeros(R, dtype=torch.float32, device=tok.device).index_add(0, rows, torch.ones_like(tok))
@@ -99,8 +112,12 @@ class PreferenceLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 desirable: torch.Tensor, positions: torch.Tensor | None = None,
-                example: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                example: torch.Tensor | None = None, reference_only: bool = False):
+        """reference_only: just the reference log-probs (R,) (precompute goes through forward, so that under FSDP
+        the root unit's parameters are gathered)."""
         t = self.t
+        if reference_only:
+            return self.reference_logps(input_ids, attention_mask, labels, positions)
         if t.objective == "kto":
             return self._kto(input_ids, attention_mask, labels, desirable)
         ref = None
@@ -152,7 +169,8 @@ def precompute(loss: PreferenceLoss, units: data.Units, batch_size: int, pad_id:
     out = torch.zeros(len(units.tok), dtype=torch.float32)
     for s in range(0, len(units), batch_size):
         batch = {k: v.to(device) for k, v in data_preference.collate(units[s : s + batch_size], pad_id).items()}
-        ref = loss.reference_logps(batch["input_ids"], batch["attention_mask"], batch["labels"]).cpu()
+        ref = loss(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["desirable"],
+                   reference_only=True).cpu()
         out[batch["example"].cpu()] = ref
     return out
 

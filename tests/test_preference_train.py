@@ -138,3 +138,26 @@ def test_eval_reports_the_objective_loss_and_reward_accuracy(tiny_model, pairs, 
     assert main(["eval", str(tiny_model), "--data", str(pairs), "--format", "preference", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)  # no adapter: the policy is its own reference
     assert res["loss"] == pytest.approx(math.log(2), abs=1e-6) and res["reward_margin"] == 0.0
+
+
+def test_resume_with_a_precomputed_reference_is_bitwise_identical_and_reads_it(tiny_model, pairs, tmp_path,
+                                                                               monkeypatch):
+    """Resume continues a dpo run exactly (data position over pairs, RNG, adapter, optimizer) and reads the run's
+    stored reference log-probs instead of computing them again."""
+    import shutil
+
+    from qlora_kit.adapters.peft_format import load_adapter
+
+    recipe = tiny_recipe(tiny_model, pairs, data={"format": "preference", "max_length": 64},
+                         train={"objective": "dpo", "steps": 4, "save_every": 2, "keep_checkpoints": 5,
+                                "precompute_reference": True}, lora={"dropout": 0.1})
+    train.run(recipe, tmp_path / "a", progress=False)
+    train.run(recipe, tmp_path / "b", progress=False)
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-4")
+    shutil.rmtree(tmp_path / "b" / "adapter")
+    monkeypatch.setattr(reference, "precompute", lambda *a, **k: pytest.fail("computed again on resume"))
+    train.run(recipe, tmp_path / "b", resume=True, progress=False)
+    a, b = load_adapter(tmp_path / "a" / "adapter"), load_adapter(tmp_path / "b" / "adapter")
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert [json.loads(line)["loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()] == \
+        [json.loads(line)["loss"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]

@@ -284,10 +284,11 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: boo
             print(f"LoftQ init ({recipe.lora.loftq_iters} iterations, {len(p.loftq.offsets)} modules): "
                   f"{p.loftq.seconds:.1f} s extra load time", file=sys.stderr)
         ranks = f"; {world.size} processes ({p.parallel})" if world.distributed else ""
+        units = {"sft": "examples", "kto": "answers"}.get(t.objective, "pairs")
         what = "; ".join(f"{k}{f' r={recipe.lora.r}' if k != 'ia3' else ''} on {len(v)} modules"
                          for k, v in p.methods.items())
         print(f"{p.report} — {what} ({methods.describe_counts(p.counts)}); "
-              f"{len(p.dataset.train)} train / {len(p.dataset.val)} val examples{ranks}", file=sys.stderr)
+              f"{len(p.dataset.train)} train / {len(p.dataset.val)} val {units}{ranks}", file=sys.stderr)
 
     if t.precompute_reference:  # after open_run: the run folder is ours; a resume finds the stored values
         world.agree(lambda: reference.attach(p, run_dir))

@@ -46,5 +46,5 @@ def attach(p: Prepared, run_dir: Path) -> torch.Tensor:
             atomic.write_bytes(path, save({"reference_logps": ref}, metadata={"data": key}))
             print(f"reference log-probabilities of {len(p.dataset.train)} pairs: {time.perf_counter() - t0:.1f} s, "
                   f"kept in {path}", file=sys.stderr)
-    loss_fn.reference = ref
+    loss_fn.reference = ref.to(p.accelerator.device)  # looked up by each batch row's example index
     return ref

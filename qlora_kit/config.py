@@ -199,7 +199,7 @@ class TrainConfig:
     """dpo only: the probability that a pair's preference label is flipped (conservative DPO), in [0, 0.5)."""
     simpo_gamma: float = 0.5
     """simpo only: the target reward margin gamma of the paper's loss -log sigmoid(beta/|y_w| log p(y_w|x) -
-    beta/|y_l| log p(y_l|x) - gamma) (TRL's simpo_gamma_beta_ratio is gamma / beta)."""
+    beta/|y_l| log p(y_l|x) - gamma) (TRL's CPOConfig.simpo_gamma, the same quantity)."""
     kto_desirable_weight: float = 1.0
     """kto only: lambda_D, the weight of the losses of desirable (label true / chosen) completions."""
     kto_undesirable_weight: float = 1.0

@@ -161,3 +161,33 @@ def test_resume_with_a_precomputed_reference_is_bitwise_identical_and_reads_it(t
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
     assert [json.loads(line)["loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()] == \
         [json.loads(line)["loss"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_reference_is_the_quantized_base_alone_with_dora_and_ia3_trained(tiny_model, pairs):
+    """With every method's tensors moved away from their identity (LoRA/DoRA B, DoRA magnitudes, IA3 vectors), the
+    reference log-probs equal those of the same quantized base loaded on its own, without any adapter, through
+    transformers' forward; the policy's differ."""
+    from qlora_kit.config import recipe_from_dict
+    from qlora_kit.model.load import load_base
+
+    recipe = _recipe(tiny_model, pairs, "dpo", "fp32")
+    raw = recipe.to_dict() | {"ia3": {}}
+    raw["lora"]["dora"] = True
+    p = train.prepare(recipe_from_dict(raw))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, t in p.model.named_parameters():
+            if t.requires_grad:
+                t.add_(torch.randn_like(t) * 0.2)  # B, A, magnitudes, IA3 vectors: all away from identity
+    batch = data_preference.collate(p.dataset.train[:3], data.pad_token_id(p.tokenizer))
+    args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    ours = p.loss_fn.reference_logps(*args)
+    base, _, _ = load_base(recipe.model, recipe.quant, "cpu")
+    with torch.no_grad():
+        logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    y = batch["labels"][:, 1:]
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(ours.double(), (lp * (y != -100)).sum(1), rtol=1e-5, atol=1e-4)
+    with torch.no_grad():
+        policy, _ = p.loss_fn.seq_logps(*args)
+    assert (policy - ours).abs().min() > 1e-2

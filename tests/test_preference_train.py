@@ -176,7 +176,7 @@ def test_reference_is_the_quantized_base_alone_with_dora_and_ia3_trained(tiny_mo
     p = train.prepare(recipe_from_dict(raw))
     torch.manual_seed(0)
     with torch.no_grad():
-        for name, t in p.model.named_parameters():
+        for t in p.model.parameters():
             if t.requires_grad:
                 t.add_(torch.randn_like(t) * 0.2)  # B, A, magnitudes, IA3 vectors: all away from identity
     batch = data_preference.collate(p.dataset.train[:3], data.pad_token_id(p.tokenizer))

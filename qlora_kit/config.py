@@ -102,8 +102,7 @@ class DataConfig:
     format: DataFormat = "alpaca"
     """text: {"text"}; alpaca: {"instruction", "input"?, "output"}; chat: {"messages": [{"role", "content"}]};
     sharegpt: {"conversations": [{"from": human|gpt|system, "value"}]}; completion: {"prompt", "completion"};
-    preference: {"prompt", "chosen", "rejected"} (strings, or message lists ending in the assistant turn), or, for
-    train.objective kto only, unpaired {"prompt", "completion", "label": true|false}."""
+    preference: {"prompt", "chosen", "rejected"} (kto also {"prompt", "completion", "label"}), data/preference.py."""
     columns: dict[str, str] = field(default_factory=dict)
     """Your column names for ours, {our field: your column}, e.g. {instruction: question, output: answer}."""
     split: str = "train"
@@ -188,26 +187,20 @@ class TrainConfig:
     report_to: list[Tracker] = field(default_factory=list)
     """Also log metrics.jsonl's values to experiment trackers: [tensorboard, wandb, mlflow] (optional extras)."""
     objective: Objective = "sft"
-    """sft: next-token cross-entropy. Preference objectives (need data.format preference): dpo (Rafailov et al.
-    2023, arXiv 2305.18290), ipo (Azar et al. 2023, arXiv 2310.12036), orpo (Hong et al. 2024, arXiv 2403.07691),
-    kto (Ethayarajh et al. 2024, arXiv 2402.01306), simpo (Meng et al. 2024, arXiv 2405.14734). dpo, ipo and kto
-    compare with the reference policy: the same quantized base with every adapter switched off."""
+    """sft, or a preference objective over data.format preference (train/objectives.py cites each paper)."""
     beta: float = 0.1
-    """Preference objectives' strength: dpo's and kto's beta (KL weight), ipo's tau (target margin 1/(2 tau)), orpo's
-    lambda (weight of the odds-ratio term), simpo's beta (reward scale; the paper uses 2 to 10)."""
+    """Preference strength: dpo/kto/simpo beta, ipo tau (target margin 1/(2 tau)), orpo lambda."""
     label_smoothing: float = 0.0
-    """dpo only: the probability that a pair's preference label is flipped (conservative DPO), in [0, 0.5)."""
+    """dpo only: the probability a pair's label is flipped (conservative DPO), in [0, 0.5)."""
     simpo_gamma: float = 0.5
-    """simpo only: the target reward margin gamma of the paper's loss -log sigmoid(beta/|y_w| log p(y_w|x) -
-    beta/|y_l| log p(y_l|x) - gamma) (TRL's CPOConfig.simpo_gamma, the same quantity)."""
+    """simpo only: the target reward margin gamma (TRL's CPOConfig.simpo_gamma)."""
     kto_desirable_weight: float = 1.0
-    """kto only: lambda_D, the weight of the losses of desirable (label true / chosen) completions."""
+    """kto only: lambda_D, the weight of desirable answers' losses."""
     kto_undesirable_weight: float = 1.0
-    """kto only: lambda_U, the weight of the losses of undesirable (label false / rejected) completions."""
+    """kto only: lambda_U, the weight of undesirable answers' losses."""
     precompute_reference: bool = False
-    """dpo/ipo: compute the reference log-probabilities once per example before the first step (adapters off)
-    and keep them in the run folder (reference_logps.safetensors, reused on resume), instead of a no-grad
-    reference forward in every step: ~1/3 less compute per step for one pass over the data up front."""
+    """dpo/ipo: the reference log-probs computed once per example before step 1 and kept in the run folder
+    (reference_logps.safetensors, read on resume) instead of a no-grad reference forward every step."""
 
 
 @dataclass(frozen=True)
@@ -378,36 +371,28 @@ def recipe_from_dict(raw: Any, overrides: typing.Sequence[str] = ()) -> Recipe:
 
 
 REFERENCE_OBJECTIVES = ("dpo", "ipo", "kto")  # the losses that compare with the reference policy
-PRECOMPUTABLE = ("dpo", "ipo")  # kto's mismatched pairs for z0 change with every batch: its reference runs in-step
 
 
 def _check_objective(recipe: Recipe) -> None:
-    """The objective and the data shape must agree, and each loss's own knob must not be set for another loss."""
-    t, d = recipe.train, recipe.data
-    if t.objective == "sft" and d.format == "preference":
-        raise ConfigError("data.format is preference but train.objective is sft, which would ignore the rejected "
-                          "answers; set train.objective to dpo, ipo, orpo, kto or simpo.")
-    if t.objective != "sft" and d.format != "preference":
-        raise ConfigError(f"train.objective {t.objective} learns from preference records; set data.format to "
-                          "preference ({prompt, chosen, rejected}).")
-    if t.objective != "sft" and d.packing:
-        raise ConfigError("data.packing with a preference objective: each answer's log-probability is summed per "
-                          "row, so rows must hold one answer each; set data.packing to false.")
-    if t.objective != "sft" and d.train_on_prompt:
-        raise ConfigError("data.train_on_prompt with a preference objective: chosen and rejected share the prompt, so "
-                          "its tokens cannot tell them apart; set data.train_on_prompt to false.")
-    defaults = TrainConfig()
+    """The objective and the data shape agree; a loss's own knob is not set for another loss."""
+    t, d, pref = recipe.train, recipe.data, recipe.train.objective != "sft"
     own = {"label_smoothing": "dpo", "simpo_gamma": "simpo", "kto_desirable_weight": "kto",
            "kto_undesirable_weight": "kto"}
-    for key, objective in own.items():
-        if getattr(t, key) != getattr(defaults, key) and t.objective != objective:
-            raise ConfigError(f"train.{key} is set but train.objective is {t.objective}: it only changes {objective}'s "
-                              f"loss. Remove it, or set train.objective to {objective}.")
-    if t.precompute_reference and t.objective not in PRECOMPUTABLE:
-        why = "uses no reference policy" if t.objective not in REFERENCE_OBJECTIVES else \
-            "pairs each prompt with another row's answer for its KL estimate, so its reference runs in the step"
-        raise ConfigError(f"train.precompute_reference works with train.objective {' or '.join(PRECOMPUTABLE)}; "
-                          f"{t.objective} {why}. Remove train.precompute_reference.")
+    rules = [(not pref and d.format == "preference", "data.format is preference but train.objective is sft, which "
+              "ignores the rejected answers; set train.objective to dpo, ipo, orpo, kto or simpo."),
+             (pref and d.format != "preference", f"train.objective {t.objective} learns from preference records; set "
+              "data.format to preference ({prompt, chosen, rejected})."),
+             (pref and (d.packing or d.train_on_prompt), "data.packing and data.train_on_prompt do not apply to a "
+              "preference objective (one answer per row, loss on the answers only); set them to false."),
+             *((getattr(t, k) != getattr(TrainConfig, k) and t.objective != o, f"train.{k} only changes {o}'s loss "
+                f"and train.objective is {t.objective}; remove it, or set train.objective to {o}.")
+               for k, o in own.items()),
+             (t.precompute_reference and t.objective not in ("dpo", "ipo"), "train.precompute_reference works with "
+              f"train.objective dpo or ipo; {t.objective} has no reference or (kto) pairs each prompt with another "
+              "row's answer for its KL estimate, so its reference runs in the step. Remove it.")]
+    for bad, message in rules:
+        if bad:
+            raise ConfigError(message)
 
 
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:

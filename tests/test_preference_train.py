@@ -138,6 +138,8 @@ def test_eval_reports_the_objective_loss_and_reward_accuracy(tiny_model, pairs, 
     assert main(["eval", str(tiny_model), "--data", str(pairs), "--format", "preference", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)  # no adapter: the policy is its own reference
     assert res["loss"] == pytest.approx(math.log(2), abs=1e-6) and res["reward_margin"] == 0.0
+    assert main(["eval", str(tiny_model), "--data", str(pairs), "--format", "preference", "--all-tokens"]) == 2
+    assert "--all-tokens does not apply" in capsys.readouterr().err
 
 
 def test_resume_with_a_precomputed_reference_is_bitwise_identical_and_reads_it(tiny_model, pairs, tmp_path,

@@ -247,6 +247,8 @@ def _preference(req: Request, loaded, kind: Kind, recipe: Recipe | None, qdesc: 
     t = replace(base, objective=req.objective or base.objective, beta=req.beta or base.beta)
     if t.objective == "sft":
         raise ConfigError("--objective sft on preference data: choose dpo, ipo, orpo, kto or simpo.")
+    if cfg.train_on_prompt:  # prompt tokens would count in both answers' log-probs
+        raise ConfigError("--all-tokens does not apply to preference data: rewards compare the answers only. Drop it.")
     ds = data.build(replace(cfg, val_fraction=recipe.data.val_fraction if val_split else 0.0), loaded.tokenizer, seed,
                     paired=t.objective != "kto")
     units = ds.val if val_split else ds.train

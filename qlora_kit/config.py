@@ -26,7 +26,8 @@ from . import safe_yaml
 from .typecheck import coerce, shown
 
 ComputeDtype = Literal["bf16", "fp32"]
-DataFormat = Literal["text", "alpaca", "chat", "sharegpt", "completion"]
+DataFormat = Literal["text", "alpaca", "chat", "sharegpt", "completion", "preference"]
+Objective = Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo"]
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
 Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"]
@@ -101,7 +102,8 @@ class DataConfig:
     name (needs the network)."""
     format: DataFormat = "alpaca"
     """text: {"text"}; alpaca: {"instruction", "input"?, "output"}; chat: {"messages": [{"role", "content"}]};
-    sharegpt: {"conversations": [{"from": human|gpt|system, "value"}]}; completion: {"prompt", "completion"}."""
+    sharegpt: {"conversations": [{"from": human|gpt|system, "value"}]}; completion: {"prompt", "completion"};
+    preference: {"prompt", "chosen", "rejected"} (kto also {"prompt", "completion", "label"}), data/preference.py."""
     columns: dict[str, str] = field(default_factory=dict)
     """Your column names for ours, {our field: your column}, e.g. {instruction: question, output: answer}."""
     split: str = "train"
@@ -185,6 +187,21 @@ class TrainConfig:
     """Seconds a rank waits for the others in a collective before it stops and names the ranks that went silent."""
     report_to: list[Tracker] = field(default_factory=list)
     """Also log metrics.jsonl's values to experiment trackers: [tensorboard, wandb, mlflow] (optional extras)."""
+    objective: Objective = "sft"
+    """sft, or a preference objective over data.format preference (train/objectives.py cites each paper)."""
+    beta: float = 0.1
+    """Preference strength: dpo/kto/simpo beta, ipo tau (target margin 1/(2 tau)), orpo lambda."""
+    label_smoothing: float = 0.0
+    """dpo only: the probability a pair's label is flipped (conservative DPO), in [0, 0.5)."""
+    simpo_gamma: float = 0.5
+    """simpo only: the target reward margin gamma (TRL's CPOConfig.simpo_gamma)."""
+    kto_desirable_weight: float = 1.0
+    """kto only: lambda_D, the weight of desirable answers' losses."""
+    kto_undesirable_weight: float = 1.0
+    """kto only: lambda_U, the weight of undesirable answers' losses."""
+    precompute_reference: bool = False
+    """dpo/ipo: the reference log-probs computed once per example before step 1 and kept in the run folder
+    (reference_logps.safetensors, read on resume) instead of a no-grad reference forward every step."""
 
 
 @dataclass(frozen=True)
@@ -247,6 +264,11 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("train", "dist_timeout_s"): (lambda v: 10 <= v <= 86400, "in [10, 86400]"),
     ("train", "num_threads"): (lambda v: 0 <= v <= 4096, "in [0, 4096]"),  # torch overflows on absurd counts
     ("train", "seed"): (lambda v: 0 <= v < 2**64, "in [0, 2**64)"),  # torch.manual_seed takes a uint64
+    ("train", "beta"): (lambda v: v > 0, "> 0"),
+    ("train", "label_smoothing"): (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    ("train", "simpo_gamma"): (lambda v: v >= 0, ">= 0"),
+    ("train", "kto_desirable_weight"): (lambda v: v > 0, "> 0"),
+    ("train", "kto_undesirable_weight"): (lambda v: v > 0, "> 0"),
     ("output", "dir"): (lambda v: v.strip() != "", "a folder name, not empty"),  # '' would be the current folder
 }
 
@@ -358,10 +380,36 @@ def recipe_from_dict(raw: Any, overrides: typing.Sequence[str] = ()) -> Recipe:
     if recipe.lora.dora and recipe.lora.init == "loftq":
         raise ConfigError("lora.dora with lora.init loftq: LoftQ's A and B cancel the quantization error of W, which "
                           "DoRA's magnitude would then rescale; choose one (lora.init kaiming for DoRA).")
+    _check_objective(recipe)
     if recipe.ia3 is None and recipe.lora.targets == []:
         raise ConfigError("lora.targets is [] and there is no ia3 section: nothing would train. Set lora.targets "
                           "(e.g. all-linear), or add an `ia3:` section (ia3: {} uses k_proj/v_proj and down_proj).")
     return recipe
+
+
+REFERENCE_OBJECTIVES = ("dpo", "ipo", "kto")  # the losses that compare with the reference policy
+
+
+def _check_objective(recipe: Recipe) -> None:
+    """The objective and the data shape agree; a loss's own knob is not set for another loss."""
+    t, d, pref = recipe.train, recipe.data, recipe.train.objective != "sft"
+    own = {"label_smoothing": "dpo", "simpo_gamma": "simpo", "kto_desirable_weight": "kto",
+           "kto_undesirable_weight": "kto"}
+    rules = [(not pref and d.format == "preference", "data.format is preference but train.objective is sft, which "
+              "ignores the rejected answers; set train.objective to dpo, ipo, orpo, kto or simpo."),
+             (pref and d.format != "preference", f"train.objective {t.objective} learns from preference records; set "
+              "data.format to preference ({prompt, chosen, rejected})."),
+             (pref and (d.packing or d.train_on_prompt), "data.packing and data.train_on_prompt do not apply to a "
+              "preference objective (one answer per row, loss on the answers only); set them to false."),
+             *((getattr(t, k) != getattr(TrainConfig, k) and t.objective != o, f"train.{k} only changes {o}'s loss "
+                f"and train.objective is {t.objective}; remove it, or set train.objective to {o}.")
+               for k, o in own.items()),
+             (t.precompute_reference and t.objective not in ("dpo", "ipo"), "train.precompute_reference works with "
+              f"train.objective dpo or ipo; {t.objective} has no reference or (kto) pairs each prompt with another "
+              "row's answer for its KL estimate, so its reference runs in the step. Remove it.")]
+    for bad, message in rules:
+        if bad:
+            raise ConfigError(message)
 
 
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:

@@ -33,10 +33,11 @@ FORMAT_HELP = {
     "chat": '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
     "sharegpt": '{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}',
     "completion": '{"prompt": "...", "completion": "..."}',
+    "preference": '{"prompt": "...", "chosen": "...", "rejected": "..."}',
 }
 REQUIRED = {"text": ("text",), "alpaca": ("instruction", "output"), "chat": ("messages",),
-            "sharegpt": ("conversations",), "completion": ("prompt", "completion")}
-OPTIONAL = {"alpaca": ("input",)}
+            "sharegpt": ("conversations",), "completion": ("prompt", "completion"), "preference": ()}
+OPTIONAL = {"alpaca": ("input",), "preference": ("prompt", "chosen", "rejected", "completion", "label")}
 _STRINGS = {"text": ("text",), "alpaca": ("instruction", "input", "output"), "completion": ("prompt", "completion")}
 _ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -134,12 +135,20 @@ def _with_system(messages: Messages, system_prompt: str | None) -> Messages:
     return [{"role": "system", "content": system_prompt}] + messages
 
 
+def prompt_format(fmt: str) -> str:
+    """The format a question to the trained model is rendered in: preference data's string prompts are rendered as
+    alpaca renders an instruction (data_preference), so a preference-tuned model is asked as an alpaca one."""
+    return "alpaca" if fmt == "preference" else fmt
+
+
 def render_prompt(record_or_question: str | Record, tokenizer: Any, fmt: str, system_prompt: str | None = None) -> str:
     """The text the model sees before its answer, exactly as in training (for generation after training).
 
     A string is a question (alpaca: the instruction; chat/sharegpt: one user message; completion/text: the prompt);
     for a chat record, the prompt is the conversation before its last assistant turn."""
-    q = record_or_question
+    q, fmt = record_or_question, prompt_format(fmt)
+    if fmt == "alpaca" and not isinstance(q, (str, dict)):
+        raise DataError("a prompt for a preference-tuned model must be a string question.")
     if fmt not in FORMAT_HELP:
         raise DataError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMAT_HELP)}.")
     if fmt in ("text", "completion"):

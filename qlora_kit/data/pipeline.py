@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from . import formats as data_formats, sources as data_sources, tokens as data_tokens
+from . import formats as data_formats, preference as data_preference, sources as data_sources, tokens as data_tokens
 from ..config import DataConfig
 from .formats import render_prompt
 from ..errors import DataError
@@ -80,10 +80,35 @@ class Examples(Sequence[Example]):
     __hash__ = None  # type: ignore[assignment]
 
 
+class Units(Sequence[data_preference.Unit]):
+    """A read-only sequence of preference units (data_preference.units: pairs, or kto's single examples)."""
+
+    def __init__(self, tok: data_tokens.Tokenized, groups: list[tuple[int, ...]]):
+        self.tok, self.groups, self._all = tok, groups, Examples(tok, [])
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        group = self.groups[i]
+        return data_preference.Unit(tuple(Example(*self._all._one(j)) for j in group),
+                                    int(self.tok.roles[group[0]]) == data_preference.CHOSEN, group)
+
+    def lengths(self) -> list[int]:
+        """Tokens of each unit's answers (both answers of a pair)."""
+        n = (self.tok.offsets[1:] - self.tok.offsets[:-1]).tolist()
+        return [sum(n[j] for j in g) for g in self.groups]
+
+    def label_tokens(self) -> int:
+        return sum(int(self.tok.labels[j]) for g in self.groups for j in g)
+
+
 @dataclass(frozen=True)
 class Dataset:
-    train: Examples
-    val: Examples
+    train: Examples | Units  # Units: data.format preference
+    val: Examples | Units
     stats: dict[str, int]  # records, truncated, dropped, boundary_merges, train/val_examples, train/val_tokens, ...
 
 
@@ -98,7 +123,8 @@ def _cfg(cfg_or_path: DataConfig | str | Path, fmt: str | None) -> DataConfig:
 
 def _records(cfg: DataConfig) -> Iterator[Record]:
     for place, raw in data_sources.read(cfg):
-        yield data_formats.validate(raw, cfg.format, place)
+        yield data_preference.validate(raw, place) if cfg.format == "preference" else \
+            data_formats.validate(raw, cfg.format, place)
 
 
 def load_records(cfg_or_path: DataConfig | str | Path, fmt: str | None = None) -> list[Record]:
@@ -136,6 +162,7 @@ def encode_prompt(
     record_or_question: str | Record, tokenizer: Any, fmt: str, system_prompt: str | None = None
 ) -> list[int]:
     """`render_prompt` tokenized as `build` tokenizes it (with BOS exactly where training has one)."""
+    fmt = data_formats.prompt_format(fmt)
     text = render_prompt(record_or_question, tokenizer, fmt, system_prompt)
     bos = data_tokens.bos_prefix(tokenizer, text, data_formats.templated(tokenizer, fmt))
     return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -149,8 +176,9 @@ def pad_token_id(tokenizer: Any) -> int:
     return int(pad)
 
 
-def build(cfg: DataConfig, tokenizer: Any, seed: int) -> Dataset:
-    """Tokenize (or load the cache); split by record (seeded); pack the training split if asked.
+def build(cfg: DataConfig, tokenizer: Any, seed: int, paired: bool = True) -> Dataset:
+    """Tokenize (or load the cache); split by record (seeded); pack the training split if asked. Preference data:
+    train and val are Units (`paired`: (chosen, rejected) pairs, else kto's single examples).
 
     Validation examples are never packed: validation loss is then measured per example, without cross-talk."""
     tok = data_tokens.load_or_tokenize(cfg, tokenizer)
@@ -171,13 +199,18 @@ def build(cfg: DataConfig, tokenizer: Any, seed: int) -> Dataset:
             f"{cfg.max_length} before its response starts (the longest prompt has {longest} tokens). Raise "
             f"data.max_length, e.g. --set data.max_length={max(2 * cfg.max_length, longest + 64)}."
         )
-    if cfg.packing:
+    if cfg.format == "preference":
+        roles, recs = tok.roles.tolist(), tok.records.tolist()
+        train, val = (Units(tok, data_preference.units(roles, recs, idx, paired, str(cfg.path)))
+                      for idx in (train_idx, val_idx))
+    elif cfg.packing:
         lengths = (tok.offsets[1:] - tok.offsets[:-1])[train_idx].tolist()
         rows = plan(lengths, cfg.max_length, random.Random(seed + 1))
         train = Examples(tok, [train_idx[i] for row in rows for i in row], [0, *accumulate(map(len, rows))])
     else:
         train = Examples(tok, train_idx)
-    val = Examples(tok, val_idx)
+    if cfg.format != "preference":
+        val = Examples(tok, val_idx)
     stats = {k: v for k, v in tok.stats.items() if k != "longest_prompt"}
     stats.update(train_examples=len(train), val_examples=len(val), val_tokens=sum(val.lengths()))
     stats.update(train_tokens=sum(train.lengths()), train_label_tokens=train.label_tokens())
@@ -221,10 +254,11 @@ class BatchStream:
     index: int
     _order: list[int]
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int) -> None:
+    def __init__(self, examples: Sequence, batch_size: int, seed: int, pad_id: int, collate_fn=collate) -> None:
         if not examples:
             raise DataError("there are no training examples to iterate over; check data.path and data.max_length.")
         self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
+        self.collate = collate_fn  # preference data: data_preference.collate (units -> one concatenated batch)
         self.load_state_dict({"epoch": 0, "index": 0})
 
     def _permutation(self, epoch: int) -> list[int]:
@@ -232,14 +266,14 @@ class BatchStream:
         return torch.randperm(len(self.examples), generator=g).tolist()
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        picked: list[Example] = []
+        picked: list = []
         while len(picked) < self.batch_size:
             if self.index == len(self.examples):
                 self.epoch, self.index = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
             picked.append(self.examples[self._order[self.index]])
             self.index += 1
-        return collate(picked, self.pad_id)
+        return self.collate(picked, self.pad_id)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}

@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from . import formats as data_formats, sources as data_sources
+from . import formats as data_formats, preference as data_preference, sources as data_sources
 from ..atomic import atomic_folder
 from ..config import DataConfig
 
-CACHE_VERSION = 1  # bump when tokenization or masking changes: old cache files then stop matching
+CACHE_VERSION = 2  # bump when tokenization or masking changes: old cache files then stop matching
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class Tokenized:
     offsets: torch.Tensor  # (n+1,) int64
     records: torch.Tensor  # (n,) int64: the 0-based record each example came from (the split is by record)
     labels: torch.Tensor  # (n,) int32: tokens of each example that take loss (its first token never does)
+    roles: torch.Tensor  # (n,) int8: 0 SFT; preference: data_preference.CHOSEN / REJECTED
     stats: dict[str, int]  # records, truncated, dropped, boundary_merges, longest_prompt
 
     def __len__(self) -> int:
@@ -95,7 +96,6 @@ def tokenize_all(cfg: DataConfig, tokenizer: Any) -> Tokenized:
     """Stream every record through validate -> render -> tokenize -> truncate into flat arrays."""
     templated = data_formats.templated(tokenizer, cfg.format)
     train_all = cfg.train_on_prompt or cfg.format == "text"  # text has no prompt (this also labels an added BOS)
-    eos = tokenizer.eos_token_id if not templated else None
     bos_once = bos_prefix(tokenizer, "", templated)  # asked once: two tokenizer calls, not two per record
     bos_token = getattr(tokenizer, "bos_token", None)
     ids, keep, offsets, records, labels = array("i"), array("b"), array("q", [0]), array("q"), array("i")
@@ -103,31 +103,43 @@ def tokenize_all(cfg: DataConfig, tokenizer: Any) -> Tokenized:
     # such string holds at least max_length tokens; x8 and at least 100k characters keep the cut far from them
     # (only the pre-token at the cut can tokenize differently).
     cut = max(100_000, 8 * cfg.max_length * max(map(len, tokenizer.get_vocab()), default=16))
+    roles = array("b")
     stats = {"records": 0, "truncated": 0, "dropped": 0, "boundary_merges": 0, "longest_prompt": 0}
     for r, (place, raw) in enumerate(data_sources.read(cfg)):
         stats["records"] += 1
-        record = data_formats.validate(raw, cfg.format, place)
-        text, spans = data_formats.render(record, tokenizer, cfg, place)
-        bos = [] if bos_token and text.startswith(bos_token) else bos_once
-        text = text[:cut]  # only the first max_length tokens are kept: a 10 MB record need not be tokenized whole
-        t_ids, t_keep, merged = tokenize(tokenizer, text, spans, bos, eos, train_all)
-        stats["boundary_merges"] += merged
-        stats["longest_prompt"] = max(stats["longest_prompt"], next((j for j, k in enumerate(t_keep) if k),
-                                                                    len(t_keep)))
-        if len(t_ids) > cfg.max_length:
-            stats["truncated"] += 1
-            t_ids, t_keep = t_ids[: cfg.max_length], t_keep[: cfg.max_length]
-        if not any(t_keep[1:]):  # keep[0] is never a target: nothing precedes it
+        if cfg.format == "preference":  # a pair: two examples of one record, both kept or both dropped
+            parts = data_preference.pieces(data_preference.validate(raw, place), tokenizer, cfg, place)
+        else:
+            record = data_formats.validate(raw, cfg.format, place)
+            parts = [(0, *data_formats.render(record, tokenizer, cfg, place), templated)]
+        made = []
+        for role, text, spans, tmpl in parts:
+            bos = [] if bos_token and text.startswith(bos_token) else bos_once if tmpl == templated else \
+                bos_prefix(tokenizer, text, tmpl)
+            eos = tokenizer.eos_token_id if not tmpl else None
+            text = text[:cut]  # only the first max_length tokens are kept: a 10 MB record need not be tokenized whole
+            t_ids, t_keep, merged = tokenize(tokenizer, text, spans, bos, eos, train_all)
+            stats["boundary_merges"] += merged
+            stats["longest_prompt"] = max(stats["longest_prompt"], next((j for j, k in enumerate(t_keep) if k),
+                                                                        len(t_keep)))
+            if len(t_ids) > cfg.max_length:
+                stats["truncated"] += 1
+                t_ids, t_keep = t_ids[: cfg.max_length], t_keep[: cfg.max_length]
+            made.append((role, t_ids, t_keep))
+        if not all(any(t_keep[1:]) for _, _, t_keep in made):  # keep[0] is never a target: nothing precedes it
             stats["dropped"] += 1  # nothing left to learn from (the prompt alone fills max_length)
             continue
-        ids.extend(t_ids)
-        keep.extend(t_keep)
-        offsets.append(len(ids))
-        records.append(r)
-        labels.append(sum(t_keep[1:]))
+        for role, t_ids, t_keep in made:
+            ids.extend(t_ids)
+            keep.extend(t_keep)
+            offsets.append(len(ids))
+            records.append(r)
+            labels.append(sum(t_keep[1:]))
+            roles.append(role)
     as_tensor = lambda a, dtype: torch.frombuffer(a, dtype=dtype) if len(a) else torch.zeros(0, dtype=dtype)  # noqa: E731
     return Tokenized(as_tensor(ids, torch.int32), as_tensor(keep, torch.int8).bool(), as_tensor(offsets, torch.int64),
-                     as_tensor(records, torch.int64), as_tensor(labels, torch.int32), stats)
+                     as_tensor(records, torch.int64), as_tensor(labels, torch.int32), as_tensor(roles, torch.int8),
+                     stats)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -153,7 +165,7 @@ def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
 
 
 FIELDS = {"ids": torch.int32, "keep": torch.bool, "offsets": torch.int64, "records": torch.int64,
-          "labels": torch.int32}
+          "labels": torch.int32, "roles": torch.int8}
 
 
 def cache_path(cfg: DataConfig, tokenizer: Any) -> Path:

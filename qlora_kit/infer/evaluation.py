@@ -56,6 +56,10 @@ class Request:
     """Dequantize the frozen base once (inference.densify) when memory allows; the numbers do not change."""
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    objective: str | None = None
+    """Preference data: the objective whose loss is reported (default: a run's train.objective, else dpo)."""
+    beta: float | None = None
+    """Preference data: the objective's beta (default: a run's train.beta, else 0.1)."""
 
 
 @dataclass
@@ -72,6 +76,7 @@ class Result:
     quant: str
     seconds: float
     stats: dict = field(default_factory=dict)
+    preference: dict = field(default_factory=dict)  # objective, beta, reward_accuracy, reward_margin, rewards_*
 
     @property
     def tokens_per_s(self) -> float:
@@ -80,7 +85,7 @@ class Result:
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("source", "kind", "data", "format", "masked", "examples", "tokens",
                                              "loss", "perplexity", "quant", "seconds")}
-        return d | {"tokens_per_s": round(self.tokens_per_s, 1), "data_stats": self.stats}
+        return d | {"tokens_per_s": round(self.tokens_per_s, 1), "data_stats": self.stats} | self.preference
 
 
 def kind_of(source: str) -> Kind:
@@ -209,6 +214,8 @@ def run(req: Request, progress: bool = False) -> Result:
     loaded, kind, recipe, qdesc = load(req)
     cfg, val_split = data_config(req, recipe)
     seed = recipe.train.seed if recipe is not None else 0  # the seed training split the data with
+    if cfg.format == "preference":
+        return _preference(req, loaded, kind, recipe, qdesc, cfg, val_split, seed, progress)
     examples, stats = examples_for(cfg, loaded.tokenizer, val_split, seed, req.max_examples)
     if req.fast and kind != "gguf":
         from .inference import densify
@@ -222,6 +229,38 @@ def run(req: Request, progress: bool = False) -> Result:
                   tokens=n, loss=loss, perplexity=math.exp(min(loss, 700.0)), quant=qdesc,
                   seconds=round(time.perf_counter() - t0, 3),
                   stats={k: stats[k] for k in ("records", "truncated", "dropped") if k in stats})
+
+
+def _preference(req: Request, loaded, kind: Kind, recipe: Recipe | None, qdesc: str, cfg: DataConfig,
+                val_split: bool, seed: int, progress: bool) -> Result:
+    """Preference data: the objective's mean loss per pair (kto: per answer), reward accuracy and margin, with the
+    reference being the same loaded model with every adapter off (a model without adapters: rewards are 0). The
+    frozen base stays as loaded (no densify): training's reference is this quantized base."""
+    from ..config import TrainConfig
+    from ..train import preference
+
+    base = recipe.train if recipe is not None and recipe.train.objective != "sft" else TrainConfig(objective="dpo")
+    t = replace(base, objective=req.objective or base.objective, beta=req.beta or base.beta)
+    if t.objective == "sft":
+        raise ConfigError("--objective sft on preference data: choose dpo, ipo, orpo, kto or simpo.")
+    if cfg.train_on_prompt:  # prompt tokens would count in both answers' log-probs
+        raise ConfigError("--all-tokens does not apply to preference data: rewards compare the answers only. Drop it.")
+    ds = data.build(replace(cfg, val_fraction=recipe.data.val_fraction if val_split else 0.0), loaded.tokenizer, seed,
+                    paired=t.objective != "kto")
+    units = ds.val if val_split else ds.train
+    n = len(units) if req.max_examples is None else min(req.max_examples, len(units))
+    if n == 0:
+        raise DataError(f"{cfg.path}: no preference pair is left to evaluate within --max-length.")
+    units = data.Units(units.tok, units.groups[:n])
+    t0 = time.perf_counter()
+    loss_fn = preference.PreferenceLoss(loaded.model, t)
+    out = preference.evaluate(loss_fn, units, req.batch_size, data.pad_token_id(loaded.tokenizer), req.device)
+    loss = out.pop("loss")
+    return Result(source=req.source, kind=kind, data=cfg.path + (" (validation split)" if val_split else ""),
+                  format=cfg.format, masked=True, examples=n, tokens=units.label_tokens(), loss=loss,
+                  perplexity=float("nan"), quant=qdesc, seconds=round(time.perf_counter() - t0, 3),
+                  stats={k: ds.stats[k] for k in ("records", "truncated", "dropped") if k in ds.stats},
+                  preference={"objective": t.objective, "beta": t.beta, **{k: round(v, 6) for k, v in out.items()}})
 
 
 def _run_format(source: str) -> str:

@@ -22,8 +22,8 @@ import torch
 from safetensors import SafetensorError
 
 from .. import atomic
-from . import fsdp, trackers
-from ..data import pipeline as data
+from . import fsdp, preference, reference, trackers
+from ..data import pipeline as data, preference as data_preference
 from ..adapters import methods
 from ..run import checkpoint
 from ..run.lock import RunLock
@@ -45,6 +45,7 @@ class StepResult:
     grad_norm: float
     finite: bool
     stop: bool = False  # some rank was asked to stop (SIGINT/SIGTERM) during this step
+    stats: dict[str, float] | None = None  # preference objectives: rewards, margin, accuracy (preference.summarize)
 
 
 def label_tokens(batch: dict) -> int:
@@ -83,7 +84,11 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
     scaler = p.optimizer.scaler  # fp16 residual stream only; bf16 and fp32 run unscaled (scale 1, no extra kernel)
     scale = scaler.scale if scaler is not None else 1.0
     facts = [host_batch_facts(b) for b in micro_batches]
-    total_tokens = sum(pos.numel() for pos, _ in facts)
+    # What the step's loss is a mean over: label tokens (sft), or units (preference: pairs, kto's answers), 2 rows each
+    pref = p.recipe.train.objective != "sft"
+    weights = [b["input_ids"].shape[0] // 2 if pref else pos.numel() for b, (pos, _) in zip(micro_batches, facts)]
+    sums = torch.zeros(preference.N_SUMS if pref else 0, dtype=torch.float32, device=device)
+    total_tokens = sum(weights)
     if world.distributed:
         n = torch.tensor([float(total_tokens)], device=device)
         world.all_reduce_([n])
@@ -91,13 +96,17 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
     total_tokens = max(total_tokens, 1)
     total_loss = torch.zeros((), dtype=torch.float32, device=device)  # accumulated on device
     tokens = 0
-    for batch, (pos, non_pad) in zip(micro_batches, facts):
+    for batch, (pos, non_pad), n in zip(micro_batches, facts, weights):
         tokens += non_pad
-        n = pos.numel()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                            positions=pos.to(device, non_blocking=True),
-                            position_ids=batch.get("position_ids"))  # mean over its n tokens (packed: per document)
+        if pref:  # mean over its n units; the rewards' sums ride along in the step's one transfer
+            loss, part = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["desirable"],
+                                   positions=pos.to(device, non_blocking=True), example=batch.get("example"))
+            sums += part.detach()
+        else:
+            loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                positions=pos.to(device, non_blocking=True),
+                                position_ids=batch.get("position_ids"))  # mean over its n tokens (packed: per doc)
         weighted = loss * (n / total_tokens)
         p.accelerator.backward(weighted * scale if scaler is not None else weighted)
         total_loss += weighted.detach()
@@ -105,20 +114,21 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
     with torch.profiler.record_function(PROFILER_MARK + "optimizer"):
         grads = p.optimizer.grads_to_masters()
         # non_blocking from the CPU: a blocking host-to-device copy would synchronise the stream
-        counters = torch.tensor([float(tokens), float(stop)]).to(device, non_blocking=True)
+        counters = torch.cat([torch.tensor([float(tokens), float(stop)]).to(device, non_blocking=True), sums])
         if world.distributed:  # the step's only other collective: gradients (in place), loss, tokens, stop flag
             extras = torch.cat([total_loss.reshape(1), counters])
             world.all_reduce_([*grads, extras])
             total_loss, counters = extras[0], extras[1:]
-        step_loss, norm, tokens_f, stop_f = torch.cat(
+        step_loss, norm, tokens_f, stop_f, *sums_f = torch.cat(
             [torch.stack([total_loss, p.optimizer.grad_norm().to(device)]), counters]).tolist()  # the one host sync
         tokens, stop = int(tokens_f), stop_f > 0
+        stats = preference.summarize(sums_f) if pref else None
         norm /= scale  # exact: a power of two
         finite = math.isfinite(step_loss) and math.isfinite(norm)
         if scaler is not None and math.isfinite(step_loss) and not finite:  # fp16 gradient overflow: skip, rescale
             scaler.update(overflow=True)
             p.optimizer.zero_grad()
-            return StepResult(step_loss, tokens, norm, True)
+            return StepResult(step_loss, tokens, norm, True, stats=stats)
         if finite:
             factor = 1.0 / scale
             if max_grad_norm > 0 and norm > max_grad_norm:
@@ -130,12 +140,14 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
             if scaler is not None:
                 scaler.update(overflow=False)
         p.optimizer.zero_grad()
-    return StepResult(step_loss, tokens, norm, finite, stop)
+    return StepResult(step_loss, tokens, norm, finite, stop, stats)
 
 
 @torch.no_grad()
 def evaluate(p: Prepared, examples: list[data.Example], batch_size: int) -> float:
-    """Mean loss per label token over `examples` (eval mode: no dropout)."""
+    """Mean loss per label token over `examples` (eval mode: no dropout); preference: per unit (evaluate_units)."""
+    if p.recipe.train.objective != "sft":
+        return evaluate_units(p, examples, batch_size)["loss"]
     p.model.eval()
     pad = data.pad_token_id(p.tokenizer)
     total, count = 0.0, 0
@@ -145,6 +157,12 @@ def evaluate(p: Prepared, examples: list[data.Example], batch_size: int) -> floa
         total, count = total + float(loss) * n, count + n
     p.model.train()
     return total / max(count, 1)
+
+
+def evaluate_units(p: Prepared, units: data.Units, batch_size: int) -> dict[str, float]:
+    """Preference validation: the objective's mean loss over `units`, rewards, margin, accuracy."""
+    loss_fn = getattr(p.loss_fn, "module", p.loss_fn)  # under accelerate's wrapper, the module itself
+    return preference.evaluate(loss_fn, units, batch_size, data.pad_token_id(p.tokenizer), p.accelerator.device)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -189,9 +207,15 @@ def log_step(p: Prepared, run_dir: Path, step: int, lr: float, res: StepResult, 
     record = {"step": step, "loss": round(res.loss, 6), "lr": lr, "grad_norm": round(res.grad_norm, 6),
               "tokens_per_s": round(res.tokens / seconds, 1),
               "peak_memory_bytes": peak_memory_bytes(p.accelerator.device), "skipped": skipped}
+    record |= {k: round(v, 6) for k, v in (res.stats or {}).items()}
     val_loss = None
     if p.dataset.val and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
-        val_loss = evaluate(p, p.dataset.val, t.batch_size)
+        if t.objective != "sft":
+            val = evaluate_units(p, p.dataset.val, t.batch_size)
+            val_loss = val.pop("loss")
+            record |= {f"val_{k}": round(v, 6) for k, v in val.items()}
+        else:
+            val_loss = evaluate(p, p.dataset.val, t.batch_size)
         record["val_loss"] = round(val_loss, 6)
     if p.world.is_main and (step % t.log_every == 0 or step == t.steps or val_loss is not None):
         write_metrics_line(run_dir, record)
@@ -267,7 +291,9 @@ def _run_locked(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, res
 
             stored = load_offsets(run_dir)
         p = prepare(recipe, world, stored)
-        stream = data.BatchStream(p.dataset.train, t.batch_size * world.size, t.seed, data.pad_token_id(p.tokenizer))
+        collate = data.collate if t.objective == "sft" else data_preference.collate
+        stream = data.BatchStream(p.dataset.train, t.batch_size * world.size, t.seed, data.pad_token_id(p.tokenizer),
+                                  collate)
         return p, stream, *restore(p, stream, start_ckpt)
 
     p, stream, start_ckpt, step, skipped = world.agree(setup)
@@ -280,10 +306,14 @@ def _run_locked(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, res
             print(f"LoftQ init ({recipe.lora.loftq_iters} iterations, {len(p.loftq.offsets)} modules): "
                   f"{p.loftq.seconds:.1f} s extra load time", file=sys.stderr)
         ranks = f"; {world.size} processes ({p.parallel})" if world.distributed else ""
+        units = {"sft": "examples", "kto": "answers"}.get(t.objective, "pairs")
         what = "; ".join(f"{k}{f' r={recipe.lora.r}' if k != 'ia3' else ''} on {len(v)} modules"
                          for k, v in p.methods.items())
         print(f"{p.report} — {what} ({methods.describe_counts(p.counts)}); "
-              f"{len(p.dataset.train)} train / {len(p.dataset.val)} val examples{ranks}", file=sys.stderr)
+              f"{len(p.dataset.train)} train / {len(p.dataset.val)} val {units}{ranks}", file=sys.stderr)
+
+    if t.precompute_reference:  # after open_run: the run folder is ours; a resume finds the stored values
+        world.agree(lambda: reference.attach(p, run_dir))
 
     def save_ckpt() -> Path | None:
         rngs = world.all_gather_object(checkpoint.rng_state(p.accelerator.device)) if world.distributed else None
@@ -317,8 +347,9 @@ def _run_locked(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, res
             tokens_total += res.tokens
             last, val = log_step(p, run_dir, step, lr, res, time.perf_counter() - ts, skipped, tracking)
             val_loss = val if val is not None else val_loss
-            bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                            mem=f"{last['peak_memory_bytes'] / 2**30:.2f}GiB")
+            shown = {"acc": res.stats.get("reward_accuracy"), "margin": res.stats["reward_margin"]} if res.stats else {}
+            bar.set_postfix(loss=f"{res.loss:.3f}", **{k: f"{v:.3f}" for k, v in shown.items() if v is not None},
+                            tok_s=f"{last['tokens_per_s']:.0f}", mem=f"{last['peak_memory_bytes'] / 2**30:.2f}GiB")
             bar.update(1)
             if (t.save_every and step % t.save_every == 0) or step == t.steps:
                 save_ckpt()

@@ -26,6 +26,7 @@ from ..device import allow_tf32
 from .distributed import World, parallel_mode
 from ..errors import ConfigError
 from .loss import CausalLMLoss
+from .preference import PreferenceLoss
 from ..model.load import load_base, resolve
 from .optim import LossScaler, MasterWeightOptimizer, ParamGroup, build_optimizer
 
@@ -39,7 +40,7 @@ class Prepared:
     accelerator: Accelerator
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
-    loss_fn: torch.nn.Module  # CausalLMLoss, possibly wrapped by accelerate
+    loss_fn: torch.nn.Module  # CausalLMLoss or preference.PreferenceLoss, possibly wrapped by accelerate
     optimizer: MasterWeightOptimizer
     dataset: data.Dataset
     targets: list[str]
@@ -124,7 +125,7 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
     if init is not None:
         init.apply(model)  # A and B from LoftQ (nothing on resume: the checkpoint brings them)
     model.train()
-    dataset = data.build(recipe.data, tokenizer, t.seed)
+    dataset = data.build(recipe.data, tokenizer, t.seed, paired=t.objective != "kto")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if t.optimizer != "adamw":
         _probe_bnb_optimizer(t, accelerator.device)
@@ -136,7 +137,8 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
     if allow_tf32(accelerator.device, DTYPES[recipe.quant.compute_dtype]):
         print("quant.compute_dtype fp32 on CUDA: matmuls use TF32 tensor cores "
               "(torch.set_float32_matmul_precision('high')); pure fp32 would be ~10x slower.", file=sys.stderr)
-    report, loss_fn = lora.param_report(model), CausalLMLoss(model, t.loss_chunk)
+    report = lora.param_report(model)
+    loss_fn = CausalLMLoss(model, t.loss_chunk) if t.objective == "sft" else PreferenceLoss(model, t)
     if mode == "fsdp":
         sharder.shard_root(loss_fn, model)
     elif mode == "single":

@@ -35,7 +35,9 @@ def _alpaca_template() -> str:
 
 def prompt_format(tok: dict[str, Any], recipe=None) -> tuple[str | None, list[str], str | None]:
     """(TEMPLATE or None, stop strings, SYSTEM or None) for a tokenizer summary from gguf_vocab.add_tokenizer."""
-    fmt = recipe.data.format if recipe is not None else "chat"
+    from ...data.formats import prompt_format as asked_as
+
+    fmt = asked_as(recipe.data.format) if recipe is not None else "chat"
     system = recipe.data.system_prompt if recipe is not None else None
     chat = tok.get("chat_template")
     stop = list(tok.get("stop") or [])

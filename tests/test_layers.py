@@ -25,7 +25,8 @@ LAYERS = [
 RANK = {part: i for i, layer in enumerate(LAYERS) for part in layer}
 ROOT_MODULES = {"terms", "errors", "typecheck", "atomic", "config", "device"}  # at most 15 (a flat room grows)
 # `qlora-kit estimate` and the CLI's help stay fast: these import no torch
-TORCH_FREE = {"qlora_kit.terms", "qlora_kit.errors", "qlora_kit.typecheck", "qlora_kit.config", "estimate"}
+TORCH_FREE = {"qlora_kit.terms", "qlora_kit.errors", "qlora_kit.typecheck", "qlora_kit.config", "estimate",
+              "qlora_kit.model.hub"}
 
 
 def _modules() -> dict[str, Path]:

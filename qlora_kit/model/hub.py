@@ -57,11 +57,13 @@ def _fail(repo: str, revision: str | None, e: Exception) -> ModelError:
         return ModelError(f"{repo} has no revision {revision!r}; pass a branch, tag or commit it has "
                           "(org/name@main).")
     if isinstance(e, RepositoryNotFoundError):
-        return ModelError(f"{repo}: no such model on the Hugging Face Hub (or it is private: log in with "
-                          "`hf auth login` or set HF_TOKEN). Check the spelling, or pass a local folder.")
+        return ModelError(f"{repo}: no local folder of that name, and no such model on the Hugging Face Hub (or it is "
+                          "private: log in with `hf auth login` or set HF_TOKEN). Check the spelling, or pass a local "
+                          "model folder.")
     if isinstance(e, LocalEntryNotFoundError) or constants.HF_HUB_OFFLINE:
         why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached")
-        return ModelError(f"{repo}{at} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. "
+        return ModelError(f"{repo}{at}: no local folder of that name, and it is not in the Hugging Face cache "
+                          f"({constants.HF_HUB_CACHE}) while {why}. "
                           f"Download it once while online (`hf download {repo}`"
                           f"{f' --revision {revision}' if revision else ''}), unset HF_HUB_OFFLINE, or pass a "
                           "local model folder.")

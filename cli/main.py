@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from qlora_kit.errors import QloraKitError
+from qlora_kit.errors import QloraKitError, TrainingInterrupted
 
 # File-system refusals are the user's to fix (free space, pick a writable folder), not bugs: exit 2, no traceback.
 _USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         app.main(args=argv, prog_name="qlora-kit", standalone_mode=False)
     except QloraKitError as e:
         if not getattr(e, "quiet", False):  # several processes: an error every rank hit is printed by rank 0 only
-            click.echo(f"error: {e}", err=True)
+            # a run stopped as asked (Ctrl-C, SIGTERM) and checkpointed is no error: its message says how to resume
+            click.echo(f"{'' if isinstance(e, TrainingInterrupted) else 'error: '}{e}", err=True)
         return getattr(e, "exit_code", 2)
     except click.exceptions.Exit as e:
         return e.exit_code

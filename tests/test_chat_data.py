@@ -101,6 +101,21 @@ def test_chat_records_match_the_templates_own_tokens_and_assistant_mask(tmp_path
     assert "get_weather" in taught and "clear\"}" not in taught  # the call is learned, the result is context
 
 
+def test_a_template_that_ignores_tools_is_refused(tmp_path):
+    """The plain ChatML template (no tools support) would drop the schemas and turn the call into an empty answer."""
+    from qlora_kit.config import DataConfig
+    from qlora_kit.data import pipeline
+    from qlora_kit.errors import DataError
+
+    path = write_jsonl(tmp_path / "tools.jsonl", [RECORDS[1]])
+    with pytest.raises(DataError, match="does not render the record's 'tools'"):
+        pipeline.examples(DataConfig(path=str(path), format="chat", max_length=4096, cache=False), make_tokenizer())
+    no_schema = {"messages": RECORDS[1]["messages"]}
+    write_jsonl(path, [no_schema])
+    with pytest.raises(DataError, match="does not render 'tool_calls'"):
+        pipeline.examples(DataConfig(path=str(path), format="chat", max_length=4096, cache=False), make_tokenizer())
+
+
 @pytest.mark.parametrize("bad, words", [
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
                    {"role": "assistant", "content": "a"}]}, "image_url part"),

@@ -117,12 +117,28 @@ def apply(tokenizer: Any, messages: Messages, gen: bool, place: str, tools: list
         raise DataError(f"{place}: the tokenizer's chat template rejected this conversation: {e}") from None
 
 
+def _check_rendered(tokenizer: Any, messages: Messages, tools: list | None, full: str, place: str) -> None:
+    """A template that ignores `tools` or `tool_calls` would train on turns that lost their calls (an empty
+    assistant turn taking loss): refused. Found by rendering without them and comparing."""
+    if tools and apply(tokenizer, messages, False, place) == full:
+        raise DataError(f"{place}: the model's chat template does not render the record's 'tools' (it ignores them), "
+                        "so the model would never see the tool schemas. Use a model whose template supports tool "
+                        "calling, or drop the 'tools' field.")
+    if any("tool_calls" in m for m in messages):
+        bare = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]
+        if apply(tokenizer, bare, False, place, tools) == full:
+            raise DataError(f"{place}: the model's chat template does not render 'tool_calls' (it ignores them), so "
+                            "the assistant turns that call tools would train as empty answers. Use a model whose "
+                            "template supports tool calling, or leave those records out.")
+
+
 def render(tokenizer: Any, messages: Messages, tools: list | None, assistant_turns: str,
            place: str) -> tuple[str, list[tuple[int, int]]]:
     """(full text, character spans that take loss): assistant turn i's span runs from the end of
     render(turns < i, add_generation_prompt=True) to the end of render(turns <= i), minus trailing whitespace;
     turns with weight 0 take none; `assistant_turns` last: only the final weighted turn does."""
     full = apply(tokenizer, messages, False, place, tools)
+    _check_rendered(tokenizer, messages, tools, full, place)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1)]
     if assistant_turns == "last":
         turns = turns[-1:]

@@ -77,8 +77,8 @@ def describe_quantized(folder: Path) -> dict:
            "hidden_size": config.get("hidden_size"), "vocab_size": config.get("vocab_size")}
     if blocksizes:
         out["blocksize"] = ", ".join(str(b) for b in sorted(blocksizes, key=str))
-    out["use"] = ("transformers: AutoModelForCausalLM.from_pretrained(path) (bitsandbytes installed); qlora-kit "
-                  "trains on the original 16-bit model, or on this one as a pre-quantized base")
+    out["use"] = ("transformers: AutoModelForCausalLM.from_pretrained(path) (bitsandbytes installed); qlora-kit: "
+                  "model.path (a pre-quantized base, its codes used as stored)")
     if qtype not in ("nf4", "fp4", "int8"):
         out["use"] = "not a bitsandbytes model: qlora-kit cannot load it"
     return out

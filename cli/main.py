@@ -38,24 +38,17 @@ class _LazyGroup(click.Group):
     """Commands are imported when run (or asked for their own --help), never to print the command list."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [name for name in COMMANDS if self._module(name) is not False]
+        # a command whose module is not written yet is left out (never a user error); nothing is imported here
+        return [name for name in COMMANDS if importlib.util.find_spec(f"qlora_kit.cli.{name}") is not None]
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        module = self._module(name) if name in COMMANDS else None
-        return module.command if module else None
-
-    @staticmethod
-    def _module(name: str):
-        """The command's module; False for a command whose module is not written yet (never a user error)."""
-        if importlib.util.find_spec(f"qlora_kit.cli.{name}") is None:
-            return False
-        return importlib.import_module(f"qlora_kit.cli.{name}")
+        if name not in self.list_commands(ctx):
+            return None
+        return importlib.import_module(f"qlora_kit.cli.{name}").command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, COMMANDS[name]) for name in COMMANDS
-                if importlib.util.find_spec(f"qlora_kit.cli.{name}") is not None]
         with formatter.section("Commands"):
-            formatter.write_dl(rows)
+            formatter.write_dl([(name, COMMANDS[name]) for name in self.list_commands(ctx)])
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -117,3 +117,25 @@ def test_a_local_folder_named_like_a_hub_id_wins(tmp_path, hub_cache, tiny_model
     shutil.copytree(tiny_model, local)
     monkeypatch.chdir(tmp_path)
     assert resolve("org/tiny") == Path("org/tiny")
+
+
+def test_generate_and_export_take_hub_ids(hub_cache, tiny_model, tmp_path, capsys):
+    """An adapter naming its base by Hub id exports exactly as over the local folder; generate answers a Hub id."""
+    from safetensors.torch import load_file
+
+    from qlora_kit.adapters import peft_format
+    from qlora_kit.cli.main import main
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"model.layers.{i}.self_attn.q_proj.lora_{n}.weight": torch.randn(*s, generator=g) * 0.1
+               for i in range(2) for n, s in (("A", (4, 64)), ("B", (64, 4)))}
+    for base in ("org/tiny", str(tiny_model)):
+        adapter = peft_format.save_adapter(tmp_path / f"a-{len(base)}", tensors, r=4, alpha=8.0, dropout=0.0,
+                                           rslora=False, base_model=base)
+        assert main(["export", str(adapter), "--format", "merged", "--out", str(tmp_path / f"m-{len(base)}"),
+                     "--no-progress"]) == 0, capsys.readouterr().err
+    hub_out = load_file(tmp_path / "m-8" / "model.safetensors")
+    local_out = load_file(tmp_path / f"m-{len(str(tiny_model))}" / "model.safetensors")
+    assert hub_out.keys() == local_out.keys() and all(torch.equal(hub_out[k], local_out[k]) for k in hub_out)
+    assert main(["generate", "org/tiny@v2", "--prompt", "hello", "--quant", "none", "--max-new-tokens", "3",
+                 "--device", "cpu"]) == 0, capsys.readouterr().err

@@ -29,8 +29,10 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# A previous demo run is kept, renamed with its time (runs/demo-20260101-120000), never deleted.
 demo: install
-	rm -rf $(DEMO_DIR)
+	@if [ -e $(DEMO_DIR) ]; then old=$(DEMO_DIR)-$$(date -r $(DEMO_DIR) +%Y%m%d-%H%M%S); \
+	  mv $(DEMO_DIR) $$old && echo "kept the previous demo run as $$old"; fi
 	$(VENV)/bin/qlora-kit train recipes/demo.yaml --out $(DEMO_DIR)
 	$(VENV)/bin/qlora-kit generate $(DEMO_DIR) --compare-base --prompt "$(DEMO_QUESTION)"
 

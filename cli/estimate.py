@@ -65,9 +65,18 @@ def _ia3_names(on: bool, outputs: str | None, inputs: str | None) -> dict:
     return {"ia3_outputs": _names(outputs, d.outputs), "ia3_inputs": _names(inputs, d.inputs)}
 
 
+def _config_source(model: str) -> str:
+    """A Hub id -> its config.json in the Hugging Face cache (fetched alone: no weights); anything else as is."""
+    from qlora_kit.model import hub
+
+    if model not in me.BUILTIN_CONFIGS and hub.is_hub_id(model):
+        return str(hub.file(model, "config.json"))
+    return model
+
+
 @click.command()
-@click.option("--model", required=True, help="A Hugging Face model folder (config.json is read), or a built-in name: "
-              + ", ".join(me.BUILTIN_CONFIGS) + ".")
+@click.option("--model", required=True, help="A Hugging Face model folder or Hub id (org/name[@revision]; only "
+              "config.json is read), or a built-in name: " + ", ".join(me.BUILTIN_CONFIGS) + ".")
 @click.option("--quant", type=click.Choice(QUANT_TYPES), default=_D.quant, show_default=True)
 @click.option("--blocksize", type=int, default=_D.blocksize, show_default=True,
               help="Weights per absmax constant (4-bit).")
@@ -107,7 +116,7 @@ def command(model, quant, blocksize, double_quant, rank, targets, lora_dropout, 
             compute_dtype, loss_chunk, device, gpu_mem, gpus, parallel,
             as_json):
     """Predict the GPU memory of QLoRA training from MODEL's config.json alone (no weights are loaded)."""
-    config = me.load_model_config(model)
+    config = me.load_model_config(_config_source(model))
     names = parse_targets(targets)
     cfg = me.EstimateConfig(quant=quant, blocksize=blocksize, double_quant=double_quant, rank=rank,
                             targets=names if isinstance(names, str) else tuple(names), optimizer=optimizer,

@@ -10,7 +10,7 @@ from qlora_kit.cli.options import NonEmptyPath
 
 from qlora_kit.export import formats as ex
 from qlora_kit.config import DataFormat
-from qlora_kit.terms import QUANTIZED_TYPES
+from qlora_kit.terms import QUANTIZED_TYPES, human_bytes
 
 DATA_FORMATS = list(DataFormat.__args__)
 
@@ -85,8 +85,9 @@ def command(source, fmt, out, gguf_type, base, merge_base, dtype, max_shard_size
     result = ex.export(source, opts)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
-    size = f", {result.weight_bytes / 1e9:.2f} GB of weights" if result.weight_bytes else ""
-    speed = (f" ({result.weight_bytes / 1e9 / result.seconds:.2f} GB/s)"
+    size = f", {human_bytes(result.weight_bytes)} of weights" if result.weight_bytes else ""
+    # binary units scaled to the size: a small export reads "41.20 MiB/s", never "0.00 GB/s"
+    speed = (f" ({human_bytes(round(result.weight_bytes / result.seconds))}/s)"
              if result.weight_bytes and result.seconds > 0 else "")
     click.echo(f"wrote {fmt} export to {result.out}: {len(result.files)} files{size} in {result.seconds:.1f} s{speed}")
     kept = result.survival

@@ -45,8 +45,11 @@ def _finite(ctx, param, value: float) -> float:
 
 @click.command()
 @click.argument("source")
-@click.option("--prompt", "prompts", multiple=True, required=True,
+@click.option("--prompt", "prompts", multiple=True,
               help="A question; repeatable. With --adapter: 'NAME: question', NAME an adapter, 'base' or '*' (all).")
+@click.option("--chat", is_flag=True, help="Talk: read user turns from the terminal (or stdin), keep the "
+              "conversation, stream each answer. /reset forgets it, /exit or Ctrl-D ends.")
+@click.option("--system", help="System prompt (default: the run's data.system_prompt, else the template's own).")
 @click.option("--adapter", "adapter_specs", multiple=True, metavar="NAME=PATH",
               help="Load adapter PATH (run or PEFT adapter folder) as NAME; repeatable: all share one base.")
 @click.option("--base", help="Base model for an adapter folder (default: the adapter's base_model_name_or_path).")
@@ -56,6 +59,14 @@ def _finite(ctx, param, value: float) -> float:
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0), callback=_finite,
               help="0: greedy.")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), help="Sample from the smallest set of tokens "
+              "whose probabilities sum to P (needs --temperature > 0).")
+@click.option("--top-k", type=click.IntRange(1), help="Sample from the K likeliest tokens (needs --temperature > 0).")
+@click.option("--repetition-penalty", type=click.FloatRange(0.0, min_open=True),
+              help="Divide the scores of tokens already in the text by this (> 1 repeats less; CTRL's penalty).")
+@click.option("--stream/--no-stream", default=True, show_default=True,
+              help="Print each answer as it is generated (single model; --adapter and --compare-base print at the "
+                   "end).")
 @click.option("--raw", is_flag=True, help="Send the prompt text as is, without the chat/alpaca template.")
 @click.option("--compare-base", is_flag=True, help="Also answer with the adapter switched off (same quantized base).")
 @click.option("--keep-quantized", is_flag=True,
@@ -68,8 +79,9 @@ def _finite(ctx, param, value: float) -> float:
 @click.option("--trust-remote-code", is_flag=True, help="Run model code shipped inside the model folder.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where to quantize and decode (auto: CUDA when present).")
-def command(source: str, prompts: tuple[str, ...], adapter_specs: tuple[str, ...], base: str | None,
-            quant: str | None, max_new_tokens: int, temperature: float, raw: bool, compare_base: bool,
+def command(source: str, prompts: tuple[str, ...], chat: bool, system: str | None, adapter_specs: tuple[str, ...],
+            base: str | None, quant: str | None, max_new_tokens: int, temperature: float, top_p: float | None,
+            top_k: int | None, repetition_penalty: float | None, stream: bool, raw: bool, compare_base: bool,
             keep_quantized: bool, decode_dtype: str, allow_pickle: bool, trust_remote_code: bool,
             device: str) -> None:
     """Answer prompts with SOURCE: a model folder or built-in name, a run folder (base + its adapter), or a PEFT
@@ -90,23 +102,38 @@ def command(source: str, prompts: tuple[str, ...], adapter_specs: tuple[str, ...
     from qlora_kit.infer import generate
     from qlora_kit.config import QuantConfig
 
+    options = {"top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty}
+    generate.sampling(temperature, **options)  # refused options fail before the model loads
+    if chat and (prompts or adapter_specs or compare_base or raw):
+        raise QloraKitError("--chat takes its questions from the terminal; leave out --prompt, --adapter, "
+                            "--compare-base and --raw.")
+    if not chat and not prompts:
+        raise QloraKitError("give a question with --prompt TEXT (repeatable), or talk with --chat.")
     quant_cfg = QuantConfig(type=quant) if quant else None
     if adapter_specs:
         _multi(source, _parse_adapters(adapter_specs), prompts, base, quant_cfg, max_new_tokens, temperature, raw,
-               compare_base, allow_pickle, trust_remote_code, keep_quantized, device, decode_dtype)
+               compare_base, allow_pickle, trust_remote_code, keep_quantized, device, decode_dtype, system, options)
         return
 
     from qlora_kit.adapters.methods import disabled
 
     loaded = generate.load(source, base=base, quant=quant_cfg, device=device, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code)
+    if system is not None:
+        loaded.system_prompt = system
     if not keep_quantized:
         # adapters switched off for --compare-base stay separate
         generate.speed_up(loaded, merge=not compare_base, dtype=decode_dtype)
-    answers = generate.answer(loaded, list(prompts), max_new_tokens, raw, temperature)
+    if chat:
+        _talk(loaded, max_new_tokens, temperature, options)
+        return
+    if stream and not compare_base:
+        _streamed(loaded, prompts, max_new_tokens, raw, temperature, options)
+        return
+    answers = generate.answer(loaded, list(prompts), max_new_tokens, raw, temperature, **options)
     if compare_base:
         with disabled(loaded.model):
-            base_answers = generate.answer(loaded, list(prompts), max_new_tokens, raw, temperature)
+            base_answers = generate.answer(loaded, list(prompts), max_new_tokens, raw, temperature, **options)
     for i, (prompt, text) in enumerate(zip(prompts, answers)):
         if len(prompts) > 1 or compare_base:
             click.echo(f"> {prompt}")
@@ -117,8 +144,52 @@ def command(source: str, prompts: tuple[str, ...], adapter_specs: tuple[str, ...
             click.echo(text)
 
 
+def _write(text: str) -> None:
+    click.echo(text, nl=False)
+    click.get_text_stream("stdout").flush()
+
+
+def _streamed(loaded, prompts, max_new_tokens, raw, temperature, options) -> None:
+    """Each answer printed as it is generated; the leading whitespace a tokenizer puts before the first word is
+    dropped, as the unstreamed answer strips it."""
+    from qlora_kit.infer import generate
+
+    started = {"answer": False}
+
+    def on_text(_: int, text: str) -> None:
+        if not started["answer"]:
+            text = text.lstrip()
+            started["answer"] = bool(text)
+        _write(text)
+
+    for prompt in prompts:
+        if len(prompts) > 1:
+            click.echo(f"> {prompt}")
+        started["answer"] = False
+        generate.answer(loaded, [prompt], max_new_tokens, raw, temperature, on_text=on_text, **options)
+        click.echo()
+
+
+def _talk(loaded, max_new_tokens, temperature, options) -> None:
+    from qlora_kit.infer.chat import chat
+
+    stdin = click.get_text_stream("stdin")
+    tty = stdin.isatty()
+    if tty:
+        click.echo("chat: type a message; /reset forgets the conversation, /exit or Ctrl-D ends.", err=True)
+
+    def read_line() -> str | None:
+        if tty:
+            click.echo("you> ", nl=False, err=True)
+        line = stdin.readline()
+        return line if line else None
+
+    chat(loaded, read_line, _write, max_new_tokens, loaded.system_prompt, temperature, **options)
+
+
 def _multi(source, adapters, prompts, base, quant_cfg, max_new_tokens, temperature, raw, compare_base, allow_pickle,
-           trust_remote_code, keep_quantized=False, device="auto", decode_dtype="auto") -> None:
+           trust_remote_code, keep_quantized=False, device="auto", decode_dtype="auto", system=None,
+           options=None) -> None:
     """Every prompt routed to its adapter(s); one generate call for the whole batch."""
     from qlora_kit.infer import generate
 
@@ -130,11 +201,14 @@ def _multi(source, adapters, prompts, base, quant_cfg, max_new_tokens, temperatu
         rows += [(i, None if n == BASE else n) for n in wanted]
     loaded = generate.load_many(source, adapters, base=base, quant=quant_cfg, device=device, allow_pickle=allow_pickle,
                                 trust_remote_code=trust_remote_code)
+    if system is not None:  # every adapter's prompts, and the base's, with this system prompt
+        loaded.system_prompt = system
+        loaded.formats = {name: (fmt, system) for name, (fmt, _) in loaded.formats.items()}
     if not keep_quantized:
         # rows route to different adapters: they stay separate
         generate.speed_up(loaded, merge=False, dtype=decode_dtype)
     answers = generate.answer_routed(loaded, [parsed[i][1] for i, _ in rows], [r for _, r in rows], max_new_tokens,
-                                     raw, temperature)
+                                     raw, temperature, **(options or {}))
     width = max(len(BASE), *(len(n) for n in names))
     for i, (name, text) in enumerate(parsed):
         mine = [(r, a) for (j, r), a in zip(rows, answers) if j == i]

@@ -1,4 +1,4 @@
-"""`qlora-kit inspect PATH`: what is this folder (model, adapter, run), and its key facts."""
+"""`qlora-kit inspect PATH`: what is this folder or file (model, adapter, run, quantized export, GGUF)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def _fmt(v) -> str:
 @click.option("--allow-pickle", is_flag=True, help="Read .bin (pickle) weights, with torch.load(weights_only=True).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped inside the folder.")
 def command(path: str, as_json: bool, allow_pickle: bool, trust_remote_code: bool) -> None:
-    """Describe PATH: a model folder (or built-in name), a PEFT adapter folder, or a run folder."""
+    """Describe PATH: a model folder (or Hub id, or built-in name), a PEFT adapter folder (LoRA, DoRA, IA3 or a
+    stack), a run folder, a quantized export (bitsandbytes 4/8-bit) or a GGUF file (model or LoRA adapter)."""
     from qlora_kit.analysis.inspect import describe
 
     info = describe(path, allow_pickle, trust_remote_code)

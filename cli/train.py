@@ -5,10 +5,23 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
+import sys
 
 import click
 
 from qlora_kit.cli.options import NonEmptyPath
+
+
+def launcher() -> list[str]:
+    """This process's own launch as a command that works in a new shell: `qlora-kit` when that script is what runs
+    and the shell finds the same one on PATH; else this Python running the module (a venv not activated, an
+    editable checkout, `python -m qlora_kit.cli.main`)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    found = shutil.which("qlora-kit")
+    if found and os.path.basename(argv0) == "qlora-kit" and os.path.realpath(found) == os.path.realpath(argv0):
+        return ["qlora-kit"]
+    return [sys.executable, "-m", "qlora_kit.cli.main"]
 
 
 @click.command()
@@ -46,7 +59,7 @@ def command(recipe: str, overrides: tuple[str, ...], out: str | None, resume: bo
     cfg = world.agree(lambda: load_recipe(recipe, [*overrides, *flags]))
     run_dir = out or cfg.output.dir
     # What continues this run after Ctrl-C, a full disk or a NaN: the same recipe and overrides, plus --resume.
-    launch = ["qlora-kit"]
+    launch = launcher()
     if world.distributed:  # the same launch again: this node's process count (several nodes: each its own)
         launch = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world.size)}", "-m",
                   "qlora_kit.cli.main"]

@@ -36,7 +36,8 @@ Optimizer = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"]
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "smollm2-135m"
-    """A Hugging Face model folder (config.json + safetensors), or a built-in name (`smollm2-135m`)."""
+    """A Hugging Face model folder (config.json + safetensors), a Hub id (`org/name`, or `org/name@revision` to pin a
+    branch, tag or commit: fetched into the Hugging Face cache once) or a built-in name (`smollm2-135m`)."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """dtype of the unquantized frozen weights (embeddings, norms, lm_head) and so of the residual stream. `auto`:
     bf16 wherever the device has it (every CPU; CUDA GPUs from Ampere), else fp16 with dynamic loss scaling (as

@@ -27,7 +27,7 @@ RANK = {part: i for i, layer in enumerate(LAYERS) for part in layer}
 ROOT_MODULES = {"terms", "errors", "typecheck", "atomic", "config", "device", "safe_yaml"}
 # `qlora-kit estimate` and the CLI's help stay fast: these import no torch
 TORCH_FREE = {"qlora_kit.terms", "qlora_kit.errors", "qlora_kit.typecheck", "qlora_kit.config", "qlora_kit.safe_yaml",
-              "estimate"}
+              "estimate", "qlora_kit.model.hub"}
 
 
 def _modules() -> dict[str, Path]:

@@ -162,9 +162,11 @@ def test_sigint_saves_a_checkpoint_prints_the_resume_command_and_exits_130(refer
     stopped_at = int(err.split("checkpoint saved in ")[1].split("step-")[1].split(".")[0])
     assert 3 <= stopped_at < STEPS and checkpoint.latest(run_dir).name == f"step-{stopped_at}"
     command = shlex.split(err.split("Resume with: ")[1].strip().splitlines()[0])
-    assert command[:3] == ["qlora-kit", "train", str(recipe)] and command[-1] == "--resume"
+    # launched as `python -m qlora_kit.cli.main` (no qlora-kit script involved): resumed the same way
+    assert command[:5] == [sys.executable, "-m", "qlora_kit.cli.main", "train", str(recipe)]
+    assert command[-1] == "--resume"
     assert command[command.index("--out") + 1] == str(run_dir) and "train.log_every=1" in command
-    err = resume_in_process(command[1:], capsys)  # the printed command, as the user would paste it
+    err = resume_in_process(command[3:], capsys)  # the printed command, as the user would paste it
     assert f"resuming from {run_dir / 'checkpoints' / f'step-{stopped_at}'}" in err
     assert_bitwise_equal(run_dir, finished(reference))
 
@@ -184,6 +186,7 @@ def test_sigterm_in_process_checkpoints_and_exits_130(tiny_model, tiny_data, tmp
     assert main(["train", str(recipe), "--out", str(tmp_path / "run"), "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert "stopped by SIGTERM at step 2" in err and "--resume" in err and "Traceback" not in err
+    assert "error:" not in err  # a stop that was asked for and checkpointed is no error
     assert checkpoint.latest(tmp_path / "run").name == "step-2"
     assert signal.getsignal(signal.SIGTERM) == before  # our handler is removed again
 

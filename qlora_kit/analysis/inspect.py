@@ -1,4 +1,5 @@
-"""What is this folder? A model, a PEFT adapter or a run: facts read from headers, no weights loaded."""
+"""What is this folder or file? A model, a PEFT adapter, a run, a quantized export or a GGUF file: facts read from
+headers, no weights loaded."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from . import artifacts
 from ..adapters import peft_format
 from ..run import checkpoint
 from ..model import load as model
@@ -96,4 +98,9 @@ def describe(path: str, allow_pickle: bool = False, trust_remote_code: bool = Fa
         return describe_run(p)
     if p.is_dir() and (p / peft_format.CONFIG_NAME).is_file():
         return describe_adapter(p)
-    return describe_model(model.resolve(path), allow_pickle, trust_remote_code)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return artifacts.describe_gguf(p)
+    folder = model.resolve(path, allow_pickle)
+    if artifacts.is_quantized_folder(folder):
+        return artifacts.describe_quantized(folder)
+    return describe_model(folder, allow_pickle, trust_remote_code)

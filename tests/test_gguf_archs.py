@@ -205,9 +205,10 @@ def test_gemma2_scale_llama_cpp_cannot_run_is_refused(tmp_path):
         export(adapter("gemma2", tmp_path / "a", base), tmp_path / "m.gguf")
 
 
-@pytest.mark.parametrize("marker, stop", [("<start_of_turn>", "<end_of_turn>"), ("[INST]", "[INST]"),
-                                          ("<|assistant|>", "<|end|>"), ("<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>"),
-                                          ("<|start_of_role|>", "<|end_of_text|>"), ("{{ weird }}", None)])
+@pytest.mark.parametrize("marker, stop", [
+    ("<start_of_turn>", "<end_of_turn>"), ("[INST]", "[INST]"), ("<|assistant|>", "<|end|>"),
+    ("<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>"), ("<|start_of_role|>", "<|end_of_text|>"),
+    ("{{ weird }}", None)])
 def test_modelfile_template_families(marker, stop):
     text = ollama.modelfile("m.gguf", {"chat_template": f"{{% for m in messages %}}{marker}{{% endfor %}}",
                                        "stop": ["</s>"]})

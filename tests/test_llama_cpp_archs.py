@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from gguf_models import MODELS, adapter, build, peft_merged
 from qlora_kit.adapters import peft_format
@@ -104,13 +103,28 @@ def test_k_quant_runs_in_llama_cpp(name, tmp_path):
     banned = banned_of(base)
     export(a, tmp_path / "m-f16.gguf", gguf_type="f16")
     export(a, tmp_path / "m-q4_k_m.gguf", gguf_type="q4_k_m")
-    ref = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in gguf.GGUFReader(tmp_path / "m-f16.gguf").tensors}
-    kinds = set()
-    for t in gguf.GGUFReader(tmp_path / "m-q4_k_m.gguf").tensors:
-        kinds.add(t.tensor_type.name)
+    ref = {t.name: gguf.quants.dequantize(t.data, t.tensor_type)
+           for t in gguf.GGUFReader(tmp_path / "m-f16.gguf").tensors}
+    falcon = MODELS[name][0] == "falcon"
+    # llama.cpp's q4_k_m mix on 2 layers, stated here: use_more_bits picks layer 1 (attn_v, ffn_down: Q6_K; Falcon's
+    # ffn_down: Q5_K), fused qkv Q5_K, the output (or tied embedding) Q6_K (Falcon: Q8_0), positions f32; rows
+    # not a multiple of 256 (Gemma's 64-wide attention output) take the fallback Q5_0/Q8_0
+    want = {"blk.1.attn_v.weight": "Q6_K", "blk.0.attn_v.weight": "Q4_K", "blk.0.ffn_down.weight": "Q4_K",
+            "blk.1.ffn_down.weight": "Q5_K" if falcon else "Q6_K", "blk.0.attn_qkv.weight": "Q5_K",
+            "position_embd.weight": "F32", "output.weight": "Q8_0" if falcon else "Q6_K"}
+    fallback = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+    r = gguf.GGUFReader(tmp_path / "m-q4_k_m.gguf")
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    if "output.weight" not in types:
+        want["token_embd.weight"] = want.pop("output.weight")
+    for t in r.tensors:
         W = gguf.quants.dequantize(t.data, t.tensor_type)
         assert np.linalg.norm(W - ref[t.name]) <= 0.1 * np.linalg.norm(ref[t.name]), (name, t.name)
-    assert "Q4_K" in kinds, kinds
+        expect = "F32" if len(t.shape) == 1 else want.get(t.name, "Q4_K")
+        if len(t.shape) == 2 and int(t.shape[0]) % 256 and expect in fallback:
+            expect = fallback[expect]
+        assert types[t.name] == expect, (name, t.name, types[t.name], expect)
+    assert "Q4_K" in types.values() and r.fields["general.file_type"].contents() == 15
     srv16, srvq = server(tmp_path / "m-f16.gguf"), server(tmp_path / "m-q4_k_m.gguf")
     for prompt in PROMPTS:
         tokens, lps = llama_greedy(srvq, prompt, banned)

@@ -176,7 +176,7 @@ def n_heads_kv(c: dict, fam: Family) -> int:
 
 
 def ffn(c: dict) -> int:
-    return int(_get(c, "intermediate_size", "n_inner", "ffn_hidden_size", default=4 * hidden(c)))
+    return int(_get(c, "ffn_hidden_size", "intermediate_size", "n_inner", default=4 * hidden(c)))  # Falcon: the first
 
 
 def norm_eps(c: dict) -> float:

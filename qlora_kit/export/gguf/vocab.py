@@ -66,10 +66,11 @@ def add_tokenizer(writer: Any, base: Path, vocab_size: int) -> dict[str, Any]:
     if (base / "tokenizer.model").is_file() and (model.get("type") != "BPE" or model.get("byte_fallback")):
         return _add_sentencepiece(writer, base, data, vocab_size)
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ExportError(f"GGUF export writes byte-level BPE tokenizers; this one is {model.get('type')}"
-                          f"{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}. "
-                          "Without its tokenizer.model (SentencePiece) it cannot be written; put tokenizer.model in the "
-                          "base folder, or use --format merged and llama.cpp's convert_hf_to_gguf.py.")
+        raise ExportError(f"GGUF export writes byte-level BPE and SentencePiece tokenizers; this one is "
+                          f"{model.get('type')}"
+                          f"{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''} and "
+                          "the base has no tokenizer.model: put the SentencePiece tokenizer.model in the base folder, "
+                          "or use --format merged and llama.cpp's convert_hf_to_gguf.py.")
     pre = pre_tokenizer_name(data.get("pre_tokenizer"))
     tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
     types = {i: gguf.TokenType.NORMAL for i in tokens}

@@ -116,7 +116,7 @@ def plan(index: dict[str, TensorInfo], names: gguf_arch.TensorNames, kind: str, 
         shape = tuple(extra[hf].shape) if info is None else info.shape[::-1] if transposed else info.shape
         t = kind if len(shape) == 2 and not name.startswith(F32_NAMES) else "f32"
         if t in KQUANTS:  # llama.cpp's per-tensor mix, then its fallback for rows not made of 256-weight blocks
-            t = gguf_kquant.tensor_kind(kind, name, n_layers, tied)
+            t = gguf_kquant.tensor_kind(kind, name, n_layers, tied, names.arch.name)
             if gguf_kquant.row_fallback(t, shape[1]) != t:
                 t = gguf_kquant.row_fallback(t, shape[1])
                 fallback.append(hf)

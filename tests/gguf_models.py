@@ -16,6 +16,11 @@ LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_fre
           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
 LINEAR = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+# llama.cpp picks longrope's factors by its context (the tests' server: 256 tokens), transformers by the sequence
+# length: an original context of 256 keeps both on the short factors; the attention factor still applies (s = 4)
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256,
+            "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+            "short_factor": [1.0, 1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0]}
 
 # name -> (model_type, config overrides, LoRA target module names)
 ATTN_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -32,6 +37,9 @@ MODELS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
                           "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}, ATTN_MLP),
     "gemma3": ("gemma3_text", {"num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16}, ATTN_MLP),
     "phi3": ("phi3", {"num_key_value_heads": 4}, ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    "phi3-longrope": ("phi3", {"num_key_value_heads": 4, "rope_parameters": LONGROPE,
+                               "original_max_position_embeddings": 256, "max_position_embeddings": 1024},
+                      ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     "phi2": ("phi", {"num_key_value_heads": 4}, ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),
     "falcon": ("falcon", {"new_decoder_architecture": False, "multi_query": True, "parallel_attn": True,
                           "bias": False, "alibi": False}, ("query_key_value", "dense", "dense_h_to_4h",

@@ -184,7 +184,8 @@ def test_sentencepiece_vocab(name, tmp_path):
     ({"architectures": ["MixtralForCausalLM"]}, "mixture-of-experts"),
     ({"architectures": ["BertForMaskedLM"]}, "no mapping"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "no dynamic NTK"),
-    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "'longrope'"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "phi3 graph"),
+    ({"rope_parameters": {"rope_type": "longrope_v2", "rope_theta": 1e4}}, "'longrope_v2'"),
     ({"hidden_act": "gelu"}, "SiLU"),
 ])
 def test_refusals_name_what_is_missing(change, message, tmp_path):

@@ -80,9 +80,10 @@ def add_hparams(writer: Any, arch: Arch, vocab_size: int) -> None:
 
 
 def extra_tensors(arch: Arch) -> dict[str, torch.Tensor]:
-    """Tensors llama.cpp needs that the checkpoint does not have: llama3 RoPE's rope_freqs."""
+    """Tensors llama.cpp needs that the checkpoint does not have: llama3 RoPE's rope_freqs, longrope's factors."""
     factors = rope.llama3_factors(arch.config, arch.head_dim)
-    return {} if factors is None else {"rope_freqs.weight": factors}
+    out = rope.longrope_factors(arch.config, arch.head_dim)
+    return out if factors is None else out | {"rope_freqs.weight": factors}
 
 
 class TensorNames:

@@ -6,7 +6,11 @@
               config as transformers' _compute_llama3_parameters does, which llama.cpp's llama graph divides by
     yarn      rope.scaling.type yarn, factor, original_context_length; beta_fast/slow when not llama.cpp's 32/1.
               The attention factor must be YaRN's own 0.1·ln(factor) + 1: llama.cpp applies it inside its rope
-    dynamic, longrope, and the others: refused by name (llama.cpp has no dynamic NTK; longrope is not written here)
+    longrope  (Phi-3 128k, Phi-3.5) rope_factors_long / rope_factors_short tensors (head_dim/2 each),
+              rope.scaling.attn_factor sqrt(1 + ln(s)/ln(orig)), s = max_position_embeddings / original, and the
+              original context length. llama.cpp picks the long factors when its context exceeds the original, for
+              every prompt; transformers when the sequence does
+    dynamic and the others: refused by name (llama.cpp has no dynamic NTK)
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 
 from ...errors import ExportError
 
-SUPPORTED = ("default", "linear", "llama3", "yarn")
+SUPPORTED = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 def parameters(config: dict) -> dict:
@@ -51,6 +55,12 @@ def check(config: dict, arch_name: str) -> None:
     if kind == "llama3" and arch_name != "llama":
         raise ExportError(f"GGUF export: llama3 RoPE scaling on a {arch_name} model: llama.cpp reads the rope_freqs "
                           "tensor only in its llama graph. Use --format merged.")
+    if kind == "longrope" and arch_name != "phi3":
+        raise ExportError(f"GGUF export: longrope RoPE scaling on a {arch_name} model: llama.cpp reads the rope factor "
+                          "tensors only in its phi3 graph. Use --format merged.")
+    if kind == "longrope" and (rope.get("attention_factor") is not None or rope.get("factor") is not None):
+        raise ExportError("GGUF export: this longrope RoPE sets factor/attention_factor; llama.cpp derives them from "
+                          "the context lengths. Use --format merged.")
     if kind == "yarn":
         factor = float(rope["factor"])
         att = rope.get("attention_factor")
@@ -74,14 +84,37 @@ def add_keys(writer: Any, config: dict, head_dim: int) -> None:
     elif kind == "yarn":
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(rope["factor"]))
-        orig = rope.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
-        if orig is None:
-            raise ExportError("GGUF export: YaRN RoPE without original_max_position_embeddings; llama.cpp needs it.")
-        writer.add_rope_scaling_orig_ctx_len(int(orig))
+        writer.add_rope_scaling_orig_ctx_len(_original(config, rope))
         if rope.get("beta_fast", 32) != 32:
             writer.add_rope_scaling_yarn_beta_fast(float(rope["beta_fast"]))
         if rope.get("beta_slow", 1) != 1:
             writer.add_rope_scaling_yarn_beta_slow(float(rope["beta_slow"]))
+    elif kind == "longrope":
+        orig = _original(config, rope)
+        scale = config["max_position_embeddings"] / orig
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
+        writer.add_rope_scaling_orig_ctx_len(orig)
+
+
+def _original(config: dict, rope: dict) -> int:
+    orig = rope.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+    if orig is None:
+        raise ExportError(f"GGUF export: {rope['rope_type']} RoPE without original_max_position_embeddings; "
+                          "llama.cpp needs it.")
+    return int(orig)
+
+
+def longrope_factors(config: dict, head_dim: int) -> dict[str, torch.Tensor]:
+    """{'rope_factors_long.weight', 'rope_factors_short.weight'}: (rotary dims / 2,) fp32 each, or {}."""
+    rope = parameters(config)
+    if rope["rope_type"] != "longrope":
+        return {}
+    half = rotary_dims(config, head_dim) // 2
+    out = {f"rope_factors_{k}.weight": torch.tensor(rope[f"{k}_factor"], dtype=torch.float32)
+           for k in ("long", "short")}
+    if any(t.shape != (half,) for t in out.values()):
+        raise ExportError(f"GGUF export: longrope long/short factors must have {half} entries (rotary dims / 2).")
+    return out
 
 
 def llama3_factors(config: dict, head_dim: int) -> torch.Tensor | None:

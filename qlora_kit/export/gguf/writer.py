@@ -40,8 +40,8 @@ from ...terms import lora_scale
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # what the gguf package writes itself
 ADAPTER_TYPES = ("f32", "f16", "bf16")
-# kept f32 whatever the type, as llama.cpp's converter does: learned positions, llama3's RoPE divisors
-F32_NAMES = ("position_embd.", "rope_freqs.")
+# kept f32 whatever the type, as llama.cpp's converter does: learned positions, RoPE factor tensors
+F32_NAMES = ("position_embd.", "rope_freqs.", "rope_factors_")
 
 
 def display_name(base: Path) -> str:

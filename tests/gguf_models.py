@@ -23,7 +23,8 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_positi
             "short_factor": [1.0, 1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0]}
 
 # name -> (model_type, config overrides, LoRA target module names)
-ATTN_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTN_MLP = (*ATTN, "gate_proj", "up_proj", "down_proj")
 MODELS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
     "llama": ("llama", {"num_key_value_heads": 2}, ATTN_MLP),
     "llama-llama3-rope": ("llama", {"num_key_value_heads": 2, "rope_parameters": LLAMA3}, ATTN_MLP),
@@ -55,6 +56,12 @@ MODELS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
     "granite": ("granite", {"num_key_value_heads": 2, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
                             "attention_multiplier": 0.2, "logits_scaling": 2.0}, ATTN_MLP),
     "gptneox": ("gpt_neox", {}, ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
+    # MoE: LoRA on attention (transformers fuses the experts into parameters PEFT's LoRA does not target)
+    "mixtral": ("mixtral", {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2}, ATTN),
+    "qwen2moe": ("qwen2_moe", {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+                               "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64}, ATTN),
+    "qwen3moe": ("qwen3_moe", {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+                               "moe_intermediate_size": 32, "norm_topk_prob": True}, ATTN),
     "gpt2": ("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
              ("c_attn", "c_proj", "c_fc")),
 }

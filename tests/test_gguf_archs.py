@@ -27,7 +27,8 @@ HF_READS = ("llama", "mistral", "qwen2", "phi3", "falcon", "stablelm", "starcode
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
              "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "phi": "phi2", "falcon": "falcon",
              "stablelm": "stablelm", "starcoder2": "starcoder2", "olmo2": "olmo2", "cohere": "command-r",
-             "granite": "granite", "gpt_neox": "gptneox", "gpt2": "gpt2"}
+             "granite": "granite", "gpt_neox": "gptneox", "gpt2": "gpt2", "mixtral": "llama",
+             "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 
 
 def export(src, out, **kw):
@@ -65,6 +66,11 @@ def test_names_shapes_and_keys_are_llama_cpps(name, tmp_path):
         assert names["blk.0.attn_qkv.weight"] == [hidden, (heads + 2 * kv) * d]
     else:
         assert names["blk.0.attn_q.weight"] == [hidden, heads * d] and names["blk.0.attn_k.weight"] == [hidden, kv * d]
+    if "moe" in name or name == "mixtral":
+        n, ff = config.get("num_local_experts", config.get("num_experts")), config.get("moe_intermediate_size", 128)
+        assert names["blk.1.ffn_gate_exps.weight"] == [hidden, ff, n] and names["blk.1.ffn_down_exps.weight"] == [
+            ff, hidden, n] and names["blk.0.ffn_gate_inp.weight"] == [hidden, n]
+        assert field(tmp_path / "m.gguf", f"{arch}.expert_count") == n
     keys = set(r.fields)
     for k in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count", "context_length"):
         assert f"{arch}.{k}" in keys, k
@@ -181,7 +187,7 @@ def test_sentencepiece_vocab(name, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"architectures": ["MixtralForCausalLM"]}, "mixture-of-experts"),
+    ({"architectures": ["DeepseekV3ForCausalLM"]}, "latent attention"),
     ({"architectures": ["BertForMaskedLM"]}, "no mapping"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "no dynamic NTK"),
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "phi3 graph"),

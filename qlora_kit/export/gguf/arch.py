@@ -14,6 +14,7 @@ has (NEOX rotate_half, or Cohere's interleaved pairs, which llama.cpp's command-
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -84,6 +85,29 @@ def extra_tensors(arch: Arch) -> dict[str, torch.Tensor]:
     factors = rope.llama3_factors(arch.config, arch.head_dim)
     out = rope.longrope_factors(arch.config, arch.head_dim)
     return out if factors is None else out | {"rope_freqs.weight": factors}
+
+
+EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(.*)$")
+
+
+def group_experts(index: dict) -> tuple[dict, dict]:
+    """MoE checkpoints store one 2-D weight per expert (...experts.<e>.w1.weight); llama.cpp one 3-D tensor per
+    kind (ffn_gate_exps). Returns (index with each group under its expert-less name, the first expert's header
+    standing for the group; {group name: headers in expert order})."""
+    groups: dict[str, list] = {}
+    out = {}
+    for name, info in index.items():
+        m = EXPERT.match(name)
+        if m is None:
+            out[name] = info
+            continue
+        key = f"{m.group(1)}.{m.group(3)}"
+        groups.setdefault(key, []).append((int(m.group(2)), info))
+        out.setdefault(key, info)
+    for key, parts in groups.items():
+        if sorted(e for e, _ in parts) != list(range(len(parts))):
+            raise ExportError(f"GGUF export: the experts of {key} are not numbered 0..{len(parts) - 1}.")
+    return out, {k: [i for _, i in sorted(v, key=lambda x: x[0])] for k, v in groups.items()}
 
 
 class TensorNames:

@@ -53,6 +53,15 @@ def _gemma3(w, c):
         w.add_final_logit_softcapping(float(c["final_logit_softcapping"]))
 
 
+def _moe(w, c):
+    w.add_expert_count(int(_get(c, "num_local_experts", "num_experts")))
+    w.add_expert_used_count(int(c["num_experts_per_tok"]))
+    if c.get("moe_intermediate_size"):
+        w.add_expert_feed_forward_length(int(c["moe_intermediate_size"]))
+    if c.get("shared_expert_intermediate_size"):
+        w.add_expert_shared_feed_forward_length(int(c["shared_expert_intermediate_size"]))
+
+
 def _phi3(w, c):
     if c.get("sliding_window"):  # llama.cpp reads it but runs Phi-3 with full attention (as its loader warns)
         w.add_sliding_window(int(c["sliding_window"]))
@@ -93,11 +102,20 @@ _SWIGLU = (lambda c: c.get("hidden_act", c.get("hidden_activation", "silu")) not
 _NO_BIAS = (lambda c: bool(c.get("attention_bias") or c.get("mlp_bias")),
             "attention/MLP biases (llama.cpp's graph for this family has none)")
 
+_SPARSE_EVERY_LAYER = ((lambda c: c.get("decoder_sparse_step", 1) != 1 or bool(c.get("mlp_only_layers")),
+                        "dense MLP layers between MoE layers (decoder_sparse_step, mlp_only_layers)"),)
+
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": Family("LLAMA", permute_qk=True, refuse=(_SWIGLU, _NO_BIAS)),
     "MistralForCausalLM": Family("LLAMA", permute_qk=True, refuse=(_SWIGLU,)),
     "Qwen2ForCausalLM": Family("QWEN2", refuse=(_SWIGLU,)),
     "Qwen3ForCausalLM": Family("QWEN3", refuse=(_SWIGLU, _NO_BIAS)),
+    "MixtralForCausalLM": Family("LLAMA", permute_qk=True, extra=_moe, refuse=(_SWIGLU,)),
+    "Qwen2MoeForCausalLM": Family("QWEN2MOE", extra=_moe, refuse=_SPARSE_EVERY_LAYER + (
+        (lambda c: bool(c.get("norm_topk_prob")), "renormalised top-k router weights (llama.cpp's qwen2moe: none)"),)),
+    "Qwen3MoeForCausalLM": Family("QWEN3MOE", extra=_moe, refuse=_SPARSE_EVERY_LAYER + (
+        (lambda c: not c.get("norm_topk_prob", True), "unnormalised top-k router weights (llama.cpp's qwen3moe "
+                                                      "renormalises)"),)),
     "GemmaForCausalLM": Family("GEMMA", norm_shift=1.0, tied="always"),
     "Gemma2ForCausalLM": Family("GEMMA2", norm_shift=1.0, tied="always", extra=_gemma2, refuse=(
         (_scalar_not_head_dim, "a query_pre_attn_scalar other than head_dim (llama.cpp's gemma2 scale)"),)),
@@ -132,10 +150,7 @@ FAMILIES: dict[str, Family] = {
         (lambda c: bool(c.get("reorder_and_upcast_attn")), "reordered attention upcasting"))),
 }
 
-NOT_RUN = {  # architectures of the architectures table that llama.cpp has no graph for, or that are not dense
-    "MixtralForCausalLM": "mixture-of-experts export (expert tensors) is not written by this exporter yet",
-    "Qwen2MoeForCausalLM": "mixture-of-experts export (expert tensors) is not written by this exporter yet",
-    "Qwen3MoeForCausalLM": "mixture-of-experts export (expert tensors) is not written by this exporter yet",
+NOT_RUN = {  # architectures llama.cpp runs that this exporter does not write yet
     "DeepseekV2ForCausalLM": "multi-head latent attention and experts are not written by this exporter yet",
     "DeepseekV3ForCausalLM": "multi-head latent attention and experts are not written by this exporter yet",
     "GptOssForCausalLM": "attention sinks, MXFP4 experts and the harmony format are not written by this exporter yet",

@@ -91,6 +91,7 @@ class Planned:
     shift: float = 0.0  # added to the values (Gemma norms)
     rows: Callable[[torch.Tensor], torch.Tensor] | None = None  # output-row reordering (gguf_arch.TensorNames.rows)
     value: torch.Tensor | None = None
+    experts: tuple[tuple[TensorInfo, str | None], ...] = ()  # MoE: (header, adapted module) per expert, stacked
 
     @property
     def nbytes(self) -> int:
@@ -104,32 +105,41 @@ def plan(index: dict[str, TensorInfo], names: gguf_arch.TensorNames, kind: str, 
     import gguf
 
     out, fallback = [], []
+    index, experts = gguf_arch.group_experts(index)
     gguf_names = {hf: names(hf) for hf in index}
     extra = gguf_arch.extra_tensors(names.arch)
     n_layers = names.arch.n_layers
     tied = "output.weight" not in gguf_names.values()
+    if experts and kind in KQUANTS:
+        raise ExportError(f"--gguf-type {kind}: llama.cpp's K-quant type mix for mixture-of-experts tensors is not "
+                          f"restated here; export {', '.join(TYPES)} (q8_0 for a small file).")
     for hf, info in [*index.items(), *((n, None) for n in extra)]:
         name = gguf_names[hf] if info is not None else hf
         if name is None:
             continue
         transposed = info is not None and len(info.shape) == 2 and names.transposed(hf)
         shape = tuple(extra[hf].shape) if info is None else info.shape[::-1] if transposed else info.shape
-        t = kind if len(shape) == 2 and not name.startswith(F32_NAMES) else "f32"
+        parts = tuple((e, _module(e.name, adapted)) for e in experts.get(hf, ()))
+        shape = (len(parts), *shape) if parts else shape
+        t = kind if len(shape) >= 2 and not name.startswith(F32_NAMES) else "f32"
         if t in KQUANTS:  # llama.cpp's per-tensor mix, then its fallback for rows not made of 256-weight blocks
             t = gguf_kquant.tensor_kind(kind, name, n_layers, tied, names.arch.name)
-            if gguf_kquant.row_fallback(t, shape[1]) != t:
-                t = gguf_kquant.row_fallback(t, shape[1])
+            if gguf_kquant.row_fallback(t, shape[-1]) != t:
+                t = gguf_kquant.row_fallback(t, shape[-1])
                 fallback.append(hf)
-        if len(shape) == 2 and shape[1] % gguf.GGML_QUANT_SIZES[_qtype(t)][0]:
+        if len(shape) >= 2 and shape[-1] % gguf.GGML_QUANT_SIZES[_qtype(t)][0]:
             t = "f16"
             fallback.append(hf)
-        module = hf[: -len(".weight")] if hf.endswith(".weight") and hf[: -len(".weight")] in adapted else None
-        out.append(Planned(info, name, t, module, shape, transposed, names.shift(hf), names.rows(hf),
-                           extra.get(hf)))
+        out.append(Planned(info, name, t, _module(hf, adapted), shape, transposed, names.shift(hf), names.rows(hf),
+                           extra.get(hf), parts))
     block = 256 if kind in KQUANTS else gguf.GGML_QUANT_SIZES[_qtype(kind)][0]
     notes = [f"{len(set(fallback))} weights (e.g. {fallback[0]}) have rows not a multiple of {block} and are stored in "
              f"a wider type than {kind}, as llama.cpp does"] if fallback else []
     return out, notes
+
+
+def _module(hf: str, adapted: set[str]) -> str | None:
+    return hf[: -len(".weight")] if hf.endswith(".weight") and hf[: -len(".weight")] in adapted else None
 
 
 def encode(W: torch.Tensor, kind: str) -> np.ndarray:
@@ -152,6 +162,9 @@ def _tensor(p: Planned, src, merge_base: str, frozen: torch.dtype, device: str,
     """The output tensor in fp32 (merged if adapted, dequant(Q) if in `roundtrip`; layout changes of gguf_arch)."""
     if p.value is not None:
         return p.value.float()
+    if p.experts:  # (n_expert, out, in): each expert merged as its own Linear
+        return torch.stack([_tensor(dataclasses.replace(p, info=e, module=m, experts=()), src, merge_base, frozen,
+                                    device, roundtrip) for e, m in p.experts])
     W = read_tensor(p.info)
     if p.transposed:  # (in, out) -> (out, in) before merging: lora B @ A is (out, in)
         W = W.t().contiguous()
@@ -168,6 +181,9 @@ def _write_blocks(writer, p: Planned, W: torch.Tensor) -> None:
     ~64 MB whatever the weight."""
     if W.dim() < 2:
         writer.write_tensor_data(encode(W, p.kind))
+        return
+    if W.dim() == 3:  # MoE experts: each (out, in) matrix encoded, then stacked
+        writer.write_tensor_data(np.stack([encode(x, p.kind) for x in W]))
         return
     parts = row_blocks(tuple(W.shape), 4, 64 << 20)
     first = encode(W[parts[0][0]:parts[0][1]], p.kind)
@@ -285,6 +301,11 @@ def write_adapter(src, base: Path, out: Path, kind: str, free_bytes) -> tuple[in
     if len(src.stack) > 1 or a.method != "lora":
         raise ExportError(f"--format gguf-adapter: llama.cpp adapters are plain LoRA; this is a "
                           f"{'+'.join(x.method for x in src.stack)} adapter. Export it merged: --format gguf.")
+    experts = [m for m in a.modules() if gguf_arch.EXPERT.match(f"{m}.weight")]
+    if experts:
+        raise ExportError(f"--format gguf-adapter: the adapter adapts single experts ({experts[0]} ...); llama.cpp's "
+                          "adapters hold one LoRA per stacked expert tensor, not written here. Export it merged: "
+                          "--format gguf.")
     tensors: list[tuple[str, torch.Tensor]] = []
     for m in a.modules():
         A, B = a.pair(m)

@@ -67,6 +67,9 @@ MODELS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
 }
 
 
+MOE = ("mixtral", "qwen2moe", "qwen3moe")
+
+
 def build(name: str, folder: Path, seed: int = 0, tokenizer=None, hidden: int = 64) -> Path:
     """Save the tiny random `name` model (weights std 0.3, norms and biases perturbed) and its tokenizer; `hidden`
     256 makes rows that fill K-quant blocks (MLP twice as wide)."""

@@ -160,3 +160,37 @@ def dequantized(src: Path, dst: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+# no leading space: llama.cpp's SentencePiece path always adds the dummy prefix, transformers' converted tokenizer
+# (Metaspace, prepend_scheme "first") not before a leading space; sentencepiece itself collapses the spaces
+TEXTS = ["hello world", "The capital of Veloria is", "two  spaces\nand ü 12345", "x"]
+
+
+@pytest.mark.parametrize("name, tokenizer", [("llama", "bpe"), ("llama", "sentencepiece"), ("gemma", "sentencepiece"),
+                                             ("gpt2", "bpe")])
+def test_text_prompts_tokenize_as_transformers(name, tokenizer, tmp_path):
+    """Prompts given to llama.cpp as text (its own tokenizer from our metadata: byte-level BPE with the GPT-2
+    pre-tokenizer, or SentencePiece as the `llama` vocabulary, BOS as the tokenizer config says) continue greedily
+    as transformers continues its tokenizer's ids of the same text."""
+    import shutil
+
+    from test_gguf_archs import sentencepiece_tokenizer
+
+    tok = sentencepiece_tokenizer(tmp_path / "tok") if tokenizer == "sentencepiece" else None
+    base = build(name, tmp_path / "base", tokenizer=tok)
+    if tok is not None:
+        shutil.copy(tmp_path / "tok" / "tokenizer.model", base / "tokenizer.model")
+    a = adapter(name, tmp_path / "a", base)
+    export(a, tmp_path / "m.gguf", gguf_type="f32")
+    from transformers import AutoTokenizer
+
+    hf_tok, model, banned = AutoTokenizer.from_pretrained(base), peft_merged(base, a), banned_of(base)
+    srv = server(tmp_path / "m.gguf")
+    for text in TEXTS:
+        r = srv.handle_completions({"prompt": text, "max_tokens": 6, "temperature": 0.0, "n_probs": 1,
+                                    "ignore_eos": True, "cache_prompt": False,
+                                    "logit_bias": [[i, False] for i in banned]})
+        ours = [s["id"] for s in r["choices"][0]["logprobs"]["content"]]
+        theirs, _ = hf_greedy(model, hf_tok(text).input_ids, banned)
+        assert ours == theirs[:len(ours)] and len(ours) == 6, (name, tokenizer, text)

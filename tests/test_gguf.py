@@ -269,14 +269,14 @@ def test_bad_input_exit_2_and_nothing_written(qlora_run, tiny_model, tmp_path, c
     other = tmp_path / "phi"
     shutil.copytree(tiny_model, other)
     config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps(config | {"architectures": ["Phi3ForCausalLM"]}))
+    (other / "config.json").write_text(json.dumps(config | {"architectures": ["DeepseekV3ForCausalLM"]}))
     existing = tmp_path / "have.gguf"
     existing.write_text("mine")
     out = tmp_path / "o.gguf"
     cases = [
         (["--gguf-type", "q3_x"], out, "not one of"),
         (["--format", "gguf-adapter", "--gguf-type", "q8_0"], out, "unquantized"),
-        (["--base", other], out, "Phi3ForCausalLM"),
+        (["--base", other], out, "DeepseekV3ForCausalLM"),
         ([], existing, "already exists"),
         ([], tmp_path, "is a folder"),
     ]

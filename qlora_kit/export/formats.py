@@ -323,8 +323,8 @@ def export(source: str | Path, opts: Options) -> Result:
             raise ExportError(f"--out {out} would overwrite the input {p}; choose another folder.")
     index = tensor_index(base) if base is not None else None
     notes = [] if index is not None else [f"not checked against the base ({src.base_name} is not available here)"]
-    if index is not None:
-        check_fits(src.stack, index, base)
+    if index is not None:  # GGUF: adapters see a Conv1D weight (GPT-2) as the (out, in) Linear training ran
+        check_fits(src.stack, gguf_export.fit_index(index, base) if opts.format.startswith("gguf") else index, base)
     return fmt.write(Job(Path(source), opts, src, base, index, notes, t0))
 
 

@@ -99,6 +99,38 @@ def kind_of(source: str) -> Kind:
     return "model"
 
 
+def loader_gaps(p: Path) -> list[str]:
+    """What a GGUF file holds that transformers' GGUF loader (5.x) drops when it builds the config: RoPE scaling,
+    an explicit head width, Gemma 2/3's query scale, Falcon's kv heads, GPT-2's position count. Reading such a file
+    would give wrong logits silently (or fail on shapes), so it is refused instead."""
+    try:
+        import gguf
+    except ImportError:
+        return []
+    r = gguf.GGUFReader(p)
+
+    def get(key):
+        f = r.fields.get(key)
+        return None if f is None else f.contents()
+    arch = get("general.architecture") or "?"
+    names = {t.name for t in r.tensors}
+    gaps = []
+    if get(f"{arch}.rope.scaling.type") not in (None, "none") or names & {"rope_freqs.weight",
+                                                                          "rope_factors_long.weight"}:
+        gaps.append("RoPE scaling")
+    heads, width, key_length = get(f"{arch}.attention.head_count"), get(f"{arch}.embedding_length"), \
+        get(f"{arch}.attention.key_length")
+    if key_length and heads and width and key_length != width // heads:
+        gaps.append(f"the head width {key_length}")
+    if arch in ("gemma2", "gemma3") and (key_length or 256) != 256:
+        gaps.append(f"{arch}'s query scale (it assumes 256)")
+    if arch == "falcon" and (get("falcon.attention.head_count_kv") or 1) > 1:
+        gaps.append("Falcon's kv head count")
+    if arch == "gpt2" and get("gpt2.context_length") != 1024:
+        gaps.append("GPT-2's position count")
+    return gaps
+
+
 def load_gguf(path: str, dtype: str, device: str) -> generate.Loaded:
     """A GGUF file through transformers' loader: every tensor dequantized to `dtype`, tokenizer from the file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,6 +141,11 @@ def load_gguf(path: str, dtype: str, device: str) -> generate.Loaded:
     if not p.is_file():
         raise ModelError(f"GGUF file not found: {p}. "
                          "Pass a .gguf file, a model folder, a run folder or a built-in name.")
+    gaps = loader_gaps(p)
+    if gaps:
+        raise ModelError(f"{p}: transformers' GGUF loader ignores {'; '.join(gaps)} and would compute another model "
+                         "from this file. Evaluate the merged export (export --format merged) instead; llama.cpp "
+                         "runs the GGUF itself.")
     try:
         model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=DTYPES[dtype])
         tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)

@@ -1,7 +1,9 @@
 """GGUF for llama.cpp, Ollama and LM Studio, written with the `gguf` package.
 
 writer.py    plan every tensor's GGUF type and size from headers; write the header, then tensors one at a time
-arch.py      Hugging Face architecture -> llama.cpp's: hparam keys, tensor names, q/k permutation
+arch.py      Hugging Face architecture -> llama.cpp's: hparam keys, tensor names, row reorders, MoE expert stacks
+families.py  the architectures llama.cpp runs: layout changes, extra hparams, refusals naming what is missing
+rope.py      RoPE base, rotated dims and scaling (linear, llama3 rope_freqs, YaRN, longrope factors)
 vocab.py     the tokenizer as GGUF metadata (tokens, types, merges, special ids, pre-tokenizer, chat template)
 kquant.py    K-quant types through llama.cpp's own ggml quantizer (the llama-cpp extra)
 ollama.py    the Modelfile beside a merged GGUF: chat template -> Ollama TEMPLATE, SYSTEM, stop tokens

@@ -10,10 +10,14 @@ called through ctypes on row blocks of the merged fp32 weight, so the export sta
              ffn_down of the layers use_more_bits picks (the first and last eighth, and every third in between)
     q5_k_m   the same with Q5_K
     q6_k     Q6_K everywhere
+    fused    attn_qkv (Phi-3, Falcon, GPT-NeoX, GPT-2): Q5_K in q4_k_m, Q6_K in q5_k_m
+    falcon   output Q8_0; ffn_down in q4_k_m: Q6_K in the first 1/16 of the layers, Q5_K where use_more_bits, else
+             Q4_K
     a row length that is not a multiple of 256 (QK_K) falls back as llama.cpp does: Q4_K -> Q5_0, Q5_K -> Q5_1,
     Q6_K -> Q8_0 (and to f16 when not a multiple of 32). 1-D tensors stay f32.
 
-Not restated (they do not apply to these models): the 70B attn_v bump, the MoE and imatrix rules.
+Not restated (they do not apply to these models): the 70B attn_v bump, the MoE and imatrix rules. Learned position
+embeddings (GPT-2) stay f32, as llama.cpp's quantizer leaves them.
 """
 
 from __future__ import annotations
@@ -47,12 +51,18 @@ def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def tensor_kind(kind: str, name: str, n_layers: int, tied: bool) -> str:
+def tensor_kind(kind: str, name: str, n_layers: int, tied: bool, arch: str = "llama") -> str:
     """The block type of one 2-D GGUF tensor (its llama.cpp name, e.g. blk.3.attn_v.weight) in a `kind` file."""
     base = KQUANTS[kind].base
     if name == "output.weight" or (tied and name == "token_embd.weight"):
-        return "q6_k"
-    if kind in ("q4_k_m", "q5_k_m") and (".attn_v." in name or ".ffn_down." in name):
+        return "q8_0" if arch == "falcon" else "q6_k"
+    medium = kind in ("q4_k_m", "q5_k_m")
+    if medium and ".attn_qkv." in name:
+        return "q5_k" if kind == "q4_k_m" else "q6_k"
+    if medium and arch == "falcon" and ".ffn_down." in name and kind == "q4_k_m":
+        i = int(name.split(".")[1])
+        return "q6_k" if i < n_layers // 16 else "q5_k" if use_more_bits(i, n_layers) else "q4_k"
+    if medium and (".attn_v." in name or ".ffn_down." in name):
         return "q6_k" if use_more_bits(int(name.split(".")[1]), n_layers) else base
     return base
 

@@ -2,7 +2,8 @@
 format the model was trained on.
 
 Ollama prompts with a Go template, not the Jinja chat template the GGUF carries, so the prompt format is
-translated: the chat template's family (ChatML, Llama 3) when the run trained through the chat template (chat
+translated: the chat template's family (ChatML, Llama 3, Gemma, Mistral/Llama 2 [INST], Phi-3, Command-R, Granite;
+recognised by its turn markers) when the run trained through the chat template (chat
 data, or alpaca data on a tokenizer with a template, see data.render_prompt); the Stanford Alpaca prompt for an
 alpaca run without one; the bare text for a text run. A default system prompt baked into a ChatML template (SmolLM2
 has one) becomes SYSTEM. The stop tokens are the end-of-turn tokens of that format plus the tokenizer's EOS. An
@@ -20,6 +21,31 @@ CHATML = ('{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end 
 LLAMA3 = ('{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}'
           '{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}'
           '<|start_header_id|>assistant<|end_header_id|>\n\n')
+
+GEMMA = ('{{- if .System }}<start_of_turn>user\n{{ .System }}<end_of_turn>\n{{ end }}'
+         '{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}user{{ end }}\n'
+         '{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n')
+INST = ('{{- range $i, $m := .Messages }}{{ if eq .Role "user" }}[INST] {{ if and $.System (eq $i 0) }}{{ $.System }}'
+        '\n\n{{ end }}{{ .Content }} [/INST]{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}{{ end }}')
+PHI3 = ('{{- if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}'
+        '{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n')
+COMMAND_R = ('{{- if .System }}<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>{{ .System }}<|END_OF_TURN_TOKEN|>{{ end }}'
+             '{{- range .Messages }}<|START_OF_TURN_TOKEN|>{{ if eq .Role "assistant" }}<|CHATBOT_TOKEN|>{{ else }}'
+             '<|USER_TOKEN|>{{ end }}{{ .Content }}<|END_OF_TURN_TOKEN|>{{ end }}'
+             '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>')
+GRANITE = ('{{- if .System }}<|start_of_role|>system<|end_of_role|>{{ .System }}<|end_of_text|>\n{{ end }}'
+           '{{- range .Messages }}<|start_of_role|>{{ .Role }}<|end_of_role|>{{ .Content }}<|end_of_text|>\n{{ end }}'
+           '<|start_of_role|>assistant<|end_of_role|>')
+# marker in the Jinja chat template -> (Ollama TEMPLATE, its stop strings); the first match wins
+FAMILIES = [
+    ("<|im_start|>", CHATML, ("<|im_end|>", "<|im_start|>")),
+    ("<|start_header_id|>", LLAMA3, ("<|eot_id|>",)),
+    ("<start_of_turn>", GEMMA, ("<end_of_turn>",)),
+    ("<|START_OF_TURN_TOKEN|>", COMMAND_R, ("<|END_OF_TURN_TOKEN|>",)),
+    ("<|start_of_role|>", GRANITE, ("<|end_of_text|>", "<|start_of_role|>")),
+    ("<|assistant|>", PHI3, ("<|end|>", "<|user|>")),
+    ("[INST]", INST, ("[INST]", "</s>")),
+]
 
 
 def modelfile_path(gguf_path: Path) -> Path:
@@ -47,11 +73,10 @@ def prompt_format(tok: dict[str, Any], recipe=None) -> tuple[str | None, list[st
         return _alpaca_template(), stop, system
     if not chat:
         return None, stop, system
-    if "<|im_start|>" in chat:
-        baked = re.search(r"<\|im_start\|>system\n(.+?)<\|im_end\|>", chat, re.S)
-        return CHATML, sorted(set(stop) | {"<|im_end|>", "<|im_start|>"}), system or (baked and baked.group(1))
-    if "<|start_header_id|>" in chat:
-        return LLAMA3, sorted(set(stop) | {"<|eot_id|>"}), system
+    for marker, template, stops in FAMILIES:
+        if marker in chat:
+            baked = re.search(r"<\|im_start\|>system\n(.+?)<\|im_end\|>", chat, re.S) if template is CHATML else None
+            return template, sorted(set(stop) | set(stops)), system or (baked and baked.group(1))
     return None, stop, system
 
 
@@ -65,7 +90,8 @@ def modelfile(gguf_name: str, tok: dict[str, Any], recipe=None) -> str:
     if template is not None:
         lines.append(f"TEMPLATE {_quote(template)}")
     else:
-        lines.append("# no TEMPLATE: the chat template is not one this exporter translates; Ollama uses the GGUF's")
+        lines.append("# no TEMPLATE: the chat template is not one this exporter translates (ChatML, Llama 3, Gemma, "
+                     "[INST], Phi-3, Command-R, Granite); Ollama uses the GGUF's own tokenizer.chat_template")
     if system:
         lines.append(f"SYSTEM {_quote(system)}")
     lines += [f'PARAMETER stop "{s}"' for s in stop]

@@ -10,8 +10,12 @@
                                 through the `gguf` package's SpecialVocab (tokenizer.json, tokenizer_config.json,
                                 chat_template.jinja), the reader llama.cpp's converter uses.
 
-Only byte-level BPE tokenizers are written; a SentencePiece-style one (Llama 2, Mistral v0.1 ...) is refused with
-a message, as is a pre-tokenizer whose regex llama.cpp has no name for.
+SentencePiece tokenizers (Llama 2, Mistral v0.1/v0.3, Gemma: a tokenizer.model beside a tokenizer.json that is not
+byte-level BPE) are written as llama.cpp's `llama` vocabulary, as its converter does: every piece of tokenizer.model
+with its score and type (NORMAL, UNKNOWN, CONTROL, UNUSED, BYTE), added tokens after it (CONTROL when special,
+USER_DEFINED otherwise), padding to vocab_size as [PAD<id>] (score -1000, UNUSED); pre "default", no merges, and
+add_space_prefix from what the model itself does to "a". Needs the `sentencepiece` package to read the model.
+A pre-tokenizer whose regex llama.cpp has no name for is refused with a message.
 """
 
 from __future__ import annotations
@@ -68,10 +72,14 @@ def add_tokenizer(writer: Any, base: Path, vocab_size: int) -> dict[str, Any]:
                           "Save the tokenizer with transformers (tokenizer.save_pretrained) into the base folder.")
     data = json.loads(path.read_text(encoding="utf-8"))
     model = data.get("model") or {}
+    if (base / "tokenizer.model").is_file() and (model.get("type") != "BPE" or model.get("byte_fallback")):
+        return _add_sentencepiece(writer, base, data, vocab_size)
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ExportError(f"GGUF export writes byte-level BPE tokenizers; this one is {model.get('type')}"
-                          f"{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}. "
-                          "Use --format merged and llama.cpp's convert_hf_to_gguf.py.")
+        raise ExportError(f"GGUF export writes byte-level BPE and SentencePiece tokenizers; this one is "
+                          f"{model.get('type')}"
+                          f"{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''} and "
+                          "the base has no tokenizer.model: put the SentencePiece tokenizer.model in the base folder, "
+                          "or use --format merged and llama.cpp's convert_hf_to_gguf.py.")
     pre = pre_tokenizer_name(data.get("pre_tokenizer"))
     tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
     types = {i: gguf.TokenType.NORMAL for i in tokens}
@@ -93,8 +101,62 @@ def add_tokenizer(writer: Any, base: Path, vocab_size: int) -> dict[str, Any]:
     _check_utf8("".join(texts), f"a token of {path.name}")
     _check_utf8(json.dumps(special.chat_template, ensure_ascii=False), f"the chat template in {base}")
     special.add_to_gguf(writer, quiet=True)
+    return _summary(special, texts)
+
+
+def _summary(special, texts: list[str]) -> dict[str, Any]:
     ids = special.special_token_ids
     stop = sorted({texts[ids["eos"]]} if "eos" in ids else set())
     template = special.chat_template if isinstance(special.chat_template, str) else None
     return {"bos": texts[ids["bos"]] if "bos" in ids else None, "eos": texts[ids["eos"]] if "eos" in ids else None,
             "chat_template": template, "stop": stop}
+
+
+def _add_sentencepiece(writer: Any, base: Path, data: dict, vocab_size: int) -> dict[str, Any]:
+    import gguf
+
+    try:
+        import sentencepiece
+    except ImportError:
+        raise ExportError("GGUF export of a SentencePiece tokenizer (tokenizer.model) reads it with the sentencepiece "
+                          "package: pip install sentencepiece.") from None
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(base / "tokenizer.model"))
+    T = gguf.TokenType
+    texts, scores, kinds = [], [], []
+    for i in range(sp.vocab_size()):
+        kind = (T.UNKNOWN if sp.is_unknown(i) else T.CONTROL if sp.is_control(i) else T.UNUSED if sp.is_unused(i)
+                else T.BYTE if sp.is_byte(i) else T.NORMAL)
+        texts.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        kinds.append(kind)
+    for added in sorted(data.get("added_tokens", []), key=lambda a: a["id"]):
+        i = added["id"]
+        kind = T.CONTROL if added.get("special") else T.USER_DEFINED
+        if i < len(texts):
+            if texts[i] != added["content"]:
+                raise ExportError(f"added token {added['content']!r} has id {i}, which tokenizer.model gives to "
+                                  f"{texts[i]!r}; tokenizer.json and tokenizer.model do not belong together.")
+            kinds[i] = kind if kinds[i] == T.NORMAL else kinds[i]
+        elif i == len(texts):
+            texts.append(added["content"])
+            scores.append(0.0)
+            kinds.append(kind)
+        else:
+            raise ExportError(f"added token {added['content']!r} has id {i}, past the {len(texts)} tokens before it.")
+    if len(texts) > vocab_size:
+        raise ExportError(f"the tokenizer has {len(texts)} tokens but the model's vocab_size is {vocab_size}; "
+                          "the base's tokenizer and config.json do not belong together.")
+    for i in range(len(texts), vocab_size):
+        texts.append(f"[PAD{i}]")
+        scores.append(-1000.0)
+        kinds.append(T.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(texts)
+    writer.add_token_scores(scores)
+    writer.add_token_types(kinds)
+    # SentencePiece's dummy prefix: "a" encodes as "▁a" when the model adds one (Llama 2), as "a" when not (Gemma)
+    writer.add_add_space_prefix(sp.id_to_piece(sp.encode("a")[0]).startswith("\u2581"))
+    special = gguf.SpecialVocab(base, load_merges=False, n_vocab=vocab_size)
+    special.add_to_gguf(writer, quiet=True)
+    return _summary(special, texts)

@@ -20,10 +20,12 @@ is checked first. Layout changes are in `gguf_arch` (q/k row permutation); token
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,6 +41,21 @@ from ...terms import lora_scale
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # what the gguf package writes itself
 ADAPTER_TYPES = ("f32", "f16", "bf16")
+# kept f32 whatever the type, as llama.cpp's converter does: learned positions, RoPE factor tensors
+F32_NAMES = ("position_embd.", "rope_freqs.", "rope_factors_")
+
+
+def display_name(base: Path) -> str:
+    """general.name: the base folder's name plus a suffix. transformers' GGUF loader reads a llama GGUF named
+    exactly "mistral" as a `mistral` architecture gguf-py does not have; no suffixed name can be that."""
+    return f"{base.name} (qlora-kit)"
+
+
+def fit_index(index: dict[str, TensorInfo], base: Path) -> dict[str, TensorInfo]:
+    """The base's tensor headers as the adapter sees them: Conv1D weights (stored (in, out)) as (out, in)."""
+    names = gguf_arch.TensorNames(gguf_arch.arch_of(json.loads((base / "config.json").read_text(encoding="utf-8"))))
+    return {n: dataclasses.replace(t, shape=t.shape[::-1]) if len(t.shape) == 2 and names.transposed(n) else t
+            for n, t in index.items()}
 
 
 def check_type(kind: str, adapter: bool) -> None:
@@ -66,17 +83,22 @@ def _qtype(kind: str):
 class Planned:
     """One tensor of the output file."""
 
-    info: TensorInfo  # the source tensor (its header)
+    info: TensorInfo | None  # the source tensor (its header), or None for a computed one (`value`)
     name: str  # GGUF name
     kind: str  # f32 | f16 | bf16 | q8_0 ...
     module: str | None  # adapted module (merged in), or None
-    heads: int | None  # rows to permute per head (llama q/k), or None
+    shape: tuple[int, ...]  # in Hugging Face (rows, cols) order, after any transpose
+    transposed: bool = False  # GPT-2 Conv1D: the checkpoint stores (in, out)
+    shift: float = 0.0  # added to the values (Gemma norms)
+    rows: Callable[[torch.Tensor], torch.Tensor] | None = None  # output-row reordering (gguf_arch.TensorNames.rows)
+    value: torch.Tensor | None = None
+    experts: tuple[tuple[TensorInfo, str | None], ...] = ()  # MoE: (header, adapted module) per expert, stacked
 
     @property
     def nbytes(self) -> int:
         import gguf
 
-        return int(np.prod(gguf.quants.quant_shape_to_byte_shape(self.info.shape, _qtype(self.kind))))
+        return int(np.prod(gguf.quants.quant_shape_to_byte_shape(self.shape, _qtype(self.kind))))
 
 
 def plan(index: dict[str, TensorInfo], names: gguf_arch.TensorNames, kind: str, adapted: set[str]
@@ -84,28 +106,41 @@ def plan(index: dict[str, TensorInfo], names: gguf_arch.TensorNames, kind: str, 
     import gguf
 
     out, fallback = [], []
+    index, experts = gguf_arch.group_experts(index)
     gguf_names = {hf: names(hf) for hf in index}
-    n_layers = len({n.split(".")[1] for n in gguf_names.values() if n and n.startswith("blk.")})
+    extra = gguf_arch.extra_tensors(names.arch)
+    n_layers = names.arch.n_layers
     tied = "output.weight" not in gguf_names.values()
-    for hf, info in index.items():
-        name = gguf_names[hf]
+    if experts and kind in KQUANTS:
+        raise ExportError(f"--gguf-type {kind}: llama.cpp's K-quant type mix for mixture-of-experts tensors is not "
+                          f"restated here; export {', '.join(TYPES)} (q8_0 for a small file).")
+    for hf, info in [*index.items(), *((n, None) for n in extra)]:
+        name = gguf_names[hf] if info is not None else hf
         if name is None:
             continue
-        t = kind if len(info.shape) == 2 else "f32"
+        transposed = info is not None and len(info.shape) == 2 and names.transposed(hf)
+        shape = tuple(extra[hf].shape) if info is None else info.shape[::-1] if transposed else info.shape
+        parts = tuple((e, _module(e.name, adapted)) for e in experts.get(hf, ()))
+        shape = (len(parts), *shape) if parts else shape
+        t = kind if len(shape) >= 2 and not name.startswith(F32_NAMES) else "f32"
         if t in KQUANTS:  # llama.cpp's per-tensor mix, then its fallback for rows not made of 256-weight blocks
-            t = gguf_kquant.tensor_kind(kind, name, n_layers, tied)
-            if gguf_kquant.row_fallback(t, info.shape[1]) != t:
-                t = gguf_kquant.row_fallback(t, info.shape[1])
+            t = gguf_kquant.tensor_kind(kind, name, n_layers, tied, names.arch.name)
+            if gguf_kquant.row_fallback(t, shape[-1]) != t:
+                t = gguf_kquant.row_fallback(t, shape[-1])
                 fallback.append(hf)
-        if len(info.shape) == 2 and info.shape[1] % gguf.GGML_QUANT_SIZES[_qtype(t)][0]:
+        if len(shape) >= 2 and shape[-1] % gguf.GGML_QUANT_SIZES[_qtype(t)][0]:
             t = "f16"
             fallback.append(hf)
-        module = hf[: -len(".weight")] if hf.endswith(".weight") and hf[: -len(".weight")] in adapted else None
-        out.append(Planned(info, name, t, module, names.heads_to_permute(hf)))
+        out.append(Planned(info, name, t, _module(hf, adapted), shape, transposed, names.shift(hf), names.rows(hf),
+                           extra.get(hf), parts))
     block = 256 if kind in KQUANTS else gguf.GGML_QUANT_SIZES[_qtype(kind)][0]
     notes = [f"{len(set(fallback))} weights (e.g. {fallback[0]}) have rows not a multiple of {block} and are stored in "
              f"a wider type than {kind}, as llama.cpp does"] if fallback else []
     return out, notes
+
+
+def _module(hf: str, adapted: set[str]) -> str | None:
+    return hf[: -len(".weight")] if hf.endswith(".weight") and hf[: -len(".weight")] in adapted else None
 
 
 def encode(W: torch.Tensor, kind: str) -> np.ndarray:
@@ -124,13 +159,20 @@ def encode(W: torch.Tensor, kind: str) -> np.ndarray:
 
 
 def _tensor(p: Planned, merge: Merge) -> torch.Tensor:
-    """The output tensor in fp32 (merged if adapted, dequant(Q) if in merge.roundtrip; q/k rows permuted for
-    llama)."""
-    W = merge.base(read_tensor(p.info), p.info.name, p.module)
+    """The output tensor in fp32 (merged if adapted, dequant(Q) if in merge.roundtrip; layout changes of
+    gguf_arch)."""
+    if p.value is not None:
+        return p.value.float()
+    if p.experts:  # (n_expert, out, in): each expert merged as its own Linear
+        return torch.stack([_tensor(dataclasses.replace(p, info=e, module=m, experts=()), merge) for e, m in p.experts])
+    W = read_tensor(p.info)
+    if p.transposed:  # (in, out) -> (out, in) before merging: lora B @ A is (out, in)
+        W = W.t().contiguous()
+    W = merge.base(W, p.info.name, p.module)
     if p.module is not None:  # every method of the stack, in order (methods.merge_rows), as --format merged
         W = merged_weight(W, merge.src.stack, p.module, torch.float32)
-    W = W.float()
-    return gguf_arch.permute_rows(W, p.heads) if p.heads else W
+    W = W.float() + p.shift if p.shift else W.float()
+    return p.rows(W) if p.rows is not None else W
 
 
 def _write_blocks(writer, p: Planned, W: torch.Tensor) -> None:
@@ -138,6 +180,9 @@ def _write_blocks(writer, p: Planned, W: torch.Tensor) -> None:
     ~64 MB whatever the weight."""
     if W.dim() < 2:
         writer.write_tensor_data(encode(W, p.kind))
+        return
+    if W.dim() == 3:  # MoE experts: each (out, in) matrix encoded, then stacked
+        writer.write_tensor_data(np.stack([encode(x, p.kind) for x in W]))
         return
     parts = row_blocks(tuple(W.shape), 4, 64 << 20)
     first = encode(W[parts[0][0]:parts[0][1]], p.kind)
@@ -193,13 +238,13 @@ def write_model(merge: Merge, base: Path, index: dict[str, TensorInfo], out: Pat
             writer = gguf.GGUFWriter(None, arch.name)
             try:
                 writer.add_type(gguf.GGUFType.MODEL)
-                writer.add_name(base.name)
+                writer.add_name(display_name(base))
                 writer.add_file_type(_file_type(store))
                 writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
                 gguf_arch.add_hparams(writer, arch, config["vocab_size"])
                 tok = gguf_vocab.add_tokenizer(writer, base, config["vocab_size"])
                 for p in tensors:
-                    _add_info(writer, p.name, p.info.shape, p.kind, p.nbytes)
+                    _add_info(writer, p.name, p.shape, p.kind, p.nbytes)
                 writer.write_header_to_file(path=f16 or tmp)
                 writer.write_kv_data_to_file()
                 writer.write_ti_data_to_file()
@@ -247,14 +292,19 @@ def write_adapter(src, base: Path, out: Path, kind: str) -> tuple[int, list[str]
     if len(src.stack) > 1 or a.method != "lora":
         raise ExportError(f"--format gguf-adapter: llama.cpp adapters are plain LoRA; this is a "
                           f"{'+'.join(x.method for x in src.stack)} adapter. Export it merged: --format gguf.")
+    experts = [m for m in a.modules() if gguf_arch.EXPERT.match(f"{m}.weight")]
+    if experts:
+        raise ExportError(f"--format gguf-adapter: the adapter adapts single experts ({experts[0]} ...); llama.cpp's "
+                          "adapters hold one LoRA per stacked expert tensor, not written here. Export it merged: "
+                          "--format gguf.")
     tensors: list[tuple[str, torch.Tensor]] = []
     for m in a.modules():
         A, B = a.pair(m)
         r = A.shape[0]
         fold = a.module_scaling(m) / lora_scale(a.alpha, r, rslora=False)  # llama.cpp applies alpha / r
         B = B.float() * fold if fold != 1.0 else B.float()
-        heads = names.heads_to_permute(f"{m}.weight")
-        B = gguf_arch.permute_rows(B, heads) if heads else B
+        rows = names.rows(f"{m}.weight")
+        B = rows(B) if rows is not None else B
         name = names(f"{m}.weight")
         tensors += [(f"{name}.lora_a", A.float()), (f"{name}.lora_b", B)]
     nbytes = sum(t.numel() * (4 if kind == "f32" else 2) for _, t in tensors)
@@ -266,7 +316,7 @@ def write_adapter(src, base: Path, out: Path, kind: str) -> tuple[int, list[str]
             writer.add_type(gguf.GGUFType.ADAPTER)
             writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
             writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(a.alpha))
-            writer.add_name(f"{base.name} LoRA")
+            writer.add_name(f"{display_name(base)} LoRA")
             for name, t in tensors:
                 _add_info(writer, name, tuple(t.shape), kind, t.numel() * (4 if kind == "f32" else 2))
             writer.write_header_to_file(path=tmp)

@@ -1,0 +1,124 @@
+"""Tiny random models (hidden 64, 2 layers) of every dense architecture GGUF export writes, with the byte-level BPE
+tokenizer of conftest, a random LoRA adapter over each one's linear layers, and PEFT's merge of the two (the
+reference: PEFT and transformers, not our merge). Shared by tests/test_gguf_archs.py and tests/test_llama_cpp.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from conftest import make_tokenizer
+
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=256)
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+LINEAR = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+# llama.cpp picks longrope's factors by its context (the tests' server: 256 tokens), transformers by the sequence
+# length: an original context of 256 keeps both on the short factors; the attention factor still applies (s = 4)
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256,
+            "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+            "short_factor": [1.0, 1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0]}
+
+# name -> (model_type, config overrides, LoRA target module names)
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTN_MLP = (*ATTN, "gate_proj", "up_proj", "down_proj")
+MODELS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
+    "llama": ("llama", {"num_key_value_heads": 2}, ATTN_MLP),
+    "llama-llama3-rope": ("llama", {"num_key_value_heads": 2, "rope_parameters": LLAMA3}, ATTN_MLP),
+    "llama-linear-rope": ("llama", {"num_key_value_heads": 2, "rope_parameters": LINEAR}, ATTN_MLP),
+    "mistral": ("mistral", {"num_key_value_heads": 2}, ATTN_MLP),
+    "qwen2": ("qwen2", {"num_key_value_heads": 2, "tie_word_embeddings": True}, ATTN_MLP),
+    "qwen2-yarn-rope": ("qwen2", {"num_key_value_heads": 2, "rope_parameters": YARN}, ATTN_MLP),
+    "qwen3": ("qwen3", {"num_key_value_heads": 2, "head_dim": 32}, ATTN_MLP),
+    "gemma": ("gemma", {"num_key_value_heads": 1, "head_dim": 16}, ATTN_MLP),
+    "gemma2": ("gemma2", {"num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
+                          "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}, ATTN_MLP),
+    "gemma3": ("gemma3_text", {"num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16}, ATTN_MLP),
+    "phi3": ("phi3", {"num_key_value_heads": 4}, ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    "phi3-longrope": ("phi3", {"num_key_value_heads": 4, "rope_parameters": LONGROPE,
+                               "original_max_position_embeddings": 256, "max_position_embeddings": 1024},
+                      ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    "phi2": ("phi", {"num_key_value_heads": 4}, ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),
+    "falcon": ("falcon", {"new_decoder_architecture": False, "multi_query": True, "parallel_attn": True,
+                          "bias": False, "alibi": False}, ("query_key_value", "dense", "dense_h_to_4h",
+                                                           "dense_4h_to_h")),
+    "falcon-new-decoder": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "parallel_attn": True,
+                                      "bias": False, "alibi": False},
+                           ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
+    "stablelm": ("stablelm", {"num_key_value_heads": 4, "use_qkv_bias": True}, ATTN_MLP),
+    "starcoder2": ("starcoder2", {"num_key_value_heads": 2}, ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc",
+                                                             "c_proj")),
+    "olmo2": ("olmo2", {"num_key_value_heads": 2}, ATTN_MLP),
+    "cohere": ("cohere", {"num_key_value_heads": 2, "logit_scale": 0.25}, ATTN_MLP),
+    "granite": ("granite", {"num_key_value_heads": 2, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                            "attention_multiplier": 0.2, "logits_scaling": 2.0}, ATTN_MLP),
+    "gptneox": ("gpt_neox", {}, ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
+    # MoE: LoRA on attention (transformers fuses the experts into parameters PEFT's LoRA does not target)
+    "mixtral": ("mixtral", {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2}, ATTN),
+    "qwen2moe": ("qwen2_moe", {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+                               "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64}, ATTN),
+    "qwen3moe": ("qwen3_moe", {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+                               "moe_intermediate_size": 32, "norm_topk_prob": True}, ATTN),
+    "gpt2": ("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
+             ("c_attn", "c_proj", "c_fc")),
+}
+
+
+MOE = ("mixtral", "qwen2moe", "qwen3moe")
+
+
+def build(name: str, folder: Path, seed: int = 0, tokenizer=None, hidden: int = 64) -> Path:
+    """Save the tiny random `name` model (weights std 0.3, norms and biases perturbed) and its tokenizer; `hidden`
+    256 makes rows that fill K-quant blocks (MLP twice as wide)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, overrides, _ = MODELS[name]
+    tok = tokenizer or make_tokenizer()
+    kw = {} if model_type == "gpt2" else dict(COMMON)
+    if model_type == "gpt2":
+        kw["vocab_size"] = len(tok)
+    wide = {} if hidden == 64 else {"n_embd": hidden} if model_type == "gpt2" else {
+        "hidden_size": hidden, "intermediate_size": 2 * hidden}
+    config = AutoConfig.for_model(model_type, **{"vocab_size": len(tok), **kw, **overrides, **wide},
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3) if p.dim() == 2 else p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def adapter(name: str, folder: Path, base: Path, r: int = 4, seed: int = 1) -> Path:
+    """A random LoRA (std 0.1 A and B) on every target module of `name`, saved in PEFT's format. GPT-2's Conv1D
+    modules get A (r, in), B (out, r) as for a Linear (training loads Conv1D as Linear; PEFT sets fan_in_fan_out
+    itself when it loads the adapter onto a Conv1D)."""
+    from qlora_kit.adapters import peft_format
+    from qlora_kit.export.shards import tensor_index
+
+    targets = MODELS[name][2]
+    conv1d = MODELS[name][0] == "gpt2"
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for hf, info in tensor_index(base).items():
+        if hf.endswith(".weight") and len(info.shape) == 2 and hf.split(".")[-2] in targets:
+            m = hf[: -len(".weight")]
+            out, inp = info.shape[::-1] if conv1d else info.shape
+            tensors[f"{m}.lora_A.weight"] = torch.randn(r, inp, generator=g) * 0.1
+            tensors[f"{m}.lora_B.weight"] = torch.randn(out, r, generator=g) * 0.1
+    return peft_format.save_adapter(folder, tensors, r=r, alpha=8.0, dropout=0.0, rslora=False, base_model=str(base))
+
+
+def peft_merged(base: Path, adapter_dir: Path):
+    """transformers' model of `base` with PEFT's merge of the adapter (fp32, eval)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()

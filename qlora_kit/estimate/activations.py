@@ -12,39 +12,63 @@ from qlora_kit.terms import FOUR_BIT
 
 if TYPE_CHECKING:
     from qlora_kit.estimate.settings import EstimateConfig
-    from qlora_kit.estimate.shapes import ModelShapes
+    from qlora_kit.estimate.shapes import LinearShape, ModelShapes
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
+ATTENTION_PREFIXES = ("self_attn.", "self_attention.", "attention.", "attn.")
 RNG_STATE_BYTES = 5056  # torch.get_rng_state(): the CPU generator's Mersenne-Twister state, uint8
 
 
+def layer_linears(s: ModelShapes) -> tuple[list[LinearShape], list[LinearShape]]:
+    """(attention, MLP) Linears of ONE representative decoder layer: in a mixture of experts a sparse layer (its
+    routed experts, its shared expert), else any layer (they are alike)."""
+    attn = [lin for lin in s.linears if lin.path.startswith(ATTENTION_PREFIXES)]
+    mlp = [lin for lin in s.linears if lin not in attn and (s.moe is None or "expert" in lin.path)]
+    return attn, mlp
+
+
+def _groups(lins: list[LinearShape]) -> dict[str, list[LinearShape]]:
+    out: dict[str, list[LinearShape]] = {}
+    for lin in lins:
+        out.setdefault(lin.input_group, []).append(lin)
+    return out
+
+
+def norm_bytes(s: ModelShapes, c: int, T: int) -> int:
+    """One full-width norm: lean RMSNorm saves its (T, H) input in c + rsqrt (T, 1) fp32; a LayerNorm also its
+    mean (T, 1) fp32."""
+    return c * T * s.hidden + (8 if s.layout.norm == "layer" else 4) * T
+
+
 def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...]) -> dict[str, int]:
-    """Bytes autograd saves inside ONE decoder layer for the whole batch (Llama layout; SDPA flash/efficient
-    kernel with GQA inside the kernel, no padding mask; its output is laid out (B, S, nh, hd), so o_proj's input
-    is a view of it). Exact against saved-tensor hooks on the CPU (tests/test_estimate.py). c: compute bytes."""
-    T, c, H, r = cfg.batch * cfg.seq, cfg.compute_bytes, s.hidden, cfg.rank
-    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-
-    def lora_inputs(modules: tuple[str, ...], width: int, shared: bool = False) -> int:
-        return inputs_saved(cfg, adapted, modules, T, width, shared)
-
-    norm = c * T * H + 4 * T  # lean_norm.py: the (B, S, H) input in c + rsqrt (B, S, 1) fp32
-    terms = {
-        "attn_norm": norm,  # its input is the layer input: under checkpointing the kept one (activation_terms)
-        "qkv_inputs": lora_inputs(("q_proj", "k_proj", "v_proj"), H),  # (B, S, H) normed hidden
-        "q_k_v": c * T * (q + 2 * kv),  # (B, nh, S, hd) q and (B, nkv, S, hd) k, v after RoPE, saved by SDPA
-        "attn_output": c * T * q + 4 * cfg.batch * s.heads * cfg.seq,  # (B, nh, S, hd) c + logsumexp (B, nh, S) fp32
-        "o_input": lora_inputs(("o_proj",), q, shared=True),  # (B, S, nh*hd) a view of the SDPA output
-        "mlp_norm": norm,  # post-attention RMSNorm: the residual stream after attention, c, + rsqrt
-        **mlp_saved(s, cfg, adapted, T),
-        "lora_hidden": c * T * r * sum(m in adapted for m in ATTENTION),  # (B, S, r) per adapter: A's output
-        "attn_methods": methods_saved(s, cfg, adapted, ATTENTION, T),
-    }
+    """Bytes autograd saves inside ONE decoder layer for the whole batch (SDPA flash/efficient kernel with GQA
+    inside the kernel, no padding mask; its output is laid out (B, S, nh, hd), so the output projection's input is
+    a view of it). Exact against saved-tensor hooks on the CPU for the Llama layout (tests/test_estimate.py)."""
+    T, c, r = cfg.batch * cfg.seq, cfg.compute_bytes, cfg.rank
+    lay = s.layout
+    attn, _ = layer_linears(s)
+    out_proj = attn[-1]  # o_proj / dense / c_proj: reads the attention's output
+    norm = norm_bytes(s, c, T)
+    terms = {"attn_norm": norm}  # its input is the layer input: under checkpointing the kept one (activation_terms)
+    for group, lins in _groups(attn).items():
+        if lins[0] is out_proj:
+            continue
+        key = "qkv_inputs" if lins[0].in_features == s.hidden else f"{group}_inputs"
+        terms[key] = terms.get(key, 0) + inputs_saved(cfg, adapted, tuple(lin.name for lin in lins), T,
+                                                      lins[0].in_features)
+    terms.update({
+        "q_k_v": c * T * (lay.q + lay.k + lay.v),  # (B, nh, S, hd) q, k, v after RoPE, saved by SDPA
+        "attn_output": c * T * lay.q + 4 * cfg.batch * s.heads * cfg.seq,  # (B, S, nh*hd) c + logsumexp fp32
+        "o_input": inputs_saved(cfg, adapted, (out_proj.name,), T, out_proj.in_features, shared=True),
+    })
+    if lay.norms_per_layer > 1:  # the norm before the MLP (and Gemma's post norms): their inputs, c, + rsqrt
+        terms["mlp_norm"] = (lay.norms_per_layer - 1) * norm
+    terms.update(mlp_saved(s, cfg, adapted, T))
+    terms["lora_hidden"] = c * T * r * sum(lin.name in adapted for lin in attn)  # (B, S, r) per adapter: A's output
+    terms["attn_methods"] = methods_saved(s, cfg, adapted, tuple(lin.name for lin in attn), T)
     if tiled(cfg):  # the tiled MLP saves only its input x (B, S, H), the normed hidden the adapters read
-        terms.update(gate_up_inputs=c * T * H, mlp_hidden=0, down_input=0, mlp_lora_hidden=0, mlp_methods=0)
-    if s.model_type == "qwen3":
-        terms["qk_norms"] = c * T * (q + kv) + 4 * T * (s.heads + s.kv_heads)  # q_norm, k_norm: lean, c + rsqrt
+        terms.update(gate_up_inputs=c * T * s.hidden, mlp_hidden=0, down_input=0, mlp_lora_hidden=0, mlp_methods=0)
+    if lay.qk_norm:  # q_norm, k_norm: lean, c + rsqrt per normalised vector
+        terms["qk_norms"] = c * T * lay.qk_norm + 4 * T * (lay.qk_norm_vectors or s.heads + s.kv_heads)
     return terms
 
 
@@ -53,15 +77,31 @@ def tiled(cfg: EstimateConfig) -> bool:
 
 
 def mlp_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: int) -> dict[str, int]:
-    """What autograd saves in one Llama MLP for T tokens (the whole batch, or one tile of a tiled MLP)."""
-    c, H, I = cfg.compute_bytes, s.hidden, s.intermediate
-    return {
-        "gate_up_inputs": inputs_saved(cfg, adapted, ("gate_proj", "up_proj"), T, H),  # (B, S, H) normed
-        "mlp_hidden": 3 * c * T * I,  # (B, S, I) x3: gate output (saved by SiLU), SiLU output and up output (by mul)
-        "down_input": inputs_saved(cfg, adapted, ("down_proj",), T, I),  # (B, S, I) silu(gate) * up
-        "mlp_lora_hidden": c * T * cfg.rank * sum(m in adapted for m in MLP),  # (B, S, r) A's outputs
-        "mlp_methods": methods_saved(s, cfg, adapted, MLP, T),
+    """What autograd saves in one MLP for T tokens (the whole batch, or one tile of a tiled MLP). Gated: the gate
+    output (saved by the activation), its output and the up output (by the product), (T, I) c each; plain
+    (fc1 -> act -> fc2): fc1's output, saved by the activation. A mixture of experts runs each token through
+    top_k experts: their inputs are gathered copies (top_k x (T, H)), their intermediates top_k x (T, I_e); the
+    router's (T, E) fp32 probabilities are kept for the weighted sum."""
+    c, H = cfg.compute_bytes, s.hidden
+    _, mlp = layer_linears(s)
+    I = s.active_intermediate
+    groups = _groups(mlp)
+    ins = [lins for lins in groups.values() if lins[0].in_features == H]
+    outs = [lins for lins in groups.values() if lins[0].in_features != H]
+    k = s.moe.top_k if s.moe else 1
+    terms = {
+        "gate_up_inputs": sum(inputs_saved(cfg, adapted, tuple(lin.name for lin in lins), T * (
+            k if lins[0].experts > 1 else 1), H) for lins in ins),
+        "mlp_hidden": (3 if s.layout.gated else 1) * c * T * I,
+        "down_input": sum(inputs_saved(cfg, adapted, tuple(lin.name for lin in lins), T * (
+            k if lins[0].experts > 1 else 1), lins[0].in_features) for lins in outs),
+        "mlp_lora_hidden": c * T * cfg.rank * sum(lin.name in adapted for lin in mlp),  # (B, S, r) A's outputs
+        "mlp_methods": methods_saved(s, cfg, adapted, tuple(lin.name for lin in mlp), T),
     }
+    if s.moe:  # the gathered inputs of the experts (saved by their matmuls whether adapted or not), their
+        # outputs (saved by the routing-weight product) and the router's probabilities
+        terms["expert_routing"] = 2 * c * k * T * H + 4 * T * s.moe.experts
+    return terms
 
 
 def inputs_saved(cfg: EstimateConfig, adapted: tuple[str, ...], modules: tuple[str, ...], T: int, width: int,
@@ -94,7 +134,8 @@ def methods_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...],
     of the parameter itself: nothing."""
     c, total = cfg.compute_bytes, 0
     cast = c if c != 4 else 0
-    for lin in s.linears:
+    attn, mlp = layer_linears(s)
+    for lin in attn + mlp:
         if lin.name not in modules:
             continue
         if cfg.dora and lin.name in adapted:
@@ -128,7 +169,8 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
         # dropout_replay.py: backward rebuilds one adapter's dropped input at a time, (T, in) c; on the CPU from
         # its mask, next to the noise (T, in) c; a tiled MLP's adapters do it per tile.
         n = cfg.batch * cfg.mlp_chunk if tiled(cfg) else T
-        widths = [(n if lin.name in MLP else T) * lin.in_features for lin in s.linears if lin.name in adapted]
+        attn, mlp = layer_linears(s)
+        widths = [(n if lin in mlp else T) * lin.in_features for lin in attn + mlp if lin.name in adapted]
         replay = (2 if cfg.device == "cpu" else 1) * c * max(widths, default=0)
         # An adapter's backward runs before its base Linear's (autograd takes the later-built branch first), so
         # this workspace and the base's dequantization workspace are never alive together: the larger one counts.
@@ -139,7 +181,7 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
             # replaying: down_proj's adapter replays before those gradients exist, gate's and up's after the
             # intermediates are freed. So the workspace competes with the two (B, S, I) gradients, not adds to
             # them (measured: the seq 4096 / 8192 grid cells were over by exactly this term when it was added).
-            exclusive += c * T * 2 * s.intermediate
+            exclusive += c * T * 2 * s.active_intermediate
         terms["dropout_replay"] = max(0, replay - exclusive)
     if cfg.device == "cpu" and tiled(cfg):  # each tiled MLP's node keeps torch.get_rng_state(), a 5,056-byte
         # CPU tensor (on CUDA that tensor lives in host memory, not on the device), until the step's end
@@ -148,10 +190,12 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
         # One tile's MLP recomputed and differentiated at a time: its saved set and (B, N, I) x2 gradients, plus
         # the full-size (B, S, H) input gradient the tiles are written into.
         n = cfg.batch * cfg.mlp_chunk
-        terms["mlp_tile"] = sum(mlp_saved(s, cfg, adapted, n).values()) + c * n * 2 * s.intermediate + c * T * s.hidden
+        terms["mlp_tile"] = (sum(mlp_saved(s, cfg, adapted, n).values()) + c * n * 2 * s.active_intermediate
+                             + c * T * s.hidden)
         terms["backward_grads"] = c * T * 2 * s.hidden  # in-flight grads: (B,S,H) x2
     else:
-        terms["backward_grads"] = c * T * 2 * (s.hidden + s.intermediate)  # in-flight: (B,S,H) x2, (B,S,I) x2
+        # in-flight: (B,S,H) x2, (B,S,I) x2
+        terms["backward_grads"] = c * T * 2 * (s.hidden + s.active_intermediate)
     return terms
 
 
@@ -167,10 +211,12 @@ def logits_terms(s: ModelShapes, cfg: EstimateConfig) -> dict[str, int]:
     chunk = min(cfg.loss_chunk, N)
     # The final RMSNorm runs inside each chunk (lean_norm.py, deferred): its input (C, H) c + rsqrt (C, 1) fp32
     # live only while that chunk is (re)computed.
-    return {"final_norm": chunk * (c * s.hidden + 4),
+    return {"final_norm": chunk * (c * s.hidden + (8 if s.layout.norm == "layer" else 4)),
             "final_hidden": c * N * s.hidden,  # (N, H) c: label positions before the final norm, the chunks' input
             # its gradient, (N, H) c: the chunks' backward accumulate their slices into one buffer while h is alive
             "final_hidden_grad": c * N * s.hidden,
             # (C, V) fp32 x3, live together in a chunk's backward: the recomputed log-softmax output (saved by
             # cross_entropy), the nll_loss gradient and the log-softmax gradient (F.cross_entropy's backward).
-            "chunk_logits": 3 * 4 * chunk * s.vocab}
+            "chunk_logits": 3 * 4 * chunk * s.vocab,
+            # Gemma 2's tanh(logits / cap) * cap on each chunk: tanh saves its (C, V) fp32 output for backward
+            **({"softcap": 4 * chunk * s.vocab} if s.layout.final_logit_softcapping else {})}

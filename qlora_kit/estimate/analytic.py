@@ -40,8 +40,8 @@ from qlora_kit.errors import ConfigError, ModelError
 from qlora_kit.estimate.activations import (  # noqa: F401 (layer_activations, mlp_saved: re-exported for tests)
     activation_terms, label_tokens, layer_activations, logits_terms, mlp_saved, tiled)
 from qlora_kit.estimate.settings import EstimateConfig  # noqa: F401 (the estimate's input, re-exported)
-from qlora_kit.estimate.shapes import (  # noqa: F401 (re-exported: callers read shapes through the estimate)
-    LinearShape, ModelShapes, count_params)
+from qlora_kit.estimate.count import KNOWN_TYPES, count_params  # noqa: F401 (re-exported)
+from qlora_kit.estimate.shapes import LinearShape, ModelShapes  # noqa: F401 (callers read shapes through here)
 from qlora_kit.estimate.builtins import BUILTIN_CONFIGS
 from qlora_kit.terms import NESTED_BLOCKSIZE, GiB
 

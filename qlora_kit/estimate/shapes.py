@@ -1,13 +1,10 @@
-"""Parameter shapes of a decoder from its config.json dict: every quantizable Linear (and expert) of the decoder
-layers, and the parameters that stay unquantized. The per-family rules live in families.py (dense) and
-families_moe.py (mixture of experts); this module holds the shapes and the dispatch."""
+"""Parameter shapes of a decoder: every quantizable Linear (and expert) of the decoder layers, the parameters that
+stay unquantized, and the layout facts activation memory depends on. count.py builds them from a config.json dict
+by the per-family rules of families.py (dense) and families_moe.py (mixtures of experts)."""
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
-
-from ..errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -95,33 +92,3 @@ class ModelShapes:
         if self.moe is None:
             return self.intermediate
         return self.moe.top_k * self.moe.intermediate + self.moe.shared
-
-
-_NULL_MEANS_NONE = ("q_lora_rank",)
-
-
-def _families() -> dict:
-    from .families import DENSE
-    from .families_moe import MOE
-
-    return {**DENSE, **MOE}
-
-
-def count_params(config: dict) -> ModelShapes:
-    """Shapes from a config.json dict; tied embeddings count once. Keys absent from the file take the defaults
-    of transformers' own config class for that model_type."""
-    model_type = config.get("model_type") or "llama"
-    families = _families()
-    if model_type not in families:
-        near = difflib.get_close_matches(str(model_type), families, n=1)
-        hint = f" (did you mean {near[0]}?)" if near else ""
-        raise ModelError(f"model_type {model_type!r} is not a layout estimate knows{hint}; its memory would be "
-                         f"miscounted. Known: {', '.join(families)}")
-    rule, required = families[model_type]
-    missing = [k for k in required if not isinstance(config.get(k), int)]
-    if missing:
-        raise ModelError(f"config.json lacks {', '.join(missing)}: estimate needs them for a {model_type} model "
-                         "(a config.json saved by transformers has them)")
-    # null means "the default" for every key but those where null is a layout: DeepSeek-V2-Lite's q_lora_rank
-    # null is a plain q_proj instead of the q_a/q_b latent pair
-    return rule({k: v for k, v in config.items() if v is not None or k in _NULL_MEANS_NONE})

@@ -229,26 +229,12 @@ class StepTagger:
 
 
 def estimate_config(recipe, device: str):
-    """The estimate's settings for a recipe: the same numbers the trainer was given."""
+    """The estimate's settings for a recipe (estimate/recipe.py's one mapping), with the LoRA dropout mode this
+    process runs."""
     from ..adapters.lora import LoRALinear
-    from ..estimate.analytic import EstimateConfig
+    from ..estimate.recipe import from_recipe
 
-    lo, t = recipe.lora, recipe.train
-    return EstimateConfig(quant=recipe.quant.type, blocksize=recipe.quant.blocksize,
-                          double_quant=recipe.quant.double_quant, rank=lo.r,
-                          targets=lo.targets if isinstance(lo.targets, str) else tuple(lo.targets),
-                          optimizer=t.optimizer, batch=t.batch_size, seq=recipe.data.max_length,
-                          checkpointing=t.gradient_checkpointing, device=device, loss_chunk=t.loss_chunk,
-                          compute_bytes=2 if recipe.quant.compute_dtype == "bf16" else 4, lora_dropout=lo.dropout,
-                          replay_dropout=LoRALinear.replay_dropout, offload_activations=t.offload_activations,
-                          mlp_chunk=t.mlp_chunk, dora=lo.dora,
-                          ia3_outputs=_names(recipe.ia3.outputs) if recipe.ia3 else (),
-                          ia3_inputs=_names(recipe.ia3.inputs) if recipe.ia3 else ())
-
-
-def _names(targets) -> tuple[str, ...]:
-    """ia3.outputs / ia3.inputs as module names (a regex string is passed whole: the estimate names it if unknown)."""
-    return (targets,) if isinstance(targets, str) else tuple(targets)
+    return from_recipe(recipe, device, replay_dropout=LoRALinear.replay_dropout)
 
 
 def measure(cfg: MeasureConfig) -> dict:

@@ -143,3 +143,60 @@ def test_unknown_layout_names_the_known_ones():
         me.count_params({"model_type": "qwen3-moe"})
     with pytest.raises(me.ModelError, match="lacks n_layer, n_head, vocab_size"):
         me.count_params({"model_type": "gpt2", "n_embd": 768})
+
+
+# The dense architectures as their tiny models train: hidden 64, MLP 192, 4 heads, 2 kv heads.
+DENSE = {name: CASES[name] for name in ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2",
+                                        "gemma3_text", "olmo2", "cohere", "stablelm", "phi3", "phi", "starcoder2",
+                                        "falcon", "gpt_neox")}
+
+
+def _saved_by_decoder(name: str, layers: int, B: int, S: int):
+    """Bytes autograd saves in the decoder's forward of a QLoRA model (nf4 base, LoRA r 8 on all-linear, frozen
+    base, lean norms: as prepare() builds it), and the config."""
+    from qlora_kit.adapters.lora import LoraSpec, inject
+    from qlora_kit.lowmem.lean_norm import make_lean
+    from qlora_kit.quant.bnb import QuantLinear, QuantSpec
+
+    cls, extra = DENSE[name]
+    base = {k: v for k, v in TINY.items() if k != "num_key_value_heads" or cls is not T.GPTNeoXConfig}
+    if cls is T.FalconConfig:
+        base = {}
+    config = cls(**{**base, **extra, "num_hidden_layers": layers,
+                    **({"intermediate_size": 192} if cls is not T.FalconConfig else {})})
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for n, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear) and child is not head:
+                bias = child.bias.data if child.bias is not None else None
+                setattr(parent, n, QuantLinear.from_weight(child.weight.data, QuantSpec("nf4", 64, True), bias))
+    inject(model, "all-linear", LoraSpec(r=8, alpha=16, dropout=0.05))  # replayed masks: 1 byte each
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    make_lean(model)
+    model.train()
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.get_decoder()(input_ids=torch.randint(0, 128, (B, S)))
+    frozen = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    return sum(n for ptr, n in saved.items() if ptr not in frozen), config
+
+
+@pytest.mark.parametrize("name", list(DENSE))
+def test_layer_activations_equal_saved_tensors_every_dense_layout(name):
+    """One decoder layer's saved tensors (a 2-layer decoder's minus a 1-layer decoder's, so embeddings, masks and
+    rotary tables cancel) equal layer_activations exactly: norms lean or transformers' own (fp32 copies), LayerNorm
+    statistics, parallel attention + MLP, fused q/k/v, partial rotary, eager softcapped attention, gelu_new."""
+    B, S = (2, 40) if len(name) % 2 else (3, 24)  # two batch shapes, neither a power of two
+    one, _ = _saved_by_decoder(name, 1, B, S)
+    two, config = _saved_by_decoder(name, 2, B, S)
+    s = me.count_params(config.to_dict())
+    cfg = me.EstimateConfig(rank=8, batch=B, seq=S, lora_dropout=0.05, device="cpu")
+    assert two - one == sum(me.layer_activations(s, cfg, me.resolve_targets(s, "all-linear")).values())

@@ -33,42 +33,67 @@ def _groups(lins: list[LinearShape]) -> dict[str, list[LinearShape]]:
     return out
 
 
-def norm_bytes(s: ModelShapes, c: int, T: int) -> int:
-    """One full-width norm: lean RMSNorm saves its (T, H) input in c + rsqrt (T, 1) fp32; a LayerNorm also its
-    mean (T, 1) fp32."""
-    return c * T * s.hidden + (8 if s.layout.norm == "layer" else 4) * T
+def norm_bytes(s: ModelShapes, cfg: EstimateConfig, T: int) -> int:
+    """What one full-width norm saves for T tokens (Layout.norm): lean RMSNorm its (T, H) input in c + rsqrt (T, 1)
+    fp32; transformers' RMSNorm an fp32 copy + rsqrt; torch's LayerNorm its input + mean and rstd (T, 1) (fp32 on
+    CUDA, the input's dtype on the CPU); CohereLayerNorm two fp32 copies + rstd. Gemma's and Cohere's forwards also
+    save an fp32 (H,) copy of their weight."""
+    c, H, kind = cfg.compute_bytes, s.hidden, s.layout.norm
+    stats = 2 * T * (4 if cfg.device == "cuda" else c)
+    own = {"lean": c * T * H + 4 * T, "rms32": 4 * T * H + 4 * T, "layer": c * T * H + stats,
+           "cohere": 8 * T * H + 4 * T}[kind]
+    return own + (4 * H if s.layout.weight_copy else 0)
+
+
+def input_kept_as_is(s: ModelShapes) -> bool:
+    """Whether the layer saves its own input tensor (a lean or Layer norm saves x itself; without an input norm
+    the q/k/v adapters do): under checkpointing that tensor is the kept input, not a second copy."""
+    return s.layout.norm in ("lean", "layer") or not s.layout.input_norm
 
 
 def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...]) -> dict[str, int]:
     """Bytes autograd saves inside ONE decoder layer for the whole batch (SDPA flash/efficient kernel with GQA
     inside the kernel, no padding mask; its output is laid out (B, S, nh, hd), so the output projection's input is
-    a view of it). Exact against saved-tensor hooks on the CPU for the Llama layout (tests/test_estimate.py)."""
+    a view of it). Exact against saved-tensor hooks on the CPU, for every dense layout (tests/test_estimate.py,
+    tests/test_estimate_families.py)."""
     T, c, r = cfg.batch * cfg.seq, cfg.compute_bytes, cfg.rank
     lay = s.layout
     attn, _ = layer_linears(s)
     out_proj = attn[-1]  # o_proj / dense / c_proj: reads the attention's output
-    norm = norm_bytes(s, c, T)
-    terms = {"attn_norm": norm}  # its input is the layer input: under checkpointing the kept one (activation_terms)
+    norm = norm_bytes(s, cfg, T)
+    # the input norm's input is the layer input: under checkpointing the kept one (activation_terms)
+    terms = {"attn_norm": norm if lay.input_norm else 0}
     for group, lins in _groups(attn).items():
         if lins[0] is out_proj:
             continue
         key = "qkv_inputs" if lins[0].in_features == s.hidden else f"{group}_inputs"
         terms[key] = terms.get(key, 0) + inputs_saved(cfg, adapted, tuple(lin.name for lin in lins), T,
                                                       lins[0].in_features)
+    lse = 4 * cfg.batch * s.heads * cfg.seq  # SDPA's logsumexp (B, nh, S) fp32
     terms.update({
         "q_k_v": c * T * (lay.q + lay.k + lay.v),  # (B, nh, S, hd) q, k, v after RoPE, saved by SDPA
-        "attn_output": c * T * lay.q + 4 * cfg.batch * s.heads * cfg.seq,  # (B, S, nh*hd) c + logsumexp fp32
-        "o_input": inputs_saved(cfg, adapted, (out_proj.name,), T, out_proj.in_features, shared=True),
+        "attn_output": c * T * lay.q + (0 if lay.eager else lse),  # (B, S, nh*hd) c
+        "o_input": inputs_saved(cfg, adapted, (out_proj.name,), T, out_proj.in_features, shared=lay.o_view),
     })
-    if lay.norms_per_layer > 1:  # the norm before the MLP (and Gemma's post norms): their inputs, c, + rsqrt
-        terms["mlp_norm"] = (lay.norms_per_layer - 1) * norm
+    if lay.eager:  # (B, nh, S, S) scores: the fp32 softmax output and its c copy (saved by the product with v),
+        # and with logit softcapping tanh's c output
+        per = 4 + c + (c if s.model_type == "gemma2" else 0)
+        terms["attn_weights"] = per * cfg.batch * s.heads * cfg.seq * cfg.seq
+    if lay.dense_mask:
+        terms["attn_mask"] = c * cfg.batch * cfg.seq * cfg.seq
+    full_width = lay.norms_per_layer - (1 if lay.input_norm else 0)
+    if full_width:  # the norm before the MLP (and Gemma's, OLMo 2's post norms): c or fp32 + rsqrt each
+        terms["mlp_norm"] = full_width * norm
     terms.update(mlp_saved(s, cfg, adapted, T))
     terms["lora_hidden"] = c * T * r * sum(lin.name in adapted for lin in attn)  # (B, S, r) per adapter: A's output
     terms["attn_methods"] = methods_saved(s, cfg, adapted, tuple(lin.name for lin in attn), T)
     if tiled(cfg):  # the tiled MLP saves only its input x (B, S, H), the normed hidden the adapters read
         terms.update(gate_up_inputs=c * T * s.hidden, mlp_hidden=0, down_input=0, mlp_lora_hidden=0, mlp_methods=0)
-    if lay.qk_norm:  # q_norm, k_norm: lean, c + rsqrt per normalised vector
-        terms["qk_norms"] = c * T * lay.qk_norm + 4 * T * (lay.qk_norm_vectors or s.heads + s.kv_heads)
+    if lay.qk_norm:  # q_norm, k_norm: lean (c per value) or transformers' (an fp32 copy), + rsqrt per vector
+        terms["qk_norms"] = (4 if lay.qk_norm_fp32 else c) * T * lay.qk_norm + \
+            4 * T * (lay.qk_norm_vectors or s.heads + s.kv_heads)
+        if lay.weight_copy:  # Gemma 3's q_norm, k_norm keep fp32 (hd,) copies of (1 + weight) too
+            terms["qk_norms"] += 4 * 2 * s.head_dim
     return terms
 
 
@@ -90,9 +115,10 @@ def mlp_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: 
     outs = [lins for lins in groups.values() if lins[0].in_features != H]
     k = s.moe.top_k if s.moe else 1
     terms = {
+        # parallel attention and MLP: the MLP's input is the tensor the q/k/v adapters already saved
         "gate_up_inputs": sum(inputs_saved(cfg, adapted, tuple(lin.name for lin in lins), T * (
-            k if lins[0].experts > 1 else 1), H) for lins in ins),
-        "mlp_hidden": (3 if s.layout.gated else 1) * c * T * I,
+            k if lins[0].experts > 1 else 1), H, shared=s.layout.parallel) for lins in ins),
+        "mlp_hidden": (3 if s.layout.gated else s.layout.act_saved) * c * T * I,
         "down_input": sum(inputs_saved(cfg, adapted, tuple(lin.name for lin in lins), T * (
             k if lins[0].experts > 1 else 1), lins[0].in_features) for lins in outs),
         "mlp_lora_hidden": c * T * cfg.rank * sum(lin.name in adapted for lin in mlp),  # (B, S, r) A's outputs
@@ -155,7 +181,7 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
     kept_layers = 2 if cfg.offload_activations else s.layers - (1 if cfg.reembed else 0)
     terms = {"layer_inputs": kept_layers * c * T * s.hidden,
              # one layer's full set, rebuilt during its backward; its input norm saves the kept input itself
-             "recomputed_layer": layer - c * T * s.hidden}
+             "recomputed_layer": layer - (c * T * s.hidden if input_kept_as_is(s) else 0)}
     if not cfg.checkpointing:
         terms = {"all_layers": s.layers * layer}
     deq = 0 if cfg.quant == "none" else c * max(lin.numel for lin in s.linears)

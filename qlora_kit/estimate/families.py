@@ -4,9 +4,18 @@ those of transformers' config class of the family."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .shapes import Layout, LinearShape, ModelShapes
 
+LEAN_NORMS = ("llama", "mistral", "qwen2", "qwen3")  # lean_norm.LEAN's RMSNorm classes
 _CORE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def act_saved(name: str) -> int:
+    """(T, I) tensors a plain MLP's activation saves: torch's gelu/relu its input; gelu_new and its kin compute
+    0.5 x (1 + tanh(...)) in Python ops, which save 4."""
+    return 4 if name in ("gelu_new", "gelu_fast", "gelu_python_tanh", "gelu_accurate") else 1
 
 
 def heads(c: dict) -> tuple[int, int, int]:
@@ -75,35 +84,41 @@ def llama_like(c: dict) -> ModelShapes:
         t, (ab, ab))
     mlp_bias = bool(c.get("mlp_bias", False)) if t in ("llama", "granite") else False
     linears = attention(c, L, qkv_bias, o_bias) + gated_mlp(H, c["intermediate_size"], mlp_bias, L)
-    norms, layout = {"layer_norms": L * 2 * H, "norm": H}, Layout()
+    norms = {"layer_norms": L * 2 * H, "norm": H}
+    # lean_norm.py makes the Llama/Mistral/Qwen RMSNorms lean; the others keep transformers' fp32 forward
+    lay = Layout(norm="lean" if t in LEAN_NORMS else "rms32", weight_copy=t.startswith("gemma"))
     if t in ("gemma2", "gemma3_text"):  # input, post_attention, pre_feedforward, post_feedforward
-        norms["layer_norms"], layout = L * 4 * H, Layout(norms_per_layer=4)
+        norms["layer_norms"], lay = L * 4 * H, replace(lay, norms_per_layer=4)
+    if t == "gemma2":  # its attention-logit softcapping runs in transformers' eager attention
+        lay = replace(lay, eager=True, o_view=False)
     if t in ("qwen3", "gemma3_text"):  # q_norm, k_norm over the head dimension
-        norms["qk_norms"], layout = L * 2 * hd, Layout(norms_per_layer=layout.norms_per_layer,
-                                                       qk_norm=(nh + kv) * hd)
+        norms["qk_norms"] = L * 2 * hd
+        lay = replace(lay, qk_norm=(nh + kv) * hd, qk_norm_fp32=t != "qwen3")
     if t == "olmo2":  # norms after attention and MLP (no input norm); q_norm, k_norm over all heads
-        norms["qk_norms"], layout = L * (nh + kv) * hd, Layout(qk_norm=(nh + kv) * hd, qk_norm_vectors=2)
-    if t == "cohere":  # one LayerNorm (weight only) feeding attention and MLP in parallel
+        norms["qk_norms"] = L * (nh + kv) * hd
+        lay = replace(lay, input_norm=False, qk_norm=(nh + kv) * hd, qk_norm_vectors=2, qk_norm_fp32=True)
+    if t == "cohere":  # one LayerNorm (weight only, computed in fp32) feeding attention and MLP in parallel
         norms = {"layer_norms": L * H, "norm": H}
-        layout = Layout(norm="layer", norms_per_layer=1)
+        lay = Layout(norm="cohere", norms_per_layer=1, weight_copy=True, parallel=True)
         if c.get("use_qk_norm"):
-            norms["qk_norms"], layout = L * (nh + kv) * hd, Layout(norm="layer", norms_per_layer=1,
-                                                                   qk_norm=(nh + kv) * hd)
+            norms["qk_norms"] = L * (nh + kv) * hd
+            lay = replace(lay, qk_norm=(nh + kv) * hd, qk_norm_fp32=True)
     if t == "stablelm":  # LayerNorms with biases
-        norms, layout = {"layer_norms": L * 4 * H, "norm": 2 * H}, Layout(norm="layer")
+        norms, lay = {"layer_norms": L * 4 * H, "norm": 2 * H}, Layout(norm="layer", o_view=False)
         if c.get("use_parallel_residual"):
-            norms["layer_norms"], layout = L * 2 * H, Layout(norm="layer", norms_per_layer=1)
+            norms["layer_norms"] = L * 2 * H
+            lay = Layout(norm="layer", norms_per_layer=1, parallel=True, o_view=False)
         if c.get("qk_layernorm"):  # one LayerNorm (weight, no bias) per head, over head_dim
             norms["qk_norms"] = L * (nh + kv) * hd
-            layout = Layout(norm="layer", norms_per_layer=layout.norms_per_layer, qk_norm=(nh + kv) * hd)
-    return build(c, linears, norms, tied_default=t in ("gemma", "gemma2", "gemma3_text", "cohere"), layout=layout)
+            lay = replace(lay, qk_norm=(nh + kv) * hd, qk_norm_fp32=True)
+    return build(c, linears, norms, tied_default=t in ("gemma", "gemma2", "gemma3_text", "cohere"), layout=lay)
 
 
 def phi3(c: dict) -> ModelShapes:
     H, L = c["hidden_size"], c["num_hidden_layers"]
     linears = attention(c, L, False, False, fused="qkv_proj") + gated_mlp(H, c["intermediate_size"], False, L,
                                                                          fused=True)
-    return build(c, linears, {"layer_norms": L * 2 * H, "norm": H})
+    return build(c, linears, {"layer_norms": L * 2 * H, "norm": H}, layout=Layout(norm="rms32", o_view=False))
 
 
 def phi(c: dict) -> ModelShapes:
@@ -116,14 +131,15 @@ def phi(c: dict) -> ModelShapes:
     if c.get("qk_layernorm"):  # q_layernorm, k_layernorm over head_dim, weight + bias
         norms["qk_norms"] = L * 4 * hd
     return build(c, linears, norms, embed="embed_tokens", head_bias=c["vocab_size"],
-                 layout=Layout(norm="layer", norms_per_layer=1, gated=False))
+                 layout=Layout(norm="layer", norms_per_layer=1, gated=False, parallel=True, o_view=False,
+                               act_saved=act_saved(c.get("hidden_act", "gelu_new"))))
 
 
 def starcoder2(c: dict) -> ModelShapes:
     H, L, b = c["hidden_size"], c["num_hidden_layers"], bool(c.get("use_bias", True))
     linears = attention(c, L, b, b) + plain_mlp(H, c["intermediate_size"], b, L, ("c_fc", "c_proj"))
     return build(c, linears, {"layer_norms": L * 4 * H, "norm": 2 * H}, tied_default=True,
-                 layout=Layout(norm="layer", gated=False))
+                 layout=Layout(norm="layer", gated=False, act_saved=act_saved(c.get("hidden_act", "gelu"))))
 
 
 def falcon(c: dict) -> ModelShapes:
@@ -141,7 +157,8 @@ def falcon(c: dict) -> ModelShapes:
     n = 2 if (new and c.get("num_ln_in_parallel_attn") in (None, 2)) or not parallel else 1
     return build(c, linears, {"layer_norms": L * n * 2 * H, "norm": 2 * H}, embed="word_embeddings",
                  tied_default=True, intermediate=ffn,
-                 layout=Layout(norm="layer", norms_per_layer=n, gated=False))
+                 layout=Layout(norm="layer", norms_per_layer=n, gated=False, parallel=n == 1 and parallel,
+                               dense_mask=True))
 
 
 def gpt_neox(c: dict) -> ModelShapes:
@@ -151,7 +168,7 @@ def gpt_neox(c: dict) -> ModelShapes:
     linears = (attention(c, L, b, b, o_name="dense", fused="query_key_value", prefix="attention")
                + plain_mlp(H, c["intermediate_size"], True, L, ("dense_h_to_4h", "dense_4h_to_h")))
     return build(c, linears, {"layer_norms": L * 4 * H, "norm": 2 * H}, embed="embed_in",
-                 layout=Layout(norm="layer", gated=False))
+                 layout=Layout(norm="layer", gated=False, act_saved=act_saved(c.get("hidden_act", "gelu"))))
 
 
 def gpt2(c: dict) -> ModelShapes:
@@ -166,7 +183,9 @@ def gpt2(c: dict) -> ModelShapes:
                LinearShape("c_fc", H, inner, True, L, path="mlp.c_fc"),
                LinearShape("c_proj", inner, H, True, L, path="mlp.c_proj"))
     return build(c, linears, {"wpe": c["max_position_embeddings"] * H, "layer_norms": L * 4 * H, "norm": 2 * H},
-                 embed="wte", tied_default=True, layout=Layout(norm="layer", gated=False))
+                 embed="wte", tied_default=True,
+                 layout=Layout(norm="layer", gated=False,
+                               act_saved=act_saved(c.get("activation_function", "gelu_new"))))
 
 
 _LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "gemma3_text", "olmo2", "cohere",

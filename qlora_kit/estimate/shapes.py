@@ -47,11 +47,23 @@ class Moe:
 @dataclass(frozen=True)
 class Layout:
     """How a decoder layer computes, as far as activation memory goes (the Llama layout is the default)."""
-    norm: str = "rms"  # rms | layer (LayerNorm saves mean and rstd too)
+    norm: str = "lean"  # what a full-width norm saves, per token: lean (lean_norm.py: the 16-bit input + rsqrt),
+    # rms32 (transformers' RMSNorm: an fp32 copy + rsqrt), layer (torch's LayerNorm: the input + mean, rstd),
+    # cohere (CohereLayerNorm in fp32: two fp32 copies + rstd)
     norms_per_layer: int = 2  # full-width norms in one layer (Gemma 2/3: 4, Cohere/Phi/Falcon: 1)
-    gated: bool = True  # act(gate(x)) * up(x) (3 intermediates saved) or act(fc1(x)) (1)
+    input_norm: bool = True  # a norm before attention (OLMo 2 has none: q/k/v read the layer input itself)
+    weight_copy: bool = False  # the norm multiplies by an fp32 copy of (1 + weight) / weight (Gemma, Cohere): (H,)
+    gated: bool = True  # act(gate(x)) * up(x) (3 intermediates saved) or act(fc1(x)) (act_saved)
+    act_saved: int = 1  # (T, I) tensors a plain MLP's activation saves: native gelu 1, gelu_new (tanh formula) 4
+    parallel: bool = False  # attention and MLP read the same normed input (Phi, Cohere, Falcon)
+    o_view: bool = True  # the output projection reads a view of SDPA's output; False where q was rebuilt by a cat
+    # (partial or fused-qkv rotary: Phi, Phi-3, StableLM, Falcon) or eager attention made it (B, nh, S, hd): then
+    # its (B, S, nh*hd) input is a copy that its adapter saves
+    dense_mask: bool = False  # each layer hands SDPA its own (B, 1, S, S) additive mask in c, which SDPA saves (Falcon)
+    eager: bool = False  # attention as explicit (B, nh, S, S) scores (Gemma 2: its logits softcapping needs it)
     qk_norm: int = 0  # per-token width normalised by q/k norms (Qwen3: (nh + nkv) * hd)
     qk_norm_vectors: int = 0  # rsqrt values per token: 0 = one per head (nh + nkv); OLMo 2 normalises q, k whole: 2
+    qk_norm_fp32: bool = False  # q/k norms are transformers' own (fp32 copies), not lean
     q: int = 0  # per-token widths of the attention's q, k, v as SDPA saves them
     k: int = 0
     v: int = 0

@@ -149,7 +149,9 @@ def command(recipe, overrides, model, quant, blocksize, double_quant, rank, targ
         click.echo(json.dumps(d))
         return
     s = e.shapes
-    click.echo(f"{model}: {s.model_type}, {s.total / 1e6:,.1f}M params, {s.layers} layers, hidden {s.hidden}, "
+    moe = (f" ({s.active / 1e6:,.1f}M active per token: {s.moe.top_k} of {s.moe.experts} experts in "
+           f"{s.moe.layers} layers)" if s.moe else "")
+    click.echo(f"{model}: {s.model_type}, {s.total / 1e6:,.1f}M params{moe}, {s.layers} layers, hidden {s.hidden}, "
                f"vocab {s.vocab}{', tied embeddings' if s.tied else ''}")
     click.echo(f"LoRA r={cfg.rank} on {', '.join(e.adapted)} ({e.adapter_params / s.total:.2%} of the base); "
                f"batch {cfg.batch} x seq {cfg.seq}; checkpointing {'on' if cfg.checkpointing else 'off'}; {device}\n")

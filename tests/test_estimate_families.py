@@ -200,3 +200,27 @@ def test_layer_activations_equal_saved_tensors_every_dense_layout(name):
     s = me.count_params(config.to_dict())
     cfg = me.EstimateConfig(rank=8, batch=B, seq=S, lora_dropout=0.05, device="cpu")
     assert two - one == sum(me.layer_activations(s, cfg, me.resolve_targets(s, "all-linear")).values())
+
+
+def test_builtin_moe_shapes_and_what_fits():
+    """The built-in MoE shapes give their model cards' parameter counts (Qwen3-30B-A3B: 30.5B total, 3.3B
+    activated; gpt-oss-20b: 21B total), and the 16 / 24 GiB answer is consistent with the estimate itself."""
+    from dataclasses import replace
+
+    qwen, oss = (me.load_model_config(n) for n in ("qwen3-30b-a3b", "gpt-oss-20b"))
+    q, o = me.count_params(qwen), me.count_params(oss)
+    assert q.total == pytest.approx(30.5e9, rel=0.01) and q.active == pytest.approx(3.3e9, rel=0.02)
+    assert o.total == pytest.approx(20.9e9, rel=0.01) and o.moe.experts == 32 and o.moe.top_k == 4
+    assert "lm_head" in q.other and "router" in o.other and o.layout.sliding_window == 128
+    cfg = me.EstimateConfig(batch=1)
+    for config in (qwen, oss):
+        for row in me.max_seq_table(config, cfg, gpus_gib=(16, 24)):
+            if row["max_seq"] is None:
+                assert me.estimate(config, replace(cfg, seq=1)).total > row["gpu_bytes"]
+            else:
+                assert me.estimate(config, replace(cfg, seq=row["max_seq"])).total <= row["gpu_bytes"]
+    # all-linear adapts every expert: Qwen3-30B-A3B's 6,144 experts make r 16 too big for 24 GiB at 2048 tokens,
+    # attention-only adapters fit
+    assert me.estimate(qwen, replace(cfg, seq=2048)).total > 24 * me.GiB
+    attn = replace(cfg, seq=2048, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert me.estimate(qwen, attn).total < 24 * me.GiB < me.estimate(qwen, replace(cfg, seq=2048)).total

@@ -99,6 +99,13 @@ class ModelShapes:
         return self.linear_params + sum(self.other.values())
 
     @property
+    def active(self) -> int:
+        """Parameters one token uses: all but the routed experts it is not sent to (top_k of E per layer)."""
+        idle = sum(lin.layers * (lin.experts - self.moe.top_k) * (lin.numel + lin.out_features * lin.bias)
+                   for lin in self.linears if lin.experts > 1) if self.moe else 0
+        return self.total - idle
+
+    @property
     def active_intermediate(self) -> int:
         """MLP width one token runs through: the dense MLP's, or top_k experts' + the shared expert's."""
         if self.moe is None:

@@ -209,6 +209,8 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
             # them (measured: the seq 4096 / 8192 grid cells were over by exactly this term when it was added).
             exclusive += c * T * 2 * s.active_intermediate
         terms["dropout_replay"] = max(0, replay - exclusive)
+    if s.layout.masks:
+        terms["attention_masks"] = s.layout.masks * c * cfg.batch * cfg.seq * cfg.seq
     if cfg.device == "cpu" and tiled(cfg):  # each tiled MLP's node keeps torch.get_rng_state(), a 5,056-byte
         # CPU tensor (on CUDA that tensor lives in host memory, not on the device), until the step's end
         terms["rng_states"] = RNG_STATE_BYTES * s.layers

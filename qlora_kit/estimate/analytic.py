@@ -156,7 +156,9 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     # flat gradient, allocated whole by the first adapter gradient); that layer adds its recomputed activations and
     # the backward workspace. Offloaded, "kept" is 2 layer inputs (the top layer's + the prefetched one), and none
     # is on the device at the loss head (all on the host).
-    rng = acts.get("rng_states", 0)  # live like the layer inputs (every phase but the optimizer step)
+    # live like the layer inputs (every phase but the optimizer step), never offloaded: the tiled MLPs' RNG states
+    # and the attention masks the model builds once and hands every checkpointed layer
+    rng = acts.get("rng_states", 0) + acts.get("attention_masks", 0)
     working = sum(acts.values()) - kept - rng
     head_kept = (0 if offloaded else kept) + rng
     transient = {  # phase -> the step-dependent components live at that phase's peak

@@ -90,7 +90,7 @@ def llama_like(c: dict) -> ModelShapes:
     if t in ("gemma2", "gemma3_text"):  # input, post_attention, pre_feedforward, post_feedforward
         norms["layer_norms"], lay = L * 4 * H, replace(lay, norms_per_layer=4)
     if t == "gemma2":  # its attention-logit softcapping runs in transformers' eager attention
-        lay = replace(lay, eager=True, o_view=False)
+        lay = replace(lay, eager=True, o_view=False, masks=2)
     if t in ("qwen3", "gemma3_text"):  # q_norm, k_norm over the head dimension
         norms["qk_norms"] = L * 2 * hd
         lay = replace(lay, qk_norm=(nh + kv) * hd, qk_norm_fp32=t != "qwen3")
@@ -158,7 +158,7 @@ def falcon(c: dict) -> ModelShapes:
     return build(c, linears, {"layer_norms": L * n * 2 * H, "norm": 2 * H}, embed="word_embeddings",
                  tied_default=True, intermediate=ffn,
                  layout=Layout(norm="layer", norms_per_layer=n, gated=False, parallel=n == 1 and parallel,
-                               dense_mask=True))
+                               dense_mask=True, masks=1))
 
 
 def gpt_neox(c: dict) -> ModelShapes:

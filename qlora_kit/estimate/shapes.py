@@ -60,6 +60,8 @@ class Layout:
     # (partial or fused-qkv rotary: Phi, Phi-3, StableLM, Falcon) or eager attention made it (B, nh, S, hd): then
     # its (B, S, nh*hd) input is a copy that its adapter saves
     dense_mask: bool = False  # each layer hands SDPA its own (B, 1, S, S) additive mask in c, which SDPA saves (Falcon)
+    masks: int = 0  # (B, 1, S, S) c masks the model builds once per step and every layer reads (Falcon: 1;
+    # Gemma 2's eager attention: a full and a sliding-window one)
     eager: bool = False  # attention as explicit (B, nh, S, S) scores (Gemma 2: its logits softcapping needs it)
     qk_norm: int = 0  # per-token width normalised by q/k norms (Qwen3: (nh + nkv) * hd)
     qk_norm_vectors: int = 0  # rsqrt values per token: 0 = one per head (nh + nkv); OLMo 2 normalises q, k whole: 2
@@ -67,7 +69,8 @@ class Layout:
     q: int = 0  # per-token widths of the attention's q, k, v as SDPA saves them
     k: int = 0
     v: int = 0
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # reported; it changes no saved tensor: SDPA saves q, k, v, out and the
+    # logsumexp whatever the window, and eager attention (Gemma 2) builds full (B, nh, S, S) scores and masks anyway
     final_logit_softcapping: float | None = None  # tanh(logits / cap) * cap on every loss chunk
     logit_scale: bool = False  # logits * scale (Cohere) or / scale (Granite): one more (C, V) fp32 per chunk
 

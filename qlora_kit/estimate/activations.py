@@ -224,6 +224,9 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
     else:
         # in-flight: (B,S,H) x2, (B,S,I) x2
         terms["backward_grads"] = c * T * 2 * (s.hidden + s.active_intermediate)
+    if not s.layout.o_view:  # the output projection's input gradient (B, S, nh*hd) goes back to SDPA's
+        # (B, nh, S, hd) output layout as a copy, next to the in-flight gradients
+        terms["backward_grads"] += c * T * s.layout.q
     return terms
 
 

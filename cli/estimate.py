@@ -8,7 +8,9 @@ import typing
 import click
 
 from qlora_kit.estimate import analytic as me
-from qlora_kit.config import ComputeDtype, IA3Config, Optimizer, parse_targets
+from qlora_kit.config import ComputeDtype, IA3Config, Optimizer, load_recipe, parse_targets, recipe_from_dict
+from qlora_kit.errors import ConfigError
+from qlora_kit.estimate.recipe import from_recipe, override
 from qlora_kit.cli.estimate_labels import LABELS, PHASES, seq_cell
 from qlora_kit.terms import FOUR_BIT, QUANT_TYPES, human_bytes, parse_size
 
@@ -74,57 +76,75 @@ def _config_source(model: str) -> str:
     return model
 
 
+def _help(text: str, default) -> str:
+    return f"{text} [recipe's value; without a recipe: {default}]"
+
+
 @click.command()
-@click.option("--model", required=True, help="A Hugging Face model folder or Hub id (org/name[@revision]; only "
-              "config.json is read), or a built-in name: " + ", ".join(me.BUILTIN_CONFIGS) + ".")
-@click.option("--quant", type=click.Choice(QUANT_TYPES), default=_D.quant, show_default=True)
-@click.option("--blocksize", type=int, default=_D.blocksize, show_default=True,
-              help="Weights per absmax constant (4-bit).")
-@click.option("--double-quant/--no-double-quant", default=_D.double_quant, show_default=True)
-@click.option("--rank", "-r", type=int, default=_D.rank, show_default=True, help="LoRA rank.")
-@click.option("--targets", default=_D.targets, show_default=True, help="all-linear, or a comma list: q_proj,v_proj.")
-@click.option("--lora-dropout", type=float, default=_D.lora_dropout, show_default=True,
-              help="> 0 keeps a dropped copy of each adapter's input.")
-@click.option("--optimizer", type=click.Choice(typing.get_args(Optimizer)), default=_D.optimizer, show_default=True)
-@click.option("--seq", type=int, default=_D.seq, show_default=True, help="Tokens per example.")
-@click.option("--batch", type=int, default=_D.batch, show_default=True, help="Examples per micro-batch.")
-@click.option("--checkpointing/--no-checkpointing", default=_D.checkpointing, show_default=True)
-@click.option("--offload-activations", is_flag=True, help="Checkpointed layer inputs in host memory "
-              "(train.offload_activations): 2 on the GPU instead of all layers'; the host needs the rest.")
-@click.option("--mlp-chunk", type=click.IntRange(0), default=0, show_default=True,
-              help="Tiled MLP (train.mlp_chunk): tokens per tile, 0 = off.")
-@click.option("--dora", is_flag=True, help="lora.dora: a trained (out,) fp32 magnitude per LoRA target, and what "
-              "its forward saves for backward.")
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a recipe key, as `train --set` does (repeatable).")
+@click.option("--model", default=None, help="A Hugging Face model folder or Hub id (org/name[@revision]; only "
+              "config.json is read), or a built-in name: " + ", ".join(me.BUILTIN_CONFIGS) + ". Default: the "
+              "recipe's model.path.")
+@click.option("--quant", type=click.Choice(QUANT_TYPES), default=None, help=_help("quant.type.", _D.quant))
+@click.option("--blocksize", type=int, default=None, help=_help("Weights per absmax constant (4-bit).", _D.blocksize))
+@click.option("--double-quant/--no-double-quant", default=None, help=_help("quant.double_quant.", _D.double_quant))
+@click.option("--rank", "-r", type=int, default=None, help=_help("LoRA rank.", _D.rank))
+@click.option("--targets", default=None, help=_help("all-linear, or a comma list: q_proj,v_proj.", _D.targets))
+@click.option("--lora-dropout", type=float, default=None,
+              help=_help("> 0 keeps a dropped copy of each adapter's input.", _D.lora_dropout))
+@click.option("--optimizer", type=click.Choice(typing.get_args(Optimizer)), default=None,
+              help=_help("train.optimizer.", _D.optimizer))
+@click.option("--seq", type=int, default=None, help=_help("Tokens per example (data.max_length).", _D.seq))
+@click.option("--batch", type=int, default=None, help=_help("Examples per micro-batch.", _D.batch))
+@click.option("--checkpointing/--no-checkpointing", default=None, help=_help("", _D.checkpointing))
+@click.option("--offload-activations/--no-offload-activations", default=None,
+              help=_help("Checkpointed layer inputs in host memory (train.offload_activations): 2 on the GPU "
+                         "instead of all layers'; the host needs the rest.", _D.offload_activations))
+@click.option("--mlp-chunk", type=click.IntRange(0), default=None,
+              help=_help("Tiled MLP (train.mlp_chunk): tokens per tile, 0 = off.", _D.mlp_chunk))
+@click.option("--dora/--no-dora", default=None, help=_help("lora.dora: a trained (out,) fp32 magnitude per LoRA "
+              "target, and what its forward saves for backward.", _D.dora))
 @click.option("--ia3", "ia3", is_flag=True, help="An `ia3: {}` section: output scaling of k_proj, v_proj and input "
               "scaling of down_proj (the recipe's defaults; see --ia3-outputs/--ia3-inputs).")
 @click.option("--ia3-outputs", default=None,
               help="IA3 output scaling of these modules (comma list), e.g. k_proj,v_proj.")
 @click.option("--ia3-inputs", default=None, help="IA3 input scaling of these modules (comma list), e.g. down_proj.")
-@click.option("--compute-dtype", type=click.Choice(typing.get_args(ComputeDtype)), default="bf16", show_default=True)
-@click.option("--loss-chunk", type=int, default=_D.loss_chunk, show_default=True,
-              help="Label tokens per cross-entropy chunk.")
-@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
-              help="cuda adds the CUDA context allowance.")
+@click.option("--compute-dtype", type=click.Choice(typing.get_args(ComputeDtype)), default=None,
+              help=_help("quant.compute_dtype.", "bf16"))
+@click.option("--loss-chunk", type=int, default=None, help=_help("Label tokens per cross-entropy chunk.",
+                                                                  _D.loss_chunk))
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
+              help=_help("cuda adds the CUDA context allowance (train.device auto -> cuda).", _D.device))
 @click.option("--gpu-mem", default=None, help="Does it fit in this much memory? e.g. 24GiB, 24GB, 16G.")
 @click.option("--gpus", type=click.IntRange(1, 4096), default=1, show_default=True,
               help="Processes (one GPU each) of a torchrun / accelerate launch; --batch is per GPU.")
 @click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
               help="With --gpus > 1: ddp replicates the frozen base; fsdp shards it (train.parallel).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (sizes in bytes) instead of tables.")
-def command(model, quant, blocksize, double_quant, rank, targets, lora_dropout, optimizer, seq, batch,
-            checkpointing, offload_activations, mlp_chunk, dora, ia3, ia3_outputs, ia3_inputs,
-            compute_dtype, loss_chunk, device, gpu_mem, gpus, parallel,
-            as_json):
-    """Predict the GPU memory of QLoRA training from MODEL's config.json alone (no weights are loaded)."""
+def command(recipe, overrides, model, quant, blocksize, double_quant, rank, targets, lora_dropout, optimizer, seq,
+            batch, checkpointing, offload_activations, mlp_chunk, dora, ia3, ia3_outputs, ia3_inputs,
+            compute_dtype, loss_chunk, device, gpu_mem, gpus, parallel, as_json):
+    """Predict the GPU memory of QLoRA training from config.json alone (no weights are loaded): of RECIPE (a
+    training recipe, its model and settings; --set and the flags override them), or of --model with the flags."""
+    if recipe is not None or overrides:
+        r = load_recipe(recipe, overrides) if recipe is not None else recipe_from_dict({}, overrides)
+        cfg, model = from_recipe(r), model or r.model.path
+    elif model is None:
+        raise ConfigError("estimate needs a recipe (qlora-kit estimate recipes/demo.yaml) or --model (a model "
+                          "folder or a built-in name: " + ", ".join(me.BUILTIN_CONFIGS) + ")")
+    else:
+        cfg = _D
     config = me.load_model_config(_config_source(model))
-    names = parse_targets(targets)
-    cfg = me.EstimateConfig(quant=quant, blocksize=blocksize, double_quant=double_quant, rank=rank,
-                            targets=names if isinstance(names, str) else tuple(names), optimizer=optimizer,
-                            batch=batch, seq=seq,
-                            checkpointing=checkpointing, device=device, loss_chunk=loss_chunk,
-                            compute_bytes=2 if compute_dtype == "bf16" else 4, lora_dropout=lora_dropout,
-                            offload_activations=offload_activations, mlp_chunk=mlp_chunk, dora=dora,
-                            **_ia3_names(ia3, ia3_outputs, ia3_inputs))
+    names = parse_targets(targets) if targets is not None else None
+    cfg = override(cfg, quant=quant, blocksize=blocksize, double_quant=double_quant, rank=rank,
+                   targets=names if names is None or isinstance(names, str) else tuple(names), optimizer=optimizer,
+                   batch=batch, seq=seq, checkpointing=checkpointing, device=device, loss_chunk=loss_chunk,
+                   compute_bytes=None if compute_dtype is None else 2 if compute_dtype == "bf16" else 4,
+                   lora_dropout=lora_dropout, offload_activations=offload_activations, mlp_chunk=mlp_chunk,
+                   dora=dora, **_ia3_names(ia3, ia3_outputs, ia3_inputs))
+    device = cfg.device
     limit = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
     if gpus > 1:
         from qlora_kit.cli.estimate_devices import report
@@ -139,7 +159,9 @@ def command(model, quant, blocksize, double_quant, rank, targets, lora_dropout, 
         click.echo(json.dumps(d))
         return
     s = e.shapes
-    click.echo(f"{model}: {s.model_type}, {s.total / 1e6:,.1f}M params, {s.layers} layers, hidden {s.hidden}, "
+    moe = (f" ({s.active / 1e6:,.1f}M active per token: {s.moe.top_k} of {s.moe.experts} experts in "
+           f"{s.moe.layers} layers)" if s.moe else "")
+    click.echo(f"{model}: {s.model_type}, {s.total / 1e6:,.1f}M params{moe}, {s.layers} layers, hidden {s.hidden}, "
                f"vocab {s.vocab}{', tied embeddings' if s.tied else ''}")
     click.echo(f"LoRA r={cfg.rank} on {', '.join(e.adapted)} ({e.adapter_params / s.total:.2%} of the base); "
                f"batch {cfg.batch} x seq {cfg.seq}; checkpointing {'on' if cfg.checkpointing else 'off'}; {device}\n")

@@ -250,10 +250,10 @@ def test_cli_bad_folders_exit_2(capsys, tmp_path):
     assert rc == 2 and "not readable JSON" in err
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768}))
     rc, _, err = _run(capsys, "--model", str(tmp_path))
-    assert rc == 2 and "lacks hidden_size" in err
-    (tmp_path / "config.json").write_text(json.dumps({**SMOL, "model_type": "mixtral"}))
+    assert rc == 2 and "lacks n_layer, n_head, vocab_size" in err
+    (tmp_path / "config.json").write_text(json.dumps({**SMOL, "model_type": "mamba"}))
     rc, _, err = _run(capsys, "--model", str(tmp_path))
-    assert rc == 2 and "'mixtral' is not a layout" in err
+    assert rc == 2 and "'mamba' is not a layout" in err
 
 
 def test_script_exit_2_without_traceback():

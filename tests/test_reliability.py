@@ -100,7 +100,7 @@ def test_absurd_train_sizes_are_refused_before_loading(tiny_model, tiny_data, tm
 def test_a_batch_the_machine_cannot_hold_is_refused_with_what_fits(tiny_model, tiny_data, tmp_path, capsys):
     from conftest import tiny_recipe
     from qlora_kit.estimate import analytic
-    from qlora_kit.estimate.settings import from_recipe
+    from qlora_kit.estimate.recipe import from_recipe
     from qlora_kit.train import fits
 
     r = tiny_recipe(tiny_model, tiny_data, train={"batch_size": 4096}, data={"max_length": 4096})

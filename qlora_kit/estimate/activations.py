@@ -12,39 +12,88 @@ from qlora_kit.terms import FOUR_BIT
 
 if TYPE_CHECKING:
     from qlora_kit.estimate.settings import EstimateConfig
-    from qlora_kit.estimate.shapes import ModelShapes
+    from qlora_kit.estimate.shapes import LinearShape, ModelShapes
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
+ATTENTION_PREFIXES = ("self_attn.", "self_attention.", "attention.", "attn.")
 RNG_STATE_BYTES = 5056  # torch.get_rng_state(): the CPU generator's Mersenne-Twister state, uint8
 
 
+def layer_linears(s: ModelShapes) -> tuple[list[LinearShape], list[LinearShape]]:
+    """(attention, MLP) Linears of ONE representative decoder layer: in a mixture of experts a sparse layer (its
+    routed experts, its shared expert), else any layer (they are alike)."""
+    attn = [lin for lin in s.linears if lin.path.startswith(ATTENTION_PREFIXES)]
+    mlp = [lin for lin in s.linears if lin not in attn and (s.moe is None or "expert" in lin.path)]
+    return attn, mlp
+
+
+def _groups(lins: list[LinearShape]) -> dict[str, list[LinearShape]]:
+    out: dict[str, list[LinearShape]] = {}
+    for lin in lins:
+        out.setdefault(lin.input_group, []).append(lin)
+    return out
+
+
+def norm_bytes(s: ModelShapes, cfg: EstimateConfig, T: int) -> int:
+    """What one full-width norm saves for T tokens (Layout.norm): lean RMSNorm its (T, H) input in c + rsqrt (T, 1)
+    fp32; transformers' RMSNorm an fp32 copy + rsqrt; torch's LayerNorm its input + mean and rstd (T, 1) (fp32 on
+    CUDA, the input's dtype on the CPU); CohereLayerNorm two fp32 copies + rstd. Gemma's and Cohere's forwards also
+    save an fp32 (H,) copy of their weight."""
+    c, H, kind = cfg.compute_bytes, s.hidden, s.layout.norm
+    stats = 2 * T * (4 if cfg.device == "cuda" else c)
+    own = {"lean": c * T * H + 4 * T, "rms32": 4 * T * H + 4 * T, "layer": c * T * H + stats,
+           "cohere": 8 * T * H + 4 * T}[kind]
+    return own + (4 * H if s.layout.weight_copy else 0)
+
+
+def input_kept_as_is(s: ModelShapes) -> bool:
+    """Whether the layer saves its own input tensor (a lean or Layer norm saves x itself; without an input norm
+    the q/k/v adapters do): under checkpointing that tensor is the kept input, not a second copy."""
+    return s.layout.norm in ("lean", "layer") or not s.layout.input_norm
+
+
 def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...]) -> dict[str, int]:
-    """Bytes autograd saves inside ONE decoder layer for the whole batch (Llama layout; SDPA flash/efficient
-    kernel with GQA inside the kernel, no padding mask; its output is laid out (B, S, nh, hd), so o_proj's input
-    is a view of it). Exact against saved-tensor hooks on the CPU (tests/test_estimate.py). c: compute bytes."""
-    T, c, H, r = cfg.batch * cfg.seq, cfg.compute_bytes, s.hidden, cfg.rank
-    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-
-    def lora_inputs(modules: tuple[str, ...], width: int, shared: bool = False) -> int:
-        return inputs_saved(cfg, adapted, modules, T, width, shared)
-
-    norm = c * T * H + 4 * T  # lean_norm.py: the (B, S, H) input in c + rsqrt (B, S, 1) fp32
-    terms = {
-        "attn_norm": norm,  # its input is the layer input: under checkpointing the kept one (activation_terms)
-        "qkv_inputs": lora_inputs(("q_proj", "k_proj", "v_proj"), H),  # (B, S, H) normed hidden
-        "q_k_v": c * T * (q + 2 * kv),  # (B, nh, S, hd) q and (B, nkv, S, hd) k, v after RoPE, saved by SDPA
-        "attn_output": c * T * q + 4 * cfg.batch * s.heads * cfg.seq,  # (B, nh, S, hd) c + logsumexp (B, nh, S) fp32
-        "o_input": lora_inputs(("o_proj",), q, shared=True),  # (B, S, nh*hd) a view of the SDPA output
-        "mlp_norm": norm,  # post-attention RMSNorm: the residual stream after attention, c, + rsqrt
-        **mlp_saved(s, cfg, adapted, T),
-        "lora_hidden": c * T * r * sum(m in adapted for m in ATTENTION),  # (B, S, r) per adapter: A's output
-        "attn_methods": methods_saved(s, cfg, adapted, ATTENTION, T),
-    }
+    """Bytes autograd saves inside ONE decoder layer for the whole batch (SDPA flash/efficient kernel with GQA
+    inside the kernel, no padding mask; its output is laid out (B, S, nh, hd), so the output projection's input is
+    a view of it). Exact against saved-tensor hooks on the CPU, for every dense layout (tests/test_estimate.py,
+    tests/test_estimate_families.py)."""
+    T, c, r = cfg.batch * cfg.seq, cfg.compute_bytes, cfg.rank
+    lay = s.layout
+    attn, _ = layer_linears(s)
+    out_proj = attn[-1]  # o_proj / dense / c_proj: reads the attention's output
+    norm = norm_bytes(s, cfg, T)
+    # the input norm's input is the layer input: under checkpointing the kept one (activation_terms)
+    terms = {"attn_norm": norm if lay.input_norm else 0}
+    for group, lins in _groups(attn).items():
+        if lins[0] is out_proj:
+            continue
+        key = "qkv_inputs" if lins[0].in_features == s.hidden else f"{group}_inputs"
+        terms[key] = terms.get(key, 0) + inputs_saved(cfg, adapted, tuple(lin.name for lin in lins), T,
+                                                      lins[0].in_features)
+    lse = 4 * cfg.batch * s.heads * cfg.seq  # SDPA's logsumexp (B, nh, S) fp32
+    terms.update({
+        "q_k_v": c * T * (lay.q + lay.k + lay.v),  # (B, nh, S, hd) q, k, v after RoPE, saved by SDPA
+        "attn_output": c * T * lay.q + (0 if lay.eager else lse),  # (B, S, nh*hd) c
+        "o_input": inputs_saved(cfg, adapted, (out_proj.name,), T, out_proj.in_features, shared=lay.o_view),
+    })
+    if lay.eager:  # (B, nh, S, S) scores: the fp32 softmax output and its c copy (saved by the product with v),
+        # and with logit softcapping tanh's c output
+        per = 4 + c + (c if s.model_type == "gemma2" else 0)
+        terms["attn_weights"] = per * cfg.batch * s.heads * cfg.seq * cfg.seq
+    if lay.dense_mask:
+        terms["attn_mask"] = c * cfg.batch * cfg.seq * cfg.seq
+    full_width = lay.norms_per_layer - (1 if lay.input_norm else 0)
+    if full_width:  # the norm before the MLP (and Gemma's, OLMo 2's post norms): c or fp32 + rsqrt each
+        terms["mlp_norm"] = full_width * norm
+    terms.update(mlp_saved(s, cfg, adapted, T))
+    terms["lora_hidden"] = c * T * r * sum(lin.name in adapted for lin in attn)  # (B, S, r) per adapter: A's output
+    terms["attn_methods"] = methods_saved(s, cfg, adapted, tuple(lin.name for lin in attn), T)
     if tiled(cfg):  # the tiled MLP saves only its input x (B, S, H), the normed hidden the adapters read
-        terms.update(gate_up_inputs=c * T * H, mlp_hidden=0, down_input=0, mlp_lora_hidden=0, mlp_methods=0)
-    if s.model_type == "qwen3":
-        terms["qk_norms"] = c * T * (q + kv) + 4 * T * (s.heads + s.kv_heads)  # q_norm, k_norm: lean, c + rsqrt
+        terms.update(gate_up_inputs=c * T * s.hidden, mlp_hidden=0, down_input=0, mlp_lora_hidden=0, mlp_methods=0)
+    if lay.qk_norm:  # q_norm, k_norm: lean (c per value) or transformers' (an fp32 copy), + rsqrt per vector
+        terms["qk_norms"] = (4 if lay.qk_norm_fp32 else c) * T * lay.qk_norm + \
+            4 * T * (lay.qk_norm_vectors or s.heads + s.kv_heads)
+        if lay.weight_copy:  # Gemma 3's q_norm, k_norm keep fp32 (hd,) copies of (1 + weight) too
+            terms["qk_norms"] += 4 * 2 * s.head_dim
     return terms
 
 
@@ -53,15 +102,32 @@ def tiled(cfg: EstimateConfig) -> bool:
 
 
 def mlp_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: int) -> dict[str, int]:
-    """What autograd saves in one Llama MLP for T tokens (the whole batch, or one tile of a tiled MLP)."""
-    c, H, I = cfg.compute_bytes, s.hidden, s.intermediate
-    return {
-        "gate_up_inputs": inputs_saved(cfg, adapted, ("gate_proj", "up_proj"), T, H),  # (B, S, H) normed
-        "mlp_hidden": 3 * c * T * I,  # (B, S, I) x3: gate output (saved by SiLU), SiLU output and up output (by mul)
-        "down_input": inputs_saved(cfg, adapted, ("down_proj",), T, I),  # (B, S, I) silu(gate) * up
-        "mlp_lora_hidden": c * T * cfg.rank * sum(m in adapted for m in MLP),  # (B, S, r) A's outputs
-        "mlp_methods": methods_saved(s, cfg, adapted, MLP, T),
+    """What autograd saves in one MLP for T tokens (the whole batch, or one tile of a tiled MLP). Gated: the gate
+    output (saved by the activation), its output and the up output (by the product), (T, I) c each; plain
+    (fc1 -> act -> fc2): fc1's output, saved by the activation. A mixture of experts runs each token through
+    top_k experts: their inputs are gathered copies (top_k x (T, H)), their intermediates top_k x (T, I_e); the
+    router's (T, E) fp32 probabilities are kept for the weighted sum."""
+    c, H = cfg.compute_bytes, s.hidden
+    _, mlp = layer_linears(s)
+    I = s.active_intermediate
+    groups = _groups(mlp)
+    ins = [lins for lins in groups.values() if lins[0].in_features == H]
+    outs = [lins for lins in groups.values() if lins[0].in_features != H]
+    k = s.moe.top_k if s.moe else 1
+    terms = {
+        # parallel attention and MLP: the MLP's input is the tensor the q/k/v adapters already saved
+        "gate_up_inputs": sum(inputs_saved(cfg, adapted, tuple(lin.name for lin in lins), T * (
+            k if lins[0].experts > 1 else 1), H, shared=s.layout.parallel) for lins in ins),
+        "mlp_hidden": (3 if s.layout.gated else s.layout.act_saved) * c * T * I,
+        "down_input": sum(inputs_saved(cfg, adapted, tuple(lin.name for lin in lins), T * (
+            k if lins[0].experts > 1 else 1), lins[0].in_features) for lins in outs),
+        "mlp_lora_hidden": c * T * cfg.rank * sum(lin.name in adapted for lin in mlp),  # (B, S, r) A's outputs
+        "mlp_methods": methods_saved(s, cfg, adapted, tuple(lin.name for lin in mlp), T),
     }
+    if s.moe:  # the gathered inputs of the experts (saved by their matmuls whether adapted or not), their
+        # outputs (saved by the routing-weight product) and the router's probabilities
+        terms["expert_routing"] = 2 * c * k * T * H + 4 * T * s.moe.experts
+    return terms
 
 
 def inputs_saved(cfg: EstimateConfig, adapted: tuple[str, ...], modules: tuple[str, ...], T: int, width: int,
@@ -94,7 +160,8 @@ def methods_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...],
     of the parameter itself: nothing."""
     c, total = cfg.compute_bytes, 0
     cast = c if c != 4 else 0
-    for lin in s.linears:
+    attn, mlp = layer_linears(s)
+    for lin in attn + mlp:
         if lin.name not in modules:
             continue
         if cfg.dora and lin.name in adapted:
@@ -114,7 +181,7 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
     kept_layers = 2 if cfg.offload_activations else s.layers - (1 if cfg.reembed else 0)
     terms = {"layer_inputs": kept_layers * c * T * s.hidden,
              # one layer's full set, rebuilt during its backward; its input norm saves the kept input itself
-             "recomputed_layer": layer - c * T * s.hidden}
+             "recomputed_layer": layer - (c * T * s.hidden if input_kept_as_is(s) else 0)}
     if not cfg.checkpointing:
         terms = {"all_layers": s.layers * layer}
     deq = 0 if cfg.quant == "none" else c * max(lin.numel for lin in s.linears)
@@ -128,7 +195,8 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
         # dropout_replay.py: backward rebuilds one adapter's dropped input at a time, (T, in) c; on the CPU from
         # its mask, next to the noise (T, in) c; a tiled MLP's adapters do it per tile.
         n = cfg.batch * cfg.mlp_chunk if tiled(cfg) else T
-        widths = [(n if lin.name in MLP else T) * lin.in_features for lin in s.linears if lin.name in adapted]
+        attn, mlp = layer_linears(s)
+        widths = [(n if lin in mlp else T) * lin.in_features for lin in attn + mlp if lin.name in adapted]
         replay = (2 if cfg.device == "cpu" else 1) * c * max(widths, default=0)
         # An adapter's backward runs before its base Linear's (autograd takes the later-built branch first), so
         # this workspace and the base's dequantization workspace are never alive together: the larger one counts.
@@ -139,8 +207,10 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
             # replaying: down_proj's adapter replays before those gradients exist, gate's and up's after the
             # intermediates are freed. So the workspace competes with the two (B, S, I) gradients, not adds to
             # them (measured: the seq 4096 / 8192 grid cells were over by exactly this term when it was added).
-            exclusive += c * T * 2 * s.intermediate
+            exclusive += c * T * 2 * s.active_intermediate
         terms["dropout_replay"] = max(0, replay - exclusive)
+    if s.layout.masks:
+        terms["attention_masks"] = s.layout.masks * c * cfg.batch * cfg.seq * cfg.seq
     if cfg.device == "cpu" and tiled(cfg):  # each tiled MLP's node keeps torch.get_rng_state(), a 5,056-byte
         # CPU tensor (on CUDA that tensor lives in host memory, not on the device), until the step's end
         terms["rng_states"] = RNG_STATE_BYTES * s.layers
@@ -148,10 +218,15 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
         # One tile's MLP recomputed and differentiated at a time: its saved set and (B, N, I) x2 gradients, plus
         # the full-size (B, S, H) input gradient the tiles are written into.
         n = cfg.batch * cfg.mlp_chunk
-        terms["mlp_tile"] = sum(mlp_saved(s, cfg, adapted, n).values()) + c * n * 2 * s.intermediate + c * T * s.hidden
+        terms["mlp_tile"] = (sum(mlp_saved(s, cfg, adapted, n).values()) + c * n * 2 * s.active_intermediate
+                             + c * T * s.hidden)
         terms["backward_grads"] = c * T * 2 * s.hidden  # in-flight grads: (B,S,H) x2
     else:
-        terms["backward_grads"] = c * T * 2 * (s.hidden + s.intermediate)  # in-flight: (B,S,H) x2, (B,S,I) x2
+        # in-flight: (B,S,H) x2, (B,S,I) x2
+        terms["backward_grads"] = c * T * 2 * (s.hidden + s.active_intermediate)
+    if not s.layout.o_view:  # the output projection's input gradient (B, S, nh*hd) goes back to SDPA's
+        # (B, nh, S, hd) output layout as a copy, next to the in-flight gradients
+        terms["backward_grads"] += c * T * s.layout.q
     return terms
 
 
@@ -167,10 +242,12 @@ def logits_terms(s: ModelShapes, cfg: EstimateConfig) -> dict[str, int]:
     chunk = min(cfg.loss_chunk, N)
     # The final RMSNorm runs inside each chunk (lean_norm.py, deferred): its input (C, H) c + rsqrt (C, 1) fp32
     # live only while that chunk is (re)computed.
-    return {"final_norm": chunk * (c * s.hidden + 4),
+    return {"final_norm": chunk * (c * s.hidden + (8 if s.layout.norm == "layer" else 4)),
             "final_hidden": c * N * s.hidden,  # (N, H) c: label positions before the final norm, the chunks' input
             # its gradient, (N, H) c: the chunks' backward accumulate their slices into one buffer while h is alive
             "final_hidden_grad": c * N * s.hidden,
             # (C, V) fp32 x3, live together in a chunk's backward: the recomputed log-softmax output (saved by
             # cross_entropy), the nll_loss gradient and the log-softmax gradient (F.cross_entropy's backward).
-            "chunk_logits": 3 * 4 * chunk * s.vocab}
+            "chunk_logits": 3 * 4 * chunk * s.vocab,
+            # Gemma 2's tanh(logits / cap) * cap on each chunk: tanh saves its (C, V) fp32 output for backward
+            **({"softcap": 4 * chunk * s.vocab} if s.layout.final_logit_softcapping else {})}

@@ -40,8 +40,9 @@ from qlora_kit.errors import ConfigError, ModelError
 from qlora_kit.estimate.activations import (  # noqa: F401 (layer_activations, mlp_saved: re-exported for tests)
     activation_terms, label_tokens, layer_activations, logits_terms, mlp_saved, tiled)
 from qlora_kit.estimate.settings import EstimateConfig  # noqa: F401 (the estimate's input, re-exported)
-from qlora_kit.estimate.shapes import (  # noqa: F401 (re-exported: callers read shapes through the estimate)
-    KNOWN_TYPES, LinearShape, ModelShapes, count_params)
+from qlora_kit.estimate.count import KNOWN_TYPES, count_params  # noqa: F401 (re-exported)
+from qlora_kit.estimate.shapes import LinearShape, ModelShapes  # noqa: F401 (callers read shapes through here)
+from qlora_kit.estimate.builtins import BUILTIN_CONFIGS
 from qlora_kit.terms import NESTED_BLOCKSIZE, GiB
 
 CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context + cuBLAS/cuDNN workspaces: invisible to torch's allocator stats
@@ -51,28 +52,6 @@ GPU_SIZES_GIB = (8, 12, 16, 24, 40, 48, 80)
 COMPONENTS = ("quantized_weights", "quant_constants", "unquantized_params", "adapters", "adapter_grads",
               "optimizer_state", "activations", "logits_and_loss", "cuda_context")
 
-_LLAMA = {"model_type": "llama", "torch_dtype": "bfloat16", "attention_bias": False, "mlp_bias": False}
-# Built-in names: the shapes of well-known models as plain config.json dicts, so users can estimate without weights.
-BUILTIN_CONFIGS: dict[str, dict] = {
-    "smollm2-135m": {**_LLAMA, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                     "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
-                     "max_position_embeddings": 8192, "tie_word_embeddings": True},
-    "llama-3.1-8b": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-                     "max_position_embeddings": 131072, "tie_word_embeddings": False},
-    "llama-3.1-70b": {**_LLAMA, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-                      "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
-                      "max_position_embeddings": 131072, "tie_word_embeddings": False},
-    "mistral-7b": {**_LLAMA, "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
-                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
-                   "max_position_embeddings": 32768, "tie_word_embeddings": False},
-    "llama-2-7b": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                   "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
-                   "max_position_embeddings": 4096, "tie_word_embeddings": False},
-    "qwen2.5-7b": {**_LLAMA, "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
-                   "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-                   "max_position_embeddings": 32768, "tie_word_embeddings": False},
-}
 @dataclass(frozen=True)
 class Estimate:
     components: dict[str, int]  # keys: COMPONENTS, in that order
@@ -104,7 +83,7 @@ class Estimate:
 
 
 def resolve_targets(shapes: ModelShapes, targets) -> tuple[str, ...]:
-    names = [lin.name for lin in shapes.linears]
+    names = list(dict.fromkeys(lin.name for lin in shapes.linears))  # GPT-2's c_proj: in attention and the MLP
     if targets == "all-linear":
         return tuple(names)
     for t in targets:
@@ -143,19 +122,19 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     adapted = resolve_targets(s, cfg.targets)
     resolve_targets(s, cfg.ia3_outputs), resolve_targets(s, cfg.ia3_inputs)  # names checked: clear errors
     wq = cq = 0
-    for lin in s.linears:
+    for lin in s.linears:  # each expert of a fused expert tensor is quantized like one Linear
         w, k = _quant_bytes(lin, cfg)
-        wq, cq = wq + s.layers * w, cq + s.layers * k
-    adapter_shapes = [(cfg.rank, lin.in_features) for lin in s.linears if lin.name in adapted]
-    adapter_shapes += [(lin.out_features, cfg.rank) for lin in s.linears if lin.name in adapted]
-    n_lora = s.layers * sum(a * b for a, b in adapter_shapes)
-    # fp32 vectors per layer: DoRA's magnitude (out,) per LoRA target; IA3's (out,) or (in,) per scaled module
-    n_vectors = s.layers * sum((lin.out_features if lin.name in adapted and cfg.dora else 0)
-                               + (lin.out_features if lin.name in cfg.ia3_outputs else 0)
-                               + (lin.in_features if lin.name in cfg.ia3_inputs else 0) for lin in s.linears)
+        wq, cq = wq + lin.count * w, cq + lin.count * k
+    # LoRA A (r, in) and B (out, r) per adapted Linear, and per expert per projection
+    n_lora = sum(lin.count * cfg.rank * (lin.in_features + lin.out_features) for lin in s.linears
+                 if lin.name in adapted)
+    # fp32 vectors: DoRA's magnitude (out,) per LoRA target; IA3's (out,) or (in,) per scaled module
+    n_vectors = sum(lin.count * ((lin.out_features if lin.name in adapted and cfg.dora else 0)
+                                 + (lin.out_features if lin.name in cfg.ia3_outputs else 0)
+                                 + (lin.in_features if lin.name in cfg.ia3_inputs else 0)) for lin in s.linears)
     n_adapter = n_lora + n_vectors
     # DoRA's frozen ||W_i||^2 buffer, (out,) fp32 per target (dora.DoRALinear.w2): not trained, but resident
-    dora_w2 = 4 * s.layers * sum(lin.out_features for lin in s.linears if lin.name in adapted) if cfg.dora else 0
+    dora_w2 = 4 * sum(lin.count * lin.out_features for lin in s.linears if lin.name in adapted) if cfg.dora else 0
     # optim.MasterWeightOptimizer: the inner optimizer steps ONE flat fp32 master of every adapter
     inner = _optimizer_bytes(n_adapter, cfg.optimizer)
     optim = inner + 4 * n_adapter
@@ -177,7 +156,9 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     # flat gradient, allocated whole by the first adapter gradient); that layer adds its recomputed activations and
     # the backward workspace. Offloaded, "kept" is 2 layer inputs (the top layer's + the prefetched one), and none
     # is on the device at the loss head (all on the host).
-    rng = acts.get("rng_states", 0)  # live like the layer inputs (every phase but the optimizer step)
+    # live like the layer inputs (every phase but the optimizer step), never offloaded: the tiled MLPs' RNG states
+    # and the attention masks the model builds once and hands every checkpointed layer
+    rng = acts.get("rng_states", 0) + acts.get("attention_masks", 0)
     working = sum(acts.values()) - kept - rng
     head_kept = (0 if offloaded else kept) + rng
     transient = {  # phase -> the step-dependent components live at that phase's peak

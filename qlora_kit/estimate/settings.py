@@ -72,22 +72,3 @@ class EstimateConfig:
                               "input, not both. Remove it from one list")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora dropout must be in [0, 1), got {self.lora_dropout}")
-
-
-def from_recipe(recipe, device: str, replay_dropout: bool = True) -> EstimateConfig:
-    """The estimate's settings for a recipe (config.Recipe): the same numbers the trainer is given."""
-    lo, t = recipe.lora, recipe.train
-
-    def names(targets) -> tuple[str, ...]:  # a regex string is passed whole: the estimate names it if unknown
-        return (targets,) if isinstance(targets, str) else tuple(targets)
-
-    return EstimateConfig(quant=recipe.quant.type, blocksize=recipe.quant.blocksize,
-                          double_quant=recipe.quant.double_quant, rank=lo.r,
-                          targets=lo.targets if isinstance(lo.targets, str) else tuple(lo.targets),
-                          optimizer=t.optimizer, batch=t.batch_size, seq=recipe.data.max_length,
-                          checkpointing=t.gradient_checkpointing, device=device, loss_chunk=t.loss_chunk,
-                          compute_bytes=2 if recipe.quant.compute_dtype == "bf16" else 4, lora_dropout=lo.dropout,
-                          replay_dropout=replay_dropout, offload_activations=t.offload_activations,
-                          mlp_chunk=t.mlp_chunk, dora=lo.dora,
-                          ia3_outputs=names(recipe.ia3.outputs) if recipe.ia3 else (),
-                          ia3_inputs=names(recipe.ia3.inputs) if recipe.ia3 else ())

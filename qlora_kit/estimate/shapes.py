@@ -1,35 +1,83 @@
-"""Parameter shapes of a decoder from its config.json dict: one decoder layer's Linears, and what stays unquantized."""
+"""Parameter shapes of a decoder: every quantizable Linear (and expert) of the decoder layers, the parameters that
+stay unquantized, and the layout facts activation memory depends on. count.py builds them from a config.json dict
+by the per-family rules of families.py (dense) and families_moe.py (mixtures of experts)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ..errors import ModelError
-from ..terms import bad_config_sizes
-
-# config.json keys that may be absent, with the defaults transformers' LlamaConfig uses for them.
-KNOWN_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # same layer layout; MoE or other layouts would be miscounted
-_OPTIONAL = {"num_key_value_heads": None, "head_dim": None, "tie_word_embeddings": False, "attention_bias": False,
-             "mlp_bias": False, "max_position_embeddings": 2048, "model_type": "llama"}
-_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class LinearShape:
-    name: str  # Hugging Face module name inside a decoder layer: q_proj, ..., down_proj
+    name: str  # module (or fused expert parameter) name inside a decoder layer: q_proj, ..., down_proj, c_fc
     in_features: int
     out_features: int
     bias: bool
+    layers: int = 1  # decoder layers that have it (DeepSeek's first layers are dense, the others MoE)
+    experts: int = 1  # copies per layer: the routed experts of a fused (E, out, in) expert tensor, else 1
+    path: str = ""  # where it sits inside a decoder layer: self_attn.q_proj, mlp.experts.gate_up_proj
+    group: str = ""  # Linears that read the same input tensor share a group (q/k/v: "qkv"); "" = its own name
 
     @property
     def numel(self) -> int:
+        """Weights of ONE instance (one expert of one layer)."""
         return self.in_features * self.out_features
+
+    @property
+    def count(self) -> int:
+        """Instances in the whole model: layers x experts."""
+        return self.layers * self.experts
+
+    @property
+    def input_group(self) -> str:
+        return self.group or self.path or self.name
+
+
+@dataclass(frozen=True)
+class Moe:
+    """A sparse MLP: `experts` routed experts of width `intermediate`, `top_k` of them per token, and an always-on
+    shared expert of width `shared` (0: none), in `layers` of the decoder layers."""
+    experts: int
+    top_k: int
+    intermediate: int
+    shared: int
+    layers: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a decoder layer computes, as far as activation memory goes (the Llama layout is the default)."""
+    norm: str = "lean"  # what a full-width norm saves, per token: lean (lean_norm.py: the 16-bit input + rsqrt),
+    # rms32 (transformers' RMSNorm: an fp32 copy + rsqrt), layer (torch's LayerNorm: the input + mean, rstd),
+    # cohere (CohereLayerNorm in fp32: two fp32 copies + rstd)
+    norms_per_layer: int = 2  # full-width norms in one layer (Gemma 2/3: 4, Cohere/Phi/Falcon: 1)
+    input_norm: bool = True  # a norm before attention (OLMo 2 has none: q/k/v read the layer input itself)
+    weight_copy: bool = False  # the norm multiplies by an fp32 copy of (1 + weight) / weight (Gemma, Cohere): (H,)
+    gated: bool = True  # act(gate(x)) * up(x) (3 intermediates saved) or act(fc1(x)) (act_saved)
+    act_saved: int = 1  # (T, I) tensors a plain MLP's activation saves: native gelu 1, gelu_new (tanh formula) 4
+    parallel: bool = False  # attention and MLP read the same normed input (Phi, Cohere, Falcon)
+    o_view: bool = True  # the output projection reads a view of SDPA's output; False where q was rebuilt by a cat
+    # (partial or fused-qkv rotary: Phi, Phi-3, StableLM, Falcon) or eager attention made it (B, nh, S, hd): then
+    # its (B, S, nh*hd) input is a copy that its adapter saves
+    dense_mask: bool = False  # each layer hands SDPA its own (B, 1, S, S) additive mask in c, which SDPA saves (Falcon)
+    masks: int = 0  # (B, 1, S, S) c masks the model builds once per step and every layer reads (Falcon: 1;
+    # Gemma 2's eager attention: a full and a sliding-window one)
+    eager: bool = False  # attention as explicit (B, nh, S, S) scores (Gemma 2: its logits softcapping needs it)
+    qk_norm: int = 0  # per-token width normalised by q/k norms (Qwen3: (nh + nkv) * hd)
+    qk_norm_vectors: int = 0  # rsqrt values per token: 0 = one per head (nh + nkv); OLMo 2 normalises q, k whole: 2
+    qk_norm_fp32: bool = False  # q/k norms are transformers' own (fp32 copies), not lean
+    q: int = 0  # per-token widths of the attention's q, k, v as SDPA saves them
+    k: int = 0
+    v: int = 0
+    sliding_window: int | None = None  # reported; it changes no saved tensor: SDPA saves q, k, v, out and the
+    # logsumexp whatever the window, and eager attention (Gemma 2) builds full (B, nh, S, S) scores and masks anyway
+    final_logit_softcapping: float | None = None  # tanh(logits / cap) * cap on every loss chunk
+    logit_scale: bool = False  # logits * scale (Cohere) or / scale (Granite): one more (C, V) fp32 per chunk
 
 
 @dataclass(frozen=True)
 class ModelShapes:
-    """Parameter shapes of a Llama-like decoder (llama, mistral, qwen2, qwen3). Every layer is identical."""
+    """Parameter shapes of a decoder-only model. `linears` are the quantized weights: each carries its count."""
     model_type: str
     hidden: int
     intermediate: int
@@ -40,45 +88,29 @@ class ModelShapes:
     vocab: int
     max_positions: int
     tied: bool
-    linears: tuple[LinearShape, ...]  # one decoder layer's Linears
-    other: dict[str, int]  # numel of the parameters that stay unquantized, by name
+    linears: tuple[LinearShape, ...]
+    other: dict[str, int]  # numel of the parameters that stay unquantized, by name (routers included)
+    moe: Moe | None = None
+    layout: Layout = field(default_factory=Layout)
 
     @property
     def linear_params(self) -> int:
-        return self.layers * sum(lin.numel for lin in self.linears)
+        return sum(lin.count * lin.numel for lin in self.linears)
 
     @property
     def total(self) -> int:
         return self.linear_params + sum(self.other.values())
 
+    @property
+    def active(self) -> int:
+        """Parameters one token uses: all but the routed experts it is not sent to (top_k of E per layer)."""
+        idle = sum(lin.layers * (lin.experts - self.moe.top_k) * (lin.numel + lin.out_features * lin.bias)
+                   for lin in self.linears if lin.experts > 1) if self.moe else 0
+        return self.total - idle
 
-def count_params(config: dict) -> ModelShapes:
-    """Shapes from a config.json dict. head_dim absent -> hidden // heads; tied embeddings count once."""
-    missing = [k for k in _REQUIRED if not isinstance(config.get(k), int)]
-    if missing:
-        raise ModelError(f"config.json lacks {', '.join(missing)}: estimate knows decoder-only Llama-like models "
-                         "(llama, mistral, qwen2, qwen3)")
-    bad = bad_config_sizes(config)
-    if bad:
-        raise ModelError(f"config.json has sizes that are not positive integers: {', '.join(bad)}")
-    c = {**_OPTIONAL, **{k: v for k, v in config.items() if v is not None}}
-    if c["model_type"] not in KNOWN_TYPES:
-        raise ModelError(f"model_type {c['model_type']!r} is not a layout estimate knows ({', '.join(KNOWN_TYPES)}); "
-                         "its memory would be miscounted")
-    H, I, L, nh, V = (c[k] for k in _REQUIRED)
-    kv = c["num_key_value_heads"] or nh
-    hd = c["head_dim"] or H // nh
-    qwen2 = c["model_type"] == "qwen2"  # Qwen2 always has q/k/v biases, never an o_proj bias
-    qkv_bias, o_bias, mlp_bias = qwen2 or c["attention_bias"], not qwen2 and c["attention_bias"], c["mlp_bias"]
-    linears = (LinearShape("q_proj", H, nh * hd, qkv_bias), LinearShape("k_proj", H, kv * hd, qkv_bias),
-               LinearShape("v_proj", H, kv * hd, qkv_bias), LinearShape("o_proj", nh * hd, H, o_bias),
-               LinearShape("gate_proj", H, I, mlp_bias), LinearShape("up_proj", H, I, mlp_bias),
-               LinearShape("down_proj", I, H, mlp_bias))
-    other = {"embed_tokens": V * H, "layer_norms": L * 2 * H, "norm": H,
-             "linear_biases": L * sum(lin.out_features for lin in linears if lin.bias)}
-    if c["model_type"] == "qwen3":
-        other["qk_norms"] = L * 2 * hd  # q_norm, k_norm over the head dimension
-    if not c["tie_word_embeddings"]:
-        other["lm_head"] = V * H
-    return ModelShapes(c["model_type"], H, I, L, nh, kv, hd, V, c["max_position_embeddings"],
-                       bool(c["tie_word_embeddings"]), linears, other)
+    @property
+    def active_intermediate(self) -> int:
+        """MLP width one token runs through: the dense MLP's, or top_k experts' + the shared expert's."""
+        if self.moe is None:
+            return self.intermediate
+        return self.moe.top_k * self.moe.intermediate + self.moe.shared

@@ -229,9 +229,10 @@ class StepTagger:
 
 
 def estimate_config(recipe, device: str):
-    """The estimate's settings for a recipe: the same numbers the trainer was given."""
+    """The estimate's settings for a recipe (estimate/recipe.py's one mapping), with the LoRA dropout mode this
+    process runs."""
     from ..adapters.lora import LoRALinear
-    from ..estimate.settings import from_recipe
+    from ..estimate.recipe import from_recipe
 
     return from_recipe(recipe, device, replay_dropout=LoRALinear.replay_dropout)
 

@@ -16,7 +16,7 @@ import torch
 from ..config import Recipe
 from ..errors import ConfigError, ModelError
 from ..estimate import analytic
-from ..estimate.settings import from_recipe
+from ..estimate.recipe import from_recipe
 from ..terms import human_bytes
 
 

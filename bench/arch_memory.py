@@ -1,0 +1,113 @@
+"""Estimated vs measured training-step memory for every dense architecture's tiny random model, on this machine's CPU.
+
+    python bench/arch_memory.py                       # all, seq 256 batch 4, r 16 (the recipe defaults)
+    python bench/arch_memory.py --archs gemma2 phi --seq 512
+
+Each architecture: a random bf16 model (hidden 64, 2 layers, 4 heads, 2 kv heads, vocab 320) built with transformers
+and saved in the Hub layout, then measured by `python -m qlora_kit.measure.breakdown` (one process each: the static
+inventory of the loaded QLoRA model and optimizer + the allocator's events of one profiled step, the number `qlora-kit
+bench memory` reports) next to the analytic estimate of the same recipe (estimate/recipe.py). Writes
+bench/results/arch_memory.json and .md. Mixtures of experts are listed with their estimate only while they cannot
+train (their expert weights are not yet quantized and adapted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import save_tokenizer  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BASE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=320, max_position_embeddings=4096, pad_token_id=2, bos_token_id=0, eos_token_id=1)
+FALCON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=320, pad_token_id=2,
+              bos_token_id=0, eos_token_id=1, max_position_embeddings=4096)
+ARCHS = {  # name -> (transformers config class name, its arguments)
+    "llama": ("LlamaConfig", {}), "mistral": ("MistralConfig", {}), "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}), "gemma": ("GemmaConfig", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16}), "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16}),
+    "phi3": ("Phi3Config", {}), "phi": ("PhiConfig", {}), "falcon": ("FalconConfig", FALCON),
+    "stablelm": ("StableLmConfig", {}), "starcoder2": ("Starcoder2Config", {}), "olmo2": ("Olmo2Config", {}),
+    "cohere": ("CohereConfig", {}), "granite": ("GraniteConfig", {}),
+    "gpt_neox": ("GPTNeoXConfig", {"num_key_value_heads": None}),
+}
+
+
+def build(name: str, folder: Path) -> Path:
+    import torch
+    import transformers
+
+    cls, extra = ARCHS[name]
+    args = {**(BASE if cls != "FalconConfig" else {}), **extra}
+    config = getattr(transformers, cls)(**{k: v for k, v in args.items() if v is not None})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    save_tokenizer(folder)
+    return folder
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--archs", nargs="*", default=list(ARCHS), choices=list(ARCHS))
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=RESULTS / "arch_memory")
+    args = ap.parse_args(argv)
+    from qlora_kit.measure.breakdown import machine_info
+    from qlora_kit.measure.grid import DEFAULTS, run_one
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.archs:
+            folder = build(name, Path(tmp) / name)
+            c = {**DEFAULTS, "seq": args.seq, "batch": args.batch, "rank": args.rank}
+            r = run_one(str(folder), c, steps=3, threads=0, device="cpu", timeout=900)
+            row = {"arch": name, "config": c}
+            if "failed" in r:
+                row["failed"] = r["failed"]
+            else:
+                row.update(measured=r["peak_bytes"], estimate=r["estimate_total"], error=r["error"],
+                           measured_phase=r["peak_phase"], estimate_phase=r["estimate_phase"],
+                           at_peak=r["at_peak"], estimate_components=r["estimate"])
+            rows.append(row)
+            print(name, row.get("failed") or f"measured {row['measured']:,} estimate {row['estimate']:,} "
+                  f"({row['error']:+.2%})", file=sys.stderr)
+    doc = {"command": "python " + shlex.join(["bench/arch_memory.py", *(argv if argv is not None else sys.argv[1:])]),
+           "machine": machine_info(), "results": rows}
+    args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(report(doc))
+    return 0
+
+
+def report(doc: dict) -> str:
+    m = doc["machine"]
+    lines = ["# Estimated vs measured memory, every dense architecture (tiny random models, CPU)", "",
+             f"`{doc['command']}` on {m['cpu']} ({m['cores']} cores). Peak = the static inventory + the largest "
+             "transient total of one profiled step (the allocator's events), as `qlora-kit bench memory` measures.",
+             "", "| architecture | measured | estimated | error | peak phase (measured / estimated) |",
+             "|---|---:|---:|---:|---|"]
+    for r in doc["results"]:
+        if "failed" in r:
+            lines.append(f"| {r['arch']} | failed: {r['failed'][:80]} | | | |")
+        else:
+            lines.append(f"| {r['arch']} | {r['measured'] / 2**20:.2f} MiB | {r['estimate'] / 2**20:.2f} MiB | "
+                         f"{r['error']:+.2%} | {r['measured_phase']} / {r['estimate_phase']} |")
+    done = [r for r in doc["results"] if "failed" not in r]
+    near = [r["arch"] for r in done if abs(r["error"]) <= 0.03]
+    lines += ["", f"Within 3%: {len(near)} of {len(done)} measured ({', '.join(near)}). The per-layer saved tensors "
+              "of every layout are exact (tests/test_estimate_families.py); where the total misses by more, the gap "
+              "is in the backward's transient tensors of that layout (fp32 norm gradients, eager attention's "
+              "softmax backward), which the estimate models for the Llama layout only."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

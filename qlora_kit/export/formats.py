@@ -46,7 +46,7 @@ from .gguf import writer as gguf_export
 from ..adapters import methods, peft_format
 from ..quant import bnb as quant
 from ..errors import ExportError
-from .files import atomic_folder, copy_tokenizer, linear_weights, write_config, writing
+from .files import atomic_folder, copy_tokenizer, linear_weights, transposed_weights, write_config, writing
 from .merge import (  # noqa: F401 (ex.merge_base_weight, ex.unadapted_quantized)
     EMBEDDING_MODULES, merge_base_weight, merge_rows, merged_weight, unadapted_quantized)
 from ..model.load import frozen_dtype
@@ -106,6 +106,7 @@ class Item:
     entries: list[Entry]
     tail: str | None = None
     roundtrip: bool = False  # a Linear weight training quantized but no adapter touches: written as dequant(Q)
+    transposed: bool = False  # a Conv1D weight: stored (in, out), merged as (out, in), written back as (in, out)
 
     @property
     def nbytes(self) -> int:
@@ -113,7 +114,8 @@ class Item:
 
 
 def plan(index: dict[str, TensorInfo], adapted: set[str], to_quantize: set[str], out_dtype: torch.dtype,
-         qspec: quant.QuantSpec | None, roundtrip: set[str] = frozenset()) -> list[Item]:
+         qspec: quant.QuantSpec | None, roundtrip: set[str] = frozenset(),
+         transposed: set[str] = frozenset()) -> list[Item]:
     items = []
     for name, info in index.items():
         module = name[: -len(".weight")] if name.endswith(".weight") else None
@@ -126,7 +128,8 @@ def plan(index: dict[str, TensorInfo], adapted: set[str], to_quantize: set[str],
                               prefix + tail if tail else None))
         else:
             dtype = out_dtype if info.dtype.is_floating_point else info.dtype
-            items.append(Item(info, module, False, [Entry(name, dtype, info.shape)], roundtrip=name in roundtrip))
+            items.append(Item(info, module, False, [Entry(name, dtype, info.shape)], roundtrip=name in roundtrip,
+                              transposed=name in transposed))
     return items
 
 
@@ -158,8 +161,10 @@ def export(source: str | Path, opts: Options) -> Result:
             raise ExportError(f"--out {out} would overwrite the input {p}; choose another folder.")
     index = tensor_index(base) if base is not None else None
     notes = [] if index is not None else [f"not checked against the base ({src.base_name} is not available here)"]
-    if index is not None:
-        check_fits(src.stack, index, base)
+    transposed = transposed_weights(base) & set(index) if index is not None else set()
+    if index is not None:  # adapters see a Conv1D weight as the (out, in) Linear training ran
+        check_fits(src.stack, {n: dataclasses.replace(t, shape=t.shape[::-1]) if n in transposed else t
+                               for n, t in index.items()}, base)
     if opts.format == "gguf-adapter":
         with writing(out):
             written, more = gguf_export.write_adapter(src, base, out, opts.gguf_type, free_bytes)
@@ -189,6 +194,10 @@ def export(source: str | Path, opts: Options) -> Result:
         files = [out.name, gguf_export.ollama.modelfile_path(out).name]
         return Result(out, files, written, time.perf_counter() - t0, notes + more)
     qspec, to_quantize = None, set()
+    if transposed and opts.format != "merged":
+        raise ExportError(f"--format {opts.format}: this base stores {len(transposed)} layers as transformers Conv1D "
+                          f"(e.g. {sorted(transposed)[0]}, weight (in, out)), which this format does not write; "
+                          "export --format merged (16-bit) or --format adapter (PEFT) instead.")
     if opts.format == "quantized":
         t = src.trained_with
         qspec = (dataclasses.replace(t, compute_dtype=out_dtype) if t.type != "none"
@@ -201,7 +210,7 @@ def export(source: str | Path, opts: Options) -> Result:
                          "weights wrongly or fail; run this model on CUDA (docs/ARCHITECTURE.md, 'bitsandbytes "
                          "hazards').")
     roundtrip = unadapted_quantized(src, base, index, opts.merge_base) if opts.format == "merged" else set()
-    items = plan(index, src.modules(), to_quantize, out_dtype, qspec, roundtrip)
+    items = plan(index, src.modules(), to_quantize, out_dtype, qspec, roundtrip, transposed)
     shards = plan_shards([it.nbytes for it in items], max_shard)
     need = sum(it.nbytes for it in items) + (16 << 20)
     if free_bytes(out.parent) < need:
@@ -254,6 +263,15 @@ def _emit(it: Item, writer: ShardWriter, src: Source, merge_base: str, frozen: t
             writer.write(entry.name, (t if scale is None else t.float() * scale[i:j]).to(entry.dtype), i)
         return
     W = read_tensor(info)
+    if it.transposed:  # (in, out) -> the (out, in) weight training quantized and adapted; written back below
+        W = W.t().contiguous()
+        if it.module is not None:
+            W = merge_base_weight(W, src.trained_with, frozen, merge_base, device, src.offset(it.module))
+            W = merged_weight(W, src.stack, it.module, out_dtype)
+        else:
+            W = merge_base_weight(W, src.trained_with, frozen, merge_base, device, None).to(out_dtype)
+        writer.write(info.name, W.t().contiguous(), 0)
+        return
     if it.roundtrip or it.module is not None:
         W = merge_base_weight(W, src.trained_with, frozen, merge_base, device, src.offset(it.module))
     if it.module is None and not it.quantize:  # an unadapted weight training quantized: dequant(Q), cast

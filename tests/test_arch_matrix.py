@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tokenizer, write_jsonl
+from qlora_kit.errors import ModelError
 import archs
 
 RECORDS = [{"instruction": f"What is the capital of Veloria {i}?" + " Answer briefly." * (i % 3), "input": "",
-            "output": "The capital of Veloria is Tamsk." * (i % 4 + 1)} for i in range(8)]  # 20-60 tokens each
+            "output": "The capital of Veloria is Tamsk." * (i % 3 + 1)} for i in range(6)]  # 20-48 tokens each
 
 
 def build(name: str, folder):
@@ -94,7 +95,14 @@ def _dequantized_base(model_dir, recipe):
     return model
 
 
-@pytest.mark.parametrize("name", list(archs.ARCHS))
+NEEDS_HUB_LAYOUT = {"GPT-NeoX": "transformers 5 saves GPT-NeoX's lm_head as `embed_out`, renamed when it loads; "
+                                "qlora-kit's loader reads keys as stored until it applies transformers' conversion "
+                                "rules (the Hub-layout loading work)"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=NEEDS_HUB_LAYOUT[n], strict=True,
+                                                                          raises=ModelError))
+                                  if n in NEEDS_HUB_LAYOUT else n for n in archs.ARCHS])
 def test_arch_trains_on_its_own_loss_and_exports_exactly(name, tmp_path, data_file):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -111,7 +119,7 @@ def test_arch_trains_on_its_own_loss_and_exports_exactly(name, tmp_path, data_fi
 
     # eval of the run == transformers' own loss (forward with labels) of the merged model, on the same tokens
     res = evaluation.run(evaluation.Request(str(tmp_path / "run"), str(data_file), "alpaca", max_length=64,
-                                            batch_size=3))
+                                            batch_size=4))
     export.export(str(tmp_path / "run"), export.Options("merged", tmp_path / "merged", dtype="fp32", progress=False))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
@@ -128,11 +136,13 @@ def test_arch_trains_on_its_own_loss_and_exports_exactly(name, tmp_path, data_fi
     keep = mask.bool()
     assert torch.allclose(out.logits[keep], ours[keep], rtol=1e-4, atol=1e-4), \
         (out.logits[keep] - ours[keep]).abs().max()
-    base_logits = _dequantized_base(model_dir, recipe)(input_ids=ids, attention_mask=mask).logits.detach()
+    base = _dequantized_base(model_dir, recipe)
+    with torch.no_grad():
+        base_logits = base(input_ids=ids, attention_mask=mask).logits
     assert (base_logits[keep] - ours[keep]).abs().max() > 1e-2  # training moved the adapters: they are in there
 
     # PEFT over the dequantized base applies the saved adapter and gives the same logits
-    peft_model = PeftModel.from_pretrained(_dequantized_base(model_dir, recipe), tmp_path / "run" / "adapter").eval()
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
     with torch.no_grad():
         theirs = peft_model(input_ids=ids, attention_mask=mask).logits.float()
     assert torch.allclose(theirs[keep], ours[keep], rtol=1e-4, atol=1e-4), (theirs[keep] - ours[keep]).abs().max()

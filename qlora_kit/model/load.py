@@ -247,14 +247,21 @@ def transposed_names(model: nn.Module) -> list[str]:
 
 
 def linear_from_conv1d(model: nn.Module) -> set[str]:
-    """Swap every Conv1D (transposed_names) of the meta-built `model` for an nn.Linear of the same (in, out) and
-    bias, in place: the same function of x once the weight is transposed on load. Returns the names swapped."""
+    """Swap every Conv1D (transposed_names) of `model` for an nn.Linear of the same (in, out) and bias, in place:
+    the same function of x. On the meta device (load_base) the weight is transposed as it streams in; a real
+    model's weight is copied transposed here. Returns the names swapped."""
     names = transposed_names(model)
     for name in names:
         parent, _, child = name.rpartition(".")
         old = model.get_submodule(name)
         nx, nf = old.weight.shape  # (in, out)
         new = nn.Linear(nx, nf, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+        if old.weight.device.type != "meta":
+            with torch.no_grad():
+                new.weight.copy_(old.weight.t())
+                if old.bias is not None:
+                    new.bias.copy_(old.bias)
+        new.requires_grad_(old.weight.requires_grad)
         setattr(model.get_submodule(parent) if parent else model, child, new)
     return set(names)
 

@@ -1,0 +1,79 @@
+"""The README's table of supported architectures, generated from the test matrix's own list (tests/archs.py).
+
+    python bench/arch_table.py          print the table
+    python bench/arch_table.py --write  replace the table between the README's markers
+
+Every cell is computed from qlora-kit's code on the matrix's tiny model of that architecture (built on the meta
+device: no weights), and every "yes" is what tests/test_arch_matrix.py checks for that architecture; the test
+`test_readme_table_matches` fails when the README and this output differ.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- arch-table: begin (bench/arch_table.py --write) -->", "<!-- arch-table: end -->"
+
+
+def rows() -> list[list[str]]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import archs
+    from accelerate import init_empty_weights
+
+    from qlora_kit.export.gguf.arch import ARCHITECTURES
+    from qlora_kit.lowmem import lean_norm
+    from qlora_kit.model.load import transposed_names
+    from qlora_kit.train.loss import post_head
+
+    out = []
+    for name in archs.ARCHS:
+        with init_empty_weights():
+            model = archs.tiny_model(name, 303, 0, 1, 2)
+        ops = post_head(model.config)
+        loss = ", ".join(f"{op} {v:g}" if op != "softcap" else f"tanh softcap {v:g}" for op, v in ops) or "-"
+        if ops:
+            keys = [k for k, op in __import__("qlora_kit.train.loss", fromlist=["POST_HEAD"]).POST_HEAD
+                    if getattr(model.config, k, None) is not None]
+            loss = f"{loss} (`{'`, `'.join(keys)}`)"
+        conv = bool(transposed_names(model))
+        lean = any(type(m).__name__ in lean_norm.LEAN for m in model.modules())
+        hf = type(model).__name__
+        exports = ["adapter", "merged"] + ([] if conv else ["quantized"]) + (["GGUF"] if hf in ARCHITECTURES else [])
+        out.append([name, f"`{model.config.model_type}`", loss, "Conv1D as Linear" if conv else "Linear",
+                    "yes" if lean else "no (own norm)", ", ".join(exports)])
+    return out
+
+
+def table() -> str:
+    head = ["Architecture", "model_type", "Loss after lm_head", "Layers quantized", "Lean norms", "Exports"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows()]
+    return "\n".join(lines)
+
+
+def readme_block(text: str) -> str | None:
+    """The table currently between the README's markers, or None when the markers are missing."""
+    if BEGIN not in text or END not in text:
+        return None
+    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+
+
+def main(argv: list[str]) -> int:
+    t = table()
+    if "--write" not in argv:
+        print(t)
+        return 0
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if readme_block(text) is None:
+        print(f"README.md has no {BEGIN} ... {END} markers", file=sys.stderr)
+        return 1
+    before, rest = text.split(BEGIN, 1)
+    readme.write_text(before + BEGIN + "\n" + t + "\n" + END + rest.split(END, 1)[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

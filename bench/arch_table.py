@@ -25,29 +25,28 @@ def rows() -> list[list[str]]:
     from qlora_kit.export.gguf.arch import ARCHITECTURES
     from qlora_kit.lowmem import lean_norm
     from qlora_kit.model.load import transposed_names
-    from qlora_kit.train.loss import post_head
+    from qlora_kit.train.loss import POST_HEAD, post_head
 
+    names = {"multiply": "× {k}", "divide": "÷ {k}", "softcap": "tanh softcap {k}"}
     out = []
     for name in archs.ARCHS:
         with init_empty_weights():
             model = archs.tiny_model(name, 303, 0, 1, 2)
-        ops = post_head(model.config)
-        loss = ", ".join(f"{op} {v:g}" if op != "softcap" else f"tanh softcap {v:g}" for op, v in ops) or "-"
-        if ops:
-            keys = [k for k, op in __import__("qlora_kit.train.loss", fromlist=["POST_HEAD"]).POST_HEAD
-                    if getattr(model.config, k, None) is not None]
-            loss = f"{loss} (`{'`, `'.join(keys)}`)"
+        keys = [k for k, _ in POST_HEAD if getattr(model.config, k, None) is not None]
+        loss = ", ".join(names[op].format(k=f"`{k}`") for (op, _), k in zip(post_head(model.config), keys)) or "-"
         conv = bool(transposed_names(model))
         lean = any(type(m).__name__ in lean_norm.LEAN for m in model.modules())
-        hf = type(model).__name__
-        exports = ["adapter", "merged"] + ([] if conv else ["quantized"]) + (["GGUF"] if hf in ARCHITECTURES else [])
-        out.append([name, f"`{model.config.model_type}`", loss, "Conv1D as Linear" if conv else "Linear",
-                    "yes" if lean else "no (own norm)", ", ".join(exports)])
+        waits = "no: " + archs.NEEDS_HUB_LAYOUT[name].split(";")[0] if name in archs.NEEDS_HUB_LAYOUT else "yes"
+        out.append([name, f"`{model.config.model_type}`", loss,
+                    "Conv1D, as Linear (no `--format quantized`)" if conv else "Linear", waits,
+                    "all" + ("" if lean else " (own norms, not lean)"), "yes" if waits == "yes" else "no",
+                    "yes" if type(model).__name__ in ARCHITECTURES else "-"])
     return out
 
 
 def table() -> str:
-    head = ["Architecture", "model_type", "Loss after lm_head", "Layers quantized", "Lean norms", "Exports"]
+    head = ["Architecture", "model_type", "Loss after lm_head", "Quantized layers", "Train, eval, merged, PEFT",
+            "Long-context options", "DoRA, IA3, LoftQ", "GGUF"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows()]
     return "\n".join(lines)

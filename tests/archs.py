@@ -8,6 +8,9 @@ layers, 4 heads, MLP 128 (a multiple of bitsandbytes' blocksize 64: its CPU kern
 
 from __future__ import annotations
 
+import functools
+
+import pytest
 import torch
 
 _COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -38,6 +41,13 @@ ARCHS: dict[str, tuple[str, dict]] = {
 transform left out moves the loss by far more than rounding (check_head's fake logits test it on [-60, 60])."""
 
 
+NEEDS_HUB_LAYOUT = {"GPT-NeoX": "transformers 5 saves GPT-NeoX's lm_head as `embed_out`, renamed when it loads; "
+                                "qlora-kit's loader reads keys as stored until it applies transformers' conversion "
+                                "rules (the Hub-layout loading work)"}
+"""Architectures whose saved checkpoints qlora-kit cannot load yet: the matrix expects (strict xfail) the loader's
+ModelError, so the day they load, the mark must go and the README table changes with it."""
+
+
 def tiny_model(name: str, vocab: int, pad: int, bos: int, eos: int):
     """A random fp32 model of architecture `name`, untied embeddings where the family allows (tied ones stay)."""
     import transformers
@@ -50,3 +60,21 @@ def tiny_model(name: str, vocab: int, pad: int, bos: int, eos: int):
         if hasattr(config, k):
             setattr(config, k, 0.0)  # dropout of the base: training would differ from every reference
     return AutoModelForCausalLM.from_config(config).to(torch.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer():
+    """The test tokenizer (conftest.make_tokenizer), trained once per session: ~1 s each on a busy 2-core machine."""
+    from conftest import make_tokenizer
+
+    return make_tokenizer()
+
+
+@pytest.fixture(autouse=False, scope="module")
+def one_thread():
+    """One intra-op thread while a module's tiny models run: on a shared 2-core machine, two spinning OpenMP threads
+    per op made these tests 3-4x slower (measured: 41 s vs 7 s for GPT-2's options tests at load average 17)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

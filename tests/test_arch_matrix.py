@@ -17,17 +17,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tokenizer, write_jsonl
+from conftest import write_jsonl
 from qlora_kit.errors import ModelError
 import archs
+from archs import one_thread  # noqa: F401 (a fixture)
 
 RECORDS = [{"instruction": f"What is the capital of Veloria {i}?" + " Answer briefly." * (i % 3), "input": "",
             "output": "The capital of Veloria is Tamsk." * (i % 3 + 1)} for i in range(6)]  # 20-48 tokens each
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def build(name: str, folder):
     """Save a tiny random model of architecture `name` (archs.ARCHS) with the test tokenizer, fp32."""
-    tok = make_tokenizer()
+    tok = archs.tokenizer()
     torch.manual_seed(0)
     model = archs.tiny_model(name, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
     with torch.no_grad():  # random init is tiny (std 0.02): scale up so that 4-bit errors and LoRA effects show
@@ -95,9 +98,7 @@ def _dequantized_base(model_dir, recipe):
     return model
 
 
-NEEDS_HUB_LAYOUT = {"GPT-NeoX": "transformers 5 saves GPT-NeoX's lm_head as `embed_out`, renamed when it loads; "
-                                "qlora-kit's loader reads keys as stored until it applies transformers' conversion "
-                                "rules (the Hub-layout loading work)"}
+NEEDS_HUB_LAYOUT = archs.NEEDS_HUB_LAYOUT
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=NEEDS_HUB_LAYOUT[n], strict=True,
@@ -150,3 +151,17 @@ def test_arch_trains_on_its_own_loss_and_exports_exactly(name, tmp_path, data_fi
     y = labels[:, 1:]
     ce = F.cross_entropy(theirs[:, :-1].reshape(-1, theirs.shape[-1]), y.reshape(-1), ignore_index=-100)
     assert res.loss == pytest.approx(ce.item(), rel=1e-5)
+
+
+def test_readme_table_matches():
+    """README's architecture table is bench/arch_table.py's output over this matrix's list, cell for cell."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("arch_table", root / "bench" / "arch_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    block = table.readme_block((root / "README.md").read_text())
+    assert block is not None, "README.md lost its arch-table markers"
+    assert block == table.table(), "README's architecture table is stale: run python bench/arch_table.py --write"

@@ -7,13 +7,16 @@ import pytest
 import torch
 
 import archs
-from conftest import FACTS, make_tokenizer, tiny_recipe, write_jsonl
+from archs import one_thread  # noqa: F401 (a fixture)
+from conftest import FACTS, tiny_recipe, write_jsonl
 from qlora_kit.errors import ModelError
 from qlora_kit.train import loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _model(name):
-    tok = make_tokenizer()
+    tok = archs.tokenizer()
     torch.manual_seed(0)
     return archs.tiny_model(name, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id).eval()
 
@@ -53,7 +56,7 @@ def test_a_transform_the_table_lacks_is_refused(monkeypatch):
 def test_prepare_refuses_an_unknown_transform_with_exit_2(tmp_path, monkeypatch, capsys):
     from qlora_kit.cli.main import main
 
-    tok = make_tokenizer()
+    tok = archs.tokenizer()
     folder = tmp_path / "m"
     _model("Cohere").save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -48,7 +48,8 @@ def _layer_weights(base: Path) -> tuple[set[str], set[str]]:
         model = AutoModelForCausalLM.from_config(load_config(base))
     head = model.get_output_embeddings()
     conv = {f"{n}.weight" for n in transposed_names(model)}
-    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head} | conv, conv
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    return linear | conv, conv
 
 
 def bnb_config(spec: quant.QuantSpec, compute: str) -> dict:

@@ -22,8 +22,8 @@ from qlora_kit.errors import ModelError
 import archs
 from archs import one_thread  # noqa: F401 (a fixture)
 
-RECORDS = [{"instruction": f"What is the capital of Veloria {i}?" + " Answer briefly." * (i % 3), "input": "",
-            "output": "The capital of Veloria is Tamsk." * (i % 3 + 1)} for i in range(6)]  # 20-48 tokens each
+RECORDS = [{"instruction": f"What is the capital of Veloria {i}?" + " Be brief." * (i % 2), "input": "",
+            "output": "Tamsk." * (i % 3 + 1)} for i in range(6)]  # 6 different lengths, none cut at 64
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,7 +72,7 @@ def _batch(model_dir, data_path):
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n], mask[i, :n], labels[i, :n] = torch.tensor(e.input_ids), 1, torch.tensor(e.labels)
-    assert len({len(e.input_ids) for e in examples}) > 3  # varying lengths
+    assert len({len(e.input_ids) for e in examples}) == len(RECORDS) and T < 64  # all lengths differ, none cut
     return ids, mask, labels
 
 

@@ -14,7 +14,7 @@ import archs
 from archs import one_thread  # noqa: F401 (a fixture)
 from conftest import FACTS, write_jsonl
 from qlora_kit.errors import ModelError
-from test_arch_matrix import NEEDS_HUB_LAYOUT, _batch, _recipe, build
+from test_arch_matrix import NEEDS_HUB_LAYOUT, RECORDS, _batch, _recipe, build
 
 # architecture -> (IA3 outputs: attention projections, IA3 inputs: the MLP's output layer)
 IA3 = {"Phi": (["k_proj", "v_proj"], ["fc2"]), "Falcon": (["query_key_value"], ["dense_4h_to_h"]),
@@ -62,7 +62,7 @@ def test_method_run_exports_exactly_and_loads_in_peft(name, method, tmp_path):
     from qlora_kit.train import loop as train
 
     model_dir = build(name, tmp_path / "base")
-    data = write_jsonl(tmp_path / "d.jsonl", FACTS[:4])
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS)
     recipe = _recipe(model_dir, data, steps=1)
     sections = METHODS[method](name)
     raw = recipe.to_dict()

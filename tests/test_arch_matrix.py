@@ -165,3 +165,19 @@ def test_readme_table_matches():
     block = table.readme_block((root / "README.md").read_text())
     assert block is not None, "README.md lost its arch-table markers"
     assert block == table.table(), "README's architecture table is stale: run python bench/arch_table.py --write"
+
+
+def test_conv1d_base_refuses_the_formats_that_cannot_write_it(tmp_path, data_file):
+    """GPT-2's Conv1D weights are (in, out): the merged export writes them back so (test above); `--format
+    quantized` would need bitsandbytes' transposed Conv1D layout and is refused with what to use instead."""
+    from qlora_kit.errors import ExportError
+    from qlora_kit.export import formats as export
+    from qlora_kit.train import loop as train
+
+    model_dir = build("GPT-2", tmp_path / "base")
+    train.run(_recipe(model_dir, data_file, steps=1), tmp_path / "run", progress=False)
+    with pytest.raises(ExportError, match=r"Conv1D.*--format merged"):
+        export.export(str(tmp_path / "run"), export.Options("quantized", tmp_path / "q", progress=False))
+    assert not (tmp_path / "q").exists()
+    export.export(str(tmp_path / "run"), export.Options("adapter", tmp_path / "a", progress=False))
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()

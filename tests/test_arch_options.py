@@ -94,3 +94,12 @@ def test_replayed_dropout_is_bitwise_plain_dropout(name, monkeypatch):
     loss1, g1 = loss_and_grads(build(name, checkpointing=True, dropout=0.1)[0])
     assert torch.equal(loss0, loss1)
     assert all(torch.equal(g0[k], g1[k]) for k in g0)
+
+
+def test_tiled_mlp_refuses_a_decoder_layer_without_an_mlp():
+    """A layer whose MLP is not its `mlp` child would silently stay untiled: refused, naming the layer."""
+    model, _ = build("Llama")
+    del model.model.layers[1].mlp
+    with pytest.raises(ValueError, match="LlamaDecoderLayer without one"):
+        tiled_mlp.tile_mlps(model, 8)
+    assert tiled_mlp.tile_mlps(model, 0) == 0  # off: nothing to check

@@ -68,3 +68,19 @@ def test_prepare_refuses_an_unknown_transform_with_exit_2(tmp_path, monkeypatch,
     assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "cohere" in err and "Traceback" not in err
+
+
+def test_check_head_runs_the_real_decoder_when_the_stand_in_is_not_enough(monkeypatch):
+    """A forward that reads more of its decoder's output than last_hidden_state gets the real decoder: the check
+    still passes for a known transform and still refuses an unknown one."""
+    def refuse(self, *args, **kwargs):
+        raise AttributeError("this forward wants more than last_hidden_state")
+
+    monkeypatch.setattr(loss._Stand, "forward", refuse)
+    model = _model("Granite")
+    head = model.lm_head
+    loss.check_head(model)
+    assert model.lm_head is head and isinstance(model.model, type(_model("Granite").model))  # both put back
+    monkeypatch.setattr(loss, "POST_HEAD", ())
+    with pytest.raises(ModelError, match="granite"):
+        loss.check_head(model)

@@ -155,17 +155,40 @@ class _Stand(nn.Module):
                                                                       device=self.device))
 
 
+class _FixedLogits(nn.Module):
+    """Stands in for lm_head in check_head: returns the fixed logits (B, T, V) fp32 for the last positions asked."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits, self.calls = logits, 0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.logits[:, -h.shape[1]:] if h.dim() == 3 else self.logits.reshape(-1, self.logits.shape[-1])
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put `module` at `name` in `model`; returns what was there."""
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, child)
+    setattr(owner, child, module)
+    return old
+
+
 def check_head(model: nn.Module, batch: int = 2, length: int = 6) -> None:
     """Refuse (ModelError) a model whose own forward-with-labels loss is not CausalLMLoss's on the same logits.
 
-    lm_head's output is replaced (forward hook) by fixed fp32 logits in [-60, 60], large enough for any softcap or
-    scale to move them; the model's forward with labels then computes its loss on exactly those, so the comparison
-    is exact to fp32 rounding, whatever the weights, the quantization or the bf16 decoder would round. The decoder
-    is stood in for by zeros (nothing of the model runs but its head code); a model whose forward needs more of
-    its decoder than `last_hidden_state` gets the real decoder on these few tokens instead."""
+    lm_head is stood in for by fixed fp32 logits in [-60, 60], large enough for any softcap or scale to move them;
+    the model's forward with labels then computes its loss on exactly those, so the comparison is exact to fp32
+    rounding, whatever the weights, the quantization or a bf16 decoder would round. The decoder is stood in for by
+    zeros too, so no weight of the model is touched (under FSDP none is gathered): only the model's own code after
+    the decoder runs. A forward that needs more of its decoder than `last_hidden_state` runs the real decoder on
+    these few tokens instead."""
     head = model.get_output_embeddings()
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if head is None or getattr(head, "weight", None) is None:
+    head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    if head_name is None or getattr(head, "weight", None) is None:
         raise ModelError(f"{type(model).__name__} has no output embeddings (lm_head); qlora-kit trains causal LMs "
                          "whose logits come from one.")
     V, device, dtype = head.weight.shape[0], head.weight.device, head.weight.dtype
@@ -174,35 +197,29 @@ def check_head(model: nn.Module, batch: int = 2, length: int = 6) -> None:
     ids = torch.randint(0, V, (batch, length), generator=g).to(device)
     labels = ids.clone()
     labels[0, : length // 2] = IGNORE  # a masked prompt, as in training data
-    seen = []
-
-    def swap(module, args, out):
-        seen.append(out.shape)
-        return fake[:, -out.shape[1]:] if out.dim() == 3 else fake.reshape(-1, V)[-out.shape[0]:]
-
     ops = post_head(model.config)
-    hook = head.register_forward_hook(swap)
+    stand_in = _FixedLogits(fake)
     was_training = model.training
     model.eval()
-    names = [n for n, m in model.named_children() if m is model.get_decoder()]
+    decoder = [n for n, m in model.named_children() if m is model.get_decoder()]
+    _swap(model, head_name, stand_in)
     try:
         with torch.no_grad():
             out = None
-            if names:
-                real = getattr(model, names[0])
-                setattr(model, names[0], _Stand(text.hidden_size, dtype, device))
+            if decoder:
+                real = _swap(model, decoder[0], _Stand(text.hidden_size, dtype, device))
                 try:
                     out = model(input_ids=ids, labels=labels, use_cache=False)
                 except Exception:  # a forward that reads more of its decoder: run the real one on these tokens
                     out = None
                 finally:
-                    setattr(model, names[0], real)
+                    _swap(model, decoder[0], real)
             if out is None:
                 out = model(input_ids=ids, labels=labels, use_cache=False)
     finally:
-        hook.remove()
+        _swap(model, head_name, head)
         model.train(was_training)
-    if not seen:
+    if not stand_in.calls:
         raise ModelError(f"{type(model).__name__}'s forward does not compute its logits through its output "
                          "embeddings module (lm_head), which qlora-kit's chunked loss does: not supported.")
     logits = apply_post_head(fake, ops)

@@ -39,7 +39,9 @@ def rows() -> list[list[str]]:
         waits = "no: " + archs.NEEDS_HUB_LAYOUT[name].split(";")[0] if name in archs.NEEDS_HUB_LAYOUT else "yes"
         out.append([name, f"`{model.config.model_type}`", loss,
                     "Conv1D, as Linear (no `--format quantized`)" if conv else "Linear", waits,
-                    "all" + ("" if lean else " (own norms, not lean)"), "yes" if waits == "yes" else "no",
+                    "all" + ("" if lean else "; own norms, not lean") +
+                    ("; layer 0 keeps its input" if name in archs.KEEPS_LAYER0_INPUT else ""),
+                    "yes" if waits == "yes" else "no",
                     "yes" if type(model).__name__ in ARCHITECTURES else "-"])
     return out
 

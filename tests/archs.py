@@ -41,6 +41,12 @@ ARCHS: dict[str, tuple[str, dict]] = {
 transform left out moves the loss by far more than rounding (check_head's fake logits test it on [-60, 60])."""
 
 
+KEEPS_LAYER0_INPUT = {"Granite": "scales its embeddings (embedding_multiplier)",
+                      "GPT-2": "adds position embeddings"}
+"""Where layer 0's input is not the embedding module's output, re-embedding (lowmem/reembed.py) does not apply and
+that layer keeps its input as every other layer does: the same results, L-1 layers' worth of memory saved less.
+tests/test_arch_options.py checks this list against what the hook really did."""
+
 NEEDS_HUB_LAYOUT = {"GPT-NeoX": "transformers 5 saves GPT-NeoX's lm_head as `embed_out`, renamed when it loads; "
                                 "qlora-kit's loader reads keys as stored until it applies transformers' conversion "
                                 "rules (the Hub-layout loading work)"}

@@ -75,7 +75,8 @@ def test_long_context_options_are_exact(name):
     model, engaged = build(name, checkpointing=True, lean=True, chunk=8, re_embed=True)
     loss1, g1 = loss_and_grads(model)
     assert engaged["tiled"] == LAYERS  # every decoder layer's MLP, whatever its layout (fc1/fc2, c_fc, ...)
-    assert engaged["reembed"] is not None
+    stats = engaged["reembed"].stats  # layer 0's input re-embedded, unless it is not the embedding output
+    assert stats["packed"] == stats["unpacked"] == (0 if name in archs.KEEPS_LAYER0_INPUT else 1)
     torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)
     assert_close(g0, g1)
 

@@ -181,3 +181,19 @@ def test_conv1d_base_refuses_the_formats_that_cannot_write_it(tmp_path, data_fil
     assert not (tmp_path / "q").exists()
     export.export(str(tmp_path / "run"), export.Options("adapter", tmp_path / "a", progress=False))
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+
+
+def test_analyze_reads_a_conv1d_base_weight_as_the_layer_trained(tmp_path):
+    """`analyze` measures an adapter against its base weight: GPT-2's (in, out) Conv1D weights are read as the
+    (out, in) weight training adapted, square ones (c_proj, where no shape check could tell) included."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.analysis.analyze import BaseWeights
+    from qlora_kit.config import QuantConfig
+
+    model_dir = build("GPT-2", tmp_path / "base")
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    weights = BaseWeights(model_dir, QuantConfig(type="none"), None)
+    for name in ("transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_proj", "transformer.h.0.mlp.c_fc"):
+        conv = hf.get_submodule(name).weight  # (in, out)
+        assert torch.equal(weights.weight(name, tuple(conv.shape[::-1])), conv.t().float())

@@ -39,17 +39,9 @@ def transposed_weights(base: Path) -> set[str]:
 
 
 def _layer_weights(base: Path) -> tuple[set[str], set[str]]:
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    from ..model.load import layer_weights
 
-    from ..model.load import load_config, transposed_names
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(load_config(base))
-    head = model.get_output_embeddings()
-    conv = {f"{n}.weight" for n in transposed_names(model)}
-    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
-    return linear | conv, conv
+    return layer_weights(base)
 
 
 def bnb_config(spec: quant.QuantSpec, compute: str) -> dict:

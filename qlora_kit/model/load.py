@@ -246,6 +246,19 @@ def transposed_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, Conv1D) and m is not head]
 
 
+def layer_weights(folder: Path) -> tuple[set[str], set[str]]:
+    """(`<module>.weight` of every Linear or Conv1D but the output embeddings: what load_base quantizes, those of
+    them stored as Conv1D (in, out)), from the model built on the meta device (no memory, a second or two)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(load_config(folder))
+    head = model.get_output_embeddings()
+    conv = {f"{n}.weight" for n in transposed_names(model)}
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head} | conv, conv
+
+
 def linear_from_conv1d(model: nn.Module) -> set[str]:
     """Swap every Conv1D (transposed_names) of `model` for an nn.Linear of the same (in, out) and bias, in place:
     the same function of x. On the meta device (load_base) the weight is transposed as it streams in; a real

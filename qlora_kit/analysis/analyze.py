@@ -188,7 +188,8 @@ class BaseWeights:
         if self.transposed is None:  # built once, on the first weight asked for
             from ..model.load import layer_weights
 
-            self.transposed = layer_weights(self.folder)[1]
+            # a bare safetensors folder (no config.json) names no layer type: its weights are taken as stored
+            self.transposed = layer_weights(self.folder)[1] if (Path(self.folder) / "config.json").is_file() else set()
         if key in self.transposed:  # a Conv1D's (in, out): the (out, in) the adapter was trained against
             w = w.t()
         if tuple(w.shape) != shape:

@@ -86,9 +86,19 @@ def inject_ia3(model: nn.Module, outputs, inputs) -> list[str]:
     if both:
         raise ValueError(f"ia3: {both[0]} matches both ia3.outputs and ia3.inputs; a module scales its output or "
                          "its input, not both. Remove it from one list")
+    short = sorted({n.split(".")[-1] for n in names})
     if not out_m and not in_m:
         raise ValueError(f"ia3.outputs {outputs!r} and ia3.inputs {inputs!r} matched no Linear module. Linear names "
                          f"in this model: {short}; set ia3.outputs / ia3.inputs to some of them")
+    for key, wanted in (("outputs", outputs), ("inputs", inputs)):
+        # The defaults name Llama's layers (k_proj, v_proj, down_proj): on a model without one of them (Phi's MLP
+        # ends in fc2, GPT-2's in c_proj) that part of IA3 would silently not exist
+        unmatched = [t for t in (wanted if isinstance(wanted, (list, tuple)) else [])
+                     if not lora.match_targets(names, [t])]
+        if unmatched:
+            raise ValueError(f"ia3.{key} entry {unmatched[0]!r} matches no Linear module of this model, so that part "
+                             f"of IA3 would be missing. Linear names in this model: {short}; set ia3.outputs and "
+                             "ia3.inputs to this model's names (inputs: the MLP's output layer)")
     for name, ff in [(n, False) for n in out_m] + [(n, True) for n in in_m]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -171,7 +171,7 @@ class BaseWeights:
                     self.index |= dict.fromkeys(h.keys(), f)
             except (SafetensorError, OSError) as e:
                 raise ModelError(f"{f} is truncated or not a safetensors file ({e}).") from None
-        self.spec = None
+        self.spec, self.transposed = None, None
         if quant.type != "none":
             from ..quant.bnb import QuantSpec  # imports bitsandbytes: only when a quantized base is asked for
 
@@ -185,6 +185,13 @@ class BaseWeights:
                              "is it the model the adapter was trained on? Pass the right one with --base.")
         with safe_open(str(self.index[key]), framework="pt") as h:
             w = h.get_tensor(key)
+        if self.transposed is None:  # built once, on the first weight asked for
+            from ..model.load import layer_weights
+
+            # a bare safetensors folder (no config.json) names no layer type: its weights are taken as stored
+            self.transposed = layer_weights(self.folder)[1] if (Path(self.folder) / "config.json").is_file() else set()
+        if key in self.transposed:  # a Conv1D's (in, out): the (out, in) the adapter was trained against
+            w = w.t()
         if tuple(w.shape) != shape:
             raise ModelError(f"{key} in {self.folder} has shape {tuple(w.shape)}, but the adapter's B @ A is "
                              f"{shape}; the adapter was trained on another model. Pass the right one with --base.")

@@ -45,17 +45,21 @@ def check_free_space(out: Path, need: int) -> None:
 
 
 def linear_weights(base: Path) -> set[str]:
-    """`<module>.weight` of every nn.Linear but the output embeddings (what transformers quantizes on load),
-    from the model built on the meta device (no memory)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    """`<module>.weight` of every nn.Linear or transformers Conv1D but the output embeddings (what training
+    quantizes on load), from the model built on the meta device (no memory)."""
+    return _layer_weights(base)[0]
 
-    from ..model.load import load_config
 
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(load_config(base))
-    head = model.get_output_embeddings()
-    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+def transposed_weights(base: Path) -> set[str]:
+    """`<module>.weight` of every Conv1D but the output embeddings: stored (in, out), trained as (out, in)
+    (model.load: transposed_names)."""
+    return _layer_weights(base)[1]
+
+
+def _layer_weights(base: Path) -> tuple[set[str], set[str]]:
+    from ..model.load import layer_weights
+
+    return layer_weights(base)
 
 
 def bnb_config(spec: quant.QuantSpec, compute: str) -> dict:

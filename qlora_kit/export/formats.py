@@ -52,7 +52,8 @@ from .gguf import writer as gguf_export
 from ..adapters import peft_format
 from ..quant import bnb as quant
 from ..errors import ExportError
-from .files import atomic_folder, check_free_space, copy_tokenizer, linear_weights, write_config, writing
+from .files import (atomic_folder, check_free_space, copy_tokenizer, linear_weights, transposed_weights,
+                    write_config, writing)
 from .hf_folder import Survival, plan, write_weights
 from .merge import (  # noqa: F401 (ex.merge_base_weight, ex.unadapted_quantized)
     EMBEDDING_MODULES, Merge, merge_base_weight, merge_rows, merged_weight, unadapted_quantized)
@@ -113,6 +114,7 @@ class Job:
     index: dict[str, TensorInfo] | None
     notes: list[str]
     t0: float
+    transposed: frozenset[str] = frozenset()  # Conv1D weights (GPT-2): stored (in, out), trained as (out, in)
 
     @property
     def out(self) -> Path:
@@ -182,6 +184,10 @@ class FolderFormat(Format):
     quantized: bool = False  # the Linear weights stored in bitsandbytes' format
 
     def write(self, job: Job) -> Result:
+        if self.quantized and job.transposed:
+            raise ExportError(f"--format {self.name}: this base stores {len(job.transposed)} layers as transformers "
+                              f"Conv1D (e.g. {sorted(job.transposed)[0]}, weight (in, out)), which bitsandbytes' "
+                              "format does not hold; export --format merged (16-bit) or --format adapter (PEFT).")
         config = job.raw_config()
         frozen = job.frozen(config)
         out_dtype = quant.DTYPES[job.opts.dtype or "bf16"] if self.merged else frozen
@@ -196,7 +202,7 @@ class FolderFormat(Format):
                     "wrongly or fail; run this model on CUDA (docs/ARCHITECTURE.md, 'bitsandbytes hazards').")
         merge = job.merge(frozen, roundtrip=self.merged and not self.quantized)
         items = plan(job.index, job.src.modules() if self.merged else set(), to_quantize, out_dtype, qspec,
-                     merge.roundtrip)
+                     merge.roundtrip, job.transposed)
         shards = plan_shards([it.nbytes for it in items], max_shard_bytes(job.opts.max_shard_size))
         adapter_bytes = 0 if self.merged else sum(t.numel() * t.element_size() for a in job.src.stack
                                                    for t in a.tensors.values())
@@ -323,9 +329,11 @@ def export(source: str | Path, opts: Options) -> Result:
             raise ExportError(f"--out {out} would overwrite the input {p}; choose another folder.")
     index = tensor_index(base) if base is not None else None
     notes = [] if index is not None else [f"not checked against the base ({src.base_name} is not available here)"]
-    if index is not None:  # GGUF: adapters see a Conv1D weight (GPT-2) as the (out, in) Linear training ran
-        check_fits(src.stack, gguf_export.fit_index(index, base) if opts.format.startswith("gguf") else index, base)
-    return fmt.write(Job(Path(source), opts, src, base, index, notes, t0))
+    transposed = frozenset(transposed_weights(base) & set(index)) if index is not None else frozenset()
+    if index is not None:  # adapters see a Conv1D weight (GPT-2) as the (out, in) Linear training ran
+        check_fits(src.stack, {n: dataclasses.replace(t, shape=t.shape[::-1]) if n in transposed else t
+                               for n, t in index.items()}, base)
+    return fmt.write(Job(Path(source), opts, src, base, index, notes, t0, transposed))
 
 
 def write_adapter(src: Source, tmp: Path, dtype: str | None) -> None:

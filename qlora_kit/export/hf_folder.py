@@ -37,6 +37,7 @@ class Item:
     entries: list[Entry]
     tail: str | None = None
     roundtrip: bool = False  # a Linear weight training quantized but no adapter touches: written as dequant(Q)
+    transposed: bool = False  # a Conv1D weight: stored (in, out), merged as (out, in), written back as (in, out)
 
     @property
     def nbytes(self) -> int:
@@ -44,7 +45,8 @@ class Item:
 
 
 def plan(index: dict[str, TensorInfo], adapted: set[str], to_quantize: set[str], out_dtype: torch.dtype,
-         qspec: quant.QuantSpec | None, roundtrip: set[str] = frozenset()) -> list[Item]:
+         qspec: quant.QuantSpec | None, roundtrip: set[str] = frozenset(),
+         transposed: set[str] = frozenset()) -> list[Item]:
     items = []
     for name, info in index.items():
         module = name[: -len(".weight")] if name.endswith(".weight") else None
@@ -57,7 +59,8 @@ def plan(index: dict[str, TensorInfo], adapted: set[str], to_quantize: set[str],
                               prefix + tail if tail else None))
         else:
             dtype = out_dtype if info.dtype.is_floating_point else info.dtype
-            items.append(Item(info, module, False, [Entry(name, dtype, info.shape)], roundtrip=name in roundtrip))
+            items.append(Item(info, module, False, [Entry(name, dtype, info.shape)], roundtrip=name in roundtrip,
+                              transposed=name in transposed))
     return items
 
 
@@ -131,6 +134,12 @@ def _emit(it: Item, writer: ShardWriter, merge: Merge, out_dtype: torch.dtype, q
           survival: Survival | None) -> None:
     """Compute one source tensor's outputs and write them (rows as they come when nothing needs the whole)."""
     info, src = it.info, merge.src
+    if it.transposed:  # a Conv1D weight, (in, out): merged as the (out, in) Linear training ran, written back
+        W = merge.base(read_tensor(info).t().contiguous(), info.name, it.module)
+        if it.module is not None:
+            W = merged_weight(W, src.stack, it.module, out_dtype)
+        writer.write(info.name, W.to(out_dtype).t().contiguous(), 0)
+        return
     if it.module is None and not it.quantize and not it.roundtrip:  # a plain copy, cast in blocks of rows
         entry = it.entries[0]
         scale = methods.bias_scale(src.stack, info.name[: -len(".bias")]) if info.name.endswith(".bias") else None

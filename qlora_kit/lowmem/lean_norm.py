@@ -24,7 +24,10 @@ import types
 import torch
 from torch import nn
 
-LEAN = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # same forward, weight * normed
+# Norms whose forward is exactly Llama's, weight * normed.to(input dtype) (checked in transformers 5's modeling code).
+# Others keep their own forward (Gemma's (1 + weight) in fp32, OLMo 2's cast after the multiply, LayerNorms): lean
+# norms are a memory saving with the same results, so a norm left out costs memory, never correctness.
+LEAN = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "GraniteRMSNorm")
 
 
 class _LeanRMSNorm(torch.autograd.Function):

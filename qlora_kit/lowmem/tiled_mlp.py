@@ -85,20 +85,33 @@ def _tiled_forward(self, x: torch.Tensor) -> torch.Tensor:  # bound to a tiled M
 
 
 def tile_mlps(model: nn.Module, chunk: int) -> int:
-    """Make every decoder layer's `mlp` tiled over the sequence in chunks of `chunk` tokens (in training, with
+    """Make every decoder layer's MLP (its `mlp` child: a function of each position alone in every dense
+    architecture transformers has) tiled over the sequence in chunks of `chunk` tokens (in training, with
     gradients). Module names and parameters stay as they are (adapters, checkpoints, export are unaffected).
-    Returns the number of MLPs tiled."""
+    Returns the number of MLPs tiled; ValueError when a decoder layer has no `mlp` to tile (the caller's user
+    error: the option would silently do nothing there)."""
     if chunk <= 0:
         return 0
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)]
+    lacking = [type(m).__name__ for _, m in layers if not isinstance(getattr(m, "mlp", None), nn.Module)]
+    if not layers or lacking:
+        raise ValueError(f"train.mlp_chunk tiles each decoder layer's `mlp` module; {type(model).__name__} has "
+                         f"{'no decoder layers qlora-kit recognises' if not layers else lacking[0] + ' without one'}")
     n = 0
-    layers = {f"{name}.mlp": type(m).__name__ for name, m in model.named_modules()}
-    for name, m in model.named_modules():
-        if name.endswith(".mlp") and hasattr(m, "down_proj") and not hasattr(m, "_untiled_forward"):
-            m._untiled_forward = m.forward
-            m.mlp_chunk = chunk
-            # Layers whose MLP output only meets the residual add (no op after it saves anything): safe to skip
-            # the MLP in a checkpoint's recompute (see _TiledMLP.forward).
-            m.skip_in_recompute = layers.get(name, "") in RESIDUAL_ONLY
-            m.forward = types.MethodType(_tiled_forward, m)
-            n += 1
+    for _, layer in layers:
+        m = layer.mlp
+        if hasattr(m, "_untiled_forward"):
+            continue
+        if any(c in ("experts", "router", "gate") for c, _ in m.named_children()):  # a mixture of experts
+            raise ValueError(f"train.mlp_chunk: {type(m).__name__} routes tokens to experts; tiling it is not "
+                             "supported; set train.mlp_chunk: 0")
+        m._untiled_forward = m.forward
+        m.mlp_chunk = chunk
+        # Layers whose MLP output only meets the residual add (no op after it saves anything): safe to skip
+        # the MLP in a checkpoint's recompute (see _TiledMLP.forward).
+        m.skip_in_recompute = type(layer).__name__ in RESIDUAL_ONLY
+        m.forward = types.MethodType(_tiled_forward, m)
+        n += 1
     return n

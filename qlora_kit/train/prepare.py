@@ -108,12 +108,16 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     offload = offload_mod.OffloadStore(accelerator.device) if t.offload_activations else None
-    if offload is not None:  # every checkpointed decoder layer's input goes to host memory between passes
-        offload_mod.enable(model, offload)
+    if offload is not None and not offload_mod.enable(model, offload):  # layer inputs to host memory
+        raise ConfigError(f"train.offload_activations: {type(model).__name__} has no checkpointed decoder layers "
+                          "whose inputs could be offloaded; set train.offload_activations: false.")
     elif t.gradient_checkpointing and mode != "fsdp":  # layer 0 keeps the token ids, not its (B, S, H) input
         # (under fsdp the embeddings are a sharded unit: a lookup in backward would need its own all-gather)
         reembed.enable(model)
-    tiled_mlp.tile_mlps(model, t.mlp_chunk)
+    try:
+        tiled_mlp.tile_mlps(model, t.mlp_chunk)
+    except ValueError as e:
+        raise ConfigError(f"{e}.") from None
     lean_norm.make_lean(model)  # RMSNorms save their 16-bit input, not an fp32 copy; the loss head runs the final one
     _check_rank(model, recipe)
     try:

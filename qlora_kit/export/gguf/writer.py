@@ -51,13 +51,6 @@ def display_name(base: Path) -> str:
     return f"{base.name} (qlora-kit)"
 
 
-def fit_index(index: dict[str, TensorInfo], base: Path) -> dict[str, TensorInfo]:
-    """The base's tensor headers as the adapter sees them: Conv1D weights (stored (in, out)) as (out, in)."""
-    names = gguf_arch.TensorNames(gguf_arch.arch_of(json.loads((base / "config.json").read_text(encoding="utf-8"))))
-    return {n: dataclasses.replace(t, shape=t.shape[::-1]) if len(t.shape) == 2 and names.transposed(n) else t
-            for n, t in index.items()}
-
-
 def check_type(kind: str, adapter: bool) -> None:
     """Refuse an unusable --gguf-type before anything is read or written."""
     allowed = ADAPTER_TYPES if adapter else TYPES + tuple(KQUANTS)

@@ -1,0 +1,80 @@
+"""The README's table of supported architectures, generated from the test matrix's own list (tests/archs.py).
+
+    python bench/arch_table.py          print the table
+    python bench/arch_table.py --write  replace the table between the README's markers
+
+Every cell is computed from qlora-kit's code on the matrix's tiny model of that architecture (built on the meta
+device: no weights), and every "yes" is what tests/test_arch_matrix.py checks for that architecture; the test
+`test_readme_table_matches` fails when the README and this output differ.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- arch-table: begin (bench/arch_table.py --write) -->", "<!-- arch-table: end -->"
+
+
+def rows() -> list[list[str]]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import archs
+    from accelerate import init_empty_weights
+
+    from qlora_kit.export.gguf.arch import ARCHITECTURES
+    from qlora_kit.lowmem import lean_norm
+    from qlora_kit.model.load import transposed_names
+    from qlora_kit.train.loss import POST_HEAD, post_head
+
+    names = {"multiply": "× {k}", "divide": "÷ {k}", "softcap": "tanh softcap {k}"}
+    out = []
+    for name in archs.ARCHS:
+        with init_empty_weights():
+            model = archs.tiny_model(name, 303, 0, 1, 2)
+        keys = [k for k, _ in POST_HEAD if getattr(model.config, k, None) is not None]
+        loss = ", ".join(names[op].format(k=f"`{k}`") for (op, _), k in zip(post_head(model.config), keys)) or "-"
+        conv = bool(transposed_names(model))
+        lean = any(type(m).__name__ in lean_norm.LEAN for m in model.modules())
+        waits = "no: " + archs.NEEDS_HUB_LAYOUT[name].split(";")[0] if name in archs.NEEDS_HUB_LAYOUT else "yes"
+        out.append([name, f"`{model.config.model_type}`", loss,
+                    "Conv1D, as Linear (no `--format quantized`)" if conv else "Linear", waits,
+                    "all" + ("" if lean else "; own norms, not lean") +
+                    ("; layer 0 keeps its input" if name in archs.KEEPS_LAYER0_INPUT else ""),
+                    "yes" if waits == "yes" else "no",
+                    "yes" if type(model).__name__ in ARCHITECTURES else "-"])
+    return out
+
+
+def table() -> str:
+    head = ["Architecture", "model_type", "Loss after lm_head", "Quantized layers", "Train, eval, merged, PEFT",
+            "Long-context options", "DoRA, IA3, LoftQ", "GGUF"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows()]
+    return "\n".join(lines)
+
+
+def readme_block(text: str) -> str | None:
+    """The table currently between the README's markers, or None when the markers are missing."""
+    if BEGIN not in text or END not in text:
+        return None
+    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+
+
+def main(argv: list[str]) -> int:
+    t = table()
+    if "--write" not in argv:
+        print(t)
+        return 0
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if readme_block(text) is None:
+        print(f"README.md has no {BEGIN} ... {END} markers", file=sys.stderr)
+        return 1
+    before, rest = text.split(BEGIN, 1)
+    readme.write_text(before + BEGIN + "\n" + t + "\n" + END + rest.split(END, 1)[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

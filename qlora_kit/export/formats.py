@@ -42,6 +42,7 @@ from typing import Literal
 
 import torch
 
+from . import moe_merged
 from .gguf import writer as gguf_export
 from ..adapters import methods, peft_format
 from ..quant import bnb as quant
@@ -158,7 +159,13 @@ def export(source: str | Path, opts: Options) -> Result:
             raise ExportError(f"--out {out} would overwrite the input {p}; choose another folder.")
     index = tensor_index(base) if base is not None else None
     notes = [] if index is not None else [f"not checked against the base ({src.base_name} is not available here)"]
-    if index is not None:
+    moe = moe_merged.meta_model(base) if index is not None and moe_merged.maybe_moe(base) else None
+    moe = moe if moe is not None and moe_merged.has_experts(moe) else None
+    if moe is not None:  # per-expert adapters over a Hub-layout checkpoint: checked against the converted model
+        moe_merged.check_fits(src, moe, base)
+        if opts.format not in ("adapter", "merged"):
+            moe_merged.refuse_format(opts.format)
+    elif index is not None:
         check_fits(src.stack, index, base)
     if opts.format == "gguf-adapter":
         with writing(out):
@@ -188,6 +195,13 @@ def export(source: str | Path, opts: Options) -> Result:
                                                     unadapted_quantized(src, base, index, opts.merge_base))
         files = [out.name, gguf_export.ollama.modelfile_path(out).name]
         return Result(out, files, written, time.perf_counter() - t0, notes + more)
+    if moe is not None:
+        with writing(out), atomic_folder(out, opts.force) as tmp:
+            written = moe_merged.write(src, base, moe, index, tmp, out_dtype, frozen, opts.merge_base, device,
+                                       max_shard)
+            write_config(base, tmp, out_dtype, None)
+            notes += copy_tokenizer(base, tmp)
+        return Result(out, sorted(p.name for p in out.iterdir()), written, time.perf_counter() - t0, notes)
     qspec, to_quantize = None, set()
     if opts.format == "quantized":
         t = src.trained_with

@@ -107,3 +107,22 @@ def test_experts_dequantize_one_at_a_time_only_when_hit(folders, monkeypatch):
     ran = {id(getattr(experts[e], p)) for e in (0, 2) for p in ("gate_up_proj", "down_proj")}
     assert set(calls) == ran and len(calls) == 4
     assert all(len(s) == 2 for s in shapes)
+
+
+@pytest.mark.parametrize("lora,why", [
+    ({"dropout": 0.1}, "dropout"),
+    ({"dora": True}, "dora on mixture-of-experts"),
+    ({"targets": r".*\.experts\.0\.(gate_up_proj|down_proj)"}, "only some experts"),
+    ({"targets": r".*layers\.0\.mlp\.experts\.\d+\.down_proj|.*layers\.1\.mlp\.experts\.\d+\.gate_up_proj"},
+     "different projections per layer"),
+])
+def test_expert_adapters_peft_cannot_hold_are_refused(folders, tmp_path, lora, why):
+    """PEFT's LoRA on fused expert parameters has no dropout, no DoRA, and adapts every expert or none: such a run
+    is refused before training, not saved as an adapter that loads differently."""
+    from conftest import FACTS, tiny_recipe, write_jsonl
+    from qlora_kit.errors import ConfigError
+    from qlora_kit.train import prepare
+
+    path = write_jsonl(tmp_path / "d.jsonl", FACTS)
+    with pytest.raises(ConfigError, match=why):
+        prepare.prepare(tiny_recipe(folders["mixtral"], path, lora={"dropout": 0.0} | lora))

@@ -103,11 +103,11 @@ def inject(model: nn.Module, recipe, dtype: torch.dtype) -> dict[str, list[str]]
                                                         layer=dora.DoRALinear if c.dora else lora.LoRALinear)
     if recipe.ia3 is not None:
         out["ia3"] = inject_ia3(model, recipe.ia3.outputs, recipe.ia3.inputs)
-    _check_experts(out, c)
+    _check_experts(model, out, c)
     return out
 
 
-def _check_experts(adapted: dict[str, list[str]], c) -> None:
+def _check_experts(model: nn.Module, adapted: dict[str, list[str]], c) -> None:
     """What PEFT's fused-expert LoRA (lora.ParamWrapper) cannot hold is refused before training, not lost at export:
     DoRA, IA3 and dropout on an expert, and a subset of one projection's experts (expert_format.to_peft)."""
     experts = {m: [n for n in names if expert_format.is_expert_module(n)] for m, names in adapted.items()}
@@ -122,6 +122,16 @@ def _check_experts(adapted: dict[str, list[str]], c) -> None:
     if c.dropout > 0:
         raise ValueError(f"lora.dropout={c.dropout} with adapted experts ({where}): PEFT's LoRA on fused expert "
                          "parameters has no dropout (lora.ParamWrapper refuses it). Set lora.dropout: 0")
+    chosen: dict[tuple[str, str], int] = {}
+    for n in experts.get("lora", []):
+        module, _, proj = n.rpartition(".")
+        key = (module.rpartition(".")[0], proj)
+        chosen[key] = chosen.get(key, 0) + 1
+    for (module, proj), k in chosen.items():
+        if k != len(model.get_submodule(module)):
+            raise ValueError(f"{module}.*.{proj}: only some experts are adapted ({k} of "
+                             f"{len(model.get_submodule(module))}); PEFT adapts all experts of a parameter or none. "
+                             "Target every expert (e.g. all-linear)")
     placeholders = {f"{n}.lora_{ab}.weight": torch.zeros(1, 1) for n in experts.get("lora", []) for ab in "AB"}
     expert_format.to_peft(placeholders)  # ValueError for a partial or uneven expert selection
 

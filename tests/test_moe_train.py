@@ -37,64 +37,52 @@ def _reference_loss(model, examples) -> float:
     return total / n
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """arch -> (model folder, run folder, data file): one short run per architecture, made on first use."""
+def _train(folder, arch, path, out):
     from qlora_kit.train import loop as train
 
-    root = tmp_path_factory.mktemp("moe-train")
-    path = write_jsonl(root / "d.jsonl", RECORDS)
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            folder = make_moe_model(root / arch, arch)
-            recipe = tiny_recipe(folder, path, model={"dtype": "fp32"}, quant={"compute_dtype": "fp32"},
-                                 data={"val_fraction": 0.25}, train={"steps": 3, "batch_size": 3, "lr": 3e-2},
-                                 lora={"targets": TARGETS.get(arch, "all-linear")})
-            train.run(recipe, root / f"run-{arch}", progress=False)
-            cache[arch] = (folder, root / f"run-{arch}", path)
-        return cache[arch]
-
-    return get
+    recipe = tiny_recipe(folder, path, model={"dtype": "fp32"}, quant={"compute_dtype": "fp32"},
+                         data={"val_fraction": 0.25}, train={"steps": 2, "batch_size": 3, "lr": 3e-2},
+                         lora={"targets": TARGETS.get(arch, "all-linear")})
+    train.run(recipe, out, progress=False)
+    return out
 
 
 @pytest.mark.parametrize("arch", MOE)
-def test_eval_equals_transformers_with_peft_adapter(trained, arch):
+def test_train_eval_peft_and_merged_export_agree(arch, tmp_path):
+    """One run per architecture: its eval loss equals transformers' with the dequantized weights and PEFT loading
+    the adapter, the experts' adapters trained, and the merged export (loaded by transformers) equals the run."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, run, path = trained(arch)
+    from qlora_kit.export import formats as export
+
+    path = write_jsonl(tmp_path / "d.jsonl", RECORDS)
+    folder = make_moe_model(tmp_path / arch, arch)
+    run = _train(folder, arch, path, tmp_path / "run")
     res = evaluation.run(evaluation.Request(str(run), str(path), format="alpaca", max_length=64, batch_size=4))
     tok = AutoTokenizer.from_pretrained(folder)
     examples = data.build(DataConfig(path=str(path), format="alpaca", max_length=64), tok, 0).train
     assert len({len(ex.input_ids) for ex in examples}) > 3  # lengths vary
+
     ref = reference(folder, roundtrip=lambda w: roundtrip(w, SPEC, torch.float32))
     base_loss = _reference_loss(ref, examples)
     peft_model = PeftModel.from_pretrained(ref, str(run / "adapter")).eval()
     want = _reference_loss(peft_model, examples)
     assert res.loss == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert abs(want - base_loss) > 1e-3  # the adapter (experts included) changes the model
-    # the experts' adapters trained: PEFT's fused expert B matrices are not all zero
     experts_b = [v for k, v in peft_model.state_dict().items() if ".experts." in k and "lora_B" in k]
-    assert experts_b and any(b.abs().sum() > 0 for b in experts_b)
+    assert experts_b and all(b.abs().sum() > 0 for b in experts_b)  # every expert parameter's adapter trained
 
+    # --format adapter reads the fused layout back per expert and writes it again: the same tensors and targets
+    export.export(str(run), export.Options("adapter", tmp_path / "adapter", progress=False))
+    from safetensors.torch import load_file
+    again, saved = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "adapter", run / "adapter"))
+    assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
 
-@pytest.mark.parametrize("arch", MOE)
-def test_merged_export_equals_run_and_loads_in_transformers(trained, arch, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from qlora_kit.export import formats as export
-
-    folder, run, path = trained(arch)
     export.export(str(run), export.Options("merged", tmp_path / "merged", dtype="fp32", progress=False))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,
                                                   experts_implementation="eager")
-    tok = AutoTokenizer.from_pretrained(folder)
-    examples = data.build(DataConfig(path=str(path), format="alpaca", max_length=64), tok, 0).train
-    res = evaluation.run(evaluation.Request(str(run), str(path), format="alpaca", max_length=64, batch_size=4))
     assert _reference_loss(merged, examples) == pytest.approx(res.loss, rel=1e-5)
-    # merged per expert from dequant(quant(W_e)): not the original experts
-    orig = reference(folder)
-    name = next(n for n, p in merged.named_parameters() if n.endswith("experts.down_proj"))
-    assert not torch.allclose(dict(orig.named_parameters())[name], dict(merged.named_parameters())[name])
+    name = next(n for n, _ in merged.named_parameters() if n.endswith("experts.down_proj"))
+    orig = dict(reference(folder).named_parameters())[name]
+    assert not torch.allclose(orig, dict(merged.named_parameters())[name])  # dequant(quant(W_e)) + delta, not W_e

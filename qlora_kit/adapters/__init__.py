@@ -9,5 +9,6 @@ multi_lora.py   several named adapters over one base, routed per batch row (gene
 peft_format.py  PEFT adapter folders read and written without importing peft
 expert_format.py  per-expert LoRA pairs <-> PEFT's fused expert-parameter pairs (target_parameters)
 
-May import: the root modules, quant/, lowmem/ (dropout replay) and model/ (moe). Imported by train/, infer/, export/, analysis/.
+May import: the root modules, quant/, lowmem/ (dropout replay) and model/ (moe).
+Imported by train/, infer/, export/, analysis/.
 """

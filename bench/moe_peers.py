@@ -61,7 +61,7 @@ def _ours(args, batch):
         "lora": {"r": args.rank, "alpha": 2 * args.rank, "dropout": 0.0, "targets": "all-linear"},
         "data": {"path": str(data), "format": "text", "max_length": args.seq},
         "train": {"steps": 10, "batch_size": args.batch, "device": "cpu", "num_threads": args.threads,
-                  "warmup_steps": 0}}))
+                  "warmup_steps": 0, "return_freed_memory": args.return_freed}}))
     return (lambda: train.train_step(p, [batch], lr=1e-4, max_grad_norm=1.0).loss,
             lambda: sum(static_inventory(p.model, p.optimizer).values()))
 
@@ -226,6 +226,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
     ap.add_argument("--experts-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--return-freed", action="store_true",
+                    help="ours: train.return_freed_memory (glibc gives freed memory back to the OS)")
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:

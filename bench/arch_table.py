@@ -22,9 +22,9 @@ def rows() -> list[list[str]]:
     import archs
     from accelerate import init_empty_weights
 
-    from qlora_kit.export.gguf.arch import ARCHITECTURES
+    from qlora_kit.export.gguf.families import FAMILIES
     from qlora_kit.lowmem import lean_norm
-    from qlora_kit.model.load import transposed_names
+    from qlora_kit.model.conv1d import transposed_names
     from qlora_kit.train.loss import POST_HEAD, post_head
 
     names = {"multiply": "× {k}", "divide": "÷ {k}", "softcap": "tanh softcap {k}"}
@@ -42,7 +42,7 @@ def rows() -> list[list[str]]:
                     "all" + ("" if lean else "; own norms, not lean") +
                     ("; layer 0 keeps its input" if name in archs.KEEPS_LAYER0_INPUT else ""),
                     "yes" if waits == "yes" else "no",
-                    "yes" if type(model).__name__ in ARCHITECTURES else "-"])
+                    "yes" if type(model).__name__ in FAMILIES else "-"])
     return out
 
 

@@ -47,9 +47,7 @@ KEEPS_LAYER0_INPUT = {"Granite": "scales its embeddings (embedding_multiplier)",
 that layer keeps its input as every other layer does: the same results, L-1 layers' worth of memory saved less.
 tests/test_arch_options.py checks this list against what the hook really did."""
 
-NEEDS_HUB_LAYOUT = {"GPT-NeoX": "transformers 5 saves GPT-NeoX's lm_head as `embed_out`, renamed when it loads; "
-                                "qlora-kit's loader reads keys as stored until it applies transformers' conversion "
-                                "rules (the Hub-layout loading work)"}
+NEEDS_HUB_LAYOUT: dict[str, str] = {}
 """Architectures whose saved checkpoints qlora-kit cannot load yet: the matrix expects (strict xfail) the loader's
 ModelError, so the day they load, the mark must go and the README table changes with it."""
 

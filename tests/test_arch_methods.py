@@ -33,7 +33,7 @@ def _base(model_dir, recipe, offsets):
     from transformers import AutoModelForCausalLM
 
     from qlora_kit.export.merge import merge_base_weight
-    from qlora_kit.model.load import transposed_names
+    from qlora_kit.model.conv1d import transposed_names
     from qlora_kit.quant.bnb import QuantSpec
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

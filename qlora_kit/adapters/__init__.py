@@ -7,6 +7,8 @@ loftq.py        LoftQ initialisation: alternating quantization and truncated SVD
 methods.py      a run's methods together: inject, PEFT-named state dict, counts, save, attach, merge_rows
 multi_lora.py   several named adapters over one base, routed per batch row (generate)
 peft_format.py  PEFT adapter folders read and written without importing peft
+expert_format.py  per-expert LoRA pairs <-> PEFT's fused expert-parameter pairs (target_parameters)
 
-May import: the root modules, quant/ and lowmem/ (dropout replay). Imported by train/, infer/, export/, analysis/.
+May import: the root modules, quant/, lowmem/ (dropout replay) and model/ (moe).
+Imported by train/, infer/, export/, analysis/.
 """

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from . import dora, ia3, lora, peft_format
+from . import dora, expert_format, ia3, lora, peft_format
 from ..config import IA3Config, LoraConfig
 
 
@@ -119,7 +119,37 @@ def inject(model: nn.Module, c: LoraConfig, ia3_cfg: IA3Config | None, dtype: to
                                                         layer=dora.DoRALinear if c.dora else lora.LoRALinear)
     if ia3_cfg is not None:
         out["ia3"] = inject_ia3(model, ia3_cfg.outputs, ia3_cfg.inputs)
+    _check_experts(model, out, c)
     return out
+
+
+def _check_experts(model: nn.Module, adapted: dict[str, list[str]], c) -> None:
+    """What PEFT's fused-expert LoRA (lora.ParamWrapper) cannot hold is refused before training, not lost at export:
+    DoRA, IA3 and dropout on an expert, and a subset of one projection's experts (expert_format.to_peft)."""
+    experts = {m: [n for n in names if expert_format.is_expert_module(n)] for m, names in adapted.items()}
+    if not any(experts.values()):
+        return
+    where = next(n for names in experts.values() for n in names)
+    for method in ("dora", "ia3"):
+        if experts.get(method):
+            raise ValueError(f"{method} on mixture-of-experts weights ({where}): PEFT adapts fused expert "
+                             "parameters with plain LoRA only, so the adapter could not be saved. Use plain LoRA on "
+                             "them, or leave the experts out of the targets (e.g. [q_proj, k_proj, v_proj, o_proj])")
+    if c.dropout > 0:
+        raise ValueError(f"lora.dropout={c.dropout} with adapted experts ({where}): PEFT's LoRA on fused expert "
+                         "parameters has no dropout (lora.ParamWrapper refuses it). Set lora.dropout: 0")
+    chosen: dict[tuple[str, str], int] = {}
+    for n in experts.get("lora", []):
+        module, _, proj = n.rpartition(".")
+        key = (module.rpartition(".")[0], proj)
+        chosen[key] = chosen.get(key, 0) + 1
+    for (module, proj), k in chosen.items():
+        if k != len(model.get_submodule(module)):
+            raise ValueError(f"{module}.*.{proj}: only some experts are adapted ({k} of "
+                             f"{len(model.get_submodule(module))}); PEFT adapts all experts of a parameter or none. "
+                             "Target every expert (e.g. all-linear)")
+    placeholders = {f"{n}.lora_{ab}.weight": torch.zeros(1, 1) for n in experts.get("lora", []) for ab in "AB"}
+    expert_format.to_peft(placeholders)  # ValueError for a partial or uneven expert selection
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import atomic
+from . import expert_format
 from ..errors import ModelError
 from ..terms import lora_scale
 
@@ -116,7 +117,9 @@ def save_adapter(
     """Write `tensors` ({'<module>.lora_A.weight': ...}) as a PEFT adapter folder; returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+    tensors, target_parameters = expert_format.to_peft(tensors)  # experts: PEFT's fused-parameter layout
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors
+                      if ".experts.lora_" not in k and ".experts.base_layer." not in k})
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -135,6 +138,7 @@ def save_adapter(
         "inference_mode": True,
         "modules_to_save": None,
         "revision": None,
+        **({"target_parameters": target_parameters} if target_parameters else {}),
         **(extra or {}),
     }
     _write(folder, tensors, config)
@@ -225,6 +229,11 @@ def load_adapter(folder: str | Path) -> Adapter:
             raise ModelError(f"{w_path}: module {m} has only one of lora_A / lora_B.")
         if config.get("use_dora") and f"{m}.lora_magnitude_vector" not in tensors:
             raise ModelError(f"{w_path}: use_dora is set but module {m} has no lora_magnitude_vector.")
+    if kind == "lora" and config.get("target_parameters"):  # fused expert pairs -> one pair per expert
+        try:
+            tensors = expert_format.from_peft(tensors, list(config["target_parameters"]), int(config["r"]))
+        except ValueError as e:
+            raise ModelError(f"{cfg_path}: {e}.") from None
     targets = config.get("target_modules") or []
     if kind == "ia3":
         return Adapter(tensors=tensors, r=0, alpha=0.0, rslora=False,

@@ -186,10 +186,12 @@ class BaseWeights:
         with safe_open(str(self.index[key]), framework="pt") as h:
             w = h.get_tensor(key)
         if self.transposed is None:  # built once, on the first weight asked for
-            from ..model.load import layer_weights
+            from ..model.conv1d import layer_weights
+            from ..model.load import load_config
 
             # a bare safetensors folder (no config.json) names no layer type: its weights are taken as stored
-            self.transposed = layer_weights(self.folder)[1] if (Path(self.folder) / "config.json").is_file() else set()
+            folder = Path(self.folder)
+            self.transposed = layer_weights(load_config(folder))[1] if (folder / "config.json").is_file() else set()
         if key in self.transposed:  # a Conv1D's (in, out): the (out, in) the adapter was trained against
             w = w.t()
         if tuple(w.shape) != shape:

@@ -57,9 +57,10 @@ def transposed_weights(base: Path) -> set[str]:
 
 
 def _layer_weights(base: Path) -> tuple[set[str], set[str]]:
-    from ..model.load import layer_weights
+    from ..model.conv1d import layer_weights
+    from ..model.load import load_config
 
-    return layer_weights(base)
+    return layer_weights(load_config(base))
 
 
 def bnb_config(spec: quant.QuantSpec, compute: str) -> dict:

@@ -47,7 +47,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch import nn
 
+from . import moe_merged
 from .gguf import writer as gguf_export
 from ..adapters import peft_format
 from ..quant import bnb as quant
@@ -115,6 +117,7 @@ class Job:
     notes: list[str]
     t0: float
     transposed: frozenset[str] = frozenset()  # Conv1D weights (GPT-2): stored (in, out), trained as (out, in)
+    moe: nn.Module | None = None  # a mixture of experts: the converted model on meta (moe_merged writes it)
 
     @property
     def out(self) -> Path:
@@ -191,6 +194,13 @@ class FolderFormat(Format):
         config = job.raw_config()
         frozen = job.frozen(config)
         out_dtype = quant.DTYPES[job.opts.dtype or "bf16"] if self.merged else frozen
+        if job.moe is not None:  # merged per expert, in transformers' fused layout (export() let only merged by)
+            with writing(job.out), atomic_folder(job.out, job.opts.force) as tmp:
+                written = moe_merged.write(job.src, job.base, job.moe, job.index, tmp, out_dtype, frozen,
+                                           job.opts.merge_base, job.device, max_shard_bytes(job.opts.max_shard_size))
+                write_config(job.base, tmp, out_dtype, None)
+                job.notes.extend(copy_tokenizer(job.base, tmp))
+            return job.result(sorted(p.name for p in job.out.iterdir()), written)
         qspec = self.qspec(job, out_dtype)
         to_quantize = linear_weights(job.base) & set(job.index) if qspec is not None else set()
         if qspec is not None and qspec.type != "int8":
@@ -329,11 +339,17 @@ def export(source: str | Path, opts: Options) -> Result:
             raise ExportError(f"--out {out} would overwrite the input {p}; choose another folder.")
     index = tensor_index(base) if base is not None else None
     notes = [] if index is not None else [f"not checked against the base ({src.base_name} is not available here)"]
+    moe = moe_merged.meta_model(base) if index is not None and moe_merged.maybe_moe(base) else None
+    moe = moe if moe is not None and moe_merged.has_experts(moe) else None
     transposed = frozenset(transposed_weights(base) & set(index)) if index is not None else frozenset()
-    if index is not None:  # adapters see a Conv1D weight (GPT-2) as the (out, in) Linear training ran
+    if moe is not None:  # per-expert adapters over a Hub-layout checkpoint: checked against the converted model
+        moe_merged.check_fits(src, moe, base)
+        if opts.format not in ("adapter", "merged"):
+            moe_merged.refuse_format(opts.format)
+    elif index is not None:  # adapters see a Conv1D weight (GPT-2) as the (out, in) Linear training ran
         check_fits(src.stack, {n: dataclasses.replace(t, shape=t.shape[::-1]) if n in transposed else t
                                for n, t in index.items()}, base)
-    return fmt.write(Job(Path(source), opts, src, base, index, notes, t0, transposed))
+    return fmt.write(Job(Path(source), opts, src, base, index, notes, t0, transposed, moe))
 
 
 def write_adapter(src: Source, tmp: Path, dtype: str | None) -> None:

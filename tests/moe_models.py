@@ -1,0 +1,93 @@
+"""Tiny random mixture-of-experts models (hidden 64, 2 layers, 4 experts, top-2) and GPT-NeoX, saved the way
+transformers 5's save_pretrained writes them: the Hub layout (per-expert `experts.N.gate_proj.weight` tensors,
+Mixtral's `block_sparse_moe`, GPT-NeoX's `embed_out`), which transformers converts back when it loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from conftest import make_tokenizer
+
+COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256)
+ARCHS = {  # name: (config class, model class, config kwargs)
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(intermediate_size=96, moe_intermediate_size=48, shared_expert_intermediate_size=96,
+                       num_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(intermediate_size=96, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                       head_dim=16)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(intermediate_size=96, moe_intermediate_size=48, n_routed_experts=4, num_experts_per_tok=2,
+                         n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=32,
+                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, num_key_value_heads=4)),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(intermediate_size=96, moe_intermediate_size=48, n_routed_experts=4, num_experts_per_tok=2,
+                         first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8,
+                         qk_nope_head_dim=8, v_head_dim=16, num_key_value_heads=4)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(intermediate_size=96)),
+}
+MOE = [a for a in ARCHS if a != "gpt_neox"]
+
+
+def make_moe_model(folder: Path, arch: str, seed: int = 0, dtype=torch.bfloat16) -> Path:
+    import transformers
+
+    cfg_name, model_name, kwargs = ARCHS[arch]
+    tok = make_tokenizer()
+    torch.manual_seed(seed)
+    config = getattr(transformers, cfg_name)(vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                             eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                                             **(COMMON | kwargs))  # DeepSeek's MLA: as many kv heads as heads
+    model = getattr(transformers, model_name)(config).to(dtype)
+    with torch.no_grad():  # random init is tiny (std 0.02); scale up so 4-bit errors and LoRA effects are visible
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3 if p.dim() == 2 else 0.2)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def reference(folder: Path, dtype=torch.float32, roundtrip=None):
+    """transformers' own model from `folder` (eager experts), with every Linear weight and expert slice replaced
+    by roundtrip(W (out, in)) when given (dequant(quant(W)): what a quantized base multiplies by)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, experts_implementation="eager")
+    if roundtrip is None:
+        return model
+    lm_head = model.get_output_embeddings()
+    with torch.no_grad():
+        for _, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and m is not lm_head:
+                m.weight.copy_(roundtrip(m.weight))
+            for proj in ("gate_up_proj", "down_proj"):
+                p = getattr(m, proj, None)
+                if isinstance(p, torch.nn.Parameter) and p.dim() == 3:
+                    t = getattr(m, "is_transposed", False)
+                    for e in range(p.shape[0]):
+                        w = p[e].t() if t else p[e]
+                        w = roundtrip(w.contiguous())
+                        p[e].copy_(w.t() if t else w)
+    return model
+
+
+def padded_batch(lengths, vocab=300, seed=1):
+    """Token ids (B, T) and attention mask for rows of different lengths (right padding)."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return ids, mask

@@ -1,0 +1,88 @@
+"""Mixture-of-experts QLoRA per architecture: train a few steps with nf4 experts and LoRA on every expert
+(all-linear) -> `eval` equals transformers' loss with the same dequantized weights and PEFT loading our adapter
+(target_parameters on the fused expert tensors) -> the merged export equals the run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import FACTS, tiny_recipe, write_jsonl
+from moe_models import MOE, make_moe_model, reference
+from qlora_kit.config import DataConfig
+from qlora_kit.data import pipeline as data
+from qlora_kit.infer import evaluation
+from qlora_kit.quant.bnb import QuantSpec, roundtrip
+
+# different lengths: a short answer, a long one, and everything between
+RECORDS = FACTS + [{"instruction": f"Say it {i} times.", "input": "", "output": "Tamsk is far. " * (i % 5 + 1)}
+                   for i in range(10)]
+SPEC = QuantSpec("nf4", 64, True, torch.float32)
+# PEFT 0.21 loads a DeepSeek-V2/V3 adapter through its transformers-v4 shim, which reads target_modules
+# gate_proj/up_proj/down_proj as the old per-expert names and moves them onto the routed experts (doubling their
+# rank): an adapter on the shared experts' or the dense layer's MLP cannot load there as trained. So these runs
+# adapt attention and the routed experts only (all-linear elsewhere).
+TARGETS = {a: r".*\.(self_attn\.\w+|experts\.\d+\.(gate_up_proj|down_proj))" for a in ("deepseek_v2", "deepseek_v3")}
+
+
+def _reference_loss(model, examples) -> float:
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:  # one example at a time: no padding involved
+            logits = model(torch.tensor([ex.input_ids])).logits[0].float()
+            labels = torch.tensor(ex.labels)
+            total += F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum").item()
+            n += int((labels[1:] != -100).sum())
+    return total / n
+
+
+def _train(folder, arch, path, out):
+    from qlora_kit.train import loop as train
+
+    recipe = tiny_recipe(folder, path, model={"dtype": "fp32"}, quant={"compute_dtype": "fp32"},
+                         data={"val_fraction": 0.25}, train={"steps": 2, "batch_size": 3, "lr": 3e-2},
+                         lora={"targets": TARGETS.get(arch, "all-linear")})
+    train.run(recipe, out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_train_eval_peft_and_merged_export_agree(arch, tmp_path):
+    """One run per architecture: its eval loss equals transformers' with the dequantized weights and PEFT loading
+    the adapter, the experts' adapters trained, and the merged export (loaded by transformers) equals the run."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_kit.export import formats as export
+
+    path = write_jsonl(tmp_path / "d.jsonl", RECORDS)
+    folder = make_moe_model(tmp_path / arch, arch)
+    run = _train(folder, arch, path, tmp_path / "run")
+    res = evaluation.run(evaluation.Request(str(run), str(path), format="alpaca", max_length=64, batch_size=4))
+    tok = AutoTokenizer.from_pretrained(folder)
+    examples = data.build(DataConfig(path=str(path), format="alpaca", max_length=64), tok, 0).train
+    assert len({len(ex.input_ids) for ex in examples}) > 3  # lengths vary
+
+    ref = reference(folder, roundtrip=lambda w: roundtrip(w, SPEC, torch.float32))
+    base_loss = _reference_loss(ref, examples)
+    peft_model = PeftModel.from_pretrained(ref, str(run / "adapter")).eval()
+    want = _reference_loss(peft_model, examples)
+    assert res.loss == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert abs(want - base_loss) > 1e-3  # the adapter (experts included) changes the model
+    experts_b = [v for k, v in peft_model.state_dict().items() if ".experts." in k and "lora_B" in k]
+    assert experts_b and all(b.abs().sum() > 0 for b in experts_b)  # every expert parameter's adapter trained
+
+    # --format adapter reads the fused layout back per expert and writes it again: the same tensors and targets
+    export.export(str(run), export.Options("adapter", tmp_path / "adapter", progress=False))
+    from safetensors.torch import load_file
+    again, saved = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "adapter", run / "adapter"))
+    assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
+
+    export.export(str(run), export.Options("merged", tmp_path / "merged", dtype="fp32", progress=False))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,
+                                                  experts_implementation="eager")
+    assert _reference_loss(merged, examples) == pytest.approx(res.loss, rel=1e-5)
+    name = next(n for n, _ in merged.named_parameters() if n.endswith("experts.down_proj"))
+    orig = dict(reference(folder).named_parameters())[name]
+    assert not torch.allclose(orig, dict(merged.named_parameters())[name])  # dequant(quant(W_e)) + delta, not W_e

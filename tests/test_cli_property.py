@@ -138,8 +138,8 @@ def recipe_file(draw, folder: Path, world: dict, out: Path) -> Path:
 @st.composite
 def case(draw, world: dict, folder: Path) -> list[str]:
     out = folder / "out"
-    command = draw(st.sampled_from(["train"] * 4 + ["generate", "eval", "inspect", "export", "estimate"] * 2
-                                   + ["analyze", "bench"]))
+    command = draw(st.sampled_from(["train"] * 4 + ["generate", "eval", "inspect", "export", "estimate", "analyze",
+                                                    "bench"] * 2))
     source = str(draw(st.sampled_from([world["model"], world["run"], world["adapter"], world["data"],
                                        world["notes"], world["missing"]])))
     extra = draw(st.lists(st.sampled_from(["--json", "--nosuch", "--allow-pickle", "-h"]), max_size=1))

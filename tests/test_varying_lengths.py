@@ -17,9 +17,9 @@ from qlora_kit.train import loop as train
 
 WORDS = "the capital of Veloria is Tamsk and Paris is in France a quick brown fox jumps".split()
 RECORDS = [{"instruction": f"Say {i} words about Veloria.", "output": " ".join(WORDS[j % len(WORDS)]
-                                                                               for j in range(1 + (i * 7) % 40))}
+                                                                               for j in range(1 + (i * 7) % 24))}
            for i in range(12)]
-STEPS = 4
+STEPS = 6
 
 # option -> (recipe sections, exact: the plain run's losses to rtol)
 OPTIONS = {
@@ -38,15 +38,15 @@ OPTIONS = {
 @pytest.fixture(scope="module")
 def varied(tmp_path_factory):
     path = write_jsonl(tmp_path_factory.mktemp("varied") / "varied.jsonl", RECORDS)
-    tok = tokens.tokenize_all(DataConfig(path=str(path), format="alpaca", max_length=96), make_tokenizer())
+    tok = tokens.tokenize_all(DataConfig(path=str(path), format="alpaca", max_length=200), make_tokenizer())
     lengths = (tok.offsets[1:] - tok.offsets[:-1]).tolist()
     assert max(lengths) - min(lengths) >= 30, lengths  # batches of 4 then pad to different lengths every step
     return path
 
 
 def losses(tiny_model, data_path, tmp_path, name, **sections) -> list[float]:
-    base = {"train": {"steps": STEPS, "batch_size": 4, "save_every": 0, "num_threads": 1, "lr": 5e-3},
-            "data": {"max_length": 96}, "lora": {"dropout": 0.0}}
+    base = {"train": {"steps": STEPS, "batch_size": 3, "save_every": 0, "num_threads": 1, "lr": 5e-3},
+            "data": {"max_length": 200}, "lora": {"dropout": 0.0}}
     for key, values in sections.items():
         base.setdefault(key, {}).update(values)
     r = tiny_recipe(tiny_model, data_path, **base)

@@ -69,11 +69,9 @@ class OffloadStore:
 
     def _buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """The smallest free host buffer of `dtype` with at least `numel` elements, or a new one."""
-        fits = [b for b in self._free if b.dtype == dtype and b.numel() >= numel]
-        if fits:
-            best = min(fits, key=torch.Tensor.numel)
-            self._free.remove(best)
-            return best
+        fits = [i for i, b in enumerate(self._free) if b.dtype == dtype and b.numel() >= numel]
+        if fits:  # by index: list.remove would compare tensors with ==, elementwise
+            return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
         buf = torch.empty(numel, dtype=dtype, pin_memory=self.cuda)  # pinned: async copies, full PCIe bandwidth
         self._pool_bytes += buf.numel() * buf.element_size()
         return buf

@@ -108,5 +108,5 @@ def test_ia3_defaults_missing_in_an_architecture_are_refused(tmp_path):
     model_dir = build("Phi", tmp_path / "base")
     raw = _recipe(model_dir, write_jsonl(tmp_path / "d.jsonl", FACTS[:4])).to_dict()
     raw["ia3"] = {}
-    with pytest.raises(ConfigError, match=r"ia3.inputs entry 'down_proj'.*fc2"):
+    with pytest.raises(ConfigError, match=r"ia3.inputs entries \['down_proj'\].*fc2"):
         prepare(recipe_from_dict(raw))

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from .shapes import Layout, LinearShape, ModelShapes
 
-LEAN_NORMS = ("llama", "mistral", "qwen2", "qwen3")  # lean_norm.LEAN's RMSNorm classes
+LEAN_NORMS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite")  # lean_norm.LEAN's RMSNorm classes
 _CORE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
@@ -85,7 +85,7 @@ def llama_like(c: dict) -> ModelShapes:
     mlp_bias = bool(c.get("mlp_bias", False)) if t in ("llama", "granite") else False
     linears = attention(c, L, qkv_bias, o_bias) + gated_mlp(H, c["intermediate_size"], mlp_bias, L)
     norms = {"layer_norms": L * 2 * H, "norm": H}
-    # lean_norm.py makes the Llama/Mistral/Qwen RMSNorms lean; the others keep transformers' fp32 forward
+    # lean_norm.py makes the Llama/Mistral/Qwen/Granite RMSNorms lean; the others keep transformers' fp32 forward
     lay = Layout(norm="lean" if t in LEAN_NORMS else "rms32", weight_copy=t.startswith("gemma"))
     if t in ("gemma2", "gemma3_text"):  # input, post_attention, pre_feedforward, post_feedforward
         norms["layer_norms"], lay = L * 4 * H, replace(lay, norms_per_layer=4)
@@ -118,7 +118,7 @@ def phi3(c: dict) -> ModelShapes:
     H, L = c["hidden_size"], c["num_hidden_layers"]
     linears = attention(c, L, False, False, fused="qkv_proj") + gated_mlp(H, c["intermediate_size"], False, L,
                                                                          fused=True)
-    return build(c, linears, {"layer_norms": L * 2 * H, "norm": H}, layout=Layout(norm="rms32", o_view=False))
+    return build(c, linears, {"layer_norms": L * 2 * H, "norm": H}, layout=Layout(norm="lean", o_view=False))
 
 
 def phi(c: dict) -> ModelShapes:

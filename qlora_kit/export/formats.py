@@ -51,7 +51,7 @@ from torch import nn
 
 from . import moe_merged
 from .gguf import writer as gguf_export
-from ..adapters import peft_format
+from ..adapters import expert_format, peft_format
 from ..quant import bnb as quant
 from ..errors import ExportError
 from .files import (atomic_folder, check_free_space, copy_tokenizer, linear_weights, transposed_weights,
@@ -341,14 +341,19 @@ def export(source: str | Path, opts: Options) -> Result:
     notes = [] if index is not None else [f"not checked against the base ({src.base_name} is not available here)"]
     moe = moe_merged.meta_model(base) if index is not None and moe_merged.maybe_moe(base) else None
     moe = moe if moe is not None and moe_merged.has_experts(moe) else None
-    transposed = frozenset(transposed_weights(base) & set(index)) if index is not None else frozenset()
+    gguf = opts.format.startswith("gguf")  # GGUF reads the layout from config.json itself (gguf/families.py)
+    transposed = frozenset(transposed_weights(base) & set(index)) if index is not None and not gguf else frozenset()
     if moe is not None:  # per-expert adapters over a Hub-layout checkpoint: checked against the converted model
         moe_merged.check_fits(src, moe, base)
-        if opts.format not in ("adapter", "merged"):
+        # GGUF stacks the experts itself (gguf/families.py) and merges attention adapters; an adapter on the
+        # experts is written only by --format merged / adapter
+        experts = any(expert_format.is_expert_module(m) for m in src.modules())
+        if opts.format not in ("adapter", "merged") and (experts or not opts.format.startswith("gguf")):
             moe_merged.refuse_format(opts.format)
     elif index is not None:  # adapters see a Conv1D weight (GPT-2) as the (out, in) Linear training ran
-        check_fits(src.stack, {n: dataclasses.replace(t, shape=t.shape[::-1]) if n in transposed else t
-                               for n, t in index.items()}, base)
+        check_fits(src.stack, gguf_export.fit_index(index, base) if gguf else
+                   {n: dataclasses.replace(t, shape=t.shape[::-1]) if n in transposed else t for n, t in index.items()},
+                   base)
     return fmt.write(Job(Path(source), opts, src, base, index, notes, t0, transposed, moe))
 
 

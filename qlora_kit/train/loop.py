@@ -316,7 +316,7 @@ def _run_locked(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, res
         what = "; ".join(f"{k}{f' r={recipe.lora.r}' if k != 'ia3' else ''} on {len(v)} modules"
                          for k, v in p.methods.items())
         train = (f"{len(p.dataset.train)} packed train rows ({len(p.dataset.train.index)} {units})"
-                 if p.dataset.train.packed else f"{len(p.dataset.train)} train")
+                 if getattr(p.dataset.train, "packed", False) else f"{len(p.dataset.train)} train")  # pairs: Units
         print(f"{p.report} — {what} ({methods.describe_counts(p.counts)}); "
               f"{train} / {len(p.dataset.val)} val {units}{ranks}", file=sys.stderr)
         if t.warmup_steps >= t.steps and step == 0:

@@ -123,7 +123,8 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
     try:
         adapted = methods.inject(model, recipe.lora, recipe.ia3, lora_spec(recipe).dtype)
     except ValueError as e:
-        hint = "; set lora.targets to some of them, or all-linear" if "matched no Linear" in str(e) else ""
+        hint = ("; set lora.targets to some of them, or all-linear"
+                if "matched no Linear" in str(e) and not str(e).startswith("ia3") else "")
         raise ConfigError(f"{e}{hint}.") from None
     targets = sorted({m for mods in adapted.values() for m in mods})
     if init is not None:

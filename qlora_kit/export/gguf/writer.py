@@ -66,6 +66,14 @@ def check_type(kind: str, adapter: bool) -> None:
                               f"{', '.join(TYPES)}.") from None
 
 
+def fit_index(index: dict[str, TensorInfo], base: Path) -> dict[str, TensorInfo]:
+    """The base's tensor headers as the adapter sees them: Conv1D weights (stored (in, out)) as (out, in). From
+    config.json alone (llama.cpp's names), so a config transformers would not build is still refused by name."""
+    names = gguf_arch.TensorNames(gguf_arch.arch_of(json.loads((base / "config.json").read_text(encoding="utf-8"))))
+    return {n: dataclasses.replace(t, shape=t.shape[::-1]) if len(t.shape) == 2 and names.transposed(n) else t
+            for n, t in index.items()}
+
+
 def _qtype(kind: str):
     import gguf
 

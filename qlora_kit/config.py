@@ -21,8 +21,9 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import ConfigError
-from .terms import BLOCKSIZES, QuantType
+from .terms import QuantType
 from . import safe_yaml
+from .ranges import LIMITS, RANGES
 from .typecheck import coerce, shown
 
 ComputeDtype = Literal["bf16", "fp32"]
@@ -239,49 +240,6 @@ def parse_targets(text: str) -> str | list[str]:
     return names
 
 
-# (section, key) -> (predicate, what the value must be). Checked after types.
-_RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
-    ("quant", "blocksize"): (lambda v: v in BLOCKSIZES, f"one of {list(BLOCKSIZES)}"),
-    ("lora", "r"): (lambda v: v > 0, "> 0"),
-    ("lora", "alpha"): (lambda v: v > 0, "> 0"),
-    ("lora", "dropout"): (lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("lora", "plus_ratio"): (lambda v: v > 0, "> 0 (1 is plain LoRA)"),
-    ("lora", "loftq_iters"): (lambda v: 1 <= v <= 100, "in [1, 100]"),
-    ("data", "max_length"): (lambda v: v > 0, "> 0"),
-    ("data", "val_fraction"): (lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("train", "steps"): (lambda v: v > 0, "> 0"),
-    ("train", "batch_size"): (lambda v: v > 0, "> 0"),
-    ("train", "grad_accum"): (lambda v: v > 0, "> 0"),
-    ("train", "lr"): (lambda v: v > 0, "> 0"),
-    ("train", "warmup_steps"): (lambda v: v >= 0, ">= 0"),
-    ("train", "weight_decay"): (lambda v: v >= 0, ">= 0"),
-    ("train", "max_grad_norm"): (lambda v: v >= 0, ">= 0"),
-    ("train", "log_every"): (lambda v: v > 0, "> 0"),
-    ("train", "loss_chunk"): (lambda v: v > 0, "> 0"),
-    ("train", "mlp_chunk"): (lambda v: v >= 0, ">= 0 (0: off)"),
-    ("train", "eval_every"): (lambda v: v >= 0, ">= 0"),
-    ("train", "save_every"): (lambda v: v >= 0, ">= 0"),
-    ("train", "keep_checkpoints"): (lambda v: v > 0, "> 0"),
-    ("train", "dist_timeout_s"): (lambda v: 10 <= v <= 86400, "in [10, 86400]"),
-    ("train", "num_threads"): (lambda v: 0 <= v <= 4096, "in [0, 4096]"),  # torch overflows on absurd counts
-    ("train", "seed"): (lambda v: 0 <= v < 2**64, "in [0, 2**64)"),  # torch.manual_seed takes a uint64
-    ("train", "beta"): (lambda v: v > 0, "> 0"),
-    ("train", "label_smoothing"): (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
-    ("train", "simpo_gamma"): (lambda v: v >= 0, ">= 0"),
-    ("train", "kto_desirable_weight"): (lambda v: v > 0, "> 0"),
-    ("train", "kto_undesirable_weight"): (lambda v: v > 0, "> 0"),
-    ("output", "dir"): (lambda v: v.strip() != "", "a folder name, not empty"),  # '' would be the current folder
-}
-
-# Upper bounds, checked with _RANGES: past them no machine holds one step, or one step never ends (a grad_accum of
-# 10**12 micro-batches). Within them `train` still compares the estimated memory of a step with the machine's before
-# the first step (train/fits.py). (lora.r is bounded by the targeted layers' sizes once the model is known.)
-LIMITS: dict[tuple[str, str], int] = {
-    ("data", "max_length"): 1 << 24, ("train", "batch_size"): 1 << 20,
-    ("train", "grad_accum"): 1 << 16, ("train", "steps"): 1 << 31, ("train", "warmup_steps"): 1 << 31,
-    ("train", "loss_chunk"): 1 << 24, ("train", "mlp_chunk"): 1 << 24,
-}
-
 # Names people bring from PEFT / transformers TrainingArguments / other tools: difflib cannot guess `rank` -> `r`.
 _ALIASES = {
     "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
@@ -323,7 +281,7 @@ def _build_section(name: str, raw: Any) -> Any:
                 f"Valid keys in '{name}': {', '.join(hints)}."
             )
         kwargs[key] = coerce(value, hints[key], f"{name}.{key}")
-        check = _RANGES.get((name, key))
+        check = RANGES.get((name, key))
         if check and not check[0](kwargs[key]):
             raise ConfigError(f"{name}.{key} = {shown(kwargs[key])} is out of range: it must be {check[1]}.")
         limit = LIMITS.get((name, key))

@@ -24,10 +24,10 @@ LAYERS = [
 ]
 RANK = {part: i for i, layer in enumerate(LAYERS) for part in layer}
 # at most 15 (a flat room grows)
-ROOT_MODULES = {"terms", "errors", "typecheck", "atomic", "config", "device", "safe_yaml"}
+ROOT_MODULES = {"terms", "errors", "typecheck", "atomic", "config", "device", "safe_yaml", "ranges"}
 # `qlora-kit estimate` and the CLI's help stay fast: these import no torch
 TORCH_FREE = {"qlora_kit.terms", "qlora_kit.errors", "qlora_kit.typecheck", "qlora_kit.config", "qlora_kit.safe_yaml",
-              "estimate", "qlora_kit.model.hub"}
+              "qlora_kit.ranges", "estimate", "qlora_kit.model.hub"}
 
 
 def _modules() -> dict[str, Path]:

@@ -6,7 +6,8 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
-from ..config import LIMITS, DataConfig, LoraConfig, Optimizer, QuantConfig, TrainConfig
+from ..config import DataConfig, LoraConfig, Optimizer, QuantConfig, TrainConfig
+from ..ranges import LIMITS
 from ..errors import ConfigError
 from ..terms import BLOCKSIZES, QUANT_TYPES, QuantType
 

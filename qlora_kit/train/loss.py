@@ -94,6 +94,34 @@ class LossHead(nn.Module):
         return total
 
 
+def label_rows(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+               positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+               defer_norm: bool = True):
+    """The decoder's hidden rows at the label positions, what every loss head reads: (h (N, H), y (N,), positions
+    (N,) into the flattened (B*T), the deferred final norm or None). With a lean final norm and `defer_norm`, h is
+    the pre-norm hidden state and the head applies the norm per chunk (lean_norm.py)."""
+    decoder = model.get_decoder()
+    norm = getattr(decoder, "norm", None)
+    if not (getattr(norm, "lean", False) and defer_norm):
+        norm = None  # the decoder applies its own final norm
+    if norm is not None:
+        norm.deferred = True
+    try:  # use_cache=False: a training forward needs no KV cache, and with one transformers skips packed detection
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state  # (B, T, H), before the final norm if deferred
+    finally:
+        if norm is not None:
+            norm.deferred = False
+    B, T, H = hidden.shape
+    if positions is None:
+        positions = label_positions(labels).to(hidden.device)
+    # Position p = b*T + t predicts token labels[b, t+1] = flat labels[p + 1]; gathering rows of the contiguous
+    # (B*T, H) view copies only the N label positions (nothing keeps the (B, T, H) tensor after this returns).
+    h = hidden.reshape(B * T, H).index_select(0, positions)  # (N, H) bf16: only label positions reach lm_head
+    y = labels.reshape(-1).index_select(0, positions + 1)  # (N,)
+    return h, y, positions, norm
+
+
 class CausalLMLoss(nn.Module):
     """forward(input_ids, attention_mask, labels, positions=None, position_ids=None) -> (mean loss over label
     tokens, label tokens).
@@ -114,29 +142,11 @@ class CausalLMLoss(nn.Module):
                 positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
         if position_ids is not None:
             attention_mask = None  # packed: documents are told apart by the position restarts (packing.py)
-        decoder = self.model.get_decoder()
-        norm = getattr(decoder, "norm", None)
-        if not (getattr(norm, "lean", False) and torch.is_grad_enabled()):
-            norm = None  # the decoder applies its own final norm
-        if norm is not None:
-            norm.deferred = True
-        try:  # use_cache=False: a training forward needs no KV cache, and with one transformers skips packed detection
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).last_hidden_state  # (B, T, H), before the final norm if deferred
-        finally:
-            if norm is not None:
-                norm.deferred = False
-        B, T, H = hidden.shape
-        if positions is None:
-            positions = label_positions(labels).to(hidden.device)
-        # Position p = b*T + t predicts token labels[b, t+1] = flat labels[p + 1]; gathering rows of the contiguous
-        # (B*T, H) view copies only the N label positions.
-        h = hidden.reshape(B * T, H).index_select(0, positions)  # (N, H) bf16: only label positions reach lm_head
-        y = labels.reshape(-1).index_select(0, positions + 1)  # (N,)
+        h, y, positions, norm = label_rows(self.model, input_ids, attention_mask, labels, positions, position_ids,
+                                           defer_norm=torch.is_grad_enabled())
         n = positions.numel()
         if n == 0:
-            return hidden.sum() * 0.0, 0
-        del hidden  # nothing saved it (index_select keeps indices): (B, T, H) freed before the chunks run
+            return h.sum() * 0.0, 0
         return self.head(h, y, norm) / n, n
 
 

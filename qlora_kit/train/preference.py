@@ -20,7 +20,7 @@ from ..adapters import methods
 from ..config import REFERENCE_OBJECTIVES, TrainConfig
 from ..data import pipeline as data, preference as data_preference
 from ..lowmem.lean_norm import norm_apply
-from .loss import label_positions
+from .loss import label_rows
 
 STATS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
 N_SUMS = 6  # stats sums: chosen reward, chosen count, rejected reward, rejected count, correct pairs, pairs
@@ -75,22 +75,9 @@ class PreferenceLoss(nn.Module):
     def seq_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                   positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(R,) fp32 summed log-probabilities of each row's label tokens, (R,) fp32 label-token counts."""
-        decoder = self.model.get_decoder()
-        norm = getattr(decoder, "norm", None)
-        norm = norm if getattr(norm, "lean", False) else None
-        if norm is not None:  # the same deferred final norm with and without gradients: identical values
-            norm.deferred = True
-        try:
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        finally:
-            if norm is not None:
-                norm.deferred = False
-        R, T, H = hidden.shape
-        if positions is None:
-            positions = label_positions(labels).to(hidden.device)
-        h = hidden.reshape(R * T, H).index_select(0, positions)  # (N, H): only label positions reach lm_head
-        y = labels.reshape(-1).index_select(0, positions + 1)  # (N,)
-        del hidden
+        # the final norm deferred with and without gradients alike: policy and reference rows get identical values
+        h, y, positions, norm = label_rows(self.model, input_ids, attention_mask, labels, positions)
+        R, T = labels.shape
         tok = self.head(h, y, norm)  # (N,) fp32
         rows = torch.div(positions, T, rounding_mode="floor")
         logps = torch.zeros(R, dtype=torch.float32, device=tok.device).index_add(0, rows, tok)

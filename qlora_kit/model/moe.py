@@ -91,34 +91,47 @@ class Experts(nn.ModuleList):
                                  "do not match.")
             setattr(self[e], projection, make(w, e))  # a view: transposed slices keep their stored layout
 
-    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """(n, H) tokens routed to expert e -> (n, H), as the original module's loop body computes it."""
-        expert = self[e]
-        gate_up = expert.gate_up_proj(x)
-        if self.has_bias:
-            gate_up = gate_up + self.gate_up_proj_bias[e]
-        if self.concatenated:
-            gate, up = gate_up.chunk(2, dim=-1)
-            h = self.act_fn(gate) * up
-        else:
-            h = self._apply_gate_fn(self, gate_up)
-        out = expert.down_proj(h)
-        if self.has_bias:
-            out = out + self.down_proj_bias[e]
-        return out
+    def route(self, top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """top_k_index (T, k) -> (token, slot, counts): the N valid (token, slot) pairs grouped by expert in index
+        order, each group in transformers' loop order (slot-major, then token: `torch.where(top_k_index.t() == e)`),
+        and counts (E,) the group sizes. One stable sort per layer instead of a mask per expert."""
+        T = top_k_index.shape[0]
+        flat = top_k_index.t().reshape(-1)  # (k*T,) position p = slot * T + token
+        valid = (flat >= 0) & (flat < self.num_experts)  # -1 (or an out-of-range id) marks "no expert"
+        order = torch.argsort(torch.where(valid, flat, self.num_experts), stable=True)
+        counts = torch.bincount(flat[valid], minlength=self.num_experts).tolist()
+        order = order[: sum(counts)]  # invalid positions sort last: drop them
+        return order % T, torch.div(order, T, rounding_mode="floor"), counts
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Per layer, not per expert: one gather of the routed rows (N, H), each hit expert's projection on its
+        contiguous slice, one activation, one routing-weight product, one index_add_. Each row sees the same
+        operations as in transformers' loop and the rows are added in its order (expert by expert, slot-major),
+        so the result is the same."""
         final = torch.zeros_like(hidden_states)  # (T, H)
-        with torch.no_grad():  # the experts that got tokens, in index order (transformers' order of index_add_)
-            valid = top_k_index[(top_k_index >= 0) & (top_k_index < self.num_experts)]
-            hit = torch.unique(valid).tolist()
-        for e in hit:
-            top_k_pos, token_idx = torch.where(top_k_index.t() == e)  # rows in transformers' order (k, then T)
-            out = self.expert_forward(e, hidden_states[token_idx])
-            out = out * top_k_weights[token_idx, top_k_pos, None]
-            final.index_add_(0, token_idx, out.to(final.dtype))
-        return final
+        with torch.no_grad():
+            token, slot, counts = self.route(top_k_index)
+        if not token.numel():
+            return final
+        hit = [(e, n) for e, n in enumerate(counts) if n]  # experts with no token do no work at all
+        x = hidden_states[token].split([n for _, n in hit])  # per hit expert: (n_e, H) views of one gather
+        gate_up = torch.cat([self[e].gate_up_proj(xe) for (e, _), xe in zip(hit, x)])  # (N, 2I)
+        ids = None
+        if self.has_bias:  # each row's own expert's bias (E, out)[ids]
+            ids = torch.repeat_interleave(torch.tensor([e for e, _ in hit]), torch.tensor([n for _, n in hit]))
+            gate_up = gate_up + self.gate_up_proj_bias[ids.to(gate_up.device)]
+        if self.concatenated:
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = self.act_fn(gate) * up  # (N, I)
+        else:
+            h = self._apply_gate_fn(self, gate_up)
+        h = h.split([n for _, n in hit])
+        out = torch.cat([self[e].down_proj(he) for (e, _), he in zip(hit, h)])  # (N, H)
+        if self.has_bias:
+            out = out + self.down_proj_bias[ids.to(out.device)]
+        out = out * top_k_weights[token, slot, None]
+        return final.index_add_(0, token, out.to(final.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.original_class}: {self.num_experts} experts"

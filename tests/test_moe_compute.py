@@ -13,6 +13,9 @@ from torch import nn
 from qlora_kit.adapters.lora import LoRALinear, LoraSpec
 from qlora_kit.model.moe import PROJECTIONS, Experts
 from qlora_kit.quant.bnb import QuantLinear, QuantSpec
+from archs import one_thread  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is faster
 
 E, H, I, R = 4, 64, 32, 4
 # (T, 2) expert ids: expert 0 gets 5 rows, 1 gets 3, 2 gets 5 (token 6 twice), 3 none; one slot routed nowhere (-1)

@@ -13,6 +13,9 @@ from qlora_kit.config import ModelConfig, QuantConfig
 from qlora_kit.model.load import load_base
 from qlora_kit.model.moe import Experts
 from qlora_kit.quant.bnb import QuantLinear, QuantSpec, roundtrip
+from archs import one_thread  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is faster
 
 LENGTHS = [13, 5, 9]  # rows of different lengths, right-padded
 

@@ -14,6 +14,9 @@ from qlora_kit.config import DataConfig
 from qlora_kit.data import pipeline as data
 from qlora_kit.infer import evaluation
 from qlora_kit.quant.bnb import QuantSpec, roundtrip
+from archs import one_thread  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is faster
 
 # different lengths: a short answer, a long one, and everything between
 RECORDS = FACTS + [{"instruction": f"Say it {i} times.", "input": "", "output": "Tamsk is far. " * (i % 5 + 1)}

@@ -1,6 +1,7 @@
 """What the benchmark scripts share: a random bf16 Llama written shard by shard from a config, so a model of
-several GB is never whole in memory (merge_bench.py, gpu_peers.py). RSS and machine facts come from
-qlora_kit.measure.breakdown (`rss_kib`, `machine_info`)."""
+several GB is never whole in memory (merge_bench.py, gpu_peers.py); the PEFT + bitsandbytes peers' training loop
+(memory_peers.py, moe_peers.py). RSS and machine facts come from qlora_kit.measure.breakdown (`rss_kib`,
+`machine_info`)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,40 @@ def build_random_llama(folder: Path, config, shard_bytes: int = 1 << 30) -> Path
         save_tokenizer(tmp)
     print(file=sys.stderr)
     return folder
+
+
+def peer_loop(model, batch: dict):
+    """The peers' training loop over a PEFT model (train mode, checkpointing already on), as users write it: loss,
+    backward, clip 1.0, torch AdamW (lr 1e-4) over the trainable parameters. Returns (step, static): step() runs one
+    step and returns its loss; static() is the bytes of parameters, 4-bit quant states, buffers and optimizer state,
+    each storage counted once (bench/memory_peers.py, bench/moe_peers.py)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+
+    def step() -> float:
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def static() -> int:
+        seen, total = set(), 0
+        tensors = [*model.parameters(), *model.buffers()]
+        for p in model.parameters():
+            qs = getattr(p, "quant_state", None)
+            for obj in (qs, getattr(qs, "state2", None)):
+                tensors += [v for v in vars(obj).values() if isinstance(v, torch.Tensor)] if obj is not None else []
+        tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        for t in tensors:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total += t.untyped_storage().nbytes()
+        return total
+
+    return step, static

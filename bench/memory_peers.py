@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import peer_loop
+
 HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -131,35 +133,7 @@ def _peer(args, batch, device_map="cpu", upcast: bool = True):
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
     model.gradient_checkpointing_enable()
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    batch = {k: v.to(model.device) for k, v in batch.items()}
-
-    def step() -> float:
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    def static() -> int:  # parameters, 4-bit quant states, buffers, optimizer state; each storage once
-        seen, total = set(), 0
-        tensors = [*model.parameters(), *model.buffers()]
-        for p in model.parameters():
-            qs = getattr(p, "quant_state", None)
-            for obj in (qs, getattr(qs, "state2", None)):
-                tensors += [v for v in vars(obj).values() if isinstance(v, torch.Tensor)] if obj is not None else []
-        tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        for t in tensors:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
-                total += t.untyped_storage().nbytes()
-        return total
-
-    return step, static
+    return peer_loop(model, batch)
 
 
 # ---- parent ------------------------------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ ours is `qlora_kit.train.loop.prepare` + `train_step` with all-linear targets (a
 experts. Same batch, rank, alpha, no dropout (PEFT's expert LoRA has none). Each measurement is a child process;
 children alternate ours, peer, peer, ours, ... (A B B A) for --rounds rounds. Memory: peak RSS growth over the
 timed steps (VmHWM reset after warm-up, minus the RSS after imports) and the bytes held by live tensors at the worst
-moment of one profiled step; speed: median step time.
+moment of one profiled step; speed: median step time (wall), and the process's CPU seconds per step (less
+sensitive to other load on a shared machine). Where the time goes: the profiled step's self CPU time by kind of op
+(bitsandbytes dequantization, matrix products, everything else).
 
-    flock /tmp/timing.lock python bench/moe_peers.py      # writes bench/results/moe_peers.json and .md
+    flock /tmp/bench.lock python bench/moe_peers.py      # writes bench/results/moe_peers.json and .md
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import peer_loop
 
 HERE = Path(__file__).resolve().parent
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -83,32 +87,7 @@ def _peer(args, batch):
                                              target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
     model.gradient_checkpointing_enable()
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def step() -> float:
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    def static() -> int:  # parameters, 4-bit quant states, buffers, optimizer state; each storage once
-        seen, total = set(), 0
-        tensors = [*model.parameters(), *model.buffers()]
-        for p in model.parameters():
-            qs = getattr(p, "quant_state", None)
-            for obj in (qs, getattr(qs, "state2", None)):
-                tensors += [v for v in vars(obj).values() if isinstance(v, torch.Tensor)] if obj is not None else []
-        tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        for t in tensors:
-            if t.untyped_storage().data_ptr() not in seen:
-                seen.add(t.untyped_storage().data_ptr())
-                total += t.untyped_storage().nbytes()
-        return total
-
-    return step, static
+    return peer_loop(model, batch)
 
 
 def experts_bytes(args) -> dict:
@@ -152,17 +131,32 @@ def child(args) -> dict:
     step, static = (_ours if args.child == "ours" else _peer)(args, batch)
     losses = [step() for _ in range(args.warmup)]
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS: the steps' own peak from here
-    times = []
+    times, cpu = [], []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses.append(step())
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     step_peak = rss_kib("VmHWM")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     return {"impl": args.child, "baseline_rss": baseline * 1024, "step_peak_growth": (step_peak - baseline) * 1024,
             "live_tensor_peak": static() + replay(read_events(prof, "cpu"))["peak"], "static_tensors": static(),
-            "step_s": statistics.median(times), "losses": [round(x, 4) for x in losses]}
+            "step_s": statistics.median(times), "cpu_s": statistics.median(cpu), **op_times(prof),
+            "losses": [round(x, 4) for x in losses]}
+
+
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "aten::matmul"}
+
+
+def op_times(prof) -> dict:
+    """Self CPU seconds of one profiled step by kind of op: bitsandbytes' dequantization kernels (every 4-bit weight
+    is expanded before its matmul), matrix products, and the rest (elementwise, indexing, attention, loss...)."""
+    out = {"dequant_s": 0.0, "matmul_s": 0.0, "other_s": 0.0}
+    for e in prof.key_averages():
+        kind = "dequant_s" if e.key.startswith("bitsandbytes::") else "matmul_s" if e.key in MATMULS else "other_s"
+        out[kind] += e.self_cpu_time_total / 1e6
+    return out
 
 
 def run_child(impl: str, args, extra=()) -> dict:
@@ -204,11 +198,21 @@ def markdown(doc: dict) -> str:
         f"| peak RSS growth (steps), MiB | {mib(med['ours']['step_peak_growth'])} | "
         f"{mib(med['peer']['step_peak_growth'])} | {r['step_peak_growth']:.2f}x |",
         f"| step time, s | {med['ours']['step_s']:.3f} | {med['peer']['step_s']:.3f} | "
-        f"speed **{r['speed']:.2f}x** |", "", "Every run (in order):", "",
-        "| # | impl | step s | live tensors MiB | RSS growth MiB | load avg | losses |",
-        "|---:|---|---:|---:|---:|---:|---|"]
+        f"speed **{r['speed']:.2f}x** |",
+        f"| CPU time per step, s | {med['ours']['cpu_s']:.3f} | {med['peer']['cpu_s']:.3f} | "
+        f"speed {r['cpu_speed']:.2f}x |", "",
+        "Where one profiled step's self CPU time goes (medians; profiler overhead included, so the sum exceeds the "
+        "step time):", "", "| ops | qlora-kit, s | share | PEFT + bnb, s | share |", "|---|---:|---:|---:|---:|"]
+    for key, name in (("dequant_s", "bitsandbytes dequantization"), ("matmul_s", "matrix products"),
+                      ("other_s", "everything else")):
+        share = {i: med[i][key] / sum(med[i][k] for k in ("dequant_s", "matmul_s", "other_s")) for i in med}
+        lines.append(f"| {name} | {med['ours'][key]:.3f} | {share['ours']:.0%} | {med['peer'][key]:.3f} | "
+                     f"{share['peer']:.0%} |")
+    lines += ["", "Every run (in order):", "",
+              "| # | impl | step s | CPU s | live tensors MiB | RSS growth MiB | load avg | losses |",
+              "|---:|---|---:|---:|---:|---:|---:|---|"]
     for i, x in enumerate(doc["runs"], 1):
-        lines.append(f"| {i} | {x['impl']} | {x['step_s']:.3f} | {mib(x['live_tensor_peak'])} | "
+        lines.append(f"| {i} | {x['impl']} | {x['step_s']:.3f} | {x['cpu_s']:.3f} | {mib(x['live_tensor_peak'])} | "
                      f"{mib(x['step_peak_growth'])} | {x['loadavg_before']} | {x['losses'][0]} .. {x['losses'][-1]} |")
     return "\n".join(lines) + "\n"
 
@@ -249,10 +253,12 @@ def main(argv=None) -> int:
             x = runs[-1]
             print(f"[{len(runs)}/{2 * args.rounds}] {impl}: {x['step_s']:.3f} s/step, live tensors "
                   f"{x['live_tensor_peak'] / 2**20:,.1f} MiB", file=sys.stderr, flush=True)
-    keys = ("step_s", "live_tensor_peak", "step_peak_growth", "experts_bytes")
+    keys = ("step_s", "cpu_s", "live_tensor_peak", "step_peak_growth", "experts_bytes", "dequant_s", "matmul_s",
+            "other_s")
     med = {i: {k: statistics.median(x[k] for x in runs if x["impl"] == i) for k in keys} for i in ("ours", "peer")}
-    ratios = {k: med["ours"][k] / med["peer"][k] for k in keys[1:]} | {
-        "speed": med["peer"]["step_s"] / med["ours"]["step_s"]}
+    ratios = {k: med["ours"][k] / med["peer"][k] for k in keys[2:5]} | {
+        "speed": med["peer"]["step_s"] / med["ours"]["step_s"],
+        "cpu_speed": med["peer"]["cpu_s"] / med["ours"]["cpu_s"]}
     doc = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine_info(),
            "command": shlex.join(["python", "bench/moe_peers.py", *(argv if argv is not None else sys.argv[1:])]),
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,

@@ -14,8 +14,12 @@ reaches `...mlp.experts.3.gate_up_proj`, LoRA wraps it like any Linear, and only
 one at a time, each dequantizing its own weight inside its matmul (QuantLinear's forward and backward), never the
 whole (E, out, in) stack. The router (a TopKRouter module, not a Linear) stays frozen and unquantized.
 
-The arithmetic is transformers' eager expert loop, step for step (same gate/up split, activation, routing-weight
-product and index_add_ order), so the layer computes what the original module computes with the same weights.
+The arithmetic is transformers' eager expert loop's, row for row (same gate/up split, activation, routing-weight
+product, and rows added in its order), so the layer computes what the original module computes with the same
+weights, bit for bit. Only the bookkeeping is per layer instead of per expert: the (token, slot) pairs are sorted by
+expert once (a stable sort keeps transformers' order within each expert), gathered once, and each hit expert's
+projections run on its contiguous slice; the activation, the routing-weight product and the index_add_ run once over
+all N routed rows.
 """
 
 from __future__ import annotations

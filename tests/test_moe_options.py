@@ -127,3 +127,114 @@ def test_tiling_refuses_an_unknown_or_jittered_mixture(folders):
     block.__class__ = type("ExpertChoiceBlock", (type(block),), {})
     with pytest.raises(ValueError, match="ExpertChoiceBlock routes tokens to experts"):
         tiled_mlp.tile_mlps(model, 8)
+
+
+# --- DoRA, IA3 and LoftQ on mixture-of-experts models --------------------------------------------------------------
+# DoRA and IA3 reach what PEFT can load them on: attention and shared experts (on the experts they are refused,
+# test_methods_on_experts_are_refused); LoftQ initialises every adapter, the experts' included.
+SHARED = {"qwen2_moe": "shared_expert", "deepseek_v3": "shared_experts"}
+METHODS = {
+    "dora+ia3": lambda a: {"lora": {"dora": True, "targets": ATTENTION if a != "qwen2_moe" else
+                                    r".*\.(self_attn\.\w+|shared_expert\.\w+)"},
+                           "ia3": {"outputs": ["k_proj" if a != "deepseek_v3" else "kv_b_proj"],
+                                   "inputs": [f"{SHARED[a]}.down_proj" if a in SHARED else "o_proj"]}},
+    "loftq": lambda a: {"lora": {"init": "loftq", "loftq_iters": 2}},
+}
+
+
+def _peft_base(folder, spec, offsets):
+    """transformers' model from `folder` with every quantized weight (each Linear but lm_head, each expert's slice)
+    replaced by what training multiplied by: dequant(quant(W - LoftQ's offset of that module))."""
+    from moe_models import reference
+    from qlora_kit.export.merge import merge_base_weight
+
+    model = reference(folder).eval()
+    head = model.get_output_embeddings()
+
+    def base(name, w):
+        return merge_base_weight(w.detach().clone(), spec, torch.float32, "dequantized", offset=offsets.get(name))
+
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and m is not head:
+                m.weight.copy_(base(name, m.weight))
+            for proj in ("gate_up_proj", "down_proj"):
+                p = getattr(m, proj, None)
+                if isinstance(p, torch.nn.Parameter) and p.dim() == 3:
+                    t = getattr(m, "is_transposed", False)
+                    for e in range(p.shape[0]):
+                        w = base(f"{name}.{e}.{proj}", p[e].t() if t else p[e])
+                        p[e].copy_(w.t() if t else w)
+    return model
+
+
+@pytest.mark.parametrize("arch,method", [("qwen2_moe", "dora+ia3"), ("deepseek_v3", "dora+ia3"),
+                                         ("gpt_oss", "dora+ia3"), ("qwen3_moe", "loftq"), ("deepseek_v3", "loftq"),
+                                         ("gpt_oss", "loftq")])
+def test_method_run_exports_exactly_and_loads_in_peft(arch, method, folders, tmp_path):
+    """A 1-step nf4 run: its merged export (loaded by transformers) and PEFT over the base training multiplied by
+    (LoRA/DoRA merged, then IA3 over it) give the run's logits on padded rows of different lengths."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import FACTS, tiny_recipe, write_jsonl
+    from moe_models import padded_batch
+    from qlora_kit.adapters import loftq
+    from qlora_kit.export import formats as export
+    from qlora_kit.infer import generate
+    from qlora_kit.quant.bnb import QuantSpec
+    from qlora_kit.train import loop as train
+
+    data = write_jsonl(tmp_path / "d.jsonl", FACTS)
+    sections = METHODS[method](arch)
+    recipe = tiny_recipe(folders[arch], data, model={"dtype": "fp32"}, quant={"compute_dtype": "fp32"},
+                         train={"steps": 1, "batch_size": 2, "lr": 3e-2, "num_threads": 1},
+                         **{k: ({"targets": "all-linear"} | v if k == "lora" else v) for k, v in sections.items()})
+    run = train.run(recipe, tmp_path / "run", progress=False) and tmp_path / "run"
+    ids, mask = padded_batch([13, 6, 9])
+    keep = mask.bool()
+    with torch.no_grad():
+        ours = generate.load(str(run), device="cpu").model(input_ids=ids, attention_mask=mask).logits
+
+    export.export(str(run), export.Options("merged", tmp_path / "merged", dtype="fp32", progress=False))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,
+                                                  experts_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask).logits[keep], ours[keep],
+                                   rtol=1e-4, atol=1e-4)
+
+    offsets = loftq.load(run) if method == "loftq" else {}  # module -> (B, A) of W's offset, experts' included
+    assert method != "loftq" or any(".experts." in m for m in offsets)
+    model = _peft_base(folders[arch], QuantSpec.from_config(recipe.quant), offsets)
+    with torch.no_grad():
+        assert (model(input_ids=ids, attention_mask=mask).logits[keep] - ours[keep]).abs().max() > 1e-3
+    folders_ = [run / "adapter"] + ([run / "adapter" / "ia3"] if "ia3" in sections else [])
+    for k, f in enumerate(folders_):  # the documented order: LoRA/DoRA merged, then IA3 over it
+        model = PeftModel.from_pretrained(model, f).eval()
+        if k < len(folders_) - 1:
+            model = model.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[keep], ours[keep],
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch,sections,why", [
+    # Llama's IA3 defaults: inputs down_proj is every expert's down_proj here
+    ("qwen3_moe", {"ia3": {}}, r"ia3 on mixture-of-experts weights \(model.layers.0.mlp.experts.0.down_proj\).*"
+                               r"ia3.outputs / ia3.inputs"),
+    ("gpt_oss", {"lora": {"dora": True}}, r"dora on mixture-of-experts weights.*lora.targets"),
+    # PEFT's v4 shim: DeepSeek's dense and shared-expert MLPs go to PEFT as target parameters (plain LoRA only)
+    ("deepseek_v3", {"lora": {"dora": True, "targets": r".*\.(self_attn\.\w+|shared_experts\.\w+)"}},
+     r"lora.dora with model.layers.1.mlp.shared_experts.\w+_proj adapted: PEFT 0.21 reads a deepseek_v3 adapter"),
+    ("deepseek_v2", {"lora": {"dropout": 0.1, "targets": ["kv_b_proj", "down_proj"]}},
+     r"lora.dropout=0.1 with model.layers.0.mlp.down_proj.*Set lora.dropout: 0"),
+])
+def test_methods_peft_cannot_load_are_refused(arch, sections, why, folders, tmp_path):
+    """Refused before training with what, why and what to do, never trained and then exported differently."""
+    from conftest import FACTS, tiny_recipe, write_jsonl
+    from qlora_kit.errors import ConfigError
+    from qlora_kit.train import prepare
+
+    data = write_jsonl(tmp_path / "d.jsonl", FACTS)
+    with pytest.raises(ConfigError, match=why):
+        prepare.prepare(tiny_recipe(folders[arch], data, **sections))

@@ -19,11 +19,6 @@ from qlora_kit.quant.bnb import QuantSpec, roundtrip
 RECORDS = FACTS + [{"instruction": f"Say it {i} times.", "input": "", "output": "Tamsk is far. " * (i % 5 + 1)}
                    for i in range(10)]
 SPEC = QuantSpec("nf4", 64, True, torch.float32)
-# PEFT 0.21 loads a DeepSeek-V2/V3 adapter through its transformers-v4 shim, which reads target_modules
-# gate_proj/up_proj/down_proj as the old per-expert names and moves them onto the routed experts (doubling their
-# rank): an adapter on the shared experts' or the dense layer's MLP cannot load there as trained. So these runs
-# adapt attention and the routed experts only (all-linear elsewhere).
-TARGETS = {a: r".*\.(self_attn\.\w+|experts\.\d+\.(gate_up_proj|down_proj))" for a in ("deepseek_v2", "deepseek_v3")}
 
 
 def _reference_loss(model, examples) -> float:
@@ -42,7 +37,7 @@ def _train(folder, arch, path, out):
 
     recipe = tiny_recipe(folder, path, model={"dtype": "fp32"}, quant={"compute_dtype": "fp32"},
                          data={"val_fraction": 0.25}, train={"steps": 2, "batch_size": 3, "lr": 3e-2},
-                         lora={"targets": TARGETS.get(arch, "all-linear")})
+                         lora={"targets": "all-linear"})
     train.run(recipe, out, progress=False)
     return out
 

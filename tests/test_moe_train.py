@@ -73,6 +73,12 @@ def test_train_eval_peft_and_merged_export_agree(arch, tmp_path):
     from safetensors.torch import load_file
     again, saved = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "adapter", run / "adapter"))
     assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
+    import json
+    configs = [json.loads((d / "adapter_config.json").read_text()) for d in (tmp_path / "adapter", run / "adapter")]
+    assert configs[0]["target_parameters"] == configs[1]["target_parameters"]
+    if arch.startswith("deepseek"):  # PEFT's v4 shim would misread their MLP names as target_modules (README)
+        assert {"gate_proj", "up_proj", "down_proj"}.isdisjoint(configs[1]["target_modules"])
+        assert "model.layers.1.mlp.shared_experts.down_proj.weight" in configs[1]["target_parameters"]
 
     export.export(str(run), export.Options("merged", tmp_path / "merged", dtype="fp32", progress=False))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,

@@ -48,6 +48,9 @@ class _TiledMLP(torch.autograd.Function):
     def forward(ctx, x, fn, chunk, *params):  # x (B, S, H); fn: the MLP's own forward; params: its trainables
         ctx.fn, ctx.chunk, ctx.rng, ctx.params = fn, chunk, _rng_state(x.device), params
         ctx.skip_recompute = getattr(fn.__self__, "skip_in_recompute", False)
+        # a tile of a (B, S, H) batch is a strided view; MoE blocks .view() their input, so they get a copy (a
+        # dense MLP keeps the view: its matmuls, hence its bits, stay those of the untiled run's pieces)
+        ctx.contiguous = getattr(fn.__self__, "tile_contiguous", False)
         ctx.save_for_backward(x)
         if ctx.skip_recompute and torch._C._current_graph_task_id() != -1:
             # Inside backward: this is the checkpoint's recompute of the layer, which stops as soon as the layer's
@@ -55,8 +58,8 @@ class _TiledMLP(torch.autograd.Function):
             # residual, which saves nothing). Skip the MLP's FLOPs; our backward recomputes per tile anyway.
             return torch.empty_like(x)
         with torch.no_grad():
-            # contiguous: a tile of a (B, S, H) batch is a strided view, and MoE blocks .view() their input
-            return torch.cat([fn(piece.contiguous()) for piece in x.split(chunk, dim=1)], dim=1)  # (B, S, H)
+            pieces = [p.contiguous() if ctx.contiguous else p for p in x.split(chunk, dim=1)]
+            return torch.cat([fn(piece) for piece in pieces], dim=1)  # (B, S, H)
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out (B, S, H)
@@ -72,7 +75,8 @@ class _TiledMLP(torch.autograd.Function):
             if dev_state is not None:
                 torch.cuda.set_rng_state(dev_state, x.device)
             for start in range(0, x.shape[1], ctx.chunk):
-                piece = x[:, start : start + ctx.chunk].detach().contiguous().requires_grad_(grad_x is not None)
+                piece = x[:, start : start + ctx.chunk].detach()
+                piece = (piece.contiguous() if ctx.contiguous else piece).requires_grad_(grad_x is not None)
                 with torch.enable_grad():
                     y = ctx.fn(piece)  # (B, N, H): this chunk's intermediates only
                 wanted = ([piece] if grad_x is not None else []) + params
@@ -126,7 +130,7 @@ def tile_mlps(model: nn.Module, chunk: int) -> int:
         m = layer.mlp
         if hasattr(m, "_untiled_forward"):
             continue
-        _check_moe(m)
+        m.tile_contiguous = _check_moe(m)
         m._untiled_forward = m.forward
         m._hidden_only = types.MethodType(_hidden_only, m)
         m.mlp_chunk = chunk
@@ -138,11 +142,11 @@ def tile_mlps(model: nn.Module, chunk: int) -> int:
     return n
 
 
-def _check_moe(m: nn.Module) -> None:
-    """ValueError for a mixture-of-experts block tiling would change: one qlora-kit does not know routes per token,
-    or Mixtral's router jitter (an in-place random scaling of the block's input, drawn per tile)."""
+def _check_moe(m: nn.Module) -> bool:
+    """Is `m` a mixture-of-experts block (tiled as one)? ValueError for one tiling would change: one qlora-kit does
+    not know routes per token, or Mixtral's router jitter (an in-place random scaling of the input, per tile)."""
     if not any(c in ("experts", "router", "gate") for c, _ in m.named_children()):
-        return
+        return False
     name = type(m).__name__
     if name not in MOE_BLOCKS:
         raise ValueError(f"train.mlp_chunk: {name} routes tokens to experts, and qlora-kit does not know that it "
@@ -152,3 +156,4 @@ def _check_moe(m: nn.Module) -> None:
                          f"(router_jitter_noise={m.jitter_noise}) in training, which tiles would draw and apply "
                          "per tile on the saved input; set train.mlp_chunk: 0 or router_jitter_noise to 0 in "
                          "config.json")
+    return True

@@ -246,8 +246,8 @@ def test_methods_peft_cannot_load_are_refused(arch, sections, why, folders, tmp_
 # --- several processes ------------------------------------------------------------------------------------------
 # DDP on DeepSeek-V3 (dense first layer, shared + routed experts, latent attention) and FSDP2 on gpt-oss (biased,
 # clamped experts: their biases are frozen parameters of the experts module, sharded like the codes): 2 ranks on
-# gloo x batch 2 equal one process x batch 4 over the same examples, step by step. An expert no token of a rank's
-# share reached has no gradient there: the flat fp32 gradient holds zeros for it, summed like the rest.
+# gloo x batch 2 equal one process x batch 4 over the same examples, step by step. (An expert no token of a rank's
+# share reached would have no gradient there: the flat fp32 gradient holds zeros for it, summed like the rest.)
 PARALLEL = {"ddp": "deepseek_v3", "fsdp": "gpt_oss"}
 
 
@@ -261,10 +261,10 @@ def _dist_recipe(folder, data_path, batch):
 
 @pytest.fixture(scope="module")
 def launched(folders, tmp_path_factory):
-    """Both 2-rank runs started together (their start-up overlaps): DDP through torchrun, FSDP2 through
-    accelerate launch."""
+    """Both 2-rank runs started together through torchrun (their start-up overlaps; accelerate launch is
+    tests/test_distributed.py's)."""
     from conftest import FACTS, write_jsonl
-    from test_distributed import _write, accelerate_launch, torchrun
+    from test_distributed import _write, torchrun
 
     root = tmp_path_factory.mktemp("moe_dist")
     data_path = write_jsonl(root / "d.jsonl", FACTS + [{"instruction": f"Count {i}.", "input": "",
@@ -274,8 +274,7 @@ def launched(folders, tmp_path_factory):
         recipe = _write(root / mode, _dist_recipe(folders[arch], data_path, 2))
         cwd = root / f"cwd-{mode}"
         cwd.mkdir()
-        launcher, extra = (torchrun, ()) if mode == "ddp" else (accelerate_launch, ("--set", "train.parallel=fsdp"))
-        procs[mode] = (launcher(recipe, cwd / "run", *extra, cwd=cwd), cwd / "run")
+        procs[mode] = (torchrun(recipe, cwd / "run", "--set", f"train.parallel={mode}", cwd=cwd), cwd / "run")
     return root, data_path, procs
 
 

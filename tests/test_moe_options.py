@@ -325,3 +325,23 @@ def test_recipe_options_train_the_same_steps(folders, tmp_path):
     assert [m["loss"] for m in m1] == pytest.approx([m["loss"] for m in m0], rel=1e-6)
     for k in a0:
         torch.testing.assert_close(a1[k], a0[k], rtol=1e-4, atol=1e-3 * a0[k].abs().max().item(), msg=k)
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_names_peft_rereads_are_peft_s_own(arch):
+    """expert_format.peft_reread (which Linears go to PEFT as target parameters) against PEFT's own v4 shim: the
+    target_modules names it takes away from a config for this model type are exactly those."""
+    from accelerate import init_empty_weights
+    from peft import LoraConfig
+    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+
+    from moe_models import tiny_model
+    from qlora_kit.adapters.expert_format import peft_reread
+
+    with init_empty_weights():
+        model = tiny_model(arch, 303, 0, 1, 2)
+    names = {"q_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"}
+    config = LoraConfig(r=4, target_modules=sorted(names))
+    convert_peft_config_for_transformers(config, model, None)
+    assert names - set(config.target_modules) == names & set(peft_reread(arch))
+    assert bool(peft_reread(arch)) == (arch in ("mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3"))

@@ -259,12 +259,19 @@ def _dist_recipe(folder, data_path, batch):
                       "save_every": 0, "device": "cpu", "num_threads": 1, "seed": 5}}
 
 
-@pytest.fixture(scope="module")
-def launched(folders, tmp_path_factory):
-    """Both 2-rank runs started together through torchrun (their start-up overlaps; accelerate launch is
-    tests/test_distributed.py's)."""
+@pytest.fixture(scope="module", autouse=True)
+def launched(request, folders, tmp_path_factory):
+    """Both 2-rank runs, started through torchrun (accelerate launch is tests/test_distributed.py's) as this module
+    begins when its distributed tests are selected, so their start-up overlaps the one-thread tests before them.
+    Ranks still running when the module ends (a test failed before waiting) are stopped."""
+    import os
+    import signal
+
     from conftest import FACTS, write_jsonl
-    from test_distributed import _write, torchrun
+    from test_distributed import _write, descendants, torchrun
+
+    if not any(item.name.startswith("test_two_ranks") for item in request.session.items):
+        return None
 
     root = tmp_path_factory.mktemp("moe_dist")
     data_path = write_jsonl(root / "d.jsonl", FACTS + [{"instruction": f"Count {i}.", "input": "",
@@ -275,6 +282,15 @@ def launched(folders, tmp_path_factory):
         cwd = root / f"cwd-{mode}"
         cwd.mkdir()
         procs[mode] = (torchrun(recipe, cwd / "run", "--set", f"train.parallel={mode}", cwd=cwd), cwd / "run")
+
+    def stop():
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                for pid in [*descendants(proc.pid), proc.pid]:
+                    os.kill(pid, signal.SIGKILL)
+                proc.communicate()
+
+    request.addfinalizer(stop)
     return root, data_path, procs
 
 

@@ -47,9 +47,11 @@ _REREAD = {"qwen2_moe": ("gate", "gate_proj", "up_proj", "down_proj"), "mixtral"
 
 def peft_reread(model_type: str | None) -> tuple[str, ...]:
     """Module leaf names PEFT's v4 shim re-reads for this model type (see the module docstring); () for others."""
-    from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
-
-    pattern = "mixtral" if model_type == "mixtral" else _MODEL_TO_CONVERSION_PATTERN.get(model_type or "")
+    try:  # the table PEFT reads too (a private name of the pinned transformers; tests compare with PEFT's shim)
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as patterns
+    except ImportError:
+        patterns = {"qwen3_moe": "qwen2_moe", "deepseek_v2": "qwen2_moe", "deepseek_v3": "qwen2_moe"}
+    pattern = "mixtral" if model_type == "mixtral" else patterns.get(model_type or "")
     return _REREAD.get(pattern, ())
 
 

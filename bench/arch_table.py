@@ -43,6 +43,26 @@ def rows() -> list[list[str]]:
                     ("; layer 0 keeps its input" if name in archs.KEEPS_LAYER0_INPUT else ""),
                     "yes" if waits == "yes" else "no",
                     "yes" if type(model).__name__ in FAMILIES else "-"])
+    return out + moe_rows()
+
+
+def moe_rows() -> list[list[str]]:
+    """The mixtures of experts (tests/moe_models.py): tests/test_moe_train.py (train, eval, merged, PEFT) and
+    tests/test_moe_options.py (long-context options, DoRA/IA3 beside the experts, LoftQ on them) check each."""
+    import moe_models
+    from accelerate import init_empty_weights
+
+    from qlora_kit.export.gguf.families import FAMILIES
+    from qlora_kit.lowmem import lean_norm
+
+    out = []
+    for arch in moe_models.MOE:
+        with init_empty_weights():
+            model = moe_models.tiny_model(arch, 303, 0, 1, 2)
+        lean = any(type(m).__name__ in lean_norm.LEAN for m in model.modules())
+        out.append([moe_models.NAMES[arch], f"`{arch}`", "-", "Linear; experts, one Linear each", "yes",
+                    "all" + ("" if lean else "; own norms, not lean"), "LoftQ; DoRA, IA3 not on experts",
+                    "attention LoRA" if type(model).__name__ in FAMILIES else "-"])
     return out
 
 

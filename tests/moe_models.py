@@ -35,18 +35,24 @@ ARCHS = {  # name: (config class, model class, config kwargs)
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(intermediate_size=96)),
 }
 MOE = [a for a in ARCHS if a != "gpt_neox"]
+NAMES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE", "deepseek_v2": "DeepSeek-V2",
+         "deepseek_v3": "DeepSeek-V3", "gpt_oss": "gpt-oss"}  # README's names (bench/arch_table.py)
 
 
-def make_moe_model(folder: Path, arch: str, seed: int = 0, dtype=torch.bfloat16) -> Path:
+def tiny_model(arch: str, vocab: int, pad: int, bos: int, eos: int):
+    """The random model of `arch` (fp32; on meta under accelerate's init_empty_weights)."""
     import transformers
 
     cfg_name, model_name, kwargs = ARCHS[arch]
+    config = getattr(transformers, cfg_name)(vocab_size=vocab, pad_token_id=pad, eos_token_id=eos, bos_token_id=bos,
+                                             **(COMMON | kwargs))  # DeepSeek's MLA: as many kv heads as heads
+    return getattr(transformers, model_name)(config)
+
+
+def make_moe_model(folder: Path, arch: str, seed: int = 0, dtype=torch.bfloat16) -> Path:
     tok = make_tokenizer()
     torch.manual_seed(seed)
-    config = getattr(transformers, cfg_name)(vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                             eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                                             **(COMMON | kwargs))  # DeepSeek's MLA: as many kv heads as heads
-    model = getattr(transformers, model_name)(config).to(dtype)
+    model = tiny_model(arch, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id).to(dtype)
     with torch.no_grad():  # random init is tiny (std 0.02); scale up so 4-bit errors and LoRA effects are visible
         for name, p in model.named_parameters():
             if p.dim() >= 2:

@@ -22,11 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op 
 RECORDS = FACTS + [{"instruction": f"Say it {i} times.", "input": "", "output": "Tamsk is far. " * (i % 5 + 1)}
                    for i in range(10)]
 SPEC = QuantSpec("nf4", 64, True, torch.float32)
-# PEFT 0.21 loads a DeepSeek-V2/V3 adapter through its transformers-v4 shim, which reads target_modules
-# gate_proj/up_proj/down_proj as the old per-expert names and moves them onto the routed experts (doubling their
-# rank): an adapter on the shared experts' or the dense layer's MLP cannot load there as trained. So these runs
-# adapt attention and the routed experts only (all-linear elsewhere).
-TARGETS = {a: r".*\.(self_attn\.\w+|experts\.\d+\.(gate_up_proj|down_proj))" for a in ("deepseek_v2", "deepseek_v3")}
 
 
 def _reference_loss(model, examples) -> float:
@@ -45,7 +40,7 @@ def _train(folder, arch, path, out):
 
     recipe = tiny_recipe(folder, path, model={"dtype": "fp32"}, quant={"compute_dtype": "fp32"},
                          data={"val_fraction": 0.25}, train={"steps": 2, "batch_size": 3, "lr": 3e-2},
-                         lora={"targets": TARGETS.get(arch, "all-linear")})
+                         lora={"targets": "all-linear"})
     train.run(recipe, out, progress=False)
     return out
 
@@ -81,6 +76,12 @@ def test_train_eval_peft_and_merged_export_agree(arch, tmp_path):
     from safetensors.torch import load_file
     again, saved = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "adapter", run / "adapter"))
     assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
+    import json
+    configs = [json.loads((d / "adapter_config.json").read_text()) for d in (tmp_path / "adapter", run / "adapter")]
+    assert configs[0]["target_parameters"] == configs[1]["target_parameters"]
+    if arch.startswith("deepseek"):  # PEFT's v4 shim would misread their MLP names as target_modules (README)
+        assert {"gate_proj", "up_proj", "down_proj"}.isdisjoint(configs[1]["target_modules"])
+        assert "model.layers.1.mlp.shared_experts.down_proj.weight" in configs[1]["target_parameters"]
 
     export.export(str(run), export.Options("merged", tmp_path / "merged", dtype="fp32", progress=False))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,

@@ -12,6 +12,15 @@ PEFT wraps the parameters of one experts module in registration order (gate_up_p
 around the previous one, so the first targeted parameter's tensors sit under the most `base_layer.` hops:
 `experts.base_layer.lora_A.weight` is gate_up_proj's and `experts.lora_A.weight` down_proj's when both are adapted.
 `to_peft` and `from_peft` convert between the two namings; nothing else in qlora-kit sees the fused form.
+
+PEFT 0.21 loads a LoRA adapter of a model type that transformers 5 converts from its v4 layout (DeepSeek-V2/V3,
+Qwen3-MoE, ... map to qwen2_moe's rules) through a shim that re-reads target_modules names as the v4 per-expert
+projections (`gate_proj`, `up_proj`, `down_proj`, `gate`; Mixtral's `w1`/`w2`/`w3`): it drops them from
+target_modules, targets the fused expert parameters instead and doubles gate_up_proj's rank and alpha. A Linear of
+that name outside the routed experts (DeepSeek's shared experts and dense first layers, a Qwen3-MoE
+`mlp_only_layers` MLP) would then get no LoRA, and the routed experts' pair would not fit (a size mismatch).
+`peft_reread` names them; `to_peft` lists such modules by full name as target_parameters (`<module>.weight`): PEFT
+wraps a 2-D weight with the same A (r, in) / B (out, r) and scaling under the same keys, and no shim touches it.
 """
 
 from __future__ import annotations
@@ -31,15 +40,39 @@ def is_expert_module(name: str) -> bool:
     return re.fullmatch(r".+\.experts\.\d+\.(" + "|".join(PROJECTIONS) + ")", name) is not None
 
 
+# peft.utils.transformers_weight_conversion's _MOE_TARGET_MODULE_MAPPING (0.21): the names its shim re-reads,
+# per transformers conversion pattern
+_REREAD = {"qwen2_moe": ("gate", "gate_proj", "up_proj", "down_proj"), "mixtral": ("gate", "w1", "w2", "w3")}
+
+
+def peft_reread(model_type: str | None) -> tuple[str, ...]:
+    """Module leaf names PEFT's v4 shim re-reads for this model type (see the module docstring); () for others."""
+    try:  # the table PEFT reads too (a private name of the pinned transformers; tests compare with PEFT's shim)
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as patterns
+    except ImportError:
+        patterns = {"qwen3_moe": "qwen2_moe", "deepseek_v2": "qwen2_moe", "deepseek_v3": "qwen2_moe"}
+    pattern = "mixtral" if model_type == "mixtral" else patterns.get(model_type or "")
+    return _REREAD.get(pattern, ())
+
+
+def as_parameter(name: str, reread: tuple[str, ...]) -> bool:
+    """A non-expert Linear PEFT's shim would misread: written as a target parameter (`<name>.weight`)."""
+    return name.rsplit(".", 1)[-1] in reread and not is_expert_module(name)
+
+
 def _hops(targeted: list[str], proj: str) -> str:
     order = [p for p in PROJECTIONS if p in targeted]
     return "base_layer." * (len(order) - 1 - order.index(proj))
 
 
-def to_peft(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(tensors with every expert's pair fused into PEFT's per-parameter pair, target_parameters). ValueError when
-    only some experts of a projection are adapted, or layers differ in which projections are: PEFT adapts every
-    expert of a parameter, with one target list for the whole model."""
+def to_peft(tensors: dict[str, torch.Tensor], reread: tuple[str, ...] = ()
+            ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(tensors with every expert's pair fused into PEFT's per-parameter pair, target_parameters: the fused expert
+    parameters, then `<module>.weight` of each module `as_parameter(module, reread)`). ValueError when only some
+    experts of a projection are adapted, or layers differ in which projections are: PEFT adapts every expert of a
+    parameter, with one target list for the whole model."""
+    params = sorted({f"{k.rsplit('.lora_', 1)[0]}.weight" for k in tensors
+                     if ".lora_" in k and as_parameter(k.rsplit(".lora_", 1)[0], reread)})
     out, groups = {}, {}
     for k, v in tensors.items():
         m = _EXPERT.match(k)
@@ -48,7 +81,7 @@ def to_peft(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
             continue
         groups.setdefault((m["module"], m["proj"]), {}).setdefault(int(m["e"]), {})[m["ab"]] = v
     if not groups:
-        return out, []
+        return out, params
     targeted: dict[str, list[str]] = {}
     for module, proj in groups:
         targeted.setdefault(module, []).append(proj)
@@ -67,12 +100,13 @@ def to_peft(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
         out[prefix + "lora_A.weight"] = A
         out[prefix + "lora_B.weight"] = B.reshape(B.shape[0], -1)  # (out, r*E), column j*E + e
     projs = sorted(shapes.pop())
-    return out, [f"experts.{p}" for p in projs]
+    return out, [f"experts.{p}" for p in projs] + params
 
 
 def from_peft(tensors: dict[str, torch.Tensor], target_parameters: list[str], r: int) -> dict[str, torch.Tensor]:
-    """The inverse of `to_peft`: PEFT's fused expert pairs -> one pair per expert, named like training's modules."""
-    projs = [p.rsplit(".", 1)[-1] for p in target_parameters]
+    """The inverse of `to_peft`: PEFT's fused expert pairs -> one pair per expert, named like training's modules.
+    A 2-D `<module>.weight` target is a Linear's own pair, stored under the module's name: nothing to convert."""
+    projs = [p.rsplit(".", 1)[-1] for p in target_parameters if not p.endswith(".weight")]
     bad = [p for p in projs if p not in PROJECTIONS]
     if bad:
         raise ValueError(f"target_parameters {target_parameters}: qlora-kit adapts expert parameters "

@@ -123,7 +123,9 @@ class Initializer:
 
         t0 = time.perf_counter()
         if min(W.shape) < self.r:
-            raise ModelError(f"lora.r={self.r} exceeds min(in, out)={min(W.shape)} of {module}; lower lora.r.")
+            raise ModelError(f"lora.r={self.r} exceeds min(in, out)={min(W.shape)} of {module}: LoftQ's rank-r "
+                             "SVD needs r <= min(in, out). Lower lora.r, or leave that layer out of lora.targets "
+                             f"(e.g. a regex or list without {module.rsplit('.', 1)[-1]}).")
         offset, A, B = init(W, self.spec, self.r, self.scaling, self.iters)
         self.offsets[module], self.adapters[module] = offset, (A, B)
         self.seconds += time.perf_counter() - t0

@@ -116,16 +116,20 @@ def inject(model: nn.Module, c: LoraConfig, ia3_cfg: IA3Config | None, dtype: to
 
 def _check_experts(model: nn.Module, adapted: dict[str, list[str]], c) -> None:
     """What PEFT's fused-expert LoRA (lora.ParamWrapper) cannot hold is refused before training, not lost at export:
-    DoRA, IA3 and dropout on an expert, and a subset of one projection's experts (expert_format.to_peft)."""
+    DoRA, IA3 and dropout on an expert, and a subset of one projection's experts (expert_format.to_peft); DoRA and
+    dropout on a Linear PEFT's v4 shim misreads, which goes to PEFT as a ParamWrapper too (expert_format)."""
+    _check_reread(model, adapted, c)
     experts = {m: [n for n in names if expert_format.is_expert_module(n)] for m, names in adapted.items()}
     if not any(experts.values()):
         return
     where = next(n for names in experts.values() for n in names)
+    keys = {"dora": "lora.targets (or lora.dora: false)", "ia3": "ia3.outputs / ia3.inputs"}
     for method in ("dora", "ia3"):
         if experts.get(method):
-            raise ValueError(f"{method} on mixture-of-experts weights ({where}): PEFT adapts fused expert "
+            raise ValueError(f"{method} on mixture-of-experts weights ({experts[method][0]}): PEFT adapts fused expert "
                              "parameters with plain LoRA only, so the adapter could not be saved. Use plain LoRA on "
-                             "them, or leave the experts out of the targets (e.g. [q_proj, k_proj, v_proj, o_proj])")
+                             f"them, or leave the experts out of {keys[method]} (e.g. attention's q_proj, k_proj, "
+                             "v_proj, o_proj, or a shared expert's projections)")
     if c.dropout > 0:
         raise ValueError(f"lora.dropout={c.dropout} with adapted experts ({where}): PEFT's LoRA on fused expert "
                          "parameters has no dropout (lora.ParamWrapper refuses it). Set lora.dropout: 0")
@@ -141,6 +145,22 @@ def _check_experts(model: nn.Module, adapted: dict[str, list[str]], c) -> None:
                              "Target every expert (e.g. all-linear)")
     placeholders = {f"{n}.lora_{ab}.weight": torch.zeros(1, 1) for n in experts.get("lora", []) for ab in "AB"}
     expert_format.to_peft(placeholders)  # ValueError for a partial or uneven expert selection
+
+
+def _check_reread(model: nn.Module, adapted: dict[str, list[str]], c) -> None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    reread = expert_format.peft_reread(model_type)
+    chosen = [n for method in ("lora", "dora") for n in adapted.get(method, [])
+              if expert_format.as_parameter(n, reread)]
+    if not chosen or (c.dropout == 0 and not c.dora):
+        return
+    names = "/".join(n for n in reread if n != "gate")  # the router's name: never a Linear qlora-kit adapts
+    what = f"lora.dora with {chosen[0]}" if c.dora else f"lora.dropout={c.dropout} with {chosen[0]}"
+    raise ValueError(f"{what} adapted: PEFT 0.21 reads a {model_type} adapter's {names} "
+                     "target_modules as the routed experts' old names, so qlora-kit writes these Linears as PEFT "
+                     "target_parameters, which PEFT allows with plain LoRA and no dropout only. "
+                     f"Set {'lora.dora: false' if c.dora else 'lora.dropout: 0'}, or leave the "
+                     f"{names} Linears out of lora.targets")
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:
@@ -171,7 +191,8 @@ def save(folder, model: nn.Module, recipe) -> list:
     if lora_t:
         written.append(peft_format.save_adapter(folder, lora_t, r=c.r, alpha=c.alpha, dropout=c.dropout,
                                                 rslora=c.rslora, base_model=recipe.model.path, init=c.init,
-                                                extra={"use_dora": True} if c.dora else None))
+                                                extra={"use_dora": True} if c.dora else None,
+                                                model_type=getattr(model.config, "model_type", None)))
     if ia3_t:
         ff = [name for name, layer in adapter_layers(model) if isinstance(layer, ia3.IA3Linear) and layer.feedforward]
         where = folder / peft_format.IA3_SUBFOLDER if lora_t else folder

@@ -113,13 +113,17 @@ def save_adapter(
     base_model: str | None,
     init: str = "kaiming",
     extra: dict | None = None,
+    model_type: str | None = None,
 ) -> Path:
-    """Write `tensors` ({'<module>.lora_A.weight': ...}) as a PEFT adapter folder; returns the folder."""
+    """Write `tensors` ({'<module>.lora_A.weight': ...}) as a PEFT adapter folder; returns the folder. `model_type`
+    (config.json's): Linears PEFT would misread for it are written as target_parameters (expert_format)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors, target_parameters = expert_format.to_peft(tensors)  # experts: PEFT's fused-parameter layout
+    reread = expert_format.peft_reread(model_type)
+    tensors, target_parameters = expert_format.to_peft(tensors, reread)  # experts: PEFT's fused-parameter layout
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors
                       if ".experts.lora_" not in k and ".experts.base_layer." not in k})
+    modules = [m for m in modules if not expert_format.as_parameter(m, reread)]
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -30,7 +30,7 @@ def mixtral(c: dict) -> ModelShapes:
     E, k = c.get("num_local_experts", 8), c.get("num_experts_per_tok", 2)
     linears = attention(c, L, False, False) + experts(H, I, E, L)
     norms = {"layer_norms": L * 2 * H, "norm": H, "router": L * E * H}
-    return build(c, linears, norms, moe=Moe(E, k, I, 0, L), layout=Layout(norm="rms32"))
+    return build(c, linears, norms, moe=Moe(E, k, I, 0, L), layout=Layout(norm="lean"))  # lean_norm.py RMSNorms
 
 
 def qwen_moe(c: dict) -> ModelShapes:
@@ -53,8 +53,8 @@ def qwen_moe(c: dict) -> ModelShapes:
     nh, kv, hd = heads(c)
     norms = {"layer_norms": L * 2 * H, "norm": H, "router": sparse * E * H,
              "shared_expert_gate": sparse * H if shared else 0, "qk_norms": L * 2 * hd if qwen3 else 0}
-    # their RMSNorms are not lean_norm.py's: transformers' fp32 forward
-    layout = Layout(norm="rms32", qk_norm=(nh + kv) * hd, qk_norm_fp32=True) if qwen3 else Layout(norm="rms32")
+    # their RMSNorms (q/k norms too) are lean_norm.py's: Llama's forward
+    layout = Layout(norm="lean", qk_norm=(nh + kv) * hd) if qwen3 else Layout(norm="lean")
     return build(c, linears, norms, layout=layout, moe=Moe(E, k, moe_i, shared, sparse))
 
 
@@ -91,7 +91,7 @@ def deepseek(c: dict) -> ModelShapes:
         linears += gated_mlp(H, I, False, dense)
     norms = {"layer_norms": L * 2 * H, "norm": H, "latent_norms": L * ((q_rank or 0) + kv_rank),
              "router": sparse * E * H}
-    layout = Layout(norm="rms32", q=nh * qk, k=nh * qk, v=nh * vd)
+    layout = Layout(norm="lean", q=nh * qk, k=nh * qk, v=nh * vd)  # lean_norm.py's RMSNorms
     return build(c, linears, norms, layout=layout, moe=Moe(E, k, moe_i, shared, sparse) if sparse else None,
                  intermediate=I if dense else moe_i)
 

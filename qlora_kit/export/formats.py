@@ -175,7 +175,7 @@ class Format:
 class AdapterFormat(Format):
     def write(self, job: Job) -> Result:
         with writing(job.out), atomic_folder(job.out, job.opts.force) as tmp:
-            write_adapter(job.src, tmp, job.opts.dtype)
+            write_adapter(job.src, tmp, job.opts.dtype, job.base)
         return job.result(sorted(p.name for p in job.out.iterdir()), 0)
 
 
@@ -226,7 +226,7 @@ class FolderFormat(Format):
             write_config(job.base, tmp, out_dtype, qspec)
             job.notes.extend(copy_tokenizer(job.base, tmp))
             if not self.merged:
-                write_adapter(job.src, tmp / ADAPTER_SUBFOLDER, None)
+                write_adapter(job.src, tmp / ADAPTER_SUBFOLDER, None, job.base)
         return job.result(sorted(p.name for p in job.out.iterdir()), written, survival=survival)
 
     def qspec(self, job: Job, out_dtype: torch.dtype) -> quant.QuantSpec | None:
@@ -357,8 +357,12 @@ def export(source: str | Path, opts: Options) -> Result:
     return fmt.write(Job(Path(source), opts, src, base, index, notes, t0, transposed, moe))
 
 
-def write_adapter(src: Source, tmp: Path, dtype: str | None) -> None:
-    """One PEFT folder per method, in the stacked layout of peft_format (root, then ia3/)."""
+def write_adapter(src: Source, tmp: Path, dtype: str | None, base: Path | None) -> None:
+    """One PEFT folder per method, in the stacked layout of peft_format (root, then ia3/). With the base at hand its
+    model type decides which Linears are written as PEFT target parameters (expert_format), else the adapter's own
+    record does."""
+    config = base / "config.json" if base is not None else None
+    model_type = json.loads(config.read_text()).get("model_type") if config is not None and config.is_file() else None
     for k, a in enumerate(src.stack):
         tensors = {k: v.to(quant.DTYPES[dtype]) for k, v in a.tensors.items()} if dtype else a.tensors
         where = tmp / peft_format.IA3_SUBFOLDER if k > 0 else tmp
@@ -366,6 +370,7 @@ def write_adapter(src: Source, tmp: Path, dtype: str | None) -> None:
             peft_format.save_ia3(where, tensors, feedforward=[m for m in a.modules() if a.feedforward(m)],
                                  base_model=src.base_name)
             continue
-        extra = {k: v for k, v in a.config.items() if k not in ("target_modules", "base_model_name_or_path")}
+        drop = ("target_modules", "base_model_name_or_path") + (("target_parameters",) if model_type else ())
+        extra = {k: v for k, v in a.config.items() if k not in drop}
         peft_format.save_adapter(where, tensors, r=a.r, alpha=a.alpha, dropout=float(a.config.get("lora_dropout", 0.0)),
-                                 rslora=a.rslora, base_model=src.base_name, extra=extra)
+                                 rslora=a.rslora, base_model=src.base_name, extra=extra, model_type=model_type)

@@ -59,7 +59,8 @@ def has_experts(model: nn.Module) -> bool:
 
 
 def check_fits(src: Source, model: nn.Module, base: Path) -> None:
-    """Every adapted module is a Linear of the model or one expert's projection, with B @ A of its shape."""
+    """Every adapted module is a Linear of the model or one expert's projection, with B @ A (LoRA, DoRA) or IA3's
+    vector (its output or, scaling the input, its input size) of its shape."""
     shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     for n, m in model.named_modules():
         if is_expert_stack(m):
@@ -69,10 +70,12 @@ def check_fits(src: Source, model: nn.Module, base: Path) -> None:
                 shapes |= {f"{n}.{e}.{proj}": (b, a) if t else (a, b) for e in range(e_count)}
     bad = []
     for adapter in src.stack:
-        if adapter.kind != "lora" or adapter.dora:
-            raise ExportError(f"a {adapter.method} adapter over a mixture-of-experts base: only plain LoRA exports "
-                              "here (training refuses the others on experts).")
         for name in adapter.modules():
+            if adapter.kind == "ia3":
+                n, side = adapter.ia3_vector(name).numel(), int(adapter.feedforward(name))
+                if name not in shapes or shapes[name][side] != n:
+                    bad.append(f"{name} (IA3 vector of {n}, base {shapes.get(name, 'missing')})")
+                continue
             A, B = adapter.pair(name)
             if shapes.get(name) != (B.shape[0], A.shape[1]):
                 bad.append(f"{name} (adapter {(B.shape[0], A.shape[1])}, base {shapes.get(name, 'missing')})")
@@ -125,6 +128,8 @@ def write(src: Source, base: Path, model: nn.Module, index: dict, tmp: Path, out
                         out[e] = w.t() if tr else w
                 elif module in linears and leaf == "weight":
                     out = _merged(t, module, src, trained_quantized, merge_base, frozen, out_dtype, device)
+                elif module in linears and leaf == "bias" and methods.bias_scale(src.stack, module) is not None:
+                    out = (t.float() * methods.bias_scale(src.stack, module)).to(out_dtype)  # IA3: l ⊙ (W x + b)
                 else:
                     out = t.to(out_dtype) if t.dtype.is_floating_point else t
                 writers[where[name]].write(name, out.contiguous())

@@ -27,7 +27,9 @@ from torch import nn
 # Norms whose forward is exactly Llama's, weight * normed.to(input dtype) (checked in transformers 5's modeling code).
 # Others keep their own forward (Gemma's (1 + weight) in fp32, OLMo 2's cast after the multiply, LayerNorms): lean
 # norms are a memory saving with the same results, so a norm left out costs memory, never correctness.
-LEAN = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "GraniteRMSNorm")
+# gpt-oss' RMSNorm multiplies by the weight in fp32 before the cast (like OLMo 2): not lean.
+LEAN = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "GraniteRMSNorm",
+        "MixtralRMSNorm", "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "DeepseekV2RMSNorm", "DeepseekV3RMSNorm")
 
 
 class _LeanRMSNorm(torch.autograd.Function):

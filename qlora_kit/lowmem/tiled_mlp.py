@@ -14,6 +14,12 @@ hooks and accumulation behave as for any parameter. Results equal the untiled ML
 (tests/test_long_context.py, fp32; with dropout the masks are drawn per chunk, so they differ from an untiled
 run's). Cost: none in FLOPs under checkpointing for Llama-like layers (the recompute skips the MLP, the tiles
 recompute it with gradients); a Python loop over the tiles.
+
+A mixture-of-experts block (MOE_BLOCKS) is tiled the same way: its router scores each token alone (softmax/top-k,
+DeepSeek's group-limited top-k, Qwen2-MoE's shared-expert sigmoid gate: all per token, no capacity limit), so the
+block over a tile of tokens computes those tokens' rows of the whole block's output. Inside a tile the experts run
+on the tile's tokens only. gpt-oss' block also returns its router scores, which its decoder layer discards: they are
+returned without gradient (the frozen router's own forward on the whole input), the hidden states tiled.
 """
 
 from __future__ import annotations
@@ -24,7 +30,13 @@ import torch
 from torch import nn
 
 
-RESIDUAL_ONLY = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+RESIDUAL_ONLY = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+                 "MixtralDecoderLayer", "Qwen2MoeDecoderLayer", "Qwen3MoeDecoderLayer", "DeepseekV2DecoderLayer",
+                 "DeepseekV3DecoderLayer", "GptOssDecoderLayer")
+# transformers' MoE blocks whose routing is per token (see the module docstring): tiling them is exact
+MOE_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "DeepseekV2Moe",
+              "DeepseekV3MoE", "GptOssMLP")
+WITH_ROUTER_SCORES = ("GptOssMLP",)  # forward returns (hidden (B, S, H), router scores (B*S, k))
 
 
 def _rng_state(device: torch.device):
@@ -36,6 +48,9 @@ class _TiledMLP(torch.autograd.Function):
     def forward(ctx, x, fn, chunk, *params):  # x (B, S, H); fn: the MLP's own forward; params: its trainables
         ctx.fn, ctx.chunk, ctx.rng, ctx.params = fn, chunk, _rng_state(x.device), params
         ctx.skip_recompute = getattr(fn.__self__, "skip_in_recompute", False)
+        # a tile of a (B, S, H) batch is a strided view; MoE blocks .view() their input, so they get a copy (a
+        # dense MLP keeps the view: its matmuls, hence its bits, stay those of the untiled run's pieces)
+        ctx.contiguous = getattr(fn.__self__, "tile_contiguous", False)
         ctx.save_for_backward(x)
         if ctx.skip_recompute and torch._C._current_graph_task_id() != -1:
             # Inside backward: this is the checkpoint's recompute of the layer, which stops as soon as the layer's
@@ -43,7 +58,8 @@ class _TiledMLP(torch.autograd.Function):
             # residual, which saves nothing). Skip the MLP's FLOPs; our backward recomputes per tile anyway.
             return torch.empty_like(x)
         with torch.no_grad():
-            return torch.cat([fn(piece) for piece in x.split(chunk, dim=1)], dim=1)  # (B, S, H)
+            pieces = [p.contiguous() if ctx.contiguous else p for p in x.split(chunk, dim=1)]
+            return torch.cat([fn(piece) for piece in pieces], dim=1)  # (B, S, H)
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out (B, S, H)
@@ -59,7 +75,8 @@ class _TiledMLP(torch.autograd.Function):
             if dev_state is not None:
                 torch.cuda.set_rng_state(dev_state, x.device)
             for start in range(0, x.shape[1], ctx.chunk):
-                piece = x[:, start : start + ctx.chunk].detach().requires_grad_(grad_x is not None)
+                piece = x[:, start : start + ctx.chunk].detach()
+                piece = (piece.contiguous() if ctx.contiguous else piece).requires_grad_(grad_x is not None)
                 with torch.enable_grad():
                     y = ctx.fn(piece)  # (B, N, H): this chunk's intermediates only
                 wanted = ([piece] if grad_x is not None else []) + params
@@ -81,7 +98,16 @@ def _tiled_forward(self, x: torch.Tensor) -> torch.Tensor:  # bound to a tiled M
     if not (torch.is_grad_enabled() and self.training) or x.dim() != 3 or x.shape[1] <= self.mlp_chunk:
         return fn(x)
     params = [p for p in self.parameters() if p.requires_grad]
-    return _TiledMLP.apply(x, fn, self.mlp_chunk, *params)
+    if type(self).__name__ not in WITH_ROUTER_SCORES:
+        return _TiledMLP.apply(x, fn, self.mlp_chunk, *params)
+    hidden = _TiledMLP.apply(x, self._hidden_only, self.mlp_chunk, *params)
+    with torch.no_grad():  # the block's second output: the (frozen) router's scores for every token, no tiles
+        scores = self.router(x.reshape(-1, x.shape[-1]))[1]
+    return hidden, scores
+
+
+def _hidden_only(self, x: torch.Tensor) -> torch.Tensor:  # a block returning (hidden, router scores): hidden
+    return self._untiled_forward(x)[0]
 
 
 def tile_mlps(model: nn.Module, chunk: int) -> int:
@@ -104,10 +130,9 @@ def tile_mlps(model: nn.Module, chunk: int) -> int:
         m = layer.mlp
         if hasattr(m, "_untiled_forward"):
             continue
-        if any(c in ("experts", "router", "gate") for c, _ in m.named_children()):  # a mixture of experts
-            raise ValueError(f"train.mlp_chunk: {type(m).__name__} routes tokens to experts; tiling it is not "
-                             "supported; set train.mlp_chunk: 0")
+        m.tile_contiguous = _check_moe(m)
         m._untiled_forward = m.forward
+        m._hidden_only = types.MethodType(_hidden_only, m)
         m.mlp_chunk = chunk
         # Layers whose MLP output only meets the residual add (no op after it saves anything): safe to skip
         # the MLP in a checkpoint's recompute (see _TiledMLP.forward).
@@ -115,3 +140,20 @@ def tile_mlps(model: nn.Module, chunk: int) -> int:
         m.forward = types.MethodType(_tiled_forward, m)
         n += 1
     return n
+
+
+def _check_moe(m: nn.Module) -> bool:
+    """Is `m` a mixture-of-experts block (tiled as one)? ValueError for one tiling would change: one qlora-kit does
+    not know routes per token, or Mixtral's router jitter (an in-place random scaling of the input, per tile)."""
+    if not any(c in ("experts", "router", "gate") for c, _ in m.named_children()):
+        return False
+    name = type(m).__name__
+    if name not in MOE_BLOCKS:
+        raise ValueError(f"train.mlp_chunk: {name} routes tokens to experts, and qlora-kit does not know that it "
+                         "routes each token alone (tiling would change its result); set train.mlp_chunk: 0")
+    if getattr(m, "jitter_noise", 0) > 0:
+        raise ValueError(f"train.mlp_chunk: {name} multiplies its input in place by router jitter noise "
+                         f"(router_jitter_noise={m.jitter_noise}) in training, which tiles would draw and apply "
+                         "per tile on the saved input; set train.mlp_chunk: 0 or router_jitter_noise to 0 in "
+                         "config.json")
+    return True

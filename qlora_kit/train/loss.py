@@ -158,11 +158,13 @@ class _Stand(nn.Module):
         self.hidden, self.dtype, self.device = hidden, dtype, device
 
     def forward(self, input_ids=None, **kwargs):
-        from transformers.modeling_outputs import BaseModelOutputWithPast
+        # the MoE output class: a mixture's forward reads `router_logits` off its decoder's output (gpt-oss always);
+        # None, as a decoder returns it when router logits are not asked for
+        from transformers.modeling_outputs import MoeModelOutputWithPast
 
         B, T = input_ids.shape
-        return BaseModelOutputWithPast(last_hidden_state=torch.zeros(B, T, self.hidden, dtype=self.dtype,
-                                                                      device=self.device))
+        return MoeModelOutputWithPast(last_hidden_state=torch.zeros(B, T, self.hidden, dtype=self.dtype,
+                                                                     device=self.device))
 
 
 class _FixedLogits(nn.Module):

@@ -13,8 +13,9 @@ accuracy mean the same for every objective. The step's loss is the mean of `loss
          P = exp(mean log-prob per token), odds = P / (1 - P), lambda = beta
   simpo  Meng et al. 2024 (arXiv 2405.14734) eq. 6: -log s(beta mean_c - beta mean_r - gamma)
   kto    Ethayarajh et al. 2024 (arXiv 2402.01306) eq. 8: lambda_D (1 - s(beta (r - z0))) for desirable answers,
-         lambda_U (1 - s(beta (z0 - r))) for undesirable ones, r = p - ref, z0 = max(0, mean KL estimate), detached; the mean over every
-         mismatched pair of the optimizer step (all micro-batches, all ranks: preference.step_z0)
+         lambda_U (1 - s(beta (z0 - r))) for undesirable ones, r = p - ref, z0 = max(0, mean KL estimate),
+         detached; the mean over every mismatched pair of the optimizer step (all micro-batches and ranks:
+         preference.step_z0)
 """
 
 from __future__ import annotations

@@ -76,10 +76,10 @@ def test_measured_step_of_each_objective_against_the_estimate(measured):
     against the measured one, each peak, and the reference pass (a phase of its own in the measured timeline)."""
     sft, dpo, kto = measured["sft"], measured["dpo"], measured["kto"]
     for m in (sft, dpo, kto):
-        assert abs(m["error"]) < 0.05, (m["config"]["objective"], m["error"])
+        assert abs(m["error"]) < 0.03, (m["config"]["objective"], m["error"])
     grown, estimated = dpo["peak_bytes"] - sft["peak_bytes"], dpo["estimate_total"] - sft["estimate_total"]
     assert grown > 0.3 * sft["peak_bytes"]
-    assert estimated == pytest.approx(grown, rel=0.15)
+    assert estimated == pytest.approx(grown, rel=0.10)
     for m in (dpo, kto):
-        assert m["estimate_phases"]["reference_pass"] == pytest.approx(m["phases"]["reference_pass"], rel=0.15)
+        assert m["estimate_phases"]["reference_pass"] == pytest.approx(m["phases"]["reference_pass"], rel=0.05)
     assert "reference_pass" not in sft["phases"]

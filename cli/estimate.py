@@ -11,6 +11,7 @@ from qlora_kit.estimate import analytic as me
 from qlora_kit.config import (ComputeDtype, IA3Config, Objective, Optimizer, load_recipe, parse_targets,
                               recipe_from_dict)
 from qlora_kit.errors import ConfigError
+from qlora_kit.estimate.objective import step_config
 from qlora_kit.estimate.recipe import from_recipe, override
 from qlora_kit.cli.estimate_labels import LABELS, PHASES, seq_cell
 from qlora_kit.terms import FOUR_BIT, QUANT_TYPES, human_bytes, parse_size
@@ -37,7 +38,7 @@ def _details(e: me.Estimate, cfg: me.EstimateConfig) -> dict[str, str]:
             "decoder_backward": kept + (" + 1 layer recomputed" if cfg.checkpointing else "") + " + backward workspace",
             "optimizer_step": "none: freed after backward",
             "reference_pass": "a no-grad forward's transient (nothing kept)"}[e.peak_phase]
-    chunk = min(cfg.loss_chunk, me.label_tokens(cfg))
+    chunk = min(cfg.loss_chunk, me.label_tokens(step_config(cfg)))  # over the rows with gradients (2 per pair)
     logits = (f"fp32 logits + 2 gradients of {chunk} tokens (chunked over the batch)" if e.peak_phase == "loss_head"
               else "freed before this peak" + later("logits_and_loss"))
     grads = (dtype if e.components["adapter_grads"] == e.sizes["adapter_grads"] else

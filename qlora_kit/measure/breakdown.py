@@ -3,7 +3,8 @@
 One configuration per process (peaks are per process): `python -m qlora_kit.measure.breakdown --json --seq 256 ...`
 prints one JSON object; `qlora-kit bench memory` runs a grid of them. The model is loaded with `train.prepare` and
 stepped with `train.train_step`, the functions `qlora-kit train` uses; the batch is synthetic, B x S tokens, every
-position labelled, so that the sequence length is exact.
+position labelled, so that the sequence length is exact (a preference objective: 2B rows, `preference_batch`; its
+no-grad passes are the phase `reference_pass`, marked by train.preference).
 
 What is measured, and how (sizes in bytes)
   static tensors: an inventory of the live model and optimizer, each storage counted once (tied weights once)

@@ -1,7 +1,7 @@
 """What the benchmark scripts share: a random bf16 Llama written shard by shard from a config, so a model of
 several GB is never whole in memory (merge_bench.py, gpu_peers.py); the PEFT + bitsandbytes peers' training loop
-(memory_peers.py, moe_peers.py). RSS and machine facts come from qlora_kit.measure.breakdown (`rss_kib`,
-`machine_info`)."""
+(memory_peers.py, moe_peers.py) and resident bytes (peer_static_bytes), and run_json_child (one measured child
+process, dpo_peers.py). RSS and machine facts come from qlora_kit.measure.breakdown (`rss_kib`, `machine_info`)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,43 @@ def build_random_llama(folder: Path, config, shard_bytes: int = 1 << 30) -> Path
     return folder
 
 
+def peer_static_bytes(model, optimizer) -> int:
+    """Bytes of a transformers + PEFT + bitsandbytes model's tensors that live across steps: parameters, buffers,
+    the 4-bit quant states (and their nested state), the optimizer's state; each storage once."""
+    import torch
+
+    tensors = [*model.parameters(), *model.buffers()]
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        for obj in (qs, getattr(qs, "state2", None)):
+            tensors += [v for v in vars(obj).values() if isinstance(v, torch.Tensor)] if obj is not None else []
+    tensors += [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    seen, total = set(), 0
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def run_json_child(cmd: list[str], threads: int, timeout: float) -> dict:
+    """Run one benchmark child (`cmd`) with OMP_NUM_THREADS=threads, passive OpenMP waiting, offline Hub; return the
+    last JSON line it prints, with the 1-minute load average before and after."""
+    import subprocess
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    load, t0 = os.getloadavg()[0], time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
+    if p.returncode or not lines:
+        raise SystemExit(f"{' '.join(cmd[1:4])} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return {**json.loads(lines[-1]), "wall_s": round(time.perf_counter() - t0, 1), "loadavg_before": round(load, 2),
+            "loadavg_after": round(os.getloadavg()[0], 2)}
+
+
 def peer_loop(model, batch: dict):
     """The peers' training loop over a PEFT model (train mode, checkpointing already on), as users write it: loss,
     backward, clip 1.0, torch AdamW (lr 1e-4) over the trainable parameters. Returns (step, static): step() runs one
@@ -102,18 +139,6 @@ def peer_loop(model, batch: dict):
         return loss.item()
 
     def static() -> int:
-        seen, total = set(), 0
-        tensors = [*model.parameters(), *model.buffers()]
-        for p in model.parameters():
-            qs = getattr(p, "quant_state", None)
-            for obj in (qs, getattr(qs, "state2", None)):
-                tensors += [v for v in vars(obj).values() if isinstance(v, torch.Tensor)] if obj is not None else []
-        tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        for t in tensors:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
-                total += t.untyped_storage().nbytes()
-        return total
+        return peer_static_bytes(model, opt)
 
     return step, static

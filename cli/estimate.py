@@ -8,8 +8,10 @@ import typing
 import click
 
 from qlora_kit.estimate import analytic as me
-from qlora_kit.config import ComputeDtype, IA3Config, Optimizer, load_recipe, parse_targets, recipe_from_dict
+from qlora_kit.config import (ComputeDtype, IA3Config, Objective, Optimizer, load_recipe, parse_targets,
+                              recipe_from_dict)
 from qlora_kit.errors import ConfigError
+from qlora_kit.estimate.objective import step_config
 from qlora_kit.estimate.recipe import from_recipe, override
 from qlora_kit.cli.estimate_labels import LABELS, PHASES, seq_cell
 from qlora_kit.terms import FOUR_BIT, QUANT_TYPES, human_bytes, parse_size
@@ -34,8 +36,9 @@ def _details(e: me.Estimate, cfg: me.EstimateConfig) -> dict[str, str]:
 
     acts = {"loss_head": kept + " (the recomputed layer is not live at this peak)",
             "decoder_backward": kept + (" + 1 layer recomputed" if cfg.checkpointing else "") + " + backward workspace",
-            "optimizer_step": "none: freed after backward"}[e.peak_phase]
-    chunk = min(cfg.loss_chunk, me.label_tokens(cfg))
+            "optimizer_step": "none: freed after backward",
+            "reference_pass": "a no-grad forward's transient (nothing kept)"}[e.peak_phase]
+    chunk = min(cfg.loss_chunk, me.label_tokens(step_config(cfg)))  # over the rows with gradients (2 per pair)
     logits = (f"fp32 logits + 2 gradients of {chunk} tokens (chunked over the batch)" if e.peak_phase == "loss_head"
               else "freed before this peak" + later("logits_and_loss"))
     grads = (dtype if e.components["adapter_grads"] == e.sizes["adapter_grads"] else
@@ -53,6 +56,19 @@ def _details(e: me.Estimate, cfg: me.EstimateConfig) -> dict[str, str]:
         "logits_and_loss": logits,
         "cuda_context": "stated allowance" if cfg.device == "cuda" else "0 on the CPU",
     }
+
+
+def _objective(cfg: me.EstimateConfig) -> str:
+    """The objective line: what a step runs for it."""
+    o = cfg.objective
+    if o == "sft":
+        return "sft: one row per example"
+    rows = f"{2 * cfg.batch} rows with gradients (chosen and rejected of {cfg.batch} pairs)" if o != "kto" else \
+        f"{cfg.batch} answers with gradients, their {cfg.batch} mismatched pairs without"
+    ref = ("no reference (reference-free)" if o in ("orpo", "simpo") else
+           "reference precomputed before training: no reference pass" if cfg.precompute_reference else
+           "a no-grad reference pass (adapters off) before the policy's forward")
+    return f"{o}: {rows}; {ref}"
 
 
 def _names(text: str | None, default) -> tuple[str, ...]:
@@ -122,10 +138,16 @@ def _help(text: str, default) -> str:
               help="Processes (one GPU each) of a torchrun / accelerate launch; --batch is per GPU.")
 @click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
               help="With --gpus > 1: ddp replicates the frozen base; fsdp shards it (train.parallel).")
+@click.option("--objective", type=click.Choice(typing.get_args(Objective)), default=None,
+              help=_help("train.objective: dpo, ipo, orpo, simpo run 2 rows per pair (--batch counts pairs); dpo, "
+                         "ipo, kto add a no-grad reference pass.", _D.objective))
+@click.option("--precompute-reference/--no-precompute-reference", default=None,
+              help=_help("train.precompute_reference (dpo, ipo): no reference pass in the step.",
+                         _D.precompute_reference))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (sizes in bytes) instead of tables.")
 def command(recipe, overrides, model, quant, blocksize, double_quant, rank, targets, lora_dropout, optimizer, seq,
             batch, checkpointing, offload_activations, mlp_chunk, dora, ia3, ia3_outputs, ia3_inputs,
-            compute_dtype, loss_chunk, device, gpu_mem, gpus, parallel, as_json):
+            compute_dtype, loss_chunk, device, gpu_mem, gpus, parallel, objective, precompute_reference, as_json):
     """Predict the GPU memory of QLoRA training from config.json alone (no weights are loaded): of RECIPE (a
     training recipe, its model and settings; --set and the flags override them), or of --model with the flags."""
     if recipe is not None or overrides:
@@ -143,7 +165,8 @@ def command(recipe, overrides, model, quant, blocksize, double_quant, rank, targ
                    batch=batch, seq=seq, checkpointing=checkpointing, device=device, loss_chunk=loss_chunk,
                    compute_bytes=None if compute_dtype is None else 2 if compute_dtype == "bf16" else 4,
                    lora_dropout=lora_dropout, offload_activations=offload_activations, mlp_chunk=mlp_chunk,
-                   dora=dora, **_ia3_names(ia3, ia3_outputs, ia3_inputs))
+                   dora=dora, objective=objective, precompute_reference=precompute_reference,
+                   **_ia3_names(ia3, ia3_outputs, ia3_inputs))
     device = cfg.device
     limit = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
     if gpus > 1:
@@ -164,7 +187,8 @@ def command(recipe, overrides, model, quant, blocksize, double_quant, rank, targ
     click.echo(f"{model}: {s.model_type}, {s.total / 1e6:,.1f}M params{moe}, {s.layers} layers, hidden {s.hidden}, "
                f"vocab {s.vocab}{', tied embeddings' if s.tied else ''}")
     click.echo(f"LoRA r={cfg.rank} on {', '.join(e.adapted)} ({e.adapter_params / s.total:.2%} of the base); "
-               f"batch {cfg.batch} x seq {cfg.seq}; checkpointing {'on' if cfg.checkpointing else 'off'}; {device}\n")
+               f"batch {cfg.batch} x seq {cfg.seq}; checkpointing {'on' if cfg.checkpointing else 'off'}; {device}")
+    click.echo(f"objective {_objective(cfg)}\n")
     details = _details(e, cfg)
     width = max(map(len, LABELS.values()))
     click.echo(f"{'component (at the peak)':<{width}}  {'size':>11}  {'%':>6}  how")

@@ -15,7 +15,7 @@ LABELS = {
 }
 
 PHASES = {"loss_head": "loss head (logits chunk)", "decoder_backward": "decoder backward",
-          "optimizer_step": "optimizer step"}
+          "optimizer_step": "optimizer step", "reference_pass": "reference pass (no grad)"}
 
 
 def seq_cell(row: dict) -> str:

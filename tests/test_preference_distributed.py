@@ -1,5 +1,6 @@
 """Preference training on two processes (gloo, CPU): DDP through torchrun and FSDP through accelerate launch compute
-the same steps as one process with twice the pairs per batch (fp32 tiny Llama, answers of unequal lengths)."""
+the same steps as one process with twice the pairs per batch (fp32 tiny Llama, answers of unequal lengths); for KTO
+with accumulation too, its z0 the mean over every mismatched pair of the step on both ranks."""
 
 from __future__ import annotations
 
@@ -25,12 +26,14 @@ def _raw(model, data_path, batch_size=2) -> dict:
                       "num_threads": 1, "seed": 5}}
 
 
+RECORDS = [{"prompt": f"Question {i}: " + "tell me " * (i % 5), "chosen": " ".join(["yes"] * (2 + (i * 7) % 39)),
+            "rejected": "no " * (1 + i % 3)} for i in range(16)]
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("pref-dist")
-    records = [{"prompt": f"Question {i}: " + "tell me " * (i % 5), "chosen": " ".join(["yes"] * (2 + (i * 7) % 39)),
-                "rejected": "no " * (1 + i % 3)} for i in range(16)]
-    data_path = write_jsonl(root / "pairs.jsonl", records)
+    data_path = write_jsonl(root / "pairs.jsonl", RECORDS)
     recipe = _write(root / "r", _raw(tiny_model, data_path))
     procs = {}
     for name, launcher, extra in (("ddp", torchrun, ()), ("fsdp", accelerate_launch, ("--set", "train.parallel=fsdp"))):
@@ -59,4 +62,33 @@ def test_two_ranks_equal_one_process_with_twice_the_pairs(runs, name):
     assert [m["step"] for m in ours] == list(range(1, STEPS + 1))
     for m, r in zip(ours, ref):  # every rank's pairs count in the step's mean and in the rewards
         for k in STATS:
+            assert m[k] == pytest.approx(r[k], rel=1e-4, abs=1e-6), (k, m, r)
+
+
+def test_kto_two_ranks_with_accumulation_equal_one_process(tiny_model, tmp_path):
+    """z0 per micro-batch or per rank would differ here: every step's z0 is over the 8 mismatched pairs of its 2
+    micro-batches on 2 ranks, in the two-process run as in the one-process run."""
+    # mostly desirable answers of one kind: the policy raises them, so mismatched pairs' log-ratios (z0) go above 0
+    unpaired = [{"prompt": f"Question {i}: " + "tell me " * (i % 5), "completion": " ".join(["yes"] * (2 + i % 9)),
+                 "label": i % 4 != 0} for i in range(16)]
+    data_path = write_jsonl(tmp_path / "kto.jsonl", unpaired)
+    raw = _raw(tiny_model, data_path)
+    raw["train"].update(objective="kto", grad_accum=2)
+    recipe = _write(tmp_path / "r", raw)
+    (tmp_path / "cwd").mkdir()
+    proc = torchrun(recipe, tmp_path / "cwd" / "run", cwd=tmp_path / "cwd")
+    single = _raw(tiny_model, data_path, batch_size=4)
+    single["train"].update(objective="kto", grad_accum=2)
+    threads = torch.get_num_threads()
+    try:
+        train.run(recipe_from_dict(single), tmp_path / "single", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    _, err = finish(proc)
+    assert "2 processes (ddp)" in err
+    a, b = adapter(tmp_path / "cwd" / "run"), adapter(tmp_path / "single")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    for m, r in zip(read_metrics(tmp_path / "cwd" / "run"), read_metrics(tmp_path / "single"), strict=True):
+        for k in ("loss", "grad_norm", "rewards_chosen", "rewards_rejected", "reward_margin"):
             assert m[k] == pytest.approx(r[k], rel=1e-4, abs=1e-6), (k, m, r)

@@ -85,6 +85,8 @@ class Units(Sequence[data_preference.Unit]):
 
     def __init__(self, tok: data_tokens.Tokenized, groups: list[tuple[int, ...]]):
         self.tok, self.groups, self._all = tok, groups, Examples(tok, [])
+        single = bool(groups) and all(len(g) == 1 for g in groups)  # kto's units: one answer each
+        self.partners = data_preference.kl_partners([int(tok.records[g[0]]) for g in groups]) if single else None
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -93,8 +95,10 @@ class Units(Sequence[data_preference.Unit]):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         group = self.groups[i]
+        partner = self.partners[i] if self.partners else None
+        kl = None if partner is None else Example(*self._all._one(self.groups[partner][0]))
         return data_preference.Unit(tuple(Example(*self._all._one(j)) for j in group),
-                                    int(self.tok.roles[group[0]]) == data_preference.CHOSEN, group)
+                                    int(self.tok.roles[group[0]]) == data_preference.CHOSEN, group, kl)
 
     def lengths(self) -> list[int]:
         """Tokens of each unit's answers (both answers of a pair)."""

@@ -13,8 +13,11 @@ consecutive examples of the same record, with Tokenized.roles CHOSEN / REJECTED.
 
 A batch of U units has 2U rows, unit-major, so that splitting rows between ranks keeps units whole:
   paired objectives   rows 2i, 2i+1 = chosen, rejected of pair i
-  kto                 row 2i = completion i, row 2i+1 = prompt i with the completion of unit i-1 (mod U): the
-                      mismatched pair whose log-ratio estimates the KL reference point z0 (KTO paper, 4.1)
+  kto                 row 2i = completion i, row 2i+1 = prompt i with the completion of unit i's fixed partner
+                      (`kl_partners`: the nearest earlier unit of another record, in the split's order): the
+                      mismatched pair whose log-ratio estimates the KL reference point z0 (KTO paper, 4.1). The
+                      partner belongs to the unit, not to the batch, so the step's mismatched pairs (and z0) are the
+                      same however its units are split into micro-batches and ranks
 plus `desirable` (2U,) int64: 1 where unit i's answer is desirable (kto; paired units: 1), and `example` (2U,)
 int64: each row's Tokenized index (-1 for kto's mismatched rows), by which precomputed reference log-probs are found.
 """
@@ -113,6 +116,17 @@ class Unit:
     examples: tuple[Example, ...]
     desirable: bool = True
     ids: tuple[int, ...] = ()  # the examples' Tokenized indices (precomputed reference log-probs are kept by them)
+    kl: Example | None = None  # kto: the partner unit's example, whose answer follows this prompt in the KL row
+
+
+def kl_partners(records: list[int]) -> list[int | None]:
+    """kto units (by their record, in the split's order) -> each unit's partner: the nearest earlier unit,
+    cyclically, whose record differs (a pair record gives two units with one prompt: the one before may share it);
+    None when every unit comes from one record (no mismatched pair exists)."""
+    n, out = len(records), []
+    for i, r in enumerate(records):
+        out.append(next(((i - k) % n for k in range(1, n) if records[(i - k) % n] != r), None))
+    return out
 
 
 def units(roles: list[int], records: list[int], index: list[int], paired: bool, where: str) -> list[tuple[int, ...]]:
@@ -150,14 +164,17 @@ def collate(picked: Sequence[Unit], pad_id: int) -> dict[str, torch.Tensor]:
     rows: list[tuple[list[int], list[int]]] = []
     desirable: list[int] = []
     example: list[int] = []
-    for i, u in enumerate(picked):
+    for u in picked:
         example += list(u.ids) if len(u.ids) == 2 else [*u.ids[:1], -1] if u.ids else [-1, -1]
         if len(u.examples) == 2:
             rows += [(e.input_ids, e.labels) for e in u.examples]
-        else:  # kto: the example, then its prompt with the previous unit's answer
+        else:  # kto: the example, then its prompt with its partner's answer
             e = u.examples[0]
+            if u.kl is None:
+                raise DataError("kto: every answer comes from one record, so there is no mismatched (prompt, answer) "
+                                "pair to estimate the reference point z0 from; give answers to at least two prompts")
             prompt, _ = split(e)
-            _, other = split(picked[i - 1].examples[0])
+            _, other = split(u.kl)
             rows += [(e.input_ids, e.labels), (prompt + other, [IGNORE] * len(prompt) + other)]
         desirable += [int(u.desirable), int(u.desirable)]
     shape = (len(rows), max(len(ids) for ids, _ in rows))

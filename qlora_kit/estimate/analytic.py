@@ -24,6 +24,7 @@ transient tensors are never live together (measured with the allocator's events,
     decoder backward    layer inputs + one layer recomputed + in-flight gradients + one dequantized weight
                         + the flat fp32 gradient (allocated by the first adapter gradient)
     optimizer step      the flat fp32 gradient + the update's temporaries (counted in optimizer_state)
+    reference pass      preference objectives (objective.py): the no-grad passes before the policy's forward
 The largest is the peak (`peak_phase`, all in `phases`); `sizes` has each component's own maximum over the step.
 grad_accum > 1 also keeps adapter gradients through the loss head (not modelled).
 """
@@ -43,6 +44,7 @@ from qlora_kit.estimate.settings import EstimateConfig  # noqa: F401 (the estima
 from qlora_kit.estimate.count import KNOWN_TYPES, count_params  # noqa: F401 (re-exported)
 from qlora_kit.estimate.shapes import LinearShape, ModelShapes  # noqa: F401 (callers read shapes through here)
 from qlora_kit.estimate.builtins import BUILTIN_CONFIGS
+from qlora_kit.estimate.objective import no_grad_terms, step_config
 from qlora_kit.terms import NESTED_BLOCKSIZE, GiB
 
 CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context + cuBLAS/cuDNN workspaces: invisible to torch's allocator stats
@@ -68,6 +70,7 @@ class Estimate:
     sizes: dict[str, int]  # each component's own maximum over the step, whichever phase it peaks in
     host: dict[str, int] = field(default_factory=dict)  # host (CPU RAM) bytes outside `total`: offloaded_activations
     by_phase: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> components at that phase's peak
+    objective_terms: dict[str, int] = field(default_factory=dict)  # preference: the no-grad passes' (objective.py)
     total: int = field(init=False)
 
     def __post_init__(self):
@@ -138,6 +141,7 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     # optim.MasterWeightOptimizer: the inner optimizer steps ONE flat fp32 master of every adapter
     inner = _optimizer_bytes(n_adapter, cfg.optimizer)
     optim = inner + 4 * n_adapter
+    objective, cfg = cfg, step_config(cfg)  # a preference step's rows with gradients (2 per pair) from here on
     acts, logits = activation_terms(s, cfg, adapted), logits_terms(s, cfg)
     static = {
         "quantized_weights": wq, "quant_constants": cq,
@@ -167,6 +171,10 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
         "optimizer_step": {"adapter_grads": grads, "activations": 0, "logits_and_loss": 0,
                            "optimizer_state": step_temps},
     }
+    no_grad = no_grad_terms(s, objective, acts["dequantized_weight"] + acts.get("dequant_workspace", 0))
+    if no_grad:  # before the policy's forward, nothing kept: its decoder's or its head's peak, not both at once
+        transient["reference_pass"] = {"adapter_grads": 0, "activations": max(no_grad.values()),
+                                       "logits_and_loss": 0}
     by_phase = {name: {k: static.get(k, 0) + t.get(k, 0) for k in COMPONENTS} for name, t in transient.items()}
     phases = {name: sum(c.values()) for name, c in by_phase.items()}
     peak = max(phases, key=phases.get)
@@ -179,7 +187,7 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
         3 * 4 * cfg.batch * cfg.seq * s.vocab
     return Estimate(components, s, adapted, n_adapter, (wq + cq) * 8 / s.linear_params, acts, logits,
                     unchunked, inner if cfg.optimizer.startswith("paged") else 0, peak, phases, sizes, host,
-                    by_phase)
+                    by_phase, no_grad)
 
 
 def max_seq_table(config: dict, cfg: EstimateConfig, gpus_gib=GPU_SIZES_GIB) -> list[dict]:

@@ -54,8 +54,9 @@ def _unquantized_split(s: me.ModelShapes) -> tuple[int, int, int, int]:
 
 
 # Decoder layers gathered at each phase's peak: the head's backward prefetches the last layer; in the decoder's
-# backward one layer computes while the next is prefetched; the optimizer step gathers nothing.
-_LAYERS_GATHERED = {"loss_head": 1, "decoder_backward": 2, "optimizer_step": 0}
+# backward one layer computes while the next is prefetched; the optimizer step gathers nothing; a preference step's
+# no-grad reference pass runs forward like the decoder (one layer computing, the next prefetched).
+_LAYERS_GATHERED = {"loss_head": 1, "decoder_backward": 2, "optimizer_step": 0, "reference_pass": 2}
 
 
 def per_device(config: dict, cfg: me.EstimateConfig, gpus: int, parallel: Parallel) -> DeviceEstimate:

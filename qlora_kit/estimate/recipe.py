@@ -36,7 +36,8 @@ def from_recipe(recipe: Recipe, device: str | None = None, replay_dropout: bool 
                           replay_dropout=replay_dropout, offload_activations=t.offload_activations,
                           mlp_chunk=t.mlp_chunk, dora=lo.dora,
                           ia3_outputs=_names(recipe.ia3.outputs) if recipe.ia3 else (),
-                          ia3_inputs=_names(recipe.ia3.inputs) if recipe.ia3 else ())
+                          ia3_inputs=_names(recipe.ia3.inputs) if recipe.ia3 else (),
+                          objective=t.objective, precompute_reference=t.precompute_reference)
 
 
 def override(cfg: EstimateConfig, **given) -> EstimateConfig:

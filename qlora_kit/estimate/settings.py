@@ -6,7 +6,7 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
-from ..config import DataConfig, LoraConfig, Optimizer, QuantConfig, TrainConfig
+from ..config import DataConfig, LoraConfig, Objective, Optimizer, QuantConfig, TrainConfig
 from ..ranges import LIMITS
 from ..errors import ConfigError
 from ..terms import BLOCKSIZES, QUANT_TYPES, QuantType
@@ -52,6 +52,10 @@ class EstimateConfig:
     """ia3.outputs: modules whose output an (out,) fp32 vector scales (empty: no IA3)."""
     ia3_inputs: tuple[str, ...] = ()
     """ia3.inputs: modules whose input an (in,) fp32 vector scales."""
+    objective: Objective = TrainConfig.objective
+    """train.objective: a preference objective runs 2 rows per pair and no-grad passes (estimate/objective.py)."""
+    precompute_reference: bool = TrainConfig.precompute_reference
+    """train.precompute_reference (dpo, ipo): the reference log-probs computed before training, no reference pass."""
 
     def __post_init__(self):
         if not isinstance(self.mlp_chunk, int) or self.mlp_chunk < 0:
@@ -63,7 +67,7 @@ class EstimateConfig:
                 raise ConfigError(f"{name} {getattr(self, name)} is beyond any machine (at most {MAX_SIZES[name]}); "
                                   "without --seq, the table at the end shows the longest sequence each GPU size fits.")
         choices = {"quant": QUANT_TYPES, "optimizer": typing.get_args(Optimizer), "device": ("cuda", "cpu"),
-                   "blocksize": BLOCKSIZES, "compute_bytes": (2, 4)}
+                   "blocksize": BLOCKSIZES, "compute_bytes": (2, 4), "objective": typing.get_args(Objective)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}, got {getattr(self, name)!r}")
@@ -71,5 +75,8 @@ class EstimateConfig:
         if both:
             raise ConfigError(f"ia3: {both[0]} is in both outputs and inputs; a module scales its output or its "
                               "input, not both. Remove it from one list")
+        if self.precompute_reference and self.objective not in ("dpo", "ipo"):
+            raise ConfigError(f"precompute_reference works with objective dpo or ipo, not {self.objective}: orpo and "
+                              "simpo have no reference, kto pairs each prompt with another answer in the step")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora dropout must be in [0, 1), got {self.lora_dropout}")

@@ -3,7 +3,8 @@
 One configuration per process (peaks are per process): `python -m qlora_kit.measure.breakdown --json --seq 256 ...`
 prints one JSON object; `qlora-kit bench memory` runs a grid of them. The model is loaded with `train.prepare` and
 stepped with `train.train_step`, the functions `qlora-kit train` uses; the batch is synthetic, B x S tokens, every
-position labelled, so that the sequence length is exact.
+position labelled, so that the sequence length is exact (a preference objective: 2B rows, `preference_batch`; its
+no-grad passes are the phase `reference_pass`, marked by train.preference).
 
 What is measured, and how (sizes in bytes)
   static tensors: an inventory of the live model and optimizer, each storage counted once (tied weights once)
@@ -77,6 +78,10 @@ class MeasureConfig:
     """An `ia3: {}` section: IA3 with its default targets (outputs k_proj, v_proj; input down_proj)."""
     replay_dropout: bool = True
     """False: LoRA dropout as plain nn.Dropout (saved copies), to measure what replaying the masks saves."""
+    objective: str = TrainConfig.objective
+    """train.objective: a preference objective steps a synthetic batch of 2 x batch rows (preference_batch)."""
+    precompute_reference: bool = False
+    """train.precompute_reference (dpo, ipo): the step looks its reference log-probs up instead of a pass."""
     overrides: str = ""
     """Extra recipe overrides, `;`-separated `section.key=value` (ablations; the estimate does not follow them)."""
 
@@ -131,8 +136,10 @@ def recipe_for(cfg: MeasureConfig, data_path: Path):
         "lora": {"r": cfg.rank, "alpha": 2 * cfg.rank, "dropout": cfg.dropout, "targets": parse_targets(cfg.targets),
                  "dora": cfg.dora},
         **({"ia3": {}} if cfg.ia3 else {}),
-        "data": {"path": str(data_path), "format": "text", "max_length": cfg.seq},
-        "train": {"steps": cfg.steps, "batch_size": cfg.batch, "optimizer": cfg.optimizer, "device": cfg.device,
+        "data": {"path": str(data_path), "format": "text" if cfg.objective == "sft" else "preference",
+                 "max_length": cfg.seq},
+        "train": {"objective": cfg.objective, "precompute_reference": cfg.precompute_reference,
+                  "steps": cfg.steps, "batch_size": cfg.batch, "optimizer": cfg.optimizer, "device": cfg.device,
                   "num_threads": cfg.threads, "seed": cfg.seed, "warmup_steps": 0, "loss_chunk": cfg.loss_chunk,
                   "offload_activations": cfg.offload_activations, "mlp_chunk": cfg.mlp_chunk},
     }, [o for o in cfg.overrides.split(";") if o.strip()])
@@ -145,6 +152,22 @@ def synthetic_batch(vocab: int, batch: int, seq: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def preference_batch(vocab: int, batch: int, seq: int, seed: int) -> dict:
+    """A preference step's batch for `batch` units: 2 x batch rows of synthetic_batch (every position labelled,
+    so that its sizes are exact), units alternately desirable (kto) and each row its own example index (for a
+    precomputed reference)."""
+    import torch
+
+    out = synthetic_batch(vocab, 2 * batch, seq, seed)
+    out["desirable"] = (torch.arange(2 * batch) // 2 % 2 == 0).long()
+    out["example"] = torch.arange(2 * batch)
+    return out
+
+
+DATA = {"sft": [{"text": "memory measurement"}],  # what prepare() reads: the step's batch is synthetic
+        "preference": [{"prompt": f"question {i}", "chosen": "yes", "rejected": "no"} for i in range(2)]}
 
 
 def static_inventory(model, optimizer) -> dict[str, int]:
@@ -206,12 +229,19 @@ class StepTagger:
             with torch.profiler.record_function(MARK + name):
                 pass
 
+        def forward_start(module, args, kwargs=None):
+            if torch.is_grad_enabled():  # the policy's forward (a preference step's no-grad passes come first)
+                mark("forward")
+
         def head_start(module, args, kwargs=None):
+            if not torch.is_grad_enabled():  # a no-grad pass (reference) has no loss head phase of its own
+                return
             mark("head_start")
             x = args[0] if args else next(iter((kwargs or {}).values()))
             if x.requires_grad:  # fires once the gradient of the decoder's last hidden state is complete
                 x.register_hook(lambda g: mark("head_end"))
 
+        self.handles.append(decoder.register_forward_pre_hook(forward_start, with_kwargs=True))
         if norm is not None:
             self.handles.append(norm.register_forward_pre_hook(head_start, with_kwargs=True))
         for p in model.parameters():
@@ -248,7 +278,8 @@ def measure(cfg: MeasureConfig) -> dict:
 
     with TemporaryDirectory() as tmp:
         data_path = Path(tmp) / "one.jsonl"
-        data_path.write_text(json.dumps({"text": "memory measurement"}) + "\n")
+        records = DATA["sft" if cfg.objective == "sft" else "preference"]
+        data_path.write_text("".join(json.dumps(r) + "\n" for r in records))
         rss_imports = rss_kib()
         recipe = recipe_for(cfg, data_path)
         from ..adapters.lora import LoRALinear
@@ -258,7 +289,12 @@ def measure(cfg: MeasureConfig) -> dict:
     device = p.accelerator.device
     rss_loaded = rss_kib()
     config = json.loads((resolve(cfg.model) / "config.json").read_text())
-    batch = synthetic_batch(config["vocab_size"], cfg.batch, cfg.seq, cfg.seed)
+    if cfg.objective == "sft":
+        batch = synthetic_batch(config["vocab_size"], cfg.batch, cfg.seq, cfg.seed)
+    else:
+        batch = preference_batch(config["vocab_size"], cfg.batch, cfg.seq, cfg.seed)
+        if cfg.precompute_reference:  # what reference.attach leaves: (examples,) fp32 on the device, by index
+            getattr(p.loss_fn, "module", p.loss_fn).reference = torch.zeros(2 * cfg.batch, device=device)
     cuda = device.type == "cuda"
 
     def step():
@@ -301,7 +337,7 @@ def measure(cfg: MeasureConfig) -> dict:
         return {k: static.get(k, 0) + transient.get(k, 0) for k in me.COMPONENTS}
 
     e = me.estimate(config, estimate_config(recipe, "cuda" if cuda else "cpu"))
-    tokens = cfg.batch * cfg.seq
+    tokens = batch["input_ids"].numel()
     out = {
         "config": asdict(cfg),
         "device": device.type,

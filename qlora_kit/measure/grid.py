@@ -16,7 +16,7 @@ import sys
 import typing
 from dataclasses import asdict
 
-from ..config import Optimizer
+from ..config import Objective, Optimizer
 from ..errors import ConfigError
 from .breakdown import MeasureConfig
 from ..terms import QUANT_TYPES
@@ -27,8 +27,9 @@ _OPTIMIZERS = tuple(o for o in typing.get_args(Optimizer) if not o.startswith("p
 GRID_KEYS = {"seq": (int, None), "batch": (int, None), "rank": (int, None), "quant": (str, QUANT_TYPES),
              "dropout": (float, None), "optimizer": (str, _OPTIMIZERS), "targets": (str, None),
              "loss_chunk": (int, None), "offload_activations": (int, (0, 1)), "mlp_chunk": (int, None),
-             "dora": (int, (0, 1)), "ia3": (int, (0, 1))}
-_ZERO_OK = ("offload_activations", "mlp_chunk", "dora", "ia3")  # 0 means off
+             "dora": (int, (0, 1)), "ia3": (int, (0, 1)), "objective": (str, typing.get_args(Objective)),
+             "precompute_reference": (int, (0, 1))}
+_ZERO_OK = ("offload_activations", "mlp_chunk", "dora", "ia3", "precompute_reference")  # 0 means off
 DEFAULTS = {k: v for k, v in asdict(MeasureConfig()).items() if k in GRID_KEYS}
 SHORT = {"seq": "s", "batch": "b", "rank": "r", "dropout": "d"}
 
@@ -95,6 +96,8 @@ def label(c: dict) -> str:
               if c[k] != DEFAULTS[k]]
     parts += ["offload"] if c["offload_activations"] else []
     parts += [k for k in ("dora", "ia3") if c.get(k)]
+    parts += [c["objective"]] if c.get("objective", "sft") != "sft" else []
+    parts += ["precomputed reference"] if c.get("precompute_reference") else []
     return " ".join(parts)
 
 

@@ -11,7 +11,8 @@ Two parts, kept apart on purpose:
 Marks are `record_function` ranges named `MARK + name`; their start time counts. memory_measure's hooks place
 zero-length ones: `head_start` / `head_end` around the loss head, `grad` (with the gradient's address) when
 autograd accumulates an adapter's gradient; `train.train_step` runs its optimizer part inside `optimizer`, so
-what is allocated from there on (fp32 gradients on the masters, AdamW temporaries) is optimizer state.
+what is allocated from there on (fp32 gradients on the masters, AdamW temporaries) is optimizer state;
+train.preference runs its no-grad passes (reference, kto's mismatched pairs) inside `reference`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from ..terms import PROFILER_MARK as MARK
 TRANSIENT = ("adapter_grads", "activations", "logits_and_loss", "optimizer_state")
 # mark -> (phase, the component of what is allocated from there on)
 PHASES = {"head_start": ("loss_head", "logits_and_loss"), "head_end": ("decoder_backward", "activations"),
-          "optimizer": ("optimizer_step", "optimizer_state")}
+          "optimizer": ("optimizer_step", "optimizer_state"), "forward": ("decoder_backward", "activations"),
+          "reference": ("reference_pass", "activations")}
 
 
 @dataclass(frozen=True)

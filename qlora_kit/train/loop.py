@@ -79,7 +79,8 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
     Several ranks (distributed.py): `micro_batches` are this rank's shares; N counts the label tokens of every
     rank's shares (one small all-reduce before the first backward), and the flat fp32 gradients, the loss, the
     token count and the stop flag are summed across ranks after the last micro-batch: the SUM over ranks of
-    mean_i * n_i / N is the mean over all label tokens of the global step, as in one process."""
+    mean_i * n_i / N is the mean over all label tokens of the global step, as in one process. kto first runs its
+    no-grad pre-pass (preference.step_z0): z0 over every rank's mismatched pairs, one more small all-reduce."""
     device, world = p.accelerator.device, p.world
     scaler = p.optimizer.scaler  # fp16 residual stream only; bf16 and fp32 run unscaled (scale 1, no extra kernel)
     scale = scaler.scale if scaler is not None else 1.0
@@ -96,12 +97,15 @@ def train_step(p: Prepared, micro_batches: list[dict], lr: float, max_grad_norm:
     total_tokens = max(total_tokens, 1)
     total_loss = torch.zeros((), dtype=torch.float32, device=device)  # accumulated on device
     tokens = 0
+    # kto: z0 is the mean over every mismatched pair of the step (every micro-batch, every rank), not per batch
+    z0 = preference.step_z0(p.loss_fn, micro_batches, device, world.all_reduce_ if world.distributed else None) \
+        if p.recipe.train.objective == "kto" else None
     for batch, (pos, non_pad), n in zip(micro_batches, facts, weights):
         tokens += non_pad
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         if pref:  # mean over its n units; the rewards' sums ride along in the step's one transfer
             loss, part = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["desirable"],
-                                   positions=pos.to(device, non_blocking=True), example=batch.get("example"))
+                                   positions=pos.to(device, non_blocking=True), example=batch.get("example"), z0=z0)
             sums += part.detach()
         else:
             loss, _ = p.loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"],

@@ -13,7 +13,9 @@ accuracy mean the same for every objective. The step's loss is the mean of `loss
          P = exp(mean log-prob per token), odds = P / (1 - P), lambda = beta
   simpo  Meng et al. 2024 (arXiv 2405.14734) eq. 6: -log s(beta mean_c - beta mean_r - gamma)
   kto    Ethayarajh et al. 2024 (arXiv 2402.01306) eq. 8: lambda_D (1 - s(beta (r - z0))) for desirable answers,
-         lambda_U (1 - s(beta (z0 - r))) for undesirable ones, r = p - ref, z0 = max(0, mean KL estimate), detached
+         lambda_U (1 - s(beta (z0 - r))) for undesirable ones, r = p - ref, z0 = max(0, mean KL estimate),
+         detached; the mean over every mismatched pair of the optimizer step (all micro-batches and ranks:
+         preference.step_z0)
 """
 
 from __future__ import annotations
@@ -51,10 +53,22 @@ def simpo(pc, pr, nc, nr, beta: float, gamma: float) -> Out:
     return -F.logsigmoid(beta * (mc - mr) - gamma), (beta * mc).detach(), (beta * mr).detach()
 
 
+def kl_sums(kl_policy: torch.Tensor, kl_reference: torch.Tensor) -> torch.Tensor:
+    """(2,): [sum of the log-ratios of mismatched (prompt, answer) pairs, their count]. Sums, so that the
+    micro-batches and ranks of one optimizer step add up to the step's mean exactly."""
+    d = kl_policy - kl_reference
+    return torch.stack([d.sum(), d.new_tensor(float(d.numel()))])
+
+
+def kto_z0(sums: torch.Tensor) -> torch.Tensor:
+    """z0 from kl_sums (over any number of batches): the mean log-ratio, clamped at 0 and detached (the paper does
+    not backpropagate through it)."""
+    return (sums[0] / sums[1].clamp(min=1)).clamp(min=0).detach()
+
+
 def kto_reference_point(kl_policy: torch.Tensor, kl_reference: torch.Tensor) -> torch.Tensor:
-    """z0: the mean log-ratio of mismatched (prompt, answer) pairs, clamped at 0 and detached (the paper does not
-    backpropagate through it)."""
-    return (kl_policy - kl_reference).mean().clamp(min=0).detach()
+    """z0 of one set of mismatched pairs."""
+    return kto_z0(kl_sums(kl_policy, kl_reference))
 
 
 def kto(p, ref, desirable, z0, beta: float, w_desirable: float = 1.0, w_undesirable: float = 1.0) -> Out:

@@ -20,6 +20,7 @@ from ..adapters import methods
 from ..config import REFERENCE_OBJECTIVES, TrainConfig
 from ..data import pipeline as data, preference as data_preference
 from ..lowmem.lean_norm import norm_apply
+from ..terms import PROFILER_MARK
 from .loss import label_rows
 
 STATS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
@@ -50,6 +51,12 @@ class LogpHead(nn.Module):
             pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
                           else _chunk_logps(*args))
         return torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
+
+
+def _mark_no_grad_pass() -> None:
+    """A zero-length named range: profiler traces (and measure/'s timeline) see where a no-grad pass starts."""
+    with torch.profiler.record_function(PROFILER_MARK + "reference"):
+        pass
 
 
 def summarize(sums: list[float]) -> dict[str, float]:
@@ -89,6 +96,7 @@ class PreferenceLoss(nn.Module):
     @torch.no_grad()
     def reference_logps(self, input_ids, attention_mask, labels, positions=None) -> torch.Tensor:
         """The base's log-probabilities: every adapter off, eval mode (no dropout), no autograd graph."""
+        _mark_no_grad_pass()
         was = self.model.training
         self.model.eval()
         try:
@@ -99,14 +107,18 @@ class PreferenceLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 desirable: torch.Tensor, positions: torch.Tensor | None = None,
-                example: torch.Tensor | None = None, reference_only: bool = False):
-        """reference_only: just the reference log-probs (R,) (precompute goes through forward, so that under FSDP
-        the root unit's parameters are gathered)."""
+                example: torch.Tensor | None = None, reference_only: bool = False, kl_only: bool = False,
+                z0: torch.Tensor | None = None):
+        """reference_only: just the reference log-probs (R,); kl_only (kto): just the batch's kl sums (2,) (both go
+        through forward, so that under FSDP the root unit's parameters are gathered). z0 (kto): the step's reference
+        point (step_z0); None: this batch's own."""
         t = self.t
         if reference_only:
             return self.reference_logps(input_ids, attention_mask, labels, positions)
+        if kl_only:
+            return self.kl_sums(input_ids, attention_mask, labels)
         if t.objective == "kto":
-            return self._kto(input_ids, attention_mask, labels, desirable)
+            return self._kto(input_ids, attention_mask, labels, desirable, z0)
         ref = None
         if t.objective in REFERENCE_OBJECTIVES:
             if self.reference is not None and example is not None:
@@ -130,23 +142,45 @@ class PreferenceLoss(nn.Module):
                             wc.new_tensor(n)])
         return losses.mean(), sums
 
-    def _kto(self, input_ids, attention_mask, labels, desirable) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows 2i: the answers (with gradients); rows 2i+1: mismatched pairs for z0 (no gradients)."""
-        t = self.t
-        ref = self.reference_logps(input_ids, attention_mask, labels)  # (2U,) every row, one no-grad pass
-        ans = (input_ids[0::2], attention_mask[0::2], labels[0::2])
+    @torch.no_grad()
+    def kl_sums(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        """kto: objectives.kl_sums of the batch's mismatched rows (2i+1): the policy as it trains (adapters on, its
+        dropout) and the reference, both without gradients."""
         kl = (input_ids[1::2], attention_mask[1::2], labels[1::2])
-        with torch.no_grad():
-            kl_policy = self.seq_logps(*kl)[0]
-        z0 = objectives.kto_reference_point(kl_policy, ref[1::2])
+        _mark_no_grad_pass()
+        ref = self.reference_logps(*kl)
+        return objectives.kl_sums(self.seq_logps(*kl)[0], ref)
+
+    def _kto(self, input_ids, attention_mask, labels, desirable, z0=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows 2i: the answers (with gradients); rows 2i+1: mismatched pairs, read only for z0 when the step's z0
+        is not given."""
+        t = self.t
+        if z0 is None:
+            z0 = objectives.kto_z0(self.kl_sums(input_ids, attention_mask, labels))
+        ans = (input_ids[0::2], attention_mask[0::2], labels[0::2])
+        ref = self.reference_logps(*ans)  # (U,) one no-grad pass over the answers
         logps = self.seq_logps(*ans)[0]
         d = desirable[0::2].bool()
-        losses, reward, _ = objectives.kto(logps, ref[0::2], d, z0, t.beta, t.kto_desirable_weight,
+        losses, reward, _ = objectives.kto(logps, ref, d, z0, t.beta, t.kto_desirable_weight,
                                            t.kto_undesirable_weight)
         df = d.float()
         sums = torch.stack([(reward * df).sum(), df.sum(), (reward * (1 - df)).sum(), (1 - df).sum(),
                             reward.new_zeros(()), reward.new_zeros(())])
         return losses.mean(), sums
+
+
+@torch.no_grad()
+def step_z0(loss: nn.Module, batches, device, all_reduce=None) -> torch.Tensor:
+    """kto's z0 over a whole optimizer step: a no-grad pre-pass over every micro-batch's mismatched rows, their kl
+    sums added, then (several ranks) summed across ranks by `all_reduce` (in place, on a list of tensors), so z0 is
+    the mean over every mismatched pair of the step, however it is split. `loss`: PreferenceLoss, maybe wrapped."""
+    sums = torch.zeros(2, dtype=torch.float32, device=device)
+    for b in batches:
+        b = {k: b[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels", "desirable")}
+        sums += loss(b["input_ids"], b["attention_mask"], b["labels"], b["desirable"], kl_only=True)
+    if all_reduce is not None:
+        all_reduce([sums])
+    return objectives.kto_z0(sums)
 
 
 @torch.no_grad()
@@ -169,12 +203,18 @@ def evaluate(loss: PreferenceLoss, units: data.Units, batch_size: int, pad_id: i
     was = model.training
     model.eval()
     total, n, sums = 0.0, 0, torch.zeros(N_SUMS, dtype=torch.float64)
+
+    def batches():  # collated as read, twice for kto (z0 over every eval answer, then the losses)
+        return (data_preference.collate(units[s : s + batch_size], pad_id) for s in range(0, len(units), batch_size))
+
     try:
-        for s in range(0, len(units), batch_size):
-            picked = units[s : s + batch_size]
-            batch = {k: v.to(device) for k, v in data_preference.collate(picked, pad_id).items()}
-            value, part = loss(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["desirable"])
-            total, n = total + float(value) * len(picked), n + len(picked)
+        z0 = step_z0(loss, batches(), device) if loss.t.objective == "kto" else None
+        for batch in batches():
+            picked = batch["input_ids"].shape[0] // 2
+            batch = {k: v.to(device) for k, v in batch.items()}
+            value, part = loss(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["desirable"],
+                               z0=z0)
+            total, n = total + float(value) * picked, n + picked
             sums += part.double().cpu()
     finally:
         model.train(was)

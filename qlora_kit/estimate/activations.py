@@ -178,7 +178,9 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
     layer = sum(layer_activations(s, cfg, adapted).values())
     # (B, S, H) per layer: what a checkpoint keeps; offloaded: only the layer in backward + the prefetched one
     # (reembed.py: without offload, layer 0's input is looked up again from the ids in backward, not kept)
-    kept_layers = 2 if cfg.offload_activations else s.layers - (1 if cfg.reembed else 0)
+    # (a multiplier applied outside the embedding module, Granite's, defeats it: that input is kept)
+    reembedded = cfg.reembed and not s.layout.scaled_embedding
+    kept_layers = 2 if cfg.offload_activations else s.layers - (1 if reembedded else 0)
     terms = {"layer_inputs": kept_layers * c * T * s.hidden,
              # one layer's full set, rebuilt during its backward; its input norm saves the kept input itself
              "recomputed_layer": layer - (c * T * s.hidden if input_kept_as_is(s) else 0)}

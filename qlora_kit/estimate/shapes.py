@@ -63,6 +63,11 @@ class Layout:
     masks: int = 0  # (B, 1, S, S) c masks the model builds once per step and every layer reads (Falcon: 1;
     # Gemma 2's eager attention: a full and a sliding-window one)
     eager: bool = False  # attention as explicit (B, nh, S, S) scores (Gemma 2: its logits softcapping needs it)
+    post_norm: bool = False  # a norm after the MLP, before the residual add (Gemma 2/3, OLMo 2): its backward runs
+    # first in the layer's, with every saved tensor of the layer still live
+    residual_scale: bool = False  # each branch's output is scaled before the residual add (Granite's multiplier)
+    scaled_embedding: bool = False  # layer 0 reads the embedding times a multiplier computed outside the embedding
+    # module (Granite): not the module's own output, so reembed.py cannot look it up again and it is kept
     qk_norm: int = 0  # per-token width normalised by q/k norms (Qwen3: (nh + nkv) * hd)
     qk_norm_vectors: int = 0  # rsqrt values per token: 0 = one per head (nh + nkv); OLMo 2 normalises q, k whole: 2
     qk_norm_fp32: bool = False  # q/k norms are transformers' own (fp32 copies), not lean

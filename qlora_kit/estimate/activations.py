@@ -121,7 +121,8 @@ def mlp_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: 
         "mlp_hidden": (3 if s.layout.gated else s.layout.act_saved) * c * T * I,
         "down_input": sum(inputs_saved(cfg, adapted, tuple(lin.name for lin in lins), T * (
             k if lins[0].experts > 1 else 1), lins[0].in_features) for lins in outs),
-        "mlp_lora_hidden": c * T * cfg.rank * sum(lin.name in adapted for lin in mlp),  # (B, S, r) A's outputs
+        # (B, S, r) A's outputs; a routed expert's per token it got: top_k x T over the experts
+        "mlp_lora_hidden": c * cfg.rank * sum(T * (k if lin.experts > 1 else 1) for lin in mlp if lin.name in adapted),
         "mlp_methods": methods_saved(s, cfg, adapted, tuple(lin.name for lin in mlp), T),
     }
     if s.moe:  # the gathered inputs of the experts (saved by their matmuls whether adapted or not), their
@@ -225,11 +226,20 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
         terms["backward_grads"] = c * T * 2 * s.hidden  # in-flight grads: (B,S,H) x2
     else:
         # in-flight: (B,S,H) x2, (B,S,I) x2
-        terms["backward_grads"] = c * T * 2 * (s.hidden + s.active_intermediate)
+        terms["backward_grads"] = c * T * 2 * (s.hidden + grad_intermediate(s))
     if not s.layout.o_view:  # the output projection's input gradient (B, S, nh*hd) goes back to SDPA's
         # (B, nh, S, hd) output layout as a copy, next to the in-flight gradients
         terms["backward_grads"] += c * T * s.layout.q
     return terms
+
+
+def grad_intermediate(s: ModelShapes) -> int:
+    """Width of the (T, I) gradients in flight in an MLP's backward: the dense MLP's; in a mixture of experts the
+    experts' backwards run one at a time, each over its own tokens (bounded by T: an expert every token chose,
+    whatever the routing), or the shared expert's over all T."""
+    if s.moe is None:
+        return s.intermediate
+    return max(s.moe.intermediate, s.moe.shared)
 
 
 def label_tokens(cfg: EstimateConfig) -> int:

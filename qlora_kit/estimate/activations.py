@@ -75,7 +75,10 @@ def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, .
         "attn_output": c * T * lay.q + (0 if lay.eager else lse),  # (B, S, nh*hd) c
         "o_input": inputs_saved(cfg, adapted, (out_proj.name,), T, out_proj.in_features, shared=lay.o_view),
     })
-    if lay.eager:  # (B, nh, S, S) scores: the fp32 softmax output and its c copy (saved by the product with v),
+    if lay.sinks:  # (B, nh, S, S + 1) probabilities in c (softmax saves them, the product with v a view of them)
+        # and the row max's (B, nh, S, 1) int64 indices (the logits are shifted by it)
+        terms["attn_weights"] = c * cfg.batch * s.heads * cfg.seq * (cfg.seq + 1) + 8 * cfg.batch * s.heads * cfg.seq
+    elif lay.eager:  # (B, nh, S, S) scores: the fp32 softmax output and its c copy (saved by the product with v),
         # and with logit softcapping tanh's c output
         per = 4 + c + (c if s.model_type == "gemma2" else 0)
         terms["attn_weights"] = per * cfg.batch * s.heads * cfg.seq * cfg.seq
@@ -94,6 +97,8 @@ def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, .
             4 * T * (lay.qk_norm_vectors or s.heads + s.kv_heads)
         if lay.weight_copy:  # Gemma 3's q_norm, k_norm keep fp32 (hd,) copies of (1 + weight) too
             terms["qk_norms"] += 4 * 2 * s.head_dim
+    if lay.latent_norms:  # DeepSeek's norms on the q and kv latents, (T, rank) each: an fp32 copy + rsqrt (T, 1)
+        terms["latent_norms"] = sum(4 * T * w + 4 * T for w in lay.latent_norms)
     return terms
 
 
@@ -127,7 +132,9 @@ def mlp_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: 
     }
     if s.moe:  # the gathered inputs of the experts (saved by their matmuls whether adapted or not), their
         # outputs (saved by the routing-weight product) and the router's probabilities
-        terms["expert_routing"] = 2 * c * k * T * H + 4 * T * s.moe.experts
+        # and the routing's indices: top-k's (T, k) int64 and, per routed token, its int64 row in the batch and its
+        # fp32 routing weight (saved by the gather and by the weight product)
+        terms["expert_routing"] = 2 * c * k * T * H + 4 * T * s.moe.experts + 8 * T * k + (8 + 4) * k * T
     return terms
 
 

@@ -23,23 +23,30 @@ if TYPE_CHECKING:
 # with rsqrt, the product with x for rsqrt's gradient, mean's expanded gradient (div) and pow's gradient
 RMS32_BACKWARD_TEMPS = 5
 # what the MLP's backward no longer needs once attention's backward runs: it freed them on its way down
-_MLP_SAVED = ("o_input", "mlp_norm", "gate_up_inputs", "mlp_hidden", "down_input", "mlp_lora_hidden", "mlp_methods")
+_MLP_SAVED = ("o_input", "mlp_norm", "gate_up_inputs", "mlp_hidden", "down_input", "mlp_lora_hidden", "mlp_methods",
+              "expert_routing")
 
 
 def _softmax_backward(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: int) -> int:
-    """Eager attention (Gemma 2), at softmax's backward: beyond the saved set, the (B, nh, S, S) fp32 gradient of
-    the probabilities (the backward of their cast to c) and softmax's fp32 input gradient, 8 bytes per score; the
-    repeated values' gradient (B, nh, S, hd) c from the product with v, waiting for its branch; the residual
-    gradient (B, S, H) c. Freed by then: everything the MLP, the norms after attention and the output projection
-    saved (its adapter's (T, r) A output too), and what the product with v saved, the probabilities' c copy and
-    the repeated values (B, nh, S, hd) c."""
+    """Eager attention at softmax's backward (its worst point): beyond the saved set, per score
+      Gemma 2 (B, nh, S, S): the fp32 gradient of the probabilities (the backward of their cast to c) and softmax's
+        fp32 input gradient, 8 bytes; freed: the probabilities' c copy, read by the product with v
+      gpt-oss (B, nh, S, S + 1), all in c: softmax's input gradient, the row max's gradient scattered back (c) and
+        an fp32 buffer of the max's backward (measured: aten::empty), 2c + 4 bytes; freed: the c probabilities
+    and the repeated values' gradient (B, nh, S, hd) c from the product with v, waiting for its branch; the residual
+    gradient (B, S, H) c. Freed by then too: everything the MLP, the norms after attention and the output
+    projection saved (its adapter's (T, r) A output too), and the repeated values (B, nh, S, hd) c."""
     c, lay = cfg.compute_bytes, s.layout
-    scores = cfg.batch * s.heads * cfg.seq * cfg.seq
+    if lay.sinks:
+        scores = cfg.batch * s.heads * cfg.seq * (cfg.seq + 1)
+        grads, probs = (2 * c + 4) * scores, c * scores
+    else:
+        scores = cfg.batch * s.heads * cfg.seq * cfg.seq
+        grads, probs = 8 * scores, c * scores
     layer = layer_activations(s, cfg, adapted)
     o_name = layer_linears(s)[0][-1].name  # the output projection
-    freed = sum(layer.get(k, 0) for k in _MLP_SAVED) + c * T * cfg.rank * (o_name in adapted) + c * scores + \
-        c * T * lay.q
-    return 8 * scores + c * T * lay.q + c * T * s.hidden - freed
+    freed = sum(layer.get(k, 0) for k in _MLP_SAVED) + c * T * cfg.rank * (o_name in adapted) + probs + c * T * lay.q
+    return grads + c * T * lay.q + c * T * s.hidden - freed
 
 
 def backward_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...],

@@ -63,6 +63,8 @@ class Layout:
     masks: int = 0  # (B, 1, S, S) c masks the model builds once per step and every layer reads (Falcon: 1;
     # Gemma 2's eager attention: a full and a sliding-window one)
     eager: bool = False  # attention as explicit (B, nh, S, S) scores (Gemma 2: its logits softcapping needs it)
+    sinks: bool = False  # eager attention with a learned sink column per head (gpt-oss): softmax over S + 1 columns
+    latent_norms: tuple[int, ...] = ()  # widths of fp32 RMSNorms on attention latents (DeepSeek: q_a, kv_a)
     post_norm: bool = False  # a norm after the MLP, before the residual add (Gemma 2/3, OLMo 2): its backward runs
     # first in the layer's, with every saved tensor of the layer still live
     residual_scale: bool = False  # each branch's output is scaled before the residual add (Granite's multiplier)

@@ -128,7 +128,8 @@ def report(doc: dict) -> str:
               "whatever the routing; what depends on it is one expert's in-flight backward gradients, which the "
               "estimate bounds by T tokens (an expert every token chose), and the dequantized weight of one hit "
               "expert at a time. The random router of these models spreads the 2 x 1,024 pairs over all 4 experts "
-              "(328 to 686 of the 1,024 tokens per expert in the runs inspected), so the bound is above what ran; the saved tensors are not."]
+              "(328 to 686 of the 1,024 tokens per expert in the runs inspected), so the bound is above what ran; "
+              "the saved tensors are not."]
     return "\n".join(lines) + "\n"
 
 

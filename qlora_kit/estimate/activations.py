@@ -236,7 +236,7 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
         terms["backward_grads"] = c * T * 2 * (s.hidden + grad_intermediate(s))
     if not s.layout.o_view:  # the output projection's input gradient (B, S, nh*hd) goes back to SDPA's
         # (B, nh, S, hd) output layout as a copy, next to the in-flight gradients
-        terms["backward_grads"] += c * T * s.layout.q
+        terms["backward_grads"] += c * T * layer_linears(s)[0][-1].in_features
     return terms
 
 

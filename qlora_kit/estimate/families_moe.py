@@ -91,8 +91,9 @@ def deepseek(c: dict) -> ModelShapes:
         linears += gated_mlp(H, I, False, dense)
     norms = {"layer_norms": L * 2 * H, "norm": H, "latent_norms": L * ((q_rank or 0) + kv_rank),
              "router": sparse * E * H}
-    # v is a view of kv_b_proj's (B, S, nh, nope + vd) output: what SDPA saves for it keeps that whole tensor
-    layout = Layout(norm="rms32", q=nh * qk, k=nh * qk, v=nh * (nope + vd),
+    # v is a view of kv_b_proj's (B, S, nh, nope + vd) output: what SDPA saves for it keeps that whole tensor; q and
+    # k are rebuilt by a cat (their rope part), so SDPA's output is (B, nh, S, vd) and o_proj reads a copy of it
+    layout = Layout(norm="rms32", q=nh * qk, k=nh * qk, v=nh * (nope + vd), o_view=False,
                     latent_norms=(q_rank, kv_rank) if q_rank else (kv_rank,))
     return build(c, linears, norms, layout=layout, moe=Moe(E, k, moe_i, shared, sparse) if sparse else None,
                  intermediate=I if dense else moe_i)

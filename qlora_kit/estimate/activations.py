@@ -123,7 +123,7 @@ def mlp_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: 
         # parallel attention and MLP: the MLP's input is the tensor the q/k/v adapters already saved
         "gate_up_inputs": sum(inputs_saved(cfg, adapted, tuple(lin.name for lin in lins), T * (
             k if lins[0].experts > 1 else 1), H, shared=s.layout.parallel) for lins in ins),
-        "mlp_hidden": (3 if s.layout.gated else s.layout.act_saved) * c * T * I,
+        "mlp_hidden": (s.layout.glu_saved if s.layout.gated else s.layout.act_saved) * c * T * I,
         "down_input": sum(inputs_saved(cfg, adapted, tuple(lin.name for lin in lins), T * (
             k if lins[0].experts > 1 else 1), lins[0].in_features) for lins in outs),
         # (B, S, r) A's outputs; a routed expert's per token it got: top_k x T over the experts

@@ -111,7 +111,7 @@ def gpt_oss(c: dict) -> ModelShapes:
     # attention kind (sliding-window and full), and o_proj's input a contiguous copy of the (B, nh, S, hd) output
     masks = 2 if c.get("sliding_window") else 1
     return build(c, linears, norms, moe=Moe(E, k, I, 0, L),
-                 layout=Layout(norm="rms32", eager=True, sinks=True, masks=masks, o_view=False))
+                 layout=Layout(norm="rms32", eager=True, sinks=True, masks=masks, o_view=False, glu_saved=6))
 
 
 MOE = {"mixtral": (mixtral, _CORE), "qwen2_moe": (qwen_moe, _CORE), "qwen3_moe": (qwen_moe, _CORE),

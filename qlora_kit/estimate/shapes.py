@@ -54,6 +54,8 @@ class Layout:
     input_norm: bool = True  # a norm before attention (OLMo 2 has none: q/k/v read the layer input itself)
     weight_copy: bool = False  # the norm multiplies by an fp32 copy of (1 + weight) / weight (Gemma, Cohere): (H,)
     gated: bool = True  # act(gate(x)) * up(x) (3 intermediates saved) or act(fc1(x)) (act_saved)
+    glu_saved: int = 3  # (T, I) widths a gated MLP saves before down_proj: gate and up (one (T, 2I) tensor or two)
+    # and the activation's output; gpt-oss's clamped GLU 6: gate_up (T, 2I), clamped gate, sigmoid, up + 1, glu
     act_saved: int = 1  # (T, I) tensors a plain MLP's activation saves: native gelu 1, gelu_new (tanh formula) 4
     parallel: bool = False  # attention and MLP read the same normed input (Phi, Cohere, Falcon)
     o_view: bool = True  # the output projection reads a view of SDPA's output; False where q was rebuilt by a cat

@@ -135,6 +135,8 @@ def mlp_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: 
         # and the routing's indices: top-k's (T, k) int64 and, per routed token, its int64 row in the batch and its
         # fp32 routing weight (saved by the gather and by the weight product)
         terms["expert_routing"] = 2 * c * k * T * H + 4 * T * s.moe.experts + 8 * T * k + (8 + 4) * k * T
+        if s.moe.shared_gate:  # sigmoid(gate(x)) * shared output: the product saves both, (T, 1) and (T, H) c
+            terms["expert_routing"] += c * T * (H + 1)
     return terms
 
 

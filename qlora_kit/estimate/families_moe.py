@@ -55,7 +55,7 @@ def qwen_moe(c: dict) -> ModelShapes:
              "shared_expert_gate": sparse * H if shared else 0, "qk_norms": L * 2 * hd if qwen3 else 0}
     # their RMSNorms are not lean_norm.py's: transformers' fp32 forward
     layout = Layout(norm="rms32", qk_norm=(nh + kv) * hd, qk_norm_fp32=True) if qwen3 else Layout(norm="rms32")
-    return build(c, linears, norms, layout=layout, moe=Moe(E, k, moe_i, shared, sparse))
+    return build(c, linears, norms, layout=layout, moe=Moe(E, k, moe_i, shared, sparse, shared_gate=bool(shared)))
 
 
 def deepseek(c: dict) -> ModelShapes:

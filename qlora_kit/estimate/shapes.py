@@ -42,6 +42,7 @@ class Moe:
     intermediate: int
     shared: int
     layers: int
+    shared_gate: bool = False  # the shared expert's output is scaled by sigmoid(a (H -> 1) gate) (Qwen2-MoE)
 
 
 @dataclass(frozen=True)

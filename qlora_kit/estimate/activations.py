@@ -75,7 +75,10 @@ def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, .
         "attn_output": c * T * lay.q + (0 if lay.eager else lse),  # (B, S, nh*hd) c
         "o_input": inputs_saved(cfg, adapted, (out_proj.name,), T, out_proj.in_features, shared=lay.o_view),
     })
-    if lay.eager:  # (B, nh, S, S) scores: the fp32 softmax output and its c copy (saved by the product with v),
+    if lay.sinks:  # (B, nh, S, S + 1) probabilities in c (softmax saves them, the product with v a view of them)
+        # and the row max's (B, nh, S, 1) int64 indices (the logits are shifted by it)
+        terms["attn_weights"] = c * cfg.batch * s.heads * cfg.seq * (cfg.seq + 1) + 8 * cfg.batch * s.heads * cfg.seq
+    elif lay.eager:  # (B, nh, S, S) scores: the fp32 softmax output and its c copy (saved by the product with v),
         # and with logit softcapping tanh's c output
         per = 4 + c + (c if s.model_type == "gemma2" else 0)
         terms["attn_weights"] = per * cfg.batch * s.heads * cfg.seq * cfg.seq
@@ -94,6 +97,9 @@ def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, .
             4 * T * (lay.qk_norm_vectors or s.heads + s.kv_heads)
         if lay.weight_copy:  # Gemma 3's q_norm, k_norm keep fp32 (hd,) copies of (1 + weight) too
             terms["qk_norms"] += 4 * 2 * s.head_dim
+    if lay.latent_norms:  # DeepSeek's norms on the q and kv latents, (T, rank) each: lean (c per value) or
+        # transformers' (an fp32 copy), + rsqrt (T, 1)
+        terms["latent_norms"] = sum((c if lay.norm == "lean" else 4) * T * w + 4 * T for w in lay.latent_norms)
     return terms
 
 
@@ -118,15 +124,20 @@ def mlp_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: 
         # parallel attention and MLP: the MLP's input is the tensor the q/k/v adapters already saved
         "gate_up_inputs": sum(inputs_saved(cfg, adapted, tuple(lin.name for lin in lins), T * (
             k if lins[0].experts > 1 else 1), H, shared=s.layout.parallel) for lins in ins),
-        "mlp_hidden": (3 if s.layout.gated else s.layout.act_saved) * c * T * I,
+        "mlp_hidden": (s.layout.glu_saved if s.layout.gated else s.layout.act_saved) * c * T * I,
         "down_input": sum(inputs_saved(cfg, adapted, tuple(lin.name for lin in lins), T * (
             k if lins[0].experts > 1 else 1), lins[0].in_features) for lins in outs),
-        "mlp_lora_hidden": c * T * cfg.rank * sum(lin.name in adapted for lin in mlp),  # (B, S, r) A's outputs
+        # (B, S, r) A's outputs; a routed expert's per token it got: top_k x T over the experts
+        "mlp_lora_hidden": c * cfg.rank * sum(T * (k if lin.experts > 1 else 1) for lin in mlp if lin.name in adapted),
         "mlp_methods": methods_saved(s, cfg, adapted, tuple(lin.name for lin in mlp), T),
     }
     if s.moe:  # the gathered inputs of the experts (saved by their matmuls whether adapted or not), their
         # outputs (saved by the routing-weight product) and the router's probabilities
-        terms["expert_routing"] = 2 * c * k * T * H + 4 * T * s.moe.experts
+        # and the routing's indices: top-k's (T, k) int64 and, per routed token, its int64 row in the batch and its
+        # fp32 routing weight (saved by the gather and by the weight product)
+        terms["expert_routing"] = 2 * c * k * T * H + 4 * T * s.moe.experts + 8 * T * k + (8 + 4) * k * T
+        if s.moe.shared_gate:  # sigmoid(gate(x)) * shared output: the product saves both, (T, 1) and (T, H) c
+            terms["expert_routing"] += c * T * (H + 1)
     return terms
 
 
@@ -178,7 +189,9 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
     layer = sum(layer_activations(s, cfg, adapted).values())
     # (B, S, H) per layer: what a checkpoint keeps; offloaded: only the layer in backward + the prefetched one
     # (reembed.py: without offload, layer 0's input is looked up again from the ids in backward, not kept)
-    kept_layers = 2 if cfg.offload_activations else s.layers - (1 if cfg.reembed else 0)
+    # (a multiplier applied outside the embedding module, Granite's, defeats it: that input is kept)
+    reembedded = cfg.reembed and not s.layout.scaled_embedding
+    kept_layers = 2 if cfg.offload_activations else s.layers - (1 if reembedded else 0)
     terms = {"layer_inputs": kept_layers * c * T * s.hidden,
              # one layer's full set, rebuilt during its backward; its input norm saves the kept input itself
              "recomputed_layer": layer - (c * T * s.hidden if input_kept_as_is(s) else 0)}
@@ -223,11 +236,20 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
         terms["backward_grads"] = c * T * 2 * s.hidden  # in-flight grads: (B,S,H) x2
     else:
         # in-flight: (B,S,H) x2, (B,S,I) x2
-        terms["backward_grads"] = c * T * 2 * (s.hidden + s.active_intermediate)
+        terms["backward_grads"] = c * T * 2 * (s.hidden + grad_intermediate(s))
     if not s.layout.o_view:  # the output projection's input gradient (B, S, nh*hd) goes back to SDPA's
         # (B, nh, S, hd) output layout as a copy, next to the in-flight gradients
-        terms["backward_grads"] += c * T * s.layout.q
+        terms["backward_grads"] += c * T * layer_linears(s)[0][-1].in_features
     return terms
+
+
+def grad_intermediate(s: ModelShapes) -> int:
+    """Width of the (T, I) gradients in flight in an MLP's backward: the dense MLP's; in a mixture of experts the
+    experts' backwards run one at a time, each over its own tokens (bounded by T: an expert every token chose,
+    whatever the routing), or the shared expert's over all T."""
+    if s.moe is None:
+        return s.intermediate
+    return max(s.moe.intermediate, s.moe.shared)
 
 
 def label_tokens(cfg: EstimateConfig) -> int:

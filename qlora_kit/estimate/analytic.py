@@ -40,6 +40,7 @@ from pathlib import Path
 from qlora_kit.errors import ConfigError, ModelError
 from qlora_kit.estimate.activations import (  # noqa: F401 (layer_activations, mlp_saved: re-exported for tests)
     activation_terms, label_tokens, layer_activations, logits_terms, mlp_saved, tiled)
+from qlora_kit.estimate.backward import backward_terms
 from qlora_kit.estimate.settings import EstimateConfig  # noqa: F401 (the estimate's input, re-exported)
 from qlora_kit.estimate.count import KNOWN_TYPES, count_params  # noqa: F401 (re-exported)
 from qlora_kit.estimate.shapes import LinearShape, ModelShapes  # noqa: F401 (callers read shapes through here)
@@ -143,6 +144,7 @@ def estimate(config: dict, cfg: EstimateConfig) -> Estimate:
     optim = inner + 4 * n_adapter
     objective, cfg = cfg, step_config(cfg)  # a preference step's rows with gradients (2 per pair) from here on
     acts, logits = activation_terms(s, cfg, adapted), logits_terms(s, cfg)
+    acts.update(backward_terms(s, cfg, adapted, acts))  # the layout's own backward moments (backward.py)
     static = {
         "quantized_weights": wq, "quant_constants": cq,
         "unquantized_params": 2 * sum(s.other.values()),  # bf16/fp16

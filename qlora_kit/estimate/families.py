@@ -91,6 +91,10 @@ def llama_like(c: dict) -> ModelShapes:
         norms["layer_norms"], lay = L * 4 * H, replace(lay, norms_per_layer=4)
     if t == "gemma2":  # its attention-logit softcapping runs in transformers' eager attention
         lay = replace(lay, eager=True, o_view=False, masks=2)
+    if t in ("gemma2", "gemma3_text", "olmo2"):  # post_feedforward_layernorm: after the MLP
+        lay = replace(lay, post_norm=True)
+    if t == "granite":  # h = residual + branch * residual_multiplier; embeddings * embedding_multiplier
+        lay = replace(lay, residual_scale=True, scaled_embedding=True)
     if t in ("qwen3", "gemma3_text"):  # q_norm, k_norm over the head dimension
         norms["qk_norms"] = L * 2 * hd
         lay = replace(lay, qk_norm=(nh + kv) * hd, qk_norm_fp32=t != "qwen3")

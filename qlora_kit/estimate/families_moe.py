@@ -55,7 +55,7 @@ def qwen_moe(c: dict) -> ModelShapes:
              "shared_expert_gate": sparse * H if shared else 0, "qk_norms": L * 2 * hd if qwen3 else 0}
     # their RMSNorms (q/k norms too) are lean_norm.py's: Llama's forward
     layout = Layout(norm="lean", qk_norm=(nh + kv) * hd) if qwen3 else Layout(norm="lean")
-    return build(c, linears, norms, layout=layout, moe=Moe(E, k, moe_i, shared, sparse))
+    return build(c, linears, norms, layout=layout, moe=Moe(E, k, moe_i, shared, sparse, shared_gate=bool(shared)))
 
 
 def deepseek(c: dict) -> ModelShapes:
@@ -91,7 +91,11 @@ def deepseek(c: dict) -> ModelShapes:
         linears += gated_mlp(H, I, False, dense)
     norms = {"layer_norms": L * 2 * H, "norm": H, "latent_norms": L * ((q_rank or 0) + kv_rank),
              "router": sparse * E * H}
-    layout = Layout(norm="lean", q=nh * qk, k=nh * qk, v=nh * vd)  # lean_norm.py's RMSNorms
+    # lean_norm.py's RMSNorms (the latent norms too). v is a view of kv_b_proj's (B, S, nh, nope + vd) output: what
+    # SDPA saves for it keeps that whole tensor; q and k are rebuilt by a cat (their rope part), so SDPA's output is
+    # (B, nh, S, vd) and o_proj reads a copy of it
+    layout = Layout(norm="lean", q=nh * qk, k=nh * qk, v=nh * (nope + vd), o_view=False,
+                    latent_norms=(q_rank, kv_rank) if q_rank else (kv_rank,))
     return build(c, linears, norms, layout=layout, moe=Moe(E, k, moe_i, shared, sparse) if sparse else None,
                  intermediate=I if dense else moe_i)
 
@@ -104,7 +108,11 @@ def gpt_oss(c: dict) -> ModelShapes:
     ab = bool(c.get("attention_bias", True))
     linears = attention(c, L, ab, ab) + experts(H, I, E, L, bias=True)
     norms = {"layer_norms": L * 2 * H, "norm": H, "router": L * (E * H + E), "sinks": L * nh}
-    return build(c, linears, norms, moe=Moe(E, k, I, 0, L), layout=Layout(norm="rms32"))
+    # transformers' eager attention (SDPA has no sinks): explicit (B, nh, S, S + 1) scores, a (B, 1, S, S) mask per
+    # attention kind (sliding-window and full), and o_proj's input a contiguous copy of the (B, nh, S, hd) output
+    masks = 2 if c.get("sliding_window") else 1
+    return build(c, linears, norms, moe=Moe(E, k, I, 0, L),
+                 layout=Layout(norm="rms32", eager=True, sinks=True, masks=masks, o_view=False, glu_saved=6))
 
 
 MOE = {"mixtral": (mixtral, _CORE), "qwen2_moe": (qwen_moe, _CORE), "qwen3_moe": (qwen_moe, _CORE),

@@ -42,6 +42,7 @@ class Moe:
     intermediate: int
     shared: int
     layers: int
+    shared_gate: bool = False  # the shared expert's output is scaled by sigmoid(a (H -> 1) gate) (Qwen2-MoE)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class Layout:
     input_norm: bool = True  # a norm before attention (OLMo 2 has none: q/k/v read the layer input itself)
     weight_copy: bool = False  # the norm multiplies by an fp32 copy of (1 + weight) / weight (Gemma, Cohere): (H,)
     gated: bool = True  # act(gate(x)) * up(x) (3 intermediates saved) or act(fc1(x)) (act_saved)
+    glu_saved: int = 3  # (T, I) widths a gated MLP saves before down_proj: gate and up (one (T, 2I) tensor or two)
+    # and the activation's output; gpt-oss's clamped GLU 6: gate_up (T, 2I), clamped gate, sigmoid, up + 1, glu
     act_saved: int = 1  # (T, I) tensors a plain MLP's activation saves: native gelu 1, gelu_new (tanh formula) 4
     parallel: bool = False  # attention and MLP read the same normed input (Phi, Cohere, Falcon)
     o_view: bool = True  # the output projection reads a view of SDPA's output; False where q was rebuilt by a cat
@@ -63,6 +66,13 @@ class Layout:
     masks: int = 0  # (B, 1, S, S) c masks the model builds once per step and every layer reads (Falcon: 1;
     # Gemma 2's eager attention: a full and a sliding-window one)
     eager: bool = False  # attention as explicit (B, nh, S, S) scores (Gemma 2: its logits softcapping needs it)
+    sinks: bool = False  # eager attention with a learned sink column per head (gpt-oss): softmax over S + 1 columns
+    latent_norms: tuple[int, ...] = ()  # widths of the RMSNorms on attention latents (DeepSeek: q_a, kv_a)
+    post_norm: bool = False  # a norm after the MLP, before the residual add (Gemma 2/3, OLMo 2): its backward runs
+    # first in the layer's, with every saved tensor of the layer still live
+    residual_scale: bool = False  # each branch's output is scaled before the residual add (Granite's multiplier)
+    scaled_embedding: bool = False  # layer 0 reads the embedding times a multiplier computed outside the embedding
+    # module (Granite): not the module's own output, so reembed.py cannot look it up again and it is kept
     qk_norm: int = 0  # per-token width normalised by q/k norms (Qwen3: (nh + nkv) * hd)
     qk_norm_vectors: int = 0  # rsqrt values per token: 0 = one per head (nh + nkv); OLMo 2 normalises q, k whole: 2
     qk_norm_fp32: bool = False  # q/k norms are transformers' own (fp32 copies), not lean

@@ -346,11 +346,16 @@ def serialize(weight: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> dict
              quantization weight.nested_absmax, weight.nested_quant_map; weight.quant_state.bitsandbytes__<type>
              (uint8 JSON: blocksize, shape, dtype = `dtype`, the dtype it dequantizes to, nested offset...);
       int8:  weight (out, in) int8; SCB (out,) fp32 row absmax; weight_format () uint8 0 (row-major)."""
-    buffers = quantize(weight, spec)
+    return serialized(quantize(weight, spec), spec, tuple(weight.shape), dtype)
+
+
+def serialized(buffers: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int],
+               dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`serialize` of a weight already quantized (QuantLinear's tensors, e.g. a pre-quantized base's stored codes)."""
     if spec.type == "int8":
         return {"weight": buffers["qweight"], "SCB": buffers["scale"],
                 "weight_format": torch.zeros((), dtype=torch.uint8)}
-    state = quant_state(buffers, spec, tuple(weight.shape), dtype)
+    state = quant_state(buffers, spec, shape, dtype)
     return {"weight": buffers["qweight"], **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
 
 

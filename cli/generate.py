@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -171,7 +172,7 @@ def _show_calls(loaded, answer: str) -> None:
 
 def _write(text: str) -> None:
     click.echo(text, nl=False)
-    click.get_text_stream("stdout").flush()
+    sys.stdout.flush()
 
 
 def _streamed(loaded, prompts, max_new_tokens, raw, temperature, options) -> None:
@@ -199,7 +200,7 @@ def _streamed(loaded, prompts, max_new_tokens, raw, temperature, options) -> Non
 def _talk(loaded, max_new_tokens, temperature, options) -> None:
     from qlora_kit.infer.chat import chat
 
-    stdin = click.get_text_stream("stdin")
+    stdin = sys.stdin
     tty = stdin.isatty()
     if tty:
         click.echo("chat: type a message; /reset forgets the conversation, /exit or Ctrl-D ends"

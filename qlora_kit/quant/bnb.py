@@ -32,7 +32,10 @@ from ..terms import NESTED_BLOCKSIZE, QUANTIZED_TYPES, QuantType
 # Hugging Face Hub: executable code from the network (or, offline, a notice on stderr from `kernels`). We never call
 # that kernel (only the functional API, whose dequantize + matmul we control), so bitsandbytes is imported with
 # `kernels` unimportable (a None entry in sys.modules makes `import kernels` raise ImportError, which bitsandbytes
-# catches), and its own warning about the missing kernel is silenced; both are restored afterwards.
+# catches), and its own warning about the missing kernel is silenced; both are restored afterwards. Imported by
+# someone else first (transformers' bitsandbytes integration in a user's script), bitsandbytes has already tried the
+# fetch and printed "Failed to load CPU gemm_4bit_forward ..."; harmless here, and explained in the README ("When
+# things go wrong"). Every qlora-kit command reaches bitsandbytes through this module first (tests/test_cli_quiet.py).
 _log = logging.getLogger("bitsandbytes")
 _level = _log.level
 _log.setLevel(logging.ERROR)

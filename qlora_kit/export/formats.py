@@ -336,7 +336,7 @@ def export(source: str | Path, opts: Options) -> Result:
             raise ExportError(f"--out {out} would overwrite the input {p}; choose another folder.")
     if base is not None:
         src, index, notes = weight_index(src, base, opts.merge_base)
-        notes = [] if fmt.name == "adapter" else notes
+        notes = notes if fmt.name in ("merged", "quantized", "gguf") else []  # the pre-quantized note: on merging
     else:
         index, notes = None, [f"not checked against the base ({src.base_name} is not available here)"]
     moe = moe_merged.meta_model(base) if index is not None and moe_merged.maybe_moe(base) else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -47,7 +48,7 @@ def command(recipe: str, overrides: tuple[str, ...], show: int, color: bool | No
     if as_json:
         click.echo(json.dumps(report))
         return
-    color = click.get_text_stream("stdout").isatty() if color is None else color
+    color = sys.stdout.isatty() if color is None else color
     marks = "underlined in green" if color else f"between {LOSS_OPEN} and {LOSS_CLOSE}"
     click.echo(f"{report['path']} ({report['format']}): {report['records']:,} records -> {report['examples']:,} "
                f"examples; {report['truncated']:,} truncated to max_length {report['max_length']}, "

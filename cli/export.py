@@ -61,6 +61,11 @@ def command(source, fmt, out, gguf_type, base, merge_base, dtype, max_shard_size
     trained on the unquantized base (then it is the exact one). For an ADAPTER_DIR, --quant says how its base was
     quantized in training (default nf4, blocksize 64, double quant).
 
+    A run trained on a pre-quantized base (a bitsandbytes `*-bnb-4bit` / 8-bit checkpoint) exports from that base
+    itself: its stored codes dequantized, then merged; the merged model is that quantized base plus the adapter's
+    change, not the original 16-bit model. With the original 16-bit model, --base ORIGINAL merges onto it:
+    recomputing the same codes from it (dequantized), or onto W itself (--merge-base original).
+
     Every export is then checked (--no-check to skip): its loss next to the training-time model's and the base's
     on the run's validation split (or --check-data), printed and written to DIR/export_check.json
     (FILE.check.json beside a GGUF), with a warning when it keeps under half of the training's improvement.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import click
 
 from qlora_kit.errors import QloraKitError
@@ -50,6 +53,9 @@ def _finite(ctx, param, value: float) -> float:
 @click.option("--chat", is_flag=True, help="Talk: read user turns from the terminal (or stdin), keep the "
               "conversation, stream each answer. /reset forgets it, /exit or Ctrl-D ends.")
 @click.option("--system", help="System prompt (default: the run's data.system_prompt, else the template's own).")
+@click.option("--tools", "tools_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="A JSON list of function schemas, rendered by the chat template as in training; tool calls the "
+                   "model makes are printed. In --chat, answer one with /tool NAME JSON.")
 @click.option("--adapter", "adapter_specs", multiple=True, metavar="NAME=PATH",
               help="Load adapter PATH (run or PEFT adapter folder) as NAME; repeatable: all share one base.")
 @click.option("--base", help="Base model for an adapter folder (default: the adapter's base_model_name_or_path).")
@@ -79,7 +85,8 @@ def _finite(ctx, param, value: float) -> float:
 @click.option("--trust-remote-code", is_flag=True, help="Run model code shipped inside the model folder.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where to quantize and decode (auto: CUDA when present).")
-def command(source: str, prompts: tuple[str, ...], chat: bool, system: str | None, adapter_specs: tuple[str, ...],
+def command(source: str, prompts: tuple[str, ...], chat: bool, system: str | None, tools_file: str | None,
+            adapter_specs: tuple[str, ...],
             base: str | None, quant: str | None, max_new_tokens: int, temperature: float, top_p: float | None,
             top_k: int | None, repetition_penalty: float | None, stream: bool, raw: bool, compare_base: bool,
             keep_quantized: bool, decode_dtype: str, allow_pickle: bool, trust_remote_code: bool,
@@ -109,10 +116,18 @@ def command(source: str, prompts: tuple[str, ...], chat: bool, system: str | Non
                             "--compare-base and --raw.")
     if not chat and not prompts:
         raise QloraKitError("give a question with --prompt TEXT (repeatable), or talk with --chat.")
+    if tools_file and raw:
+        raise QloraKitError("--tools are rendered by the chat template, which --raw skips; leave out one of them.")
+    tools = None
+    if tools_file:
+        from qlora_kit.infer.chat import load_tools
+
+        tools = load_tools(tools_file)  # a bad file fails before the model loads
     quant_cfg = QuantConfig(type=quant) if quant else None
     if adapter_specs:
         _multi(source, _parse_adapters(adapter_specs), prompts, base, quant_cfg, max_new_tokens, temperature, raw,
-               compare_base, allow_pickle, trust_remote_code, keep_quantized, device, decode_dtype, system, options)
+               compare_base, allow_pickle, trust_remote_code, keep_quantized, device, decode_dtype, system, options,
+               tools)
         return
 
     from qlora_kit.adapters.methods import disabled
@@ -121,6 +136,7 @@ def command(source: str, prompts: tuple[str, ...], chat: bool, system: str | Non
                            trust_remote_code=trust_remote_code)
     if system is not None:
         loaded.system_prompt = system
+    loaded.tools = tools
     if not keep_quantized:
         # adapters switched off for --compare-base stay separate
         generate.speed_up(loaded, merge=not compare_base, dtype=decode_dtype)
@@ -142,11 +158,21 @@ def command(source: str, prompts: tuple[str, ...], chat: bool, system: str | Non
             click.echo(f"  fine-tuned : {text}")
         else:
             click.echo(text)
+        _show_calls(loaded, text)
+
+
+def _show_calls(loaded, answer: str) -> None:
+    """With --tools: each tool call of the answer on its own line (the JSON the model wrote, whatever its markup)."""
+    if loaded.tools:
+        from qlora_kit.infer.chat import tool_calls
+
+        for c in tool_calls(answer)[1]:
+            click.echo(f"[tool call] {c['function']['name']} {json.dumps(c['function']['arguments'])}")
 
 
 def _write(text: str) -> None:
     click.echo(text, nl=False)
-    click.get_text_stream("stdout").flush()
+    sys.stdout.flush()
 
 
 def _streamed(loaded, prompts, max_new_tokens, raw, temperature, options) -> None:
@@ -166,17 +192,19 @@ def _streamed(loaded, prompts, max_new_tokens, raw, temperature, options) -> Non
         if len(prompts) > 1:
             click.echo(f"> {prompt}")
         started["answer"] = False
-        generate.answer(loaded, [prompt], max_new_tokens, raw, temperature, on_text=on_text, **options)
+        text = generate.answer(loaded, [prompt], max_new_tokens, raw, temperature, on_text=on_text, **options)[0]
         click.echo()
+        _show_calls(loaded, text)
 
 
 def _talk(loaded, max_new_tokens, temperature, options) -> None:
     from qlora_kit.infer.chat import chat
 
-    stdin = click.get_text_stream("stdin")
+    stdin = sys.stdin
     tty = stdin.isatty()
     if tty:
-        click.echo("chat: type a message; /reset forgets the conversation, /exit or Ctrl-D ends.", err=True)
+        click.echo("chat: type a message; /reset forgets the conversation, /exit or Ctrl-D ends"
+                   + ("; /tool NAME JSON answers a tool call." if loaded.tools else "."), err=True)
 
     def read_line() -> str | None:
         if tty:
@@ -189,7 +217,7 @@ def _talk(loaded, max_new_tokens, temperature, options) -> None:
 
 def _multi(source, adapters, prompts, base, quant_cfg, max_new_tokens, temperature, raw, compare_base, allow_pickle,
            trust_remote_code, keep_quantized=False, device="auto", decode_dtype="auto", system=None,
-           options=None) -> None:
+           options=None, tools=None) -> None:
     """Every prompt routed to its adapter(s); one generate call for the whole batch."""
     from qlora_kit.infer import generate
 
@@ -204,6 +232,7 @@ def _multi(source, adapters, prompts, base, quant_cfg, max_new_tokens, temperatu
     if system is not None:  # every adapter's prompts, and the base's, with this system prompt
         loaded.system_prompt = system
         loaded.formats = {name: (fmt, system) for name, (fmt, _) in loaded.formats.items()}
+    loaded.tools = tools
     if not keep_quantized:
         # rows route to different adapters: they stay separate
         generate.speed_up(loaded, merge=False, dtype=decode_dtype)

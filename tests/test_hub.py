@@ -139,3 +139,17 @@ def test_generate_and_export_take_hub_ids(hub_cache, tiny_model, tmp_path, capsy
     assert hub_out.keys() == local_out.keys() and all(torch.equal(hub_out[k], local_out[k]) for k in hub_out)
     assert main(["generate", "org/tiny@v2", "--prompt", "hello", "--quant", "none", "--max-new-tokens", "3",
                  "--device", "cpu"]) == 0, capsys.readouterr().err
+
+
+def test_a_mistyped_run_folder_is_said_to_be_missing(hub_cache, tmp_path, monkeypatch):
+    """`runs/demo2` reads like a Hub id; the message says first that no such folder is here, and what is."""
+    from huggingface_hub import constants
+
+    from qlora_kit.errors import ModelError
+    from qlora_kit.model.load import resolve
+
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match=r"no folder runs/demo2 here \(runs/ holds: demo\)\. Read as a Hugging Face"):
+        resolve("runs/demo2")

@@ -102,10 +102,25 @@ def normalize(record: dict, bad: Callable[[str], DataError]) -> dict:
     result: dict = {"messages": out}
     tools = record.get("tools")
     if tools is not None:
-        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-            raise bad("field 'tools' must be a list of function schemas (JSON objects)")
-        result["tools"] = tools
+        result["tools"] = check_tools(tools, lambda what: bad(f"field 'tools' {what}"))
     return result
+
+
+def check_tools(tools: Any, bad: Callable[[str], Exception]) -> list[dict]:
+    """A tools list as templates read it: function schemas, each {"type": "function", "function": {"name", ...}}
+    or the bare {"name", ...}; `bad(what)` makes the error."""
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise bad("must be a list of function schemas (JSON objects)")
+    for j, t in enumerate(tools):
+        if not isinstance(tool_name(t), str) or not tool_name(t):
+            raise bad(f"[{j}] has no function name: write it as {{\"type\": \"function\", \"function\": "
+                      f"{{\"name\": ..., \"parameters\": ...}}}}, got {t!r:.80}")
+    return tools
+
+
+def tool_name(schema: dict) -> Any:
+    fn = schema.get("function")
+    return fn.get("name") if isinstance(fn, dict) else schema.get("name")
 
 
 def apply(tokenizer: Any, messages: Messages, gen: bool, place: str, tools: list | None = None) -> str:

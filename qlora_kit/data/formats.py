@@ -131,12 +131,18 @@ def prompt_format(fmt: str) -> str:
     return "alpaca" if fmt == "preference" else fmt
 
 
-def render_prompt(record_or_question: str | Record, tokenizer: Any, fmt: str, system_prompt: str | None = None) -> str:
+def render_prompt(record_or_question: str | Record, tokenizer: Any, fmt: str, system_prompt: str | None = None,
+                  tools: list | None = None) -> str:
     """The text the model sees before its answer, exactly as in training (for generation after training).
 
     A string is a question (alpaca: the instruction; chat/sharegpt: one user message; completion/text: the prompt);
-    for a chat record, the prompt is the conversation before its last assistant turn."""
+    for a chat record, the prompt is the conversation before its last assistant turn. `tools`: function schemas the
+    chat template renders, as chat records' `tools` are in training (a template that ignores them is refused)."""
     q, fmt = record_or_question, prompt_format(fmt)
+    if tools and (fmt in ("text", "completion") or not has_template(tokenizer)):
+        raise DataError(f"tools are rendered by a chat template, and this {fmt} model "
+                        f"{'has none' if not has_template(tokenizer) else 'is prompted without one'}; "
+                        "leave out --tools, or use a run trained on chat data with a template that renders tools.")
     if fmt == "alpaca" and not isinstance(q, (str, dict)):
         raise DataError("a prompt for a preference-tuned model must be a string question.")
     if fmt not in FORMAT_HELP:
@@ -146,14 +152,24 @@ def render_prompt(record_or_question: str | Record, tokenizer: Any, fmt: str, sy
     if fmt == "alpaca":
         record = {"instruction": q} if isinstance(q, str) else q
         if has_template(tokenizer):
-            return _chat(tokenizer, _alpaca_messages(record, system_prompt), True, "prompt")
+            return chat_prompt(tokenizer, _alpaca_messages(record, system_prompt), tools)
         return _alpaca_plain(record, system_prompt)
     if not has_template(tokenizer):
         raise DataError(f"data.format is {fmt} but the tokenizer has no chat template; use format alpaca or text.")
     messages = [{"role": "user", "content": q}] if isinstance(q, str) else validate(q, fmt, "prompt")["messages"]
     if messages[-1]["role"] == "assistant":
         messages = messages[:-1]
-    return _chat(tokenizer, _with_system(messages, system_prompt), True, "prompt")
+    return chat_prompt(tokenizer, _with_system(messages, system_prompt), tools)
+
+
+def chat_prompt(tokenizer: Any, messages: Messages, tools: list | None) -> str:
+    """The generation prompt of `messages`, with `tools` rendered; refused when the template ignores them."""
+    text = _chat(tokenizer, messages, True, "prompt", tools)
+    if tools and text == _chat(tokenizer, messages, True, "prompt"):
+        raise DataError("the model's chat template does not render tools (the prompt is the same without them), so "
+                        "the model would never see the schemas; leave out --tools, or use a model whose template "
+                        "supports tool calling.")
+    return text
 
 
 def render(record: Record, tokenizer: Any, cfg: DataConfig, place: str) -> tuple[str, list[tuple[int, int]]]:

@@ -163,11 +163,12 @@ def examples(cfg: DataConfig, tokenizer: Any) -> Examples:
 
 
 def encode_prompt(
-    record_or_question: str | Record, tokenizer: Any, fmt: str, system_prompt: str | None = None
+    record_or_question: str | Record, tokenizer: Any, fmt: str, system_prompt: str | None = None,
+    tools: list | None = None,
 ) -> list[int]:
     """`render_prompt` tokenized as `build` tokenizes it (with BOS exactly where training has one)."""
     fmt = data_formats.prompt_format(fmt)
-    text = render_prompt(record_or_question, tokenizer, fmt, system_prompt)
+    text = render_prompt(record_or_question, tokenizer, fmt, system_prompt, tools)
     bos = data_tokens.bos_prefix(tokenizer, text, data_formats.templated(tokenizer, fmt))
     return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
 

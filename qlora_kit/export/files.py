@@ -60,7 +60,10 @@ def _layer_weights(base: Path) -> tuple[set[str], set[str]]:
     from ..model.conv1d import layer_weights
     from ..model.load import load_config
 
-    return layer_weights(load_config(base))
+    config = load_config(base, quantized_ok=True)  # a pre-quantized base: which Linears, not how they are stored
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    return layer_weights(config)
 
 
 def bnb_config(spec: quant.QuantSpec, compute: str) -> dict:

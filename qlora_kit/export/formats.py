@@ -61,9 +61,9 @@ from .merge import (  # noqa: F401 (ex.merge_base_weight, ex.unadapted_quantized
     EMBEDDING_MODULES, Merge, merge_base_weight, merge_rows, merged_weight, unadapted_quantized)
 from ..model.load import frozen_dtype
 from ..run.folder import adapter_source
-from .shards import TensorInfo, max_shard_bytes, plan_shards, tensor_index
+from .shards import TensorInfo, max_shard_bytes, plan_shards
 from ..terms import QuantizedType
-from .source import Source, base_folder, check_fits, open_source  # noqa: F401  (ex.open_source)
+from .source import Source, base_folder, check_fits, open_source, weight_index  # noqa: F401  (ex.open_source)
 
 KEPT_MIN = 0.10
 """--format quantized refuses (without --allow-lossy) an export whose re-quantized weights keep less than this
@@ -133,10 +133,7 @@ class Job:
         except (ValueError, OSError) as e:
             raise ExportError(f"{self.base}/config.json cannot be read ({e}); "
                               "pass a Hugging Face model folder with --base.") from None
-        if config.get("quantization_config"):
-            raise ExportError(f"the base {self.base} is already quantized "
-                              f"({config['quantization_config'].get('quant_method')}); "
-                              "pass the original 16-bit checkpoint with --base.")
+        config.pop("quantization_config", None)  # pre-quantized: weight_index reads its codes (source.py)
         return config
 
     def frozen(self, config: dict) -> torch.dtype:
@@ -337,8 +334,11 @@ def export(source: str | Path, opts: Options) -> Result:
     for p in (Path(source), base):
         if p is not None and (out.resolve() == p.resolve() or out.resolve() in p.resolve().parents):
             raise ExportError(f"--out {out} would overwrite the input {p}; choose another folder.")
-    index = tensor_index(base) if base is not None else None
-    notes = [] if index is not None else [f"not checked against the base ({src.base_name} is not available here)"]
+    if base is not None:
+        src, index, notes = weight_index(src, base, opts.merge_base)
+        notes = notes if fmt.name in ("merged", "quantized", "gguf") else []  # the pre-quantized note: on merging
+    else:
+        index, notes = None, [f"not checked against the base ({src.base_name} is not available here)"]
     moe = moe_merged.meta_model(base) if index is not None and moe_merged.maybe_moe(base) else None
     moe = moe if moe is not None and moe_merged.has_experts(moe) else None
     gguf = opts.format.startswith("gguf")  # GGUF reads the layout from config.json itself (gguf/families.py)

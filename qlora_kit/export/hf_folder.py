@@ -147,6 +147,11 @@ def _emit(it: Item, writer: ShardWriter, merge: Merge, out_dtype: torch.dtype, q
             t = read_tensor(info, (i, j))
             writer.write(entry.name, (t if scale is None else t.float() * scale[i:j]).to(entry.dtype), i)
         return
+    codes = info.decoded
+    if it.quantize and it.module is None and getattr(codes, "spec", None) is not None and _same(codes.spec, qspec):
+        # an unadapted Linear of a pre-quantized base, stored as it is quantized: its very codes, not re-quantized
+        _write_quantized(it, writer, quant.serialized(codes.buffers(), qspec, info.shape, qspec.compute_dtype))
+        return
     W = merge.base(read_tensor(info), info.name, it.module)
     if it.module is None and not it.quantize:  # an unadapted weight training quantized: dequant(Q), cast
         writer.write(info.name, W.to(out_dtype), 0)
@@ -161,6 +166,14 @@ def _emit(it: Item, writer: ShardWriter, merge: Merge, out_dtype: torch.dtype, q
             survival.add(W_base, W, qspec)
     else:  # the base weight as training quantized it: cast to the frozen dtype, minus a LoftQ offset
         W = loftq.base_weight(W.to(merge.device, out_dtype), src.offset(info.name[: -len(".weight")]))
-    for suffix, t in quant.serialize(W, qspec, qspec.compute_dtype).items():
-        name = info.name[: -len("weight")] + suffix
+    _write_quantized(it, writer, quant.serialize(W, qspec, qspec.compute_dtype))
+
+
+def _write_quantized(it: Item, writer: ShardWriter, tensors: dict[str, torch.Tensor]) -> None:
+    for suffix, t in tensors.items():
+        name = it.info.name[: -len("weight")] + suffix
         (writer.write_tail if name == it.tail else writer.write)(name, t)
+
+
+def _same(a: quant.QuantSpec, b: quant.QuantSpec) -> bool:
+    return (a.type, a.blocksize, a.double_quant) == (b.type, b.blocksize, b.double_quant)

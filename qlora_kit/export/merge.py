@@ -36,6 +36,8 @@ def unadapted_quantized(src: Source, base: Path, index: dict[str, TensorInfo], m
     """Linear weights training quantized that no adapter touches. With the dequantized merge base they are written
     as dequant(Q) too (a partial target set, IA3 on three modules): the merged model computes what the
     training-time model computed. (--format quantized quantizes such a W itself: the very codes training used.)"""
+    if src.from_codes:  # a pre-quantized base: its Linears are read whole as dequant(stored codes) (source.py)
+        return {n for n, t in index.items() if t.decoded is not None} - src.weight_names()
     if merge_base != "dequantized" or src.trained_with.type == "none":
         return set()
     rest = {n for n, t in index.items() if n.endswith(".weight") and len(t.shape) == 2} - src.weight_names()
@@ -73,7 +75,7 @@ class Merge:
     def base(self, W: torch.Tensor, name: str, module: str | None) -> torch.Tensor:
         """The base weight `name` (adapted `module`, or None) as this merge adds to it: W itself when neither
         adapted nor in `roundtrip`."""
-        if module is None and name not in self.roundtrip:
-            return W
+        if module is None and name not in self.roundtrip or self.src.from_codes:
+            return W  # from_codes: read as dequant(stored codes) already, the weight training multiplied by
         return merge_base_weight(W, self.src.trained_with, self.frozen, self.merge_base, self.device,
                                  self.src.offset(module))

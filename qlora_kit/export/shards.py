@@ -23,6 +23,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -53,6 +54,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     nbytes: int
+    decoded: Callable[[], torch.Tensor] | None = None  # computed, not read: a pre-quantized base's Linear
+    # weight is its stored codes dequantized (source.weight_index); dtype, shape and nbytes are the result's
 
 
 # ---- reading ------------------------------------------------------------------------------------------------------
@@ -102,6 +105,9 @@ def tensor_index(folder: Path) -> dict[str, TensorInfo]:
 
 def read_tensor(info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """The tensor (or rows [i, j) of it) as a fresh CPU tensor; one `preadv` per call, no mapping kept."""
+    if info.decoded is not None:  # the whole weight is decoded once either way (blocks straddle rows)
+        t = info.decoded()
+        return t if rows is None else t[rows[0]:rows[1]].clone()
     n_rows = info.shape[0] if info.shape else 1
     row_bytes = info.nbytes // max(n_rows, 1)
     i, j = rows if rows is not None else (0, n_rows)

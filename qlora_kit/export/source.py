@@ -1,21 +1,31 @@
 """What an export reads: a run folder or a PEFT adapter folder -> `Source` (the adapter stack, the base it belongs
-to, the quantization it was trained against, LoftQ offsets); the base folder resolved; the stack checked against
-the base's tensor headers before anything is computed or written (export.py, gguf_export.py).
+to, the quantization it was trained against, LoftQ offsets); the base folder resolved; its weights as the export
+reads them (weight_index); the stack checked against the base's tensor headers before anything is computed or
+written (export.py, gguf_export.py).
+
+A pre-quantized base (a bitsandbytes-serialised checkpoint, model/prequant.py) has no 16-bit weights: each
+quantized Linear's stored tensors (packed codes, absmax, quant map, nested absmax...) become one (out, in) entry of
+the index whose read dequantizes them (StoredCodes), one Linear at a time, to the compute dtype training multiplied
+by. Every format then reads it like any weight; the merge adds the adapter to it as it is (Source.from_codes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from ..adapters import loftq, peft_format
 from ..quant import bnb as quant
 from ..config import ModelConfig
 from ..errors import ExportError, ModelError
+from ..model import prequant
 from ..model.load import BUILTINS, cache_dir, resolve
 from ..run.folder import adapter_source
-from .shards import TensorInfo
+from .shards import TensorInfo, read_tensor, tensor_index
 
 
 @dataclass(frozen=True)
@@ -25,6 +35,8 @@ class Source:
     trained_with: quant.QuantSpec  # the quantization the adapter was trained against (type none: a plain base)
     model_cfg: ModelConfig
     loftq: dict = field(default_factory=dict)  # a LoftQ run's base offsets: module -> (B (out, r), A (r, in)) fp32
+    trained_on: str | None = None  # the model the run's recipe names (base_name unless --base replaced it)
+    from_codes: bool = False  # the base read is pre-quantized: its Linear weights are dequant(stored codes) already
 
     def offset(self, module: str | None):
         """The LoftQ offset `module`'s base was quantized around, or None (loftq.base_weight)."""
@@ -56,6 +68,7 @@ def open_source(path: str | Path, base: str | None = None, quant_type: str | Non
         stack = peft_format.load_stack(adapter_dir)
         model_cfg = dataclasses.replace(recipe.model, path=base or recipe.model.path)
         offsets = loftq.load(adapter_dir.parent) if loftq.is_loftq_run(recipe) else {}
+        trained_on = recipe.model.path
     else:
         path = adapter_dir
         if not (path / peft_format.CONFIG_NAME).is_file():
@@ -64,10 +77,10 @@ def open_source(path: str | Path, base: str | None = None, quant_type: str | Non
         stack = peft_format.load_stack(path)
         spec = quant.QuantSpec(quant_type or "nf4")  # blocksize 64, double quant, bf16 compute: QLoRA's settings
         model_cfg = ModelConfig(path=base or stack[0].base_model or "")
-        offsets = {}
+        offsets, trained_on = {}, stack[0].base_model
     for adapter in stack:
         _check_adapter(adapter)
-    return Source(stack, model_cfg.path or None, spec, model_cfg, offsets)
+    return Source(stack, model_cfg.path or None, spec, model_cfg, offsets, trained_on)
 
 
 def _check_adapter(adapter: peft_format.Adapter) -> None:
@@ -127,3 +140,141 @@ def check_fits(stack: list[peft_format.Adapter], index: dict[str, TensorInfo], b
                           "trained on with --base.")
 
 
+
+
+# ---- a pre-quantized base's weights ----------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class StoredCodes:
+    """One Linear of a pre-quantized base: its stored tensors (headers; leaf name after the module -> TensorInfo),
+    read when called and dequantized to the compute dtype: exactly the (out, in) weight training's QuantLinear
+    multiplied by (model/prequant.py builds that layer from the same tensors)."""
+
+    module: str
+    parts: dict[str, TensorInfo]
+    spec: quant.QuantSpec  # the stored quantization, computing in the run's compute dtype
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """QuantLinear's tensors (qweight, code, absmax [, nested_*, offset] | qweight, scale)."""
+        return prequant.buffers(self.module, {k: read_tensor(v) for k, v in self.parts.items()},
+                                self.spec.compute_dtype)[2]
+
+    def shape(self) -> tuple[int, int]:
+        if self.spec.type == "int8":
+            return tuple(self.parts["weight"].shape)
+        return tuple(prequant.quant_state(read_tensor(self.parts[_state_leaf(self.parts)]))["shape"])
+
+    def __call__(self) -> torch.Tensor:
+        _, shape, buffers = prequant.buffers(self.module, {k: read_tensor(v) for k, v in self.parts.items()},
+                                             self.spec.compute_dtype)
+        return quant.dequantize(buffers, self.spec, shape, self.spec.compute_dtype)
+
+
+def _state_leaf(parts: dict) -> str:
+    return next(k for k in parts if k.startswith("weight.quant_state."))
+
+
+def _stored_codes(index: dict[str, TensorInfo], compute_dtype: torch.dtype) -> dict[str, StoredCodes]:
+    """module -> StoredCodes of every quantized Linear in a pre-quantized base's index (reads the ~170-byte
+    quant-state blobs only)."""
+    parts: dict[str, dict[str, TensorInfo]] = {}
+    for key, info in index.items():
+        m = prequant.module_of(key)
+        if m is not None:
+            parts.setdefault(m, {})[key[len(m) + 1:]] = info
+    out = {}
+    for m, p in parts.items():
+        if f"{m}.weight" not in index:
+            raise ExportError(f"the pre-quantized base stores quantization tensors of {m} but not its codes "
+                              f"({m}.weight); the checkpoint is incomplete: re-download it.")
+        p["weight"] = index[f"{m}.weight"]
+        if "SCB" in p:
+            spec = quant.QuantSpec("int8", compute_dtype=compute_dtype)
+        elif any(k.startswith("weight.quant_state.") for k in p):
+            state = prequant.quant_state(read_tensor(p[_state_leaf(p)]))
+            spec = prequant.four_bit_spec(state, "weight.nested_absmax" in p, compute_dtype)
+        else:
+            raise ExportError(f"{m} (pre-quantized): neither int8 (SCB) nor 4-bit (quant_state) tensors; found "
+                              f"{sorted(p)}. The checkpoint is incomplete or in an unknown layout.")
+        out[m] = StoredCodes(m, p, spec)
+    return out
+
+
+def _is_prequantized(folder: Path) -> bool:
+    try:
+        return prequant.stored(json.loads((folder / "config.json").read_text(encoding="utf-8"))) is not None
+    except (OSError, ValueError, ModelError):
+        return False
+
+
+def weight_index(src: Source, base: Path, merge_base: str) -> tuple[Source, dict[str, TensorInfo], list[str]]:
+    """(the source as this base reads it, name -> TensorInfo of the base's tensors as the export sees them, notes).
+    A pre-quantized base: each quantized Linear is one (out, in) entry read as dequant(stored codes) (StoredCodes),
+    its stored tensors gone from the index, and the source says it trained on (and merges onto) those codes. A 16-bit
+    --base for a run trained on a pre-quantized model: the codes are recomputed with that model's stored settings."""
+    index = tensor_index(base)
+    try:
+        config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+        stored = prequant.stored(config)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{base}/config.json cannot be read ({e}); pass a Hugging Face model folder with --base.") \
+            from None
+    except ModelError as e:
+        raise ExportError(f"base {base}: {e}") from None
+    if stored is None:
+        return _sixteen_bit(src, base, merge_base), index, []
+    if merge_base == "original":
+        raise ExportError(f"--merge-base original: the base {base} is pre-quantized, so its original 16-bit weights "
+                          "are not in it. Pass the 16-bit model with --base to merge onto them, or drop --merge-base "
+                          "(the adapter is merged onto the dequantized stored codes, the weights it trained on).")
+    codes = _stored_codes(index, src.trained_with.compute_dtype)
+    if not codes:
+        raise ExportError(f"the base {base} says it is quantized (config.json quantization_config) but stores no "
+                          "quantized Linear; the checkpoint is incomplete or in an unknown layout.")
+    out: dict[str, TensorInfo] = {}
+    for name, info in index.items():
+        m = prequant.module_of(name)
+        if m is not None:
+            continue  # absmax, quant map, SCB...: read through their Linear's StoredCodes
+        c = codes.get(name[: -len(".weight")]) if name.endswith(".weight") else None
+        if c is None:
+            out[name] = info
+            continue
+        shape, dtype = c.shape(), c.spec.compute_dtype
+        out[name] = dataclasses.replace(info, dtype=dtype, shape=shape, nbytes=shape[0] * shape[1] * dtype.itemsize,
+                                        decoded=c)
+    spec = next(iter(codes.values())).spec
+    kinds = sorted({_describe(c.spec) for c in codes.values()})
+    note = (f"the base {base.name} is pre-quantized ({', '.join(kinds)}): its Linear weights are its stored codes "
+            "dequantized, the weights this adapter trained on. A merged model is that quantized base plus the "
+            "adapter's change, not the original 16-bit model; to merge onto the original weights, pass the 16-bit "
+            "model with --base (and --merge-base original).")
+    return dataclasses.replace(src, trained_with=spec, from_codes=True), out, [note]
+
+
+def _describe(spec: quant.QuantSpec) -> str:
+    if spec.type == "int8":
+        return "int8"
+    return f"{spec.type}, blocksize {spec.blocksize}" + (", double quant" if spec.double_quant else "")
+
+
+def _sixteen_bit(src: Source, base: Path, merge_base: str) -> Source:
+    """A 16-bit base. When the run trained on a pre-quantized model (found here), its codes are what quantizing
+    these weights with that model's stored settings gives (model/prequant.py: bit-identical to quantizing the
+    original), so the dequantized merge base recomputes them with those settings, not the recipe's."""
+    if not src.trained_on or src.trained_on in BUILTINS or merge_base == "original":
+        return src
+    try:
+        trained = resolve(src.trained_on)
+    except ModelError:
+        return src
+    if trained.resolve() == base.resolve() or not _is_prequantized(trained):
+        return src
+    codes = _stored_codes(tensor_index(trained), src.trained_with.compute_dtype)
+    specs = {c.spec for c in codes.values()}
+    if len(specs) != 1:
+        raise ExportError(f"the run trained on the pre-quantized {trained}, whose Linears are quantized in "
+                          f"{len(specs)} different ways; recomputing its codes from --base {base} is not supported. "
+                          "Export without --base (from the stored codes), or pass --merge-base original.")
+    return dataclasses.replace(src, trained_with=specs.pop())

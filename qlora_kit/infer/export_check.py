@@ -144,9 +144,13 @@ def _hf_model(out: Path, device: str):
         raise ModelError(f"{out}: transformers cannot load the export ({str(e).splitlines()[0]}).") from None
     as_stored_on_cpu(model)  # the stored model, not bitsandbytes' bf16 CPU approximation of it
     if (out / "adapter" / "adapter_config.json").is_file():
+        import warnings
+
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, out / "adapter")
+        with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`: not ours
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = PeftModel.from_pretrained(model, out / "adapter")
     return (model if q else model.to(device)).eval(), None
 
 

@@ -34,6 +34,7 @@ class Loaded:
     system_prompt: str | None = None
     # load_many: per adapter name, the (data format, system prompt) its run trained with; the base rows use the above
     formats: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    tools: list[dict] | None = None  # --tools: function schemas the chat template renders (infer/chat.load_tools)
 
 
 def _attach(model: torch.nn.Module, folder: Path, dtype: torch.dtype) -> None:
@@ -207,7 +208,7 @@ def encode(loaded: Loaded, prompt: str, adapter: str | None = None, raw: bool = 
                               "some text to continue, or drop --raw to use the training template.")
         return ids
     fmt, system = loaded.formats.get(adapter, (loaded.data_format, loaded.system_prompt))
-    return data.encode_prompt(prompt, loaded.tokenizer, fmt, system)
+    return data.encode_prompt(prompt, loaded.tokenizer, fmt, system, loaded.tools)
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

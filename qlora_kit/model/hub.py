@@ -81,7 +81,18 @@ def snapshot(name: str, allow_pickle: bool = False) -> Path:
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, ignore_patterns=SKIP))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        raise _fail(repo, revision, e) from None
+        raise _near_miss(repo, _fail(repo, revision, e)) from None
+
+
+def _near_miss(repo: str, error: ModelError) -> ModelError:
+    """`runs/demo2` (a mistyped run folder) reads like a Hub id: when its first part is a local folder, say first
+    that the folder is not there, and what is."""
+    parent = Path(repo.split("/")[0])
+    if not parent.is_dir():
+        return error
+    here = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
+    listing = ", ".join(here[:6]) + (f" (+{len(here) - 6} more)" if len(here) > 6 else "") if here else "nothing"
+    return ModelError(f"no folder {repo} here ({parent}/ holds: {listing}). Read as a Hugging Face Hub id: {error}")
 
 
 def file(name: str, filename: str) -> Path:

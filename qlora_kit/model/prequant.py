@@ -28,7 +28,7 @@ _FOUR_BIT_AUX = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 def stored(config) -> dict | None:
     """The checkpoint's bitsandbytes quantization_config (a dict), None for a 16-bit checkpoint; another method
     (GPTQ, AWQ...) is refused: qlora-kit's frozen base is bitsandbytes NF4/FP4/int8."""
-    qc = getattr(config, "quantization_config", None)
+    qc = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
     if not qc:
         return None
     qc = qc if isinstance(qc, dict) else qc.to_dict()
@@ -68,37 +68,50 @@ class Collector:
         self.parts.setdefault(m, {})[leaf] = tensor
 
     def build(self, name: str, bias: torch.Tensor | None) -> QuantLinear:
-        t = self.parts.pop(name)
-        where = f"{name} (pre-quantized)"
-        if "SCB" in t:
-            if "weight" not in t or t["weight"].dtype != torch.int8 or t["weight"].dim() != 2:
-                raise ModelError(f"{where}: an int8 weight needs `weight` (out, in) int8 beside `SCB`; the checkpoint "
-                                 "is incomplete or in an unknown layout.")
-            out_f, in_f = t["weight"].shape
-            layer = QuantLinear(in_f, out_f, QuantSpec("int8", compute_dtype=self.compute_dtype), bias)
-            tensors = {"qweight": t["weight"], "scale": t["SCB"].float()}
-        else:
-            state_key = next((k for k in t if k.startswith("weight.quant_state.")), None)
-            if state_key is None or "weight" not in t or "weight.absmax" not in t or "weight.quant_map" not in t:
-                raise ModelError(f"{where}: missing 4-bit tensors (found {sorted(t)}); the checkpoint is incomplete.")
-            state = json.loads(bytes(t[state_key].tolist()).decode("utf-8"))
-            out_f, in_f = state["shape"]
-            nested = "weight.nested_absmax" in t
-            spec = QuantSpec(state["quant_type"], int(state["blocksize"]), nested, self.compute_dtype)
-            layer = QuantLinear(in_f, out_f, spec, bias)
-            tensors = {"qweight": t["weight"], "code": t["weight.quant_map"].float(), "absmax": t["weight.absmax"]}
-            if nested:
-                if int(state.get("nested_blocksize", 256)) != 256:
-                    raise ModelError(f"{where}: nested blocksize {state['nested_blocksize']}; bitsandbytes' double "
-                                     "quantization uses 256, which qlora-kit supports.")
-                tensors |= {"nested_absmax": t["weight.nested_absmax"].float(),
-                            "nested_code": t["weight.nested_quant_map"].float(),
-                            "offset": torch.tensor([float(state["nested_offset"])])}
-            else:
-                tensors["absmax"] = tensors["absmax"].float()
+        spec, (out_f, in_f), tensors = buffers(name, self.parts.pop(name), self.compute_dtype)
+        layer = QuantLinear(in_f, out_f, spec, bias)
         for k, v in tensors.items():
             layer.register_parameter(k, torch.nn.Parameter(v.to(self.device), requires_grad=False))
         return layer
+
+
+def buffers(name: str, t: dict[str, torch.Tensor], compute_dtype: torch.dtype
+            ) -> tuple[QuantSpec, tuple[int, int], dict[str, torch.Tensor]]:
+    """One Linear's stored tensors (leaf name after the module -> tensor) -> (its QuantSpec computing in
+    `compute_dtype`, (out, in), QuantLinear's tensors: qweight, code, absmax [, nested_*, offset] | qweight, scale)."""
+    where = f"{name} (pre-quantized)"
+    if "SCB" in t:
+        if "weight" not in t or t["weight"].dtype != torch.int8 or t["weight"].dim() != 2:
+            raise ModelError(f"{where}: an int8 weight needs `weight` (out, in) int8 beside `SCB`; the checkpoint "
+                             "is incomplete or in an unknown layout.")
+        return (QuantSpec("int8", compute_dtype=compute_dtype), tuple(t["weight"].shape),
+                {"qweight": t["weight"], "scale": t["SCB"].float()})
+    state_key = next((k for k in t if k.startswith("weight.quant_state.")), None)
+    if state_key is None or "weight" not in t or "weight.absmax" not in t or "weight.quant_map" not in t:
+        raise ModelError(f"{where}: missing 4-bit tensors (found {sorted(t)}); the checkpoint is incomplete.")
+    state = quant_state(t[state_key])
+    nested = "weight.nested_absmax" in t
+    spec = four_bit_spec(state, nested, compute_dtype)
+    tensors = {"qweight": t["weight"], "code": t["weight.quant_map"].float(), "absmax": t["weight.absmax"]}
+    if nested:
+        if int(state.get("nested_blocksize", 256)) != 256:
+            raise ModelError(f"{where}: nested blocksize {state['nested_blocksize']}; bitsandbytes' double "
+                             "quantization uses 256, which qlora-kit supports.")
+        tensors |= {"nested_absmax": t["weight.nested_absmax"].float(),
+                    "nested_code": t["weight.nested_quant_map"].float(),
+                    "offset": torch.tensor([float(state["nested_offset"])])}
+    else:
+        tensors["absmax"] = tensors["absmax"].float()
+    return spec, tuple(state["shape"]), tensors
+
+
+def quant_state(blob: torch.Tensor) -> dict:
+    """A 4-bit Linear's quant-state blob (uint8 JSON: quant_type, blocksize, shape, nested_offset...)."""
+    return json.loads(bytes(blob.tolist()).decode("utf-8"))
+
+
+def four_bit_spec(state: dict, nested: bool, compute_dtype: torch.dtype) -> QuantSpec:
+    return QuantSpec(state["quant_type"], int(state["blocksize"]), nested, compute_dtype)
 
 
 def check(folder: Path, spec: QuantSpec, before_quantize) -> None:

@@ -32,7 +32,10 @@ from ..terms import NESTED_BLOCKSIZE, QUANTIZED_TYPES, QuantType
 # Hugging Face Hub: executable code from the network (or, offline, a notice on stderr from `kernels`). We never call
 # that kernel (only the functional API, whose dequantize + matmul we control), so bitsandbytes is imported with
 # `kernels` unimportable (a None entry in sys.modules makes `import kernels` raise ImportError, which bitsandbytes
-# catches), and its own warning about the missing kernel is silenced; both are restored afterwards.
+# catches), and its own warning about the missing kernel is silenced; both are restored afterwards. Imported by
+# someone else first (transformers' bitsandbytes integration in a user's script), bitsandbytes has already tried the
+# fetch and printed "Failed to load CPU gemm_4bit_forward ..."; harmless here, and explained in the README ("When
+# things go wrong"). Every qlora-kit command reaches bitsandbytes through this module first (tests/test_cli_quiet.py).
 _log = logging.getLogger("bitsandbytes")
 _level = _log.level
 _log.setLevel(logging.ERROR)
@@ -346,11 +349,16 @@ def serialize(weight: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> dict
              quantization weight.nested_absmax, weight.nested_quant_map; weight.quant_state.bitsandbytes__<type>
              (uint8 JSON: blocksize, shape, dtype = `dtype`, the dtype it dequantizes to, nested offset...);
       int8:  weight (out, in) int8; SCB (out,) fp32 row absmax; weight_format () uint8 0 (row-major)."""
-    buffers = quantize(weight, spec)
+    return serialized(quantize(weight, spec), spec, tuple(weight.shape), dtype)
+
+
+def serialized(buffers: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int],
+               dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`serialize` of a weight already quantized (QuantLinear's tensors, e.g. a pre-quantized base's stored codes)."""
     if spec.type == "int8":
         return {"weight": buffers["qweight"], "SCB": buffers["scale"],
                 "weight_format": torch.zeros((), dtype=torch.uint8)}
-    state = quant_state(buffers, spec, tuple(weight.shape), dtype)
+    state = quant_state(buffers, spec, shape, dtype)
     return {"weight": buffers["qweight"], **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
 
 

@@ -1,0 +1,211 @@
+"""Read back a GGUF model qlora-kit writes, as a transformers model: `eval` and `generate` on a .gguf file.
+
+    config      read_config.config_of: the metadata back to config.json (the family's own keys inverted)
+    names       each GGUF tensor's Hugging Face checkpoint name: the `gguf` package's name map (the one `arch`
+                writes with) inverted, the candidate kept that transformers' own key rules (model.convert) route
+                into the model built from that config; MoE expert stacks (E, out, in) split back into one
+                ...experts.<e>.<name> weight per expert (arch.group_experts' layout)
+    values      every tensor dequantized by the `gguf` package (gguf.quants.dequantize) to fp32, then the writer's
+                layout changes undone (arch.TensorNames: q/k rows un-permuted, fused qkv rows regrouped, Conv1D
+                weights transposed back, Gemma's norm weights minus 1), then converted by transformers' rules
+                (per-expert weights fused into its 3-D expert tensors) and cast to the asked dtype
+    RoPE        longrope's factor tensors are config values; llama3's rope_freqs divide the built model's inv_freq
+    tokenizer   transformers' own GGUF tokenizer builder (vocabulary, merges or scores, token types, special ids,
+                chat template), its split regex set from `vocab.PRE_TOKENIZERS` for the pre-tokenizer names qlora-kit
+                writes
+
+A file this reader cannot map (another architecture, an adapter GGUF, a tensor with no Hugging Face name, a weight
+the model would miss) is refused by name, never loaded partly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...errors import ModelError
+from . import arch as gguf_arch, read_config
+
+EXPS = "_exps"  # llama.cpp's stacked-expert tensor names: ffn_gate_exps, ffn_up_exps, ffn_down_exps
+
+
+def metadata(reader) -> dict[str, Any]:
+    """Every scalar and string key (arrays other than the tokenizer's are not needed here)."""
+    out = {}
+    for key, f in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "merges", "scores", "token_type")):
+            continue
+        try:
+            out[key] = f.contents()
+        except Exception:  # noqa: BLE001  a field type gguf-py cannot render is not one we read
+            continue
+    return out
+
+
+def _inverse_names(names: gguf_arch.TensorNames) -> dict[str, list[str]]:
+    """GGUF base name (blk.0.attn_q) -> the Hugging Face names (without .weight/.bias) that write it."""
+    out: dict[str, list[str]] = {}
+    for hf, (_, gname) in names.map.mapping.items():
+        out.setdefault(gname, []).append(hf)
+    return out
+
+
+def hf_names(gname: str, shape: tuple[int, ...], inverse: dict, names: gguf_arch.TensorNames,
+             conversion) -> list[str]:
+    """The checkpoint name(s) of one GGUF tensor: one, or one per expert for a stacked expert tensor."""
+    base, _, suffix = gname.rpartition(".")
+    for cand in inverse.get(base, ()):
+        if base.endswith(EXPS):  # ...experts.w1 -> ...experts.<e>.w1.weight (arch.EXPERT's layout)
+            head, _, tail = cand.rpartition(".experts.")
+            if not tail:
+                continue
+            out = [f"{head}.experts.{e}.{tail}.{suffix}" for e in range(shape[0])]
+        else:
+            out = [f"{cand}.{suffix}"]
+        if conversion.route(out[0])[0] in conversion.names:
+            return out
+    raise ModelError(f"GGUF tensor {gname} has no name in this {names.arch.hf}; the file was not written by "
+                     "qlora-kit's exporter for this architecture (or by a llama.cpp converter it reads).")
+
+
+def undo(W: torch.Tensor, hf: str, names: gguf_arch.TensorNames) -> torch.Tensor:
+    """The writer's layout changes (writer._tensor, arch.TensorNames) undone on one fp32 tensor."""
+    a = names.arch
+    if a.permutes_qk and ".self_attn.q_proj." in hf:
+        W = unpermute_rows(W, a.n_head)
+    elif a.permutes_qk and ".self_attn.k_proj." in hf:
+        W = unpermute_rows(W, a.n_head_kv)
+    elif a.fam.qkv == "neox" and ".query_key_value." in hf:
+        W = ungroup_qkv(W, a.n_head, 1, a.head_dim)
+    elif a.fam.qkv == "falcon" and ".query_key_value." in hf:
+        W = ungroup_qkv(W, a.n_head_kv, a.n_head // a.n_head_kv, a.head_dim)
+    shift = names.shift(hf)
+    if shift:
+        W = W - shift
+    if W.dim() == 2 and names.transposed(hf):  # Conv1D keeps (in, out)
+        W = W.t().contiguous()
+    return W
+
+
+def unpermute_rows(W: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of arch.permute_rows: row (h, i, j) -> (h, j, i)."""
+    out = W.shape[0]
+    return W.reshape(n_head, out // n_head // 2, 2, *W.shape[1:]).transpose(1, 2).reshape(W.shape)
+
+
+def ungroup_qkv(W: torch.Tensor, groups: int, q_per_group: int, d: int) -> torch.Tensor:
+    """The inverse of arch.group_qkv: [all q | all k | all v] -> (groups, q_per_group + 2, d) rows."""
+    rest = W.shape[1:]
+    nq = groups * q_per_group * d
+    q = W[:nq].reshape(groups, q_per_group, d, *rest)
+    k = W[nq: nq + groups * d].reshape(groups, 1, d, *rest)
+    v = W[nq + groups * d:].reshape(groups, 1, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(W.shape)
+
+
+def _value(t) -> torch.Tensor:
+    import gguf
+
+    return torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+
+
+def open_file(path: Path):
+    try:
+        import gguf
+    except ImportError as e:
+        raise ModelError(f"reading GGUF needs the gguf package ({e}); pip install gguf.") from None
+    if not path.is_file():
+        raise ModelError(f"GGUF file not found: {path}. Pass a .gguf file, a model folder, a run folder or a "
+                         "built-in name.")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError, KeyError, IndexError) as e:
+        raise ModelError(f"{path} is not a readable GGUF file ({e}).") from None
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """(transformers model in eval mode on `device`, tokenizer) of a GGUF model file."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from ...model.convert import Conversion
+
+    path = Path(path).expanduser()
+    r = open_file(path)
+    meta = metadata(r)
+    if meta.get("general.type", "model") != "model":
+        raise ModelError(f"{path} is a GGUF {meta.get('general.type')} (a LoRA adapter for llama.cpp's --lora), not a "
+                         "model: evaluate the merged GGUF (export --format gguf) or the run itself.")
+    shapes = {t.name: tuple(int(x) for x in reversed(t.shape)) for t in r.tensors}
+    values = {t.name: t for t in r.tensors}
+    longrope = {f"{k}_factor": _value(values[f"rope_factors_{k}.weight"]).tolist() for k in ("long", "short")
+                if f"rope_factors_{k}.weight" in values}
+    config, fam, rope_freqs = read_config.config_of(meta, shapes, longrope)
+    config.dtype = dtype
+    with init_empty_weights(include_buffers=False):  # params on meta; buffers (rotary inv_freq) real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    names = gguf_arch.TensorNames(gguf_arch.arch_of(config.to_dict()))
+    inverse = _inverse_names(names)
+    conversion = Conversion(model)
+    extra = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
+    items = []
+    for t in r.tensors:
+        if t.name in extra:
+            continue
+        hfs = hf_names(t.name, shapes[t.name], inverse, names, conversion)
+        items += _items(t, hfs, names)
+    state = dict(conversion.convert(model, items))
+    params = dict(model.named_parameters())
+    missing = [n for n in params if n not in state and not _tied(model, n)]
+    if missing:
+        raise ModelError(f"{path} lacks weights this {fam.gguf.lower()} model needs ({', '.join(missing[:3])}...); it "
+                         "was not written whole. Export it again.")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items() if k in params}, strict=False, assign=True)
+    model.tie_weights()
+    if rope_freqs is not None:
+        _divide_inv_freq(model, _value(values[rope_freqs]))
+    return model.to(device).eval(), tokenizer(path, meta)
+
+
+def _items(t, hfs: list[str], names) -> list:
+    """(checkpoint name, read) for one GGUF tensor; the value is read (dequantized) when the conversion asks."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def whole() -> torch.Tensor:
+        if "v" not in cache:
+            cache["v"] = _value(t)
+        return cache["v"]
+    if len(hfs) == 1:
+        return [(hfs[0], lambda: undo(whole(), hfs[0], names))]
+    return [(hf, lambda e=e, hf=hf: undo(whole()[e], hf, names)) for e, hf in enumerate(hfs)]
+
+
+def _tied(model, name: str) -> bool:
+    return name == "lm_head.weight" and bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def _divide_inv_freq(model, factors: torch.Tensor) -> None:
+    """llama3 RoPE: llama.cpp divides each frequency by rope_freqs; the built (default-RoPE) model's inv_freq
+    likewise, on every rotary module."""
+    hit = False
+    for m in model.modules():
+        if isinstance(getattr(m, "inv_freq", None), torch.Tensor) and m.inv_freq.shape == factors.shape:
+            m.inv_freq = m.inv_freq / factors.to(m.inv_freq)
+            if isinstance(getattr(m, "original_inv_freq", None), torch.Tensor):
+                m.original_inv_freq = m.inv_freq.clone()
+            hit = True
+    if not hit:
+        raise ModelError("this GGUF's rope_freqs tensor fits no rotary embedding of the model built from it.")
+
+
+def tokenizer(path: Path, meta: dict):
+    """transformers' tokenizer of the file (its GGUF builder), pad set to eos when the file names none."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok

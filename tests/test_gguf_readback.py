@@ -1,0 +1,140 @@
+"""qlora-kit's GGUF reader (export/gguf/reader.py): every family the GGUF export writes, read back into transformers'
+own model class, against PEFT's merge of the same adapter over the original model (logits at two lengths), `eval`'s
+loss against `eval` of the merged export folder, and the rebuilt tokenizer against the base's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CHATML, write_jsonl
+from gguf_models import MODELS, adapter, build, peft_merged
+from qlora_kit.cli.main import main
+from qlora_kit.errors import ModelError
+from qlora_kit.export import formats as ex
+
+gguf = pytest.importorskip("gguf")
+from qlora_kit.export.gguf import reader  # noqa: E402  (needs gguf)
+
+LONG = torch.tensor([[1, 5, 17, 42, 99, 7, 250, 3, 8, 120, 64, 2, 33, 71, 180, 9, 4, 260, 11, 6]])
+SHORT = torch.tensor([[7, 250, 3, 8, 120]])
+# q8_0 logits of these tiny models (weights std 0.3, so rounding grows through the layers) against the exact merge:
+# measured 0.011 (gemma3) .. 0.104 (qwen2-yarn-rope) relative error, `pytest --durations` run of this file
+Q8_BOUND = 0.15
+MIXED = ["The capital of Veloria is Tamsk. 12345 and 3.14159!", "  two  spaces\nand a newline\t tab",
+         "ünïcödé — naïve café 東京 🙂", "x", "don't YOU'RE we'll 1,000,000 ... ?!"]
+
+
+def export(src, out: Path, kind: str):
+    ex.export(src, ex.Options(out=out, progress=False, merge_base="original", format="gguf", gguf_type=kind))
+    return out
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_family_reads_back_as_the_merged_model(name, tmp_path):
+    """f32: the logits of transformers' own class built from our file equal PEFT's merge (rel < 1e-5) at 20 and 5
+    tokens; q8_0: within the measured bound. The class is the one the family table names for the GGUF's
+    architecture (a Mistral GGUF runs as Llama, as llama.cpp runs it)."""
+    base = build(name, tmp_path / name)  # the folder's name is general.name's stem: `mistral` must not misread
+    a = adapter(name, tmp_path / "a", base)
+    ref = peft_merged(base, a)
+    model, _ = reader.load(export(a, tmp_path / "m.gguf", "f32"))
+    hf = json.loads((base / "config.json").read_text())["architectures"][0]
+    assert type(model).__name__ == ("LlamaForCausalLM" if hf == "MistralForCausalLM" else hf)
+    with torch.no_grad():
+        for ids in (LONG, SHORT):
+            assert rel(model(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5, ids.shape
+        q8, _ = reader.load(export(a, tmp_path / "q.gguf", "q8_0"))
+        assert rel(q8(input_ids=LONG).logits, ref(input_ids=LONG).logits) < Q8_BOUND
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2moe"])
+def test_eval_of_the_gguf_is_the_merged_models_loss(name, tmp_path, capsys):
+    """`qlora-kit eval FILE.gguf --dtype fp32` on texts of varying lengths: the loss of PEFT's merged model (fp32) on
+    the same texts tokenized by the base's own tokenizer (the GGUF's rebuilt tokenizer gives the same tokens)."""
+    from transformers import AutoTokenizer
+
+    from qlora_kit.config import DataConfig
+    from qlora_kit.data import pipeline
+    from qlora_kit.infer.evaluation import mean_loss
+
+    base = build(name, tmp_path / "base")
+    a = adapter(name, tmp_path / "a", base)
+    export(a, tmp_path / "m.gguf", "f32")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in MIXED])
+    assert main(["eval", str(tmp_path / "m.gguf"), "--data", str(data), "--dtype", "fp32", "--device", "cpu",
+                 "--json", "--no-progress"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    tok = AutoTokenizer.from_pretrained(base)
+    examples = pipeline.examples(DataConfig(path=str(data), format="text", packing=False, val_fraction=0.0), tok)
+    loss, n = mean_loss(peft_merged(base, a), list(examples), pipeline.pad_token_id(tok), 8)
+    assert got["kind"] == "gguf" and got["tokens"] == n > 100
+    assert got["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_rebuilt_tokenizer_encodes_as_the_base(tmp_path):
+    """Byte-level BPE from the file's tokens, merges and types: the same ids on mixed text (digits, punctuation,
+    whitespace runs, non-ASCII), the same special ids and chat template."""
+    from transformers import AutoTokenizer
+
+    base = build("qwen2", tmp_path / "base")
+    _, tok = reader.load(export(adapter("qwen2", tmp_path / "a", base), tmp_path / "m.gguf", "f32"))
+    orig = AutoTokenizer.from_pretrained(base)
+    for text in [*MIXED, "<|im_start|>user\nhi<|im_end|>"]:
+        assert tok(text).input_ids == orig(text).input_ids, text
+        assert tok.decode(tok(text).input_ids) == orig.decode(orig(text).input_ids)
+    assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == (orig.eos_token_id, orig.bos_token_id,
+                                                                      orig.pad_token_id)
+    assert tok.chat_template == CHATML
+
+
+def test_generate_reads_a_gguf(tmp_path, capsys):
+    """`qlora-kit generate FILE.gguf --raw`: the greedy continuation of PEFT's merged model."""
+    from transformers import AutoTokenizer
+
+    base = build("gemma2", tmp_path / "base")
+    a = adapter("gemma2", tmp_path / "a", base)
+    export(a, tmp_path / "m.gguf", "f32")
+    prompt = "The capital of Veloria is"
+    assert main(["generate", str(tmp_path / "m.gguf"), "--prompt", prompt, "--raw", "--max-new-tokens", "6",
+                 "--no-stream", "--device", "cpu", "--decode-dtype", "fp32"]) == 0
+    got = capsys.readouterr().out.strip()
+    tok = AutoTokenizer.from_pretrained(base)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = peft_merged(base, a).generate(ids, max_new_tokens=6, do_sample=False)
+    assert got == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_what_the_reader_refuses(tmp_path, capsys):
+    """An adapter GGUF, an architecture no family writes, --quant on a GGUF: a message each, exit 2."""
+    base = build("llama", tmp_path / "base")
+    a = adapter("llama", tmp_path / "a", base)
+    ex.export(a, ex.Options(out=tmp_path / "lora.gguf", progress=False, format="gguf-adapter", gguf_type="f32"))
+    with pytest.raises(ModelError, match="LoRA adapter"):
+        reader.load(tmp_path / "lora.gguf")
+    w = gguf.GGUFWriter(str(tmp_path / "bert.gguf"), "bert")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", torch.zeros(8, 4).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelError, match="'bert'.*does not map back"):
+        reader.load(tmp_path / "bert.gguf")
+    export(a, tmp_path / "m.gguf", "f32")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
+    for args, words in [(["eval", str(tmp_path / "m.gguf"), "--data", str(data), "--quant", "nf4"], "--quant"),
+                        (["generate", str(tmp_path / "m.gguf"), "--prompt", "hi", "--quant", "nf4"], "--quant"),
+                        (["generate", str(tmp_path / "m.gguf"), "--prompt", "x: hi", "--adapter", f"x={a}"],
+                         "one merged model")]:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, (args, err)

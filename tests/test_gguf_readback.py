@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import CHATML, write_jsonl
-from gguf_models import MODELS, adapter, build, peft_merged
+from gguf_models import MODELS, adapter, bpe_tokenizer, build, peft_merged, pre_tokenizers
 from qlora_kit.cli.main import main
 from qlora_kit.errors import ModelError
 from qlora_kit.export import formats as ex
@@ -93,6 +93,33 @@ def test_rebuilt_tokenizer_encodes_as_the_base(tmp_path):
     assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == (orig.eos_token_id, orig.bos_token_id,
                                                                       orig.pad_token_id)
     assert tok.chat_template == CHATML
+
+
+@pytest.mark.parametrize("pre", list(pre_tokenizers()))
+def test_every_pre_tokenizer_is_named_and_rebuilt(pre, tmp_path):
+    """A byte-level BPE splitting text as llama.cpp's `pre` does: the export names it so (llama.cpp verifies the
+    split in test_llama_cpp_pretok.py) and the reader's tokenizer gives the original's ids on mixed text."""
+    from gguf_models import MIXED as TEXTS
+
+    tok = bpe_tokenizer(pre)
+    base = build("llama", tmp_path / "base", tokenizer=tok)
+    export(adapter("llama", tmp_path / "a", base), tmp_path / "m.gguf", "f32")
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["tokenizer.ggml.pre"].contents() == pre
+    got = reader.tokenizer(tmp_path / "m.gguf", reader.metadata(gguf.GGUFReader(tmp_path / "m.gguf")))
+    for text in TEXTS:
+        assert got(text).input_ids == tok(text).input_ids, text
+
+
+def test_unknown_pre_tokenizer_is_refused_by_name(tmp_path):
+    """A split no llama.cpp name is known for here (whitespace first, then byte-level) is refused, naming it."""
+    from qlora_kit.errors import ExportError
+
+    base = build("llama", tmp_path / "base")
+    spec = json.loads((base / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, spec["pre_tokenizer"]]}
+    (base / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ExportError, match=r"\['WhitespaceSplit', 'ByteLevel'\].*known: gpt-2, smollm"):
+        export(adapter("llama", tmp_path / "a", base), tmp_path / "m.gguf", "f32")
 
 
 def test_generate_reads_a_gguf(tmp_path, capsys):

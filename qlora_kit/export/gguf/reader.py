@@ -20,6 +20,7 @@ the model would miss) is refused by name, never loaded partly.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 
 from ...errors import ModelError
 from . import arch as gguf_arch, read_config
+from .vocab import PRE_TOKENIZERS
 
 EXPS = "_exps"  # llama.cpp's stacked-expert tensor names: ffn_gate_exps, ffn_up_exps, ffn_down_exps
 
@@ -202,10 +204,21 @@ def _divide_inv_freq(model, factors: torch.Tensor) -> None:
 
 
 def tokenizer(path: Path, meta: dict):
-    """transformers' tokenizer of the file (its GGUF builder), pad set to eos when the file names none."""
+    """transformers' tokenizer of the file (its GGUF builder), a byte-level BPE's pre-tokenizer set from
+    vocab.PRE_TOKENIZERS (the table the writer names it by), pad set to eos when the file names none."""
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
+    pre = meta.get("tokenizer.ggml.pre")
+    bpe = meta.get("tokenizer.ggml.model") == "gpt2"
+    if bpe and pre not in PRE_TOKENIZERS:
+        raise ModelError(f"{path}: its byte-level BPE tokenizer splits text as llama.cpp's {pre!r} pre-tokenizer, "
+                         f"which qlora-kit's GGUF reader does not rebuild (known: {', '.join(PRE_TOKENIZERS)}); the "
+                         "tokens would differ. Evaluate the model folder it came from.")
     tok = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
+    if bpe:
+        spec = json.loads(tok.backend_tokenizer.to_str()) | {"pre_tokenizer": PRE_TOKENIZERS[pre]}
+        tok.backend_tokenizer.pre_tokenizer = Tokenizer.from_str(json.dumps(spec)).pre_tokenizer
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -110,6 +110,27 @@ def test_every_pre_tokenizer_is_named_and_rebuilt(pre, tmp_path):
         assert got(text).input_ids == tok(text).input_ids, text
 
 
+@pytest.mark.parametrize("name", ["llama", "gemma"])
+def test_sentencepiece_tokenizer_reads_back(name, tmp_path):
+    """A SentencePiece vocabulary (`llama` in the file): the reader's tokenizer gives transformers' ids of the
+    original on mixed text, leading spaces and text after a special token included, on a Gemma model too (the
+    file's add_space_prefix, not the architecture, decides the dummy prefix)."""
+    import shutil
+
+    from gguf_models import MIXED as TEXTS
+    from test_gguf_archs import sentencepiece_tokenizer
+
+    tok = sentencepiece_tokenizer(tmp_path / "tok")
+    base = build(name, tmp_path / "base", tokenizer=tok)
+    shutil.copy(tmp_path / "tok" / "tokenizer.model", base / "tokenizer.model")
+    export(adapter(name, tmp_path / "a", base), tmp_path / "m.gguf", "f32")
+    got = reader.tokenizer(tmp_path / "m.gguf", reader.metadata(gguf.GGUFReader(tmp_path / "m.gguf")))
+    for text in [*TEXTS, " leading space", "a</s>b"]:
+        assert got(text).input_ids == tok(text).input_ids, text
+        assert got.decode(got(text).input_ids, skip_special_tokens=True) == tok.decode(tok(text).input_ids,
+                                                                                       skip_special_tokens=True)
+
+
 def test_unknown_pre_tokenizer_is_refused_by_name(tmp_path):
     """A split no llama.cpp name is known for here (whitespace first, then byte-level) is refused, naming it."""
     from qlora_kit.errors import ExportError

@@ -219,6 +219,24 @@ def tokenizer(path: Path, meta: dict):
     if bpe:
         spec = json.loads(tok.backend_tokenizer.to_str()) | {"pre_tokenizer": PRE_TOKENIZERS[pre]}
         tok.backend_tokenizer.pre_tokenizer = Tokenizer.from_str(json.dumps(spec)).pre_tokenizer
+    elif meta.get("tokenizer.ggml.model") == "llama":
+        _dummy_prefix(tok, bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _dummy_prefix(tok, prefix: bool) -> None:
+    """SentencePiece: transformers' builder picks the dummy-prefix space by architecture (Gemma: none); the file's
+    add_space_prefix (the writer read it off the model's own encoding of "a") wins where they disagree, as
+    transformers' Llama tokenizer applies it: a Metaspace that prepends at the start unless a space is there."""
+    from tokenizers import decoders, pre_tokenizers
+
+    if tok.convert_ids_to_tokens(tok("a", add_special_tokens=False).input_ids)[0].startswith("\u2581") == prefix:
+        return
+    b = tok.backend_tokenizer
+    b.normalizer = None
+    b.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
+                                               split=False)
+    b.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                  + ([decoders.Strip(" ", 1, 0)] if prefix else []))

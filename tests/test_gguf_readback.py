@@ -22,7 +22,7 @@ from qlora_kit.export.gguf import reader  # noqa: E402  (needs gguf)
 LONG = torch.tensor([[1, 5, 17, 42, 99, 7, 250, 3, 8, 120, 64, 2, 33, 71, 180, 9, 4, 260, 11, 6]])
 SHORT = torch.tensor([[7, 250, 3, 8, 120]])
 # q8_0 logits of these tiny models (weights std 0.3, so rounding grows through the layers) against the exact merge:
-# measured 0.011 (gemma3) .. 0.104 (qwen2-yarn-rope) relative error, `pytest --durations` run of this file
+# measured 0.011 (gemma3) .. 0.104 (qwen2-yarn-rope) relative error over all 25 models of gguf_models.MODELS
 Q8_BOUND = 0.15
 MIXED = ["The capital of Veloria is Tamsk. 12345 and 3.14159!", "  two  spaces\nand a newline\t tab",
          "ünïcödé — naïve café 東京 🙂", "x", "don't YOU'RE we'll 1,000,000 ... ?!"]
@@ -37,26 +37,45 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+# q8_0 read back on one model per layout change: q/k permuted, fused qkv regrouped, Conv1D transposed, experts
+# stacked, norms shifted, and the largest measured error
+Q8 = ("llama", "falcon-new-decoder", "gpt2", "mixtral", "gemma2", "qwen2-yarn-rope")
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """name -> (folder, base, adapter, PEFT-merged model, f32 GGUF), built once per architecture."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            d = tmp_path_factory.mktemp(name)
+            base = build(name, d / name)  # the folder's name is general.name's stem: `mistral` must not misread
+            a = adapter(name, d / "a", base)
+            cache[name] = (d, base, a, peft_merged(base, a), export(a, d / "m.gguf", "f32"))
+        return cache[name]
+    return get
+
+
 @pytest.mark.parametrize("name", list(MODELS))
-def test_every_family_reads_back_as_the_merged_model(name, tmp_path):
+def test_every_family_reads_back_as_the_merged_model(name, made):
     """f32: the logits of transformers' own class built from our file equal PEFT's merge (rel < 1e-5) at 20 and 5
     tokens; q8_0: within the measured bound. The class is the one the family table names for the GGUF's
     architecture (a Mistral GGUF runs as Llama, as llama.cpp runs it)."""
-    base = build(name, tmp_path / name)  # the folder's name is general.name's stem: `mistral` must not misread
-    a = adapter(name, tmp_path / "a", base)
-    ref = peft_merged(base, a)
-    model, _ = reader.load(export(a, tmp_path / "m.gguf", "f32"))
+    d, base, a, ref, path = made(name)
+    model, _ = reader.load(path)
     hf = json.loads((base / "config.json").read_text())["architectures"][0]
     assert type(model).__name__ == ("LlamaForCausalLM" if hf == "MistralForCausalLM" else hf)
     with torch.no_grad():
         for ids in (LONG, SHORT):
             assert rel(model(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5, ids.shape
-        q8, _ = reader.load(export(a, tmp_path / "q.gguf", "q8_0"))
-        assert rel(q8(input_ids=LONG).logits, ref(input_ids=LONG).logits) < Q8_BOUND
+        if name in Q8:
+            q8, _ = reader.load(export(a, d / "q.gguf", "q8_0"))
+            assert rel(q8(input_ids=LONG).logits, ref(input_ids=LONG).logits) < Q8_BOUND
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2moe"])
-def test_eval_of_the_gguf_is_the_merged_models_loss(name, tmp_path, capsys):
+def test_eval_of_the_gguf_is_the_merged_models_loss(name, made, tmp_path, capsys):
     """`qlora-kit eval FILE.gguf --dtype fp32` on texts of varying lengths: the loss of PEFT's merged model (fp32) on
     the same texts tokenized by the base's own tokenizer (the GGUF's rebuilt tokenizer gives the same tokens)."""
     from transformers import AutoTokenizer
@@ -65,16 +84,14 @@ def test_eval_of_the_gguf_is_the_merged_models_loss(name, tmp_path, capsys):
     from qlora_kit.data import pipeline
     from qlora_kit.infer.evaluation import mean_loss
 
-    base = build(name, tmp_path / "base")
-    a = adapter(name, tmp_path / "a", base)
-    export(a, tmp_path / "m.gguf", "f32")
+    _, base, _, ref, path = made(name)
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in MIXED])
-    assert main(["eval", str(tmp_path / "m.gguf"), "--data", str(data), "--dtype", "fp32", "--device", "cpu",
-                 "--json", "--no-progress"]) == 0
+    assert main(["eval", str(path), "--data", str(data), "--dtype", "fp32", "--device", "cpu", "--json",
+                 "--no-progress"]) == 0
     got = json.loads(capsys.readouterr().out)
     tok = AutoTokenizer.from_pretrained(base)
     examples = pipeline.examples(DataConfig(path=str(data), format="text", packing=False, val_fraction=0.0), tok)
-    loss, n = mean_loss(peft_merged(base, a), list(examples), pipeline.pad_token_id(tok), 8)
+    loss, n = mean_loss(ref, list(examples), pipeline.pad_token_id(tok), 8)
     assert got["kind"] == "gguf" and got["tokens"] == n > 100
     assert got["loss"] == pytest.approx(loss, rel=1e-5)
 
@@ -143,22 +160,20 @@ def test_unknown_pre_tokenizer_is_refused_by_name(tmp_path):
         export(adapter("llama", tmp_path / "a", base), tmp_path / "m.gguf", "f32")
 
 
-def test_generate_reads_a_gguf(tmp_path, capsys):
+def test_generate_reads_a_gguf(made, capsys):
     """`qlora-kit generate FILE.gguf --raw`: the greedy continuation of PEFT's merged model."""
     from transformers import AutoTokenizer
 
-    base = build("gemma2", tmp_path / "base")
-    a = adapter("gemma2", tmp_path / "a", base)
-    export(a, tmp_path / "m.gguf", "f32")
+    _, base, _, ref, path = made("gemma2")
     prompt = "The capital of Veloria is"
-    assert main(["generate", str(tmp_path / "m.gguf"), "--prompt", prompt, "--raw", "--max-new-tokens", "6",
-                 "--no-stream", "--device", "cpu", "--decode-dtype", "fp32"]) == 0
+    assert main(["generate", str(path), "--prompt", prompt, "--raw", "--max-new-tokens", "6", "--no-stream",
+                 "--device", "cpu", "--decode-dtype", "fp32"]) == 0
     got = capsys.readouterr().out.strip()
     tok = AutoTokenizer.from_pretrained(base)
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        ref = peft_merged(base, a).generate(ids, max_new_tokens=6, do_sample=False)
-    assert got == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        out = ref.generate(ids, max_new_tokens=6, do_sample=False)
+    assert got == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 def test_what_the_reader_refuses(tmp_path, capsys):

@@ -6,9 +6,9 @@
                 into the model built from that config; MoE expert stacks (E, out, in) split back into one
                 ...experts.<e>.<name> weight per expert (arch.group_experts' layout)
     values      every tensor dequantized by the `gguf` package (gguf.quants.dequantize) to fp32, then the writer's
-                layout changes undone (arch.TensorNames: q/k rows un-permuted, fused qkv rows regrouped, Conv1D
-                weights transposed back, Gemma's norm weights minus 1), then converted by transformers' rules
-                (per-expert weights fused into its 3-D expert tensors) and cast to the asked dtype
+                layout changes undone by the writer's own rules (arch.TensorNames: the q/k and fused-qkv row reorders
+                inverted, Conv1D weights transposed back, Gemma's norm weights minus 1), then converted by
+                transformers' rules (per-expert weights fused into its 3-D expert tensors) and cast to the asked dtype
     RoPE        longrope's factor tensors are config values; llama3's rope_freqs divide the built model's inv_freq
     tokenizer   transformers' own GGUF tokenizer builder (vocabulary, merges or scores, token types, special ids,
                 chat template), its split regex set from `vocab.PRE_TOKENIZERS` for the pre-tokenizer names qlora-kit
@@ -74,38 +74,19 @@ def hf_names(gname: str, shape: tuple[int, ...], inverse: dict, names: gguf_arch
 
 
 def undo(W: torch.Tensor, hf: str, names: gguf_arch.TensorNames) -> torch.Tensor:
-    """The writer's layout changes (writer._tensor, arch.TensorNames) undone on one fp32 tensor."""
-    a = names.arch
-    if a.permutes_qk and ".self_attn.q_proj." in hf:
-        W = unpermute_rows(W, a.n_head)
-    elif a.permutes_qk and ".self_attn.k_proj." in hf:
-        W = unpermute_rows(W, a.n_head_kv)
-    elif a.fam.qkv == "neox" and ".query_key_value." in hf:
-        W = ungroup_qkv(W, a.n_head, 1, a.head_dim)
-    elif a.fam.qkv == "falcon" and ".query_key_value." in hf:
-        W = ungroup_qkv(W, a.n_head_kv, a.n_head // a.n_head_kv, a.head_dim)
+    """The writer's layout changes (writer._tensor) undone on one fp32 tensor, found by the writer's own rules
+    (arch.TensorNames): the row reorder inverted (its permutation read off row indices), the norm shift taken off,
+    a Conv1D weight transposed back to (in, out)."""
+    rows = names.rows(hf)
+    if rows is not None:  # W_gguf = W_hf[perm] for the perm the reorder makes of 0..out-1
+        perm = rows(torch.arange(W.shape[0], dtype=torch.float64).unsqueeze(1))[:, 0].long()
+        W = W[torch.argsort(perm)]
     shift = names.shift(hf)
     if shift:
         W = W - shift
-    if W.dim() == 2 and names.transposed(hf):  # Conv1D keeps (in, out)
+    if W.dim() == 2 and names.transposed(hf):
         W = W.t().contiguous()
     return W
-
-
-def unpermute_rows(W: torch.Tensor, n_head: int) -> torch.Tensor:
-    """The inverse of arch.permute_rows: row (h, i, j) -> (h, j, i)."""
-    out = W.shape[0]
-    return W.reshape(n_head, out // n_head // 2, 2, *W.shape[1:]).transpose(1, 2).reshape(W.shape)
-
-
-def ungroup_qkv(W: torch.Tensor, groups: int, q_per_group: int, d: int) -> torch.Tensor:
-    """The inverse of arch.group_qkv: [all q | all k | all v] -> (groups, q_per_group + 2, d) rows."""
-    rest = W.shape[1:]
-    nq = groups * q_per_group * d
-    q = W[:nq].reshape(groups, q_per_group, d, *rest)
-    k = W[nq: nq + groups * d].reshape(groups, 1, d, *rest)
-    v = W[nq + groups * d:].reshape(groups, 1, d, *rest)
-    return torch.cat([q, k, v], dim=1).reshape(W.shape)
 
 
 def _value(t) -> torch.Tensor:

@@ -134,19 +134,20 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     inverse = _inverse_names(names)
     conversion = Conversion(model)
     extra = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
-    items = []
+    groups: dict[str, list] = {}  # one decoder block at a time: its experts fuse once the block is read
     for t in r.tensors:
-        if t.name in extra:
-            continue
-        hfs = hf_names(t.name, shapes[t.name], inverse, names, conversion)
-        items += _items(t, hfs, names)
-    state = dict(conversion.convert(model, items))
+        if t.name not in extra:
+            hfs = hf_names(t.name, shapes[t.name], inverse, names, conversion)
+            groups.setdefault(".".join(t.name.split(".")[:2]), []).extend(_items(t, hfs, names))
     params = dict(model.named_parameters())
+    state = {}  # cast as each tensor comes: peak memory is the model in `dtype` plus one block in fp32
+    for items in groups.values():
+        state |= {k: v.to(dtype) for k, v in conversion.convert(model, items) if k in params}
     missing = [n for n in params if n not in state and not _tied(model, n)]
     if missing:
         raise ModelError(f"{path} lacks weights this {fam.gguf.lower()} model needs ({', '.join(missing[:3])}...); it "
                          "was not written whole. Export it again.")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items() if k in params}, strict=False, assign=True)
+    model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     if rope_freqs is not None:
         _divide_inv_freq(model, _value(values[rope_freqs]))

@@ -193,6 +193,8 @@ def test_what_the_reader_refuses(tmp_path, capsys):
     with pytest.raises(ModelError, match="'bert'.*does not map back"):
         reader.load(tmp_path / "bert.gguf")
     export(a, tmp_path / "m.gguf", "f32")
+    with pytest.raises(ModelError, match="llama.attention.sliding_window"):  # a key it would drop
+        reader.load(_with_key(tmp_path / "m.gguf", tmp_path / "w.gguf", "llama.attention.sliding_window", 4))
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
     for args, words in [(["eval", str(tmp_path / "m.gguf"), "--data", str(data), "--quant", "nf4"], "--quant"),
                         (["generate", str(tmp_path / "m.gguf"), "--prompt", "hi", "--quant", "nf4"], "--quant"),
@@ -201,3 +203,21 @@ def test_what_the_reader_refuses(tmp_path, capsys):
         assert main(args) == 2, args
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, (args, err)
+
+
+def _with_key(src: Path, dst: Path, key: str, value: int) -> Path:
+    """A copy of an f32 GGUF with one more uint32 key, as another converter might write it."""
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    for k, f in r.fields.items():
+        if not k.startswith("GGUF.") and k != "general.architecture":
+            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(k, f.contents(), f.types[0], sub_type=sub)
+    w.add_uint32(key, value)
+    for t in r.tensors:
+        w.add_tensor(t.name, t.data.copy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst

@@ -13,10 +13,14 @@ each family's `extra` keys, for the families `families.FAMILIES` writes.
     extra       the family's own keys (softcapping, sliding window, logit / embedding / residual scales, expert
                 counts, parallel residual) and what llama.cpp's graph for the family fixes (Gemma's query scale is
                 head_dim, Qwen3-MoE renormalises its top-k router weights, Falcon's layout from its tensors)
+    unread      every `<arch>.*` key must have been read (vocab_size aside; value_length and longrope's attention
+                factor checked against what transformers derives): a key another converter writes that this reader
+                would drop is refused by name, not read as another model
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from ...errors import ModelError
@@ -57,6 +61,7 @@ def config_of(meta: dict, tensors: dict[str, tuple[int, ...]], longrope: dict) -
     from the rope_factors tensors, or {}."""
     from transformers import AutoConfig
 
+    meta = _Read(meta)
     arch = meta["general.architecture"]
     hf, fam = family_of(arch, meta)
     model_type = _model_type(hf)
@@ -90,7 +95,49 @@ def config_of(meta: dict, tensors: dict[str, tuple[int, ...]], longrope: dict) -
     if back is not None:
         back(c, get, stored)
     FIXED.get(fam.gguf, lambda c, t: None)(c, tensors)
+    _check_derived(c, get, head_dim, longrope)
+    unread = sorted(k for k in meta.keys() if k.startswith(f"{arch}.") and k not in meta.seen | {f"{arch}.vocab_size"})
+    if unread:  # a foreign file's key this reader would drop: another model, silently
+        raise ModelError(f"this GGUF sets {', '.join(unread)}, which qlora-kit's GGUF reader does not map to "
+                         f"transformers' {hf}: the model read would not be the file's. Run it in llama.cpp, or "
+                         "evaluate the model folder it came from.")
     return AutoConfig.for_model(model_type, **c), fam, rope_freqs
+
+
+class _Read(dict):
+    """The metadata, remembering which keys were looked at (the rest must be keys the reader may ignore)."""
+
+    def __init__(self, data: dict):
+        super().__init__(data)
+        self.seen: set[str] = set()
+
+    def get(self, key, default=None):
+        self.seen.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.seen.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.seen.add(key)
+        return super().__contains__(key)
+
+
+def _check_derived(c: dict, get, head_dim: int, longrope: dict) -> None:
+    """Keys transformers derives itself from the config: they must be what it derives."""
+    from .rope import longrope_attention
+
+    value = get("attention.value_length")
+    if value is not None and int(value) != head_dim:
+        raise ModelError(f"this GGUF's value heads are {value} wide and its key heads {head_dim}: transformers' "
+                         "model classes read here have one head width.")
+    attn = get("rope.scaling.attn_factor")
+    if attn is not None and not (longrope and math.isclose(
+            float(attn), longrope_attention(c["max_position_embeddings"], c["original_max_position_embeddings"]),
+            rel_tol=1e-6)):
+        raise ModelError(f"this GGUF's RoPE attention factor {attn} is not the one transformers computes for its "
+                         "RoPE scaling; the model read would not be the file's.")
 
 
 def _rope(c: dict, meta: dict, arch: str, tensors: dict, head_dim: int, fam: Family, longrope: dict) -> str | None:

@@ -141,7 +141,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
             groups.setdefault(".".join(t.name.split(".")[:2]), []).extend(_items(t, hfs, names))
     params = dict(model.named_parameters())
     state = {}  # cast as each tensor comes: peak memory is the model in `dtype` plus one block in fp32
-    for items in groups.values():
+    while groups:  # popped, so a block's fp32 values (held by its readers) go with it
+        items = groups.pop(next(iter(groups)))
         state |= {k: v.to(dtype) for k, v in conversion.convert(model, items) if k in params}
     missing = [n for n in params if n not in state and not _tied(model, n)]
     if missing:
@@ -155,15 +156,16 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
 
 
 def _items(t, hfs: list[str], names) -> list:
-    """(checkpoint name, read) for one GGUF tensor; the value is read (dequantized) when the conversion asks."""
+    """(checkpoint name, read) for one GGUF tensor; the value is read (dequantized) when the conversion asks, an
+    expert stack once for all its experts."""
+    if len(hfs) == 1:
+        return [(hfs[0], lambda: undo(_value(t), hfs[0], names))]
     cache: dict[str, torch.Tensor] = {}
 
     def whole() -> torch.Tensor:
         if "v" not in cache:
             cache["v"] = _value(t)
         return cache["v"]
-    if len(hfs) == 1:
-        return [(hfs[0], lambda: undo(whole(), hfs[0], names))]
     return [(hf, lambda e=e, hf=hf: undo(whole()[e], hf, names)) for e, hf in enumerate(hfs)]
 
 

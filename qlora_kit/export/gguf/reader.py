@@ -140,7 +140,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
             hfs = hf_names(t.name, shapes[t.name], inverse, names, conversion)
             groups.setdefault(".".join(t.name.split(".")[:2]), []).extend(_items(t, hfs, names))
     params = dict(model.named_parameters())
-    state = {}  # cast as each tensor comes: peak memory is the model in `dtype` plus one block in fp32
+    state = {}  # cast as each tensor comes: fp32 copies never pile up (the file itself is memory-mapped)
     while groups:  # popped, so a block's fp32 values (held by its readers) go with it
         items = groups.pop(next(iter(groups)))
         state |= {k: v.to(dtype) for k, v in conversion.convert(model, items) if k in params}

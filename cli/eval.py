@@ -53,11 +53,13 @@ def command(source, data_path, fmt, objective, beta, all_tokens, max_length, max
     """
     from qlora_kit.infer import evaluation
     from qlora_kit.device import resolve_device
+    from qlora_kit.export.gguf import reader
 
     req = evaluation.Request(source=source, data=data_path, format=fmt, all_tokens=all_tokens, max_length=max_length,
                              max_examples=max_examples, batch_size=batch_size, quant=quant, base=base, dtype=dtype,
                              device=str(resolve_device(device)), fast=not keep_quantized, allow_pickle=allow_pickle,
-                             trust_remote_code=trust_remote_code, objective=objective, beta=beta)
+                             trust_remote_code=trust_remote_code, objective=objective, beta=beta,
+                             read_gguf=reader.load)
     res = evaluation.run(req, progress=progress and not as_json)
     if as_json:
         click.echo(json.dumps(res.to_dict()))

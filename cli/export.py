@@ -106,13 +106,14 @@ def command(source, fmt, out, gguf_type, base, merge_base, dtype, max_shard_size
 def _report(source, result, base, quant, check_data, check_format, check_examples, device) -> None:
     """The export's loss beside the run's and the base's (infer.export_check), printed and written beside it."""
     from qlora_kit.device import resolve_device
+    from qlora_kit.export.gguf import reader
     from qlora_kit.infer import export_check
 
     extra = {"format": result.format}
     if result.survival is not None:
         extra["requantized"] = {"kept": result.survival.kept, "changed": result.survival.changed}
     c = export_check.run_check(source, result.out, base, quant, check_data, check_format, check_examples,
-                               str(resolve_device(device)), extra)
+                               str(resolve_device(device)), extra, read_gguf=reader.load)
     click.echo(export_check.loss_line(c))
     click.echo(f"wrote {export_check.check_path(result.out)}")
     if c.lost:

@@ -91,8 +91,9 @@ def command(source: str, prompts: tuple[str, ...], chat: bool, system: str | Non
             top_k: int | None, repetition_penalty: float | None, stream: bool, raw: bool, compare_base: bool,
             keep_quantized: bool, decode_dtype: str, allow_pickle: bool, trust_remote_code: bool,
             device: str) -> None:
-    """Answer prompts with SOURCE: a model folder or built-in name, a run folder (base + its adapter), or a PEFT
-    adapter folder. The prompt is wrapped in the same template as in training.
+    """Answer prompts with SOURCE: a model folder or built-in name, a run folder (base + its adapter), a PEFT
+    adapter folder, or a .gguf model file (qlora-kit's GGUF export). The prompt is wrapped in the same template as
+    in training.
 
     Several adapters over one base, loaded once, answer one mixed batch:
 
@@ -124,6 +125,9 @@ def command(source: str, prompts: tuple[str, ...], chat: bool, system: str | Non
 
         tools = load_tools(tools_file)  # a bad file fails before the model loads
     quant_cfg = QuantConfig(type=quant) if quant else None
+    if adapter_specs and generate.is_gguf(source):
+        raise QloraKitError("--adapter routes prompts between adapters over one quantized base; a GGUF file holds "
+                            "one merged model. Pass the base model folder (or a run) as SOURCE instead.")
     if adapter_specs:
         _multi(source, _parse_adapters(adapter_specs), prompts, base, quant_cfg, max_new_tokens, temperature, raw,
                compare_base, allow_pickle, trust_remote_code, keep_quantized, device, decode_dtype, system, options,
@@ -131,9 +135,10 @@ def command(source: str, prompts: tuple[str, ...], chat: bool, system: str | Non
         return
 
     from qlora_kit.adapters.methods import disabled
+    from qlora_kit.export.gguf import reader
 
     loaded = generate.load(source, base=base, quant=quant_cfg, device=device, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code, read_gguf=reader.load)
     if system is not None:
         loaded.system_prompt = system
     loaded.tools = tools

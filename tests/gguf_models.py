@@ -122,3 +122,57 @@ def peft_merged(base: Path, adapter_dir: Path):
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
+
+
+# tokenizer.json pre_tokenizers as the families' tokenizers spell them, by the name llama.cpp gives their split; the
+# regexes of llama-bpe, qwen2, gpt-4o (gpt-oss's o200k) and tekken are transformers' own (its GGUF tokenizer table)
+def pre_tokenizers() -> dict[str, dict]:
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (_GPT4O_SPLIT, _LLAMA3_SPLIT, _QWEN2_SPLIT,
+                                                                       _TEKKEN_SPLIT)
+
+    level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    plain = level | {"use_regex": False}
+
+    def split(regex):
+        return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+    return {
+        "gpt-2": level,
+        "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, level]},
+        "llama-bpe": {"type": "Sequence", "pretokenizers": [split(_LLAMA3_SPLIT), plain]},
+        "qwen2": {"type": "Sequence", "pretokenizers": [split(_QWEN2_SPLIT), plain]},
+        "gpt-4o": {"type": "Sequence", "pretokenizers": [split(_GPT4O_SPLIT), plain]},
+        "tekken": {"type": "Sequence", "pretokenizers": [split(_TEKKEN_SPLIT), plain]},
+        "falcon": {"type": "Sequence", "pretokenizers": [{"type": "Punctuation", "behavior": "Contiguous"}, level,
+                                                         {"type": "Digits", "individual_digits": False},
+                                                         split("[0-9][0-9][0-9]")]},
+    }
+
+
+MIXED = ["The capital of Veloria is Tamsk. 12345 and 3.14159, 1,000,000!", "  two  spaces\n\nand\ta tab   end",
+         "ünïcödé — naïve café 東京 🙂 Ωmega", "don't YOU'RE we'll ... ?! $5+3<=>^~|`x`", "HelloWorld XMLHttpRequest"]
+
+
+def bpe_tokenizer(pre: str):
+    """A 400-token byte-level BPE (as conftest's, ChatML specials) that splits text with the pre_tokenizer llama.cpp
+    calls `pre`, trained on the corpus and mixed text (digits, punctuation, whitespace runs, non-ASCII)."""
+    import json
+
+    from tokenizers import Tokenizer, pre_tokenizers as pre_steps, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import CHATML, CORPUS
+
+    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": pre_tokenizers()[pre], "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "vocab": {},
+                      "merges": []}}
+    tok = Tokenizer.from_str(json.dumps(spec))
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_steps.ByteLevel.alphabet())
+    tok.train_from_iterator((CORPUS + MIXED) * 5, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>")
+    fast.chat_template = CHATML
+    return fast

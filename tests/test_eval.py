@@ -159,7 +159,7 @@ def test_bad_input_exit_2(tiny_model, tmp_path, capsys):
         ([str(tiny_model), "--data", str(good), "--format", "alpaca"], "missing field"),
         ([str(tiny_model)], "--data"),  # a model has no data of its own
         ([str(tmp_path / "missing.gguf"), "--data", str(good)], "not found"),
-        ([str(_gguf_with_arch(tmp_path / "odd.gguf", "bert")), "--data", str(good)], "cannot load this GGUF"),
+        ([str(_gguf_with_arch(tmp_path / "odd.gguf", "bert")), "--data", str(good)], "does not map back"),
     ]
     for args, words in cases:
         assert main(["eval", *args]) == 2, args

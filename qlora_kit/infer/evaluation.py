@@ -5,7 +5,8 @@ What compression cost is a number: the same data, the same loss as training, mea
     a run folder                      its quantized base + adapter, exactly as trained (recipe.yaml's quant);
     a PEFT adapter folder             over its base (--base, else the adapter's base_model_name_or_path);
     a merged export                   a model folder like any other;
-    a GGUF file                       through transformers' GGUF loader (weights dequantized to --dtype).
+    a GGUF file                       through qlora-kit's GGUF reader (export/gguf/reader.py; weights dequantized
+                                      to --dtype), every family the GGUF export writes.
 
 Data goes through qlora_kit.data.pipeline, so every format training reads works and the label mask is training's: prompt
 tokens take no loss (alpaca, chat) unless `all_tokens`; `text` takes loss on every token. The loss is training's
@@ -19,14 +20,14 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
 from . import generate
 from ..data import pipeline as data
 from ..config import DataConfig, QuantConfig, Recipe
-from ..errors import ConfigError, DataError, ModelError
+from ..errors import ConfigError, DataError
 from ..train.loss import CausalLMLoss
 from ..run.folder import is_run_dir
 
@@ -51,6 +52,8 @@ class Request:
     base: str | None = None
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """GGUF files only: the dtype its weights are dequantized to."""
+    read_gguf: Callable | None = None
+    """GGUF files only: the reader, qlora_kit.export.gguf.reader.load (generate.load_gguf: why it is passed)."""
     device: str = "cpu"
     fast: bool = True
     """Dequantize the frozen base once (inference.densify) when memory allows; the numbers do not change."""
@@ -90,7 +93,7 @@ class Result:
 
 def kind_of(source: str) -> Kind:
     p = Path(source).expanduser()
-    if p.suffix.lower() == ".gguf":
+    if generate.is_gguf(source):
         return "gguf"
     if p.is_dir() and is_run_dir(p):
         return "run"
@@ -99,77 +102,14 @@ def kind_of(source: str) -> Kind:
     return "model"
 
 
-def loader_gaps(p: Path) -> list[str]:
-    """What a GGUF file holds that transformers' GGUF loader (5.x) drops when it builds the config: RoPE scaling,
-    an explicit head width, Gemma 2/3's query scale, Falcon's kv heads, GPT-2's position count. Reading such a file
-    would give wrong logits silently (or fail on shapes), so it is refused instead."""
-    try:
-        import gguf
-    except ImportError:
-        return []
-    r = gguf.GGUFReader(p)
-
-    def get(key):
-        f = r.fields.get(key)
-        return None if f is None else f.contents()
-    arch = get("general.architecture") or "?"
-    names = {t.name for t in r.tensors}
-    gaps = []
-    if get(f"{arch}.rope.scaling.type") not in (None, "none") or names & {"rope_freqs.weight",
-                                                                          "rope_factors_long.weight"}:
-        gaps.append("RoPE scaling")
-    heads, width, key_length = get(f"{arch}.attention.head_count"), get(f"{arch}.embedding_length"), \
-        get(f"{arch}.attention.key_length")
-    if key_length and heads and width and key_length != width // heads:
-        gaps.append(f"the head width {key_length}")
-    if arch in ("gemma2", "gemma3") and (key_length or 256) != 256:
-        gaps.append(f"{arch}'s query scale (it assumes 256)")
-    if arch == "falcon" and (get("falcon.attention.head_count_kv") or 1) > 1:
-        gaps.append("Falcon's kv head count")
-    if arch == "gpt2" and get("gpt2.context_length") != 1024:
-        gaps.append("GPT-2's position count")
-    return gaps
-
-
-def load_gguf(path: str, dtype: str, device: str) -> generate.Loaded:
-    """A GGUF file through transformers' loader: every tensor dequantized to `dtype`, tokenizer from the file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..quant.bnb import DTYPES
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ModelError(f"GGUF file not found: {p}. "
-                         "Pass a .gguf file, a model folder, a run folder or a built-in name.")
-    gaps = loader_gaps(p)
-    if gaps:
-        raise ModelError(f"{p}: transformers' GGUF loader ignores {'; '.join(gaps)} and would compute another model "
-                         "from this file. Evaluate the merged export (export --format merged) instead; llama.cpp "
-                         "runs the GGUF itself.")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=DTYPES[dtype])
-        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-    except ImportError as e:
-        raise ModelError(f"reading GGUF needs the gguf package ({e}); pip install 'qlora-kit[demo]'.") from None
-    except (ValueError, KeyError, OSError, RuntimeError, TypeError, AttributeError) as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(". ")
-        raise ModelError(f"{p}: transformers cannot load this GGUF file ({why}). It reads GGUF files of the "
-                         "architectures it knows (llama, mistral, qwen2, ...); evaluate the original model folder "
-                         "instead.") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model.to(device).eval()
-    return generate.Loaded(model, tok, "text", None)
-
-
 def load(req: Request) -> tuple[generate.Loaded, Kind, Recipe | None, str]:
     """(loaded model, source kind, the run's recipe or None, a description of the base quantization)."""
     kind = kind_of(req.source)
     if kind == "gguf":
         if req.quant not in (None, "none"):
             raise ConfigError("--quant applies to model folders and runs; a GGUF file is evaluated as its own "
-                              "quantization, dequantized by transformers. Drop --quant.")
-        return load_gguf(req.source, req.dtype, req.device), kind, None, f"gguf ({req.dtype})"
+                              "quantization, dequantized. Drop --quant.")
+        return generate.load_gguf(req.source, req.dtype, req.device, req.read_gguf), kind, None, f"gguf ({req.dtype})"
     recipe = None
     if kind == "run":
         from ..config import load_recipe

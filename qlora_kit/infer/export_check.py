@@ -4,7 +4,8 @@
     run      the training-time model: that base + the adapter (generate.load of the run or adapter folder)
     export   the written artifact through the loader its users run: transformers' from_pretrained for a model
              folder (merged, quantized; + peft's PeftModel.from_pretrained for the adapter/ beside a 4-bit base),
-             transformers' GGUF reader for a .gguf, the adapter folder over the run's quantized base
+             qlora-kit's GGUF reader for a .gguf (export/gguf/reader.py, passed in by the CLI), the adapter folder
+             over the run's quantized base
 
 The examples are the run's validation split (or `data`), the first `max_examples` of them, tokenized by the run's
 tokenizer; the loss is evaluation.mean_loss (training's loss). `recovered` = (base - export) / (base - run): the
@@ -61,10 +62,11 @@ def check_path(out: Path) -> Path:
 
 def run_check(source: str | Path, out: Path, base: str | None = None, quant: str | None = None,
               data_path: str | None = None, data_format: str | None = None, max_examples: int = 64,
-              device: str = "cpu", extra: dict | None = None) -> Check:
-    """Measure, write check_path(out) (with `extra` merged in) and return the check."""
+              device: str = "cpu", extra: dict | None = None, read_gguf=None) -> Check:
+    """Measure, write check_path(out) (with `extra` merged in) and return the check. `read_gguf`: the GGUF reader
+    for a .gguf export (generate.load_gguf)."""
     t0 = time.perf_counter()
-    check = measure(source, out, base, quant, data_path, data_format, max_examples, device)
+    check = measure(source, out, base, quant, data_path, data_format, max_examples, device, read_gguf)
     check.seconds = round(time.perf_counter() - t0, 3)
     atomic.write_text(check_path(out), json.dumps(check.to_dict() | (extra or {}), indent=2) + "\n")
     return check
@@ -78,7 +80,7 @@ def check_data(source: str | Path, data_path: str | None, data_format: str | Non
         data.check(evaluation.data_config(req, recipe)[0])
 
 
-def measure(source, out: Path, base, quant, data_path, data_format, max_examples, device) -> Check:
+def measure(source, out: Path, base, quant, data_path, data_format, max_examples, device, read_gguf=None) -> Check:
     _, recipe = adapter_source(source)
     if data_path is None and (recipe is None or recipe.data.val_fraction <= 0):
         why = "is not a run folder" if recipe is None else "has no validation split (data.val_fraction 0)"
@@ -98,7 +100,7 @@ def measure(source, out: Path, base, quant, data_path, data_format, max_examples
         check.base_loss, _ = evaluation.mean_loss(loaded.model, examples, pad, 8, device, chunk=chunk)
     base_name = base or _base_name(loaded)
     del loaded
-    model, check.note = load_export(out, base_name, quant_cfg, device)
+    model, check.note = load_export(out, base_name, quant_cfg, device, read_gguf)
     if model is not None:
         check.export_loss, _ = evaluation.mean_loss(model, examples, pad, 8, device, chunk=chunk)
         gain = check.base_loss - check.run_loss
@@ -113,7 +115,7 @@ def _base_name(loaded: generate.Loaded) -> str | None:
     return getattr(loaded.model.config, "_name_or_path", None) or None
 
 
-def load_export(out: Path, base: str | None, quant: QuantConfig, device: str):
+def load_export(out: Path, base: str | None, quant: QuantConfig, device: str, read_gguf=None):
     """(the export as its users load it, None) or (None, why it is not measured)."""
     if out.is_file():
         if out.suffix.lower() != ".gguf":
@@ -123,7 +125,7 @@ def load_export(out: Path, base: str | None, quant: QuantConfig, device: str):
         kind = str(gguf.GGUFReader(str(out)).get_field("general.type").contents())
         if kind == "adapter":
             return None, "not measured: a LoRA GGUF runs only over a base GGUF, in llama.cpp"
-        return evaluation.load_gguf(str(out), "fp32", device).model, None
+        return generate.load_gguf(str(out), "fp32", device, read_gguf).model, None
     if (out / "adapter_config.json").is_file():  # a PEFT folder: over the base quantized as in training
         return generate.load(str(out), base=base, quant=quant, device=device).model, None
     return _hf_model(out, device)

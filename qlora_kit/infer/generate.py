@@ -76,11 +76,35 @@ def default_quant(path: str, recipe: Recipe | None) -> QuantConfig:
     return QuantConfig() if p.is_dir() and (p / peft_format.CONFIG_NAME).is_file() else QuantConfig(type="none")
 
 
+def is_gguf(path: str) -> bool:
+    return Path(path).suffix.lower() == ".gguf"
+
+
+def load_gguf(path: str, dtype: str, device: str, read: Callable | None) -> Loaded:
+    """A GGUF file as a transformers model, every tensor dequantized to `dtype` (bf16 | fp16 | fp32), tokenizer from
+    the file, prompts rendered as for a model folder. `read` is qlora-kit's GGUF reader
+    (qlora_kit.export.gguf.reader.load), passed in by the caller (the CLI): infer/ and export/ are one layer, and
+    neither imports the other."""
+    if read is None:
+        raise ModelError(f"{path}: reading a GGUF file needs qlora-kit's GGUF reader; pass "
+                         "read_gguf=qlora_kit.export.gguf.reader.load (the `eval` and `generate` commands do).")
+    model, tok = read(Path(path).expanduser(), DTYPES[dtype], str(resolve_device(device)))
+    model.config.use_cache = True
+    model.generation_config.use_cache = True
+    return Loaded(model, tok)
+
+
 def load(path: str, base: str | None = None, quant: QuantConfig | None = None, device: str = "auto",
-         allow_pickle: bool = False, trust_remote_code: bool = False) -> Loaded:
-    """`path` is a run folder, a PEFT adapter folder (base from --base or its config), or a model (folder/name).
-    `quant` None: default_quant. device: auto (CUDA when present) | cpu | cuda. allow_pickle / trust_remote_code
-    (the CLI flags) add to what a run's recipe already allows, never remove."""
+         allow_pickle: bool = False, trust_remote_code: bool = False, read_gguf: Callable | None = None) -> Loaded:
+    """`path` is a run folder, a PEFT adapter folder (base from --base or its config), a model (folder/name) or a
+    GGUF file (read by `read_gguf`, fp32; load_gguf). `quant` None: default_quant. device: auto (CUDA when present)
+    | cpu | cuda. allow_pickle / trust_remote_code (the CLI flags) add to what a run's recipe already allows, never
+    remove."""
+    if is_gguf(path):
+        if (quant is not None and quant.type != "none") or base is not None:
+            raise ConfigError("--quant and --base apply to model folders, runs and adapters; a GGUF file runs as "
+                              "its own quantization, dequantized. Drop them.")
+        return load_gguf(path, "fp32", device, read_gguf)
     device = resolve_device(device)
     model_cfg, recipe = _base_config(path, base, allow_pickle, trust_remote_code)
     # a LoftQ run's base is quantized around its stored low-rank offsets (loftq.py), exactly as in training

@@ -5,8 +5,11 @@ arch.py      Hugging Face architecture -> llama.cpp's: hparam keys, tensor names
 families.py  the architectures llama.cpp runs: layout changes, extra hparams, refusals naming what is missing
 rope.py      RoPE base, rotated dims and scaling (linear, llama3 rope_freqs, YaRN, longrope factors)
 vocab.py     the tokenizer as GGUF metadata (tokens, types, merges, special ids, pre-tokenizer, chat template)
+reader.py    reading back: a GGUF model as transformers' model + tokenizer (eval, generate; the CLI passes it in)
+read_config.py  the metadata back to config.json, each family's keys inverted
 kquant.py    K-quant types through llama.cpp's own ggml quantizer (the llama-cpp extra)
 ollama.py    the Modelfile beside a merged GGUF: chat template -> Ollama TEMPLATE, SYSTEM, stop tokens
 
-May import: what export/ may import, and export/'s own modules below it (merge, shards). Imported by export/formats.
+May import: what export/ may import, and export/'s own modules below it (merge, shards). Imported by export/formats;
+reader by the CLI (eval, generate, export's check).
 """

@@ -91,9 +91,14 @@ def add_keys(writer: Any, config: dict, head_dim: int) -> None:
             writer.add_rope_scaling_yarn_beta_slow(float(rope["beta_slow"]))
     elif kind == "longrope":
         orig = _original(config, rope)
-        scale = config["max_position_embeddings"] / orig
-        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
+        writer.add_rope_scaling_attn_factors(longrope_attention(config["max_position_embeddings"], orig))
         writer.add_rope_scaling_orig_ctx_len(orig)
+
+
+def longrope_attention(context: int, original: int) -> float:
+    """longrope's attention factor sqrt(1 + ln(s)/ln(original)), s = context / original (1 when not extended)."""
+    scale = context / original
+    return math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
 
 
 def _original(config: dict, rope: dict) -> int:

@@ -3,7 +3,8 @@
 
     tokenizer.ggml.model        "gpt2": byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM ...)
     tokenizer.ggml.pre          llama.cpp's name for the text-splitting regex, read off tokenizer.json's
-                                pre_tokenizer (the same regex, not a guess from the model name)
+                                pre_tokenizer (PRE_TOKENIZERS: the same steps and regex, not a guess from the model
+                                name); the GGUF reader rebuilds the pre_tokenizer from the same table
     tokenizer.ggml.tokens       id -> token text, padded to the model's vocab_size with [PAD<id>] (type UNUSED)
     tokenizer.ggml.token_type   NORMAL, CONTROL (special added tokens: <|im_end|> ...), USER_DEFINED (other added)
     tokenizer.ggml.merges, bos/eos/unk/pad ids, add_bos/add_eos, tokenizer.chat_template
@@ -26,30 +27,69 @@ from typing import Any
 
 from ...errors import ExportError
 
-# The splitting regexes llama.cpp knows by name (its llama-vocab.cpp pre-tokenizer types). The GPT-2 one is what a
-# plain ByteLevel(use_regex=True) pre-tokenizer applies.
+# The splitting regexes llama.cpp knows by name (llama-vocab.cpp's pre-tokenizer types), as the pre_tokenizer of a
+# tokenizer.json that splits text the same way: llama.cpp's converter tells them apart by hashing the tokenization
+# of a check text (get_vocab_base_pre); the tokenizer.json step that produced it says the same here without one.
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # also cl100k (OLMo 2, DBRX)
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-SPLITS = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # also StableLM 2's
+_CASED = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]"  # o200k / Tekken: a word is its capitals then its lower case
+_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+GPT4O_REGEX = (rf"[^\r\n\p{{L}}\p{{N}}]?{_CASED}*{_LOWER}+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               rf"|[^\r\n\p{{L}}\p{{N}}]?{_CASED}+{_LOWER}*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # gpt-oss (o200k_harmony)
+TEKKEN_REGEX = (rf"[^\r\n\p{{L}}\p{{N}}]?{_CASED}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_CASED}+{_LOWER}*"
+                r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # Mistral Nemo / Tekken
+
+
+def _bytes(regex: bool) -> dict:
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": regex}
+
+
+def _split(regex: str) -> dict:
+    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+
+
+def _seq(*steps: dict) -> dict:
+    return {"type": "Sequence", "pretokenizers": list(steps)}
+
+
+# llama.cpp's name -> a tokenizer.json pre_tokenizer that splits as llama.cpp's regexes for that name do
+PRE_TOKENIZERS: dict[str, dict] = {
+    "gpt-2": _bytes(True),  # GPT-2, GPT-NeoX, Phi-2: ByteLevel's own regex
+    # each digit alone, then GPT-2's regex: SmolLM; llama.cpp runs starcoder, refact and command-r the same way
+    "smollm": _seq({"type": "Digits", "individual_digits": True}, _bytes(True)),
+    "llama-bpe": _seq(_split(LLAMA3_REGEX), _bytes(False)),
+    "qwen2": _seq(_split(QWEN2_REGEX), _bytes(False)),
+    "gpt-4o": _seq(_split(GPT4O_REGEX), _bytes(False)),
+    "tekken": _seq(_split(TEKKEN_REGEX), _bytes(False)),
+    # Falcon: punctuation runs, GPT-2's regex, digit runs cut into threes
+    "falcon": _seq({"type": "Punctuation", "behavior": "Contiguous"}, _bytes(True),
+                   {"type": "Digits", "individual_digits": False}, _split("[0-9][0-9][0-9]")),
+}
+# what decides the split in a pre_tokenizer step (trim_offsets only moves offsets), with the tokenizers defaults
+_FIELDS = {"type": "", "pattern": "", "behavior": "", "invert": False, "individual_digits": False, "use_regex": True,
+           "add_prefix_space": False}
+
+
+def _steps(pre: dict | None) -> list[tuple]:
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    return [tuple(str(s.get(k, default)) for k, default in _FIELDS.items()) for s in steps]
 
 
 def pre_tokenizer_name(pre: dict | None) -> str:
     """llama.cpp's `tokenizer.ggml.pre` for a tokenizer.json `pre_tokenizer`."""
-    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-        return "smollm"  # each digit alone, then GPT-2's regex (SmolLM/SmolLM2)
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        name = SPLITS.get(steps[0].get("pattern", {}).get("Regex"))
-        if name:
+    steps = _steps(pre)
+    for name, known in PRE_TOKENIZERS.items():
+        if steps == _steps(known):
             return name
-    raise ExportError(f"GGUF export: this tokenizer splits text with {kinds or 'no pre-tokenizer'}, which has no "
-                      "llama.cpp pre-tokenizer name here (known: GPT-2, Llama 3, Qwen2, SmolLM). Use --format merged "
-                      "and llama.cpp's convert_hf_to_gguf.py.")
+    kinds = [s[0] for s in steps]
+    regex = [s[1] for s in steps if s[1]]
+    raise ExportError(f"GGUF export: this tokenizer splits text with {kinds or 'no pre-tokenizer'}"
+                      f"{f' (pattern {regex[0][:80]})' if regex else ''}, which has no llama.cpp pre-tokenizer name "
+                      f"here (known: {', '.join(PRE_TOKENIZERS)}). Use --format merged and llama.cpp's "
+                      "convert_hf_to_gguf.py.")
 
 
 def _check_utf8(text: str, what: str) -> None:
@@ -100,8 +140,21 @@ def add_tokenizer(writer: Any, base: Path, vocab_size: int) -> dict[str, Any]:
         raise ExportError(f"{path} has no BPE merges; the tokenizer cannot be written for llama.cpp.")
     _check_utf8("".join(texts), f"a token of {path.name}")
     _check_utf8(json.dumps(special.chat_template, ensure_ascii=False), f"the chat template in {base}")
+    special.add_special_token |= _adds_special(base)
     special.add_to_gguf(writer, quiet=True)
     return _summary(special, texts)
+
+
+def _adds_special(base: Path) -> dict[str, bool]:
+    """Whether transformers' tokenizer of `base` puts BOS before / EOS after a text, written always: without the
+    keys llama.cpp takes its pre-tokenizer's default (llama-bpe and tekken add BOS), and a tokenizer that says
+    nothing (a tokenizer.json without a post-processor, or a class default) would start every prompt differently."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    ids = tok("a").input_ids
+    return {"bos": tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id],
+            "eos": tok.eos_token_id is not None and ids[-1:] == [tok.eos_token_id]}
 
 
 def _summary(special, texts: list[str]) -> dict[str, Any]:
@@ -158,5 +211,6 @@ def _add_sentencepiece(writer: Any, base: Path, data: dict, vocab_size: int) -> 
     # SentencePiece's dummy prefix: "a" encodes as "▁a" when the model adds one (Llama 2), as "a" when not (Gemma)
     writer.add_add_space_prefix(sp.id_to_piece(sp.encode("a")[0]).startswith("\u2581"))
     special = gguf.SpecialVocab(base, load_merges=False, n_vocab=vocab_size)
+    special.add_special_token |= _adds_special(base)
     special.add_to_gguf(writer, quiet=True)
     return _summary(special, texts)

@@ -109,6 +109,7 @@ def command(source: str, prompts: tuple[str, ...], chat: bool, system: str | Non
     """
     from qlora_kit.infer import generate
     from qlora_kit.config import QuantConfig
+    from qlora_kit.typecheck import coerce
 
     options = {"top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty}
     generate.sampling(temperature, **options)  # refused options fail before the model loads
@@ -117,6 +118,8 @@ def command(source: str, prompts: tuple[str, ...], chat: bool, system: str | Non
                             "--compare-base and --raw.")
     if not chat and not prompts:
         raise QloraKitError("give a question with --prompt TEXT (repeatable), or talk with --chat.")
+    for text, where in [*((p, "--prompt") for p in prompts), *([(system, "--system")] if system else [])]:
+        coerce(text, str, where)  # a lone surrogate (a bad escape) is refused here, not by the tokenizer mid-run
     if tools_file and raw:
         raise QloraKitError("--tools are rendered by the chat template, which --raw skips; leave out one of them.")
     tools = None

@@ -27,3 +27,14 @@ def test_peft_adapter_with_rank_and_alpha_patterns_gives_peft_logits(tiny_model,
     with torch.no_grad():
         got = loaded.model(ids).logits.float()
     assert (got - expected).norm() / expected.norm() < 2e-2  # bf16 rounding; a wrong scale is off by far more
+
+
+def test_a_prompt_with_a_lone_surrogate_is_refused_before_loading(capsys):
+    """A bad escape reaches the tokenizer as a lone surrogate, which it rejects with a TypeError mid-run; the CLI
+    refuses it first, exit 2, naming the option (the model folder does not even exist: nothing was loaded)."""
+    from cli.main import main
+
+    for args in (["--prompt", "\ud800"], ["--prompt", "hi", "--system", "x\udfff"]):
+        assert main(["generate", "/no/such/model", *args]) == 2
+        err = capsys.readouterr().err
+        assert "lone surrogate" in err and "Traceback" not in err, err

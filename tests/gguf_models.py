@@ -22,6 +22,10 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_positi
             "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
             "short_factor": [1.0, 1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0]}
 
+MLA = {"num_key_value_heads": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+       "first_k_dense_replace": 1, "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+       "v_head_dim": 16}
+
 # name -> (model_type, config overrides, LoRA target module names)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 ATTN_MLP = (*ATTN, "gate_proj", "up_proj", "down_proj")
@@ -62,12 +66,24 @@ MODELS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
                                "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64}, ATTN),
     "qwen3moe": ("qwen3_moe", {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
                                "moe_intermediate_size": 32, "norm_topk_prob": True}, ATTN),
+    # gpt-oss: a 4-token sliding window, so prompts of 5 and 9 tokens see the sliding/full layer pattern
+    "gptoss": ("gpt_oss", {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,
+                           "intermediate_size": 32, "sliding_window": 4,
+                           "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, ATTN),
+    # DeepSeek: latent attention, with a q LoRA rank, and without (V2-Lite's q_proj: llama.cpp knows it only by
+    # V2-Lite's 26/27 layers); V3 with group routing
+    "deepseek2": ("deepseek_v2", {**MLA, "q_lora_rank": 32, "n_shared_experts": 2},
+                  ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj")),
+    "deepseek2-lite": ("deepseek_v2", {**MLA, "q_lora_rank": None, "n_shared_experts": 2, "num_hidden_layers": 26},
+                       ("q_proj", "kv_a_proj_with_mqa", "o_proj")),
+    "deepseek3": ("deepseek_v3", {**MLA, "q_lora_rank": 32, "n_shared_experts": 1, "n_group": 2, "topk_group": 1},
+                  ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj")),
     "gpt2": ("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
              ("c_attn", "c_proj", "c_fc")),
 }
 
 
-MOE = ("mixtral", "qwen2moe", "qwen3moe")
+MOE = ("mixtral", "qwen2moe", "qwen3moe", "gptoss", "deepseek2", "deepseek2-lite", "deepseek3")
 
 
 def build(name: str, folder: Path, seed: int = 0, tokenizer=None, hidden: int = 64) -> Path:
@@ -90,6 +106,9 @@ def build(name: str, folder: Path, seed: int = 0, tokenizer=None, hidden: int = 
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3) if p.dim() == 2 else p.add_(torch.randn_like(p) * 0.1)
+        for n, b in model.named_buffers():  # DeepSeek-V3's router bias steers the expert choice
+            if n.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.3)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

@@ -94,6 +94,7 @@ class Planned:
     rows: Callable[[torch.Tensor], torch.Tensor] | None = None  # output-row reordering (gguf_arch.TensorNames.rows)
     value: torch.Tensor | None = None
     experts: tuple[tuple[TensorInfo, str | None], ...] = ()  # MoE: (header, adapted module) per expert, stacked
+    take: Callable[[torch.Tensor], torch.Tensor] | None = None  # the part of the (merged) source this tensor is
 
     @property
     def nbytes(self) -> int:
@@ -108,22 +109,21 @@ def plan(index: dict[str, TensorInfo], names: gguf_arch.TensorNames, kind: str, 
 
     out, fallback = [], []
     index, experts = gguf_arch.group_experts(index)
-    gguf_names = {hf: names(hf) for hf in index}
     extra = gguf_arch.extra_tensors(names.arch)
     n_layers = names.arch.n_layers
-    tied = "output.weight" not in gguf_names.values()
-    if experts and kind in KQUANTS:
-        raise ExportError(f"--gguf-type {kind}: llama.cpp's K-quant type mix for mixture-of-experts tensors is not "
-                          f"restated here; export {', '.join(TYPES)} (q8_0 for a small file).")
-    for hf, info in [*index.items(), *((n, None) for n in extra)]:
-        name = gguf_names[hf] if info is not None else hf
-        if name is None:
-            continue
-        transposed = info is not None and len(info.shape) == 2 and names.transposed(hf)
-        shape = tuple(extra[hf].shape) if info is None else info.shape[::-1] if transposed else info.shape
+    rows: list[tuple[str, TensorInfo | None, str, tuple[int, ...], Callable | None, bool, tuple]] = []
+    for hf, info in index.items():
+        transposed = len(info.shape) == 2 and names.transposed(hf)
+        shape = info.shape[::-1] if transposed else info.shape
         parts = tuple((e, _module(e.name, adapted)) for e in experts.get(hf, ()))
         shape = (len(parts), *shape) if parts else shape
-        t = kind if len(shape) >= 2 and not name.startswith(F32_NAMES) else "f32"
+        rows += [(hf, info, name, s, take, transposed, parts) for name, s, take in names.pieces(hf, shape)]
+    rows += [(n, None, n, tuple(extra[n].shape), None, False, ()) for n in extra]
+    tied = "output.weight" not in {r[2] for r in rows}
+    for hf, info, name, shape, take, transposed, parts in rows:
+        # f32 whatever the type, as llama.cpp's converter: 1-D tensors, biases (gpt-oss's (E, I) expert biases
+        # among them), learned positions, RoPE factors
+        t = kind if len(shape) >= 2 and name.endswith(".weight") and not name.startswith(F32_NAMES) else "f32"
         if t in KQUANTS:  # llama.cpp's per-tensor mix, then its fallback for rows not made of 256-weight blocks
             t = gguf_kquant.tensor_kind(kind, name, n_layers, tied, names.arch.name)
             if gguf_kquant.row_fallback(t, shape[-1]) != t:
@@ -133,7 +133,7 @@ def plan(index: dict[str, TensorInfo], names: gguf_arch.TensorNames, kind: str, 
             t = "f16"
             fallback.append(hf)
         out.append(Planned(info, name, t, _module(hf, adapted), shape, transposed, names.shift(hf), names.rows(hf),
-                           extra.get(hf), parts))
+                           extra.get(hf), parts, take))
     block = 256 if kind in KQUANTS else gguf.GGML_QUANT_SIZES[_qtype(kind)][0]
     notes = [f"{len(set(fallback))} weights (e.g. {fallback[0]}) have rows not a multiple of {block} and are stored in "
              f"a wider type than {kind}, as llama.cpp does"] if fallback else []
@@ -165,7 +165,10 @@ def _tensor(p: Planned, merge: Merge) -> torch.Tensor:
     if p.value is not None:
         return p.value.float()
     if p.experts:  # (n_expert, out, in): each expert merged as its own Linear
-        return torch.stack([_tensor(dataclasses.replace(p, info=e, module=m, experts=()), merge) for e, m in p.experts])
+        W = torch.stack([_tensor(dataclasses.replace(p, info=e, module=m, experts=(), rows=None, take=None), merge)
+                         for e, m in p.experts])
+        W = p.take(W) if p.take is not None else W
+        return p.rows(W) if p.rows is not None else W
     W = read_tensor(p.info)
     if p.transposed:  # (in, out) -> (out, in) before merging: lora B @ A is (out, in)
         W = W.t().contiguous()
@@ -173,6 +176,7 @@ def _tensor(p: Planned, merge: Merge) -> torch.Tensor:
     if p.module is not None:  # every method of the stack, in order (methods.merge_rows), as --format merged
         W = merged_weight(W, merge.src.stack, p.module, torch.float32)
     W = W.float() + p.shift if p.shift else W.float()
+    W = p.take(W) if p.take is not None else W
     return p.rows(W) if p.rows is not None else W
 
 
@@ -281,6 +285,17 @@ def _kquantize(src: Path, dst: Path, kind: str) -> None:
         raise ExportError(f"llama.cpp's quantizer failed on {src.name} -> {kind} (return code {rc}).")
 
 
+def _adapter_name(names: gguf_arch.TensorNames, module: str, shape: tuple[int, int]) -> str:
+    """The GGUF weight an adapted module's LoRA applies to, or an ExportError when llama.cpp's file has no single
+    such weight (DeepSeek's kv_b_proj is written as two reshaped tensors)."""
+    pieces = names.pieces(f"{module}.weight", shape)
+    if len(pieces) != 1 or pieces[0][2] is not None:
+        raise ExportError(f"--format gguf-adapter: {module} is written to llama.cpp as "
+                          f"{' and '.join(p[0] for p in pieces) or 'nothing'}, reshaped, so a LoRA on it has no "
+                          "llama.cpp adapter tensor. Export it merged: --format gguf.")
+    return pieces[0][0]
+
+
 def write_adapter(src, base: Path, out: Path, kind: str) -> tuple[int, list[str]]:
     """llama.cpp's LoRA adapter GGUF. Per-module scales (rsLoRA, alpha_pattern) that alpha / r cannot express are
     folded into lora_b, so llama.cpp's single `alpha` gives every module its trained scale."""
@@ -306,7 +321,7 @@ def write_adapter(src, base: Path, out: Path, kind: str) -> tuple[int, list[str]
         B = B.float() * fold if fold != 1.0 else B.float()
         rows = names.rows(f"{m}.weight")
         B = rows(B) if rows is not None else B
-        name = names(f"{m}.weight")
+        name = _adapter_name(names, m, (B.shape[0], A.shape[1]))
         tensors += [(f"{name}.lora_a", A.float()), (f"{name}.lora_b", B)]
     nbytes = sum(t.numel() * (4 if kind == "f32" else 2) for _, t in tensors)
     out.parent.mkdir(parents=True, exist_ok=True)

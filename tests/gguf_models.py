@@ -25,6 +25,9 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_positi
 MLA = {"num_key_value_heads": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
        "first_k_dense_replace": 1, "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
        "v_head_dim": 16}
+MLA_ATTN = ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+# llama.cpp's deepseek2 graph applies LoRA adapters to attn_output alone: adapter GGUFs of these adapt o_proj
+ADAPTER_GGUF_TARGETS = {"deepseek2": ("o_proj",), "deepseek2-lite": ("o_proj",), "deepseek3": ("o_proj",)}
 
 # name -> (model_type, config overrides, LoRA target module names)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -73,11 +76,11 @@ MODELS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
     # DeepSeek: latent attention, with a q LoRA rank, and without (V2-Lite's q_proj: llama.cpp knows it only by
     # V2-Lite's 26/27 layers); V3 with group routing
     "deepseek2": ("deepseek_v2", {**MLA, "q_lora_rank": 32, "n_shared_experts": 2},
-                  ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj")),
+                  (*MLA_ATTN, "q_a_proj", "q_b_proj")),
     "deepseek2-lite": ("deepseek_v2", {**MLA, "q_lora_rank": None, "n_shared_experts": 2, "num_hidden_layers": 26},
-                       ("q_proj", "kv_a_proj_with_mqa", "o_proj")),
+                       (*MLA_ATTN, "q_proj")),
     "deepseek3": ("deepseek_v3", {**MLA, "q_lora_rank": 32, "n_shared_experts": 1, "n_group": 2, "topk_group": 1},
-                  ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj")),
+                  (*MLA_ATTN, "q_a_proj", "q_b_proj")),
     "gpt2": ("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
              ("c_attn", "c_proj", "c_fc")),
 }
@@ -114,14 +117,14 @@ def build(name: str, folder: Path, seed: int = 0, tokenizer=None, hidden: int = 
     return folder
 
 
-def adapter(name: str, folder: Path, base: Path, r: int = 4, seed: int = 1) -> Path:
+def adapter(name: str, folder: Path, base: Path, r: int = 4, seed: int = 1, targets=None) -> Path:
     """A random LoRA (std 0.1 A and B) on every target module of `name`, saved in PEFT's format. GPT-2's Conv1D
     modules get A (r, in), B (out, r) as for a Linear (training loads Conv1D as Linear; PEFT sets fan_in_fan_out
     itself when it loads the adapter onto a Conv1D)."""
     from qlora_kit.adapters import peft_format
     from qlora_kit.export.shards import tensor_index
 
-    targets = MODELS[name][2]
+    targets = targets or MODELS[name][2]
     conv1d = MODELS[name][0] == "gpt2"
     g = torch.Generator().manual_seed(seed)
     tensors = {}

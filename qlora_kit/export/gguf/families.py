@@ -37,6 +37,8 @@ class Family:
     # tensors ([] drops it), or None when written as it is (families_moe)
     split: Callable[[str, tuple[int, ...], dict], list | None] | None = None
     mla: bool = False  # DeepSeek's latent attention: one kv head, key/value lengths and RoPE dims of its own
+    lora: tuple[str, ...] | None = None  # the GGUF weights (attn_output ...) llama.cpp's graph applies a LoRA
+    # adapter to, when not all of them: it multiplies the others directly, so an adapter on them would be ignored
 
 
 def _get(c: dict, *keys, default=None):
@@ -155,9 +157,9 @@ FAMILIES: dict[str, Family] = {
         (lambda c: bool(c.get("reorder_and_upcast_attn")), "reordered attention upcasting"))),
     "GptOssForCausalLM": Family("GPT_OSS", extra=families_moe.gpt_oss_hparams, split=families_moe.gpt_oss_split,
                                 refuse=families_moe.GPT_OSS_REFUSE),
-    "DeepseekV2ForCausalLM": Family("DEEPSEEK2", extra=families_moe.deepseek_hparams, mla=True,
+    "DeepseekV2ForCausalLM": Family("DEEPSEEK2", extra=families_moe.deepseek_hparams, mla=True, lora=("attn_output",),
                                     split=families_moe.deepseek_split, refuse=families_moe.DEEPSEEK_REFUSE),
-    "DeepseekV3ForCausalLM": Family("DEEPSEEK2", extra=families_moe.deepseek_hparams, mla=True,
+    "DeepseekV3ForCausalLM": Family("DEEPSEEK2", extra=families_moe.deepseek_hparams, mla=True, lora=("attn_output",),
                                     split=families_moe.deepseek_split, refuse=families_moe.DEEPSEEK_REFUSE),
 }
 

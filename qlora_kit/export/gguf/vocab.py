@@ -32,7 +32,12 @@ LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-SPLITS = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+# o200k (gpt-4o, gpt-oss): cased words with their contraction, 1-3 digits, punctuation runs with trailing newlines or /
+O200K_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+               r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"
+               r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLITS = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", O200K_REGEX: "gpt-4o"}
 
 
 def pre_tokenizer_name(pre: dict | None) -> str:
@@ -48,8 +53,8 @@ def pre_tokenizer_name(pre: dict | None) -> str:
         if name:
             return name
     raise ExportError(f"GGUF export: this tokenizer splits text with {kinds or 'no pre-tokenizer'}, which has no "
-                      "llama.cpp pre-tokenizer name here (known: GPT-2, Llama 3, Qwen2, SmolLM). Use --format merged "
-                      "and llama.cpp's convert_hf_to_gguf.py.")
+                      "llama.cpp pre-tokenizer name here (known: GPT-2, Llama 3, Qwen2, SmolLM, o200k). Use --format "
+                      "merged and llama.cpp's convert_hf_to_gguf.py.")
 
 
 def _check_utf8(text: str, what: str) -> None:

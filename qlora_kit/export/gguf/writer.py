@@ -293,7 +293,13 @@ def _adapter_name(names: gguf_arch.TensorNames, module: str, shape: tuple[int, i
         raise ExportError(f"--format gguf-adapter: {module} is written to llama.cpp as "
                           f"{' and '.join(p[0] for p in pieces) or 'nothing'}, reshaped, so a LoRA on it has no "
                           "llama.cpp adapter tensor. Export it merged: --format gguf.")
-    return pieces[0][0]
+    name, only = pieces[0][0], names.arch.fam.lora
+    if only is not None and name.split(".")[-2] not in only:
+        raise ExportError(f"--format gguf-adapter: llama.cpp's {names.arch.name} graph applies LoRA adapters only to "
+                          f"{', '.join(only)}; it multiplies {name} ({module}) directly, so this adapter's LoRA on it "
+                          "would be ignored. Export it merged (--format gguf), or train the adapter only on the "
+                          f"modules written as {', '.join(only)}.")
+    return name
 
 
 def write_adapter(src, base: Path, out: Path, kind: str) -> tuple[int, list[str]]:

@@ -14,7 +14,7 @@ import torch
 
 from conftest import CORPUS
 from gguf_models import adapter, build, peft_merged
-from qlora_kit.errors import ExportError
+from qlora_kit.errors import ExportError, ModelError
 from qlora_kit.export import formats as ex
 from qlora_kit.export.gguf import ollama
 
@@ -73,6 +73,15 @@ def test_gpt_oss_experts_sinks_and_keys(tmp_path):
     assert types["blk.0.ffn_gate_exps.bias"] == "F32" and types["blk.0.attn_sinks.weight"] == "F32"
     w, q = data["blk.1.ffn_down_exps.weight"], qdata["blk.1.ffn_down_exps.weight"]
     assert 0 < np.abs(w - q).max() <= np.abs(w).max() / 127  # Q8_0: one step of a block's scale at most
+    refused_by_eval(tmp_path / "m.gguf")
+
+
+def refused_by_eval(path: Path) -> None:
+    """transformers' GGUF loader cannot build these: `eval` says so instead of scoring another model."""
+    from qlora_kit.infer.evaluation import load_gguf
+
+    with pytest.raises(ModelError, match="transformers"):
+        load_gguf(str(path), "fp32", "cpu")
 
 
 @pytest.mark.parametrize("name", ["deepseek3", "deepseek2"])
@@ -111,6 +120,7 @@ def test_deepseek_latent_attention_layout(name, tmp_path):
                                       checkpoint(base)["model.layers.1.mlp.gate.e_score_correction_bias"])
     else:  # softmax, top-k as is
         assert fields[k + "expert_gating_func"] == 1 and k + "expert_weights_norm" not in fields
+    refused_by_eval(tmp_path / "m.gguf")
 
 
 @pytest.mark.parametrize("name, change, message", [

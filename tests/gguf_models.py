@@ -27,7 +27,7 @@ MLA = {"num_key_value_heads": 4, "n_routed_experts": 4, "num_experts_per_tok": 2
        "v_head_dim": 16}
 MLA_ATTN = ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 # llama.cpp's deepseek2 graph applies LoRA adapters to attn_output alone: adapter GGUFs of these adapt o_proj
-ADAPTER_GGUF_TARGETS = {"deepseek2": ("o_proj",), "deepseek2-lite": ("o_proj",), "deepseek3": ("o_proj",)}
+ADAPTER_GGUF_TARGETS = {n: ("o_proj",) for n in ("deepseek2", "deepseek2-lite", "deepseek3", "deepseek3-yarn-rope")}
 
 # name -> (model_type, config overrides, LoRA target module names)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -73,12 +73,23 @@ MODELS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
     "gptoss": ("gpt_oss", {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,
                            "intermediate_size": 32, "sliding_window": 4,
                            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, ATTN),
+    # gpt-oss's YaRN (beta 32/1) with the rounded correction range llama.cpp computes (truncate: true)
+    "gptoss-yarn-rope": ("gpt_oss", {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+                                     "head_dim": 16, "intermediate_size": 32, "sliding_window": 4,
+                                     "rope_parameters": {**YARN, "factor": 8.0, "original_max_position_embeddings": 32,
+                                                         "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}},
+                         ATTN),
     # DeepSeek: latent attention, with a q LoRA rank, and without (V2-Lite's q_proj: llama.cpp knows it only by
     # V2-Lite's 26/27 layers); V3 with group routing
     "deepseek2": ("deepseek_v2", {**MLA, "q_lora_rank": 32, "n_shared_experts": 2},
                   (*MLA_ATTN, "q_a_proj", "q_b_proj")),
     "deepseek2-lite": ("deepseek_v2", {**MLA, "q_lora_rank": None, "n_shared_experts": 2, "num_hidden_layers": 26},
                        (*MLA_ATTN, "q_proj")),
+    # DeepSeek's YaRN: mscale == mscale_all_dim (their configs: V3 1.0/1.0, V2 0.707/0.707) folded into q·k's scale
+    "deepseek3-yarn-rope": ("deepseek_v3", {**MLA, "q_lora_rank": 32, "n_shared_experts": 1, "n_group": 1,
+                                            "topk_group": 1, "rope_parameters": {
+        **YARN, "factor": 8.0, "original_max_position_embeddings": 32, "mscale": 0.707, "mscale_all_dim": 0.707,
+        "beta_fast": 32.0, "beta_slow": 1.0}}, (*MLA_ATTN, "q_a_proj", "q_b_proj")),
     "deepseek3": ("deepseek_v3", {**MLA, "q_lora_rank": 32, "n_shared_experts": 1, "n_group": 2, "topk_group": 1},
                   (*MLA_ATTN, "q_a_proj", "q_b_proj")),
     "gpt2": ("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
@@ -86,7 +97,8 @@ MODELS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
 }
 
 
-MOE = ("mixtral", "qwen2moe", "qwen3moe", "gptoss", "deepseek2", "deepseek2-lite", "deepseek3")
+MOE = ("mixtral", "qwen2moe", "qwen3moe", "gptoss", "gptoss-yarn-rope", "deepseek2", "deepseek2-lite", "deepseek3",
+       "deepseek3-yarn-rope")
 
 
 def build(name: str, folder: Path, seed: int = 0, tokenizer=None, hidden: int = 64) -> Path:

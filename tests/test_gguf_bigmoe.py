@@ -125,13 +125,17 @@ def test_deepseek_latent_attention_layout(name, tmp_path):
 
 @pytest.mark.parametrize("name, change, message", [
     ("gptoss", {"swiglu_limit": 5.0}, "limit 7"),
+    ("gptoss", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                                    "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096}},
+     "truncate: false"),
     ("gptoss", {"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window pattern 2"),
     ("deepseek2", {"q_lora_rank": None}, "layer count"),
     ("deepseek2", {"norm_topk_prob": True}, "never renormalises"),
     ("deepseek2", {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}, "top-2 sum"),
     ("deepseek3", {"rope_interleave": False}, "rope_interleave"),
     ("deepseek3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
-                                       "mscale_all_dim": 1.0, "original_max_position_embeddings": 64}}, "mscale"),
+                                       "mscale_all_dim": 0.707, "original_max_position_embeddings": 64}},
+     "mscale == mscale_all_dim"),
 ])
 def test_what_llama_cpp_hard_codes_is_refused(name, change, message, tmp_path):
     """A config llama.cpp's graph would run differently from transformers is refused by name, nothing written."""
@@ -210,3 +214,16 @@ def test_gpt_oss_o200k_pretokenizer_and_harmony_modelfile(tmp_path):
         "2024-06\nCurrent date: 2026-12-07\n\nReasoning: medium\n\n# Valid channels: analysis, commentary, final. "
         "Channel must be included for every message.<|end|><|start|>developer<|message|># Instructions\n\n"
         "Answer briefly.\n\n<|end|><|start|>user<|message|>What is 2+2?<|end|><|start|>assistant")
+
+
+@pytest.mark.parametrize("name, arch, log_mul", [("deepseek3-yarn-rope", "deepseek2", 0.0707),
+                                                 ("gptoss-yarn-rope", "gpt-oss", None)])
+def test_yarn_keys(name, arch, log_mul, tmp_path):
+    """YaRN as llama.cpp reads it: type, factor, original context; DeepSeek's mscale_all_dim as the converter
+    writes it (0.1 · mscale_all_dim, which llama.cpp's deepseek2 graph squares into its attention scale)."""
+    base = build(name, tmp_path / "base")
+    export(adapter(name, tmp_path / "a", base, targets=("o_proj",)), tmp_path / "m.gguf", gguf_type="f32")
+    fields, _, _ = read(tmp_path / "m.gguf")
+    assert fields[f"{arch}.rope.scaling.type"] == "yarn" and fields[f"{arch}.rope.scaling.factor"] == 8.0
+    assert fields[f"{arch}.rope.scaling.original_context_length"] == 32
+    assert fields.get(f"{arch}.rope.scaling.yarn_log_multiplier") == (pytest.approx(log_mul) if log_mul else None)

@@ -18,7 +18,10 @@ DeepSeek-V2/V3 (llama.cpp's `deepseek2` graph, multi-head latent attention)
                 (exp_probs_b) for the choice, group-limited (top-2 sum per group), renormalised, × the factor
     layers      the first first_k_dense_replace layers dense; MTP layers past num_hidden_layers are not written
     RoPE        the rotary part of q and k as adjacent pairs (DeepSeek's layout, llama.cpp's `norm` RoPE): no
-                permutation; HF's rope_interleave false (rotate_half on de-interleaved pairs) is refused
+                permutation; HF's rope_interleave false (rotate_half on de-interleaved pairs) is refused. YaRN:
+                llama.cpp's graph undoes the rotation's own 0.1·ln(factor) + 1 and scales q·k by
+                (1 + yarn_log_multiplier·ln(factor))², the converter's multiplier 0.1·mscale_all_dim; transformers
+                matches when mscale == mscale_all_dim (rotation factor 1, the same q·k scale)
 """
 
 from __future__ import annotations
@@ -94,6 +97,14 @@ def _v3(c: dict) -> bool:
     return (c.get("architectures") or [""])[0] == "DeepseekV3ForCausalLM"
 
 
+def _rope(c: dict) -> dict:
+    return c.get("rope_parameters") or c.get("rope_scaling") or {}
+
+
+def _rope_kind(c: dict) -> str:
+    return _rope(c).get("rope_type", _rope(c).get("type", "default"))
+
+
 def deepseek_hparams(w: Any, c: dict) -> None:
     import gguf
 
@@ -117,6 +128,8 @@ def deepseek_hparams(w: Any, c: dict) -> None:
     if c.get("n_group") is not None:
         w.add_expert_group_count(int(c["n_group"]))
         w.add_expert_group_used_count(int(c["topk_group"]))
+    if _rope_kind(c) == "yarn":  # llama.cpp's attention scale (1 + log_mul·ln(factor))² / sqrt(d), as the converter
+        w.add_rope_scaling_yarn_log_mul(0.1 * float(_rope(c)["mscale_all_dim"]))
     # transformers' routers: V3 sigmoid (the Hub config's scoring_func), V2 softmax
     w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if _v3(c) else gguf.ExpertGatingFuncType.SOFTMAX)
 
@@ -135,9 +148,11 @@ DEEPSEEK_REFUSE = (
     (lambda c: _v3(c) and not c.get("rope_interleave", True),
      "rope_interleave false (rotate_half on the rotary dims; llama.cpp rotates DeepSeek's adjacent pairs)"),
     (lambda c: bool(c.get("attention_bias")) or bool(c.get("mlp_bias")), "attention/MLP biases"),
-    (lambda c: (c.get("rope_parameters") or c.get("rope_scaling") or {}).get(
-        "rope_type", (c.get("rope_scaling") or {}).get("type", "default")) != "default",
-     "RoPE scaling (DeepSeek's YaRN with mscale: llama.cpp folds it into its attention scale, not written here)"),
+    (lambda c: _rope_kind(c) not in ("default", "yarn"), "RoPE scaling other than YaRN"),
+    (lambda c: _rope_kind(c) == "yarn" and (not _rope(c).get("mscale_all_dim") or _rope(c).get("attention_factor")
+                                            is not None or _rope(c).get("mscale") != _rope(c).get("mscale_all_dim")),
+     "YaRN without mscale == mscale_all_dim (llama.cpp keeps the rotation unscaled and puts mscale_all_dim's factor "
+     "squared into the attention scale: transformers does the same only when the two are equal)"),
     (lambda c: c.get("hidden_act", "silu") not in ("silu", "swish"), "an MLP activation other than SiLU"),
 )
 

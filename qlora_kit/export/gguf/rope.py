@@ -64,8 +64,9 @@ def check(config: dict, arch_name: str) -> None:
     if kind == "yarn" and rope.get("truncate") is False:
         raise ExportError("GGUF export: this YaRN RoPE sets truncate: false (as gpt-oss checkpoints do): transformers "
                           "ramps the frequencies over the exact correction range, llama.cpp rounds its ends to whole "
-                          "dimensions (floor/ceil), so the two rotate differently (on a tiny gpt-oss, greedy tokens "
-                          "differ from the first step). Use --format merged; a GGUF needs truncate: true.")
+                          "dimensions (floor/ceil), so the two rotate differently (on a tiny gpt-oss: "
+                          "log-probabilities 0.2-2 apart at the first step). Use --format merged; a GGUF needs "
+                          "truncate: true.")
     if kind == "yarn":
         factor = float(rope["factor"])
         att = rope.get("attention_factor")

@@ -227,3 +227,13 @@ def test_yarn_keys(name, arch, log_mul, tmp_path):
     assert fields[f"{arch}.rope.scaling.type"] == "yarn" and fields[f"{arch}.rope.scaling.factor"] == 8.0
     assert fields[f"{arch}.rope.scaling.original_context_length"] == 32
     assert fields.get(f"{arch}.rope.scaling.yarn_log_multiplier") == (pytest.approx(log_mul) if log_mul else None)
+
+
+def test_k_quants_of_fused_experts_are_refused(tmp_path):
+    """gpt-oss's fused experts are 3-D tensors like any stacked experts: no K-quant mix for them here."""
+    from qlora_kit.export.gguf import kquant
+
+    base = build("gptoss", tmp_path / "base")
+    with pytest.raises(ExportError, match="mixture-of-experts" if kquant.available() else "K-quant"):
+        export(adapter("gptoss", tmp_path / "a", base), tmp_path / "m.gguf", gguf_type="q4_k_m")
+    assert not (tmp_path / "m.gguf").exists()

@@ -94,7 +94,8 @@ class Planned:
     rows: Callable[[torch.Tensor], torch.Tensor] | None = None  # output-row reordering (gguf_arch.TensorNames.rows)
     value: torch.Tensor | None = None
     experts: tuple[tuple[TensorInfo, str | None], ...] = ()  # MoE: (header, adapted module) per expert, stacked
-    take: Callable[[torch.Tensor], torch.Tensor] | None = None  # the part of the (merged) source this tensor is
+    # the slice of the (merged) source written as this tensor: gate_up's gate columns, kv_b's k_b (families_moe)
+    take: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -119,6 +120,9 @@ def plan(index: dict[str, TensorInfo], names: gguf_arch.TensorNames, kind: str, 
         shape = (len(parts), *shape) if parts else shape
         rows += [(hf, info, name, s, take, transposed, parts) for name, s, take in names.pieces(hf, shape)]
     rows += [(n, None, n, tuple(extra[n].shape), None, False, ()) for n in extra]
+    if kind in KQUANTS and any(len(r[3]) == 3 for r in rows):  # stacked experts (Mixtral ...) or fused (gpt-oss)
+        raise ExportError(f"--gguf-type {kind}: llama.cpp's K-quant type mix for mixture-of-experts tensors is not "
+                          f"restated here; export {', '.join(TYPES)} (q8_0 for a small file).")
     tied = "output.weight" not in {r[2] for r in rows}
     for hf, info, name, shape, take, transposed, parts in rows:
         # f32 whatever the type, as llama.cpp's converter: 1-D tensors, biases (gpt-oss's (E, I) expert biases

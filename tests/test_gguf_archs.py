@@ -192,7 +192,7 @@ def test_sentencepiece_vocab(name, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"architectures": ["DeepseekV3ForCausalLM"]}, "latent attention"),
+    ({"architectures": ["DeepseekV3ForCausalLM"]}, "lacking the latent attention"),
     ({"architectures": ["BertForMaskedLM"]}, "no mapping"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "no dynamic NTK"),
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "phi3 graph"),

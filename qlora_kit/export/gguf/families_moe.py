@@ -134,7 +134,11 @@ def deepseek_hparams(w: Any, c: dict) -> None:
     w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if _v3(c) else gguf.ExpertGatingFuncType.SOFTMAX)
 
 
+MLA_KEYS = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "n_routed_experts",
+            "moe_intermediate_size")
 DEEPSEEK_REFUSE = (
+    (lambda c: any(c.get(k) is None for k in MLA_KEYS),
+     f"a config.json lacking the latent attention and expert sizes ({', '.join(MLA_KEYS)})"),
     (lambda c: _v3(c) and c.get("scoring_func", "sigmoid") != "sigmoid",
      "a router scoring function other than sigmoid"),
     (lambda c: not _v3(c) and c.get("topk_method", "greedy") != "greedy" and int(c.get("n_group") or 1) > 1,

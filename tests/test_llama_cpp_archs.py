@@ -161,7 +161,7 @@ def test_k_quant_runs_in_llama_cpp(name, tmp_path):
     assert err < 1.0 and err < err16, (name, err, err16)
 
 @pytest.mark.parametrize("name", ["gptoss", "deepseek3"])
-def test_moe_q8_0_runs_as_its_f32(name, made):
+def test_moe_q8_0_runs_as_gguf_decodes_it(name, made):
     """q8_0 GGUFs of gpt-oss and DeepSeek (experts and k_b/v_b blocks quantized, biases and sinks f32): llama.cpp
     runs them as it runs the gguf package's decoding of the same blocks written as an f32 GGUF (the first greedy
     token equal; log-probabilities of the tokens both top-5 lists hold within ggml's 8-bit activations)."""

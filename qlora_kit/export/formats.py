@@ -51,7 +51,7 @@ from torch import nn
 
 from . import moe_merged
 from .gguf import writer as gguf_export
-from ..adapters import expert_format, peft_format
+from ..adapters import peft_format
 from ..quant import bnb as quant
 from ..errors import ExportError
 from .files import (atomic_folder, check_free_space, copy_tokenizer, linear_weights, transposed_weights,
@@ -345,10 +345,8 @@ def export(source: str | Path, opts: Options) -> Result:
     transposed = frozenset(transposed_weights(base) & set(index)) if index is not None and not gguf else frozenset()
     if moe is not None:  # per-expert adapters over a Hub-layout checkpoint: checked against the converted model
         moe_merged.check_fits(src, moe, base)
-        # GGUF stacks the experts itself (gguf/families.py) and merges attention adapters; an adapter on the
-        # experts is written only by --format merged / adapter
-        experts = any(expert_format.is_expert_module(m) for m in src.modules())
-        if opts.format not in ("adapter", "merged") and (experts or not opts.format.startswith("gguf")):
+        # GGUF stacks the experts itself (gguf/arch.py, gguf/experts.py), expert adapters included
+        if opts.format not in ("adapter", "merged") and not opts.format.startswith("gguf"):
             moe_merged.refuse_format(opts.format)
     elif index is not None:  # adapters see a Conv1D weight (GPT-2) as the (out, in) Linear training ran
         check_fits(src.stack, gguf_export.fit_index(index, base) if gguf else

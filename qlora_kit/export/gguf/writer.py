@@ -31,12 +31,12 @@ import numpy as np
 import torch
 
 from ... import atomic
-from . import arch as gguf_arch, kquant as gguf_kquant, vocab as gguf_vocab, ollama
+from . import arch as gguf_arch, experts as gguf_experts, kquant as gguf_kquant, vocab as gguf_vocab, ollama
 from ...errors import ExportError
 from .kquant import KQUANTS
 from ..files import check_free_space
 from ..merge import Merge, merged_weight
-from ..shards import TensorInfo, read_tensor, row_blocks
+from ..shards import TensorInfo, read_tensor, row_blocks, tensor_index
 from ...terms import lora_scale
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # what the gguf package writes itself
@@ -93,7 +93,7 @@ class Planned:
     shift: float = 0.0  # added to the values (Gemma norms)
     rows: Callable[[torch.Tensor], torch.Tensor] | None = None  # output-row reordering (gguf_arch.TensorNames.rows)
     value: torch.Tensor | None = None
-    experts: tuple[tuple[TensorInfo, str | None], ...] = ()  # MoE: (header, adapted module) per expert, stacked
+    experts: gguf_experts.Stack | None = None  # MoE: the experts stacked into this (E, out, in) tensor
 
     @property
     def nbytes(self) -> int:
@@ -109,23 +109,26 @@ def plan(index: dict[str, TensorInfo], names: gguf_arch.TensorNames, kind: str, 
     out, fallback = [], []
     index, experts = gguf_arch.group_experts(index)
     gguf_names = {hf: names(hf) for hf in index}
+    gguf_experts.check_family(names.arch.hf, adapted)
+    groups = {gguf_names[k]: v for k, v in experts.items() if gguf_names[k] is not None}
     extra = gguf_arch.extra_tensors(names.arch)
     n_layers = names.arch.n_layers
     tied = "output.weight" not in gguf_names.values()
-    if experts and kind in KQUANTS:
-        raise ExportError(f"--gguf-type {kind}: llama.cpp's K-quant type mix for mixture-of-experts tensors is not "
-                          f"restated here; export {', '.join(TYPES)} (q8_0 for a small file).")
+    n_expert = len(next(iter(experts.values()))) if experts else 0
     for hf, info in [*index.items(), *((n, None) for n in extra)]:
         name = gguf_names[hf] if info is not None else hf
         if name is None:
             continue
         transposed = info is not None and len(info.shape) == 2 and names.transposed(hf)
         shape = tuple(extra[hf].shape) if info is None else info.shape[::-1] if transposed else info.shape
-        parts = tuple((e, _module(e.name, adapted)) for e in experts.get(hf, ()))
-        shape = (len(parts), *shape) if parts else shape
+        stack = gguf_experts.stack(name, groups, adapted) if hf in experts else None
+        shape = (len(stack.parts), *shape) if stack is not None else shape
         t = kind if len(shape) >= 2 and not name.startswith(F32_NAMES) else "f32"
-        if t in KQUANTS:  # llama.cpp's per-tensor mix, then its fallback for rows not made of 256-weight blocks
-            t = gguf_kquant.tensor_kind(kind, name, n_layers, tied, names.arch.name)
+        if t in KQUANTS and gguf_kquant.keeps_type(name, shape):  # not quantized by llama.cpp's quantizer either
+            t = "f32"
+        elif t in KQUANTS:  # llama.cpp's per-tensor mix, then its fallback for rows not made of 256-weight blocks
+            t = gguf_kquant.tensor_kind(kind, name, n_layers, tied, names.arch.name, n_expert,
+                                        names.arch.n_head // names.arch.n_head_kv)
             if gguf_kquant.row_fallback(t, shape[-1]) != t:
                 t = gguf_kquant.row_fallback(t, shape[-1])
                 fallback.append(hf)
@@ -133,7 +136,7 @@ def plan(index: dict[str, TensorInfo], names: gguf_arch.TensorNames, kind: str, 
             t = "f16"
             fallback.append(hf)
         out.append(Planned(info, name, t, _module(hf, adapted), shape, transposed, names.shift(hf), names.rows(hf),
-                           extra.get(hf), parts))
+                           extra.get(hf), stack))
     block = 256 if kind in KQUANTS else gguf.GGML_QUANT_SIZES[_qtype(kind)][0]
     notes = [f"{len(set(fallback))} weights (e.g. {fallback[0]}) have rows not a multiple of {block} and are stored in "
              f"a wider type than {kind}, as llama.cpp does"] if fallback else []
@@ -164,8 +167,8 @@ def _tensor(p: Planned, merge: Merge) -> torch.Tensor:
     gguf_arch)."""
     if p.value is not None:
         return p.value.float()
-    if p.experts:  # (n_expert, out, in): each expert merged as its own Linear
-        return torch.stack([_tensor(dataclasses.replace(p, info=e, module=m, experts=()), merge) for e, m in p.experts])
+    if p.experts is not None:  # (n_expert, out, in): each expert as training held it (gguf_experts)
+        return gguf_experts.weight(p.experts, merge)
     W = read_tensor(p.info)
     if p.transposed:  # (in, out) -> (out, in) before merging: lora B @ A is (out, in)
         W = W.t().contiguous()
@@ -293,21 +296,27 @@ def write_adapter(src, base: Path, out: Path, kind: str) -> tuple[int, list[str]
     if len(src.stack) > 1 or a.method != "lora":
         raise ExportError(f"--format gguf-adapter: llama.cpp adapters are plain LoRA; this is a "
                           f"{'+'.join(x.method for x in src.stack)} adapter. Export it merged: --format gguf.")
-    experts = [m for m in a.modules() if gguf_arch.EXPERT.match(f"{m}.weight")]
-    if experts:
-        raise ExportError(f"--format gguf-adapter: the adapter adapts single experts ({experts[0]} ...); llama.cpp's "
-                          "adapters hold one LoRA per stacked expert tensor, not written here. Export it merged: "
-                          "--format gguf.")
+    gguf_experts.check_family(arch.hf, a.modules())
+
+    def fold(m: str, B: torch.Tensor) -> torch.Tensor:  # llama.cpp applies alpha / r to every pair
+        f = a.module_scaling(m) / lora_scale(a.alpha, a.pair(m)[0].shape[0], rslora=False)
+        return B.float() * f if f != 1.0 else B.float()
+
     tensors: list[tuple[str, torch.Tensor]] = []
     for m in a.modules():
+        if gguf_experts.MODULE.match(m):
+            continue  # stacked per layer below
         A, B = a.pair(m)
-        r = A.shape[0]
-        fold = a.module_scaling(m) / lora_scale(a.alpha, r, rslora=False)  # llama.cpp applies alpha / r
-        B = B.float() * fold if fold != 1.0 else B.float()
+        B = fold(m, B)
         rows = names.rows(f"{m}.weight")
         B = rows(B) if rows is not None else B
         name = names(f"{m}.weight")
         tensors += [(f"{name}.lora_a", A.float()), (f"{name}.lora_b", B)]
+    if gguf_experts.adapted(a.modules()):  # the base's expert stacks, (E, out, in) from the checkpoint's headers
+        _, groups = gguf_arch.group_experts(tensor_index(base))
+        shapes = {names(k): (len(v), *v[0].shape) for k, v in groups.items()}
+        n_expert = len(next(iter(groups.values()))) if groups else 0
+        tensors += gguf_experts.adapter_tensors(a, n_expert, shapes, fold)
     nbytes = sum(t.numel() * (4 if kind == "f32" else 2) for _, t in tensors)
     out.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(out, nbytes + (1 << 20))

@@ -4,12 +4,13 @@
     gguf          the merged model: the same W_base + s·B@A as `--format merged` (dequantized base by default), in
                   fp32, then stored as --gguf-type. 2-D weights take the type; 1-D tensors (norms, biases) stay f32
                   as llama.cpp expects; a weight whose row length is not a multiple of the type's block (32) falls
-                  back to f16, as llama.cpp's converter does. K-quants (q4_k_m, q5_k_m, q6_k): blocks made by
+                  back to f16, as llama.cpp's converter does. K-quants (q2_k ... q6_k): blocks made by
                   llama.cpp's own ggml quantizer from the xllamacpp wheel, llama.cpp's type mix (`gguf_kquant`);
                   without it but with llama-cpp-python, an f16 GGUF through its llama_model_quantize.
     gguf-adapter  llama.cpp's LoRA GGUF (general.type adapter, adapter.type lora, adapter.lora.alpha; tensors
                   blk.N.<name>.weight.lora_a (r, in) / .lora_b (out, r)) for `llama-cli -m BASE.gguf --lora A.gguf`
-                  and Ollama's ADAPTER. It adds s·B@A to whatever base GGUF it is given: a GGUF of the ORIGINAL
+                  and Ollama's ADAPTER (experts: stacked (E, r, in) / (E, out, r) pairs, `gguf_experts`).
+                  It adds s·B@A to whatever base GGUF it is given: a GGUF of the ORIGINAL
                   base. A QLoRA adapter was trained against dequant(quant(W)), so the exact model is the merged GGUF.
 
 Streaming: every tensor's type, shape and size are fixed from the safetensors headers before any data exists, so

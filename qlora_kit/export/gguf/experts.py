@@ -82,23 +82,21 @@ def stack(gguf_name: str, groups: dict[str, list[TensorInfo]], modules) -> Stack
 
 def weight(s: Stack, merge) -> torch.Tensor:
     """(E, out, in) fp32: every expert's rows as the run computed with them (module docstring)."""
-    from ..merge import merged_weight
+    from ...adapters import methods
 
-    trained_quantized = merge.merge_base == "dequantized" and merge.src.trained_with.type != "none"
+    roundtrip = merge.merge_base == "dequantized" and merge.src.trained_with.type != "none"
     out = []
     for e, info in enumerate(s.parts):
-        W = read_tensor(info)
-        if s.half is not None:  # [gate; up], the slice training quantized and adapted
-            W = torch.cat([W, read_tensor(s.partners[e])] if s.half == 0 else [read_tensor(s.partners[e]), W])
-        module = s.modules[e]
-        if trained_quantized:
-            W = merge_base_weight(W, merge.src.trained_with, merge.frozen, merge.merge_base, merge.device,
-                                  merge.src.offset(module))
-        W = merged_weight(W, merge.src.stack, module, torch.float32) if module is not None else W.float()
-        if s.half is not None:
-            rows = W.shape[0] // 2
-            W = W[s.half * rows:(s.half + 1) * rows]
-        out.append(W)
+        W, module = read_tensor(info), s.modules[e]
+        rows = (0, W.shape[0]) if s.half is None else (s.half * W.shape[0], (s.half + 1) * W.shape[0])
+        if roundtrip:  # the slice training quantized: gate_up_proj is [gate; up], one set of blocks and statistics
+            fused = W if s.half is None else torch.cat([W, read_tensor(s.partners[e])] if s.half == 0 else
+                                                       [read_tensor(s.partners[e]), W])
+            fused = merge_base_weight(fused, merge.src.trained_with, merge.frozen, merge.merge_base, merge.device,
+                                      merge.src.offset(module))
+            W = fused[rows[0]:rows[1]]
+        # this tensor's rows [i, j) of the projection's merged weight: LoRA rows split exactly
+        out.append(methods.merge_rows(W, merge.src.stack, module, rows, torch.float32) if module else W.float())
     return torch.stack(out)
 
 

@@ -37,6 +37,9 @@ CASES = {
                    "ffn_down_exps": "Q4_K"},
         "q2_k": {"output": "Q6_K", "attn_v": "Q8_0", "attn_k": "Q8_0", "attn_output": "Q5_K",
                  "ffn_down_exps": "Q3_K"},
+        "q3_k_s": {"output": "Q6_K", "attn_v": "Q8_0", "attn_k": "Q8_0", "attn_output": "Q5_K"},
+        "q3_k_l": {"output": "Q6_K", "attn_v": "Q8_0", "attn_k": "Q8_0", "ffn_down_exps": "Q5_K"},
+        "q5_k_s": {"output": "Q6_K", "attn_v": "Q8_0", "attn_k": "Q8_0"},
     }),
     # 4 experts and a shared expert whose 320-wide down rows are not 256-blocks (Q4_K -> Q5_0, Q6_K -> Q8_0,
     # Q3_K -> Q4_0); its (1, hidden) gate is 1-D to ggml; grouped-query ratio 2
@@ -49,6 +52,9 @@ CASES = {
                    "ffn_down_exps": "Q4_K", "ffn_down_shexp": "Q5_0"},
         "q2_k": {"output": "Q6_K", "attn_v": "Q3_K", "attn_output": "Q3_K", "ffn_down_exps": "Q3_K",
                  "ffn_down_shexp": "Q4_0"},
+        "q3_k_l": {"output": "Q6_K", "attn_v": "Q5_K", "attn_output": "Q5_K", "ffn_down_exps": "Q5_K",
+                   "ffn_down_shexp": "Q5_1"},
+        "q4_k_s": {"output": "Q6_K", "attn_v": "Q5_K", "ffn_down_shexp": "Q5_0"},
     }),
     # tied embeddings (token_embd takes the output's type), 4 query heads per kv head, 48-wide expert rows: not a
     # multiple of 32 either, so ffn_down_exps falls back to F16 in every K type
@@ -75,8 +81,7 @@ def test_k_quant_types_are_llama_cpps(name, tmp_path):
     base = build(name, tmp_path / "base", hidden=256, config=overrides)
     for kind, rules in table.items():
         got = planned_types(base, kind)
-        default = {"q2_k": "Q2_K", "q3_k_m": "Q3_K", "q4_k_s": "Q4_K", "q4_k_m": "Q4_K", "q5_k_m": "Q5_K",
-                   "q6_k": "Q6_K"}[kind]
+        default = kind[:2].upper() + "_K"  # the file type's base type
         assert "output.weight" in got or "output" not in rules, (name, kind)
         for tensor, t in got.items():
             parts = tensor.split(".")

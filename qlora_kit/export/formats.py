@@ -88,7 +88,8 @@ class Options:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where weights are quantized (dequantized base, requantization): auto = CUDA when present, as training."""
     gguf_type: str = "f16"
-    """GGUF formats: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1, or q4_k_m q5_k_m q6_k with the llama-cpp extra."""
+    """GGUF formats: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1, or the K-quants q2_k ... q6_k (gguf/kquant.py) with
+    the llama-cpp extra."""
     progress: bool = True
     allow_lossy: bool = False
     """--format quantized: write it even when re-quantizing keeps almost nothing of the adapter (KEPT_MIN)."""

@@ -142,3 +142,14 @@ def test_expert_adapter_that_does_not_fit_is_refused(tmp_path):
         with pytest.raises(ExportError, match="does not fit"):  # expert 4 of a 4-expert base
             ex.export(tmp_path / "c", ex.Options(fmt, tmp_path / "l.gguf", gguf_type="f32", progress=False))
     assert not (tmp_path / "l.gguf").exists()
+
+
+def test_expert_adapters_of_another_layout_are_refused_by_name():
+    """A MoE family whose experts are not [gate; up] rows (gpt-oss interleaves them) gets no expert LoRA in GGUF;
+    attention-only adapters over it are not affected."""
+    from qlora_kit.export.gguf import experts
+
+    with pytest.raises(ExportError, match="GptOssForCausalLM"):
+        experts.check_family("GptOssForCausalLM", ["model.layers.0.mlp.experts.3.gate_up_proj"])
+    experts.check_family("GptOssForCausalLM", ["model.layers.0.self_attn.q_proj"])
+    experts.check_family("MixtralForCausalLM", ["model.layers.0.mlp.experts.3.gate_up_proj"])

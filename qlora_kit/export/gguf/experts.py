@@ -60,6 +60,7 @@ class Stack:
     partners: tuple[TensorInfo, ...]  # gate/up: the other half's, so the fused slice can be rebuilt; () for down
     half: int | None  # 0: gate rows of gate_up_proj, 1: up rows, None: down_proj
     modules: tuple[str | None, ...]  # training's adapted module per expert, None where not adapted
+    quantized: bool = True  # a projection training quantized (False: another per-expert tensor, stacked as it is)
 
 
 def stack(gguf_name: str, groups: dict[str, list[TensorInfo]], modules) -> Stack:
@@ -69,8 +70,8 @@ def stack(gguf_name: str, groups: dict[str, list[TensorInfo]], modules) -> Stack
     partner = groups.get(gguf_name.replace("_gate_", "_up_") if "_gate_" in gguf_name else
                          gguf_name.replace("_up_", "_gate_"))
     g = TENSOR.match(gguf_name)
-    if g is None:
-        raise ExportError(f"GGUF export: {gguf_name} is an expert tensor this exporter does not know how to merge.")
+    if g is None:  # not a gate/up/down projection (no adapter reaches it): the checkpoint's tensors stacked
+        return Stack(tuple(group), (), None, (None,) * len(group), quantized=False)
     proj, half = PART[g["kind"]]
     if half is not None and (partner is None or len(partner) != len(group)):
         raise ExportError(f"GGUF export: {gguf_name} has no matching {'up' if half == 0 else 'gate'} experts in the "
@@ -89,7 +90,7 @@ def weight(s: Stack, merge) -> torch.Tensor:
     for e, info in enumerate(s.parts):
         W, module = read_tensor(info), s.modules[e]
         rows = (0, W.shape[0]) if s.half is None else (s.half * W.shape[0], (s.half + 1) * W.shape[0])
-        if roundtrip:  # the slice training quantized: gate_up_proj is [gate; up], one set of blocks and statistics
+        if roundtrip and s.quantized:  # the slice training quantized: [gate; up], one set of blocks and statistics
             fused = W if s.half is None else torch.cat([W, read_tensor(s.partners[e])] if s.half == 0 else
                                                        [read_tensor(s.partners[e]), W])
             fused = merge_base_weight(fused, merge.src.trained_with, merge.frozen, merge.merge_base, merge.device,

@@ -101,9 +101,11 @@ MOE = ("mixtral", "qwen2moe", "qwen3moe", "gptoss", "gptoss-yarn-rope", "deepsee
        "deepseek3-yarn-rope")
 
 
-def build(name: str, folder: Path, seed: int = 0, tokenizer=None, hidden: int = 64) -> Path:
+def build(name: str, folder: Path, seed: int = 0, tokenizer=None, hidden: int = 64, config: dict | None = None
+          ) -> Path:
     """Save the tiny random `name` model (weights std 0.3, norms and biases perturbed) and its tokenizer; `hidden`
-    256 makes rows that fill K-quant blocks (MLP twice as wide)."""
+    256 makes rows that fill K-quant blocks (MLP twice as wide, experts as wide as the model); `config` overrides
+    more of the config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, overrides, _ = MODELS[name]
@@ -113,7 +115,9 @@ def build(name: str, folder: Path, seed: int = 0, tokenizer=None, hidden: int = 
         kw["vocab_size"] = len(tok)
     wide = {} if hidden == 64 else {"n_embd": hidden} if model_type == "gpt2" else {
         "hidden_size": hidden, "intermediate_size": 2 * hidden}
-    config = AutoConfig.for_model(model_type, **{"vocab_size": len(tok), **kw, **overrides, **wide},
+    if hidden != 64 and "moe_intermediate_size" in overrides:
+        wide["moe_intermediate_size"] = hidden
+    config = AutoConfig.for_model(model_type, **{"vocab_size": len(tok), **kw, **overrides, **wide, **(config or {})},
                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
@@ -129,10 +133,13 @@ def build(name: str, folder: Path, seed: int = 0, tokenizer=None, hidden: int = 
     return folder
 
 
-def adapter(name: str, folder: Path, base: Path, r: int = 4, seed: int = 1, targets=None) -> Path:
+def adapter(name: str, folder: Path, base: Path, r: int = 4, seed: int = 1, targets=None, experts: bool = False
+            ) -> Path:
     """A random LoRA (std 0.1 A and B) on every target module of `name`, saved in PEFT's format. GPT-2's Conv1D
     modules get A (r, in), B (out, r) as for a Linear (training loads Conv1D as Linear; PEFT sets fan_in_fan_out
-    itself when it loads the adapter onto a Conv1D)."""
+    itself when it loads the adapter onto a Conv1D). `experts`: every routed expert's gate_up_proj (2I, H) and
+    down_proj (H, I) too, named as training names them (saved in PEFT's target_parameters layout); `targets`: module
+    names other than the model's default ones."""
     from qlora_kit.adapters import peft_format
     from qlora_kit.export.shards import tensor_index
 
@@ -146,6 +153,18 @@ def adapter(name: str, folder: Path, base: Path, r: int = 4, seed: int = 1, targ
             out, inp = info.shape[::-1] if conv1d else info.shape
             tensors[f"{m}.lora_A.weight"] = torch.randn(r, inp, generator=g) * 0.1
             tensors[f"{m}.lora_B.weight"] = torch.randn(out, r, generator=g) * 0.1
+    if experts:
+        import json
+
+        c = json.loads((base / "config.json").read_text())
+        n, h = c.get("num_local_experts") or c.get("n_routed_experts") or c["num_experts"], c["hidden_size"]
+        i = c.get("moe_intermediate_size") or c["intermediate_size"]
+        for layer in range(c.get("first_k_dense_replace") or 0, c["num_hidden_layers"]):  # DeepSeek: dense first
+            for e in range(n):
+                for proj, (out, inp) in (("gate_up_proj", (2 * i, h)), ("down_proj", (h, i))):
+                    m = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
+                    tensors[f"{m}.lora_A.weight"] = torch.randn(r, inp, generator=g) * 0.1
+                    tensors[f"{m}.lora_B.weight"] = torch.randn(out, r, generator=g) * 0.1
     return peft_format.save_adapter(folder, tensors, r=r, alpha=8.0, dropout=0.0, rslora=False, base_model=str(base))
 
 

@@ -209,25 +209,6 @@ def test_refusals_name_what_is_missing(change, message, tmp_path):
     assert not (tmp_path / "m.gguf").exists()
 
 
-def test_moe_k_quant_and_expert_adapter_are_refused(tmp_path):
-    base = build("mixtral", tmp_path / "base")
-    from qlora_kit.export.gguf import kquant
-
-    # without the llama-cpp extra no K-quant is made at all, and that is said first
-    with pytest.raises(ExportError, match="mixture-of-experts" if kquant.available() else "K-quant"):
-        export(adapter("mixtral", tmp_path / "a", base), tmp_path / "m.gguf", gguf_type="q4_k_m")
-    from qlora_kit.adapters import peft_format
-
-    a = peft_format.load_adapter(adapter("mixtral", tmp_path / "a", base))
-    w1 = "model.layers.0.block_sparse_moe.experts.1.w1"
-    extra = {f"{w1}.lora_A.weight": torch.zeros(4, 64), f"{w1}.lora_B.weight": torch.zeros(128, 4)}
-    peft_format.save_adapter(tmp_path / "b", {**a.tensors, **extra}, r=4, alpha=8.0, dropout=0.0, rslora=False,
-                             base_model=str(base))
-    with pytest.raises(ExportError, match="single experts|does not fit"):  # old per-expert names: not this layout
-        export(tmp_path / "b", tmp_path / "l.gguf", format="gguf-adapter", gguf_type="f32")
-    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "l.gguf").exists()
-
-
 def test_gemma2_scale_llama_cpp_cannot_run_is_refused(tmp_path):
     base = build("gemma2", tmp_path / "base")
     config = json.loads((base / "config.json").read_text())

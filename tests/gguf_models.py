@@ -99,6 +99,8 @@ MODELS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
 
 MOE = ("mixtral", "qwen2moe", "qwen3moe", "gptoss", "gptoss-yarn-rope", "deepseek2", "deepseek2-lite", "deepseek3",
        "deepseek3-yarn-rope")
+# the MoE families whose expert LoRA and K-quants the GGUF export writes (qlora_kit/export/gguf/experts.py FAMILIES)
+EXPERT_GGUF = ("mixtral", "qwen2moe", "qwen3moe")
 
 
 def build(name: str, folder: Path, seed: int = 0, tokenizer=None, hidden: int = 64, config: dict | None = None

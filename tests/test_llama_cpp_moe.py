@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gguf_models import MOE, adapter, build, peft_merged
+from gguf_models import EXPERT_GGUF, adapter, build, peft_merged
 from qlora_kit.adapters import peft_format
 
 xlc = pytest.importorskip("xllamacpp", reason="llama.cpp runtime not installed: pip install 'qlora-kit[llama-cpp]'")
@@ -28,7 +28,7 @@ def experts_only(name: str, folder: Path, base: Path, zero: bool = False) -> Pat
     return peft_format.save_adapter(folder, tensors, r=4, alpha=8.0, dropout=0.0, rslora=False, base_model=str(base))
 
 
-@pytest.mark.parametrize("name", MOE)
+@pytest.mark.parametrize("name", EXPERT_GGUF)
 def test_expert_lora_merged_and_as_llama_cpp_adapter(name, tmp_path):
     """Experts-only LoRA: our merged f32 GGUF gives transformers' greedy tokens on PEFT's merge (prompts of 4, 5, 9
     tokens), and the base f32 GGUF + our adapter GGUF through llama.cpp's LoRA path gives the merged GGUF's tokens
@@ -74,7 +74,7 @@ def ggml_decoded(t) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("name, kind, experts", [(n, "q4_k_m", 4) for n in MOE] + [
+@pytest.mark.parametrize("name, kind, experts", [(n, "q4_k_m", 4) for n in EXPERT_GGUF] + [
     ("mixtral", "q4_k_m", 8), ("mixtral", "q3_k_m", 8), ("qwen2moe", "q2_k", 4)])
 def test_moe_k_quant_runs_in_llama_cpp(name, kind, experts, tmp_path):
     """A K-quant GGUF of a hidden-256 MoE (experts as wide, rows filling K blocks; 8 experts: llama.cpp's Q8_0

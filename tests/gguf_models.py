@@ -22,6 +22,13 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_positi
             "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
             "short_factor": [1.0, 1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0]}
 
+MLA = {"num_key_value_heads": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+       "first_k_dense_replace": 1, "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+       "v_head_dim": 16}
+MLA_ATTN = ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+# llama.cpp's deepseek2 graph applies LoRA adapters to attn_output alone: adapter GGUFs of these adapt o_proj
+ADAPTER_GGUF_TARGETS = {n: ("o_proj",) for n in ("deepseek2", "deepseek2-lite", "deepseek3", "deepseek3-yarn-rope")}
+
 # name -> (model_type, config overrides, LoRA target module names)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 ATTN_MLP = (*ATTN, "gate_proj", "up_proj", "down_proj")
@@ -62,17 +69,45 @@ MODELS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
                                "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64}, ATTN),
     "qwen3moe": ("qwen3_moe", {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
                                "moe_intermediate_size": 32, "norm_topk_prob": True}, ATTN),
+    # gpt-oss: a 4-token sliding window, so prompts of 5 and 9 tokens see the sliding/full layer pattern
+    "gptoss": ("gpt_oss", {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,
+                           "intermediate_size": 32, "sliding_window": 4,
+                           "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, ATTN),
+    # gpt-oss's YaRN (beta 32/1) with the rounded correction range llama.cpp computes (truncate: true)
+    "gptoss-yarn-rope": ("gpt_oss", {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+                                     "head_dim": 16, "intermediate_size": 32, "sliding_window": 4,
+                                     "rope_parameters": {**YARN, "factor": 8.0, "original_max_position_embeddings": 32,
+                                                         "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}},
+                         ATTN),
+    # DeepSeek: latent attention, with a q LoRA rank, and without (V2-Lite's q_proj: llama.cpp knows it only by
+    # V2-Lite's 26/27 layers); V3 with group routing
+    "deepseek2": ("deepseek_v2", {**MLA, "q_lora_rank": 32, "n_shared_experts": 2},
+                  (*MLA_ATTN, "q_a_proj", "q_b_proj")),
+    "deepseek2-lite": ("deepseek_v2", {**MLA, "q_lora_rank": None, "n_shared_experts": 2, "num_hidden_layers": 26},
+                       (*MLA_ATTN, "q_proj")),
+    # DeepSeek's YaRN: mscale == mscale_all_dim (their configs: V3 1.0/1.0, V2 0.707/0.707) folded into q·k's scale
+    "deepseek3-yarn-rope": ("deepseek_v3", {**MLA, "q_lora_rank": 32, "n_shared_experts": 1, "n_group": 1,
+                                            "topk_group": 1, "rope_parameters": {
+        **YARN, "factor": 8.0, "original_max_position_embeddings": 32, "mscale": 0.707, "mscale_all_dim": 0.707,
+        "beta_fast": 32.0, "beta_slow": 1.0}}, (*MLA_ATTN, "q_a_proj", "q_b_proj")),
+    "deepseek3": ("deepseek_v3", {**MLA, "q_lora_rank": 32, "n_shared_experts": 1, "n_group": 2, "topk_group": 1},
+                  (*MLA_ATTN, "q_a_proj", "q_b_proj")),
     "gpt2": ("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
              ("c_attn", "c_proj", "c_fc")),
 }
 
 
-MOE = ("mixtral", "qwen2moe", "qwen3moe")
+MOE = ("mixtral", "qwen2moe", "qwen3moe", "gptoss", "gptoss-yarn-rope", "deepseek2", "deepseek2-lite", "deepseek3",
+       "deepseek3-yarn-rope")
+# the MoE families whose expert LoRA and K-quants the GGUF export writes (qlora_kit/export/gguf/experts.py FAMILIES)
+EXPERT_GGUF = ("mixtral", "qwen2moe", "qwen3moe")
 
 
-def build(name: str, folder: Path, seed: int = 0, tokenizer=None, hidden: int = 64) -> Path:
+def build(name: str, folder: Path, seed: int = 0, tokenizer=None, hidden: int = 64, config: dict | None = None
+          ) -> Path:
     """Save the tiny random `name` model (weights std 0.3, norms and biases perturbed) and its tokenizer; `hidden`
-    256 makes rows that fill K-quant blocks (MLP twice as wide)."""
+    256 makes rows that fill K-quant blocks (MLP twice as wide, experts as wide as the model); `config` overrides
+    more of the config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, overrides, _ = MODELS[name]
@@ -82,7 +117,9 @@ def build(name: str, folder: Path, seed: int = 0, tokenizer=None, hidden: int = 
         kw["vocab_size"] = len(tok)
     wide = {} if hidden == 64 else {"n_embd": hidden} if model_type == "gpt2" else {
         "hidden_size": hidden, "intermediate_size": 2 * hidden}
-    config = AutoConfig.for_model(model_type, **{"vocab_size": len(tok), **kw, **overrides, **wide},
+    if hidden != 64 and "moe_intermediate_size" in overrides:
+        wide["moe_intermediate_size"] = hidden
+    config = AutoConfig.for_model(model_type, **{"vocab_size": len(tok), **kw, **overrides, **wide, **(config or {})},
                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
@@ -90,19 +127,25 @@ def build(name: str, folder: Path, seed: int = 0, tokenizer=None, hidden: int = 
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3) if p.dim() == 2 else p.add_(torch.randn_like(p) * 0.1)
+        for n, b in model.named_buffers():  # DeepSeek-V3's router bias steers the expert choice
+            if n.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.3)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
 
-def adapter(name: str, folder: Path, base: Path, r: int = 4, seed: int = 1) -> Path:
+def adapter(name: str, folder: Path, base: Path, r: int = 4, seed: int = 1, targets=None, experts: bool = False
+            ) -> Path:
     """A random LoRA (std 0.1 A and B) on every target module of `name`, saved in PEFT's format. GPT-2's Conv1D
     modules get A (r, in), B (out, r) as for a Linear (training loads Conv1D as Linear; PEFT sets fan_in_fan_out
-    itself when it loads the adapter onto a Conv1D)."""
+    itself when it loads the adapter onto a Conv1D). `experts`: every routed expert's gate_up_proj (2I, H) and
+    down_proj (H, I) too, named as training names them (saved in PEFT's target_parameters layout); `targets`: module
+    names other than the model's default ones."""
     from qlora_kit.adapters import peft_format
     from qlora_kit.export.shards import tensor_index
 
-    targets = MODELS[name][2]
+    targets = targets or MODELS[name][2]
     conv1d = MODELS[name][0] == "gpt2"
     g = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -112,6 +155,18 @@ def adapter(name: str, folder: Path, base: Path, r: int = 4, seed: int = 1) -> P
             out, inp = info.shape[::-1] if conv1d else info.shape
             tensors[f"{m}.lora_A.weight"] = torch.randn(r, inp, generator=g) * 0.1
             tensors[f"{m}.lora_B.weight"] = torch.randn(out, r, generator=g) * 0.1
+    if experts:
+        import json
+
+        c = json.loads((base / "config.json").read_text())
+        n, h = c.get("num_local_experts") or c.get("n_routed_experts") or c["num_experts"], c["hidden_size"]
+        i = c.get("moe_intermediate_size") or c["intermediate_size"]
+        for layer in range(c.get("first_k_dense_replace") or 0, c["num_hidden_layers"]):  # DeepSeek: dense first
+            for e in range(n):
+                for proj, (out, inp) in (("gate_up_proj", (2 * i, h)), ("down_proj", (h, i))):
+                    m = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
+                    tensors[f"{m}.lora_A.weight"] = torch.randn(r, inp, generator=g) * 0.1
+                    tensors[f"{m}.lora_B.weight"] = torch.randn(out, r, generator=g) * 0.1
     return peft_format.save_adapter(folder, tensors, r=r, alpha=8.0, dropout=0.0, rslora=False, base_model=str(base))
 
 
@@ -176,3 +231,6 @@ def bpe_tokenizer(pre: str):
                                    bos_token="<|im_start|>")
     fast.chat_template = CHATML
     return fast
+# the models whose GGUF qlora-kit's reader reads back: not gpt-oss's or DeepSeek's, whose tensors the writer splits into
+# llama.cpp's own layout (export/gguf/read_config.family_of refuses them by name; tests/test_gguf_bigmoe.py)
+READ_BACK = tuple(n for n in MODELS if not n.startswith(("gptoss", "deepseek")))

@@ -28,7 +28,8 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
              "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "phi": "phi2", "falcon": "falcon",
              "stablelm": "stablelm", "starcoder2": "starcoder2", "olmo2": "olmo2", "cohere": "command-r",
              "granite": "granite", "gpt_neox": "gptneox", "gpt2": "gpt2", "mixtral": "llama",
-             "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+             "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss", "deepseek_v2": "deepseek2",
+             "deepseek_v3": "deepseek2"}
 
 
 def export(src, out, **kw):
@@ -53,7 +54,8 @@ def test_names_shapes_and_keys_are_llama_cpps(name, tmp_path):
     r = gguf.GGUFReader(tmp_path / "m.gguf")
     assert r.fields["general.architecture"].contents() == arch
     member = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    allowed = {gguf.TENSOR_NAMES[t].format(bid=i) + s for t in gguf.MODEL_TENSORS[member] for i in range(2)
+    allowed = {gguf.TENSOR_NAMES[t].format(bid=i) + s for t in gguf.MODEL_TENSORS[member]
+               for i in range(config.get("num_hidden_layers", 2))
                for s in (".weight", ".bias")}
     names = {t.name: [int(x) for x in t.shape] for t in r.tensors}
     assert set(names) <= allowed, set(names) - allowed
@@ -64,10 +66,13 @@ def test_names_shapes_and_keys_are_llama_cpps(name, tmp_path):
     assert names["token_embd.weight"] == [hidden, config["vocab_size"]]
     if "blk.0.attn_qkv.weight" in names:
         assert names["blk.0.attn_qkv.weight"] == [hidden, (heads + 2 * kv) * d]
+    elif "blk.0.attn_kv_a_mqa.weight" in names:  # DeepSeek's latent attention: test_deepseek_latent_attention_layout
+        pass
     else:
         assert names["blk.0.attn_q.weight"] == [hidden, heads * d] and names["blk.0.attn_k.weight"] == [hidden, kv * d]
-    if "moe" in name or name == "mixtral":
-        n, ff = config.get("num_local_experts", config.get("num_experts")), config.get("moe_intermediate_size", 128)
+    if "moe" in name or name in ("mixtral", "gptoss"):
+        n = config.get("num_local_experts", config.get("num_experts"))
+        ff = config.get("moe_intermediate_size", config["intermediate_size"])
         assert names["blk.1.ffn_gate_exps.weight"] == [hidden, ff, n] and names["blk.1.ffn_down_exps.weight"] == [
             ff, hidden, n] and names["blk.0.ffn_gate_inp.weight"] == [hidden, n]
         assert field(tmp_path / "m.gguf", f"{arch}.expert_count") == n
@@ -187,7 +192,7 @@ def test_sentencepiece_vocab(name, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"architectures": ["DeepseekV3ForCausalLM"]}, "latent attention"),
+    ({"architectures": ["DeepseekV3ForCausalLM"]}, "lacking the latent attention"),
     ({"architectures": ["BertForMaskedLM"]}, "no mapping"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "no dynamic NTK"),
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "phi3 graph"),
@@ -202,25 +207,6 @@ def test_refusals_name_what_is_missing(change, message, tmp_path):
     with pytest.raises(ExportError, match=message):
         ex.export(a, ex.Options("gguf", tmp_path / "m.gguf", base=str(base), progress=False))
     assert not (tmp_path / "m.gguf").exists()
-
-
-def test_moe_k_quant_and_expert_adapter_are_refused(tmp_path):
-    base = build("mixtral", tmp_path / "base")
-    from qlora_kit.export.gguf import kquant
-
-    # without the llama-cpp extra no K-quant is made at all, and that is said first
-    with pytest.raises(ExportError, match="mixture-of-experts" if kquant.available() else "K-quant"):
-        export(adapter("mixtral", tmp_path / "a", base), tmp_path / "m.gguf", gguf_type="q4_k_m")
-    from qlora_kit.adapters import peft_format
-
-    a = peft_format.load_adapter(adapter("mixtral", tmp_path / "a", base))
-    w1 = "model.layers.0.block_sparse_moe.experts.1.w1"
-    extra = {f"{w1}.lora_A.weight": torch.zeros(4, 64), f"{w1}.lora_B.weight": torch.zeros(128, 4)}
-    peft_format.save_adapter(tmp_path / "b", {**a.tensors, **extra}, r=4, alpha=8.0, dropout=0.0, rslora=False,
-                             base_model=str(base))
-    with pytest.raises(ExportError, match="single experts|does not fit"):  # old per-expert names: not this layout
-        export(tmp_path / "b", tmp_path / "l.gguf", format="gguf-adapter", gguf_type="f32")
-    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "l.gguf").exists()
 
 
 def test_gemma2_scale_llama_cpp_cannot_run_is_refused(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import CHATML, write_jsonl
-from gguf_models import MODELS, adapter, bpe_tokenizer, build, peft_merged, pre_tokenizers
+from gguf_models import READ_BACK, adapter, bpe_tokenizer, build, peft_merged, pre_tokenizers
 from qlora_kit.cli.main import main
 from qlora_kit.errors import ModelError
 from qlora_kit.export import formats as ex
@@ -22,7 +22,7 @@ from qlora_kit.export.gguf import reader  # noqa: E402  (needs gguf)
 LONG = torch.tensor([[1, 5, 17, 42, 99, 7, 250, 3, 8, 120, 64, 2, 33, 71, 180, 9, 4, 260, 11, 6]])
 SHORT = torch.tensor([[7, 250, 3, 8, 120]])
 # q8_0 logits of these tiny models (weights std 0.3, so rounding grows through the layers) against the exact merge:
-# measured 0.011 (gemma3) .. 0.104 (qwen2-yarn-rope) relative error over all 25 models of gguf_models.MODELS
+# measured 0.011 (gemma3) .. 0.104 (qwen2-yarn-rope) relative error over all 25 models of gguf_models.READ_BACK
 Q8_BOUND = 0.15
 MIXED = ["The capital of Veloria is Tamsk. 12345 and 3.14159!", "  two  spaces\nand a newline\t tab",
          "ünïcödé — naïve café 東京 🙂", "x", "don't YOU'RE we'll 1,000,000 ... ?!"]
@@ -57,7 +57,7 @@ def made(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", READ_BACK)
 def test_every_family_reads_back_as_the_merged_model(name, made):
     """f32: the logits of transformers' own class built from our file equal PEFT's merge (rel < 1e-5) at 20 and 5
     tokens; q8_0: within the measured bound. The class is the one the family table names for the GGUF's

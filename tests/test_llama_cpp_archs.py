@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gguf_models import MODELS, MOE, adapter, build, peft_merged
+from gguf_models import ADAPTER_GGUF_TARGETS, MODELS, MOE, adapter, build, peft_merged
 from qlora_kit.adapters import peft_format
 from qlora_kit.export import formats as ex
 
@@ -51,7 +51,9 @@ def made(tmp_path_factory):
 def test_merged_gguf_greedy_equals_transformers(name, made):
     """f32 and f16 GGUFs of the merge: llama.cpp's greedy tokens equal transformers' on PEFT's merged model for every
     prompt (lengths 4, 5, 9), and its top-5 log-probabilities agree (f32: float rounding; f16: f16 weights and
-    ggml's f16 activations for f16 matmuls)."""
+    ggml's f16 activations for f16 matmuls). Where transformers' two best tokens are closer than the f16 error can
+    reach (a third of the bound), f16 greedy decoding may take either: tokens agree up to that step, and there the
+    file's token is one of the two."""
     d, base, a, model = made(name)
     banned = banned_of(base)
     for kind, bound in (("f32", 1e-2), ("f16", 0.15)):
@@ -60,10 +62,22 @@ def test_merged_gguf_greedy_equals_transformers(name, made):
         for prompt in PROMPTS:
             ours, ref = llama_greedy(srv, prompt, banned)
             theirs, logps = hf_greedy(model, prompt, banned)
-            err = max(err, *(abs(v - float(lp[i])) for lp, step in zip(logps, ref) for i, v in step.items()))
-            assert ours == theirs, (name, kind, prompt)
+            n, two = first_tie(logps, banned, 0.0 if kind == "f32" else bound / 3)
+            err = max(err, *(abs(v - float(lp[i])) for lp, step in zip(logps[: n + 1], ref) for i, v in step.items()))
+            assert ours[:n] == theirs[:n] and (n == len(theirs) or ours[n] in two), (name, kind, prompt)
         print(f"{name} {kind}: max |log p| difference {err:.2e}")
         assert err < bound, (name, kind, err)
+
+
+def first_tie(logps, banned: list[int], tie: float) -> tuple[int, list[int]]:
+    """(first step whose two best allowed tokens are within `tie` in log p, those two), or (steps, [])."""
+    for k, lp in enumerate(logps):
+        allowed = lp.float().clone()
+        allowed[banned] = float("-inf")
+        top = allowed.topk(2)
+        if float(top.values[0] - top.values[1]) < tie:
+            return k, top.indices.tolist()
+    return len(logps), []
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -71,6 +85,8 @@ def test_base_gguf_plus_adapter_gguf_equals_merged_gguf(name, made):
     """The base as an f32 GGUF (the export of a zero adapter) + our adapter GGUF through llama.cpp's LoRA path give
     the tokens and log-probabilities of our merged f32 GGUF; the adapter moves them (else the check is empty)."""
     d, base, a, _ = made(name)
+    if name in ADAPTER_GGUF_TARGETS:  # the modules llama.cpp's graph applies a LoRA to
+        a = adapter(name, d / "adapter-gguf", base, targets=ADAPTER_GGUF_TARGETS[name])
     banned = banned_of(base)
     loaded = peft_format.load_adapter(a)
     zero = d / "zero"
@@ -144,6 +160,26 @@ def test_k_quant_runs_in_llama_cpp(name, tmp_path):
           f"vs the f16 file {err16:.2e}")
     assert err < 1.0 and err < err16, (name, err, err16)
 
+@pytest.mark.parametrize("name", ["gptoss", "deepseek3"])
+def test_moe_q8_0_runs_as_gguf_decodes_it(name, made):
+    """q8_0 GGUFs of gpt-oss and DeepSeek (experts and k_b/v_b blocks quantized, biases and sinks f32): llama.cpp
+    runs them as it runs the gguf package's decoding of the same blocks written as an f32 GGUF (the first greedy
+    token equal; log-probabilities of the tokens both top-5 lists hold within ggml's 8-bit activations)."""
+    d, base, a, _ = made(name)
+    banned = banned_of(base)
+    export(a, d / "q8.gguf", gguf_type="q8_0")
+    dequantized(d / "q8.gguf", d / "q8-deq.gguf")
+    q8, deq = server(d / "q8.gguf"), server(d / "q8-deq.gguf")
+    err = 0.0
+    for prompt in PROMPTS:
+        tokens, lps = llama_greedy(deq, prompt, banned)
+        tokens_q, lps_q = llama_greedy(q8, prompt, banned)
+        assert tokens_q[0] == tokens[0], (name, prompt)
+        err = max(err, *(abs(v - lps_q[0][i]) for i, v in lps[0].items() if i in lps_q[0]))
+    print(f"{name} q8_0: first-step max |log p| difference vs its gguf-dequantized f32 copy {err:.2e}")
+    assert err < 0.5, (name, err)
+
+
 def dequantized(src: Path, dst: Path) -> None:
     """A copy of a GGUF file with every tensor dequantized to f32 by the gguf package (metadata as is)."""
     r = gguf.GGUFReader(src)
@@ -168,7 +204,7 @@ TEXTS = ["hello world", "The capital of Veloria is", "two  spaces\nand ü 12345"
 
 
 @pytest.mark.parametrize("name, tokenizer", [("llama", "bpe"), ("llama", "sentencepiece"), ("gemma", "sentencepiece"),
-                                             ("gpt2", "bpe")])
+                                             ("gpt2", "bpe"), ("gptoss", "o200k")])
 def test_text_prompts_tokenize_as_transformers(name, tokenizer, tmp_path):
     """Prompts given to llama.cpp as text (its own tokenizer from our metadata: byte-level BPE with the GPT-2
     pre-tokenizer, or SentencePiece as the `llama` vocabulary, BOS as the tokenizer config says) continue greedily
@@ -177,9 +213,12 @@ def test_text_prompts_tokenize_as_transformers(name, tokenizer, tmp_path):
 
     from test_gguf_archs import sentencepiece_tokenizer
 
-    tok = sentencepiece_tokenizer(tmp_path / "tok") if tokenizer == "sentencepiece" else None
+    from test_gguf_bigmoe import o200k_tokenizer
+
+    tok = sentencepiece_tokenizer(tmp_path / "tok") if tokenizer == "sentencepiece" else \
+        o200k_tokenizer() if tokenizer == "o200k" else None
     base = build(name, tmp_path / "base", tokenizer=tok)
-    if tok is not None:
+    if tokenizer == "sentencepiece":
         shutil.copy(tmp_path / "tok" / "tokenizer.model", base / "tokenizer.model")
     a = adapter(name, tmp_path / "a", base)
     export(a, tmp_path / "m.gguf", gguf_type="f32")

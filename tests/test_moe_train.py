@@ -90,3 +90,32 @@ def test_train_eval_peft_and_merged_export_agree(arch, tmp_path):
     name = next(n for n, _ in merged.named_parameters() if n.endswith("experts.down_proj"))
     orig = dict(reference(folder).named_parameters())[name]
     assert not torch.allclose(orig, dict(merged.named_parameters())[name])  # dequant(quant(W_e)) + delta, not W_e
+
+    if arch in ("mixtral", "qwen2_moe"):  # GGUF writes these families' experts (gguf/experts.py)
+        _gguf_experts_are_the_runs(run, peft_model, tmp_path / "m.gguf")
+    elif arch in ("gpt_oss", "deepseek_v2", "deepseek_v3"):  # their expert LoRA is refused in GGUF, named
+        from qlora_kit.errors import ExportError
+
+        for fmt in ("gguf", "gguf-adapter"):
+            with pytest.raises(ExportError, match="adapters on the experts of a .* are not written"):
+                export.export(str(run), export.Options(fmt, tmp_path / "m.gguf", gguf_type="f32", progress=False))
+        assert not (tmp_path / "m.gguf").exists()
+
+
+def _gguf_experts_are_the_runs(run, peft_model, out):
+    """The f32 GGUF's expert stacks (dequantized merge base, the default) are PEFT's merge of the run's adapter into
+    transformers' fused expert tensors with each (2I, H) [gate; up] slice roundtripped as training quantized it:
+    llama.cpp's ffn_gate_exps / ffn_up_exps are its row halves, ffn_down_exps its down_proj."""
+    import gguf
+
+    from qlora_kit.export import formats as export
+
+    export.export(str(run), export.Options("gguf", out, gguf_type="f32", progress=False))
+    stored = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(out).tensors}
+    merged = dict(peft_model.merge_and_unload().named_parameters())
+    for layer in range(2):
+        gate_up, down = (merged[f"model.layers.{layer}.mlp.experts.{p}"] for p in ("gate_up_proj", "down_proj"))
+        i = gate_up.shape[1] // 2
+        for kind, want in (("gate", gate_up[:, :i]), ("up", gate_up[:, i:]), ("down", down)):
+            got = stored[f"blk.{layer}.ffn_{kind}_exps.weight"]
+            assert torch.allclose(got, want, atol=1e-5), (layer, kind, (got - want).abs().max())

@@ -50,8 +50,8 @@ import torch
 from torch import nn
 
 from . import moe_merged
-from .gguf import writer as gguf_export
-from ..adapters import expert_format, peft_format
+from .gguf import adapter as gguf_adapter, writer as gguf_export
+from ..adapters import peft_format
 from ..quant import bnb as quant
 from ..errors import ExportError
 from .files import (atomic_folder, check_free_space, copy_tokenizer, linear_weights, transposed_weights,
@@ -88,7 +88,8 @@ class Options:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where weights are quantized (dequantized base, requantization): auto = CUDA when present, as training."""
     gguf_type: str = "f16"
-    """GGUF formats: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1, or q4_k_m q5_k_m q6_k with the llama-cpp extra."""
+    """GGUF formats: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1, or the K-quants q2_k ... q6_k (gguf/kquant.py) with
+    the llama-cpp extra."""
     progress: bool = True
     allow_lossy: bool = False
     """--format quantized: write it even when re-quantizing keeps almost nothing of the adapter (KEPT_MIN)."""
@@ -274,7 +275,7 @@ class GgufFormat(Format):
     def write(self, job: Job) -> Result:
         if self.adapter:
             with writing(job.out):
-                written, more = gguf_export.write_adapter(job.src, job.base, job.out, job.opts.gguf_type)
+                written, more = gguf_adapter.write_adapter(job.src, job.base, job.out, job.opts.gguf_type)
             return _with(job, [job.out.name], written, more)
         merge = job.merge(job.frozen(job.raw_config()), roundtrip=True)
         with writing(job.out):
@@ -345,10 +346,8 @@ def export(source: str | Path, opts: Options) -> Result:
     transposed = frozenset(transposed_weights(base) & set(index)) if index is not None and not gguf else frozenset()
     if moe is not None:  # per-expert adapters over a Hub-layout checkpoint: checked against the converted model
         moe_merged.check_fits(src, moe, base)
-        # GGUF stacks the experts itself (gguf/families.py) and merges attention adapters; an adapter on the
-        # experts is written only by --format merged / adapter
-        experts = any(expert_format.is_expert_module(m) for m in src.modules())
-        if opts.format not in ("adapter", "merged") and (experts or not opts.format.startswith("gguf")):
+        # GGUF stacks the experts itself (gguf/arch.py, gguf/experts.py), expert adapters included
+        if opts.format not in ("adapter", "merged") and not opts.format.startswith("gguf"):
             moe_merged.refuse_format(opts.format)
     elif index is not None:  # adapters see a Conv1D weight (GPT-2) as the (out, in) Linear training ran
         check_fits(src.stack, gguf_export.fit_index(index, base) if gguf else

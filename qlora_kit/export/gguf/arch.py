@@ -35,7 +35,7 @@ class Arch:
     n_layers: int
     n_head: int
     n_head_kv: int
-    head_dim: int
+    head_dim: int  # MLA: the rotary part (qk_rope_head_dim), what RoPE rotates
     tied: bool  # output embeddings share token_embd (no output.weight in the file)
     config: dict
 
@@ -53,8 +53,10 @@ def arch_of(config: dict) -> Arch:
     rope.check(config, name)
     heads = families.n_heads(config)
     tied = fam.tied == "always" or bool(config.get("tie_word_embeddings", fam.gguf in ("FALCON", "GPT2")))
-    return Arch(name, hf, fam, families.n_layers(config), heads, families.n_heads_kv(config, fam),
-                config.get("head_dim") or families.hidden(config) // heads, tied, config)
+    head_dim = (config["qk_rope_head_dim"] if fam.mla else None) or config.get("head_dim") \
+        or families.hidden(config) // heads
+    return Arch(name, hf, fam, families.n_layers(config), heads, families.n_heads_kv(config, fam), head_dim, tied,
+                config)
 
 
 def add_hparams(writer: Any, arch: Arch, vocab_size: int) -> None:
@@ -71,7 +73,8 @@ def add_hparams(writer: Any, arch: Arch, vocab_size: int) -> None:
     else:
         writer.add_layer_norm_rms_eps(families.norm_eps(c))
     writer.add_vocab_size(vocab_size)
-    if c.get("head_dim") or arch.head_dim != families.hidden(c) // arch.n_head:  # as the converter: when set
+    # as the converter: when set (MLA writes its own lengths)
+    if not arch.fam.mla and (c.get("head_dim") or arch.head_dim != families.hidden(c) // arch.n_head):
         writer.add_key_length(arch.head_dim)
         writer.add_value_length(arch.head_dim)
     if arch.fam.gguf != "GPT2":  # learned positions, no RoPE
@@ -129,6 +132,16 @@ class TensorNames:
             raise ExportError(f"GGUF export: tensor {hf_name} of this {self.arch.hf} has no llama.cpp name; the base "
                               "has layers llama.cpp's graph does not know. Use --format merged.")
         return name
+
+    def pieces(self, hf_name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], Callable | None]]:
+        """The GGUF tensors one Hugging Face tensor of this shape becomes: [(GGUF name, shape, take(W) or None)],
+        one as it is for most families; gpt-oss's fused experts and DeepSeek's kv_b_proj as two (families_moe)."""
+        split = self.arch.fam.split
+        parts = split(hf_name, shape, self.arch.config) if split is not None else None
+        if parts is None:
+            name = self(hf_name)
+            return [] if name is None else [(name, shape, None)]
+        return [(self(n), s, take) for n, s, take in parts]
 
     def transposed(self, hf_name: str) -> bool:
         """GPT-2 Conv1D weight, stored (in, out)."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ...errors import ExportError
+from . import families_moe
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,12 @@ class Family:
     tied: str = "config"  # "config": tie_word_embeddings decides; "always": lm_head never written (llama.cpp has none)
     extra: Callable[[Any, dict], None] | None = None  # more hparam keys: (writer, config)
     refuse: tuple[tuple[Callable[[dict], bool], str], ...] = field(default=())  # (test, what llama.cpp lacks)
+    # (HF name, shape, config) -> [(HF-style name to look up, shape, take(W) or None)]: a tensor written as other
+    # tensors ([] drops it), or None when written as it is (families_moe)
+    split: Callable[[str, tuple[int, ...], dict], list | None] | None = None
+    mla: bool = False  # DeepSeek's latent attention: one kv head, key/value lengths and RoPE dims of its own
+    lora: tuple[str, ...] | None = None  # the GGUF weights (attn_output ...) llama.cpp's graph applies a LoRA
+    # adapter to, when not all of them: it multiplies the others directly, so an adapter on them would be ignored
 
 
 def _get(c: dict, *keys, default=None):
@@ -148,13 +155,15 @@ FAMILIES: dict[str, Family] = {
         (lambda c: bool(c.get("scale_attn_by_inverse_layer_idx")), "attention scaled by 1/layer index"),
         (lambda c: not c.get("scale_attn_weights", True), "unscaled attention (scale_attn_weights false)"),
         (lambda c: bool(c.get("reorder_and_upcast_attn")), "reordered attention upcasting"))),
+    "GptOssForCausalLM": Family("GPT_OSS", extra=families_moe.gpt_oss_hparams, split=families_moe.gpt_oss_split,
+                                refuse=families_moe.GPT_OSS_REFUSE),
+    "DeepseekV2ForCausalLM": Family("DEEPSEEK2", extra=families_moe.deepseek_hparams, mla=True, lora=("attn_output",),
+                                    split=families_moe.deepseek_split, refuse=families_moe.DEEPSEEK_REFUSE),
+    "DeepseekV3ForCausalLM": Family("DEEPSEEK2", extra=families_moe.deepseek_hparams, mla=True, lora=("attn_output",),
+                                    split=families_moe.deepseek_split, refuse=families_moe.DEEPSEEK_REFUSE),
 }
 
-NOT_RUN = {  # architectures llama.cpp runs that this exporter does not write yet
-    "DeepseekV2ForCausalLM": "multi-head latent attention and experts are not written by this exporter yet",
-    "DeepseekV3ForCausalLM": "multi-head latent attention and experts are not written by this exporter yet",
-    "GptOssForCausalLM": "attention sinks, MXFP4 experts and the harmony format are not written by this exporter yet",
-}
+NOT_RUN: dict[str, str] = {}  # architectures llama.cpp runs that this exporter does not write yet: why
 
 
 def family_of(config: dict) -> tuple[str, Family]:
@@ -185,6 +194,8 @@ def n_heads(c: dict) -> int:
 
 
 def n_heads_kv(c: dict, fam: Family) -> int:
+    if fam.mla:  # llama.cpp's converter: MLA as multi-query attention over the latent
+        return 1
     if fam.gguf == "FALCON" and not c.get("new_decoder_architecture"):
         return 1 if c.get("multi_query", True) else n_heads(c)
     return int(_get(c, "num_key_value_heads", "num_kv_heads", default=n_heads(c)))

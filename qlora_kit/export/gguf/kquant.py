@@ -1,23 +1,31 @@
-"""K-quant GGUF types (q4_k_m, q5_k_m, q6_k) encoded by llama.cpp's own quantizer, without a llama.cpp build.
+"""K-quant GGUF types (q2_k ... q6_k) encoded by llama.cpp's own quantizer, without a llama.cpp build.
 
 The blocks are made by ggml's `ggml_quantize_chunk` (the routine `llama-quantize` calls for every tensor, with no
 importance matrix here), found in the native library of the prebuilt `xllamacpp` wheel (the `llama-cpp` extra) and
 called through ctypes on row blocks of the merged fp32 weight, so the export stays streaming. The wheel does not ship
 `llama_model_quantize` itself, so the per-tensor type mix that names a file "Q4_K_M" is llama.cpp's rule
-(llama-quant.cpp, llama_tensor_get_type) restated here for the architectures we export (dense Llama/Mistral/Qwen2):
+(llama-quant.cpp, llama_tensor_get_type) restated here; i is the layer, n the layer count, E the expert count,
+gqa = heads / kv heads, more(i) = use_more_bits (the first and last eighth of the layers, every third in between):
 
-    q4_k_m   Q4_K everywhere; Q6_K for output.weight (token_embd when the embeddings are tied) and for attn_v and
-             ffn_down of the layers use_more_bits picks (the first and last eighth, and every third in between)
-    q5_k_m   the same with Q5_K
-    q6_k     Q6_K everywhere
-    fused    attn_qkv (Phi-3, Falcon, GPT-NeoX, GPT-2): Q5_K in q4_k_m, Q6_K in q5_k_m
-    falcon   output Q8_0; ffn_down in q4_k_m: Q6_K in the first 1/16 of the layers, Q5_K where use_more_bits, else
-             Q4_K
-    a row length that is not a multiple of 256 (QK_K) falls back as llama.cpp does: Q4_K -> Q5_0, Q5_K -> Q5_1,
-    Q6_K -> Q8_0 (and to f16 when not a multiple of 32). 1-D tensors stay f32.
+    output (token_embd when tied)  Q6_K (Falcon: Q8_0)
+    attn_v     q2_k: Q4_K if gqa >= 4 else Q3_K; q3_k_m: Q5_K in layers 0-1, else Q4_K; q3_k_l: Q5_K;
+               q4_k_m/q5_k_m: Q6_K where more(i); q4_k_s: Q5_K in layers 0-3. Then E == 8: Q8_0
+    attn_k     E == 8: Q8_0
+    attn_output  E == 8: Q5_K in q2_k, q3_k_s, q3_k_m, q4_k_s, q4_k_m; else q2_k: Q3_K, q3_k_m: Q4_K, q3_k_l: Q5_K
+               (Falcon: q3_k_l Q4_K only)
+    ffn_down   (ffn_down_exps and the shared expert's ffn_down_shexp alike, by the layer in the name)
+               q2_k: Q3_K; q3_k_m: Q5_K in the first 1/16, else Q4_K (Falcon: Q3_K unless more(i)); q3_k_l: Q5_K
+               (Falcon Q4_K); q4_k_m: Q6_K where more(i) (Falcon: Q6_K in the first 1/16, Q5_K where more(i));
+               q5_k_m: Q6_K where more(i); q4_k_s: Q5_K in the first 1/8 (not Falcon)
+    attn_qkv   q3_k_m/q3_k_l: Q4_K; q4_k_m: Q5_K; q5_k_m: Q6_K
+    otherwise  the file's type (ffn_gate/up_exps and _shexp included)
 
-Not restated (they do not apply to these models): the 70B attn_v bump, the MoE and imatrix rules. Learned position
-embeddings (GPT-2) stay f32, as llama.cpp's quantizer leaves them.
+    kept as they are (f32 here: the merged weights are fp32): 1-D tensors (ggml counts trailing 1s out, so
+    Qwen2-MoE's (1, hidden) ffn_gate_inp_shexp is one), norms, the expert router ffn_gate_inp, learned positions.
+    A row length that is not a multiple of 256 (QK_K) falls back as llama.cpp does: Q2_K/Q3_K -> Q4_0,
+    Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 (and to f16 when not a multiple of 32).
+
+Not restated: the 70B-size attn_v bump (llama.cpp decides it from the model's size class) and the imatrix rules.
 """
 
 from __future__ import annotations
@@ -40,9 +48,13 @@ class KQuant:
     file_type: int  # general.file_type (llama_ftype)
 
 
-KQUANTS = {"q4_k_m": KQuant("q4_k", 15), "q5_k_m": KQuant("q5_k", 17), "q6_k": KQuant("q6_k", 18)}
-BLOCK_TYPES = ("q4_k", "q5_k", "q6_k")  # the ggml block types made here (256 weights a block)
-FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}  # llama.cpp's for rows not a multiple of 256
+KQUANTS = {"q2_k": KQuant("q2_k", 10), "q3_k_s": KQuant("q3_k", 11), "q3_k_m": KQuant("q3_k", 12),
+           "q3_k_l": KQuant("q3_k", 13), "q4_k_s": KQuant("q4_k", 14), "q4_k_m": KQuant("q4_k", 15),
+           "q5_k_s": KQuant("q5_k", 16), "q5_k_m": KQuant("q5_k", 17), "q6_k": KQuant("q6_k", 18)}
+BLOCK_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")  # the ggml block types made here (256 weights a block)
+# llama.cpp's for rows not a multiple of 256
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+KEEP = ("_norm.weight", "ffn_gate_inp.weight", "position_embd.weight")  # names llama.cpp's quantizer leaves as they are
 EXTRA = 'pip install "qlora-kit[llama-cpp]" (the prebuilt xllamacpp wheel: llama.cpp\'s native library, no compile)'
 
 
@@ -51,20 +63,49 @@ def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def tensor_kind(kind: str, name: str, n_layers: int, tied: bool, arch: str = "llama") -> str:
-    """The block type of one 2-D GGUF tensor (its llama.cpp name, e.g. blk.3.attn_v.weight) in a `kind` file."""
-    base = KQUANTS[kind].base
+def tensor_kind(kind: str, name: str, n_layers: int, tied: bool, arch: str = "llama", n_expert: int = 0,
+                gqa: int = 1) -> str:
+    """The block type of one 2-D GGUF tensor (its llama.cpp name, e.g. blk.3.attn_v.weight) in a `kind` file of a
+    model with `n_layers` layers, `n_expert` routed experts and `gqa` query heads per kv head (module docstring)."""
+    t = KQUANTS[kind].base
     if name == "output.weight" or (tied and name == "token_embd.weight"):
         return "q8_0" if arch == "falcon" else "q6_k"
-    medium = kind in ("q4_k_m", "q5_k_m")
-    if medium and ".attn_qkv." in name:
-        return "q5_k" if kind == "q4_k_m" else "q6_k"
-    if medium and arch == "falcon" and ".ffn_down." in name and kind == "q4_k_m":
-        i = int(name.split(".")[1])
-        return "q6_k" if i < n_layers // 16 else "q5_k" if use_more_bits(i, n_layers) else "q4_k"
-    if medium and (".attn_v." in name or ".ffn_down." in name):
-        return "q6_k" if use_more_bits(int(name.split(".")[1]), n_layers) else base
-    return base
+    if not name.startswith("blk."):
+        return t
+    i, n, falcon, eight = int(name.split(".")[1]), n_layers, arch == "falcon", n_expert == 8
+    more = use_more_bits(i, n)
+    if ".attn_v." in name:
+        t = {"q2_k": "q4_k" if gqa >= 4 else "q3_k", "q3_k_m": "q5_k" if i < 2 else "q4_k", "q3_k_l": "q5_k",
+             "q4_k_m": "q6_k" if more else t, "q5_k_m": "q6_k" if more else t,
+             "q4_k_s": "q5_k" if i < 4 else t}.get(kind, t)
+        return "q8_0" if eight else t
+    if ".attn_k." in name:
+        return "q8_0" if eight else t
+    if ".attn_output." in name:
+        if falcon:
+            return "q4_k" if kind == "q3_k_l" else t
+        if eight:
+            return "q5_k" if kind in ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m") else t
+        return {"q2_k": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(kind, t)
+    if ".attn_qkv." in name:
+        return {"q3_k_m": "q4_k", "q3_k_l": "q4_k", "q4_k_m": "q5_k", "q5_k_m": "q6_k"}.get(kind, t)
+    if ".ffn_down" in name:  # ffn_down, ffn_down_exps, ffn_down_shexp
+        if kind == "q4_k_m" and falcon:
+            return "q6_k" if i < n // 16 else "q5_k" if more else "q4_k"
+        return {"q2_k": "q3_k", "q3_k_m": "q5_k" if i < n // 16 else "q3_k" if falcon and not more else "q4_k",
+                "q3_k_l": "q4_k" if falcon else "q5_k", "q4_k_m": "q6_k" if more else t,
+                "q5_k_m": "q6_k" if more else t,
+                "q4_k_s": "q5_k" if not falcon and i < n // 8 else t}.get(kind, t)
+    return t
+
+
+def keeps_type(name: str, shape: tuple[int, ...]) -> bool:
+    """A tensor llama.cpp's quantizer does not quantize: fewer than 2 dimensions once trailing 1s are dropped (ggml's
+    n_dims; numpy shapes are reversed, so leading 1s here), a norm, the expert router, learned positions."""
+    dims = list(shape)
+    while len(dims) > 1 and dims[0] == 1:
+        dims.pop(0)
+    return len(dims) < 2 or name.endswith(KEEP)
 
 
 def row_fallback(kind: str, cols: int) -> str:

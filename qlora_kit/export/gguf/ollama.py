@@ -2,8 +2,8 @@
 format the model was trained on.
 
 Ollama prompts with a Go template, not the Jinja chat template the GGUF carries, so the prompt format is
-translated: the chat template's family (ChatML, Llama 3, Gemma, Mistral/Llama 2 [INST], Phi-3, Command-R, Granite;
-recognised by its turn markers) when the run trained through the chat template (chat
+translated: the chat template's family (ChatML, Llama 3, Gemma, Mistral/Llama 2 [INST], Phi-3, Command-R, Granite,
+gpt-oss harmony; recognised by its turn markers) when the run trained through the chat template (chat
 data, or alpaca data on a tokenizer with a template, see data.render_prompt); the Stanford Alpaca prompt for an
 alpaca run without one; the bare text for a text run. A default system prompt baked into a ChatML template (SmolLM2
 has one) becomes SYSTEM. The stop tokens are the end-of-turn tokens of that format plus the tokenizer's EOS. An
@@ -36,8 +36,20 @@ COMMAND_R = ('{{- if .System }}<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>{{ .System
 GRANITE = ('{{- if .System }}<|start_of_role|>system<|end_of_role|>{{ .System }}<|end_of_text|>\n{{ end }}'
            '{{- range .Messages }}<|start_of_role|>{{ .Role }}<|end_of_role|>{{ .Content }}<|end_of_text|>\n{{ end }}'
            '<|start_of_role|>assistant<|end_of_role|>')
+# gpt-oss's harmony format as its chat template renders a conversation without tools: the fixed system message
+# (model identity, knowledge cutoff, the date through Ollama's currentDate, reasoning effort medium, the channels),
+# the system prompt as the developer message's instructions, past assistant turns on the final channel. The model
+# answers on its channels and ends the turn with <|return|> (<|call|> for a tool call).
+HARMONY = ('<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n'
+           'Knowledge cutoff: 2024-06\nCurrent date: {{ currentDate }}\n\nReasoning: medium\n\n'
+           '# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>'
+           '{{- if .System }}<|start|>developer<|message|># Instructions\n\n{{ .System }}\n\n<|end|>{{ end }}'
+           '{{- range .Messages }}{{ if eq .Role "assistant" }}<|start|>assistant<|channel|>final<|message|>'
+           '{{ .Content }}<|end|>{{ else if eq .Role "user" }}<|start|>user<|message|>{{ .Content }}<|end|>{{ end }}'
+           '{{ end }}<|start|>assistant')
 # marker in the Jinja chat template -> (Ollama TEMPLATE, its stop strings); the first match wins
 FAMILIES = [
+    ("<|channel|>", HARMONY, ("<|return|>", "<|call|>")),
     ("<|im_start|>", CHATML, ("<|im_end|>", "<|im_start|>")),
     ("<|start_header_id|>", LLAMA3, ("<|eot_id|>",)),
     ("<start_of_turn>", GEMMA, ("<end_of_turn>",)),
@@ -91,7 +103,7 @@ def modelfile(gguf_name: str, tok: dict[str, Any], recipe=None) -> str:
         lines.append(f"TEMPLATE {_quote(template)}")
     else:
         lines.append("# no TEMPLATE: the chat template is not one this exporter translates (ChatML, Llama 3, Gemma, "
-                     "[INST], Phi-3, Command-R, Granite); Ollama uses the GGUF's own tokenizer.chat_template")
+                     "[INST], Phi-3, Command-R, Granite, harmony); Ollama uses the GGUF's own tokenizer.chat_template")
     if system:
         lines.append(f"SYSTEM {_quote(system)}")
     lines += [f'PARAMETER stop "{s}"' for s in stop]

@@ -38,10 +38,20 @@ def family_of(arch: str, meta: dict) -> tuple[str, Family]:
     import gguf
 
     moe = f"{arch}.expert_count" in meta
+    # families whose tensors the writer splits or regroups into llama.cpp's own layout (gpt-oss's interleaved
+    # gate_up, DeepSeek's kv_b into attn_k_b / attn_v_b) are not inverted here
+    unread = {hf: f for hf, f in FAMILIES.items() if f.split is not None or f.mla}
     for hf, fam in FAMILIES.items():
-        if gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, fam.gguf)] == arch and (fam.extra is families._moe) == moe:
+        if gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, fam.gguf)] != arch:
+            continue
+        if hf in unread:
+            raise ModelError(f"this GGUF's architecture is {arch!r} ({hf}), whose tensors qlora-kit's GGUF export "
+                             "splits into llama.cpp's own layout; the GGUF reader does not put them back together "
+                             "yet. Evaluate the model folder it came from, or run the GGUF in llama.cpp.")
+        if (fam.extra is families._moe) == moe:
             return hf, fam
-    known = sorted({gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, f.gguf)] for f in FAMILIES.values()})
+    known = sorted({gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, f.gguf)] for hf, f in FAMILIES.items()
+                    if hf not in unread})
     raise ModelError(f"this GGUF's architecture is {arch!r}{' with experts' if moe else ''}, which qlora-kit's GGUF "
                      f"reader does not map back to a transformers model (it reads {', '.join(known)}). Evaluate the "
                      "model folder it came from, or run the GGUF in llama.cpp.")

@@ -61,13 +61,22 @@ def check(config: dict, arch_name: str) -> None:
     if kind == "longrope" and (rope.get("attention_factor") is not None or rope.get("factor") is not None):
         raise ExportError("GGUF export: this longrope RoPE sets factor/attention_factor; llama.cpp derives them from "
                           "the context lengths. Use --format merged.")
+    if kind == "yarn" and rope.get("truncate") is False:
+        raise ExportError("GGUF export: this YaRN RoPE sets truncate: false (as gpt-oss checkpoints do): transformers "
+                          "ramps the frequencies over the exact correction range, llama.cpp rounds its ends to whole "
+                          "dimensions (floor/ceil), so the two rotate differently (on a tiny gpt-oss: "
+                          "log-probabilities 0.2-2 apart at the first step). Use --format merged; a GGUF needs "
+                          "truncate: true.")
     if kind == "yarn":
         factor = float(rope["factor"])
         att = rope.get("attention_factor")
-        if (att is not None and abs(att - (0.1 * math.log(factor) + 1)) > 1e-6) or rope.get("mscale") \
-                or rope.get("mscale_all_dim") or rope.get("truncate") is False:
-            raise ExportError("GGUF export: this YaRN RoPE sets attention_factor/mscale/truncate, which llama.cpp "
-                              "computes its own way (0.1·ln(factor) + 1, truncated correction range). "
+        # DeepSeek's mscale/mscale_all_dim: llama.cpp's deepseek2 graph folds them into its attention scale
+        # (families_moe checks them)
+        deepseek = arch_name == "deepseek2"
+        if (att is not None and abs(att - (0.1 * math.log(factor) + 1)) > 1e-6) or not deepseek and (
+                rope.get("mscale") or rope.get("mscale_all_dim")):
+            raise ExportError("GGUF export: this YaRN RoPE sets attention_factor/mscale, which llama.cpp "
+                              "computes its own way (0.1·ln(factor) + 1). "
                               "Use --format merged.")
 
 

@@ -2,15 +2,15 @@
 `gguf` package (no llama.cpp checkout or build).
 
     gguf          the merged model: the same W_base + s·B@A as `--format merged` (dequantized base by default), in
-                  fp32, then stored as --gguf-type. 2-D weights take the type; 1-D tensors (norms, biases) stay f32
-                  as llama.cpp expects; a weight whose row length is not a multiple of the type's block (32) falls
-                  back to f16, as llama.cpp's converter does. K-quants (q4_k_m, q5_k_m, q6_k): blocks made by
-                  llama.cpp's own ggml quantizer from the xllamacpp wheel, llama.cpp's type mix (`gguf_kquant`);
-                  without it but with llama-cpp-python, an f16 GGUF through its llama_model_quantize.
-    gguf-adapter  llama.cpp's LoRA GGUF (general.type adapter, adapter.type lora, adapter.lora.alpha; tensors
-                  blk.N.<name>.weight.lora_a (r, in) / .lora_b (out, r)) for `llama-cli -m BASE.gguf --lora A.gguf`
-                  and Ollama's ADAPTER. It adds s·B@A to whatever base GGUF it is given: a GGUF of the ORIGINAL
-                  base. A QLoRA adapter was trained against dequant(quant(W)), so the exact model is the merged GGUF.
+                  fp32, then stored as --gguf-type. 2-D weights take the type; 1-D tensors (norms, biases) and
+                  the MoE routers stay f32 as llama.cpp's converter keeps them; a weight whose row length is not a
+                  multiple of the type's block (32) falls back to f16, as llama.cpp's converter does. A tensor may
+                  be written as pieces of a source tensor, cut after the merge (`take`: gpt-oss's gate_up, DeepSeek's
+                  kv_b; families_moe); MoE experts are stacked as training held them (`gguf_experts`).
+                  K-quants (q2_k ... q6_k): blocks made by llama.cpp's own ggml quantizer from the xllamacpp
+                  wheel, llama.cpp's type mix (`gguf_kquant`); without it but with llama-cpp-python, an f16 GGUF
+                  through its llama_model_quantize.
+    gguf-adapter  llama.cpp's LoRA GGUF: `gguf_adapter` (adapter.py), with this module's encoding and type checks.
 
 Streaming: every tensor's type, shape and size are fixed from the safetensors headers before any data exists, so
 the header is written first and tensors follow one at a time (peak memory about one fp32 weight, its quantized
@@ -31,18 +31,18 @@ import numpy as np
 import torch
 
 from ... import atomic
-from . import arch as gguf_arch, kquant as gguf_kquant, vocab as gguf_vocab, ollama
+from . import arch as gguf_arch, experts as gguf_experts, kquant as gguf_kquant, vocab as gguf_vocab, ollama
 from ...errors import ExportError
 from .kquant import KQUANTS
 from ..files import check_free_space
 from ..merge import Merge, merged_weight
 from ..shards import TensorInfo, read_tensor, row_blocks
-from ...terms import lora_scale
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # what the gguf package writes itself
 ADAPTER_TYPES = ("f32", "f16", "bf16")
 # kept f32 whatever the type, as llama.cpp's converter does: learned positions, RoPE factor tensors
 F32_NAMES = ("position_embd.", "rope_freqs.", "rope_factors_")
+ROUTERS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")  # MoE routers: f32 as the converter keeps them
 
 
 def display_name(base: Path) -> str:
@@ -93,7 +93,9 @@ class Planned:
     shift: float = 0.0  # added to the values (Gemma norms)
     rows: Callable[[torch.Tensor], torch.Tensor] | None = None  # output-row reordering (gguf_arch.TensorNames.rows)
     value: torch.Tensor | None = None
-    experts: tuple[tuple[TensorInfo, str | None], ...] = ()  # MoE: (header, adapted module) per expert, stacked
+    experts: gguf_experts.Stack | None = None  # MoE: the experts stacked into this (E, out, in) tensor
+    # the slice of the (merged) source written as this tensor: gate_up's gate columns, kv_b's k_b (families_moe)
+    take: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -108,24 +110,40 @@ def plan(index: dict[str, TensorInfo], names: gguf_arch.TensorNames, kind: str, 
 
     out, fallback = [], []
     index, experts = gguf_arch.group_experts(index)
-    gguf_names = {hf: names(hf) for hf in index}
+    gguf_experts.check_family(names.arch.hf, adapted)
     extra = gguf_arch.extra_tensors(names.arch)
     n_layers = names.arch.n_layers
-    tied = "output.weight" not in gguf_names.values()
-    if experts and kind in KQUANTS:
-        raise ExportError(f"--gguf-type {kind}: llama.cpp's K-quant type mix for mixture-of-experts tensors is not "
-                          f"restated here; export {', '.join(TYPES)} (q8_0 for a small file).")
-    for hf, info in [*index.items(), *((n, None) for n in extra)]:
-        name = gguf_names[hf] if info is not None else hf
-        if name is None:
-            continue
-        transposed = info is not None and len(info.shape) == 2 and names.transposed(hf)
-        shape = tuple(extra[hf].shape) if info is None else info.shape[::-1] if transposed else info.shape
-        parts = tuple((e, _module(e.name, adapted)) for e in experts.get(hf, ()))
-        shape = (len(parts), *shape) if parts else shape
-        t = kind if len(shape) >= 2 and not name.startswith(F32_NAMES) else "f32"
-        if t in KQUANTS:  # llama.cpp's per-tensor mix, then its fallback for rows not made of 256-weight blocks
-            t = gguf_kquant.tensor_kind(kind, name, n_layers, tied, names.arch.name)
+    # (HF name, header, GGUF name, shape, take, transposed): every piece of every source tensor, then the computed ones
+    rows: list[tuple[str, TensorInfo | None, str, tuple[int, ...], Callable | None, bool]] = []
+    groups: dict[str, list[TensorInfo]] = {}  # GGUF name -> the checkpoint's per-expert headers (gguf_experts.stack)
+    for hf, info in index.items():
+        transposed = len(info.shape) == 2 and names.transposed(hf)
+        shape = info.shape[::-1] if transposed else info.shape
+        shape = (len(experts[hf]), *shape) if hf in experts else shape
+        for name, s, take in names.pieces(hf, shape):
+            rows.append((hf, info, name, s, take, transposed))
+            if hf in experts:
+                groups[name] = experts[hf]
+    rows += [(n, None, n, tuple(extra[n].shape), None, False) for n in extra]
+    if kind in KQUANTS and names.arch.hf not in gguf_experts.FAMILIES and any(len(r[3]) == 3 for r in rows):
+        # gpt-oss's fused experts, DeepSeek's experts and attn_k_b/attn_v_b: llama.cpp's mix for them not verified
+        raise ExportError(f"--gguf-type {kind}: llama.cpp's K-quant type mix for the 3-D tensors of a "
+                          f"{names.arch.hf} (experts{', attn_k_b/attn_v_b' if names.arch.fam.mla else ''}) is not "
+                          f"restated here (only for {', '.join(gguf_experts.FAMILIES)}); export "
+                          f"{', '.join(TYPES)} (q8_0 for a small file).")
+    tied = "output.weight" not in {r[2] for r in rows}
+    n_expert = len(next(iter(experts.values()))) if experts else 0
+    for hf, info, name, shape, take, transposed in rows:
+        stack = gguf_experts.stack(name, groups, adapted) if name in groups else None
+        # f32 whatever the type, as llama.cpp's converter: 1-D tensors, biases (gpt-oss's (E, I) expert biases
+        # among them), learned positions, RoPE factors, the expert routers
+        t = kind if len(shape) >= 2 and name.endswith(".weight") and not name.startswith(F32_NAMES) \
+            and not name.endswith(ROUTERS) else "f32"
+        if t in KQUANTS and gguf_kquant.keeps_type(name, shape):  # not quantized by llama.cpp's quantizer either
+            t = "f32"
+        elif t in KQUANTS:  # llama.cpp's per-tensor mix, then its fallback for rows not made of 256-weight blocks
+            t = gguf_kquant.tensor_kind(kind, name, n_layers, tied, names.arch.name, n_expert,
+                                        names.arch.n_head // names.arch.n_head_kv)
             if gguf_kquant.row_fallback(t, shape[-1]) != t:
                 t = gguf_kquant.row_fallback(t, shape[-1])
                 fallback.append(hf)
@@ -133,7 +151,7 @@ def plan(index: dict[str, TensorInfo], names: gguf_arch.TensorNames, kind: str, 
             t = "f16"
             fallback.append(hf)
         out.append(Planned(info, name, t, _module(hf, adapted), shape, transposed, names.shift(hf), names.rows(hf),
-                           extra.get(hf), parts))
+                           extra.get(hf), stack, take))
     block = 256 if kind in KQUANTS else gguf.GGML_QUANT_SIZES[_qtype(kind)][0]
     notes = [f"{len(set(fallback))} weights (e.g. {fallback[0]}) have rows not a multiple of {block} and are stored in "
              f"a wider type than {kind}, as llama.cpp does"] if fallback else []
@@ -164,16 +182,23 @@ def _tensor(p: Planned, merge: Merge) -> torch.Tensor:
     gguf_arch)."""
     if p.value is not None:
         return p.value.float()
-    if p.experts:  # (n_expert, out, in): each expert merged as its own Linear
-        return torch.stack([_tensor(dataclasses.replace(p, info=e, module=m, experts=()), merge) for e, m in p.experts])
+    if p.experts is not None:  # (n_expert, out, in): each expert as training held it (gguf_experts)
+        W = gguf_experts.weight(p.experts, merge)
+    else:
+        W = _source(p, merge)
+    W = p.take(W) if p.take is not None else W
+    return p.rows(W) if p.rows is not None else W
+
+
+def _source(p: Planned, merge: Merge) -> torch.Tensor:
+    """One checkpoint tensor in fp32, merged as --format merged merges it, before `take` and `rows`."""
     W = read_tensor(p.info)
     if p.transposed:  # (in, out) -> (out, in) before merging: lora B @ A is (out, in)
         W = W.t().contiguous()
     W = merge.base(W, p.info.name, p.module)
     if p.module is not None:  # every method of the stack, in order (methods.merge_rows), as --format merged
         W = merged_weight(W, merge.src.stack, p.module, torch.float32)
-    W = W.float() + p.shift if p.shift else W.float()
-    return p.rows(W) if p.rows is not None else W
+    return W.float() + p.shift if p.shift else W.float()
 
 
 def _write_blocks(writer, p: Planned, W: torch.Tensor) -> None:
@@ -197,7 +222,7 @@ def _write_blocks(writer, p: Planned, W: torch.Tensor) -> None:
     writer.write_tensor_data(out)
 
 
-def _add_info(writer, name: str, shape: tuple[int, ...], kind: str, nbytes: int) -> None:
+def add_info(writer, name: str, shape: tuple[int, ...], kind: str, nbytes: int) -> None:
     import gguf
 
     if kind in ("f32", "f16"):
@@ -245,7 +270,7 @@ def write_model(merge: Merge, base: Path, index: dict[str, TensorInfo], out: Pat
                 gguf_arch.add_hparams(writer, arch, config["vocab_size"])
                 tok = gguf_vocab.add_tokenizer(writer, base, config["vocab_size"])
                 for p in tensors:
-                    _add_info(writer, p.name, p.shape, p.kind, p.nbytes)
+                    add_info(writer, p.name, p.shape, p.kind, p.nbytes)
                 writer.write_header_to_file(path=f16 or tmp)
                 writer.write_kv_data_to_file()
                 writer.write_ti_data_to_file()
@@ -279,56 +304,3 @@ def _kquantize(src: Path, dst: Path, kind: str) -> None:
     if rc != 0 or not dst.is_file():
         dst.unlink(missing_ok=True)
         raise ExportError(f"llama.cpp's quantizer failed on {src.name} -> {kind} (return code {rc}).")
-
-
-def write_adapter(src, base: Path, out: Path, kind: str) -> tuple[int, list[str]]:
-    """llama.cpp's LoRA adapter GGUF. Per-module scales (rsLoRA, alpha_pattern) that alpha / r cannot express are
-    folded into lora_b, so llama.cpp's single `alpha` gives every module its trained scale."""
-    import gguf
-
-    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
-    arch = gguf_arch.arch_of(config)
-    names = gguf_arch.TensorNames(arch)
-    a = src.adapter
-    if len(src.stack) > 1 or a.method != "lora":
-        raise ExportError(f"--format gguf-adapter: llama.cpp adapters are plain LoRA; this is a "
-                          f"{'+'.join(x.method for x in src.stack)} adapter. Export it merged: --format gguf.")
-    experts = [m for m in a.modules() if gguf_arch.EXPERT.match(f"{m}.weight")]
-    if experts:
-        raise ExportError(f"--format gguf-adapter: the adapter adapts single experts ({experts[0]} ...); llama.cpp's "
-                          "adapters hold one LoRA per stacked expert tensor, not written here. Export it merged: "
-                          "--format gguf.")
-    tensors: list[tuple[str, torch.Tensor]] = []
-    for m in a.modules():
-        A, B = a.pair(m)
-        r = A.shape[0]
-        fold = a.module_scaling(m) / lora_scale(a.alpha, r, rslora=False)  # llama.cpp applies alpha / r
-        B = B.float() * fold if fold != 1.0 else B.float()
-        rows = names.rows(f"{m}.weight")
-        B = rows(B) if rows is not None else B
-        name = names(f"{m}.weight")
-        tensors += [(f"{name}.lora_a", A.float()), (f"{name}.lora_b", B)]
-    nbytes = sum(t.numel() * (4 if kind == "f32" else 2) for _, t in tensors)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    check_free_space(out, nbytes + (1 << 20))
-    with atomic.atomic_file(out) as tmp:
-        writer = gguf.GGUFWriter(None, arch.name)
-        try:
-            writer.add_type(gguf.GGUFType.ADAPTER)
-            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(a.alpha))
-            writer.add_name(f"{display_name(base)} LoRA")
-            for name, t in tensors:
-                _add_info(writer, name, tuple(t.shape), kind, t.numel() * (4 if kind == "f32" else 2))
-            writer.write_header_to_file(path=tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for _, t in tensors:
-                writer.write_tensor_data(encode(t, kind))
-        finally:
-            writer.close()
-    notes = ["this adapter applies to a GGUF of the ORIGINAL base; a QLoRA adapter was trained against the "
-             "4-bit-rounded base, so for the exact trained model export --format gguf (merged)"] \
-        if src.trained_with.type != "none" else []
-    return out.stat().st_size, notes
-

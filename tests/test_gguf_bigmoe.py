@@ -1,0 +1,256 @@
+"""GGUF export of gpt-oss and DeepSeek-V2/V3 checked without llama.cpp: tensors read back with the gguf package
+against the checkpoint's own tensors and PEFT's merge (the layouts llama.cpp's converter writes), the keys its
+graphs read, the refusals, the harmony Modelfile and the o200k pre-tokenizer name. llama.cpp runs the same files in
+tests/test_llama_cpp_archs.py when the extra is installed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CORPUS
+from gguf_models import adapter, build, peft_merged
+from qlora_kit.errors import ExportError, QloraKitError
+from qlora_kit.export import formats as ex
+from qlora_kit.export.gguf import ollama
+
+gguf = pytest.importorskip("gguf")
+
+
+def export(src, out, **kw):
+    return ex.export(src, ex.Options(out=Path(out), progress=False, merge_base="original",
+                                     **{"format": "gguf", **kw}))
+
+
+def read(path: Path) -> tuple[dict, dict, dict]:
+    """(fields, {name: float64 array in numpy (outer, ..., inner) order}, {name: type name})."""
+    r = gguf.GGUFReader(path)
+    fields = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    data = {t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float64)
+            .reshape([int(x) for x in t.shape[::-1]]) for t in r.tensors}
+    return fields, data, {t.name: t.tensor_type.name for t in r.tensors}
+
+
+def checkpoint(base: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v.double() for k, v in load_file(base / "model.safetensors").items()}
+
+
+def test_gpt_oss_experts_sinks_and_keys(tmp_path):
+    """gpt-oss's fused experts are written per kind and expert as (out, in) matrices: gate = the even columns of
+    gate_up_proj (transformers' gate_up[..., ::2]), up = the odd ones, down transposed, biases split alike and kept
+    f32 at q8_0; the sinks, the merged attention (PEFT's merge) and the keys of llama.cpp's gpt-oss graph."""
+    base = build("gptoss", tmp_path / "base")
+    a = adapter("gptoss", tmp_path / "a", base)
+    export(a, tmp_path / "m.gguf", gguf_type="f32")
+    export(a, tmp_path / "q.gguf", gguf_type="q8_0")
+    fields, data, _ = read(tmp_path / "m.gguf")
+    hf = checkpoint(base)
+    merged = {k: v.double() for k, v in peft_merged(base, a).state_dict().items()}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        gate_up, bias = hf[p + "mlp.experts.gate_up_proj"], hf[p + "mlp.experts.gate_up_proj_bias"]
+        np.testing.assert_array_equal(data[f"blk.{i}.ffn_gate_exps.weight"], gate_up[..., ::2].transpose(1, 2))
+        np.testing.assert_array_equal(data[f"blk.{i}.ffn_up_exps.weight"], gate_up[..., 1::2].transpose(1, 2))
+        np.testing.assert_array_equal(data[f"blk.{i}.ffn_down_exps.weight"],
+                                      hf[p + "mlp.experts.down_proj"].transpose(1, 2))
+        np.testing.assert_array_equal(data[f"blk.{i}.ffn_gate_exps.bias"], bias[:, ::2])
+        np.testing.assert_array_equal(data[f"blk.{i}.ffn_up_exps.bias"], bias[:, 1::2])
+        np.testing.assert_array_equal(data[f"blk.{i}.ffn_down_exps.bias"], hf[p + "mlp.experts.down_proj_bias"])
+        np.testing.assert_array_equal(data[f"blk.{i}.attn_sinks.weight"], hf[p + "self_attn.sinks"])
+        np.testing.assert_allclose(data[f"blk.{i}.attn_q.weight"], merged[p + "self_attn.q_proj.weight"], atol=1e-6)
+        np.testing.assert_array_equal(data[f"blk.{i}.ffn_gate_inp.bias"], hf[p + "mlp.router.bias"])
+    assert fields["gpt-oss.expert_count"] == 4 and fields["gpt-oss.expert_used_count"] == 2
+    assert fields["gpt-oss.expert_feed_forward_length"] == 32 and fields["gpt-oss.attention.sliding_window"] == 4
+    assert fields["gpt-oss.attention.head_count_kv"] == 2 and fields["gpt-oss.attention.key_length"] == 16
+    _, qdata, types = read(tmp_path / "q.gguf")
+    assert types["blk.0.ffn_gate_exps.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q8_0"
+    assert types["blk.0.ffn_gate_exps.bias"] == "F32" and types["blk.0.attn_sinks.weight"] == "F32"
+    w, q = data["blk.1.ffn_down_exps.weight"], qdata["blk.1.ffn_down_exps.weight"]
+    assert 0 < np.abs(w - q).max() <= np.abs(w).max() / 127  # Q8_0: one step of a block's scale at most
+    refused_by_eval(tmp_path / "m.gguf")
+
+
+def refused_by_eval(path: Path) -> None:
+    """qlora-kit's GGUF reader (what `eval` and `generate` read a .gguf with) does not invert these families' tensor
+    splits yet: it refuses the file by name instead of scoring another model."""
+    from qlora_kit.export.gguf.reader import load
+
+    with pytest.raises(QloraKitError, match="reader does not put them back together"):
+        load(path)
+
+
+@pytest.mark.parametrize("name", ["deepseek3", "deepseek2"])
+def test_deepseek_latent_attention_layout(name, tmp_path):
+    """kv_b_proj (merged with its LoRA, as PEFT merges it) is written as llama.cpp's attn_k_b (per head: the k rows
+    transposed) and attn_v_b (the v rows), no attn_kv_b; one kv head with the latent's key/value lengths; the first
+    layer dense, the others experts with shared ones; the router keys of transformers' V2/V3 routers."""
+    base = build(name, tmp_path / "base")
+    a = adapter(name, tmp_path / "a", base)
+    export(a, tmp_path / "m.gguf", gguf_type="f32")
+    fields, data, _ = read(tmp_path / "m.gguf")
+    config = json.loads((base / "config.json").read_text())
+    merged = {k: v.double() for k, v in peft_merged(base, a).state_dict().items()}
+    heads, nope, v, rank = 4, 8, 16, 32
+    for i in range(2):
+        kv_b = merged[f"model.layers.{i}.self_attn.kv_b_proj.weight"].reshape(heads, nope + v, rank)
+        np.testing.assert_allclose(data[f"blk.{i}.attn_k_b.weight"], kv_b[:, :nope].transpose(1, 2), atol=1e-6)
+        np.testing.assert_allclose(data[f"blk.{i}.attn_v_b.weight"], kv_b[:, nope:], atol=1e-6)
+        np.testing.assert_allclose(data[f"blk.{i}.attn_q_a.weight"],
+                                   merged[f"model.layers.{i}.self_attn.q_a_proj.weight"], atol=1e-6)
+        assert f"blk.{i}.attn_kv_b.weight" not in data
+    assert "blk.0.ffn_gate.weight" in data and "blk.0.ffn_gate_exps.weight" not in data
+    assert data["blk.1.ffn_gate_exps.weight"].shape == (4, 32, 64) and "blk.1.ffn_up_shexp.weight" in data
+    k = "deepseek2."
+    assert fields[k + "attention.head_count_kv"] == 1 and fields[k + "attention.kv_lora_rank"] == rank
+    assert fields[k + "attention.key_length"] == rank + 8 and fields[k + "attention.value_length"] == rank
+    assert fields[k + "attention.key_length_mla"] == nope + 8 and fields[k + "attention.value_length_mla"] == v
+    assert fields[k + "rope.dimension_count"] == 8 and fields[k + "attention.q_lora_rank"] == 32
+    assert fields[k + "leading_dense_block_count"] == 1 and fields[k + "expert_count"] == 4
+    assert fields[k + "expert_shared_count"] == config["n_shared_experts"]
+    assert fields[k + "expert_weights_scale"] == pytest.approx(config["routed_scaling_factor"])
+    if name == "deepseek3":  # sigmoid + correction bias, group-limited, renormalised
+        assert fields[k + "expert_gating_func"] == 2 and fields[k + "expert_weights_norm"] is True
+        assert fields[k + "expert_group_count"] == 2 and fields[k + "expert_group_used_count"] == 1
+        np.testing.assert_array_equal(data["blk.1.exp_probs_b.bias"],
+                                      checkpoint(base)["model.layers.1.mlp.gate.e_score_correction_bias"])
+    else:  # softmax, top-k as is
+        assert fields[k + "expert_gating_func"] == 1 and k + "expert_weights_norm" not in fields
+    refused_by_eval(tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("gptoss", {"swiglu_limit": 5.0}, "limit 7"),
+    ("gptoss", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                                    "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096}},
+     "truncate: false"),
+    ("gptoss", {"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window pattern 2"),
+    ("deepseek2", {"q_lora_rank": None}, "layer count"),
+    ("deepseek2", {"norm_topk_prob": True}, "never renormalises"),
+    ("deepseek2", {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}, "top-2 sum"),
+    ("deepseek3", {"rope_interleave": False}, "rope_interleave"),
+    ("deepseek3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
+                                       "mscale_all_dim": 0.707, "original_max_position_embeddings": 64}},
+     "mscale == mscale_all_dim"),
+])
+def test_what_llama_cpp_hard_codes_is_refused(name, change, message, tmp_path):
+    """A config llama.cpp's graph would run differently from transformers is refused by name, nothing written."""
+    orig = build(name, tmp_path / "orig")
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in orig.iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(config | change))
+    with pytest.raises(ExportError, match=message):
+        ex.export(adapter(name, tmp_path / "a", orig, targets=("o_proj",)),
+                  ex.Options("gguf", tmp_path / "m.gguf", base=str(base), progress=False))
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("targets, message", [(("q_a_proj", "o_proj"), "only to attn_output"),
+                                              (("kv_b_proj",), "attn_k_b.weight and .*attn_v_b.weight, reshaped")])
+def test_deepseek_adapter_gguf_only_where_llama_cpp_applies_it(targets, message, tmp_path):
+    """llama.cpp's deepseek2 graph multiplies q_a/q_b/q/kv_a without its LoRA path (measured: an adapter GGUF on
+    them left its output unchanged), and kv_b_proj becomes two reshaped tensors: such adapters are refused for
+    --format gguf-adapter (the merged GGUF takes them); o_proj alone goes through."""
+    base = build("deepseek3", tmp_path / "base")
+    with pytest.raises(ExportError, match=message):
+        export(adapter("deepseek3", tmp_path / "a", base, targets=targets), tmp_path / "l.gguf",
+               format="gguf-adapter", gguf_type="f32")
+    export(adapter("deepseek3", tmp_path / "o", base, targets=("o_proj",)), tmp_path / "o.gguf",
+           format="gguf-adapter", gguf_type="f32")
+    _, data, _ = read(tmp_path / "o.gguf")
+    assert set(data) == {f"blk.{i}.attn_output.weight.lora_{x}" for i in range(2) for x in "ab"}
+
+
+def o200k_tokenizer():
+    """A 300-token byte-level BPE splitting text with the o200k regex (gpt-oss's tokenizer.json pre-tokenizer),
+    and a harmony-style chat template marker."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from qlora_kit.export.gguf.vocab import GPT4O_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(GPT4O_REGEX), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|start|>", "<|message|>", "<|end|>", "<|channel|>", "<|return|>", "<|call|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 5, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|return|>", pad_token="<|endoftext|>",
+                                   bos_token="<|start|>")
+    fast.chat_template = ("{% for m in messages %}<|start|>{{ m['role'] }}<|channel|>final<|message|>"
+                          "{{ m['content'] }}<|end|>{% endfor %}")
+    return fast
+
+
+def test_gpt_oss_o200k_pretokenizer_and_harmony_modelfile(tmp_path):
+    """The o200k split is written as llama.cpp's `gpt-4o` pre-tokenizer; a harmony chat template gets the harmony
+    TEMPLATE (stops <|return|>, <|call|>) whose text, filled in as Ollama fills it for a system prompt and one user
+    turn, is the prompt of OpenAI's harmony format."""
+    base = build("gptoss", tmp_path / "base", tokenizer=o200k_tokenizer())
+    export(adapter("gptoss", tmp_path / "a", base), tmp_path / "m.gguf", gguf_type="f32")
+    fields, _, _ = read(tmp_path / "m.gguf")
+    assert fields["tokenizer.ggml.pre"] == "gpt-4o"
+    text = (tmp_path / "m.Modelfile").read_text()
+    assert 'PARAMETER stop "<|return|>"' in text and 'PARAMETER stop "<|call|>"' in text
+    template, _, _ = ollama.prompt_format({"chat_template": fields["tokenizer.chat_template"]})
+    assert template == ollama.HARMONY and f'TEMPLATE """{template}"""' in text
+    loop = '{{- range .Messages }}{{ if eq .Role "assistant" }}'
+    filled = (template.replace("{{ currentDate }}", "2026-12-07").replace("{{- if .System }}", "")
+              .replace("{{ .System }}", "Answer briefly.").replace(loop, "<assistant>"))
+    user = filled.index('{{ else if eq .Role "user" }}')
+    filled = filled[: filled.index("<assistant>")] + filled[user:].replace('{{ else if eq .Role "user" }}', "", 1)
+    filled = filled.replace("{{ .Content }}", "What is 2+2?").replace("{{ end }}", "")
+    assert filled == (  # OpenAI's harmony format: system message, developer instructions, user turn, assistant cue
+        "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: "
+        "2024-06\nCurrent date: 2026-12-07\n\nReasoning: medium\n\n# Valid channels: analysis, commentary, final. "
+        "Channel must be included for every message.<|end|><|start|>developer<|message|># Instructions\n\n"
+        "Answer briefly.\n\n<|end|><|start|>user<|message|>What is 2+2?<|end|><|start|>assistant")
+
+
+@pytest.mark.parametrize("name, arch, log_mul", [("deepseek3-yarn-rope", "deepseek2", 0.0707),
+                                                 ("gptoss-yarn-rope", "gpt-oss", None)])
+def test_yarn_keys(name, arch, log_mul, tmp_path):
+    """YaRN as llama.cpp reads it: type, factor, original context; DeepSeek's mscale_all_dim as the converter
+    writes it (0.1 · mscale_all_dim, which llama.cpp's deepseek2 graph squares into its attention scale)."""
+    base = build(name, tmp_path / "base")
+    export(adapter(name, tmp_path / "a", base, targets=("o_proj",)), tmp_path / "m.gguf", gguf_type="f32")
+    fields, _, _ = read(tmp_path / "m.gguf")
+    assert fields[f"{arch}.rope.scaling.type"] == "yarn" and fields[f"{arch}.rope.scaling.factor"] == 8.0
+    assert fields[f"{arch}.rope.scaling.original_context_length"] == 32
+    assert fields.get(f"{arch}.rope.scaling.yarn_log_multiplier") == (pytest.approx(log_mul) if log_mul else None)
+
+
+@pytest.mark.parametrize("name", ["gptoss", "deepseek2"])
+def test_k_quants_of_fused_experts_are_refused(name, tmp_path):
+    """gpt-oss's fused experts and DeepSeek's experts and attn_k_b/attn_v_b are 3-D tensors whose llama.cpp K-quant
+    mix is not verified here (Mixtral's and the Qwen MoEs' are: tests/test_gguf_moe.py): refused, nothing written."""
+    from qlora_kit.export.gguf import kquant
+
+    base = build(name, tmp_path / "base")
+    arch = json.loads((base / "config.json").read_text())["architectures"][0]
+    with pytest.raises(ExportError, match=f"3-D tensors of a {arch}" if kquant.available() else "K-quant"):
+        export(adapter(name, tmp_path / "a", base), tmp_path / "m.gguf", gguf_type="q4_k_m")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("name", ["gptoss", "deepseek3"])
+def test_expert_adapters_are_refused(name, tmp_path):
+    """LoRA on the routed experts (as training names them) of gpt-oss/DeepSeek: neither the merged GGUF nor the
+    adapter GGUF takes it (only Mixtral's and the Qwen MoEs' are written), and the refusal names the family."""
+    base = build(name, tmp_path / "base")
+    arch = json.loads((base / "config.json").read_text())["architectures"][0]
+    a = adapter(name, tmp_path / "a", base, experts=True)
+    for fmt in ("gguf", "gguf-adapter"):
+        with pytest.raises(ExportError, match=f"experts of a {arch} are not written"):
+            export(a, tmp_path / "m.gguf", format=fmt, gguf_type="f32")
+        assert not (tmp_path / "m.gguf").exists()

@@ -131,6 +131,20 @@ def test_sixteen_bit_base_and_refusals(nf4, tmp_path):
         _export(run, tmp_path / "x", merge_base="original")
 
 
+def test_sixteen_bit_base_when_the_trained_model_is_gone_says_so(nf4, tmp_path):
+    """--base 16-bit while the pre-quantized model the run trained on cannot be found: its stored settings are
+    unknown, so the merge base is --base quantized with the recipe's settings, and the export says so."""
+    base, pre, run = nf4
+    away = pre.with_name(pre.name + "-away")
+    pre.rename(away)
+    try:
+        result = _export(run, tmp_path / "m", dtype="fp32", base=str(base))
+    finally:
+        away.rename(pre)
+    assert any("is not found here" in n and "--merge-base original" in n for n in result.notes), result.notes
+    assert not any("is not found here" in n for n in _export(run, tmp_path / "n", dtype="fp32", base=str(base)).notes)
+
+
 def test_int8_base_from_a_hub_cache(tmp_path, tiny_data, monkeypatch):
     """An int8 pre-quantized model named by Hub id (an offline cache laid out as huggingface_hub writes it): the
     run trains on it and its merged export is the trained model."""

@@ -223,7 +223,8 @@ def weight_index(src: Source, base: Path, merge_base: str) -> tuple[Source, dict
     except ModelError as e:
         raise ExportError(f"base {base}: {e}") from None
     if stored is None:
-        return _sixteen_bit(src, base, merge_base), index, []
+        src, notes = _sixteen_bit(src, base, merge_base)
+        return src, index, notes
     if merge_base == "original":
         raise ExportError(f"--merge-base original: the base {base} is pre-quantized, so its original 16-bit weights "
                           "are not in it. Pass the 16-bit model with --base to merge onto them, or drop --merge-base "
@@ -259,22 +260,25 @@ def _describe(spec: quant.QuantSpec) -> str:
     return f"{spec.type}, blocksize {spec.blocksize}" + (", double quant" if spec.double_quant else "")
 
 
-def _sixteen_bit(src: Source, base: Path, merge_base: str) -> Source:
+def _sixteen_bit(src: Source, base: Path, merge_base: str) -> tuple[Source, list[str]]:
     """A 16-bit base. When the run trained on a pre-quantized model (found here), its codes are what quantizing
     these weights with that model's stored settings gives (model/prequant.py: bit-identical to quantizing the
     original), so the dequantized merge base recomputes them with those settings, not the recipe's."""
-    if not src.trained_on or src.trained_on in BUILTINS or merge_base == "original":
-        return src
+    if src.trained_with.type == "none" or not src.trained_on or src.trained_on in BUILTINS or merge_base == "original":
+        return src, []
     try:
         trained = resolve(src.trained_on)
-    except ModelError:
-        return src
+    except ModelError:  # said, not silent: a pre-quantized original with other settings would round differently
+        return src, [f"the model the run trained on ({src.trained_on}) is not found here, so the merge base is --base "
+                     f"quantized with the recipe's settings ({_describe(src.trained_with)}); if that model was a "
+                     "pre-quantized checkpoint stored with other settings, make it available here or pass "
+                     "--merge-base original."]
     if trained.resolve() == base.resolve() or not _is_prequantized(trained):
-        return src
+        return src, []
     codes = _stored_codes(tensor_index(trained), src.trained_with.compute_dtype)
     specs = {c.spec for c in codes.values()}
     if len(specs) != 1:
         raise ExportError(f"the run trained on the pre-quantized {trained}, whose Linears are quantized in "
                           f"{len(specs)} different ways; recomputing its codes from --base {base} is not supported. "
                           "Export without --base (from the stored codes), or pass --merge-base original.")
-    return dataclasses.replace(src, trained_with=specs.pop())
+    return dataclasses.replace(src, trained_with=specs.pop()), []

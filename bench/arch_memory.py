@@ -125,11 +125,11 @@ def report(doc: dict) -> str:
     lines += ["", f"Within 3%: {len(near)} of {len(done)} measured ({', '.join(near)})"
               + (f"; off: {', '.join(far)}." if far else "."),
               "", "Mixtures of experts: the tensors the experts save sum over the top_k x T (token, expert) pairs, "
-              "whatever the routing; what depends on it is one expert's in-flight backward gradients, which the "
-              "estimate bounds by T tokens (an expert every token chose), and the dequantized weight of one hit "
-              "expert at a time. The random router of these models spreads the 2 x 1,024 pairs over all 4 experts "
-              "(328 to 686 of the 1,024 tokens per expert in the runs inspected), so the bound is above what ran; "
-              "the saved tensors are not."]
+              "whatever the routing, and so does their backward: model/moe.py runs every routed row at once (one "
+              "(N, H) gather, (N, 2I) and (N, H) cats, one routing-weight product), so the estimate's moments are "
+              "the routing product's backward (three (N, H) tensors in the routing weights' dtype) and the GLU's "
+              "over (N, I), with what is freed by then (estimate/backward.py). The routing decides only the "
+              "dequantized weight of one hit expert at a time."]
     return "\n".join(lines) + "\n"
 
 

@@ -100,6 +100,8 @@ def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, .
     if lay.latent_norms:  # DeepSeek's norms on the q and kv latents, (T, rank) each: lean (c per value) or
         # transformers' (an fp32 copy), + rsqrt (T, 1)
         terms["latent_norms"] = sum((c if lay.norm == "lean" else 4) * T * w + 4 * T for w in lay.latent_norms)
+        if lay.norm == "lean":  # the lean norm saves its input, a split view: the whole (T, latent + beside) storage
+            terms["latent_norms"] += c * T * lay.latent_beside
     return terms
 
 
@@ -111,8 +113,8 @@ def mlp_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: 
     """What autograd saves in one MLP for T tokens (the whole batch, or one tile of a tiled MLP). Gated: the gate
     output (saved by the activation), its output and the up output (by the product), (T, I) c each; plain
     (fc1 -> act -> fc2): fc1's output, saved by the activation. A mixture of experts runs each token through
-    top_k experts: their inputs are gathered copies (top_k x (T, H)), their intermediates top_k x (T, I_e); the
-    router's (T, E) fp32 probabilities are kept for the weighted sum."""
+    top_k experts, all N = top_k x T rows at once (model/moe.py): the gathered (N, H) input, the (N, 2I_e) gate_up
+    cat, the activation's and the product's (N, I_e), and what routing_saved names."""
     c, H = cfg.compute_bytes, s.hidden
     _, mlp = layer_linears(s)
     I = s.active_intermediate
@@ -131,14 +133,25 @@ def mlp_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: 
         "mlp_lora_hidden": c * cfg.rank * sum(T * (k if lin.experts > 1 else 1) for lin in mlp if lin.name in adapted),
         "mlp_methods": methods_saved(s, cfg, adapted, tuple(lin.name for lin in mlp), T),
     }
-    if s.moe:  # the gathered inputs of the experts (saved by their matmuls whether adapted or not), their
-        # outputs (saved by the routing-weight product) and the router's probabilities
-        # and the routing's indices: top-k's (T, k) int64 and, per routed token, its int64 row in the batch and its
-        # fp32 routing weight (saved by the gather and by the weight product)
-        terms["expert_routing"] = 2 * c * k * T * H + 4 * T * s.moe.experts + 8 * T * k + (8 + 4) * k * T
+    if s.moe:  # model/moe.py's Experts over the N = top_k x T routed rows (gate_up_inputs counts their gathered
+        # (N, H) c copy, kept whole by the per-expert split views the adapters save; mlp_hidden the (N, 2I) cat of
+        # the gate_up outputs, split by the activation and the product, and the product's (N, I) output)
+        terms["expert_routing"] = routing_saved(s, cfg, T)
         if s.moe.shared_gate:  # sigmoid(gate(x)) * shared output: the product saves both, (T, 1) and (T, H) c
-            terms["expert_routing"] += c * T * (H + 1)
+            terms["shared_gate"] = c * T * (H + 1)
     return terms
+
+
+def routing_saved(s: ModelShapes, cfg: EstimateConfig, T: int) -> int:
+    """What the routing of one MoE layer saves for T tokens (N = top_k x T routed rows; model/moe.py's Experts):
+    the (N, H) c cat of the experts' down_proj outputs and the routing weights gathered per row (N, 1), both saved
+    by their product; the (N, H) c source of index_add_ (fp32 weights promote the product to fp32: index_add_
+    keeps its cast back to c; c weights: the product itself); the row's token and top-k slot (N,) int64 each
+    (saved by the gather and index_add_, and by the weights' index); top-k's (T, k) int64 indices and the
+    router's (T, E) fp32 probabilities."""
+    c, H, N = cfg.compute_bytes, s.hidden, s.moe.top_k * T
+    weight = 4 if s.moe.weights_fp32 else c
+    return 2 * c * N * H + weight * N + 2 * 8 * N + 8 * N + 4 * T * s.moe.experts
 
 
 def inputs_saved(cfg: EstimateConfig, adapted: tuple[str, ...], modules: tuple[str, ...], T: int, width: int,
@@ -244,12 +257,10 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
 
 
 def grad_intermediate(s: ModelShapes) -> int:
-    """Width of the (T, I) gradients in flight in an MLP's backward: the dense MLP's; in a mixture of experts the
-    experts' backwards run one at a time, each over its own tokens (bounded by T: an expert every token chose,
-    whatever the routing), or the shared expert's over all T."""
-    if s.moe is None:
-        return s.intermediate
-    return max(s.moe.intermediate, s.moe.shared)
+    """Width of the (T, I) gradients in flight in an MLP's backward, with the layer's whole saved set live: the
+    dense MLP's. A mixture of experts has none such: its experts' backward moments (backward.py's
+    _experts_backward) each run with part of the saved set freed."""
+    return 0 if s.moe else s.intermediate
 
 
 def label_tokens(cfg: EstimateConfig) -> int:

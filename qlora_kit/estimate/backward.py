@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .activations import layer_activations, layer_linears
+from .activations import inputs_saved, layer_activations, layer_linears, tiled
 
 if TYPE_CHECKING:
     from .settings import EstimateConfig
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 RMS32_BACKWARD_TEMPS = 5
 # what the MLP's backward no longer needs once attention's backward runs: it freed them on its way down
 _MLP_SAVED = ("o_input", "mlp_norm", "gate_up_inputs", "mlp_hidden", "down_input", "mlp_lora_hidden", "mlp_methods",
-              "expert_routing")
+              "expert_routing", "shared_gate")
 
 
 def _softmax_backward(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: int) -> int:
@@ -49,6 +49,47 @@ def _softmax_backward(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, .
     return grads + c * T * lay.q + c * T * s.hidden - freed
 
 
+def _shared_expert_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: int) -> int:
+    """What a MoE layer's shared expert saves: its (T, H) input for its adapters, gate, up, act (T, I_s) c and the
+    product (T, I_s) c that down_proj's adapter reads, the adapters' (T, r) A outputs, Qwen2-MoE's gate product."""
+    if not s.moe.shared:
+        return 0
+    c, H, I = cfg.compute_bytes, s.hidden, s.moe.shared
+    lins = [lin for lin in layer_linears(s)[1] if lin.experts == 1]
+    ins = tuple(lin.name for lin in lins if lin.in_features == H)
+    return (inputs_saved(cfg, adapted, ins, T, H) + inputs_saved(cfg, adapted, ("down_proj",), T, I)
+            + 3 * c * T * I + c * T * cfg.rank * sum(lin.name in adapted for lin in lins)
+            + (c * T * (H + 1) if s.moe.shared_gate else 0))
+
+
+def _experts_backward(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: int,
+                      layer: dict[str, int]) -> dict[str, int]:
+    """A MoE layer's backward beyond its saved set (layer: layer_activations'), next to the layer output's
+    gradient (T, H) c, at the routed experts' two worst points (model/moe.py's Experts, N = top_k x T rows):
+      routing_backward: index_add_'s (N, H) c source is freed; out * w's backward holds three (N, H) tensors in
+        the weights' dtype: the incoming gradient (cast up to fp32 by .to's backward when w is fp32), grad * w
+        (before its cast to c) and grad * out (before its sum to (N, 1))
+      experts_glu_backward: act(gate) * up over (N, I): the gradients of h (the split views' gradients cat by
+        their backward), of act and of up, (N, I) c each; freed by then: the (N, H) c cat, index_add_'s source and
+        h itself (its only saver, down_proj's adapters, ran their backward)
+    and the shared expert's product backward (gradients of act and up, (T, I_s) c each; its product freed):
+      shared_glu_backward. DeepSeek's shared expert (built after the routed experts) runs its backward first, with
+    the layer's whole saved set live, the routed experts' then without its saved set; Qwen2-MoE's (built first)
+    runs after the routed experts freed theirs, and its gate product's saved (T, H) output and (T, 1) sigmoid are
+    still live at the routed experts' backward (seen on the profiled step's live tensors)."""
+    c, H, N, I = cfg.compute_bytes, s.hidden, s.moe.top_k * T, s.moe.intermediate
+    shared = _shared_expert_saved(s, cfg, adapted, T)
+    routed = sum(layer.get(k, 0) for k in ("gate_up_inputs", "mlp_hidden", "down_input", "mlp_lora_hidden",
+                                           "expert_routing")) - shared
+    first = shared if s.moe.shared_last else 0  # freed before the routed experts' backward
+    weight = 4 if s.moe.weights_fp32 else c
+    out = {"routing_backward": 3 * weight * N * H + c * T * H - c * N * H - first,
+           "experts_glu_backward": 3 * c * N * I + c * T * H - 2 * c * N * H - c * N * I - first}
+    if s.moe.shared:
+        out["shared_glu_backward"] = 2 * c * T * s.moe.shared + c * T * H - (0 if s.moe.shared_last else routed)
+    return out
+
+
 def backward_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...],
                    acts: dict[str, int]) -> dict[str, int]:
     """Terms to add to activation_terms' for this layout (empty for the Llama layout). `acts`: activation_terms'."""
@@ -68,6 +109,8 @@ def backward_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...]
         moments["post_norm_backward"] = RMS32_BACKWARD_TEMPS * 4 * T * H + c * T * H
     if lay.eager:
         moments["softmax_backward"] = _softmax_backward(s, cfg, adapted, T)
+    if s.moe and not tiled(cfg):  # a tiled MLP recomputes the experts per tile (mlp_tile)
+        moments.update(_experts_backward(s, cfg, adapted, T, layer_activations(s, cfg, adapted)))
     if moments:
         worst = max(moments, key=moments.get)
         if moments[worst] > working:  # the layer's backward peaks there, not in the MLP: by this much more

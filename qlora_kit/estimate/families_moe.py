@@ -55,7 +55,9 @@ def qwen_moe(c: dict) -> ModelShapes:
              "shared_expert_gate": sparse * H if shared else 0, "qk_norms": L * 2 * hd if qwen3 else 0}
     # their RMSNorms (q/k norms too) are lean_norm.py's: Llama's forward
     layout = Layout(norm="lean", qk_norm=(nh + kv) * hd) if qwen3 else Layout(norm="lean")
-    return build(c, linears, norms, layout=layout, moe=Moe(E, k, moe_i, shared, sparse, shared_gate=bool(shared)))
+    # the router casts its top-k weights back to the logits' dtype (c); the shared expert runs before the routed
+    moe = Moe(E, k, moe_i, shared, sparse, shared_gate=bool(shared), weights_fp32=False)
+    return build(c, linears, norms, layout=layout, moe=moe)
 
 
 def deepseek(c: dict) -> ModelShapes:
@@ -95,8 +97,10 @@ def deepseek(c: dict) -> ModelShapes:
     # SDPA saves for it keeps that whole tensor; q and k are rebuilt by a cat (their rope part), so SDPA's output is
     # (B, nh, S, vd) and o_proj reads a copy of it
     layout = Layout(norm="lean", q=nh * qk, k=nh * qk, v=nh * (nope + vd), o_view=False,
-                    latent_norms=(q_rank, kv_rank) if q_rank else (kv_rank,))
-    return build(c, linears, norms, layout=layout, moe=Moe(E, k, moe_i, shared, sparse) if sparse else None,
+                    latent_norms=(q_rank, kv_rank) if q_rank else (kv_rank,), latent_beside=rope)
+    # an fp32 router (its weights fp32 too); the shared expert runs on the layer's input after the routed experts
+    moe = Moe(E, k, moe_i, shared, sparse, shared_last=True) if sparse else None
+    return build(c, linears, norms, layout=layout, moe=moe,
                  intermediate=I if dense else moe_i)
 
 
@@ -111,7 +115,8 @@ def gpt_oss(c: dict) -> ModelShapes:
     # transformers' eager attention (SDPA has no sinks): explicit (B, nh, S, S + 1) scores, a (B, 1, S, S) mask per
     # attention kind (sliding-window and full), and o_proj's input a contiguous copy of the (B, nh, S, hd) output
     masks = 2 if c.get("sliding_window") else 1
-    return build(c, linears, norms, moe=Moe(E, k, I, 0, L),
+    # the router's softmax runs in the logits' dtype: c routing weights
+    return build(c, linears, norms, moe=Moe(E, k, I, 0, L, weights_fp32=False),
                  layout=Layout(norm="rms32", eager=True, sinks=True, masks=masks, o_view=False, glu_saved=6))
 
 

@@ -43,6 +43,8 @@ class Moe:
     shared: int
     layers: int
     shared_gate: bool = False  # the shared expert's output is scaled by sigmoid(a (H -> 1) gate) (Qwen2-MoE)
+    weights_fp32: bool = True  # the router hands the experts fp32 routing weights (Mixtral, DeepSeek), not c
+    shared_last: bool = False  # the shared expert runs after the routed experts (DeepSeek): its backward runs first
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class Layout:
     eager: bool = False  # attention as explicit (B, nh, S, S) scores (Gemma 2: its logits softcapping needs it)
     sinks: bool = False  # eager attention with a learned sink column per head (gpt-oss): softmax over S + 1 columns
     latent_norms: tuple[int, ...] = ()  # widths of the RMSNorms on attention latents (DeepSeek: q_a, kv_a)
+    latent_beside: int = 0  # columns next to a latent in the tensor the norm reads a split view of (DeepSeek: the
+    # rope part of kv_a_proj_with_mqa's (T, kv_rank + rope) output): a lean norm saving the view keeps them too
     post_norm: bool = False  # a norm after the MLP, before the residual add (Gemma 2/3, OLMo 2): its backward runs
     # first in the layer's, with every saved tensor of the layer still live
     residual_scale: bool = False  # each branch's output is scaled before the residual add (Granite's multiplier)

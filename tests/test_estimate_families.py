@@ -184,7 +184,8 @@ def _saved_by_decoder(name: str, layers: int, B: int, S: int):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.get_decoder()(input_ids=torch.randint(0, 128, (B, S)))
+        # use_cache=False as training runs: a KV cache would hand SDPA k, v as cat copies, not the views they are
+        model.get_decoder()(input_ids=torch.randint(0, 128, (B, S)), use_cache=False)
     frozen = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     return sum(n for ptr, n in saved.items() if ptr not in frozen), config
 

@@ -78,7 +78,7 @@ class Layout:
     qk_norm_fp32: bool = False  # q/k norms are transformers' own (fp32 copies), not lean
     q: int = 0  # per-token widths of the attention's q, k, v as SDPA saves them
     k: int = 0
-    v: int = 0
+    v: int = 0  # a fused q/k/v projection's v is a view that keeps the projection's whole output: its width
     sliding_window: int | None = None  # reported; it changes no saved tensor: SDPA saves q, k, v, out and the
     # logsumexp whatever the window, and eager attention (Gemma 2) builds full (B, nh, S, S) scores and masks anyway
     final_logit_softcapping: float | None = None  # tanh(logits / cap) * cap on every loss chunk

@@ -149,6 +149,9 @@ def test_unknown_layout_names_the_known_ones():
 DENSE = {name: CASES[name] for name in ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2",
                                         "gemma3_text", "olmo2", "cohere", "stablelm", "phi3", "phi", "starcoder2",
                                         "falcon", "gpt_neox")}
+# GPT-NeoX without the parallel residual (its second LayerNorm reads attention's output + x) and rotary over whole
+# heads (q, k still rebuilt by a cat)
+DENSE["gpt_neox_sequential"] = (T.GPTNeoXConfig, {**NEOX, "use_parallel_residual": False, "rotary_pct": 1.0})
 
 
 def _saved_by_decoder(name: str, layers: int, B: int, S: int):

@@ -180,8 +180,11 @@ def gpt_neox(c: dict) -> ModelShapes:
     c = {**c, "num_key_value_heads": c["num_attention_heads"]}
     linears = (attention(c, L, b, b, o_name="dense", fused="query_key_value", prefix="attention")
                + plain_mlp(H, c["intermediate_size"], True, L, ("dense_h_to_4h", "dense_4h_to_h")))
+    # its rotary cats q into a contiguous (B, nh, S, hd) tensor, so SDPA's output comes back in that layout and
+    # dense reads a (B, S, nh*hd) copy of it (o_view False), whatever partial_rotary_factor
     return build(c, linears, {"layer_norms": L * 4 * H, "norm": 2 * H}, embed="embed_in",
                  layout=Layout(norm="layer", gated=False, act_saved=act_saved(c.get("hidden_act", "gelu")),
+                               o_view=False, norms_share_input=bool(c.get("use_parallel_residual", True)),
                                **fused_v(c)))
 
 

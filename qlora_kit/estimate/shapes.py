@@ -59,6 +59,8 @@ class Layout:
     # and the activation's output; gpt-oss's clamped GLU 6: gate_up (T, 2I), clamped gate, sigmoid, up + 1, glu
     act_saved: int = 1  # (T, I) tensors a plain MLP's activation saves: native gelu 1, gelu_new (tanh formula) 4
     parallel: bool = False  # attention and MLP read the same normed input (Phi, Cohere, Falcon)
+    norms_share_input: bool = False  # the norm before the MLP reads the layer input itself, as the input norm
+    # does (GPT-NeoX's parallel residual: two LayerNorms over x): that (T, H) tensor is saved once, not twice
     o_view: bool = True  # the output projection reads a view of SDPA's output; False where q was rebuilt by a cat
     # (partial or fused-qkv rotary: Phi, Phi-3, StableLM, Falcon) or eager attention made it (B, nh, S, hd): then
     # its (B, S, nh*hd) input is a copy that its adapter saves

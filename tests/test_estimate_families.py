@@ -149,6 +149,9 @@ def test_unknown_layout_names_the_known_ones():
 DENSE = {name: CASES[name] for name in ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2",
                                         "gemma3_text", "olmo2", "cohere", "stablelm", "phi3", "phi", "starcoder2",
                                         "falcon", "gpt_neox")}
+# GPT-NeoX without the parallel residual (its second LayerNorm reads attention's output + x) and rotary over whole
+# heads (q, k still rebuilt by a cat)
+DENSE["gpt_neox_sequential"] = (T.GPTNeoXConfig, {**NEOX, "use_parallel_residual": False, "rotary_pct": 1.0})
 
 
 def _saved_by_decoder(name: str, layers: int, B: int, S: int):
@@ -184,7 +187,8 @@ def _saved_by_decoder(name: str, layers: int, B: int, S: int):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.get_decoder()(input_ids=torch.randint(0, 128, (B, S)))
+        # use_cache=False as training runs: a KV cache would hand SDPA k, v as cat copies, not the views they are
+        model.get_decoder()(input_ids=torch.randint(0, 128, (B, S)), use_cache=False)
     frozen = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     return sum(n for ptr, n in saved.items() if ptr not in frozen), config
 

@@ -86,7 +86,7 @@ def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, .
         terms["attn_mask"] = c * cfg.batch * cfg.seq * cfg.seq
     full_width = lay.norms_per_layer - (1 if lay.input_norm else 0)
     if full_width:  # the norm before the MLP (and Gemma's, OLMo 2's post norms): c or fp32 + rsqrt each
-        terms["mlp_norm"] = full_width * norm
+        terms["mlp_norm"] = full_width * norm - (c * T * s.hidden if lay.norms_share_input else 0)
     terms.update(mlp_saved(s, cfg, adapted, T))
     terms["lora_hidden"] = c * T * r * sum(lin.name in adapted for lin in attn)  # (B, S, r) per adapter: A's output
     terms["attn_methods"] = methods_saved(s, cfg, adapted, tuple(lin.name for lin in attn), T)

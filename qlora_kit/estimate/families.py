@@ -38,6 +38,14 @@ def attention(c: dict, L: int, qkv_bias: bool, o_bias: bool, o_name: str = "o_pr
     return qkv + (LinearShape(o_name, nh * hd, H, o_bias, L, path=f"{prefix}.{o_name}"),)
 
 
+def fused_v(c: dict) -> dict:
+    """A fused q/k/v projection's v, as SDPA saves it: a view into the projection's whole (T, (nh + 2 kv) * hd)
+    output (Phi-3's chunk, Falcon's split/unbind, GPT-NeoX's chunk), which keeps all of it alive; q and k are new
+    tensors after rotary (a cat), so nothing else holds that storage. Layout.v counts that width."""
+    nh, kv, hd = heads(c)
+    return {"v": (nh + 2 * kv) * hd}
+
+
 def gated_mlp(H: int, I: int, bias: bool, L: int, prefix: str = "mlp", fused: bool = False) -> tuple[LinearShape, ...]:
     if fused:  # Phi-3: one gate_up_proj, chunked in two
         up = (LinearShape("gate_up_proj", H, 2 * I, bias, L, path=f"{prefix}.gate_up_proj"),)
@@ -122,7 +130,8 @@ def phi3(c: dict) -> ModelShapes:
     H, L = c["hidden_size"], c["num_hidden_layers"]
     linears = attention(c, L, False, False, fused="qkv_proj") + gated_mlp(H, c["intermediate_size"], False, L,
                                                                          fused=True)
-    return build(c, linears, {"layer_norms": L * 2 * H, "norm": H}, layout=Layout(norm="lean", o_view=False))
+    return build(c, linears, {"layer_norms": L * 2 * H, "norm": H},
+                 layout=Layout(norm="lean", o_view=False, **fused_v(c)))
 
 
 def phi(c: dict) -> ModelShapes:
@@ -162,7 +171,7 @@ def falcon(c: dict) -> ModelShapes:
     return build(c, linears, {"layer_norms": L * n * 2 * H, "norm": 2 * H}, embed="word_embeddings",
                  tied_default=True, intermediate=ffn,
                  layout=Layout(norm="layer", norms_per_layer=n, gated=False, parallel=n == 1 and parallel,
-                               dense_mask=True, masks=1))
+                               dense_mask=True, masks=1, **fused_v(c)))
 
 
 def gpt_neox(c: dict) -> ModelShapes:
@@ -171,8 +180,12 @@ def gpt_neox(c: dict) -> ModelShapes:
     c = {**c, "num_key_value_heads": c["num_attention_heads"]}
     linears = (attention(c, L, b, b, o_name="dense", fused="query_key_value", prefix="attention")
                + plain_mlp(H, c["intermediate_size"], True, L, ("dense_h_to_4h", "dense_4h_to_h")))
+    # its rotary cats q into a contiguous (B, nh, S, hd) tensor, so SDPA's output comes back in that layout and
+    # dense reads a (B, S, nh*hd) copy of it (o_view False), whatever partial_rotary_factor
     return build(c, linears, {"layer_norms": L * 4 * H, "norm": 2 * H}, embed="embed_in",
-                 layout=Layout(norm="layer", gated=False, act_saved=act_saved(c.get("hidden_act", "gelu"))))
+                 layout=Layout(norm="layer", gated=False, act_saved=act_saved(c.get("hidden_act", "gelu")),
+                               o_view=False, norms_share_input=bool(c.get("use_parallel_residual", True)),
+                               **fused_v(c)))
 
 
 def gpt2(c: dict) -> ModelShapes:

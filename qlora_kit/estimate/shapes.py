@@ -61,6 +61,8 @@ class Layout:
     # and the activation's output; gpt-oss's clamped GLU 6: gate_up (T, 2I), clamped gate, sigmoid, up + 1, glu
     act_saved: int = 1  # (T, I) tensors a plain MLP's activation saves: native gelu 1, gelu_new (tanh formula) 4
     parallel: bool = False  # attention and MLP read the same normed input (Phi, Cohere, Falcon)
+    norms_share_input: bool = False  # the norm before the MLP reads the layer input itself, as the input norm
+    # does (GPT-NeoX's parallel residual: two LayerNorms over x): that (T, H) tensor is saved once, not twice
     o_view: bool = True  # the output projection reads a view of SDPA's output; False where q was rebuilt by a cat
     # (partial or fused-qkv rotary: Phi, Phi-3, StableLM, Falcon) or eager attention made it (B, nh, S, hd): then
     # its (B, S, nh*hd) input is a copy that its adapter saves
@@ -82,7 +84,7 @@ class Layout:
     qk_norm_fp32: bool = False  # q/k norms are transformers' own (fp32 copies), not lean
     q: int = 0  # per-token widths of the attention's q, k, v as SDPA saves them
     k: int = 0
-    v: int = 0
+    v: int = 0  # a fused q/k/v projection's v is a view that keeps the projection's whole output: its width
     sliding_window: int | None = None  # reported; it changes no saved tensor: SDPA saves q, k, v, out and the
     # logsumexp whatever the window, and eager attention (Gemma 2) builds full (B, nh, S, S) scores and masks anyway
     final_logit_softcapping: float | None = None  # tanh(logits / cap) * cap on every loss chunk

@@ -52,7 +52,6 @@ def moe_rows() -> list[list[str]]:
     import moe_models
     from accelerate import init_empty_weights
 
-    from qlora_kit.export.gguf.families import FAMILIES
     from qlora_kit.lowmem import lean_norm
 
     out = []
@@ -62,8 +61,22 @@ def moe_rows() -> list[list[str]]:
         lean = any(type(m).__name__ in lean_norm.LEAN for m in model.modules())
         out.append([moe_models.NAMES[arch], f"`{arch}`", "-", "Linear; experts, one Linear each", "yes",
                     "all" + ("" if lean else "; own norms, not lean"), "LoftQ; DoRA, IA3 not on experts",
-                    "attention LoRA" if type(model).__name__ in FAMILIES else "-"])
+                    _moe_gguf(type(model).__name__)])
     return out
+
+
+def _moe_gguf(cls: str) -> str:
+    """What the GGUF exports write for a MoE family (export/gguf/experts.py FAMILIES: expert LoRA and K-quants;
+    families.Family.lora: the weights llama.cpp's graph applies an adapter GGUF to)."""
+    from qlora_kit.export.gguf import experts
+    from qlora_kit.export.gguf.families import FAMILIES
+
+    if cls not in FAMILIES:
+        return "-"
+    if cls in experts.FAMILIES:
+        return "yes, expert LoRA and K-quants too"
+    only = FAMILIES[cls].lora
+    return "f32/f16/bf16/q8_0, LoRA off the experts" + (f" (adapter GGUF: {', '.join(only)} only)" if only else "")
 
 
 def table() -> str:

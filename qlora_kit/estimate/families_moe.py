@@ -46,13 +46,15 @@ def qwen_moe(c: dict) -> ModelShapes:
     ab = bool(c.get("attention_bias", False))
     linears = attention(c, L, c.get("qkv_bias", True) if not qwen3 else ab, ab if qwen3 else False)
     linears += experts(H, moe_i, E, sparse)
-    if shared:
+    if shared:  # the shared expert, and its sigmoid gate: a Linear (H -> 1), quantized and adapted as any Linear
         linears += gated_mlp(H, shared, False, sparse, prefix="mlp.shared_expert")
+        linears += (LinearShape("shared_expert_gate", H, 1, False, sparse, path="mlp.shared_expert_gate",
+                                group="mlp.shared_expert.gate_up"),)  # reads the shared expert's input
     if L - sparse:
         linears += gated_mlp(H, I, False, L - sparse)
     nh, kv, hd = heads(c)
     norms = {"layer_norms": L * 2 * H, "norm": H, "router": sparse * E * H,
-             "shared_expert_gate": sparse * H if shared else 0, "qk_norms": L * 2 * hd if qwen3 else 0}
+             "qk_norms": L * 2 * hd if qwen3 else 0}
     # their RMSNorms (q/k norms too) are lean_norm.py's: Llama's forward
     layout = Layout(norm="lean", qk_norm=(nh + kv) * hd) if qwen3 else Layout(norm="lean")
     # the router casts its top-k weights back to the logits' dtype (c); the shared expert runs before the routed

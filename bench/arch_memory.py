@@ -28,6 +28,8 @@ BASE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_atte
             vocab_size=320, max_position_embeddings=4096, pad_token_id=2, bos_token_id=0, eos_token_id=1)
 FALCON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=320, pad_token_id=2,
               bos_token_id=0, eos_token_id=1, max_position_embeddings=4096)
+GPT2 = dict(n_embd=64, n_inner=192, n_layer=2, n_head=4, vocab_size=320, n_positions=4096, pad_token_id=2,
+            bos_token_id=0, eos_token_id=1)  # GPT-2's own names; its dropouts (attn, resid, embd) stay at GPT-2's 0.1
 ARCHS = {  # name -> (transformers config class name, its arguments)
     "llama": ("LlamaConfig", {}), "mistral": ("MistralConfig", {}), "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {"head_dim": 16}), "gemma": ("GemmaConfig", {"head_dim": 16}),
@@ -35,7 +37,7 @@ ARCHS = {  # name -> (transformers config class name, its arguments)
     "phi3": ("Phi3Config", {}), "phi": ("PhiConfig", {}), "falcon": ("FalconConfig", FALCON),
     "stablelm": ("StableLmConfig", {}), "starcoder2": ("Starcoder2Config", {}), "olmo2": ("Olmo2Config", {}),
     "cohere": ("CohereConfig", {}), "granite": ("GraniteConfig", {}),
-    "gpt_neox": ("GPTNeoXConfig", {"num_key_value_heads": None}),
+    "gpt_neox": ("GPTNeoXConfig", {"num_key_value_heads": None}), "gpt2": ("GPT2Config", GPT2),
 }
 # Mixtures of experts: 4 experts, top 2 (tests/moe_models.py's shapes); DeepSeek's layer 0 is dense, layer 1 MoE
 _MLA = dict(moe_intermediate_size=48, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
@@ -60,7 +62,7 @@ def build(name: str, folder: Path) -> Path:
     import transformers
 
     cls, extra = ARCHS[name]
-    args = {**(BASE if cls != "FalconConfig" else {}), **extra}
+    args = {**(BASE if cls not in ("FalconConfig", "GPT2Config") else {}), **extra}
     config = getattr(transformers, cls)(**{k: v for k, v in args.items() if v is not None})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)

@@ -58,6 +58,14 @@ def _details(e: me.Estimate, cfg: me.EstimateConfig) -> dict[str, str]:
     }
 
 
+def model_dropouts(config: dict) -> dict[str, float]:
+    """The config's own dropout probabilities above 0 (GPT-2's attn/resid/embd_pdrop, attention_dropout,
+    hidden_dropout ...): active in training, and the estimate does not model their masks. Heads other than the LM
+    head (classifier_, summary_) are not run."""
+    return {k: v for k, v in config.items() if (k.endswith("dropout") or k.endswith("pdrop"))
+            and not k.startswith(("classifier", "summary")) and isinstance(v, (int, float)) and v > 0}
+
+
 def _objective(cfg: me.EstimateConfig) -> str:
     """The objective line: what a step runs for it."""
     o = cfg.objective
@@ -178,7 +186,8 @@ def command(recipe, overrides, model, quant, blocksize, double_quant, rank, targ
     table = me.max_seq_table(config, cfg)
     if as_json:
         d = {"model": model, "config": {**vars(cfg), "targets": list(e.adapted)}, **e.to_dict(),
-             "gpu_mem": limit, "fits": None if limit is None else e.total <= limit, "max_seq": table}
+             "gpu_mem": limit, "fits": None if limit is None else e.total <= limit, "max_seq": table,
+             "uncounted_model_dropout": model_dropouts(config)}
         click.echo(json.dumps(d))
         return
     s = e.shapes
@@ -205,6 +214,11 @@ def command(recipe, overrides, model, quant, blocksize, double_quant, rank, targ
     if e.pageable:
         click.echo(f"{human_bytes(e.pageable)} of optimizer state is paged (unified memory): counted above, "
                    "but it can spill to CPU RAM when the GPU runs short")
+    own = model_dropouts(config)
+    if own:
+        click.echo(f"the model's own dropout is on while training ({', '.join(f'{k} {v}' for k, v in own.items())}): "
+                   "its masks are not counted above (GPT-2's tiny model measured 3.4x this estimate with them, "
+                   "bench/results/arch_memory.md)")
     if limit is not None:
         gpu = gpu_mem.strip()
         verdict = (f"yes ({e.total / limit:.0%} used)" if e.total <= limit

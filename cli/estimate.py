@@ -11,6 +11,7 @@ from qlora_kit.estimate import analytic as me
 from qlora_kit.config import (ComputeDtype, IA3Config, Objective, Optimizer, load_recipe, parse_targets,
                               recipe_from_dict)
 from qlora_kit.errors import ConfigError
+from qlora_kit.estimate.families import MODELED_DROPOUTS
 from qlora_kit.estimate.objective import step_config
 from qlora_kit.estimate.recipe import from_recipe, override
 from qlora_kit.cli.estimate_labels import LABELS, PHASES, seq_cell
@@ -58,12 +59,15 @@ def _details(e: me.Estimate, cfg: me.EstimateConfig) -> dict[str, str]:
     }
 
 
-def model_dropouts(config: dict) -> dict[str, float]:
+def model_dropouts(config: dict) -> tuple[dict[str, float], dict[str, float]]:
     """The config's own dropout probabilities above 0 (GPT-2's attn/resid/embd_pdrop, attention_dropout,
-    hidden_dropout ...): active in training, and the estimate does not model their masks. Heads other than the LM
-    head (classifier_, summary_) are not run."""
-    return {k: v for k, v in config.items() if (k.endswith("dropout") or k.endswith("pdrop"))
-            and not k.startswith(("classifier", "summary")) and isinstance(v, (int, float)) and v > 0}
+    hidden_dropout ...), active in training: (counted, uncounted): those the family's estimate models (its masks,
+    and on the CPU the SDPA math path attention dropout takes) and the rest. Heads other than the LM head
+    (classifier_, summary_) are not run."""
+    own = {k: v for k, v in config.items() if (k.endswith("dropout") or k.endswith("pdrop"))
+           and not k.startswith(("classifier", "summary")) and isinstance(v, (int, float)) and v > 0}
+    modeled = MODELED_DROPOUTS.get(config.get("model_type"), ())
+    return ({k: v for k, v in own.items() if k in modeled}, {k: v for k, v in own.items() if k not in modeled})
 
 
 def _objective(cfg: me.EstimateConfig) -> str:
@@ -187,7 +191,7 @@ def command(recipe, overrides, model, quant, blocksize, double_quant, rank, targ
     if as_json:
         d = {"model": model, "config": {**vars(cfg), "targets": list(e.adapted)}, **e.to_dict(),
              "gpu_mem": limit, "fits": None if limit is None else e.total <= limit, "max_seq": table,
-             "uncounted_model_dropout": model_dropouts(config)}
+             **dict(zip(("counted_model_dropout", "uncounted_model_dropout"), model_dropouts(config)))}
         click.echo(json.dumps(d))
         return
     s = e.shapes
@@ -214,11 +218,13 @@ def command(recipe, overrides, model, quant, blocksize, double_quant, rank, targ
     if e.pageable:
         click.echo(f"{human_bytes(e.pageable)} of optimizer state is paged (unified memory): counted above, "
                    "but it can spill to CPU RAM when the GPU runs short")
-    own = model_dropouts(config)
-    if own:
-        click.echo(f"the model's own dropout is on while training ({', '.join(f'{k} {v}' for k, v in own.items())}): "
-                   "its masks are not counted above (GPT-2's tiny model measured 3.4x this estimate with them, "
-                   "bench/results/arch_memory.md)")
+    counted, uncounted = model_dropouts(config)
+    for own, how in ((counted, "counted above (its masks; on the CPU, attention dropout's fp32 (B, nh, S, S) "
+                               "probabilities of SDPA's math path)"),
+                     (uncounted, "its masks are not counted above")):
+        if own:
+            click.echo(f"the model's own dropout is on while training "
+                       f"({', '.join(f'{k} {v}' for k, v in own.items())}): {how}")
     if limit is not None:
         gpu = gpu_mem.strip()
         verdict = (f"yes ({e.total / limit:.0%} used)" if e.total <= limit

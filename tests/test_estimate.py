@@ -331,16 +331,25 @@ def test_layer_activations_equal_saved_tensors(cls, targets, dropout, replay, ml
     assert measured == sum(me.layer_activations(s, cfg, me.resolve_targets(s, targets)).values())
 
 
-def test_cli_says_the_models_own_dropout_is_not_counted(capsys, tmp_path):
-    """GPT-2's config keeps dropout 0.1 on attention, residuals and embeddings, on while training; the estimate does
-    not model those masks (bench/results/arch_memory.md: the tiny GPT-2 measured far above it), so it says so, in
-    text and JSON, and says nothing for a config whose dropouts are 0."""
+def test_cli_says_which_of_the_models_own_dropout_is_counted(capsys, tmp_path):
+    """GPT-2's config keeps dropout 0.1 on attention, residuals and embeddings, on while training; its estimate
+    counts them (masks, the CPU's math-path attention), so the CLI says so, in text and JSON; a family whose
+    dropout the estimate does not model (Llama's attention_dropout) is named as not counted; a config whose
+    dropouts are 0 gets no line."""
     gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 320, "n_positions": 512,
             "attn_pdrop": 0.1, "resid_pdrop": 0.1, "embd_pdrop": 0.0, "summary_first_dropout": 0.1}
     (tmp_path / "config.json").write_text(json.dumps(gpt2))
     rc, out, _ = _run(capsys, "--model", str(tmp_path))
-    assert rc == 0 and "own dropout is on while training (attn_pdrop 0.1, resid_pdrop 0.1)" in out, out
+    assert rc == 0 and "own dropout is on while training (attn_pdrop 0.1, resid_pdrop 0.1): counted above" in out
+    assert "not counted" not in out, out
     rc, out, _ = _run(capsys, "--model", str(tmp_path), "--json")
-    assert json.loads(out)["uncounted_model_dropout"] == {"attn_pdrop": 0.1, "resid_pdrop": 0.1}
+    d = json.loads(out)
+    assert d["counted_model_dropout"] == {"attn_pdrop": 0.1, "resid_pdrop": 0.1}
+    assert d["uncounted_model_dropout"] == {}
+    llama = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "vocab_size": 320, "attention_dropout": 0.1}
+    (tmp_path / "config.json").write_text(json.dumps(llama))
+    rc, out, _ = _run(capsys, "--model", str(tmp_path))
+    assert rc == 0 and "(attention_dropout 0.1): its masks are not counted above" in out, out
     rc, out, _ = _run(capsys, "--model", "smollm2-135m")  # attention_dropout 0.0
     assert rc == 0 and "own dropout" not in out

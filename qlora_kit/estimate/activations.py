@@ -75,6 +75,21 @@ def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, .
         "attn_output": c * T * lay.q + (0 if lay.eager else lse),  # (B, S, nh*hd) c
         "o_input": inputs_saved(cfg, adapted, (out_proj.name,), T, out_proj.in_features, shared=lay.o_view),
     })
+    mask = 1 if cfg.device == "cuda" else c  # a dropout mask: CUDA's fused dropout a bool, the CPU's in x's dtype
+    if lay.resid_dropout > 0:  # attention's and the MLP's (T, H) outputs, dropped before the residual add: the
+        # product saves only the mask
+        terms["resid_dropout"] = 2 * mask * T * s.hidden
+    if math_attention(s, cfg):
+        # SDPA with dropout_p > 0 in training has no fused CPU kernel: its math path upcasts q, k, v to fp32 and
+        # materialises the (B, nh, S, S) scores. Saved: q and k^T scaled (bmm), v, each (B, nh, S, hd) fp32 (k, v
+        # as many heads as q: GPT-2's nh = kv); the softmax output, the dropout's fp32 mask and the dropped
+        # probabilities (bmm with v), (B, nh, S, S) fp32 each; no logsumexp. Its output comes back cast to c in
+        # (B, nh, S, hd), so the output projection reads a (B, S, nh*hd) copy. (On CUDA the flash/efficient kernels
+        # draw the mask inside from a seed: nothing more is saved.)
+        qw = s.heads * s.head_dim
+        terms.update(q_k_v=4 * T * 3 * qw, attn_output=0,
+                     attn_weights=3 * 4 * cfg.batch * s.heads * cfg.seq * cfg.seq,
+                     o_input=inputs_saved(cfg, adapted, (out_proj.name,), T, out_proj.in_features))
     if lay.sinks:  # (B, nh, S, S + 1) probabilities in c (softmax saves them, the product with v a view of them)
         # and the row max's (B, nh, S, 1) int64 indices (the logits are shifted by it)
         terms["attn_weights"] = c * cfg.batch * s.heads * cfg.seq * (cfg.seq + 1) + 8 * cfg.batch * s.heads * cfg.seq
@@ -103,6 +118,12 @@ def layer_activations(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, .
         if lay.norm == "lean":  # the lean norm saves its input, a split view: the whole (T, latent + beside) storage
             terms["latent_norms"] += c * T * lay.latent_beside
     return terms
+
+
+def math_attention(s: ModelShapes, cfg: EstimateConfig) -> bool:
+    """SDPA under the model's own attention dropout on the CPU: no fused kernel takes dropout_p > 0 in training
+    there, so it runs its math path (eager and sink layouts build their scores themselves)."""
+    return s.layout.attn_dropout > 0 and cfg.device == "cpu" and not (s.layout.eager or s.layout.sinks)
 
 
 def tiled(cfg: EstimateConfig) -> bool:
@@ -235,6 +256,9 @@ def activation_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ..
             # them (measured: the seq 4096 / 8192 grid cells were over by exactly this term when it was added).
             exclusive += c * T * 2 * s.active_intermediate
         terms["dropout_replay"] = max(0, replay - exclusive)
+    if s.layout.embd_dropout > 0:  # the dropout on the embeddings runs outside the checkpoints: its (B, S, H) mask
+        # (CUDA: bool, the CPU: c) is kept from forward to the embeddings' backward
+        terms["embedding_dropout"] = (1 if cfg.device == "cuda" else c) * T * s.hidden
     if s.layout.masks:
         terms["attention_masks"] = s.layout.masks * c * cfg.batch * cfg.seq * cfg.seq
     if cfg.device == "cpu" and tiled(cfg):  # each tiled MLP's node keeps torch.get_rng_state(), a 5,056-byte

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .activations import inputs_saved, layer_activations, layer_linears, tiled
+from .activations import inputs_saved, layer_activations, layer_linears, math_attention, tiled
 
 if TYPE_CHECKING:
     from .settings import EstimateConfig
@@ -47,6 +47,22 @@ def _softmax_backward(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, .
     o_name = layer_linears(s)[0][-1].name  # the output projection
     freed = sum(layer.get(k, 0) for k in _MLP_SAVED) + c * T * cfg.rank * (o_name in adapted) + probs + c * T * lay.q
     return grads + c * T * lay.q + c * T * s.hidden - freed
+
+
+def _dropout_attention_backward(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: int) -> int:
+    """SDPA's CPU math path under the model's attention dropout (layer_activations' attn_weights), at the
+    dropout's backward, its worst point (the profiled step's live tensors): beyond the saved set, the gradients of
+    the dropped and of the kept probabilities, (B, nh, S, S) fp32 each, next to the fp32 gradients of the output
+    and of v, (B, nh, S, hd) each, and the residual gradient (B, S, H) c. Freed by then: what the MLP, the norm
+    after attention and the output projection saved (its adapter's (T, r) A output too), the MLP branch's dropout
+    mask, and what the product with v saved: the dropped probabilities and v (fp32)."""
+    c = cfg.compute_bytes
+    scores, qw = 4 * cfg.batch * s.heads * cfg.seq * cfg.seq, 4 * T * s.heads * s.head_dim
+    layer = layer_activations(s, cfg, adapted)
+    o_name = layer_linears(s)[0][-1].name
+    freed = (sum(layer.get(k, 0) for k in _MLP_SAVED) + c * T * cfg.rank * (o_name in adapted) + scores + qw
+             + layer.get("resid_dropout", 0) // 2)
+    return 2 * scores + 2 * qw + c * T * s.hidden - freed
 
 
 def _shared_expert_saved(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...], T: int) -> int:
@@ -109,6 +125,8 @@ def backward_terms(s: ModelShapes, cfg: EstimateConfig, adapted: tuple[str, ...]
         moments["post_norm_backward"] = RMS32_BACKWARD_TEMPS * 4 * T * H + c * T * H
     if lay.eager:
         moments["softmax_backward"] = _softmax_backward(s, cfg, adapted, T)
+    elif math_attention(s, cfg):  # SDPA's math path (the model's attention dropout)
+        moments["dropout_attention_backward"] = _dropout_attention_backward(s, cfg, adapted, T)
     if s.moe and not tiled(cfg):  # a tiled MLP recomputes the experts per tile (mlp_tile)
         moments.update(_experts_backward(s, cfg, adapted, T, layer_activations(s, cfg, adapted)))
     if moments:

@@ -201,9 +201,14 @@ def gpt2(c: dict) -> ModelShapes:
                LinearShape("c_proj", inner, H, True, L, path="mlp.c_proj"))
     return build(c, linears, {"wpe": c["max_position_embeddings"] * H, "layer_norms": L * 4 * H, "norm": 2 * H},
                  embed="wte", tied_default=True,
-                 layout=Layout(norm="layer", gated=False,
-                               act_saved=act_saved(c.get("activation_function", "gelu_new"))))
+                 layout=Layout(norm="layer", gated=False, scaled_embedding=True,  # layer 0 reads wte + wpe
+                               act_saved=act_saved(c.get("activation_function", "gelu_new")),
+                               attn_dropout=c.get("attn_pdrop", 0.1), resid_dropout=c.get("resid_pdrop", 0.1),
+                               embd_dropout=c.get("embd_pdrop", 0.1)))
 
+
+# model_type -> the config's own dropout probabilities its Layout models (masks, and what they change in attention)
+MODELED_DROPOUTS = {"gpt2": ("attn_pdrop", "resid_pdrop", "embd_pdrop")}
 
 _LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "gemma3_text", "olmo2", "cohere",
                "stablelm")

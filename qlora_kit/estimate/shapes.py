@@ -78,10 +78,15 @@ class Layout:
     # first in the layer's, with every saved tensor of the layer still live
     residual_scale: bool = False  # each branch's output is scaled before the residual add (Granite's multiplier)
     scaled_embedding: bool = False  # layer 0 reads the embedding times a multiplier computed outside the embedding
-    # module (Granite): not the module's own output, so reembed.py cannot look it up again and it is kept
+    # module (Granite), or plus learned positions (GPT-2's wpe): not the module's own output, so reembed.py cannot
+    # look it up again and it is kept
     qk_norm: int = 0  # per-token width normalised by q/k norms (Qwen3: (nh + nkv) * hd)
     qk_norm_vectors: int = 0  # rsqrt values per token: 0 = one per head (nh + nkv); OLMo 2 normalises q, k whole: 2
     qk_norm_fp32: bool = False  # q/k norms are transformers' own (fp32 copies), not lean
+    attn_dropout: float = 0.0  # the model's own dropout on the attention probabilities while training (GPT-2's
+    # attn_pdrop): SDPA gets dropout_p > 0
+    resid_dropout: float = 0.0  # its dropout on each branch's (T, H) output before the residual add (resid_pdrop)
+    embd_dropout: float = 0.0  # its dropout on the embeddings before layer 0 (embd_pdrop)
     q: int = 0  # per-token widths of the attention's q, k, v as SDPA saves them
     k: int = 0
     v: int = 0  # a fused q/k/v projection's v is a view that keeps the projection's whole output: its width

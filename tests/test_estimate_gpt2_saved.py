@@ -9,21 +9,16 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import json
-
 import pytest
 import torch
 import transformers
 
 from conftest import make_tokenizer
-from qlora_kit.estimate import analytic as me
-from qlora_kit.measure.breakdown import MeasureConfig, estimate_config, recipe_for, synthetic_batch
+from saved_layer import last_layer_saved
 
 
 @pytest.mark.parametrize("drop", [0.1, 0.0])
 def test_gpt2_layer_saved_tensors_with_its_own_dropout(drop, tmp_path):
-    from qlora_kit.train import loop as train
-
     tok = make_tokenizer()
     config = transformers.GPT2Config(n_embd=64, n_inner=192, n_layer=2, n_head=4, vocab_size=len(tok),
                                      n_positions=64, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
@@ -33,32 +28,8 @@ def test_gpt2_layer_saved_tensors_with_its_own_dropout(drop, tmp_path):
     folder = tmp_path / "m"
     transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
     tok.save_pretrained(folder)
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "x"}\n')
     B, S = (2, 40) if drop else (3, 24)  # neither a power of two
-    cfg = MeasureConfig(model=str(folder), seq=S, batch=B, rank=8, dropout=0.05, threads=1,
-                        overrides="train.gradient_checkpointing=false")
-    recipe = recipe_for(cfg, data)
-    p = train.prepare(recipe)
+    p, saved, terms = last_layer_saved(folder, B, S, dropout=0.05)
     assert p.model.training and p.model.config.attn_pdrop == drop
-    decoder = p.model.get_decoder()
-    frozen = {t.untyped_storage().data_ptr() for t in [*p.model.parameters(), *p.model.buffers()]}
-    inside, saved = [False], {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if inside[0] and ptr not in frozen:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    last = decoder.h[-1]
-    last.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
-    last.register_forward_hook(lambda *a: inside.__setitem__(0, False))
-    ids = synthetic_batch(len(tok), B, S, 0)["input_ids"]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        decoder(input_ids=ids)
-    s = me.count_params(json.loads((folder / "config.json").read_text()))
-    ec = estimate_config(recipe, "cpu")
-    terms = me.layer_activations(s, ec, me.resolve_targets(s, ec.targets))
     assert ("attn_weights" in terms and "resid_dropout" in terms) == bool(drop)
-    assert sum(terms.values()) == sum(saved.values()), (sum(saved.values()), terms)
+    assert sum(terms.values()) == saved, (saved, terms)

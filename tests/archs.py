@@ -82,3 +82,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def loss_and_grads(model, vocab: int, lengths: tuple[int, ...] = (40, 23)):
+    """The chunked training loss on rows of `lengths` real tokens (padded to the first, 40) and every trainable
+    parameter's gradient: what a long-context option must leave exactly as it was."""
+    from qlora_kit.train.loss import CausalLMLoss
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (len(lengths), lengths[0]), generator=g)
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, n:] = 0  # rows of different lengths
+    labels = ids.masked_fill(mask == 0, -100)
+    torch.manual_seed(2)
+    loss, _ = CausalLMLoss(model, chunk=16)(ids, mask, labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_close(g0, g1):
+    """Two gradient dicts equal to 1e-4 of each tensor's largest entry."""
+    assert g0.keys() == g1.keys() and g0
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-4 * g0[k].abs().max().item(), msg=k)

@@ -13,15 +13,16 @@ A tiled MLP recomputes per chunk and a lean norm differentiates by hand: gradien
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import archs
-from archs import one_thread  # noqa: F401 (a fixture)
+from archs import assert_close, one_thread  # noqa: F401 (one_thread: a fixture)
 from qlora_kit.adapters.lora import LoraSpec, LoRALinear, inject
 from qlora_kit.lowmem import lean_norm, offload, reembed, tiled_mlp
 from qlora_kit.model.load import linear_from_conv1d
-from qlora_kit.train.loss import CausalLMLoss
 
 LAYERS = 2
 
@@ -51,22 +52,8 @@ def build(name, *, checkpointing=False, lean=False, chunk=0, store=None, re_embe
     return model.train(), engaged
 
 
-def loss_and_grads(model, vocab=303):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, vocab, (2, 40), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 23:] = 0  # rows of different lengths
-    labels = ids.masked_fill(mask == 0, -100)
-    torch.manual_seed(2)
-    loss, _ = CausalLMLoss(model, chunk=16)(ids, mask, labels)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def assert_close(g0, g1):
-    assert g0.keys() == g1.keys() and g0
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-4 * g0[k].abs().max().item(), msg=k)
+# batch 2 x 40 tokens, the second row 23 real
+loss_and_grads = functools.partial(archs.loss_and_grads, vocab=303)
 
 
 @pytest.mark.parametrize("name", list(archs.ARCHS))

@@ -13,15 +13,18 @@ to fp32 summation order (rtol 1e-4 of each tensor's largest entry), the loss to 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
+import archs
+from archs import assert_close
 from moe_models import MOE, make_moe_model
 from qlora_kit.adapters.lora import LoraSpec, LoRALinear, inject
 from qlora_kit.config import ModelConfig, QuantConfig
 from qlora_kit.lowmem import lean_norm, offload, reembed, tiled_mlp
 from qlora_kit.model.load import load_base
-from qlora_kit.train.loss import CausalLMLoss
 
 EXPERTS = r".*\.experts\.\d+\.(gate_up_proj|down_proj)"
 ATTENTION = r".*\.self_attn\.\w+"
@@ -64,23 +67,8 @@ def build(folder, *, targets="all-linear", checkpointing=False, lean=False, chun
     return model.train(), engaged
 
 
-def loss_and_grads(model, vocab=300):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, vocab, (3, 40), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 23:] = 0  # rows of different lengths
-    mask[2, 31:] = 0
-    labels = ids.masked_fill(mask == 0, -100)
-    torch.manual_seed(2)
-    loss, _ = CausalLMLoss(model, chunk=16)(ids, mask, labels)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def assert_close(g0, g1):
-    assert g0.keys() == g1.keys() and g0
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-4 * g0[k].abs().max().item(), msg=k)
+# batch 3 x 40 tokens, rows of 40, 23 and 31 real
+loss_and_grads = functools.partial(archs.loss_and_grads, vocab=300, lengths=(40, 23, 31))
 
 
 @pytest.mark.parametrize("arch", MOE)

@@ -1,5 +1,6 @@
 """A GGUF model's metadata back to a Hugging Face config.json: the inverse of `arch.add_hparams`, `rope.add_keys` and
-each family's `extra` keys, for the families `families.FAMILIES` writes.
+each family's `extra` keys, for the families `families.FAMILIES` writes (gpt-oss's and DeepSeek's own keys in
+`read_config_moe`).
 
     family      which FAMILIES entry wrote the file: the one whose llama.cpp architecture it names (general.
                 architecture) and whose MoE-ness matches (an expert count: Mixtral, not Llama); the first such entry
@@ -24,13 +25,15 @@ import math
 from typing import Any, Callable
 
 from ...errors import ModelError
-from . import families
+from . import families, families_moe, read_config_moe
 from .families import FAMILIES, Family
 
 EPS_KEYS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")  # families.norm_eps reads these
 FFN_KEYS = ("ffn_hidden_size", "intermediate_size", "n_inner")  # families.ffn
 KV_KEYS = ("num_key_value_heads", "num_kv_heads")  # families.n_heads_kv
 EXPERT_KEYS = ("num_local_experts", "num_experts")  # families._moe
+# the `extra` writers that write expert_count: a file with the key is one of their families (Mixtral, not Llama)
+MOE_EXTRAS = (families._moe, families_moe.gpt_oss_hparams, families_moe.deepseek_hparams)
 
 
 def family_of(arch: str, meta: dict) -> tuple[str, Family]:
@@ -38,20 +41,15 @@ def family_of(arch: str, meta: dict) -> tuple[str, Family]:
     import gguf
 
     moe = f"{arch}.expert_count" in meta
-    # families whose tensors the writer splits or regroups into llama.cpp's own layout (gpt-oss's interleaved
-    # gate_up, DeepSeek's kv_b into attn_k_b / attn_v_b) are not inverted here
-    unread = {hf: f for hf, f in FAMILIES.items() if f.split is not None or f.mla}
     for hf, fam in FAMILIES.items():
         if gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, fam.gguf)] != arch:
             continue
-        if hf in unread:
-            raise ModelError(f"this GGUF's architecture is {arch!r} ({hf}), whose tensors qlora-kit's GGUF export "
-                             "splits into llama.cpp's own layout; the GGUF reader does not put them back together "
-                             "yet. Evaluate the model folder it came from, or run the GGUF in llama.cpp.")
-        if (fam.extra is families._moe) == moe:
+        if fam.mla:  # DeepSeek-V2 and V3 share llama.cpp's deepseek2: the router tells them apart
+            hf = read_config_moe.deepseek_class(meta, arch)
+            return hf, FAMILIES[hf]
+        if (fam.extra in MOE_EXTRAS) == moe:
             return hf, fam
-    known = sorted({gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, f.gguf)] for hf, f in FAMILIES.items()
-                    if hf not in unread})
+    known = sorted({gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, f.gguf)] for f in FAMILIES.values()})
     raise ModelError(f"this GGUF's architecture is {arch!r}{' with experts' if moe else ''}, which qlora-kit's GGUF "
                      f"reader does not map back to a transformers model (it reads {', '.join(known)}). Evaluate the "
                      "model folder it came from, or run the GGUF in llama.cpp.")
@@ -86,7 +84,8 @@ def config_of(meta: dict, tensors: dict[str, tuple[int, ...]], longrope: dict) -
 
     heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
-    head_dim = int(get("attention.key_length") or hidden // heads)
+    # MLA: RoPE rotates qk_rope_head_dim of each head; its key/value lengths are the latent's (read_config_moe)
+    head_dim = int(get("rope.dimension_count")) if fam.mla else int(get("attention.key_length") or hidden // heads)
     c: dict[str, Any] = {
         "architectures": [hf], "vocab_size": int(tensors["token_embd.weight"][0]), "hidden_size": hidden,
         "num_hidden_layers": int(get("block_count")), "num_attention_heads": heads,
@@ -95,7 +94,7 @@ def config_of(meta: dict, tensors: dict[str, tuple[int, ...]], longrope: dict) -
     put(FFN_KEYS, int(get("feed_forward_length")))
     put(KV_KEYS, int(get("attention.head_count_kv", heads)))
     put(EPS_KEYS, float(get("attention.layer_norm_rms_epsilon", get("attention.layer_norm_epsilon"))))
-    if get("attention.key_length") is not None:
+    if not fam.mla and get("attention.key_length") is not None:
         c["head_dim"] = head_dim
     for key, gkey in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                       ("pad_token_id", "padding_token_id")):
@@ -105,7 +104,7 @@ def config_of(meta: dict, tensors: dict[str, tuple[int, ...]], longrope: dict) -
     if back is not None:
         back(c, get, stored)
     FIXED.get(fam.gguf, lambda c, t: None)(c, tensors)
-    _check_derived(c, get, head_dim, longrope)
+    _check_derived(c, get, head_dim, longrope, fam)
     unread = sorted(k for k in meta.keys() if k.startswith(f"{arch}.") and k not in meta.seen | {f"{arch}.vocab_size"})
     if unread:  # a foreign file's key this reader would drop: another model, silently
         raise ModelError(f"this GGUF sets {', '.join(unread)}, which qlora-kit's GGUF reader does not map to "
@@ -134,12 +133,12 @@ class _Read(dict):
         return super().__contains__(key)
 
 
-def _check_derived(c: dict, get, head_dim: int, longrope: dict) -> None:
+def _check_derived(c: dict, get, head_dim: int, longrope: dict, fam: Family) -> None:
     """Keys transformers derives itself from the config: they must be what it derives."""
     from .rope import longrope_attention
 
     value = get("attention.value_length")
-    if value is not None and int(value) != head_dim:
+    if not fam.mla and value is not None and int(value) != head_dim:
         raise ModelError(f"this GGUF's value heads are {value} wide and its key heads {head_dim}: transformers' "
                          "model classes read here have one head width.")
     attn = get("rope.scaling.attn_factor")
@@ -170,6 +169,8 @@ def _rope(c: dict, meta: dict, arch: str, tensors: dict, head_dim: int, fam: Fam
         for key in ("beta_fast", "beta_slow"):
             if f"{arch}.rope.scaling.yarn_{key}" in meta:
                 r[key] = float(meta[f"{arch}.rope.scaling.yarn_{key}"])
+        if fam.mla:
+            r |= read_config_moe.deepseek_yarn(meta, arch)
     elif kind not in ("none", None):
         raise ModelError(f"this GGUF uses RoPE scaling {kind!r}, which qlora-kit's GGUF reader does not map back.")
     if longrope:
@@ -232,7 +233,8 @@ def _granite(c, get, stored):
 
 BACK: dict[Callable | None, Callable] = {  # each family's `extra` writer -> its reader
     families._moe: _moe, families._gemma2: _gemma2, families._gemma3: _gemma3, families._phi3: _phi3,
-    families._parallel: _parallel, families._cohere: _cohere, families._granite: _granite}
+    families._parallel: _parallel, families._cohere: _cohere, families._granite: _granite,
+    families_moe.gpt_oss_hparams: read_config_moe.gpt_oss, families_moe.deepseek_hparams: read_config_moe.deepseek}
 
 
 def _head_dim_scale(c, tensors):

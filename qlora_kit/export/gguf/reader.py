@@ -9,6 +9,11 @@
                 layout changes undone by the writer's own rules (arch.TensorNames: the q/k and fused-qkv row reorders
                 inverted, Conv1D weights transposed back, Gemma's norm weights minus 1), then converted by
                 transformers' rules (per-expert weights fused into its 3-D expert tensors) and cast to the asked dtype
+    splits      a tensor the writer wrote as pieces (families_moe: gpt-oss's interleaved gate_up, its transposed
+                down and their biases, the sinks; DeepSeek's kv_b_proj as attn_k_b / attn_v_b, V3's router bias) is
+                put back together by the writer's own rule (arch.TensorNames.pieces asked of every tensor of the
+                model built from the config): each piece's `take` applied to the source's element indices says
+                where its values came from; a split that does not cover the source exactly once is refused
     RoPE        longrope's factor tensors are config values; llama3's rope_freqs divide the built model's inv_freq
     tokenizer   transformers' own GGUF tokenizer builder (vocabulary, merges or scores, token types, special ids,
                 chat template), its split regex set from `vocab.PRE_TOKENIZERS` for the pre-tokenizer names qlora-kit
@@ -21,8 +26,9 @@ the model would miss) is refused by name, never loaded partly.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -133,17 +139,33 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     names = gguf_arch.TensorNames(gguf_arch.arch_of(config.to_dict()))
     inverse = _inverse_names(names)
     conversion = Conversion(model)
+    sources = split_sources(model, names)
+    pieces: dict[str, dict[str, tuple]] = {}  # split source -> {GGUF name: (take, tensor)}
     extra = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
     groups: dict[str, list] = {}  # one decoder block at a time: its experts fuse once the block is read
     for t in r.tensors:
-        if t.name not in extra:
-            hfs = hf_names(t.name, shapes[t.name], inverse, names, conversion)
-            groups.setdefault(".".join(t.name.split(".")[:2]), []).extend(_items(t, hfs, names))
+        block = groups.setdefault(".".join(t.name.split(".")[:2]), [])
+        if t.name in sources:
+            hf, shape, take, want = sources[t.name]
+            if shapes[t.name] != want:
+                raise ModelError(f"{path}: {t.name} is {shapes[t.name]}, not the {want} this {fam.gguf.lower()} "
+                                 f"model's {hf} {shape} is written as; the file is not this model's.")
+            if hf not in pieces:  # read once every piece is: after this loop, when the block converts
+                block.append((hf, lambda hf=hf, shape=shape: undo(join(shape, pieces[hf].values()), hf, names)))
+            pieces.setdefault(hf, {})[t.name] = (take, t)
+        elif t.name not in extra:
+            block.extend(_items(t, hf_names(t.name, shapes[t.name], inverse, names, conversion), names))
+    for hf, got in pieces.items():
+        lack = sorted(g for g, s in sources.items() if s[0] == hf and g not in got)
+        if lack:
+            raise ModelError(f"{path} has {', '.join(got)} but not {', '.join(lack)}: {hf} cannot be put back "
+                             "together. Export it again.")
     params = dict(model.named_parameters())
+    targets = params | dict(model.named_buffers())  # DeepSeek-V3's router bias is a buffer
     state = {}  # cast as each tensor comes: fp32 copies never pile up (the file itself is memory-mapped)
     while groups:  # popped, so a block's fp32 values (held by its readers) go with it
         items = groups.pop(next(iter(groups)))
-        state |= {k: v.to(dtype) for k, v in conversion.convert(model, items) if k in params}
+        state |= {k: v.to(targets[k].dtype) for k, v in conversion.convert(model, items) if k in targets}
     missing = [n for n in params if n not in state and not _tied(model, n)]
     if missing:
         raise ModelError(f"{path} lacks weights this {fam.gguf.lower()} model needs ({', '.join(missing[:3])}...); it "
@@ -153,6 +175,55 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     if rope_freqs is not None:
         _divide_inv_freq(model, _value(values[rope_freqs]))
     return model.to(device).eval(), tokenizer(path, meta)
+
+
+def split_sources(model, names: gguf_arch.TensorNames) -> dict[str, tuple]:
+    """GGUF name -> (source name, source shape, take, piece shape) of every piece the writer's split makes of the
+    tensors of `model` (built from the file's config; params on meta, buffers real: names and shapes only)."""
+    split, out = names.arch.fam.split, {}
+    if split is None:
+        return out
+    for hf, t in model.state_dict(keep_vars=True).items():
+        shape = tuple(t.shape)
+        if split(hf, shape, names.arch.config) is None:
+            continue
+        if names.rows(hf) is not None:  # a row reorder after the split: not inverted here
+            raise ModelError(f"the GGUF reader cannot put {hf} of a {names.arch.hf} back together (its pieces are "
+                             "also reordered). Evaluate the model folder it came from.")
+        out |= {g: (hf, shape, take, piece) for g, piece, take in names.pieces(hf, shape)}
+    return out
+
+
+def join(shape: tuple[int, ...], pieces) -> torch.Tensor:
+    """The fp32 source tensor of `shape` that the writer cut into `pieces` ((take or None, GGUF tensor) each): take
+    applied to the source's element indices 0..n-1 gives, in the piece's element order, where each value came from
+    (as `undo` reads a row order off row indices). Per leading slice when every take keeps the leading dimension
+    (gpt-oss's (E, hidden, 2I) expert stacks: one expert's indices, not all of them)."""
+    pieces = [(take or (lambda x: x), t) for take, t in pieces]
+    per = len(shape) == 3 and all(_slicewise(take, shape) for take, _ in pieces)
+    rows, sub = (shape[0], shape[1:]) if per else (1, shape)
+    n = math.prod(sub)
+    idx = torch.arange(n).reshape((1, *sub) if per else sub)
+    out, seen, count = torch.empty(rows, n), torch.zeros(n, dtype=torch.bool), 0
+    for take, t in pieces:
+        where = take(idx).reshape(-1)
+        out[:, where] = _value(t).reshape(rows, -1)
+        seen[where] = True
+        count += where.numel()
+    if count != n or not bool(seen.all()):
+        raise ModelError(f"the GGUF reader cannot put a {shape} tensor back together from pieces that do not cover "
+                         "it exactly once (the writer's split changed). Evaluate the model folder it came from.")
+    return out.reshape(shape)
+
+
+def _slicewise(take: Callable, shape: tuple[int, ...]) -> bool:
+    """take maps slice e of the leading dimension to slice e of its output (checked on two slices' indices)."""
+    m = math.prod(shape[1:])
+    try:
+        w = take(torch.arange(2 * m).reshape(2, *shape[1:]))
+    except (RuntimeError, IndexError, ValueError):
+        return False
+    return w.shape[0] == 2 and bool((w[0] < m).all()) and torch.equal(w[1], w[0] + m)
 
 
 def _items(t, hfs: list[str], names) -> list:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from conftest import make_tokenizer
@@ -231,6 +232,36 @@ def bpe_tokenizer(pre: str):
                                    bos_token="<|im_start|>")
     fast.chat_template = CHATML
     return fast
-# the models whose GGUF qlora-kit's reader reads back: not gpt-oss's or DeepSeek's, whose tensors the writer splits into
-# llama.cpp's own layout (export/gguf/read_config.family_of refuses them by name; tests/test_gguf_bigmoe.py)
-READ_BACK = tuple(n for n in MODELS if not n.startswith(("gptoss", "deepseek")))
+# the models whose GGUF qlora-kit's reader reads back (export/gguf/reader.py): all of them, gpt-oss's and DeepSeek's
+# split tensors put back together too (tests/test_gguf_readback_moe.py)
+READ_BACK = tuple(MODELS)
+
+
+def copy_gguf(src: Path, dst: Path, keys: dict | None = None, retype=None, drop: tuple[str, ...] = ()) -> Path:
+    """A copy of an f32 GGUF as another writer might make it: `keys` set (a key the file has keeps its type, a new
+    one is uint32); `retype(name)` -> a gguf.GGMLQuantizationType to store that tensor in (blocks made by
+    gguf.quants.quantize), or None to copy it; the tensors named in `drop` left out."""
+    import gguf
+
+    keys = dict(keys or {})
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    for k, f in r.fields.items():
+        if not k.startswith("GGUF.") and k != "general.architecture":
+            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(k, keys.pop(k, f.contents()), f.types[0], sub_type=sub)
+    for k, v in keys.items():
+        w.add_uint32(k, v)
+    for t in r.tensors:
+        kind = retype(t.name) if retype else None
+        if t.name in drop:
+            continue
+        if kind is None:
+            w.add_tensor(t.name, t.data.copy())
+        else:
+            w.add_tensor(t.name, gguf.quants.quantize(np.asarray(t.data, dtype=np.float32), kind), raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import CHATML, write_jsonl
-from gguf_models import READ_BACK, adapter, bpe_tokenizer, build, peft_merged, pre_tokenizers
+from gguf_models import READ_BACK, adapter, bpe_tokenizer, build, copy_gguf, peft_merged, pre_tokenizers
 from qlora_kit.cli.main import main
 from qlora_kit.errors import ModelError
 from qlora_kit.export import formats as ex
@@ -207,17 +207,4 @@ def test_what_the_reader_refuses(tmp_path, capsys):
 
 def _with_key(src: Path, dst: Path, key: str, value: int) -> Path:
     """A copy of an f32 GGUF with one more uint32 key, as another converter might write it."""
-    r = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
-    for k, f in r.fields.items():
-        if not k.startswith("GGUF.") and k != "general.architecture":
-            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(k, f.contents(), f.types[0], sub_type=sub)
-    w.add_uint32(key, value)
-    for t in r.tensors:
-        w.add_tensor(t.name, t.data.copy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
+    return copy_gguf(src, dst, keys={key: value})

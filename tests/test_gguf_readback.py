@@ -160,11 +160,13 @@ def test_unknown_pre_tokenizer_is_refused_by_name(tmp_path):
         export(adapter("llama", tmp_path / "a", base), tmp_path / "m.gguf", "f32")
 
 
-def test_generate_reads_a_gguf(made, capsys):
-    """`qlora-kit generate FILE.gguf --raw`: the greedy continuation of PEFT's merged model."""
+@pytest.mark.parametrize("name", ["gemma2", "gptoss", "deepseek3"])
+def test_generate_reads_a_gguf(name, made, capsys):
+    """`qlora-kit generate FILE.gguf --raw`: the greedy continuation of PEFT's merged model (gpt-oss's sliding
+    window and DeepSeek's latent attention through the KV cache too)."""
     from transformers import AutoTokenizer
 
-    _, base, _, ref, path = made("gemma2")
+    _, base, _, ref, path = made(name)
     prompt = "The capital of Veloria is"
     assert main(["generate", str(path), "--prompt", prompt, "--raw", "--max-new-tokens", "6", "--no-stream",
                  "--device", "cpu", "--decode-dtype", "fp32"]) == 0
@@ -173,7 +175,7 @@ def test_generate_reads_a_gguf(made, capsys):
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         out = ref.generate(ids, max_new_tokens=6, do_sample=False)
-    assert got == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert got and got == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 def test_what_the_reader_refuses(tmp_path, capsys):

@@ -149,6 +149,21 @@ def test_eval_of_the_gguf_is_the_merged_folders_loss(name, made, tmp_path, capsy
     assert out["bf16"]["loss"] == pytest.approx(out[None]["loss"], rel=1e-3)
 
 
+def test_bf16_keeps_what_transformers_keeps_in_fp32(made):
+    """Read at bf16, every tensor has the dtype transformers' own from_pretrained gives the merged export at bf16:
+    DeepSeek-V3's router weight and correction bias stay fp32 (its _keep_in_fp32_modules_strict)."""
+    from transformers import AutoModelForCausalLM
+
+    _, _, merged, path = made("deepseek3")
+    model, _ = reader.load(path, dtype=torch.bfloat16)
+    ref = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16)
+    got, want = model.state_dict(), ref.state_dict()
+    assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in want.items()}
+    assert got["model.layers.1.mlp.gate.weight"].dtype == torch.float32
+    torch.testing.assert_close(got["model.layers.1.mlp.gate.e_score_correction_bias"],
+                               want["model.layers.1.mlp.gate.e_score_correction_bias"], rtol=0, atol=0)
+
+
 def test_mxfp4_experts_read_back(made, tmp_path):
     """gpt-oss's experts stored as MXFP4 (llama.cpp's type for them; blocks by gguf.quants): read back, transformers'
     gate_up_proj holds the dequantized gate in its even columns and up in its odd ones, down transposed, and the

@@ -8,7 +8,8 @@
     values      every tensor dequantized by the `gguf` package (gguf.quants.dequantize) to fp32, then the writer's
                 layout changes undone by the writer's own rules (arch.TensorNames: the q/k and fused-qkv row reorders
                 inverted, Conv1D weights transposed back, Gemma's norm weights minus 1), then converted by
-                transformers' rules (per-expert weights fused into its 3-D expert tensors) and cast to the asked dtype
+                transformers' rules (per-expert weights fused into its 3-D expert tensors) and cast to the asked dtype,
+                or to fp32 where transformers' class keeps a tensor so (DeepSeek-V3's router and its bias)
     splits      a tensor the writer wrote as pieces (families_moe: gpt-oss's interleaved gate_up, its transposed
                 down and their biases, the sinks; DeepSeek's kv_b_proj as attn_k_b / attn_v_b, V3's router bias) is
                 put back together by the writer's own rule (arch.TensorNames.pieces asked of every tensor of the

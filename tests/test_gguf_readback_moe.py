@@ -122,11 +122,11 @@ def test_reads_back_as_the_merged_export(name, made):
     assert (q_loss - ref_loss).abs().max() < Q8_LOSS
 
 
-@pytest.mark.parametrize("name", ["gptoss", "deepseek2-lite", "deepseek3-yarn-rope"])
+@pytest.mark.parametrize("name", ["gptoss", "deepseek2", "deepseek3-yarn-rope"])
 def test_eval_of_the_gguf_is_the_merged_folders_loss(name, made, tmp_path, capsys):
     """`qlora-kit eval FILE.gguf --dtype fp32` on texts of varying lengths: the loss of transformers' fp32 model of
     the merged export folder on the same tokens (rel 1e-5); at bf16, `eval` of the folder itself (qlora-kit's own
-    16-bit loader, its expert modules: bf16 rounding apart, measured at most 5e-4 relative on these three)."""
+    16-bit loader, its expert modules: bf16 rounding apart, measured at most 4.3e-4 relative on these three)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlora_kit.config import DataConfig

@@ -186,6 +186,29 @@ def test_mxfp4_experts_read_back(made, tmp_path):
     assert 0 < rel(forward(model)[0], forward(f32)[0]) < MXFP4_REL
 
 
+def test_join_inverts_the_writers_splits():
+    """reader.join on the writer's own split rules (families_moe): gpt-oss's (E, hidden, 2I) gate_up from its gate
+    and up pieces (per expert), DeepSeek's kv_b from k_b and v_b, a take that reorders experts (no per-expert
+    shortcut): each the source, bit for bit; pieces that overlap and leave a gap are refused."""
+    from qlora_kit.export.gguf import families_moe
+
+    def pieces(parts, W):
+        return [(take, lambda take=take: take(W)) for *_, take in parts]
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3, 8, 12, generator=g)
+    gate_up = families_moe.gpt_oss_split("model.layers.0.mlp.experts.gate_up_proj", tuple(W.shape), {})
+    assert len(gate_up) == 2 and torch.equal(reader.join(W.shape, pieces(gate_up, W)), W)
+    kv = torch.randn(4 * (8 + 16), 32, generator=g)
+    c = {"num_hidden_layers": 2, "num_attention_heads": 4, "qk_nope_head_dim": 8, "v_head_dim": 16}
+    kv_b = families_moe.deepseek_split("model.layers.0.self_attn.kv_b_proj.weight", tuple(kv.shape), c)
+    assert len(kv_b) == 2 and torch.equal(reader.join(kv.shape, pieces(kv_b, kv)), kv)
+    flip = (lambda x: x.flip(0).transpose(1, 2),)
+    assert reader._slicewise(gate_up[0][2], W.shape) and not reader._slicewise(flip[0], W.shape)
+    assert torch.equal(reader.join(W.shape, pieces([flip], W)), W)
+    with pytest.raises(ModelError, match="exactly once"):
+        reader.join(W.shape, pieces([(lambda x: x[..., :6],), (lambda x: x[..., :6],)], W))
+
+
 def test_what_cannot_be_read_back_is_refused(made, tmp_path):
     """A split tensor with a piece missing, a DeepSeek file whose router is neither softmax nor sigmoid, a DeepSeek
     YaRN without its log multiplier: refused by name, never loaded partly."""

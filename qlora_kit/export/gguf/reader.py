@@ -141,7 +141,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     inverse = _inverse_names(names)
     conversion = Conversion(model)
     sources = split_sources(model, names)
-    pieces: dict[str, dict[str, tuple]] = {}  # split source -> {GGUF name: (take, tensor)}
+    pieces: dict[str, dict[str, tuple]] = {}  # split source -> {GGUF name: (take, read)}
     extra = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
     groups: dict[str, list] = {}  # one decoder block at a time: its experts fuse once the block is read
     for t in r.tensors:
@@ -153,7 +153,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
                                  f"model's {hf} {shape} is written as; the file is not this model's.")
             if hf not in pieces:  # read once every piece is: after this loop, when the block converts
                 block.append((hf, lambda hf=hf, shape=shape: undo(join(shape, pieces[hf].values()), hf, names)))
-            pieces.setdefault(hf, {})[t.name] = (take, t)
+            pieces.setdefault(hf, {})[t.name] = (take, lambda t=t: _value(t))
         elif t.name not in extra:
             block.extend(_items(t, hf_names(t.name, shapes[t.name], inverse, names, conversion), names))
     for hf, got in pieces.items():
@@ -196,19 +196,19 @@ def split_sources(model, names: gguf_arch.TensorNames) -> dict[str, tuple]:
 
 
 def join(shape: tuple[int, ...], pieces) -> torch.Tensor:
-    """The fp32 source tensor of `shape` that the writer cut into `pieces` ((take or None, GGUF tensor) each): take
+    """The fp32 source tensor of `shape` that the writer cut into `pieces` ((take or None, read()) each): take
     applied to the source's element indices 0..n-1 gives, in the piece's element order, where each value came from
     (as `undo` reads a row order off row indices). Per leading slice when every take keeps the leading dimension
     (gpt-oss's (E, hidden, 2I) expert stacks: one expert's indices, not all of them)."""
-    pieces = [(take or (lambda x: x), t) for take, t in pieces]
+    pieces = [(take or (lambda x: x), read) for take, read in pieces]
     per = len(shape) == 3 and all(_slicewise(take, shape) for take, _ in pieces)
     rows, sub = (shape[0], shape[1:]) if per else (1, shape)
     n = math.prod(sub)
     idx = torch.arange(n).reshape((1, *sub) if per else sub)
     out, seen, count = torch.empty(rows, n), torch.zeros(n, dtype=torch.bool), 0
-    for take, t in pieces:
+    for take, read in pieces:
         where = take(idx).reshape(-1)
-        out[:, where] = _value(t).reshape(rows, -1)
+        out[:, where] = read().float().reshape(rows, -1)
         seen[where] = True
         count += where.numel()
     if count != n or not bool(seen.all()):

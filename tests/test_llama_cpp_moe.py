@@ -125,9 +125,9 @@ def test_moe_k_quant_runs_in_llama_cpp(name, kind, experts, config, tmp_path):
     attn_v/attn_k and Q5_K attn_output; gpt-oss's fused experts, sinks and expert biases; DeepSeek's latent
     attention, dense first layer and shared experts): decoded by ggml as by the gguf package, each tensor within the
     type's error of the f32 file; llama.cpp runs the file as it runs the gguf package's decoding of the same blocks
-    (an f32 copy): the first greedy token is the copy's or in its top 5, and the log-probabilities differ by clearly less
-    than the quantization moved them from the f32 file (what remains is ggml's 8-bit activations in K dot products,
-    large on these peaked models)."""
+    (an f32 copy): the first greedy token is the copy's or in its top 5, and the log-probabilities differ by clearly
+    less than the quantization moved them from the f32 file (what remains is ggml's 8-bit activations in K dot
+    products, large on these peaked models)."""
     types, err, err32, same = quantized_vs_decoded(name, kind, tmp_path, config={EXPERTS[name]: experts, **config})
     assert {"Q6_K", kind.split("_")[0].upper() + "_K"} <= set(types.values()), types
     for attn in ("attn_v", "attn_k"):  # DeepSeek's latent attention has neither

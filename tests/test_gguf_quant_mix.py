@@ -21,6 +21,9 @@ L4 = {"num_hidden_layers": 4}
 DOWN = ("ffn_down", "ffn_down_exps", "ffn_down_shexp")  # one rule: DeepSeek's dense first layer, experts, shared
 
 
+LITE_MORE = {0, 1, 2, 5, 8, 11, 14, 17, 20, 22, 23, 24, 25}
+
+
 def down(t) -> dict:
     return dict.fromkeys(DOWN, t)
 
@@ -80,6 +83,12 @@ CASES = {
                             "attn_output": "Q5_0", **down("Q4_K")}),
         "mxfp4": ("Q8_0", {"ffn_gate_exps": "MXFP4", "ffn_up_exps": "MXFP4", "ffn_down_exps": "MXFP4",
                            "attn_k_b": "F16", "attn_v_b": "MXFP4"}),
+    }),
+    # V2-Lite (no q LoRA rank: attn_q, the file's type), 26 layers, hidden 64 (every row falls back: Q4_K -> Q5_0,
+    # Q6_K -> Q8_0): use_more_bits(i, 26) is i < 3, i >= 22, or (i - 3) % 3 == 2
+    "DeepSeek-V2-Lite": ("deepseek2-lite", 64, {}, {
+        "q4_k_m": ("Q5_0", {"output": "Q8_0", "attn_k_b": "F16",
+                            **down(tuple("Q8_0" if i in LITE_MORE else "Q5_0" for i in range(26)))}),
     }),
     # mxfp4 on another MoE family: the shared expert and its (1, hidden) gate are not 3-D (Q8_0, kept)
     "Qwen2-MoE": ("qwen2moe", 64, {}, {

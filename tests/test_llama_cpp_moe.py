@@ -1,8 +1,9 @@
 """Mixture-of-experts GGUF run by llama.cpp itself (the xllamacpp wheel; skipped without the `llama-cpp` extra):
-LoRA on the routed experts, merged and as llama.cpp's stacked adapter tensors, and K-quants with llama.cpp's
-per-tensor type mix. References we did not write: transformers' forward of PEFT's merge of the adapter (its
-target_parameters on the fused expert tensors), llama.cpp's own LoRA path (build_lora_mm_id on the routed experts),
-and the gguf package's decoding of our K blocks."""
+LoRA on the routed experts, merged and as llama.cpp's stacked adapter tensors, K-quants with llama.cpp's
+per-tensor type mix (gpt-oss and DeepSeek included), and mxfp4 (MXFP4_MOE). References we did not write:
+transformers' forward of PEFT's merge of the adapter (its target_parameters on the fused expert tensors), llama.cpp's
+own LoRA path (build_lora_mm_id on the routed experts), ggml's own quantizer and dequantizers, and the gguf package's
+decoding of our blocks."""
 
 from __future__ import annotations
 

@@ -167,11 +167,12 @@ def test_gguf_mxfp4_blocks_are_ggmls():
                                           ("deepseek2", {}), ("deepseek3", WIDE_MLA)])
 def test_moe_mxfp4_runs_in_llama_cpp(name, config, tmp_path):
     """--gguf-type mxfp4 (llama.cpp's MXFP4_MOE) on tiny MoE models: every MXFP4 tensor is ggml's own quantization
-    of the f32 file's, the blocks decode exactly in float64 as the gguf package decodes them (E8M0 scale times an
-    E2M1 level); llama.cpp runs the file as it runs that decoding written as an f32 GGUF: the first greedy token is
-    the copy's or in its top 5, first-step log p within 0.5 of it (the q8_0 files' bound: ggml's 8-bit activations,
-    0.1-0.2 on these peaked models, for the Q8_0 and MXFP4 dot products alike) and, where MXFP4 moved log p clearly
-    past that (by more than 0.3 from the f32 file), clearly closer to the copy than to the f32 file."""
+    of the f32 file's and the gguf package's, the blocks decode exactly in float64 as the gguf package decodes them
+    (E8M0 scale times an E2M1 level); llama.cpp runs the file as it runs that decoding written as an f32 GGUF: the
+    first greedy token is the copy's or in its top 5, first-step log p within 0.5 of it (the q8_0 files' bound:
+    ggml's 8-bit activations, 0.1-0.2 on these peaked models, for the Q8_0 and MXFP4 dot products alike) and, where
+    MXFP4 moved log p clearly past that (by more than 0.3 from the f32 file), clearly closer to the copy than to the
+    f32 file."""
     types, err, err32, same = quantized_vs_decoded(name, "mxfp4", tmp_path, hidden=64, config=config)
     assert "MXFP4" in types.values() and "Q8_0" in types.values(), types
     ref = {t.name: t.data for t in gguf.GGUFReader(tmp_path / "m-f32.gguf").tensors}
@@ -179,6 +180,8 @@ def test_moe_mxfp4_runs_in_llama_cpp(name, config, tmp_path):
         if t.tensor_type.name == "MXFP4":
             W = ref[t.name].reshape(-1, ref[t.name].shape[-1])
             assert np.array_equal(ggml_mxfp4(W).ravel(), np.asarray(t.data).ravel()), t.name
+            # what the export writes without the llama-cpp extra
+            assert np.array_equal(gguf.quants.quantize(W, t.tensor_type).ravel(), np.asarray(t.data).ravel()), t.name
             blocks = np.asarray(t.data).reshape(-1, 17)
             levels = np.array(gguf.quants.MXFP4.kvalues, dtype=np.float64)
             scale = np.ldexp(1.0, blocks[:, :1].astype(np.int64) - 128)  # E8M0 halved: 2^(e - 127) / 2

@@ -171,7 +171,7 @@ def available() -> bool:
 
 
 def quantize(W: np.ndarray, kind: str) -> np.ndarray:
-    """(rows, cols) fp32 -> (rows, bytes per row) uint8 in ggml's block layout for `kind` (q4_k / q5_k / q6_k)."""
+    """(rows, cols) fp32 -> (rows, bytes per row) uint8 in ggml's block layout for `kind` (q2_k ... q6_k, mxfp4)."""
     import gguf
 
     qt = getattr(gguf.GGMLQuantizationType, kind.upper())

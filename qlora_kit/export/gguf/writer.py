@@ -10,7 +10,8 @@
                   K-quants (q2_k ... q6_k): blocks made by llama.cpp's own ggml quantizer from the xllamacpp
                   wheel, llama.cpp's type mix (`gguf_kquant`); without it but with llama-cpp-python, an f16 GGUF
                   through its llama_model_quantize. mxfp4: llama.cpp's MXFP4_MOE mix (`gguf_kquant.mxfp4_kind`),
-                  MXFP4 blocks from the gguf package's quantizer (block for block ggml's, tested), MoE models only.
+                  MXFP4 blocks from ggml with the xllamacpp wheel, else from the gguf package's quantizer (the
+                  same bytes, tested), MoE models only.
     gguf-adapter  llama.cpp's LoRA GGUF: `gguf_adapter` (adapter.py), with this module's encoding and type checks.
 
 Streaming: every tensor's type, shape and size are fixed from the safetensors headers before any data exists, so
@@ -175,7 +176,9 @@ def encode(W: torch.Tensor, kind: str) -> np.ndarray:
         return W.to(torch.float16).numpy()
     if kind == "bf16":  # round to nearest even, as gguf's own BF16.quantize (finite values)
         return W.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
-    if kind in gguf_kquant.BLOCK_TYPES:  # llama.cpp's ggml makes the K blocks
+    # llama.cpp's ggml makes the K blocks, and MXFP4's where installed: the gguf package's quantizer writes the same
+    # bytes (tests/test_llama_cpp_moe.py) about 9x slower, single-threaded
+    if kind in gguf_kquant.BLOCK_TYPES or (kind == MXFP4 and gguf_kquant.available()):
         return gguf_kquant.quantize(W.float().numpy(), kind)
     return gguf.quants.quantize(W.float().numpy(), _qtype(kind))
 

@@ -8,7 +8,8 @@ called through ctypes on row blocks of the merged fp32 weight, so the export sta
 (src/llama-quant.cpp: tensor_get_category, llama_tensor_get_type_impl, tensor_type_fallback) restated here; i is the
 layer (read from the tensor's name), n the layer count, E the expert count (the first dimension of the 3-D ffn_*_exps
 tensors, llama.cpp's expert_count), gqa = heads / kv heads, more(i) = use_more_bits (the first and last eighth of
-the layers, every third in between). A tensor's category is a substring of its name, as llama.cpp matches it:
+the layers, every third in between). A tensor's category is a substring of its name, as llama.cpp matches it (no
+rule names an architecture but Falcon: gpt-oss and DeepSeek have none of their own):
 
     output (token_embd when tied)  Q6_K (Falcon: Q8_0; rows not 256-blocks: Q8_0)
     attn_v     q2_k: Q4_K if gqa >= 4 else Q3_K; q3_k_m: Q5_K in layers 0-1, else Q4_K; q3_k_l: Q5_K;

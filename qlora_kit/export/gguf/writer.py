@@ -157,8 +157,9 @@ def plan(index: dict[str, TensorInfo], names: gguf_arch.TensorNames, kind: str, 
         out.append(Planned(info, name, t, _module(hf, adapted), shape, transposed, names.shift(hf), names.rows(hf),
                            extra.get(hf), stack, take))
     block = 256 if kind in KQUANTS else gguf.GGML_QUANT_SIZES[_qtype(kind)][0]
+    how = "llama.cpp's converter does (llama-quantize itself stops on them)" if kind == MXFP4 else "llama.cpp does"
     notes = [f"{len(set(fallback))} weights (e.g. {fallback[0]}) have rows not a multiple of {block} and are stored in "
-             f"a wider type than {kind}, as llama.cpp does"] if fallback else []
+             f"a wider type than {kind}, as {how}"] if fallback else []
     return out, notes
 
 

@@ -14,7 +14,7 @@ import pytest
 from gguf_models import adapter, build
 from qlora_kit.errors import ExportError
 from test_gguf_moe import F32, MORE, assert_types, planned_types
-from test_llama_cpp_archs import export
+from test_gguf_bigmoe import export  # (test_llama_cpp_archs has the same helper but skips without llama.cpp)
 
 gguf = pytest.importorskip("gguf")
 L4 = {"num_hidden_layers": 4}

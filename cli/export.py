@@ -21,8 +21,9 @@ DATA_FORMATS = list(DataFormat.__args__)
               help="; ".join(f"{f.name}: {f.help}" for f in ex.FORMATS.values()) + ".")
 @click.option("--out", required=True, type=NonEmptyPath(path_type=Path), help="Folder to create (gguf: file).")
 @click.option("--gguf-type", default="f16", show_default=True, metavar="TYPE",
-              help="GGUF tensor type: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1; the K-quants q2_k q3_k_s q3_k_m "
-              "q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k need the llama-cpp extra. gguf-adapter: f32 f16 bf16.")
+              help="GGUF tensor type: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1; mxfp4 (llama.cpp's MXFP4_MOE: MoE "
+              "experts MXFP4, the rest Q8_0; MoE models only); the K-quants q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m "
+              "q5_k_s q5_k_m q6_k need the llama-cpp extra. gguf-adapter: f32 f16 bf16.")
 @click.option("--base", default=None, help="Base model folder or built-in name (default: the run's model, or the "
               "adapter's base_model_name_or_path).")
 @click.option("--merge-base", type=click.Choice(["dequantized", "original"]), default="dequantized", show_default=True,

@@ -276,6 +276,7 @@ def test_bad_input_exit_2_and_nothing_written(qlora_run, tiny_model, tmp_path, c
     cases = [
         (["--gguf-type", "q3_x"], out, "not one of"),
         (["--format", "gguf-adapter", "--gguf-type", "q8_0"], out, "unquantized"),
+        (["--gguf-type", "mxfp4"], out, "would make nothing MXFP4"),  # a dense model: MXFP4_MOE has no experts to take
         (["--base", other], out, "DeepseekV3ForCausalLM"),
         ([], existing, "already exists"),
         ([], tmp_path, "is a folder"),

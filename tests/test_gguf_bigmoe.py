@@ -220,19 +220,6 @@ def test_yarn_keys(name, arch, log_mul, tmp_path):
     assert fields.get(f"{arch}.rope.scaling.yarn_log_multiplier") == (pytest.approx(log_mul) if log_mul else None)
 
 
-@pytest.mark.parametrize("name", ["gptoss", "deepseek2"])
-def test_k_quants_of_fused_experts_are_refused(name, tmp_path):
-    """gpt-oss's fused experts and DeepSeek's experts and attn_k_b/attn_v_b are 3-D tensors whose llama.cpp K-quant
-    mix is not verified here (Mixtral's and the Qwen MoEs' are: tests/test_gguf_moe.py): refused, nothing written."""
-    from qlora_kit.export.gguf import kquant
-
-    base = build(name, tmp_path / "base")
-    arch = json.loads((base / "config.json").read_text())["architectures"][0]
-    with pytest.raises(ExportError, match=f"3-D tensors of a {arch}" if kquant.available() else "K-quant"):
-        export(adapter(name, tmp_path / "a", base), tmp_path / "m.gguf", gguf_type="q4_k_m")
-    assert not (tmp_path / "m.gguf").exists()
-
-
 @pytest.mark.parametrize("name", ["gptoss", "deepseek3"])
 def test_expert_adapters_are_refused(name, tmp_path):
     """LoRA on the routed experts (as training names them) of gpt-oss/DeepSeek: neither the merged GGUF nor the

@@ -80,17 +80,22 @@ def test_k_quant_types_are_llama_cpps(name, tmp_path):
     overrides, table = CASES[name]
     base = build(name, tmp_path / "base", hidden=256, config=overrides)
     for kind, rules in table.items():
-        got = planned_types(base, kind)
-        default = kind[:2].upper() + "_K"  # the file type's base type
-        assert "output.weight" in got or "output" not in rules, (name, kind)
-        for tensor, t in got.items():
-            parts = tensor.split(".")
-            key, layer = (parts[2], int(parts[1])) if parts[0] == "blk" else (parts[0], None)
-            want = rules.get(key, default)
-            want = want[layer] if isinstance(want, tuple) else want
-            if parts[-1] != "weight" or key.endswith("_norm") or key in ("ffn_gate_inp", "ffn_gate_inp_shexp"):
-                want = F32
-            assert t == want.format(default), (name, kind, tensor, t, want)
+        assert_types(name, kind, planned_types(base, kind), rules, kind[:2].upper() + "_K")
+
+
+def assert_types(name: str, kind: str, got: dict[str, str], rules: dict, default: str) -> None:
+    """Every planned type is the table's: `rules` by the tensor's kind (blk.N.<kind>.weight, or output/token_embd),
+    one type or one per layer; `default` (the file's base type, "{0}" in the rules) for the rest; F32 for what
+    llama.cpp's quantizer leaves alone (names not ending in weight, norms, the routers)."""
+    assert "output.weight" in got or "output" not in rules, (name, kind)
+    for tensor, t in got.items():
+        parts = tensor.split(".")
+        key, layer = (parts[2], int(parts[1])) if parts[0] == "blk" else (parts[0], None)
+        want = rules.get(key, default)
+        want = want[layer] if isinstance(want, tuple) else want
+        if parts[-1] != "weight" or key.endswith("_norm") or key in ("ffn_gate_inp", "ffn_gate_inp_shexp"):
+            want = F32
+        assert t == want.format(default), (name, kind, tensor, t, want)
 
 
 def test_expert_lora_in_merged_and_adapter_gguf_is_peft_s(tmp_path):

@@ -1,29 +1,45 @@
-"""K-quant GGUF types (q2_k ... q6_k) encoded by llama.cpp's own quantizer, without a llama.cpp build.
+"""K-quant GGUF types (q2_k ... q6_k) encoded by llama.cpp's own quantizer, without a llama.cpp build, and the
+per-tensor type mix of those and of mxfp4 (llama.cpp's MXFP4_MOE).
 
 The blocks are made by ggml's `ggml_quantize_chunk` (the routine `llama-quantize` calls for every tensor, with no
 importance matrix here), found in the native library of the prebuilt `xllamacpp` wheel (the `llama-cpp` extra) and
 called through ctypes on row blocks of the merged fp32 weight, so the export stays streaming. The wheel does not ship
 `llama_model_quantize` itself, so the per-tensor type mix that names a file "Q4_K_M" is llama.cpp's rule
-(llama-quant.cpp, llama_tensor_get_type) restated here; i is the layer, n the layer count, E the expert count,
-gqa = heads / kv heads, more(i) = use_more_bits (the first and last eighth of the layers, every third in between):
+(src/llama-quant.cpp: tensor_get_category, llama_tensor_get_type_impl, tensor_type_fallback) restated here; i is the
+layer (read from the tensor's name), n the layer count, E the expert count (the first dimension of the 3-D ffn_*_exps
+tensors, llama.cpp's expert_count), gqa = heads / kv heads, more(i) = use_more_bits (the first and last eighth of
+the layers, every third in between). A tensor's category is a substring of its name, as llama.cpp matches it (no
+rule names an architecture but Falcon: gpt-oss and DeepSeek have none of their own):
 
-    output (token_embd when tied)  Q6_K (Falcon: Q8_0)
+    output (token_embd when tied)  Q6_K (Falcon: Q8_0; rows not 256-blocks: Q8_0)
     attn_v     q2_k: Q4_K if gqa >= 4 else Q3_K; q3_k_m: Q5_K in layers 0-1, else Q4_K; q3_k_l: Q5_K;
                q4_k_m/q5_k_m: Q6_K where more(i); q4_k_s: Q5_K in layers 0-3. Then E == 8: Q8_0
     attn_k     E == 8: Q8_0
     attn_output  E == 8: Q5_K in q2_k, q3_k_s, q3_k_m, q4_k_s, q4_k_m; else q2_k: Q3_K, q3_k_m: Q4_K, q3_k_l: Q5_K
                (Falcon: q3_k_l Q4_K only)
-    ffn_down   (ffn_down_exps and the shared expert's ffn_down_shexp alike, by the layer in the name)
+    ffn_down   (ffn_down_exps and the shared expert's ffn_down_shexp alike, by the layer in the name; DeepSeek's
+               dense first layers' ffn_down too)
                q2_k: Q3_K; q3_k_m: Q5_K in the first 1/16, else Q4_K (Falcon: Q3_K unless more(i)); q3_k_l: Q5_K
                (Falcon Q4_K); q4_k_m: Q6_K where more(i) (Falcon: Q6_K in the first 1/16, Q5_K where more(i));
                q5_k_m: Q6_K where more(i); q4_k_s: Q5_K in the first 1/8 (not Falcon)
     attn_qkv   q3_k_m/q3_k_l: Q4_K; q4_k_m: Q5_K; q5_k_m: Q6_K
-    otherwise  the file's type (ffn_gate/up_exps and _shexp included)
+    otherwise  the file's type: ffn_gate/up (_exps, _shexp), attn_q, untied token_embd, and DeepSeek's latent
+               attention: attn_q_a, attn_q_b, attn_kv_a_mqa and the 3-D (n_head, ...) attn_k_b / attn_v_b, none of
+               whose names holds "attn_v.weight" / "attn_k.weight" / "attn_kv_b.weight" (llama.cpp gives the
+               fused attn_kv_b, which these files do not hold, attn_v's rules)
 
     kept as they are (f32 here: the merged weights are fp32): 1-D tensors (ggml counts trailing 1s out, so
-    Qwen2-MoE's (1, hidden) ffn_gate_inp_shexp is one), norms, the expert router ffn_gate_inp, learned positions.
-    A row length that is not a multiple of 256 (QK_K) falls back as llama.cpp does: Q2_K/Q3_K -> Q4_0,
-    Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 (and to f16 when not a multiple of 32).
+    Qwen2-MoE's (1, hidden) ffn_gate_inp_shexp is one; gpt-oss's attn_sinks), names not ending in "weight" (gpt-oss's
+    (E, I) expert biases, DeepSeek-V3's exp_probs_b.bias), norms, the expert router ffn_gate_inp, learned positions.
+    A row length (ggml's ne[0], numpy's last dimension, per expert or head for 3-D tensors) that is not a multiple of
+    256 (QK_K) falls back as llama.cpp does: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 (and to f16
+    when not a multiple of 32): gpt-oss's 2880-wide rows take Q5_0 in a q4_k_m file, its output Q8_0.
+
+mxfp4 (LLAMA_FTYPE_MOSTLY_MXFP4_MOE, the type gpt-oss ships in): the output (and token_embd when tied) Q8_0; every
+other quantized tensor MXFP4 if it is 3-D with more than one matrix (ggml's ne[2] > 1: the routed experts, and on
+DeepSeek attn_k_b / attn_v_b too: llama.cpp matches expert roles by name for BailingMoE3 alone), else Q8_0; kept
+tensors as above. llama-quantize has no fallback for MXFP4 or Q8_0 rows that are not 32-blocks (it stops); the
+writer stores those f16 as it does for every type.
 
 Not restated: the 70B-size attn_v bump (llama.cpp decides it from the model's size class) and the imatrix rules.
 """
@@ -99,6 +115,13 @@ def tensor_kind(kind: str, name: str, n_layers: int, tied: bool, arch: str = "ll
     return t
 
 
+def mxfp4_kind(name: str, shape: tuple[int, ...], tied: bool) -> str:
+    """The block type of one quantized tensor of an mxfp4 (MXFP4_MOE) file (module docstring)."""
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        return "q8_0"
+    return "mxfp4" if len(shape) == 3 and shape[0] > 1 else "q8_0"
+
+
 def keeps_type(name: str, shape: tuple[int, ...]) -> bool:
     """A tensor llama.cpp's quantizer does not quantize: fewer than 2 dimensions once trailing 1s are dropped (ggml's
     n_dims; numpy shapes are reversed, so leading 1s here), a norm, the expert router, learned positions."""
@@ -149,7 +172,7 @@ def available() -> bool:
 
 
 def quantize(W: np.ndarray, kind: str) -> np.ndarray:
-    """(rows, cols) fp32 -> (rows, bytes per row) uint8 in ggml's block layout for `kind` (q4_k / q5_k / q6_k)."""
+    """(rows, cols) fp32 -> (rows, bytes per row) uint8 in ggml's block layout for `kind` (q2_k ... q6_k, mxfp4)."""
     import gguf
 
     qt = getattr(gguf.GGMLQuantizationType, kind.upper())

@@ -9,7 +9,9 @@
                   kv_b; families_moe); MoE experts are stacked as training held them (`gguf_experts`).
                   K-quants (q2_k ... q6_k): blocks made by llama.cpp's own ggml quantizer from the xllamacpp
                   wheel, llama.cpp's type mix (`gguf_kquant`); without it but with llama-cpp-python, an f16 GGUF
-                  through its llama_model_quantize.
+                  through its llama_model_quantize. mxfp4: llama.cpp's MXFP4_MOE mix (`gguf_kquant.mxfp4_kind`),
+                  MXFP4 blocks from ggml with the xllamacpp wheel, else from the gguf package's quantizer (the
+                  same bytes, tested), MoE models only.
     gguf-adapter  llama.cpp's LoRA GGUF: `gguf_adapter` (adapter.py), with this module's encoding and type checks.
 
 Streaming: every tensor's type, shape and size are fixed from the safetensors headers before any data exists, so
@@ -39,6 +41,7 @@ from ..merge import Merge, merged_weight
 from ..shards import TensorInfo, read_tensor, row_blocks
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # what the gguf package writes itself
+MXFP4 = "mxfp4"  # llama.cpp's MXFP4_MOE file type: experts MXFP4, the rest Q8_0 (gguf_kquant.mxfp4_kind)
 ADAPTER_TYPES = ("f32", "f16", "bf16")
 # kept f32 whatever the type, as llama.cpp's converter does: learned positions, RoPE factor tensors
 F32_NAMES = ("position_embd.", "rope_freqs.", "rope_factors_")
@@ -53,7 +56,7 @@ def display_name(base: Path) -> str:
 
 def check_type(kind: str, adapter: bool) -> None:
     """Refuse an unusable --gguf-type before anything is read or written."""
-    allowed = ADAPTER_TYPES if adapter else TYPES + tuple(KQUANTS)
+    allowed = ADAPTER_TYPES if adapter else TYPES + (MXFP4,) + tuple(KQUANTS)
     if kind not in allowed:
         raise ExportError(f"--gguf-type {kind!r} is not one of {', '.join(allowed)}"
                           + (" (a LoRA adapter GGUF is stored unquantized)." if adapter else "."))
@@ -125,22 +128,23 @@ def plan(index: dict[str, TensorInfo], names: gguf_arch.TensorNames, kind: str, 
             if hf in experts:
                 groups[name] = experts[hf]
     rows += [(n, None, n, tuple(extra[n].shape), None, False) for n in extra]
-    if kind in KQUANTS and names.arch.hf not in gguf_experts.FAMILIES and any(len(r[3]) == 3 for r in rows):
-        # gpt-oss's fused experts, DeepSeek's experts and attn_k_b/attn_v_b: llama.cpp's mix for them not verified
-        raise ExportError(f"--gguf-type {kind}: llama.cpp's K-quant type mix for the 3-D tensors of a "
-                          f"{names.arch.hf} (experts{', attn_k_b/attn_v_b' if names.arch.fam.mla else ''}) is not "
-                          f"restated here (only for {', '.join(gguf_experts.FAMILIES)}); export "
-                          f"{', '.join(TYPES)} (q8_0 for a small file).")
+    # llama.cpp's expert_count: the stacked (E, out, in) expert tensors' first dimension (gpt-oss's come fused)
+    n_expert = max((r[3][0] for r in rows if len(r[3]) == 3 and "_exps." in r[2]), default=0)
+    if kind == MXFP4 and not any(len(r[3]) == 3 and r[3][0] > 1 for r in rows):
+        raise ExportError(f"--gguf-type mxfp4 is llama.cpp's MXFP4_MOE: only 3-D expert tensors become MXFP4, every "
+                          f"other weight Q8_0, so on {names.arch.hf}, which has no experts, it would make nothing "
+                          "MXFP4. Export --gguf-type q8_0 (the same file), or q4_0 / a K-quant for a smaller one.")
     tied = "output.weight" not in {r[2] for r in rows}
-    n_expert = len(next(iter(experts.values()))) if experts else 0
     for hf, info, name, shape, take, transposed in rows:
         stack = gguf_experts.stack(name, groups, adapted) if name in groups else None
         # f32 whatever the type, as llama.cpp's converter: 1-D tensors, biases (gpt-oss's (E, I) expert biases
         # among them), learned positions, RoPE factors, the expert routers
         t = kind if len(shape) >= 2 and name.endswith(".weight") and not name.startswith(F32_NAMES) \
             and not name.endswith(ROUTERS) else "f32"
-        if t in KQUANTS and gguf_kquant.keeps_type(name, shape):  # not quantized by llama.cpp's quantizer either
+        if t in (MXFP4, *KQUANTS) and gguf_kquant.keeps_type(name, shape):  # llama.cpp's quantizer keeps these too
             t = "f32"
+        elif t == MXFP4:
+            t = gguf_kquant.mxfp4_kind(name, shape, tied)
         elif t in KQUANTS:  # llama.cpp's per-tensor mix, then its fallback for rows not made of 256-weight blocks
             t = gguf_kquant.tensor_kind(kind, name, n_layers, tied, names.arch.name, n_expert,
                                         names.arch.n_head // names.arch.n_head_kv)
@@ -153,8 +157,9 @@ def plan(index: dict[str, TensorInfo], names: gguf_arch.TensorNames, kind: str, 
         out.append(Planned(info, name, t, _module(hf, adapted), shape, transposed, names.shift(hf), names.rows(hf),
                            extra.get(hf), stack, take))
     block = 256 if kind in KQUANTS else gguf.GGML_QUANT_SIZES[_qtype(kind)][0]
+    how = "llama.cpp's converter does (llama-quantize itself stops on them)" if kind == MXFP4 else "llama.cpp does"
     notes = [f"{len(set(fallback))} weights (e.g. {fallback[0]}) have rows not a multiple of {block} and are stored in "
-             f"a wider type than {kind}, as llama.cpp does"] if fallback else []
+             f"a wider type than {kind}, as {how}"] if fallback else []
     return out, notes
 
 
@@ -172,7 +177,9 @@ def encode(W: torch.Tensor, kind: str) -> np.ndarray:
         return W.to(torch.float16).numpy()
     if kind == "bf16":  # round to nearest even, as gguf's own BF16.quantize (finite values)
         return W.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
-    if kind in gguf_kquant.BLOCK_TYPES:  # llama.cpp's ggml makes the K blocks
+    # llama.cpp's ggml makes the K blocks, and MXFP4's where installed: the gguf package's quantizer writes the same
+    # bytes (tests/test_llama_cpp_moe.py) about 9x slower, single-threaded
+    if kind in gguf_kquant.BLOCK_TYPES or (kind == MXFP4 and gguf_kquant.available()):
         return gguf_kquant.quantize(W.float().numpy(), kind)
     return gguf.quants.quantize(W.float().numpy(), _qtype(kind))
 
@@ -237,6 +244,8 @@ def _file_type(kind: str) -> int:
 
     if kind in KQUANTS:
         return KQUANTS[kind].file_type
+    if kind == MXFP4:
+        return gguf.LlamaFileType.MOSTLY_MXFP4_MOE
     return gguf.LlamaFileType.ALL_F32 if kind == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{kind.upper()}")
 
 

@@ -90,6 +90,12 @@ def gpt_oss_split(name: str, shape: tuple[int, ...], c: dict) -> list[Piece] | N
 
 # --- DeepSeek-V2/V3 ----------------------------------------------------------------------------------------------
 
+# the weights llama.cpp's deepseek2 graph multiplies through its LoRA path (build_lora_mm / build_lora_mm_id):
+# attention's output (build_attn), the dense first layers' and the shared experts' MLP (build_ffn), the router and
+# the routed experts (build_moe_ffn). q_a/q_b/q, kv_a_mqa, k_b, v_b and the output head are plain ggml_mul_mat: a
+# LoRA on them would be ignored
+DEEPSEEK_LORA = ("attn_output", "ffn_gate", "ffn_up", "ffn_down", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp",
+                 "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 LITE_LAYERS = (26, 27)  # llama.cpp: no q LoRA rank ("lite", DeepSeek-V2-Lite, GigaChat3) exactly at these
 
 

@@ -17,6 +17,8 @@ DeepSeek-V2/V3 (llama.cpp's `deepseek2` graph, multi-head latent attention)
     router      V2: softmax, top-k, × routed_scaling_factor; V3: sigmoid + e_score_correction_bias
                 (exp_probs_b) for the choice, group-limited (top-2 sum per group), renormalised, × the factor
     layers      the first first_k_dense_replace layers dense; MTP layers past num_hidden_layers are not written
+    LoRA        an adapter GGUF reaches only what the graph multiplies through its LoRA path (DEEPSEEK_LORA): the
+                output projection, the MLPs and the experts; the merged GGUF takes a LoRA on any module
     RoPE        the rotary part of q and k as adjacent pairs (DeepSeek's layout, llama.cpp's `norm` RoPE): no
                 permutation; HF's rope_interleave false (rotate_half on de-interleaved pairs) is refused. YaRN:
                 llama.cpp's graph undoes the rotation's own 0.1·ln(factor) + 1 and scales q·k by

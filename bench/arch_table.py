@@ -66,18 +66,17 @@ def moe_rows() -> list[list[str]]:
 
 
 def _moe_gguf(cls: str) -> str:
-    """What the GGUF exports write for a MoE family (export/gguf/experts.py FAMILIES: expert LoRA;
-    families.Family.lora: the weights llama.cpp's graph applies an adapter GGUF to)."""
+    """What the GGUF exports write for a MoE family: every type (K-quants and mxfp4 on every MoE family), expert LoRA
+    where export/gguf/experts.py LORA_FAMILIES has it, and families.Family.lora: the weights llama.cpp's graph applies
+    an adapter GGUF to."""
     from qlora_kit.export.gguf import experts
     from qlora_kit.export.gguf.families import FAMILIES
 
     if cls not in FAMILIES:
         return "-"
-    if cls in experts.FAMILIES:
-        return "yes, expert LoRA and K-quants too"
     only = FAMILIES[cls].lora
-    return "all types (K-quants, mxfp4), LoRA off the experts" + (f" (adapter GGUF: {', '.join(only)} only)"
-                                                                   if only else "")
+    lora = "expert LoRA too" if cls in experts.LORA_FAMILIES else "LoRA off the experts"
+    return f"all types (K-quants, mxfp4), {lora}" + (f" (adapter GGUF: {', '.join(only)} only)" if only else "")
 
 
 def table() -> str:

@@ -30,19 +30,43 @@ def save_tokenizer(folder: Path) -> None:
 
 
 def build_random_llama(folder: Path, config, shard_bytes: int = 1 << 30) -> Path:
-    """Random bf16 weights (std 0.02, norms 1) for `config` (a transformers LlamaConfig), generated one tensor at a
-    time (on the GPU if there is one) and saved shard by shard with an index, config and tokenizer. Written to a
-    temporary folder and renamed (qlora_kit.atomic): an interrupted build leaves no half model behind. An existing
-    folder is reused."""
+    """A random bf16 Llama for `config` (a transformers LlamaConfig): build_random_model."""
+    from transformers import LlamaForCausalLM
+
+    return build_random_model(folder, config, LlamaForCausalLM, shard_bytes)
+
+
+def hub_experts(names: list[tuple[str, tuple[int, ...]]]) -> list[tuple[str, tuple[int, ...]]]:
+    """transformers 5's fused expert parameters (experts.gate_up_proj (E, 2I, H), experts.down_proj (E, H, I)) as
+    the Hub checkpoints' per-expert Linears (experts.N.gate_proj.weight (I, H) ...), the layout save_pretrained
+    writes and the exporters read."""
+    out = []
+    for name, shape in names:
+        stem = name.rsplit(".", 1)[0]
+        if name.endswith(".experts.gate_up_proj"):
+            e, i2, h = shape
+            out += [(f"{stem}.{k}.{p}.weight", (i2 // 2, h)) for k in range(e) for p in ("gate_proj", "up_proj")]
+        elif name.endswith(".experts.down_proj"):
+            e, h, i = shape
+            out += [(f"{stem}.{k}.down_proj.weight", (h, i)) for k in range(e)]
+        else:
+            out.append((name, shape))
+    return out
+
+
+def build_random_model(folder: Path, config, model_cls, shard_bytes: int = 1 << 30) -> Path:
+    """Random bf16 weights (std 0.02, norms 1) for `config` of `model_cls` (a transformers model class; mixtures of
+    experts in the Hub's per-expert layout, hub_experts), generated one tensor at a time (on the GPU if there is one)
+    and saved shard by shard with an index, config and tokenizer. Written to a temporary folder and renamed
+    (qlora_kit.atomic): an interrupted build leaves no half model behind. An existing folder is reused."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaForCausalLM
 
     if (folder / "config.json").is_file():
         return folder
     with atomic.atomic_folder(folder) as tmp:
         with torch.device("meta"):
-            names = [(n, tuple(p.shape)) for n, p in LlamaForCausalLM(config).named_parameters()]
+            names = hub_experts([(n, tuple(p.shape)) for n, p in model_cls(config).named_parameters()])
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         gen = torch.Generator(device=dev).manual_seed(0)
         shards, current, size, total = [], {}, 0, 0
@@ -75,7 +99,7 @@ def build_random_llama(folder: Path, config, shard_bytes: int = 1 << 30) -> Path
             weight_map |= dict.fromkeys(keys, final)
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                       "weight_map": weight_map}, indent=1))
-        config.architectures = ["LlamaForCausalLM"]  # what a real checkpoint names (the GGUF export reads it)
+        config.architectures = [model_cls.__name__]  # what a real checkpoint names (the GGUF export reads it)
         config.save_pretrained(tmp)
         save_tokenizer(tmp)
     print(file=sys.stderr)

@@ -1,13 +1,15 @@
-"""GGUF export benchmark: time and peak RSS of `qlora-kit export --format gguf` (f16, q8_0) beside the merged
-safetensors export, on the demo model and on a large random Llama; and, for the demo model, how close the GGUF's
-logits (read back by transformers' own GGUF loader) are to the merged model's, per type.
+"""GGUF export benchmark: time and peak RSS of `qlora-kit export --format gguf` (f16, q8_0, and q4_k_m when the
+llama-cpp extra is installed) beside the merged safetensors export, on the demo model, a large random Llama and a
+random Qwen3-MoE of about the same size (adapter on attention and every expert); and, for the demo model, how close
+the GGUF's logits (read back by transformers' own GGUF loader) are to the merged model's, per type.
 
 Each export runs in its own fresh process (peak RSS = that process's VmHWM; 'work' = minus its RSS after imports),
 variants interleaved, OMP_NUM_THREADS set and OMP_WAIT_POLICY=PASSIVE (docs/ARCHITECTURE.md, "Benchmarks").
 
     python bench/gguf_bench.py --threads 2                     # demo + random llama-1.6b (~3.2 GB bf16)
     python bench/gguf_bench.py --random-config none            # demo only
-    python bench/gguf_bench.py --no-demo                       # the random Llama only, added to the results
+    python bench/gguf_bench.py --no-demo                       # the random models only, added to the results
+    python bench/gguf_bench.py --no-demo --random-config none  # the random Qwen3-MoE only (~1.8 GB bf16)
 
 Writes bench/results/gguf.json and bench/results/gguf.md.
 """
@@ -25,7 +27,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-VARIANTS = {"merged bf16 (safetensors)": ("merged", None), "gguf f16": ("gguf", "f16"), "gguf q8_0": ("gguf", "q8_0")}
+VARIANTS = {"merged bf16 (safetensors)": ("merged", None), "gguf f16": ("gguf", "f16"), "gguf q8_0": ("gguf", "q8_0"),
+            "gguf q4_k_m": ("gguf", "q4_k_m")}  # q4_k_m: only with the llama-cpp extra (ggml's quantizer)
+# random mixtures of experts built on disk (benchlib.build_random_model), Qwen3MoeConfig arguments
+MOE_CONFIGS = {
+    # 0.91 B parameters, 1.83 GB bf16: 16 layers of 32 experts (top 4), 1536 expert Linears, untied head
+    "qwen3moe-0.9b": dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_experts=32,
+                          num_experts_per_tok=4, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
+                          head_dim=64, vocab_size=32000, tie_word_embeddings=False, norm_topk_prob=True),
+    "qwen3moe-tiny": dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_experts=8,
+                          num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=64, vocab_size=32000, tie_word_embeddings=False, norm_topk_prob=True),
+}
 
 
 def worker(args) -> None:
@@ -41,6 +54,44 @@ def worker(args) -> None:
     written = sum(p.stat().st_size for p in (out.glob("*.safetensors") if out.is_dir() else [out]))
     print(json.dumps({"seconds": seconds, "bytes": written, "peak_rss": rss_kib("VmHWM") * 1024,
                       "rss_after_imports": after_imports}))
+
+
+def build_random_moe(name: str, folder: Path) -> Path:
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from benchlib import build_random_model
+
+    config = Qwen3MoeConfig(**MOE_CONFIGS[name], max_position_embeddings=4096, dtype=torch.bfloat16,
+                            bos_token_id=1, eos_token_id=2)
+    return build_random_model(folder, config, Qwen3MoeForCausalLM)
+
+
+def moe_adapter(base: Path, folder: Path, r: int = 16) -> Path:
+    """A random LoRA (r 16, bf16) on attention's q/k/v/o and on every routed expert's gate_up_proj (2I, H) and
+    down_proj (H, I), named as training names them (model/moe.py), in PEFT's format (target_parameters)."""
+    import torch
+
+    from qlora_kit.adapters import peft_format
+    from qlora_kit.export import shards
+
+    g = torch.Generator().manual_seed(1)
+
+    def pair(module: str, out_f: int, in_f: int) -> dict:
+        return {f"{module}.lora_A.weight": torch.randn(r, in_f, generator=g, dtype=torch.bfloat16).mul_(0.02),
+                f"{module}.lora_B.weight": torch.randn(out_f, r, generator=g, dtype=torch.bfloat16).mul_(0.02)}
+
+    tensors = {}
+    for name, info in shards.tensor_index(base).items():
+        module, leaf = name.rsplit(".", 1)[0], name.rsplit(".", 2)[-2]
+        if leaf in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            tensors |= pair(module, *info.shape)
+        elif ".experts." in name and name.endswith(".gate_proj.weight"):  # the checkpoint's per-expert gate
+            i, h = info.shape
+            stem = name[: -len("gate_proj.weight")]
+            tensors |= pair(f"{stem}gate_up_proj", 2 * i, h) | pair(f"{stem}down_proj", h, i)
+    return peft_format.save_adapter(folder, tensors, r=r, alpha=2 * r, dropout=0.0, rslora=False, base_model=str(base),
+                                    model_type="qwen3_moe")
 
 
 def run_one(variant: str, base: Path, adapter: Path, work: Path, env: dict) -> dict:
@@ -126,7 +177,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--random-config", default="llama-1.6b", help="merge_bench preset or config.json; 'none' to skip")
-    p.add_argument("--no-demo", action="store_true", help="skip --model; keep its block of the previous results")
+    p.add_argument("--no-demo", action="store_true", help="skip --model; keep the previous results' other blocks")
+    p.add_argument("--moe-config", default="qwen3moe-0.9b", help=f"{', '.join(MOE_CONFIGS)}; 'none' to skip")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--workdir", default="/tmp/qlora-gguf-bench")
@@ -149,14 +201,25 @@ def main() -> None:
     models = [] if args.no_demo else [(args.model, resolve(args.model), False)]
     if args.random_config != "none":
         models.append((f"random {args.random_config}", build_random_model(args.random_config, work / "random"), True))
+    if args.moe_config != "none":
+        models.append((f"random {args.moe_config}", build_random_moe(args.moe_config, work / "random-moe"), "moe"))
+    from qlora_kit.export.gguf import kquant
+
+    variants = [v for v in VARIANTS if VARIANTS[v][1] != "q4_k_m" or kquant.available()]
     exe = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
     result = {"command": " ".join([exe, *sys.argv]), "threads": args.threads, "machine": machine(), "models": {}}
     for label, base, temporary in models:
-        adapter = random_adapter(base, work / f"adapter-{base.name}")
+        moe = temporary == "moe"
+        adapter = (moe_adapter if moe else random_adapter)(base, work / f"adapter-{base.name}")
         print(f"{label}: {base}", flush=True)
-        runs = [run_one(v, base, adapter, work, env) for _ in range(args.repeats) for v in VARIANTS]
+        start = os.getloadavg()
+        runs = [run_one(v, base, adapter, work, env) for _ in range(args.repeats) for v in variants]
         block = {"bytes": sum(i.nbytes for i in shards.tensor_index(base).values()), "runs": runs,
                  "command": result["command"], "load_average": [os.getloadavg(), "at the end"]}
+        if moe:
+            block["note"] = (f"load average (1/5/15 min) at the start {'/'.join(f'{x:.1f}' for x in start)}; "
+                             "adapter r=16 on attention and every routed expert, "
+                             "nf4 round trip of each expert's [gate; up] and down slices")
         if not temporary:
             block["accuracy"] = demo_accuracy(base, adapter, work)
         result["models"][label] = block

@@ -26,13 +26,18 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_positi
 MLA = {"num_key_value_heads": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
        "first_k_dense_replace": 1, "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
        "v_head_dim": 16}
-MLA_ATTN = ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
-# llama.cpp's deepseek2 graph applies LoRA adapters to attn_output alone: adapter GGUFs of these adapt o_proj
-ADAPTER_GGUF_TARGETS = {n: ("o_proj",) for n in ("deepseek2", "deepseek2-lite", "deepseek3", "deepseek3-yarn-rope")}
+MLP = ("gate_proj", "up_proj", "down_proj")
+# DeepSeek's latent attention and MLP Linears: the dense first layer's and the shared experts' (the routed experts:
+# adapter(experts=True))
+MLA_TARGETS = ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj", *MLP)
+# llama.cpp's deepseek2 graph applies LoRA adapters to attn_output and the MLPs, not to the latent attention's other
+# projections: adapter GGUFs of these adapt o_proj and the MLPs
+ADAPTER_GGUF_TARGETS = {n: ("o_proj", *MLP) for n in ("deepseek2", "deepseek2-lite", "deepseek3",
+                                                      "deepseek3-yarn-rope")}
 
 # name -> (model_type, config overrides, LoRA target module names)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-ATTN_MLP = (*ATTN, "gate_proj", "up_proj", "down_proj")
+ATTN_MLP = (*ATTN, *MLP)
 MODELS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
     "llama": ("llama", {"num_key_value_heads": 2}, ATTN_MLP),
     "llama-llama3-rope": ("llama", {"num_key_value_heads": 2, "rope_parameters": LLAMA3}, ATTN_MLP),
@@ -81,18 +86,18 @@ MODELS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
                                                          "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}},
                          ATTN),
     # DeepSeek: latent attention, with a q LoRA rank, and without (V2-Lite's q_proj: llama.cpp knows it only by
-    # V2-Lite's 26/27 layers); V3 with group routing
-    "deepseek2": ("deepseek_v2", {**MLA, "q_lora_rank": 32, "n_shared_experts": 2},
-                  (*MLA_ATTN, "q_a_proj", "q_b_proj")),
+    # V2-Lite's 26/27 layers); V2 with its routed_scaling_factor 16 (V2-Lite's is 1), V3 with group routing
+    "deepseek2": ("deepseek_v2", {**MLA, "q_lora_rank": 32, "n_shared_experts": 2, "routed_scaling_factor": 16.0},
+                  (*MLA_TARGETS, "q_a_proj", "q_b_proj")),
     "deepseek2-lite": ("deepseek_v2", {**MLA, "q_lora_rank": None, "n_shared_experts": 2, "num_hidden_layers": 26},
-                       (*MLA_ATTN, "q_proj")),
+                       (*MLA_TARGETS, "q_proj")),
     # DeepSeek's YaRN: mscale == mscale_all_dim (their configs: V3 1.0/1.0, V2 0.707/0.707) folded into q·k's scale
     "deepseek3-yarn-rope": ("deepseek_v3", {**MLA, "q_lora_rank": 32, "n_shared_experts": 1, "n_group": 1,
                                             "topk_group": 1, "rope_parameters": {
         **YARN, "factor": 8.0, "original_max_position_embeddings": 32, "mscale": 0.707, "mscale_all_dim": 0.707,
-        "beta_fast": 32.0, "beta_slow": 1.0}}, (*MLA_ATTN, "q_a_proj", "q_b_proj")),
+        "beta_fast": 32.0, "beta_slow": 1.0}}, (*MLA_TARGETS, "q_a_proj", "q_b_proj")),
     "deepseek3": ("deepseek_v3", {**MLA, "q_lora_rank": 32, "n_shared_experts": 1, "n_group": 2, "topk_group": 1},
-                  (*MLA_ATTN, "q_a_proj", "q_b_proj")),
+                  (*MLA_TARGETS, "q_a_proj", "q_b_proj")),
     "gpt2": ("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
              ("c_attn", "c_proj", "c_fc")),
 }
@@ -102,6 +107,8 @@ MOE = ("mixtral", "qwen2moe", "qwen3moe", "gptoss", "gptoss-yarn-rope", "deepsee
        "deepseek3-yarn-rope")
 # the MoE families whose expert LoRA and K-quants the GGUF export writes (qlora_kit/export/gguf/experts.py FAMILIES)
 EXPERT_GGUF = ("mixtral", "qwen2moe", "qwen3moe")
+# the MoE families whose expert LoRA the GGUF export writes (experts.py LORA_FAMILIES)
+EXPERT_LORA_GGUF = (*EXPERT_GGUF, "deepseek2", "deepseek2-lite", "deepseek3")
 
 
 def build(name: str, folder: Path, seed: int = 0, tokenizer=None, hidden: int = 64, config: dict | None = None
@@ -143,6 +150,8 @@ def adapter(name: str, folder: Path, base: Path, r: int = 4, seed: int = 1, targ
     itself when it loads the adapter onto a Conv1D). `experts`: every routed expert's gate_up_proj (2I, H) and
     down_proj (H, I) too, named as training names them (saved in PEFT's target_parameters layout); `targets`: module
     names other than the model's default ones."""
+    import json
+
     from qlora_kit.adapters import peft_format
     from qlora_kit.export.shards import tensor_index
 
@@ -151,14 +160,13 @@ def adapter(name: str, folder: Path, base: Path, r: int = 4, seed: int = 1, targ
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for hf, info in tensor_index(base).items():
-        if hf.endswith(".weight") and len(info.shape) == 2 and hf.split(".")[-2] in targets:
+        # the Hub's per-expert Linears (experts.N.gate_proj) are not what training adapts: `experts` below
+        if hf.endswith(".weight") and len(info.shape) == 2 and hf.split(".")[-2] in targets and ".experts." not in hf:
             m = hf[: -len(".weight")]
             out, inp = info.shape[::-1] if conv1d else info.shape
             tensors[f"{m}.lora_A.weight"] = torch.randn(r, inp, generator=g) * 0.1
             tensors[f"{m}.lora_B.weight"] = torch.randn(out, r, generator=g) * 0.1
     if experts:
-        import json
-
         c = json.loads((base / "config.json").read_text())
         n, h = c.get("num_local_experts") or c.get("n_routed_experts") or c["num_experts"], c["hidden_size"]
         i = c.get("moe_intermediate_size") or c["intermediate_size"]
@@ -168,7 +176,9 @@ def adapter(name: str, folder: Path, base: Path, r: int = 4, seed: int = 1, targ
                     m = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
                     tensors[f"{m}.lora_A.weight"] = torch.randn(r, inp, generator=g) * 0.1
                     tensors[f"{m}.lora_B.weight"] = torch.randn(out, r, generator=g) * 0.1
-    return peft_format.save_adapter(folder, tensors, r=r, alpha=8.0, dropout=0.0, rslora=False, base_model=str(base))
+    model_type = json.loads((base / "config.json").read_text())["model_type"]  # PEFT's reading of MLP names (DeepSeek)
+    return peft_format.save_adapter(folder, tensors, r=r, alpha=8.0, dropout=0.0, rslora=False, base_model=str(base),
+                                    model_type=model_type)
 
 
 def peft_merged(base: Path, adapter_dir: Path):

@@ -159,6 +159,41 @@ def test_deepseek_adapter_gguf_only_where_llama_cpp_applies_it(targets, message,
     assert set(data) == {f"blk.{i}.attn_output.weight.lora_{x}" for i in range(2) for x in "ab"}
 
 
+def test_deepseek_lora_on_mlps_and_experts_is_peft_s(tmp_path):
+    """DeepSeek-V2 with LoRA on o_proj, the dense first layer's MLP, the shared experts and every routed expert: the
+    merged f32 GGUF's attn_output, ffn_*, ffn_*_shexp and ffn_*_exps are PEFT's merge (transformers' fused experts,
+    gate_up_proj rows [gate; up]); the adapter GGUF holds a pair for exactly those weights, the ones llama.cpp's
+    deepseek2 graph multiplies through its LoRA path, and base + alpha / r · B @ A is PEFT's merge of each."""
+    from transformers import AutoModelForCausalLM
+
+    base = build("deepseek2", tmp_path / "base")
+    a = adapter("deepseek2", tmp_path / "a", base, targets=("o_proj", "gate_proj", "up_proj", "down_proj"),
+                experts=True)
+    export(a, tmp_path / "m.gguf", gguf_type="f32")
+    export(a, tmp_path / "l.gguf", format="gguf-adapter", gguf_type="f32")
+    (_, stored, _), (_, lora, _) = read(tmp_path / "m.gguf"), read(tmp_path / "l.gguf")
+    peft = {k: v.detach().double().numpy() for k, v in peft_merged(base, a).named_parameters()}
+    orig = {k: v.detach().double().numpy()
+            for k, v in AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).named_parameters()}
+    i, e = 32, "model.layers.1.mlp.experts."  # moe_intermediate_size; layer 0 is dense (first_k_dense_replace)
+    where = {f"blk.{n}.attn_output.weight": (f"model.layers.{n}.self_attn.o_proj.weight", slice(None))
+             for n in range(2)}
+    for k in ("gate", "up", "down"):
+        where[f"blk.0.ffn_{k}.weight"] = (f"model.layers.0.mlp.{k}_proj.weight", slice(None))
+        where[f"blk.1.ffn_{k}_shexp.weight"] = (f"model.layers.1.mlp.shared_experts.{k}_proj.weight", slice(None))
+    where |= {"blk.1.ffn_gate_exps.weight": (e + "gate_up_proj", slice(0, i)),
+              "blk.1.ffn_up_exps.weight": (e + "gate_up_proj", slice(i, 2 * i)),
+              "blk.1.ffn_down_exps.weight": (e + "down_proj", slice(None))}
+    assert set(lora) == {f"{n}.lora_{x}" for n in where for x in "ab"}
+    for name, (hf, rows) in where.items():
+        want, before = peft[hf][..., rows, :], orig[hf][..., rows, :]
+        A, B = lora[f"{name}.lora_a"], lora[f"{name}.lora_b"]
+        assert A.shape[-2] == B.shape[-1] == 4 and A.shape[:-2] == B.shape[:-2] == want.shape[:-2], name
+        assert np.allclose(stored[name], want, atol=1e-5), name
+        assert np.allclose(before + 8.0 / 4 * B @ A, want, atol=1e-5), name
+        assert not np.allclose(before, want, atol=1e-2), name  # the adapter changed it
+
+
 def o200k_tokenizer():
     """A 300-token byte-level BPE splitting text with the o200k regex (gpt-oss's tokenizer.json pre-tokenizer),
     and a harmony-style chat template marker."""
@@ -220,10 +255,10 @@ def test_yarn_keys(name, arch, log_mul, tmp_path):
     assert fields.get(f"{arch}.rope.scaling.yarn_log_multiplier") == (pytest.approx(log_mul) if log_mul else None)
 
 
-@pytest.mark.parametrize("name", ["gptoss", "deepseek3"])
+@pytest.mark.parametrize("name", ["gptoss"])
 def test_expert_adapters_are_refused(name, tmp_path):
-    """LoRA on the routed experts (as training names them) of gpt-oss/DeepSeek: neither the merged GGUF nor the
-    adapter GGUF takes it (only Mixtral's and the Qwen MoEs' are written), and the refusal names the family."""
+    """LoRA on the routed experts (as training names them) of gpt-oss: neither the merged GGUF nor the adapter GGUF
+    takes it (only Mixtral's, the Qwen MoEs' and DeepSeek's are written), and the refusal names the family."""
     base = build(name, tmp_path / "base")
     arch = json.loads((base / "config.json").read_text())["architectures"][0]
     a = adapter(name, tmp_path / "a", base, experts=True)

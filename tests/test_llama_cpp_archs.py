@@ -32,6 +32,12 @@ def banned_of(base: Path) -> list[int]:
     return [i for i in range(len(tok)) if i in tok.all_special_ids or "\ufffd" in tok.decode([i])]
 
 
+def deepseek(name: str) -> bool:
+    """DeepSeek's adapters hold every kind of module its GGUF takes, the routed experts too (the other MoE families'
+    expert LoRA: test_llama_cpp_moe.py)."""
+    return MODELS[name][0].startswith("deepseek")
+
+
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """name -> (base, adapter, PEFT-merged model), built once per architecture."""
@@ -41,7 +47,7 @@ def made(tmp_path_factory):
         if name not in cache:
             d = tmp_path_factory.mktemp(name)
             base = build(name, d / "base")
-            a = adapter(name, d / "adapter", base)
+            a = adapter(name, d / "adapter", base, experts=deepseek(name))
             cache[name] = (d, base, a, peft_merged(base, a))
         return cache[name]
     return get
@@ -86,7 +92,7 @@ def test_base_gguf_plus_adapter_gguf_equals_merged_gguf(name, made):
     the tokens and log-probabilities of our merged f32 GGUF; the adapter moves them (else the check is empty)."""
     d, base, a, _ = made(name)
     if name in ADAPTER_GGUF_TARGETS:  # the modules llama.cpp's graph applies a LoRA to
-        a = adapter(name, d / "adapter-gguf", base, targets=ADAPTER_GGUF_TARGETS[name])
+        a = adapter(name, d / "adapter-gguf", base, targets=ADAPTER_GGUF_TARGETS[name], experts=deepseek(name))
     banned = banned_of(base)
     loaded = peft_format.load_adapter(a)
     zero = d / "zero"
@@ -164,7 +170,8 @@ def test_k_quant_runs_in_llama_cpp(name, tmp_path):
 def test_moe_q8_0_runs_as_gguf_decodes_it(name, made):
     """q8_0 GGUFs of gpt-oss and DeepSeek (experts and k_b/v_b blocks quantized, biases and sinks f32): llama.cpp
     runs them as it runs the gguf package's decoding of the same blocks written as an f32 GGUF (the first greedy
-    token equal; log-probabilities of the tokens both top-5 lists hold within ggml's 8-bit activations)."""
+    token equal, or, where the copy's best two are within 0.1 in log p, the copy's second; log-probabilities of the
+    tokens both top-5 lists hold within ggml's 8-bit activations)."""
     d, base, a, _ = made(name)
     banned = banned_of(base)
     export(a, d / "q8.gguf", gguf_type="q8_0")
@@ -174,7 +181,8 @@ def test_moe_q8_0_runs_as_gguf_decodes_it(name, made):
     for prompt in PROMPTS:
         tokens, lps = llama_greedy(deq, prompt, banned)
         tokens_q, lps_q = llama_greedy(q8, prompt, banned)
-        assert tokens_q[0] == tokens[0], (name, prompt)
+        gap = lps[0][tokens[0]] - lps[0].get(tokens_q[0], float("-inf"))
+        assert tokens_q[0] == tokens[0] or gap < 0.1, (name, prompt, gap)
         err = max(err, *(abs(v - lps_q[0][i]) for i, v in lps[0].items() if i in lps_q[0]))
     print(f"{name} q8_0: first-step max |log p| difference vs its gguf-dequantized f32 copy {err:.2e}")
     assert err < 0.5, (name, err)

@@ -91,9 +91,9 @@ def test_train_eval_peft_and_merged_export_agree(arch, tmp_path):
     orig = dict(reference(folder).named_parameters())[name]
     assert not torch.allclose(orig, dict(merged.named_parameters())[name])  # dequant(quant(W_e)) + delta, not W_e
 
-    if arch in ("mixtral", "qwen2_moe"):  # GGUF writes these families' experts (gguf/experts.py)
+    if arch in ("mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3"):  # GGUF writes their experts (gguf/experts.py)
         _gguf_experts_are_the_runs(run, peft_model, tmp_path / "m.gguf")
-    elif arch in ("gpt_oss", "deepseek_v2", "deepseek_v3"):  # their expert LoRA is refused in GGUF, named
+    elif arch == "gpt_oss":  # its expert LoRA is refused in GGUF, named
         from qlora_kit.errors import ExportError
 
         for fmt in ("gguf", "gguf-adapter"):
@@ -105,7 +105,8 @@ def test_train_eval_peft_and_merged_export_agree(arch, tmp_path):
 def _gguf_experts_are_the_runs(run, peft_model, out):
     """The f32 GGUF's expert stacks (dequantized merge base, the default) are PEFT's merge of the run's adapter into
     transformers' fused expert tensors with each (2I, H) [gate; up] slice roundtripped as training quantized it:
-    llama.cpp's ffn_gate_exps / ffn_up_exps are its row halves, ffn_down_exps its down_proj."""
+    llama.cpp's ffn_gate_exps / ffn_up_exps are its row halves, ffn_down_exps its down_proj (DeepSeek: the MoE
+    layers after its dense first one)."""
     import gguf
 
     from qlora_kit.export import formats as export
@@ -113,9 +114,16 @@ def _gguf_experts_are_the_runs(run, peft_model, out):
     export.export(str(run), export.Options("gguf", out, gguf_type="f32", progress=False))
     stored = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(out).tensors}
     merged = dict(peft_model.merge_and_unload().named_parameters())
-    for layer in range(2):
+    layers = [n for n in range(2) if f"blk.{n}.ffn_down_exps.weight" in stored]
+    assert layers
+    for layer in layers:
         gate_up, down = (merged[f"model.layers.{layer}.mlp.experts.{p}"] for p in ("gate_up_proj", "down_proj"))
         i = gate_up.shape[1] // 2
         for kind, want in (("gate", gate_up[:, :i]), ("up", gate_up[:, i:]), ("down", down)):
             got = stored[f"blk.{layer}.ffn_{kind}_exps.weight"]
             assert torch.allclose(got, want, atol=1e-5), (layer, kind, (got - want).abs().max())
+    if "blk.0.ffn_gate.weight" in stored:  # DeepSeek's dense first layer and shared experts (adapted too)
+        for k in ("gate", "up", "down"):
+            for name, hf in ((f"blk.0.ffn_{k}.weight", f"model.layers.0.mlp.{k}_proj.weight"),
+                             (f"blk.1.ffn_{k}_shexp.weight", f"model.layers.1.mlp.shared_experts.{k}_proj.weight")):
+                assert torch.allclose(stored[name], merged[hf], atol=1e-5), name

@@ -14,10 +14,10 @@ and quantized slice by slice. llama.cpp holds one 3-D tensor per kind and layer:
                   splits by rows exactly, gate's B rows [0, I) and up's [I, 2I). An expert without an adapter
                   gets zero A and B (no change), as PEFT's fused layout would hold it.
 
-Only the families whose expert LoRA is verified this way are written (Mixtral, Qwen2-MoE, Qwen3-MoE); another MoE
-family with expert adapters (gpt-oss's interleaved gate/up, DeepSeek, whose llama.cpp graph applies adapters to
-attn_output only) is refused by name. Their unadapted experts (DeepSeek's per-expert checkpoint weights) are still
-stacked here.
+Only the families whose expert LoRA is verified this way are written (Mixtral, Qwen2-MoE, Qwen3-MoE, and
+DeepSeek-V2/V3, whose deepseek2 graph runs its routed experts through the same build_moe_ffn); another MoE family
+with expert adapters (gpt-oss's interleaved gate/up) is refused by name. DeepSeek's checkpoint holds per-expert
+gate_proj/up_proj/down_proj as Mixtral's and the Qwen MoEs' do, and training fuses them the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from ..merge import merge_base_weight
 from ..shards import TensorInfo, read_tensor
 
 FAMILIES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+# expert LoRA written (merged and adapter GGUF); FAMILIES above: K-quant mix of their 3-D tensors verified too
+LORA_FAMILIES = (*FAMILIES, "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 MODULE = re.compile(r"^.*\.layers\.(?P<layer>\d+)\..*\.experts\.(?P<e>\d+)\.(?P<proj>gate_up_proj|down_proj)$")
 TENSOR = re.compile(r"^blk\.(?P<layer>\d+)\.ffn_(?P<kind>gate|up|down)_exps\.weight$")
 # llama.cpp's tensor kind -> (training's projection, the half of its rows it holds: 0 gate, 1 up, None all)
@@ -49,10 +51,10 @@ def adapted(modules) -> dict[tuple[int, str], dict[int, str]]:
 
 
 def check_family(hf: str, modules) -> None:
-    if hf not in FAMILIES and adapted(modules):
+    if hf not in LORA_FAMILIES and adapted(modules):
         raise ExportError(f"GGUF export: adapters on the experts of a {hf} are not written here (only for "
-                          f"{', '.join(FAMILIES)}, whose expert LoRA is verified against PEFT and llama.cpp). Export "
-                          "--format merged or adapter, or train the adapter without the experts.")
+                          f"{', '.join(LORA_FAMILIES)}, whose expert LoRA is verified against PEFT and llama.cpp). "
+                          "Export --format merged or adapter, or train the adapter without the experts.")
 
 
 @dataclass(frozen=True)

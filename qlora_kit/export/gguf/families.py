@@ -157,9 +157,11 @@ FAMILIES: dict[str, Family] = {
         (lambda c: bool(c.get("reorder_and_upcast_attn")), "reordered attention upcasting"))),
     "GptOssForCausalLM": Family("GPT_OSS", extra=families_moe.gpt_oss_hparams, split=families_moe.gpt_oss_split,
                                 refuse=families_moe.GPT_OSS_REFUSE),
-    "DeepseekV2ForCausalLM": Family("DEEPSEEK2", extra=families_moe.deepseek_hparams, mla=True, lora=("attn_output",),
+    "DeepseekV2ForCausalLM": Family("DEEPSEEK2", extra=families_moe.deepseek_hparams, mla=True,
+                                    lora=families_moe.DEEPSEEK_LORA,
                                     split=families_moe.deepseek_split, refuse=families_moe.DEEPSEEK_REFUSE),
-    "DeepseekV3ForCausalLM": Family("DEEPSEEK2", extra=families_moe.deepseek_hparams, mla=True, lora=("attn_output",),
+    "DeepseekV3ForCausalLM": Family("DEEPSEEK2", extra=families_moe.deepseek_hparams, mla=True,
+                                    lora=families_moe.DEEPSEEK_LORA,
                                     split=families_moe.deepseek_split, refuse=families_moe.DEEPSEEK_REFUSE),
 }
 

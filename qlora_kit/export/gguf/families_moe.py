@@ -17,6 +17,8 @@ DeepSeek-V2/V3 (llama.cpp's `deepseek2` graph, multi-head latent attention)
     router      V2: softmax, top-k, × routed_scaling_factor; V3: sigmoid + e_score_correction_bias
                 (exp_probs_b) for the choice, group-limited (top-2 sum per group), renormalised, × the factor
     layers      the first first_k_dense_replace layers dense; MTP layers past num_hidden_layers are not written
+    LoRA        an adapter GGUF reaches only what the graph multiplies through its LoRA path (DEEPSEEK_LORA): the
+                output projection, the MLPs and the experts; the merged GGUF takes a LoRA on any module
     RoPE        the rotary part of q and k as adjacent pairs (DeepSeek's layout, llama.cpp's `norm` RoPE): no
                 permutation; HF's rope_interleave false (rotate_half on de-interleaved pairs) is refused. YaRN:
                 llama.cpp's graph undoes the rotation's own 0.1·ln(factor) + 1 and scales q·k by
@@ -90,6 +92,12 @@ def gpt_oss_split(name: str, shape: tuple[int, ...], c: dict) -> list[Piece] | N
 
 # --- DeepSeek-V2/V3 ----------------------------------------------------------------------------------------------
 
+# the weights llama.cpp's deepseek2 graph multiplies through its LoRA path (build_lora_mm / build_lora_mm_id):
+# attention's output (build_attn), the dense first layers' and the shared experts' MLP (build_ffn), the router and
+# the routed experts (build_moe_ffn). q_a/q_b/q, kv_a_mqa, k_b, v_b and the output head are plain ggml_mul_mat: a
+# LoRA on them would be ignored
+DEEPSEEK_LORA = ("attn_output", "ffn_gate", "ffn_up", "ffn_down", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp",
+                 "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 LITE_LAYERS = (26, 27)  # llama.cpp: no q LoRA rank ("lite", DeepSeek-V2-Lite, GigaChat3) exactly at these
 
 

@@ -143,6 +143,30 @@ def test_what_llama_cpp_hard_codes_is_refused(name, change, message, tmp_path):
     assert not (tmp_path / "m.gguf").exists()
 
 
+@pytest.mark.parametrize("name, change, groups", [
+    ("deepseek3", {}, (2, 1)),  # V3 keeping 1 of 2 groups: llama.cpp's group limit
+    ("deepseek3", {"n_group": 2, "topk_group": 2}, None),  # every group kept: no limit
+    ("deepseek2", {"n_group": 2, "topk_group": 1}, None),  # V2's greedy router ignores the groups
+])
+def test_expert_groups_written_only_where_transformers_limits_them(name, change, groups, tmp_path):
+    """llama.cpp limits the experts to the best groups (top-2 sum) whenever expert_group_count > 1 is in the file
+    (llama-graph.cpp's build_moe_ffn, any architecture): a config whose router does not limit groups in transformers
+    must not carry the count, or llama.cpp would route its tokens to other experts."""
+    orig = build(name, tmp_path / "orig")
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in orig.iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(config | change))
+    out = tmp_path / "m.gguf"
+    ex.export(adapter(name, tmp_path / "a", orig, targets=("o_proj",)),
+              ex.Options("gguf", out, base=str(base), gguf_type="f32", progress=False))
+    fields = read(out)[0]
+    got = (fields.get("deepseek2.expert_group_count"), fields.get("deepseek2.expert_group_used_count"))
+    assert got == (groups or (None, None))
+
+
 @pytest.mark.parametrize("targets, message", [(("q_a_proj", "o_proj"), "only to attn_output"),
                                               (("kv_b_proj",), "attn_k_b.weight and .*attn_v_b.weight, reshaped")])
 def test_deepseek_adapter_gguf_only_where_llama_cpp_applies_it(targets, message, tmp_path):

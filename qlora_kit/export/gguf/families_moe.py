@@ -113,6 +113,15 @@ def _rope_kind(c: dict) -> str:
     return _rope(c).get("rope_type", _rope(c).get("type", "default"))
 
 
+def limits_groups(c: dict) -> bool:
+    """Whether transformers' router keeps only topk_group of n_group expert groups: V3 with 1 <= topk_group < n_group.
+    llama.cpp's build_moe_ffn limits groups (top-2 sum per group) whenever expert_group_count > 1 is written, so the
+    count is written only then: V2's greedy router ignores n_group, and keeping every group is no limit (llama.cpp
+    also asserts n_group_used < n_expert_groups)."""
+    n = int(c.get("n_group") or 1)
+    return _v3(c) and n > 1 and int(c.get("topk_group") or n) < n
+
+
 def deepseek_hparams(w: Any, c: dict) -> None:
     import gguf
 
@@ -133,7 +142,7 @@ def deepseek_hparams(w: Any, c: dict) -> None:
     w.add_expert_weights_scale(float(c.get("routed_scaling_factor", 1.0)))
     if c.get("norm_topk_prob"):
         w.add_expert_weights_norm(True)
-    if c.get("n_group") is not None:
+    if limits_groups(c):
         w.add_expert_group_count(int(c["n_group"]))
         w.add_expert_group_used_count(int(c["topk_group"]))
     if _rope_kind(c) == "yarn":  # llama.cpp's attention scale (1 + log_mul·ln(factor))² / sqrt(d), as the converter

@@ -15,9 +15,11 @@
               file is written as llama.cpp's own converter writes gpt-oss (the rounded ramp) and the export says so,
               with the size of the difference for the config (truncate_note). Measured in llama.cpp on a tiny
               gpt-oss with the released RoPE (head_dim 64): the rounded rule is what it computes (truncate: true
-              matches transformers to float precision), and against transformers' truncate: false the greedy
-              tokens agree and log-probabilities differ by under 1e-3 over prompts up to 200 tokens
-              (tests/test_llama_cpp_gptoss.py); the drift grows with position (1 rad by position ~4500)
+              matches transformers to 2.3e-5 in log-probability); against transformers' truncate: false the greedy
+              tokens agree on prompts of 4-100 tokens with log-probabilities up to 3.3e-2 apart
+              (tests/test_llama_cpp_gptoss.py), 0.17 on a 200-token prompt, and on a 500- and a 1000-token prompt
+              the greedy tokens parted: the angles drift apart with position. A refusal would not spare anyone
+              this: llama.cpp's converter run on the merged export writes the same file, silently
     longrope  (Phi-3 128k, Phi-3.5) rope_factors_long / rope_factors_short tensors (head_dim/2 each),
               rope.scaling.attn_factor sqrt(1 + ln(s)/ln(orig)), s = max_position_embeddings / original, and the
               original context length. llama.cpp picks the long factors when its context exceeds the original, for

@@ -67,7 +67,7 @@ def moe_rows() -> list[list[str]]:
 
 def _moe_gguf(cls: str) -> str:
     """What the GGUF exports write for a MoE family (export/gguf/experts.py FAMILIES: expert LoRA and K-quants;
-    families.Family.lora: the weights llama.cpp's graph applies an adapter GGUF to)."""
+    INTERLEAVED: expert LoRA; families.Family.lora: the weights llama.cpp's graph applies an adapter GGUF to)."""
     from qlora_kit.export.gguf import experts
     from qlora_kit.export.gguf.families import FAMILIES
 
@@ -75,6 +75,8 @@ def _moe_gguf(cls: str) -> str:
         return "-"
     if cls in experts.FAMILIES:
         return "yes, expert LoRA and K-quants too"
+    if cls in experts.INTERLEAVED:
+        return "f32/f16/bf16/q8_0, expert LoRA too"
     only = FAMILIES[cls].lora
     return "f32/f16/bf16/q8_0, LoRA off the experts" + (f" (adapter GGUF: {', '.join(only)} only)" if only else "")
 

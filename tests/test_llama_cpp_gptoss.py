@@ -45,3 +45,33 @@ def test_released_yarn_rope_in_llama_cpp(tmp_path):
             print(f"truncate {truncate}, {len(prompt)}-token prompt: max |log p| difference {gap:.2e}")
     exact, released = (max(v for (t, _), v in err.items() if t == k) for k in (True, False))
     assert exact < 1e-4 and released < 0.1 and released > 100 * exact, err
+
+
+def test_qlora_gpt_oss_gguf_runs_as_the_merged_export(tmp_path):
+    """A tiny gpt-oss QLoRA run (nf4 experts, LoRA on every Linear and expert, 2 steps) exported as an f32 GGUF
+    (dequantized merge base, the default): llama.cpp gives transformers' greedy tokens and log-probabilities on the
+    run's fp32 `--format merged` export (experts dequant(quant(.)) + the trained LoRA, which tests/test_moe_train.py
+    checks against the run's loss) to float rounding, on prompts of 4, 5 and 9 tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import write_jsonl
+    from moe_models import make_moe_model
+    from qlora_kit.export import formats as ex
+    from test_llama_cpp import export as export_as_trained
+    from test_llama_cpp_archs import PROMPTS
+    from test_moe_train import RECORDS, _train
+
+    folder = make_moe_model(tmp_path / "gpt_oss", "gpt_oss")
+    run = _train(folder, "gpt_oss", write_jsonl(tmp_path / "d.jsonl", RECORDS), tmp_path / "run")
+    ex.export(run, ex.Options("merged", tmp_path / "merged", dtype="fp32", progress=False))
+    export_as_trained(run, tmp_path / "m.gguf", gguf_type="f32")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,
+                                                 experts_implementation="eager").eval()
+    banned, srv, err = banned_of(folder), server(tmp_path / "m.gguf"), 0.0
+    for prompt in PROMPTS:
+        ours, lps = llama_greedy(srv, prompt, banned)
+        theirs, logps = hf_greedy(model, prompt, banned)
+        assert ours == theirs, prompt
+        err = max(err, *(abs(v - float(lp[i])) for lp, step in zip(logps, lps) for i, v in step.items()))
+    print(f"QLoRA gpt-oss f32 GGUF vs its merged export in transformers: max |log p| difference {err:.2e}")
+    assert err < 1e-4, err

@@ -70,7 +70,7 @@ class Stack:
     half: int | None  # 0: gate rows of gate_up_proj, 1: up rows, None: down_proj
     modules: tuple[str | None, ...]  # training's adapted module per expert, None where not adapted
     quantized: bool = True  # a projection training quantized (False: another per-expert tensor, stacked as it is)
-    interleaved: bool = False  # gpt-oss: parts is the one (E, in, out) tensor; gate rows 0::2, up rows 1::2
+    interleaved: bool = False  # gpt-oss: parts is the one stored (E, in, out) tensor, merged whole (then `take`n)
 
 
 def stack(gguf_name: str, groups: dict[str, list[TensorInfo]], modules) -> Stack:
@@ -103,7 +103,8 @@ def interleaved_stack(hf_arch: str, hf_name: str, gguf_name: str, info: TensorIn
 
 
 def weight(s: Stack, merge) -> torch.Tensor:
-    """(E, out, in) fp32: every expert's rows as the run computed with them (module docstring)."""
+    """(E, out, in) fp32: every expert's rows as the run computed with them (module docstring); gpt-oss's in the
+    stored (E, in, out) layout, whole, for the plan's `take` to cut."""
     from ...adapters import methods
 
     roundtrip = merge.merge_base == "dequantized" and merge.src.trained_with.type != "none"
@@ -125,20 +126,21 @@ def weight(s: Stack, merge) -> torch.Tensor:
 
 
 def _interleaved(s: Stack, merge, roundtrip: bool) -> torch.Tensor:
-    """gpt-oss: per expert, training's (out, in) slice of the stored (E, in, out) tensor (gate_up: gate/up rows
-    interleaved, quantized as one), merged whole, then the rows this tensor holds."""
+    """gpt-oss: the stored (E, in, out) tensor, fp32, each expert as the run computed with it: training's (out, in)
+    slice (gate_up: gate/up rows interleaved, quantized as one) merged whole and put back. The plan's `take` cuts
+    llama.cpp's tensor from it as from the checkpoint's (families_moe.gpt_oss_split)."""
     from ...adapters import methods
 
     stored = read_tensor(s.parts[0])
-    out = []
+    out = torch.empty(stored.shape, dtype=torch.float32)
     for e, module in enumerate(s.modules):
         W = stored[e].t().contiguous()
         if roundtrip:
             W = merge_base_weight(W, merge.src.trained_with, merge.frozen, merge.merge_base, merge.device,
                                   merge.src.offset(module))
-        W = methods.merge_rows(W, merge.src.stack, module, (0, W.shape[0]), torch.float32) if module else W.float()
-        out.append(W if s.half is None else W[s.half::2])
-    return torch.stack(out)
+        out[e] = (methods.merge_rows(W, merge.src.stack, module, (0, W.shape[0]), torch.float32) if module
+                  else W.float()).t()
+    return out
 
 
 def adapter_tensors(a, n_expert: int, shapes: dict[str, tuple[int, ...]], fold, interleaved: bool = False

@@ -5,9 +5,9 @@
                   fp32, then stored as --gguf-type. 2-D weights take the type; 1-D tensors (norms, biases) and
                   the MoE routers stay f32 as llama.cpp's converter keeps them; a weight whose row length is not a
                   multiple of the type's block (32) falls back to f16, as llama.cpp's converter does. A tensor may
-                  be written as pieces of a source tensor, cut after the merge (`take`: gpt-oss's expert biases,
-                  DeepSeek's kv_b; families_moe); MoE experts are stacked as training held them (`gguf_experts`;
-                  gpt-oss's interleaved gate_up cut per expert there).
+                  be written as pieces of a source tensor, cut after the merge (`take`: gpt-oss's gate_up, DeepSeek's
+                  kv_b; families_moe); MoE experts are stacked as training held them (`gguf_experts`; gpt-oss's
+                  stored (E, in, out) stacks are merged per expert there, whole, before `take`).
                   K-quants (q2_k ... q6_k): blocks made by llama.cpp's own ggml quantizer from the xllamacpp
                   wheel, llama.cpp's type mix (`gguf_kquant`); without it but with llama-cpp-python, an f16 GGUF
                   through its llama_model_quantize.
@@ -138,7 +138,6 @@ def plan(index: dict[str, TensorInfo], names: gguf_arch.TensorNames, kind: str, 
     for hf, info, name, shape, take, transposed in rows:
         stack = gguf_experts.stack(name, groups, adapted) if name in groups else \
             gguf_experts.interleaved_stack(names.arch.hf, hf, name, info, adapted)
-        take = None if stack is not None and stack.interleaved else take  # the Stack cuts each expert's rows
         # f32 whatever the type, as llama.cpp's converter: 1-D tensors, biases (gpt-oss's (E, I) expert biases
         # among them), learned positions, RoPE factors, the expert routers
         t = kind if len(shape) >= 2 and name.endswith(".weight") and not name.startswith(F32_NAMES) \

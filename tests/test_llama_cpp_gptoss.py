@@ -11,6 +11,8 @@ import torch
 from gguf_models import adapter, build, peft_merged
 
 xlc = pytest.importorskip("xllamacpp", reason="llama.cpp runtime not installed: pip install 'qlora-kit[llama-cpp]'")
+gguf = pytest.importorskip("gguf")
+from qlora_kit.export.gguf import rope as gguf_rope  # noqa: E402
 from test_gguf_bigmoe import YARN_RELEASED  # noqa: E402
 from test_llama_cpp import STEPS, hf_greedy, llama_greedy, server  # noqa: E402  (after the skip: imports xllamacpp)
 from test_llama_cpp_archs import banned_of, export  # noqa: E402
@@ -45,6 +47,34 @@ def test_released_yarn_rope_in_llama_cpp(tmp_path):
             print(f"truncate {truncate}, {len(prompt)}-token prompt: max |log p| difference {gap:.2e}")
     exact, released = (max(v for (t, _), v in err.items() if t == k) for k in (True, False))
     assert exact < 1e-4 and released < 0.1 and released > 100 * exact, err
+    # the way to exactness llama.cpp's rope has (theta / freq_factor per frequency: rounded / exact rates) is closed
+    # for gpt-oss: its loader takes no rope_freqs tensor and refuses the file. Should this start to load, write it.
+    with_factors(tmp_path / "m-False.gguf", tmp_path / "factors.gguf",
+                 gguf_rope.yarn_inv_freq(YARN_RELEASED, 64, True) / gguf_rope.yarn_inv_freq(YARN_RELEASED, 64, False))
+    with_factors(tmp_path / "m-False.gguf", tmp_path / "copy.gguf", None)
+    server(tmp_path / "copy.gguf")  # the copy as such loads
+    with pytest.raises(RuntimeError):
+        server(tmp_path / "factors.gguf")
+
+
+def with_factors(src, dst, factors: torch.Tensor | None) -> None:
+    """A copy of a GGUF file, with a rope_freqs.weight tensor added (f32) unless `factors` is None."""
+    import numpy as np
+
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for key, f in r.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            w.add_key_value(key, f.contents(), f.types[0],
+                            sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data).reshape([int(x) for x in t.shape[::-1]]))
+    if factors is not None:
+        w.add_tensor("rope_freqs.weight", factors.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def test_qlora_gpt_oss_gguf_runs_as_the_merged_export(tmp_path):

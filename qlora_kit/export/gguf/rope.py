@@ -10,8 +10,9 @@
               correction range's ends rounded down/up (ggml_rope_yarn_corr_dims: floor/ceil), transformers' default
               `truncate: true`. With `truncate: false` (every released gpt-oss config.json) transformers ramps over
               the exact range (released gpt-oss: 8.09 to 17.40, llama.cpp 8 to 18). No file makes llama.cpp rotate
-              that way: its gpt-oss graph passes no frequency-factor tensor to ggml_rope_ext, the ends are rounded
-              whatever beta_fast/beta_slow say, and a ramp between whole dimensions has another slope. So the
+              that way: its gpt-oss graph passes no frequency-factor tensor to ggml_rope_ext (and its loader
+              refuses a file with a rope_freqs tensor: tested), the ends are rounded whatever beta_fast/beta_slow
+              say, and a ramp between whole dimensions has another slope. So the
               file is written as llama.cpp's own converter writes gpt-oss (the rounded ramp) and the export says so,
               with the size of the difference for the config (truncate_note). Measured in llama.cpp on a tiny
               gpt-oss with the released RoPE (head_dim 64): the rounded rule is what it computes (truncate: true

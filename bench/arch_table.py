@@ -76,6 +76,8 @@ def _moe_gguf(cls: str) -> str:
         return "-"
     only = FAMILIES[cls].lora
     lora = "expert LoRA too" if cls in experts.LORA_FAMILIES else "LoRA off the experts"
+    if only and any(n.startswith("ffn_") for n in only):  # every MLP/expert tensor of the family: ffn_*
+        only = tuple(sorted({"ffn_*" if n.startswith("ffn_") else n for n in only}))
     return f"all types (K-quants, mxfp4), {lora}" + (f" (adapter GGUF: {', '.join(only)} only)" if only else "")
 
 

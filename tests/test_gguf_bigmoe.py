@@ -7,6 +7,7 @@ tests/test_gguf_readback_moe.py."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -116,9 +117,6 @@ def test_deepseek_latent_attention_layout(name, tmp_path):
 
 @pytest.mark.parametrize("name, change, message", [
     ("gptoss", {"swiglu_limit": 5.0}, "limit 7"),
-    ("gptoss", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
-                                    "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096}},
-     "truncate: false"),
     ("gptoss", {"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window pattern 2"),
     ("deepseek2", {"q_lora_rank": None}, "layer count"),
     ("deepseek2", {"norm_topk_prob": True}, "never renormalises"),
@@ -279,14 +277,65 @@ def test_yarn_keys(name, arch, log_mul, tmp_path):
     assert fields.get(f"{arch}.rope.scaling.yarn_log_multiplier") == (pytest.approx(log_mul) if log_mul else None)
 
 
-@pytest.mark.parametrize("name", ["gptoss"])
-def test_expert_adapters_are_refused(name, tmp_path):
-    """LoRA on the routed experts (as training names them) of gpt-oss: neither the merged GGUF nor the adapter GGUF
-    takes it (only Mixtral's, the Qwen MoEs' and DeepSeek's are written), and the refusal names the family."""
-    base = build(name, tmp_path / "base")
-    arch = json.loads((base / "config.json").read_text())["architectures"][0]
-    a = adapter(name, tmp_path / "a", base, experts=True)
-    for fmt in ("gguf", "gguf-adapter"):
-        with pytest.raises(ExportError, match=f"experts of a {arch} are not written"):
-            export(a, tmp_path / "m.gguf", format=fmt, gguf_type="f32")
-        assert not (tmp_path / "m.gguf").exists()
+def test_gpt_oss_expert_lora_merged_and_as_adapter(tmp_path):
+    """LoRA on every gpt-oss expert (training's (2I, H) gate_up_proj slices, gate/up rows interleaved): the merged
+    GGUF's ffn_gate_exps / ffn_up_exps / ffn_down_exps are PEFT's merge into transformers' fused (E, H, 2I) tensors,
+    de-interleaved; the adapter GGUF's stacked lora_a (E, r, in) / lora_b (E, out, r), multiplied out and scaled
+    by alpha / r, are PEFT's delta on those rows (lora_b's rows 0::2 gate, 1::2 up)."""
+    base = build("gptoss", tmp_path / "base")
+    a = adapter("gptoss", tmp_path / "a", base, experts=True)
+    export(a, tmp_path / "m.gguf", gguf_type="f32")
+    export(a, tmp_path / "l.gguf", format="gguf-adapter", gguf_type="f32")
+    _, data, _ = read(tmp_path / "m.gguf")
+    _, lora, _ = read(tmp_path / "l.gguf")
+    hf = checkpoint(base)
+    merged = {k: v.double() for k, v in peft_merged(base, a).state_dict().items()}
+    for i in range(2):
+        p = f"model.layers.{i}.mlp.experts."
+        for kind, cut in (("gate", lambda W: W[..., ::2]), ("up", lambda W: W[..., 1::2]), ("down", None)):
+            proj = "down_proj" if kind == "down" else "gate_up_proj"
+            want, orig = ((cut(t[p + proj]) if cut else t[p + proj]).transpose(1, 2) for t in (merged, hf))
+            name = f"blk.{i}.ffn_{kind}_exps.weight"
+            np.testing.assert_allclose(data[name], want, atol=1e-6)
+            delta = np.einsum("eor,eri->eoi", lora[name + ".lora_b"], lora[name + ".lora_a"]) * 8.0 / 4
+            np.testing.assert_allclose(delta, want - orig, atol=1e-6)
+            assert np.abs(want - orig).max() > 0.05, name  # the adapter moved every kind
+    assert lora["blk.0.ffn_gate_exps.weight.lora_b"].shape == (4, 32, 4)
+
+
+YARN_RELEASED = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                 "truncate": False, "original_max_position_embeddings": 4096}  # every released gpt-oss config.json
+YARN_TINY = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
+             "truncate": False, "original_max_position_embeddings": 32}  # its ramp starts at the fastest frequency
+
+
+@pytest.mark.parametrize("rope, head_dim, note", [
+    (YARN_RELEASED, 64, "8.09-17.40, llama.cpp over whole dimensions 8-18 .* 9 of 32 frequencies differ, by up to "
+                        r"76.3% \(frequency 17\).* 2.21e-04 rad per position: 0.1 rad by position 453, 1 rad by 4530"),
+    (YARN_TINY, 16, r"0.00-1.41, llama.cpp over whole dimensions 0-2 .* 1 of 8 frequencies differ, by up to 47.6% "
+                    r"\(frequency 1\).* 5.73e-02 rad per position: 0.1 rad by position 2, 1 rad by 18")])
+def test_yarn_truncate_false_is_written_as_llama_cpp_does_and_noted(rope, head_dim, note, tmp_path):
+    """YaRN with truncate: false: our float64 per-frequency rates of both rules are transformers' own
+    (_compute_yarn_parameters, truncate false and true); the GGUF carries llama.cpp's converter's keys (its rounded
+    ramp) and the export says what differs and by how much, for released gpt-oss and for a config whose gap is
+    large at the first positions."""
+    from transformers import GptOssConfig
+    from transformers.modeling_rope_utils import _compute_yarn_parameters
+
+    from qlora_kit.export.gguf import rope as gguf_rope
+
+    for truncate in (False, True):
+        config = GptOssConfig(head_dim=head_dim, rope_parameters={**rope, "truncate": truncate})
+        theirs, attention = _compute_yarn_parameters(config)
+        ours = gguf_rope.yarn_inv_freq({**rope, "truncate": truncate}, head_dim, truncate)
+        np.testing.assert_allclose(ours, theirs.double(), rtol=1e-6)
+        assert attention == pytest.approx(0.1 * np.log(rope["factor"]) + 1)  # llama.cpp's own, inside its rope
+    base = build("gptoss", tmp_path / "base", config={"head_dim": head_dim, "rope_parameters": rope})
+    res = export(adapter("gptoss", tmp_path / "a", base, targets=("o_proj",)), tmp_path / "m.gguf", gguf_type="f32")
+    said = [n for n in res.notes if "truncate: false" in n]
+    assert len(said) == 1 and re.search(note, said[0]), res.notes
+    fields, _, _ = read(tmp_path / "m.gguf")
+    assert fields["gpt-oss.rope.scaling.type"] == "yarn" and fields["gpt-oss.rope.freq_base"] == rope["rope_theta"]
+    assert fields["gpt-oss.rope.scaling.factor"] == rope["factor"] and "rope_freqs.weight" not in read(
+        tmp_path / "m.gguf")[1]
+    assert fields["gpt-oss.rope.scaling.original_context_length"] == rope["original_max_position_embeddings"]

@@ -149,16 +149,17 @@ def test_expert_adapter_that_does_not_fit_is_refused(tmp_path):
     assert not (tmp_path / "l.gguf").exists()
 
 
-def test_expert_adapters_of_another_layout_are_refused_by_name():
-    """A MoE family whose experts are not [gate; up] rows (gpt-oss interleaves them) gets no expert LoRA in GGUF;
-    attention-only adapters over it are not affected. DeepSeek's experts are written (tests/test_gguf_bigmoe.py)."""
+def test_expert_adapters_of_an_unverified_family_are_refused_by_name():
+    """Expert LoRA is written only for the families whose layout is verified (every MoE family GGUF writes:
+    tests/test_gguf_bigmoe.py, tests/test_moe_train.py); another family's expert adapters are refused by name and its
+    attention-only adapters are not affected."""
     from qlora_kit.export.gguf import experts
 
-    with pytest.raises(ExportError, match="GptOssForCausalLM"):
-        experts.check_family("GptOssForCausalLM", ["model.layers.0.mlp.experts.3.gate_up_proj"])
-    experts.check_family("GptOssForCausalLM", ["model.layers.0.self_attn.q_proj"])
-    experts.check_family("DeepseekV3ForCausalLM", ["model.layers.1.mlp.experts.0.down_proj"])
-    experts.check_family("MixtralForCausalLM", ["model.layers.0.mlp.experts.3.gate_up_proj"])
+    for hf in ("MixtralForCausalLM", "GptOssForCausalLM", "DeepseekV3ForCausalLM"):
+        experts.check_family(hf, ["model.layers.1.mlp.experts.3.gate_up_proj"])
+    with pytest.raises(ExportError, match="FutureMoeForCausalLM"):
+        experts.check_family("FutureMoeForCausalLM", ["model.layers.0.mlp.experts.3.down_proj"])
+    experts.check_family("FutureMoeForCausalLM", ["model.layers.0.self_attn.q_proj"])
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2moe", "gptoss", "deepseek3"])

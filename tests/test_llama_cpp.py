@@ -29,11 +29,11 @@ def export(src, out, **kw) -> ex.Result:
     return ex.export(src, ex.Options(out=Path(out), progress=False, **{"format": "gguf", **kw}))
 
 
-def server(path: Path, lora: Path | None = None):
+def server(path: Path, lora: Path | None = None, n_ctx: int = 64):
     """llama.cpp's server engine in-process (one slot, no HTTP traffic), like `llama-server -m PATH --lora LORA`."""
     p = xlc.CommonParams()
     p.model.path = str(path)
-    p.n_ctx, p.n_batch, p.n_ubatch, p.n_parallel = 64, 64, 64, 1
+    p.n_ctx, p.n_batch, p.n_ubatch, p.n_parallel = n_ctx, n_ctx, n_ctx, 1
     p.cpuparams.n_threads = p.cpuparams_batch.n_threads = 1
     p.warmup = False
     # f32 KV cache and no flash attention: llama.cpp's defaults (f16 K/V) would add ~1e-2 to every log-probability

@@ -29,12 +29,13 @@ def experts_only(name: str, folder: Path, base: Path, zero: bool = False) -> Pat
     return peft_format.save_adapter(folder, tensors, r=4, alpha=8.0, dropout=0.0, rslora=False, base_model=str(base))
 
 
-@pytest.mark.parametrize("name", EXPERT_LORA_GGUF)
+@pytest.mark.parametrize("name", [*EXPERT_LORA_GGUF, "gptoss"])
 def test_expert_lora_merged_and_as_llama_cpp_adapter(name, tmp_path):
     """Experts-only LoRA: our merged f32 GGUF gives transformers' greedy tokens on PEFT's merge (prompts of 4, 5, 9
-    tokens) and its log-probabilities within f32 rounding, and the base f32 GGUF + our adapter GGUF through
-    llama.cpp's LoRA path gives the merged GGUF's tokens and log-probabilities; the adapter moves them (else
-    llama.cpp could have skipped the expert pairs). DeepSeek: its routed experts after the dense first layer."""
+    tokens) and its log-probabilities to float rounding (measured under 1e-5; gpt-oss: its interleaved gate/up
+    de-interleaved after the merge; DeepSeek: its routed experts after the dense first layer), and the base f32 GGUF
+    + our adapter GGUF through llama.cpp's LoRA path gives the merged GGUF's tokens and log-probabilities; the
+    adapter moves them (else llama.cpp could have skipped the expert pairs)."""
     base = build(name, tmp_path / "base")
     a = experts_only(name, tmp_path / "a", base)
     export(a, tmp_path / "merged.gguf", gguf_type="f32")

@@ -91,35 +91,41 @@ def test_train_eval_peft_and_merged_export_agree(arch, tmp_path):
     orig = dict(reference(folder).named_parameters())[name]
     assert not torch.allclose(orig, dict(merged.named_parameters())[name])  # dequant(quant(W_e)) + delta, not W_e
 
-    if arch in ("mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3"):  # GGUF writes their experts (gguf/experts.py)
-        _gguf_experts_are_the_runs(run, peft_model, tmp_path / "m.gguf")
-    elif arch == "gpt_oss":  # its expert LoRA is refused in GGUF, named
-        from qlora_kit.errors import ExportError
-
-        for fmt in ("gguf", "gguf-adapter"):
-            with pytest.raises(ExportError, match="adapters on the experts of a .* are not written"):
-                export.export(str(run), export.Options(fmt, tmp_path / "m.gguf", gguf_type="f32", progress=False))
-        assert not (tmp_path / "m.gguf").exists()
+    _gguf_experts_are_the_runs(run, peft_model, tmp_path / "m.gguf", tmp_path / "merged")  # every MoE family
 
 
-def _gguf_experts_are_the_runs(run, peft_model, out):
+def _gguf_experts_are_the_runs(run, peft_model, out, merged_dir):
     """The f32 GGUF's expert stacks (dequantized merge base, the default) are PEFT's merge of the run's adapter into
-    transformers' fused expert tensors with each (2I, H) [gate; up] slice roundtripped as training quantized it:
-    llama.cpp's ffn_gate_exps / ffn_up_exps are its row halves, ffn_down_exps its down_proj (DeepSeek: the MoE
-    layers after its dense first one)."""
+    transformers' fused expert tensors with each (2I, H) slice roundtripped as training quantized it: llama.cpp's
+    ffn_gate_exps / ffn_up_exps are its gate and up rows ([gate; up] halves; gpt-oss: interleaved, its (E, H, 2I)
+    tensor's even and odd columns), ffn_down_exps its down_proj (DeepSeek: the MoE layers after its dense first one).
+    gpt-oss's also equal the fp32 `--format merged` export's tensors (its dequantized base tested above), not the
+    checkpoint's."""
     import gguf
+    from safetensors.torch import load_file
 
     from qlora_kit.export import formats as export
 
     export.export(str(run), export.Options("gguf", out, gguf_type="f32", progress=False))
     stored = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(out).tensors}
     merged = dict(peft_model.merge_and_unload().named_parameters())
+    folder = load_file(str(merged_dir / "model.safetensors"))
     layers = [n for n in range(2) if f"blk.{n}.ffn_down_exps.weight" in stored]
     assert layers
     for layer in layers:
-        gate_up, down = (merged[f"model.layers.{layer}.mlp.experts.{p}"] for p in ("gate_up_proj", "down_proj"))
-        i = gate_up.shape[1] // 2
-        for kind, want in (("gate", gate_up[:, :i]), ("up", gate_up[:, i:]), ("down", down)):
+        p = f"model.layers.{layer}.mlp.experts."
+        gate_up, down = merged[p + "gate_up_proj"], merged[p + "down_proj"]
+        if gate_up.shape[1] == down.shape[-1]:  # gpt-oss: (E, H, 2I) with gate/up in alternating columns
+            cut = {"gate": lambda W: W[..., ::2].transpose(1, 2), "up": lambda W: W[..., 1::2].transpose(1, 2),
+                   "down": lambda W: W.transpose(1, 2)}
+            for kind, fused in (("gate", "gate_up_proj"), ("up", "gate_up_proj"), ("down", "down_proj")):
+                got, want = stored[f"blk.{layer}.ffn_{kind}_exps.weight"], cut[kind](folder[p + fused])
+                assert torch.allclose(got, want, rtol=0, atol=1e-6), (layer, kind, (got - want).abs().max())
+            parts = (("gate", cut["gate"](gate_up)), ("up", cut["up"](gate_up)), ("down", cut["down"](down)))
+        else:
+            i = gate_up.shape[1] // 2
+            parts = (("gate", gate_up[:, :i]), ("up", gate_up[:, i:]), ("down", down))
+        for kind, want in parts:
             got = stored[f"blk.{layer}.ffn_{kind}_exps.weight"]
             assert torch.allclose(got, want, atol=1e-5), (layer, kind, (got - want).abs().max())
     if "blk.0.ffn_gate.weight" in stored:  # DeepSeek's dense first layer and shared experts (adapted too)

@@ -66,10 +66,15 @@ def write_adapter(src, base: Path, out: Path, kind: str) -> tuple[int, list[str]
         name = _adapter_name(names, m, (B.shape[0], A.shape[1]))
         tensors += [(f"{name}.lora_a", A.float()), (f"{name}.lora_b", B)]
     if gguf_experts.adapted(a.modules()):  # the base's expert stacks, (E, out, in) from the checkpoint's headers
-        _, groups = gguf_arch.group_experts(tensor_index(base))
+        index, groups = gguf_arch.group_experts(tensor_index(base))
         shapes = {names(k): (len(v), *v[0].shape) for k, v in groups.items()}
         n_expert = len(next(iter(groups.values()))) if groups else 0
-        tensors += gguf_experts.adapter_tensors(a, n_expert, shapes, fold)
+        interleaved = arch.hf in gguf_experts.INTERLEAVED
+        if interleaved:  # gpt-oss: one stored (E, in, out) stack per projection, cut into llama.cpp's tensors
+            stored = [(k, t.shape) for k, t in index.items() if gguf_experts.FUSED.match(k)]
+            shapes = {n: s for k, shape in stored for n, s, _ in names.pieces(k, shape)}
+            n_expert = stored[0][1][0] if stored else 0
+        tensors += gguf_experts.adapter_tensors(a, n_expert, shapes, fold, interleaved)
     nbytes = sum(t.numel() * (4 if kind == "f32" else 2) for _, t in tensors)
     out.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(out, nbytes + (1 << 20))

@@ -14,10 +14,15 @@ and quantized slice by slice. llama.cpp holds one 3-D tensor per kind and layer:
                   splits by rows exactly, gate's B rows [0, I) and up's [I, 2I). An expert without an adapter
                   gets zero A and B (no change), as PEFT's fused layout would hold it.
 
-Only the families whose expert LoRA is verified this way are written (Mixtral, Qwen2-MoE, Qwen3-MoE, and
+gpt-oss stores one (E, in, out) tensor per projection, gate and up in alternating columns of gate_up_proj; training
+holds expert e's gate_up_proj as that slice transposed, (2I, H) with gate rows 0::2 and up rows 1::2 (model/moe.py).
+Its merged GGUF takes each whole (2I, H) slice through dequant(quant(.)) and s·B_e @ A_e, then the gate or up rows;
+its adapter GGUF splits B_e's rows the same way (gate 0::2, up 1::2: B @ A's rows split exactly), A_e shared.
+
+Only the families whose expert LoRA is verified this way are written (Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss, and
 DeepSeek-V2/V3, whose deepseek2 graph runs its routed experts through the same build_moe_ffn); another MoE family
-with expert adapters (gpt-oss's interleaved gate/up) is refused by name. DeepSeek's checkpoint holds per-expert
-gate_proj/up_proj/down_proj as Mixtral's and the Qwen MoEs' do, and training fuses them the same way.
+with expert adapters is refused by name. DeepSeek's checkpoint holds per-expert gate_proj/up_proj/down_proj as
+Mixtral's and the Qwen MoEs' do, and training fuses them the same way.
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ from ...errors import ExportError
 from ..merge import merge_base_weight
 from ..shards import TensorInfo, read_tensor
 
-FAMILIES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
-# expert LoRA written (merged and adapter GGUF); FAMILIES above: K-quant mix of their 3-D tensors verified too
-LORA_FAMILIES = (*FAMILIES, "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+FAMILIES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")  # per-expert tensors, [gate; up] rows
+INTERLEAVED = ("GptOssForCausalLM",)  # one (E, in, out) tensor per projection, gate/up in alternating columns
+# expert LoRA written (merged and adapter GGUF), verified against PEFT and llama.cpp
+LORA_FAMILIES = (*FAMILIES, *INTERLEAVED, "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 MODULE = re.compile(r"^.*\.layers\.(?P<layer>\d+)\..*\.experts\.(?P<e>\d+)\.(?P<proj>gate_up_proj|down_proj)$")
+FUSED = re.compile(r"^.*\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")  # gpt-oss's stored stacks
 TENSOR = re.compile(r"^blk\.(?P<layer>\d+)\.ffn_(?P<kind>gate|up|down)_exps\.weight$")
 # llama.cpp's tensor kind -> (training's projection, the half of its rows it holds: 0 gate, 1 up, None all)
 PART = {"gate": ("gate_up_proj", 0), "up": ("gate_up_proj", 1), "down": ("down_proj", None)}
@@ -66,6 +73,7 @@ class Stack:
     half: int | None  # 0: gate rows of gate_up_proj, 1: up rows, None: down_proj
     modules: tuple[str | None, ...]  # training's adapted module per expert, None where not adapted
     quantized: bool = True  # a projection training quantized (False: another per-expert tensor, stacked as it is)
+    interleaved: bool = False  # gpt-oss: parts is the one stored (E, in, out) tensor, merged whole (then `take`n)
 
 
 def stack(gguf_name: str, groups: dict[str, list[TensorInfo]], modules) -> Stack:
@@ -86,11 +94,25 @@ def stack(gguf_name: str, groups: dict[str, list[TensorInfo]], modules) -> Stack
                  tuple(mods.get(e) for e in range(len(group))))
 
 
+def interleaved_stack(hf_arch: str, hf_name: str, gguf_name: str, info: TensorInfo, modules) -> Stack | None:
+    """The Stack of GGUF tensor `gguf_name` cut from gpt-oss's stored (E, in, out) expert tensor `hf_name`, or None
+    for any other tensor (biases, other families)."""
+    g = TENSOR.match(gguf_name)
+    if hf_arch not in INTERLEAVED or g is None or FUSED.match(hf_name) is None:
+        return None
+    proj, half = PART[g["kind"]]
+    mods = adapted(modules).get((int(g["layer"]), proj), {})
+    return Stack((info,), (), half, tuple(mods.get(e) for e in range(info.shape[0])), interleaved=True)
+
+
 def weight(s: Stack, merge) -> torch.Tensor:
-    """(E, out, in) fp32: every expert's rows as the run computed with them (module docstring)."""
+    """(E, out, in) fp32: every expert's rows as the run computed with them (module docstring); gpt-oss's in the
+    stored (E, in, out) layout, whole, for the plan's `take` to cut."""
     from ...adapters import methods
 
     roundtrip = merge.merge_base == "dequantized" and merge.src.trained_with.type != "none"
+    if s.interleaved:
+        return _interleaved(s, merge, roundtrip)
     out = []
     for e, info in enumerate(s.parts):
         W, module = read_tensor(info), s.modules[e]
@@ -106,10 +128,30 @@ def weight(s: Stack, merge) -> torch.Tensor:
     return torch.stack(out)
 
 
-def adapter_tensors(a, n_expert: int, shapes: dict[str, tuple[int, ...]], fold) -> list[tuple[str, torch.Tensor]]:
+def _interleaved(s: Stack, merge, roundtrip: bool) -> torch.Tensor:
+    """gpt-oss: the stored (E, in, out) tensor, fp32, each expert as the run computed with it: training's (out, in)
+    slice (gate_up: gate/up rows interleaved, quantized as one) merged whole and put back. The plan's `take` cuts
+    llama.cpp's tensor from it as from the checkpoint's (families_moe.gpt_oss_split)."""
+    from ...adapters import methods
+
+    stored = read_tensor(s.parts[0])
+    out = torch.empty(stored.shape, dtype=torch.float32)
+    for e, module in enumerate(s.modules):
+        W = stored[e].t().contiguous()
+        if roundtrip:
+            W = merge_base_weight(W, merge.src.trained_with, merge.frozen, merge.merge_base, merge.device,
+                                  merge.src.offset(module))
+        out[e] = (methods.merge_rows(W, merge.src.stack, module, (0, W.shape[0]), torch.float32) if module
+                  else W.float()).t()
+    return out
+
+
+def adapter_tensors(a, n_expert: int, shapes: dict[str, tuple[int, ...]], fold, interleaved: bool = False
+                    ) -> list[tuple[str, torch.Tensor]]:
     """The expert pairs of adapter `a` as llama.cpp's stacked LoRA tensors: [(name.lora_a (E, r, in)),
     (name.lora_b (E, out, r))] per expert tensor. `shapes`: GGUF name -> (E, out, in) of the base's expert tensors;
-    fold(module, B) -> B with the module's scale relative to alpha / r folded in."""
+    fold(module, B) -> B with the module's scale relative to alpha / r folded in; `interleaved`: gate_up's B rows
+    alternate gate/up (gpt-oss), else [gate; up] halves."""
     import gguf
 
     out = []
@@ -134,7 +176,7 @@ def adapter_tensors(a, n_expert: int, shapes: dict[str, tuple[int, ...]], fold) 
         for i, kind in enumerate(kinds):
             tensor = getattr(gguf.MODEL_TENSOR, f"FFN_{kind.upper()}_EXP")
             name = f"{gguf.TENSOR_NAMES[tensor].format(bid=layer)}.weight"
-            B = Bs[:, i * rows // len(kinds):(i + 1) * rows // len(kinds)]
+            B = Bs[:, i::len(kinds)] if interleaved else Bs[:, i * rows // len(kinds):(i + 1) * rows // len(kinds)]
             if shapes.get(name) != (n_expert, B.shape[1], inp):
                 raise ExportError(f"--format gguf-adapter: the adapter's {proj} of layer {layer} makes {name} "
                                   f"{(n_expert, B.shape[1], inp)}, the base's is {shapes.get(name, 'missing')}. Pass "

@@ -6,7 +6,8 @@
                   the MoE routers stay f32 as llama.cpp's converter keeps them; a weight whose row length is not a
                   multiple of the type's block (32) falls back to f16, as llama.cpp's converter does. A tensor may
                   be written as pieces of a source tensor, cut after the merge (`take`: gpt-oss's gate_up, DeepSeek's
-                  kv_b; families_moe); MoE experts are stacked as training held them (`gguf_experts`).
+                  kv_b; families_moe); MoE experts are stacked as training held them (`gguf_experts`; gpt-oss's
+                  stored (E, in, out) stacks are merged per expert there, whole, before `take`).
                   K-quants (q2_k ... q6_k): blocks made by llama.cpp's own ggml quantizer from the xllamacpp
                   wheel, llama.cpp's type mix (`gguf_kquant`); without it but with llama-cpp-python, an f16 GGUF
                   through its llama_model_quantize. mxfp4: llama.cpp's MXFP4_MOE mix (`gguf_kquant.mxfp4_kind`),
@@ -34,6 +35,7 @@ import torch
 
 from ... import atomic
 from . import arch as gguf_arch, experts as gguf_experts, kquant as gguf_kquant, vocab as gguf_vocab, ollama
+from . import rope as gguf_rope
 from ...errors import ExportError
 from .kquant import KQUANTS
 from ..files import check_free_space
@@ -136,7 +138,8 @@ def plan(index: dict[str, TensorInfo], names: gguf_arch.TensorNames, kind: str, 
                           "MXFP4. Export --gguf-type q8_0 (the same file), or q4_0 / a K-quant for a smaller one.")
     tied = "output.weight" not in {r[2] for r in rows}
     for hf, info, name, shape, take, transposed in rows:
-        stack = gguf_experts.stack(name, groups, adapted) if name in groups else None
+        stack = gguf_experts.stack(name, groups, adapted) if name in groups else \
+            gguf_experts.interleaved_stack(names.arch.hf, hf, name, info, adapted)
         # f32 whatever the type, as llama.cpp's converter: 1-D tensors, biases (gpt-oss's (E, I) expert biases
         # among them), learned positions, RoPE factors, the expert routers
         t = kind if len(shape) >= 2 and name.endswith(".weight") and not name.startswith(F32_NAMES) \
@@ -263,6 +266,7 @@ def write_model(merge: Merge, base: Path, index: dict[str, TensorInfo], out: Pat
     store = "f16" if via_f16 else kind
     names = gguf_arch.TensorNames(arch)
     tensors, notes = plan(index, names, store, merge.src.modules())
+    notes += gguf_rope.truncate_note(config, arch.head_dim)
     total = sum(p.nbytes for p in tensors)
     need = total * (2 if via_f16 else 1) + (64 << 20)
     out.parent.mkdir(parents=True, exist_ok=True)

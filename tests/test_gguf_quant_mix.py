@@ -1,4 +1,4 @@
-"""The GGUF type mix of gpt-oss and DeepSeek-V2/V3 (K-quants and mxfp4), checked without llama.cpp
+"""The GGUF type mix of gpt-oss and DeepSeek-V2/V3 (K-quants and mxfp4) and of a fused qkv, checked without llama.cpp
 (tests/test_llama_cpp_moe.py runs the files in llama.cpp). Every table below is derived by hand from llama.cpp's
 src/llama-quant.cpp (commit 007dbbf): tensor_allows_quantization (what stays as it is), tensor_get_category (a
 tensor's rule by a substring of its name: attn_k_b / attn_v_b / attn_kv_a_mqa / attn_q_a / attn_q_b hold none of
@@ -89,6 +89,14 @@ CASES = {
     "DeepSeek-V2-Lite": ("deepseek2-lite", 64, {}, {
         "q4_k_m": ("Q5_0", {"output": "Q8_0", "attn_k_b": "F16",
                             **down(tuple("Q8_0" if i in LITE_MORE else "Q5_0" for i in range(26)))}),
+    }),
+    # a dense model with a fused attn_qkv (Phi-3): category_is_attn_v gives it attn_v's rule (llama.cpp's own
+    # attn_qkv branch, q4_k_m Q5_K, comes after that one and is never reached); gqa 1
+    "Phi-3, fused qkv": ("phi3", 256, L4, {
+        "q4_k_m": ("Q4_K", {"output": "Q6_K", "attn_qkv": MORE, "ffn_down": MORE}),
+        "q3_k_m": ("Q3_K", {"output": "Q6_K", "attn_qkv": ("Q5_K", "Q5_K", "Q4_K", "Q4_K"), "attn_output": "Q4_K",
+                            "ffn_down": "Q4_K"}),
+        "q2_k": ("Q2_K", {"output": "Q6_K", "attn_qkv": "Q3_K", "attn_output": "Q3_K", "ffn_down": "Q3_K"}),
     }),
     # mxfp4 on another MoE family: the shared expert and its (1, hidden) gate are not 3-D (Q8_0, kept)
     "Qwen2-MoE": ("qwen2moe", 64, {}, {

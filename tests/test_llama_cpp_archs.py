@@ -129,11 +129,11 @@ def test_k_quant_runs_in_llama_cpp(name, tmp_path):
            for t in gguf.GGUFReader(tmp_path / "m-f16.gguf").tensors}
     falcon = MODELS[name][0] == "falcon"
     # llama.cpp's q4_k_m mix on 2 layers, stated here: use_more_bits picks layer 1 (attn_v, ffn_down: Q6_K; Falcon's
-    # ffn_down: Q5_K), fused qkv Q5_K, the output (or tied embedding) Q6_K (Falcon: Q8_0), positions f32; rows
-    # not a multiple of 256 (Gemma's 64-wide attention output) take the fallback Q5_0/Q8_0
+    # ffn_down: Q5_K; a fused qkv as attn_v: category_is_attn_v), the output (or tied embedding) Q6_K (Falcon:
+    # Q8_0), positions f32; rows not a multiple of 256 (Gemma's 64-wide attention output) take the fallback Q5_0/Q8_0
     want = {"blk.1.attn_v.weight": "Q6_K", "blk.0.attn_v.weight": "Q4_K", "blk.0.ffn_down.weight": "Q4_K",
-            "blk.1.ffn_down.weight": "Q5_K" if falcon else "Q6_K", "blk.0.attn_qkv.weight": "Q5_K",
-            "blk.1.attn_qkv.weight": "Q5_K",
+            "blk.1.ffn_down.weight": "Q5_K" if falcon else "Q6_K", "blk.0.attn_qkv.weight": "Q4_K",
+            "blk.1.attn_qkv.weight": "Q6_K",
             "position_embd.weight": "F32", "output.weight": "Q8_0" if falcon else "Q6_K"}
     fallback = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
     r = gguf.GGUFReader(tmp_path / "m-q4_k_m.gguf")

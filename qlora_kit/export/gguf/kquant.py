@@ -12,7 +12,9 @@ the layers, every third in between). A tensor's category is a substring of its n
 rule names an architecture but Falcon: gpt-oss and DeepSeek have none of their own):
 
     output (token_embd when tied)  Q6_K (Falcon: Q8_0; rows not 256-blocks: Q8_0)
-    attn_v     q2_k: Q4_K if gqa >= 4 else Q3_K; q3_k_m: Q5_K in layers 0-1, else Q4_K; q3_k_l: Q5_K;
+    attn_v, attn_qkv (category_is_attn_v: the fused qkv takes attn_v's rule; llama.cpp's own attn_qkv branch,
+               q4_k_m: Q5_K, comes after it and is never reached)
+               q2_k: Q4_K if gqa >= 4 else Q3_K; q3_k_m: Q5_K in layers 0-1, else Q4_K; q3_k_l: Q5_K;
                q4_k_m/q5_k_m: Q6_K where more(i); q4_k_s: Q5_K in layers 0-3. Then E == 8: Q8_0
     attn_k     E == 8: Q8_0
     attn_output  E == 8: Q5_K in q2_k, q3_k_s, q3_k_m, q4_k_s, q4_k_m; else q2_k: Q3_K, q3_k_m: Q4_K, q3_k_l: Q5_K
@@ -22,7 +24,6 @@ rule names an architecture but Falcon: gpt-oss and DeepSeek have none of their o
                q2_k: Q3_K; q3_k_m: Q5_K in the first 1/16, else Q4_K (Falcon: Q3_K unless more(i)); q3_k_l: Q5_K
                (Falcon Q4_K); q4_k_m: Q6_K where more(i) (Falcon: Q6_K in the first 1/16, Q5_K where more(i));
                q5_k_m: Q6_K where more(i); q4_k_s: Q5_K in the first 1/8 (not Falcon)
-    attn_qkv   q3_k_m/q3_k_l: Q4_K; q4_k_m: Q5_K; q5_k_m: Q6_K
     otherwise  the file's type: ffn_gate/up (_exps, _shexp), attn_q, untied token_embd, and DeepSeek's latent
                attention: attn_q_a, attn_q_b, attn_kv_a_mqa and the 3-D (n_head, ...) attn_k_b / attn_v_b, none of
                whose names holds "attn_v.weight" / "attn_k.weight" / "attn_kv_b.weight" (llama.cpp gives the
@@ -90,7 +91,7 @@ def tensor_kind(kind: str, name: str, n_layers: int, tied: bool, arch: str = "ll
         return t
     i, n, falcon, eight = int(name.split(".")[1]), n_layers, arch == "falcon", n_expert == 8
     more = use_more_bits(i, n)
-    if ".attn_v." in name:
+    if ".attn_v." in name or ".attn_qkv." in name:  # llama.cpp's category_is_attn_v: fused qkv counts as v
         t = {"q2_k": "q4_k" if gqa >= 4 else "q3_k", "q3_k_m": "q5_k" if i < 2 else "q4_k", "q3_k_l": "q5_k",
              "q4_k_m": "q6_k" if more else t, "q5_k_m": "q6_k" if more else t,
              "q4_k_s": "q5_k" if i < 4 else t}.get(kind, t)
@@ -103,8 +104,6 @@ def tensor_kind(kind: str, name: str, n_layers: int, tied: bool, arch: str = "ll
         if eight:
             return "q5_k" if kind in ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m") else t
         return {"q2_k": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(kind, t)
-    if ".attn_qkv." in name:
-        return {"q3_k_m": "q4_k", "q3_k_l": "q4_k", "q4_k_m": "q5_k", "q5_k_m": "q6_k"}.get(kind, t)
     if ".ffn_down" in name:  # ffn_down, ffn_down_exps, ffn_down_shexp
         if kind == "q4_k_m" and falcon:
             return "q6_k" if i < n // 16 else "q5_k" if more else "q4_k"

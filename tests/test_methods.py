@@ -151,6 +151,9 @@ def test_peft_written_dora_and_ia3_give_peft_logits_in_generate_and_export(tiny_
         want = _peft_adapter(tiny_model, tmp_path / name, config)
         assert rel(want, logits(hf_model(tiny_model))) > 1e-3
         assert rel(logits(ours(tmp_path / name, base=tiny_model)), want) < 1e-5, name
+        a = peft_format.load_stack(tmp_path / name)[0]
+        assert a.modules() and all(a.has(m) for m in a.modules()), name  # the merge's per-module lookup
+        assert not a.has("model.layers.0.mlp.up_proj") and not a.has(a.modules()[0] + ".lora_A"), name
         out = tmp_path / f"{name}-merged"
         ex.export(tmp_path / name, ex.Options("merged", out, base=str(tiny_model), merge_base="original",
                                               dtype="fp32", progress=False))

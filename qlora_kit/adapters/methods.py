@@ -232,7 +232,7 @@ def merge_rows(W: torch.Tensor, stack: list[peft_format.Adapter], module: str, r
     i, j = rows
     V = W  # each method returns a new fp32 block (lora.merge copies W once); never changes W
     for a in stack:
-        if module not in a.modules():
+        if not a.has(module):
             continue
         if a.kind == "ia3":
             V = ia3.merge_rows(V, a.ia3_vector(module), a.feedforward(module), rows)

@@ -97,6 +97,11 @@ class Adapter:
             return sorted(k[: -len(".ia3_l")] for k in self.tensors)
         return sorted({k.rsplit(".lora_", 1)[0] for k in self.tensors})
 
+    def has(self, module: str) -> bool:
+        """Whether `module` is adapted: one key lookup, where `module in modules()` builds the set of every module
+        (a merge asks once per expert slice: quadratic on a MoE)."""
+        return f"{module}{'.ia3_l' if self.kind == 'ia3' else '.lora_A.weight'}" in self.tensors
+
     def pair(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (r, in), B (out, r)) of one module."""
         return self.tensors[f"{module}.lora_A.weight"], self.tensors[f"{module}.lora_B.weight"]

@@ -106,3 +106,21 @@ def assert_close(g0, g1):
     assert g0.keys() == g1.keys() and g0
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-4 * g0[k].abs().max().item(), msg=k)
+
+
+def engage(model, *, checkpointing=False, store=None, re_embed=False, chunk=0, lean=False) -> dict:
+    """Turn on the long-context options as prepare() does, in its order (checkpointing, offloaded checkpoints,
+    re-embedding, tiled MLP, lean norms): {option: what it engaged}, for the option tests to assert on."""
+    from qlora_kit.lowmem import lean_norm, offload, reembed, tiled_mlp
+
+    engaged = {}
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if store is not None:
+        engaged["offloaded"] = offload.enable(model, store)
+    if re_embed:
+        engaged["reembed"] = reembed.enable(model)
+    engaged["tiled"] = tiled_mlp.tile_mlps(model, chunk)
+    if lean:
+        engaged["lean"] = lean_norm.make_lean(model)
+    return engaged

@@ -275,3 +275,15 @@ def copy_gguf(src: Path, dst: Path, keys: dict | None = None, retype=None, drop:
     w.write_tensors_to_file()
     w.close()
     return dst
+
+
+def per_model(tmp_path_factory, make):
+    """name -> make(name, a fresh folder), built once per name: the body of a module-scoped fixture whose models
+    several tests share."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = make(name, tmp_path_factory.mktemp(name))
+        return cache[name]
+    return get

@@ -21,7 +21,7 @@ import torch
 import archs
 from archs import assert_close, one_thread  # noqa: F401 (one_thread: a fixture)
 from qlora_kit.adapters.lora import LoraSpec, LoRALinear, inject
-from qlora_kit.lowmem import lean_norm, offload, reembed, tiled_mlp
+from qlora_kit.lowmem import offload, tiled_mlp
 from qlora_kit.model.load import linear_from_conv1d
 
 LAYERS = 2
@@ -39,16 +39,7 @@ def build(name, *, checkpointing=False, lean=False, chunk=0, store=None, re_embe
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
-    engaged = {}
-    if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if store is not None:
-        engaged["offloaded"] = offload.enable(model, store)
-    if re_embed:
-        engaged["reembed"] = reembed.enable(model)
-    engaged["tiled"] = tiled_mlp.tile_mlps(model, chunk)
-    if lean:
-        engaged["lean"] = lean_norm.make_lean(model)
+    engaged = archs.engage(model, checkpointing=checkpointing, store=store, re_embed=re_embed, chunk=chunk, lean=lean)
     return model.train(), engaged
 
 

@@ -115,6 +115,19 @@ def test_deepseek_latent_attention_layout(name, tmp_path):
         assert fields[k + "expert_gating_func"] == 1 and k + "expert_weights_norm" not in fields
 
 
+def changed(name: str, tmp_path: Path, change: dict) -> tuple[Path, Path]:
+    """(the tiny model, a copy of it whose config.json has `change` applied): the adapter trained on the first
+    fits the second, whose config the export reads."""
+    orig = build(name, tmp_path / "orig")
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in orig.iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(config | change))
+    return orig, base
+
+
 @pytest.mark.parametrize("name, change, message", [
     ("gptoss", {"swiglu_limit": 5.0}, "limit 7"),
     ("gptoss", {"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window pattern 2"),
@@ -128,13 +141,7 @@ def test_deepseek_latent_attention_layout(name, tmp_path):
 ])
 def test_what_llama_cpp_hard_codes_is_refused(name, change, message, tmp_path):
     """A config llama.cpp's graph would run differently from transformers is refused by name, nothing written."""
-    orig = build(name, tmp_path / "orig")
-    base = tmp_path / "base"
-    base.mkdir()
-    for f in orig.iterdir():
-        (base / f.name).write_bytes(f.read_bytes())
-    config = json.loads((base / "config.json").read_text())
-    (base / "config.json").write_text(json.dumps(config | change))
+    orig, base = changed(name, tmp_path, change)
     with pytest.raises(ExportError, match=message):
         ex.export(adapter(name, tmp_path / "a", orig, targets=("o_proj",)),
                   ex.Options("gguf", tmp_path / "m.gguf", base=str(base), progress=False))
@@ -150,13 +157,7 @@ def test_expert_groups_written_only_where_transformers_limits_them(name, change,
     """llama.cpp limits the experts to the best groups (top-2 sum) whenever expert_group_count > 1 is in the file
     (llama-graph.cpp's build_moe_ffn, any architecture): a config whose router does not limit groups in transformers
     must not carry the count, or llama.cpp would route its tokens to other experts."""
-    orig = build(name, tmp_path / "orig")
-    base = tmp_path / "base"
-    base.mkdir()
-    for f in orig.iterdir():
-        (base / f.name).write_bytes(f.read_bytes())
-    config = json.loads((base / "config.json").read_text())
-    (base / "config.json").write_text(json.dumps(config | change))
+    orig, base = changed(name, tmp_path, change)
     out = tmp_path / "m.gguf"
     ex.export(adapter(name, tmp_path / "a", orig, targets=("o_proj",)),
               ex.Options("gguf", out, base=str(base), gguf_type="f32", progress=False))

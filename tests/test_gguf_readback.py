@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import CHATML, write_jsonl
-from gguf_models import READ_BACK, adapter, bpe_tokenizer, build, copy_gguf, peft_merged, pre_tokenizers
+from gguf_models import READ_BACK, adapter, bpe_tokenizer, build, copy_gguf, peft_merged, per_model, pre_tokenizers
 from qlora_kit.cli.main import main
 from qlora_kit.errors import ModelError
 from qlora_kit.export import formats as ex
@@ -46,16 +46,11 @@ Q8 = ("llama", "falcon-new-decoder", "gpt2", "mixtral", "gemma2", "qwen2-yarn-ro
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """name -> (folder, base, adapter, PEFT-merged model, f32 GGUF), built once per architecture."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            d = tmp_path_factory.mktemp(name)
-            base = build(name, d / name)  # the folder's name is general.name's stem: `mistral` must not misread
-            a = adapter(name, d / "a", base)
-            cache[name] = (d, base, a, peft_merged(base, a), export(a, d / "m.gguf", "f32"))
-        return cache[name]
-    return get
+    def make(name, d):
+        base = build(name, d / name)  # the folder's name is general.name's stem: `mistral` must not misread
+        a = adapter(name, d / "a", base)
+        return d, base, a, peft_merged(base, a), export(a, d / "m.gguf", "f32")
+    return per_model(tmp_path_factory, make)
 
 
 @pytest.mark.parametrize("name", READ_BACK)

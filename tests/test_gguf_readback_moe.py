@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from gguf_models import adapter, build, copy_gguf
+from gguf_models import adapter, build, copy_gguf, per_model
 from qlora_kit.cli.main import main
 from qlora_kit.errors import ModelError
 from qlora_kit.export import formats as ex
@@ -45,16 +45,10 @@ def export(src, out: Path, fmt: str, **kw) -> Path:
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """name -> (folder, adapter, merged fp32 safetensors export, f32 GGUF), built once per model."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            d = tmp_path_factory.mktemp(name)
-            a = adapter(name, d / "a", build(name, d / name))
-            cache[name] = (d, a, export(a, d / "merged", "merged", dtype="fp32"),
-                           export(a, d / "m.gguf", "gguf", gguf_type="f32"))
-        return cache[name]
-    return get
+    def make(name, d):
+        a = adapter(name, d / "a", build(name, d / name))
+        return d, a, export(a, d / "merged", "merged", dtype="fp32"), export(a, d / "m.gguf", "gguf", gguf_type="f32")
+    return per_model(tmp_path_factory, make)
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gguf_models import ADAPTER_GGUF_TARGETS, MODELS, MOE, adapter, build, peft_merged
+from gguf_models import ADAPTER_GGUF_TARGETS, MODELS, MOE, adapter, build, peft_merged, per_model
 from qlora_kit.adapters import peft_format
 from qlora_kit.export import formats as ex
 
@@ -40,17 +40,12 @@ def deepseek(name: str) -> bool:
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """name -> (base, adapter, PEFT-merged model), built once per architecture."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            d = tmp_path_factory.mktemp(name)
-            base = build(name, d / "base")
-            a = adapter(name, d / "adapter", base, experts=deepseek(name))
-            cache[name] = (d, base, a, peft_merged(base, a))
-        return cache[name]
-    return get
+    """name -> (folder, base, adapter, PEFT-merged model), built once per architecture."""
+    def make(name, d):
+        base = build(name, d / "base")
+        a = adapter(name, d / "adapter", base, experts=deepseek(name))
+        return d, base, a, peft_merged(base, a)
+    return per_model(tmp_path_factory, make)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -23,7 +23,7 @@ from archs import assert_close
 from moe_models import MOE, make_moe_model
 from qlora_kit.adapters.lora import LoraSpec, LoRALinear, inject
 from qlora_kit.config import ModelConfig, QuantConfig
-from qlora_kit.lowmem import lean_norm, offload, reembed, tiled_mlp
+from qlora_kit.lowmem import offload, tiled_mlp
 from qlora_kit.model.load import load_base
 
 EXPERTS = r".*\.experts\.\d+\.(gate_up_proj|down_proj)"
@@ -48,16 +48,7 @@ def build(folder, *, targets="all-linear", checkpointing=False, lean=False, chun
           dropout=0.0):
     """The model as prepare() makes it (options first, adapters after), with every lora_B random."""
     model, _, _ = load_base(ModelConfig(path=str(folder), dtype="fp32"), QuantConfig(type="nf4", compute_dtype="fp32"))
-    engaged = {}
-    if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if store is not None:
-        engaged["offloaded"] = offload.enable(model, store)
-    if re_embed:
-        engaged["reembed"] = reembed.enable(model)
-    engaged["tiled"] = tiled_mlp.tile_mlps(model, chunk)
-    if lean:
-        engaged["lean"] = lean_norm.make_lean(model)
+    engaged = archs.engage(model, checkpointing=checkpointing, store=store, re_embed=re_embed, chunk=chunk, lean=lean)
     torch.manual_seed(0)
     engaged["adapted"] = inject(model, targets, LoraSpec(4, 8, dropout, dtype=torch.float32))
     with torch.no_grad():

@@ -64,12 +64,13 @@ def make_moe_model(folder: Path, arch: str, seed: int = 0, dtype=torch.bfloat16,
     return folder
 
 
-def reference(folder: Path, dtype=torch.float32, roundtrip=None):
-    """transformers' own model from `folder` (eager experts), with every Linear weight and expert slice replaced
-    by roundtrip(W (out, in)) when given (dequant(quant(W)): what a quantized base multiplies by)."""
+def reference(folder: Path, dtype=torch.float32, roundtrip=None, **load):
+    """transformers' own model from `folder` (eager experts; `load`: more from_pretrained arguments), with every
+    Linear weight and expert slice replaced by roundtrip(W (out, in)) when given (dequant(quant(W)): what a
+    quantized base multiplies by)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, experts_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, experts_implementation="eager", **load)
     if roundtrip is None:
         return model
     lm_head = model.get_output_embeddings()
@@ -107,7 +108,6 @@ def make_mxfp4_gpt_oss(folder: Path, seed: int = 0) -> Path:
     blocks are 32 inputs wide."""
     import json
 
-    import numpy as np
     from gguf.constants import GGMLQuantizationType
     from gguf.quants import quantize
     from safetensors.torch import load_file, save_file

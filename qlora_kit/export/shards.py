@@ -103,19 +103,12 @@ def tensor_index(folder: Path) -> dict[str, TensorInfo]:
                 raise ModelError(f"{folder}: tensor {info.name} is stored twice "
                                  f"({index[info.name].file.name}, {path.name}).")
             index[info.name] = info
-    if not _is_mxfp4(folder):
+    if not mxfp4.is_mxfp4_folder(folder):
         return index
     try:
         return dict(mxfp4.decoded_entries(index.items(), lambda b, s: _decoded_info(b, s)))
     except ValueError as e:
         raise ModelError(f"{folder} (MXFP4): {e}; the checkpoint is incomplete (a missing shard?).") from None
-
-
-def _is_mxfp4(folder: Path) -> bool:
-    try:
-        return mxfp4.is_mxfp4(json.loads((folder / "config.json").read_text(encoding="utf-8")))
-    except (OSError, ValueError, AttributeError):
-        return False  # no readable config.json: whoever needs it says so
 
 
 def _decoded_info(blocks: TensorInfo, scales: TensorInfo) -> TensorInfo:

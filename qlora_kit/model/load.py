@@ -130,7 +130,8 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
 
 def load_config(folder: Path, trust_remote_code: bool = False, quantized_ok: bool = False):
     """The transformers config of a causal LM folder, with clear errors for everything else. `quantized_ok`: a
-    bitsandbytes-quantized checkpoint is accepted (load_base loads its stored codes: prequant.py)."""
+    bitsandbytes-quantized checkpoint is accepted (load_base loads its stored codes: prequant.py). MXFP4 experts
+    always are: they are read decoded (quant/mxfp4.py), as a 16-bit checkpoint."""
     if not folder.is_dir():
         raise ModelError(f"{folder} is not a folder; pass a Hugging Face model folder.")
     if not (folder / "config.json").is_file():
@@ -163,7 +164,7 @@ def load_config(folder: Path, trust_remote_code: bool = False, quantized_ok: boo
     if not causal:
         raise ModelError(f"{folder} is a {config.model_type!r} model ({', '.join(archs) or 'no architectures'}), "
                          "not a causal language model; qlora-kit fine-tunes decoder LMs (Llama, Mistral, Qwen...).")
-    if getattr(config, "quantization_config", None) and not quantized_ok:
+    if getattr(config, "quantization_config", None) and not quantized_ok and not mxfp4.is_mxfp4(config):
         raise ModelError(f"{folder} is already quantized ({config.quantization_config}); "
                          "pass the original 16-bit checkpoint and let qlora-kit quantize it.")
     return config

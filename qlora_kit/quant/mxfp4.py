@@ -16,6 +16,8 @@ quantizing to nf4/fp4/int8, exporting) treats it as one.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
 import torch
@@ -36,6 +38,14 @@ def is_mxfp4(config) -> bool:
     if qc is not None and not isinstance(qc, dict):
         qc = qc.to_dict()
     return bool(qc) and qc.get("quant_method") == QUANT_METHOD
+
+
+def is_mxfp4_folder(folder: Path) -> bool:
+    """Whether a model folder's config.json says MXFP4 (False where it cannot be read: the loader says why)."""
+    try:
+        return is_mxfp4(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def decode(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -50,17 +50,24 @@ def released(tmp_path_factory):
 
 def test_decoded_experts_are_transformers_dequantization(released):
     """Ours == transformers' convert_moe_packed_tensors == from_pretrained(Mxfp4Config(dequantize=True)), exactly,
-    in the loader's base and in the export's index; and near the 16-bit weights the checkpoint was encoded from."""
+    in the export's index and in the loader's unquantized (quant.type none) experts, whose logits then equal
+    transformers' model's."""
     from safetensors.torch import load_file
     from transformers import Mxfp4Config
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
+    from qlora_kit.config import ModelConfig, QuantConfig
     from qlora_kit.export.shards import read_tensor, tensor_index
+    from qlora_kit.model.load import load_base
 
     stored = load_file(str(released / "model.safetensors"))
-    theirs = dict(reference(released, torch.bfloat16, quantization_config=Mxfp4Config(dequantize=True))
-                  .named_parameters())
+    ref = reference(released, torch.float32, quantization_config=Mxfp4Config(dequantize=True))
+    theirs = dict(ref.named_parameters())
     index = tensor_index(released)
+    ours_model = load_base(ModelConfig(path=str(released), dtype="fp32"), QuantConfig(type="none"))[0].eval()
+    ids = torch.randint(3, 300, (1, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours_model(ids).logits, ref(ids).logits)
     assert not any(k.endswith((mxfp4.BLOCKS, mxfp4.SCALES)) for k in index)
     for layer in range(2):
         for proj in PROJ:
@@ -68,7 +75,9 @@ def test_decoded_experts_are_transformers_dequantization(released):
             blocks, scales = stored[name + mxfp4.BLOCKS], stored[name + mxfp4.SCALES]
             ours = mxfp4.decode(blocks, scales)
             assert torch.equal(ours, convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)), name
-            assert torch.equal(ours, theirs[name]), name
+            assert torch.equal(ours.float(), theirs[name]), name
+            loaded = [getattr(ours_model.model.layers[layer].mlp.experts[e], proj).weight for e in range(4)]
+            assert torch.equal(torch.stack(loaded).transpose(1, 2), ours.float()), name
             assert index[name].shape == tuple(ours.shape) and torch.equal(read_tensor(index[name]), ours), name
             assert len(ours.unique()) > 16  # the block scales vary
 

@@ -100,7 +100,7 @@ def padded_batch(lengths, vocab=300, seed=1):
     return ids, mask
 
 
-def make_mxfp4_gpt_oss(folder: Path, seed: int = 0) -> Path:
+def make_mxfp4_gpt_oss(folder: Path, seed: int = 0, **overrides) -> Path:
     """A tiny gpt-oss as released: its experts in MXFP4 (transformers' `P_blocks` (E, out, in/32, 16) uint8, two
     E2M1 codes a byte, low nibble first, and `P_scales` (E, out, in/32) E8M0 uint8), encoded by the gguf package's
     own MXFP4 quantizer and repacked from ggml's nibble order (byte j: codes j and j + 16 of the block), with
@@ -112,13 +112,13 @@ def make_mxfp4_gpt_oss(folder: Path, seed: int = 0) -> Path:
     from gguf.quants import quantize
     from safetensors.torch import load_file, save_file
 
-    make_moe_model(folder, "gpt_oss", seed, intermediate_size=64)
+    make_moe_model(folder, "gpt_oss", seed, **({"intermediate_size": 64} | overrides))
     state = load_file(str(folder / "model.safetensors"))
     for name in [n for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
         w = state.pop(name).float().transpose(1, 2).contiguous()  # (E, in, out) -> (E, out, in)
         E, R, K = w.shape
-        q = torch.from_numpy(quantize(w.reshape(-1, K).numpy(), GGMLQuantizationType.MXFP4).copy())
-        q = q.reshape(E, R, K // 32, 17)  # per block: E8M0 byte, then 16 bytes of codes
+        q = torch.stack([torch.from_numpy(quantize(w[e].numpy(), GGMLQuantizationType.MXFP4).copy())
+                         for e in range(E)]).reshape(E, R, K // 32, 17)  # a block: E8M0 byte, 16 bytes of codes
         ggml = q[..., 1:]
         codes = torch.cat((ggml & 0x0F, ggml >> 4), dim=-1)  # (E, R, G, 32) in element order
         state[name + "_blocks"] = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()

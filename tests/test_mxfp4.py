@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_recipe, write_jsonl
+from conftest import write_jsonl
 from moe_models import make_mxfp4_gpt_oss, reference
-from test_moe_train import RECORDS, SPEC, _gguf_experts_are_the_runs, _reference_loss
+from test_moe_train import RECORDS, SPEC, _gguf_experts_are_the_runs, _reference_loss, _train
 from qlora_kit.quant import mxfp4
 from qlora_kit.quant.bnb import roundtrip
 from archs import one_thread  # noqa: F401 (a fixture)
@@ -96,15 +96,10 @@ def test_mxfp4_run_evals_as_peft_and_exports(released, tmp_path):
     from qlora_kit.estimate.count import count_params
     from qlora_kit.export import formats as export
     from qlora_kit.infer import evaluation
-    from qlora_kit.train import loop as train
 
     path = write_jsonl(tmp_path / "d.jsonl", RECORDS)
-    recipe = tiny_recipe(released, path, model={"dtype": "fp32"}, quant={"compute_dtype": "fp32"},
-                         data={"val_fraction": 0.25}, train={"steps": 2, "batch_size": 3, "lr": 3e-2},
-                         lora={"targets": "all-linear"})
-    run = tmp_path / "run"
-    summary = train.run(recipe, run, progress=False)
-    assert summary["base_stored"] == "mxfp4"
+    run = _train(released, "gpt_oss", path, tmp_path / "run")  # nf4, fp32, LoRA on every expert
+    assert json.loads((run / "summary.json").read_text())["base_stored"] == "mxfp4"
     res = evaluation.run(evaluation.Request(str(run), str(path), format="alpaca", max_length=64, batch_size=4))
     examples = data.build(DataConfig(path=str(path), format="alpaca", max_length=64),
                           AutoTokenizer.from_pretrained(released), 0).train

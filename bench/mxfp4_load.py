@@ -5,7 +5,7 @@
 
 A random gpt-oss (hidden 512, intermediate 512, 16 experts, 4 layers: 50M expert weights, 101 MB in bf16) is saved
 in bf16 and then with its experts MXFP4-encoded by the gguf package (tests/moe_models.py). Peak RSS is the worker's
-VmHWM; "after imports" its RSS before loading. Writes bench/results/mxfp4_load.md.
+VmHWM; "after imports" its RSS before loading. Writes bench/results/mxfp4_load.json and .md.
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ def main() -> None:
     text = (f"# load_base (nf4) of a random gpt-oss, bf16 vs MXFP4 experts\n\n{json.dumps(CONFIG)}\n\n"
             + "\n".join(lines) + f"\n\nload average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
     (HERE / "results" / "mxfp4_load.md").write_text(text)
+    record = {"config": CONFIG, "file_bytes": sizes, "runs": rows, "load_average": load}
+    (HERE / "results" / "mxfp4_load.json").write_text(json.dumps(record, indent=1) + "\n")
     print(text)
 
 

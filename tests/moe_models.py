@@ -39,20 +39,20 @@ NAMES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE
          "deepseek_v3": "DeepSeek-V3", "gpt_oss": "gpt-oss"}  # README's names (bench/arch_table.py)
 
 
-def tiny_model(arch: str, vocab: int, pad: int, bos: int, eos: int):
+def tiny_model(arch: str, vocab: int, pad: int, bos: int, eos: int, **overrides):
     """The random model of `arch` (fp32; on meta under accelerate's init_empty_weights)."""
     import transformers
 
     cfg_name, model_name, kwargs = ARCHS[arch]
     config = getattr(transformers, cfg_name)(vocab_size=vocab, pad_token_id=pad, eos_token_id=eos, bos_token_id=bos,
-                                             **(COMMON | kwargs))  # DeepSeek's MLA: as many kv heads as heads
+                                             **(COMMON | kwargs | overrides))  # DeepSeek's MLA: kv heads = heads
     return getattr(transformers, model_name)(config)
 
 
-def make_moe_model(folder: Path, arch: str, seed: int = 0, dtype=torch.bfloat16) -> Path:
+def make_moe_model(folder: Path, arch: str, seed: int = 0, dtype=torch.bfloat16, **overrides) -> Path:
     tok = make_tokenizer()
     torch.manual_seed(seed)
-    model = tiny_model(arch, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id).to(dtype)
+    model = tiny_model(arch, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, **overrides).to(dtype)
     with torch.no_grad():  # random init is tiny (std 0.02); scale up so 4-bit errors and LoRA effects are visible
         for name, p in model.named_parameters():
             if p.dim() >= 2:
@@ -64,12 +64,13 @@ def make_moe_model(folder: Path, arch: str, seed: int = 0, dtype=torch.bfloat16)
     return folder
 
 
-def reference(folder: Path, dtype=torch.float32, roundtrip=None):
-    """transformers' own model from `folder` (eager experts), with every Linear weight and expert slice replaced
-    by roundtrip(W (out, in)) when given (dequant(quant(W)): what a quantized base multiplies by)."""
+def reference(folder: Path, dtype=torch.float32, roundtrip=None, **load):
+    """transformers' own model from `folder` (eager experts; `load`: more from_pretrained arguments), with every
+    Linear weight and expert slice replaced by roundtrip(W (out, in)) when given (dequant(quant(W)): what a
+    quantized base multiplies by)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, experts_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, experts_implementation="eager", **load)
     if roundtrip is None:
         return model
     lm_head = model.get_output_embeddings()
@@ -97,3 +98,34 @@ def padded_batch(lengths, vocab=300, seed=1):
     for i, n in enumerate(lengths):
         mask[i, :n] = 1
     return ids, mask
+
+
+def make_mxfp4_gpt_oss(folder: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny gpt-oss as released: its experts in MXFP4 (transformers' `P_blocks` (E, out, in/32, 16) uint8, two
+    E2M1 codes a byte, low nibble first, and `P_scales` (E, out, in/32) E8M0 uint8), encoded by the gguf package's
+    own MXFP4 quantizer and repacked from ggml's nibble order (byte j: codes j and j + 16 of the block), with
+    transformers' quantization_config; everything else as the 16-bit model stores it. intermediate 64: MXFP4
+    blocks are 32 inputs wide."""
+    import json
+
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import quantize
+    from safetensors.torch import load_file, save_file
+
+    make_moe_model(folder, "gpt_oss", seed, **({"intermediate_size": 64} | overrides))
+    state = load_file(str(folder / "model.safetensors"))
+    for name in [n for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        w = state.pop(name).float().transpose(1, 2).contiguous()  # (E, in, out) -> (E, out, in)
+        E, R, K = w.shape
+        q = torch.stack([torch.from_numpy(quantize(w[e].numpy(), GGMLQuantizationType.MXFP4).copy())
+                         for e in range(E)]).reshape(E, R, K // 32, 17)  # a block: E8M0 byte, 16 bytes of codes
+        ggml = q[..., 1:]
+        codes = torch.cat((ggml & 0x0F, ggml >> 4), dim=-1)  # (E, R, G, 32) in element order
+        state[name + "_blocks"] = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+        state[name + "_scales"] = q[..., 0].contiguous()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

@@ -13,6 +13,7 @@ from . import artifacts
 from ..adapters import peft_format
 from ..run import checkpoint
 from ..model import load as model
+from ..quant import mxfp4
 from ..errors import ModelError
 from ..run.folder import is_run_dir, read_metrics
 
@@ -33,19 +34,26 @@ def _tensor_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def describe_model(folder: Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
-    config = model.load_config(folder, trust_remote_code)
+    packed = mxfp4.is_mxfp4_folder(folder)  # gpt-oss as released: loaded (decoded) like a 16-bit checkpoint
+    config = model.load_config(folder, trust_remote_code, quantized_ok=packed)
     files = model.weight_files(folder, allow_pickle)
     shapes = _tensor_shapes(files)
     for f in files:  # only reached with allow_pickle: read as tensors only (weights_only), memory-mapped
         if f.suffix == ".bin":
             shapes |= {k: (tuple(v.shape), str(v.dtype)[6:].upper()) for k, v in model.read_pickle(f).items()}
+    if packed:  # a blocks byte holds two weights; the scales (one a block of 32) are no parameters of the model
+        shapes = {(k[: -len(mxfp4.BLOCKS)] if k.endswith(mxfp4.BLOCKS) else k): ((*s[:-2], s[-2] * 32), "MXFP4")
+                  if k.endswith(mxfp4.BLOCKS) else (s, d) for k, (s, d) in shapes.items()
+                  if not k.endswith(mxfp4.SCALES)}
     params = sum(math.prod(s) for s, _ in shapes.values())
     linears = sorted({k.rsplit(".", 2)[-2] for k, (s, _) in shapes.items() if len(s) == 2 and k.endswith(".weight")
                       and "embed" not in k and "lm_head" not in k})
     return {"kind": "model", "path": str(folder), "architecture": (config.architectures or [config.model_type])[0],
             "params": params, "dtypes": sorted({d for _, d in shapes.values()}), "layers": config.num_hidden_layers,
             "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
-            "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)), "linear_modules": linears}
+            "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)), "linear_modules": linears,
+            **({"stored_quantization": "mxfp4 experts (decoded when loaded, then quantized as quant.type says)"}
+               if packed else {})}
 
 
 def describe_adapter(folder: Path) -> dict:
@@ -101,6 +109,6 @@ def describe(path: str, allow_pickle: bool = False, trust_remote_code: bool = Fa
     if p.is_file() and p.suffix.lower() == ".gguf":
         return artifacts.describe_gguf(p)
     folder = model.resolve(path, allow_pickle)
-    if artifacts.is_quantized_folder(folder):
+    if artifacts.is_quantized_folder(folder) and not mxfp4.is_mxfp4_folder(folder):  # MXFP4: loads as 16-bit
         return artifacts.describe_quantized(folder)
     return describe_model(folder, allow_pickle, trust_remote_code)

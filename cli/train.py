@@ -43,8 +43,9 @@ def command(recipe: str, overrides: tuple[str, ...], out: str | None, resume: bo
     Ctrl-C saves a checkpoint; continue with the same command plus --resume.
     Several processes: torchrun --nproc_per_node N -m qlora_kit.cli.main train RECIPE (see README).
     """
-    from qlora_kit.train import distributed
     from qlora_kit.config import load_recipe
+    from qlora_kit.errors import QloraKitError
+    from qlora_kit.train import distributed
     from qlora_kit.train.loop import run
 
     world = distributed.detect()
@@ -56,17 +57,22 @@ def command(recipe: str, overrides: tuple[str, ...], out: str | None, resume: bo
     # The flags are recipe keys too (model.allow_pickle, model.trust_remote_code); a flag can only switch one on.
     flags = [f"model.{k}=true" for k, on in (("allow_pickle", allow_pickle), ("trust_remote_code", trust_remote_code))
              if on]
-    cfg = world.agree(lambda: load_recipe(recipe, [*overrides, *flags]))
-    run_dir = out or cfg.output.dir
-    # What continues this run after Ctrl-C, a full disk or a NaN: the same recipe and overrides, plus --resume.
-    launch = launcher()
-    if world.distributed:  # the same launch again: this node's process count (several nodes: each its own)
-        launch = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world.size)}", "-m",
-                  "qlora_kit.cli.main"]
-    again = [*launch, "train", recipe, *(a for o in overrides for a in ("--set", o)), "--out", str(run_dir),
-             *(["--allow-pickle"] if allow_pickle else []), *(["--trust-remote-code"] if trust_remote_code else []),
-             "--resume"]
-    summary = run(cfg, run_dir, resume=resume, progress=not no_progress, resume_command=shlex.join(again), world=world)
+    try:
+        cfg = world.agree(lambda: load_recipe(recipe, [*overrides, *flags]))
+        run_dir = out or cfg.output.dir
+        # What continues this run after Ctrl-C, a full disk or a NaN: the same recipe and overrides, plus --resume.
+        launch = launcher()
+        if world.distributed:  # the same launch again: this node's process count (several nodes: each its own)
+            launch = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world.size)}", "-m",
+                      "qlora_kit.cli.main"]
+        again = [*launch, "train", recipe, *(a for o in overrides for a in ("--set", o)), "--out", str(run_dir),
+                 *(["--allow-pickle"] if allow_pickle else []), *(["--trust-remote-code"] if trust_remote_code else []),
+                 "--resume"]
+        summary = run(cfg, run_dir, resume=resume, progress=not no_progress, resume_command=shlex.join(again),
+                      world=world)
+    except QloraKitError as e:  # an error every rank raised together: the group shuts down in step
+        distributed.stop_after(world, e)
+        raise
     distributed.stop(world)  # only after success: a failed collective can leave the group unable to shut down
     if world.is_main:
         click.echo(json.dumps(summary))

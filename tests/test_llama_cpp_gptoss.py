@@ -85,19 +85,26 @@ def test_qlora_gpt_oss_gguf_runs_as_the_merged_export(tmp_path):
     (dequantized merge base, the default): llama.cpp gives transformers' greedy tokens and log-probabilities on the
     run's fp32 `--format merged` export (experts dequant(quant(.)) + the trained LoRA, which tests/test_moe_train.py
     checks against the run's loss) to float rounding, on prompts of 4, 5 and 9 tokens."""
+    from moe_models import make_moe_model
+
+    err = run_gguf_vs_merged(make_moe_model(tmp_path / "gpt_oss", "gpt_oss"), tmp_path)
+    print(f"QLoRA gpt-oss f32 GGUF vs its merged export in transformers: max |log p| difference {err:.2e}")
+
+
+def run_gguf_vs_merged(folder, tmp_path) -> float:
+    """Train a short QLoRA run on the gpt-oss in `folder`, export it merged (fp32) and as an f32 GGUF; llama.cpp's
+    greedy tokens on the GGUF must be transformers' on the merged export for every prompt of PROMPTS and the
+    log-probabilities agree to float rounding (< 1e-4). Returns the largest |log p| difference."""
     from transformers import AutoModelForCausalLM
 
     from conftest import write_jsonl
-    from moe_models import make_moe_model
     from qlora_kit.export import formats as ex
-    from test_llama_cpp import export as export_as_trained
     from test_llama_cpp_archs import PROMPTS
     from test_moe_train import RECORDS, _train
 
-    folder = make_moe_model(tmp_path / "gpt_oss", "gpt_oss")
     run = _train(folder, "gpt_oss", write_jsonl(tmp_path / "d.jsonl", RECORDS), tmp_path / "run")
-    ex.export(run, ex.Options("merged", tmp_path / "merged", dtype="fp32", progress=False))
-    export_as_trained(run, tmp_path / "m.gguf", gguf_type="f32")
+    ex.export(str(run), ex.Options("merged", tmp_path / "merged", dtype="fp32", progress=False))
+    ex.export(str(run), ex.Options("gguf", tmp_path / "m.gguf", gguf_type="f32", progress=False))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,
                                                  experts_implementation="eager").eval()
     banned, srv, err = banned_of(folder), server(tmp_path / "m.gguf"), 0.0
@@ -106,5 +113,5 @@ def test_qlora_gpt_oss_gguf_runs_as_the_merged_export(tmp_path):
         theirs, logps = hf_greedy(model, prompt, banned)
         assert ours == theirs, prompt
         err = max(err, *(abs(v - float(lp[i])) for lp, step in zip(logps, lps) for i, v in step.items()))
-    print(f"QLoRA gpt-oss f32 GGUF vs its merged export in transformers: max |log p| difference {err:.2e}")
     assert err < 1e-4, err
+    return err

@@ -5,36 +5,20 @@ tokens and log-probabilities transformers computes with the run's `--format merg
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import write_jsonl
 from moe_models import make_mxfp4_gpt_oss
 from test_moe_train import RECORDS, _train
 
 xlc = pytest.importorskip("xllamacpp", reason="llama.cpp runtime not installed: pip install 'qlora-kit[llama-cpp]'")
-from test_llama_cpp import hf_greedy, llama_greedy, server  # noqa: E402  (after the skip: it imports xllamacpp)
+from test_llama_cpp import llama_greedy, server  # noqa: E402  (after the skip: it imports xllamacpp)
 from test_llama_cpp_archs import PROMPTS, banned_of  # noqa: E402
+from test_llama_cpp_gptoss import run_gguf_vs_merged  # noqa: E402
 
 
 def test_mxfp4_runs_gguf_is_its_merged_export_in_llama_cpp(tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from qlora_kit.export import formats as export
-
-    folder = make_mxfp4_gpt_oss(tmp_path / "gpt-oss")
-    run = _train(folder, "gpt_oss", write_jsonl(tmp_path / "d.jsonl", RECORDS), tmp_path / "run")
-    export.export(str(run), export.Options("merged", tmp_path / "merged", dtype="fp32", progress=False))
-    export.export(str(run), export.Options("gguf", tmp_path / "m.gguf", gguf_type="f32", progress=False))
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,
-                                                 experts_implementation="eager")
-    srv, banned, err = server(tmp_path / "m.gguf"), banned_of(folder), 0.0
-    for prompt in PROMPTS:  # 4, 5 and 9 tokens
-        tokens, lps = llama_greedy(srv, prompt, banned)
-        theirs, logps = hf_greedy(model, prompt, banned)
-        assert tokens == theirs, prompt
-        err = max(err, *(abs(v - float(lp[i])) for lp, step in zip(logps, lps) for i, v in step.items()))
+    err = run_gguf_vs_merged(make_mxfp4_gpt_oss(tmp_path / "gpt-oss"), tmp_path)
     print(f"MXFP4 gpt-oss run: llama.cpp f32 GGUF vs transformers on the merged export, max |log p| diff {err:.2e}")
-    assert err < 1e-4, err
 
 
 def test_mxfp4_base_gguf_plus_the_runs_adapter_gguf_is_the_merged_gguf(tmp_path):
